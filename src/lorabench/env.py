@@ -1,0 +1,64 @@
+"""The environment a row was measured in: device, versions, driver, memory, clocks."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def resolve_device(requested: str) -> str:
+    """auto -> cuda when a GPU is visible, else cpu."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict:
+    """Versions and device facts; CUDA-only facts are None on CPU."""
+    info = {
+        "device": device,
+        "device_name": cpu_name(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "driver_version": None,
+        "gpu_memory_bytes": None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(device_name=props.name, gpu_memory_bytes=int(props.total_memory))
+        info.update(nvml_snapshot())
+    return info
+
+
+def nvml_snapshot() -> dict:
+    """Driver, SM clock, memory clock, power and temperature of the current GPU, as NVML reads them now."""
+    out = {"driver_version": None, "sm_clock_mhz": None, "mem_clock_mhz": None, "power_w": None, "temperature_c": None}
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            index = getattr(torch.cuda, "_get_nvml_device_index", lambda i: i)(torch.cuda.current_device())
+            h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            drv = pynvml.nvmlSystemGetDriverVersion()
+            out["driver_version"] = drv.decode() if isinstance(drv, bytes) else drv
+            out["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+            out["mem_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)
+            out["power_w"] = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
+            out["temperature_c"] = pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    return out

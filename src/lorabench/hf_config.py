@@ -1,0 +1,128 @@
+"""Read a Hugging Face config.json into ModelConfig fields (no transformers dependency).
+
+Supported `model_type`s and the keys read:
+
+  llama, mistral, qwen2   hidden_size, num_hidden_layers, num_attention_heads,
+                          num_key_value_heads (default: heads), intermediate_size,
+                          vocab_size, max_position_embeddings, rms_norm_eps, rope_theta,
+                          tie_word_embeddings (default false); llama: attention_bias and
+                          mlp_bias; qwen2: biases on q, k, v always (o has none)
+  gpt2                    n_embd, n_layer, n_head, n_inner (default 4·n_embd), vocab_size,
+                          n_positions, layer_norm_epsilon, tie_word_embeddings (default true)
+
+The training length `seq_len` defaults to min(2048, positions). What lorabench's
+model cannot express is refused rather than approximated: a head_dim other than
+hidden_size / heads, and llama's attention_bias without mlp_bias (lorabench puts
+one `bias` on o, gate, up, down). Mistral's sliding window is ignored (full
+causal attention). Any problem is one ConfigError naming the file and the key.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .schema import ConfigError
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+DEFAULT_SEQ_LEN = 2048
+
+
+def _read(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(path, "", "no such file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not a text file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, "", f"not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", "must be a JSON object")
+    return data
+
+
+def _int(data: dict, key: str, path: str, default=None) -> int:
+    v = data.get(key, default)
+    if v is None:
+        raise ConfigError(path, key, "missing required key")
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(path, key, f"must be a positive integer, got {v!r}")
+    return v
+
+
+def _float(data: dict, key: str, path: str, default: float) -> float:
+    v = data.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(path, key, f"must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _bool(data: dict, key: str, path: str, default: bool) -> bool:
+    v = data.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(path, key, f"must be true or false, got {v!r}")
+    return v
+
+
+def _name(path: str) -> str:
+    p = Path(path)
+    return p.parent.name if p.name == "config.json" and p.parent.name else p.stem
+
+
+def hf_config_fields(path: str) -> dict:
+    """ModelConfig fields of a llama / mistral / qwen2 / gpt2 config.json."""
+    data = _read(path)
+    mtype = data.get("model_type")
+    if mtype in LLAMA_TYPES:
+        fields = _llama(data, path, mtype)
+    elif mtype == "gpt2":
+        fields = _gpt2(data, path)
+    else:
+        raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {', '.join(LLAMA_TYPES + ('gpt2',))})")
+    fields["seq_len"] = min(DEFAULT_SEQ_LEN, fields["max_seq_len"])
+    return {"name": _name(path), **fields, "source": str(path)}
+
+
+def _llama(data: dict, path: str, mtype: str) -> dict:
+    C = _int(data, "hidden_size", path)
+    H = _int(data, "num_attention_heads", path)
+    G = _int(data, "num_key_value_heads", path, default=H)
+    if C % H:
+        raise ConfigError(path, "num_attention_heads", f"must divide hidden_size={C}, got {H}")
+    if H % G:
+        raise ConfigError(path, "num_key_value_heads", f"must divide num_attention_heads={H}, got {G}")
+    head_dim = data.get("head_dim")
+    if head_dim is not None and head_dim != C // H:
+        raise ConfigError(path, "head_dim", f"{head_dim} != hidden_size / num_attention_heads = {C // H}: not supported")
+    if mtype == "qwen2":
+        qkv_bias, bias = True, False
+    elif mtype == "llama":
+        attn = _bool(data, "attention_bias", path, False)
+        mlp = _bool(data, "mlp_bias", path, False)
+        if attn != mlp:
+            raise ConfigError(path, "attention_bias", "attention_bias without mlp_bias (or the reverse) is not supported: lorabench has one `bias` for o, gate, up, down")
+        qkv_bias = bias = attn
+    else:
+        qkv_bias = bias = False
+    return {
+        "style": "llama", "d_model": C, "n_layers": _int(data, "num_hidden_layers", path), "n_heads": H,
+        "n_kv_heads": G, "d_ff": _int(data, "intermediate_size", path), "vocab_size": _int(data, "vocab_size", path),
+        "max_seq_len": _int(data, "max_position_embeddings", path), "norm_eps": _float(data, "rms_norm_eps", path, 1e-6),
+        "rope_theta": _float(data, "rope_theta", path, 10000.0),
+        "tie_embeddings": _bool(data, "tie_word_embeddings", path, False), "bias": bias, "qkv_bias": qkv_bias,
+    }
+
+
+def _gpt2(data: dict, path: str) -> dict:
+    C = _int(data, "n_embd", path)
+    H = _int(data, "n_head", path)
+    if C % H:
+        raise ConfigError(path, "n_head", f"must divide n_embd={C}, got {H}")
+    n_inner = data.get("n_inner")
+    return {
+        "style": "gpt2", "d_model": C, "n_layers": _int(data, "n_layer", path), "n_heads": H, "n_kv_heads": H,
+        "d_ff": 4 * C if n_inner is None else _int(data, "n_inner", path), "vocab_size": _int(data, "vocab_size", path),
+        "max_seq_len": _int(data, "n_positions", path), "norm_eps": _float(data, "layer_norm_epsilon", path, 1e-5),
+        "tie_embeddings": _bool(data, "tie_word_embeddings", path, True), "bias": True, "qkv_bias": True,
+    }

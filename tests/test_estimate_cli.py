@@ -1,0 +1,114 @@
+"""`lorabench estimate` and `lorabench validate` from the command line."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from lorabench.cell import run_cell
+from lorabench.config import Cell, ModelConfig, TrainConfig, load_preset
+from lorabench.results import ResultWriter
+
+SCENARIO = """
+name: tiny
+model: {d_model: 16, n_layers: 2, n_heads: 2, d_ff: 32, vocab_size: 64, seq_len: 16}
+device: cpu
+train: {batch_size: 4, steps: 1, warmup_steps: 2, underflow_probe: false}
+matrix:
+  precision: [fp32, bf16]
+  lora_rank: [0, 4]
+  checkpointing: [false, true]
+"""
+
+
+def cli(*args):
+    from click.testing import CliRunner
+    from lorabench.cli import main
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def scenario(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(SCENARIO)
+    return str(p)
+
+
+def test_estimate_scenario_json_has_every_cell(scenario):
+    r = cli("estimate", scenario, "--format", "json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert len(rows) == 8  # 2 precisions x {full, r4} x 2 checkpointing
+    for row in rows:
+        assert {"cell", "precision", "lora_rank", "checkpointing", "est_peak_bytes", "est_peak_phase",
+                "est_param_bytes", "est_flops_per_step"} <= set(row)
+    full = [r for r in rows if r["lora_rank"] == 0]
+    assert all(r["est_param_bytes"] == full[0]["est_param_bytes"] for r in full)
+
+
+def test_estimate_by_options_table_and_csv():
+    r = cli("estimate", "--model", "llama-2-7b", "--precision", "bf16", "--lora-rank", "16", "--lora-targets", "q,k,v,o",
+            "--checkpointing", "--base-dtype", "bf16", "--batch", "4", "--seq", "1024", "--device", "cuda")
+    assert r.exit_code == 0, r.output
+    assert "bf16-r16" in r.output and "GiB" in r.output
+    r = cli("estimate", "--model", "gpt2", "--format", "csv")
+    assert r.exit_code == 0 and r.output.splitlines()[0].startswith("precision,")
+    params = int(dict(zip(*[line.split(",") for line in r.output.splitlines()[:2]]))["est_param_bytes"])
+    assert params == 4 * load_preset("gpt2").published_params
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "--model"),
+    (["--model", "gpt2", "--seq", "4096"], "--seq"),
+    (["--model", "llama-2-7b", "--lora-rank", "8", "--lora-targets", "q,zz"], "--lora-targets"),
+    (["--model", "llama-2-7b", "--batch", "6", "--accumulation", "4"], "--accumulation"),
+    (["missing.yaml"], "missing.yaml"),
+    ([], "--model"),
+])
+def test_estimate_bad_input_is_one_line_exit_2(args, message):
+    r = cli("estimate", *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def measured_results(tmp_path) -> str:
+    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, vocab_size=64, seq_len=16)
+    train = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False)
+    path = tmp_path / "results.jsonl"
+    writer = ResultWriter(path)
+    for cell in (Cell("fp32", 0, None, None, None, False, 1, "fp32", "fp32-full"),
+                 Cell("bf16", 4, 16.0, ("q", "v"), 0.0, True, 2, "bf16", "bf16-r4")):
+        c = cell.to_dict()
+        c["id"] = c.pop("cell")
+        writer.append(run_cell({"scenario": "t", "model": cfg.to_dict(), "train": train.__dict__, "cell": c,
+                                "device": "cpu", "seed": 0, "spawned_at": time.time()}))
+    writer.append({"cell": "oom-cell", "status": "oom", "peak_allocated_bytes": None})
+    return str(path)
+
+
+def test_validate_passes_and_fails_on_bounds(tmp_path):
+    path = measured_results(tmp_path)
+    r = cli("validate", path, "--max-median-pct", "5", "--max-p95-pct", "5")
+    assert r.exit_code == 0, r.output
+    assert "2 cells" in r.output and "1 rows without a measured peak" in r.output
+    r = cli("validate", path, "--format", "json")
+    summary = json.loads(r.output)["summary"]
+    assert summary["cells"] == 2 and summary["component_mismatches"] == {"param_bytes": 0, "grad_bytes": 0,
+                                                                          "optimizer_state_bytes": 0}
+    rows = [json.loads(line) for line in open(path)]
+    rows[0]["peak_allocated_bytes"] = rows[0]["peak_allocated_bytes"] // 2  # a measurement the estimate misses by 100 %
+    rows[1]["param_bytes"] += 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = cli("validate", str(bad), "--max-median-pct", "5")
+    assert r.exit_code == 1
+    assert "median" in r.output and "param_bytes" in r.output
+
+
+@pytest.mark.parametrize("content, message", [("{not json}\n", "line 1"), ('{"a": 1}\n', "no 'cell' key")])
+def test_validate_bad_input_exit_2(tmp_path, content, message):
+    p = tmp_path / "r.jsonl"
+    p.write_text(content)
+    r = cli("validate", str(p))
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output

@@ -1,0 +1,70 @@
+"""A Hugging Face config.json read directly (no transformers)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorabench.config import Cell, load_preset
+from lorabench.layout import state_bytes
+from lorabench.schema import ConfigError
+
+FULL = Cell("fp32", 0, None, None, None, False, 1, "fp32", "")
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+             "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+             "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+             "torch_dtype": "float16", "vocab_size": 32000}
+QWEN25_05B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+              "max_position_embeddings": 32768, "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+              "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+              "vocab_size": 151936}
+GPT2 = {"activation_function": "gelu_new", "model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_inner": None, "n_layer": 12,
+        "n_positions": 1024, "layer_norm_epsilon": 1e-05, "vocab_size": 50257}
+
+
+def write(tmp_path, data, name="config.json", folder="model"):
+    d = tmp_path / folder
+    d.mkdir(exist_ok=True)
+    p = d / name
+    p.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(p)
+
+
+@pytest.mark.parametrize("data, params", [(LLAMA2_7B, 6_738_415_616), (QWEN25_05B, 494_032_768), (GPT2, 124_439_808)])
+def test_reads_published_architectures(tmp_path, data, params):
+    cfg = load_preset(write(tmp_path, data, folder="some-model"))
+    assert cfg.name == "some-model"
+    assert state_bytes(cfg, FULL).total_params == params
+    assert cfg.seq_len <= cfg.max_seq_len
+
+
+def test_mistral_and_defaults(tmp_path):
+    data = dict(LLAMA2_7B, model_type="mistral", num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=32768,
+                sliding_window=4096)
+    cfg = load_preset(write(tmp_path, data))
+    assert (cfg.n_kv_heads, cfg.seq_len, cfg.qkv_bias, cfg.tie_embeddings) == (8, 2048, False, False)
+    assert state_bytes(cfg, FULL).total_params == 7_241_732_096
+
+
+@pytest.mark.parametrize("data, key", [
+    ("{not json", ""),
+    ([1, 2], ""),
+    (dict(LLAMA2_7B, model_type="falcon"), "model_type"),
+    ({k: v for k, v in LLAMA2_7B.items() if k != "hidden_size"}, "hidden_size"),
+    (dict(LLAMA2_7B, num_hidden_layers="32"), "num_hidden_layers"),
+    (dict(LLAMA2_7B, num_key_value_heads=5), "num_key_value_heads"),
+    (dict(LLAMA2_7B, head_dim=64), "head_dim"),
+    (dict(LLAMA2_7B, attention_bias=True), "attention_bias"),
+    (dict(GPT2, n_head=7), "n_head"),
+])
+def test_bad_config_is_one_line_naming_file_and_key(tmp_path, data, key):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load_preset(path)
+    assert e.value.source == path and e.value.path == key
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_preset(str(tmp_path / "nope" / "config.json"))

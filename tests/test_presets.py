@@ -1,0 +1,48 @@
+"""Presets are real architectures: exact parameter counts against published totals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.config import Cell, load_preset, preset_names
+from lorabench.layout import state_bytes
+from lorabench.model import Transformer, count_params
+
+MINE = [n for n in preset_names() if not n.startswith(("cpu-", "gpu-"))]
+FULL = Cell("fp32", 0, None, None, None, False, 1, "fp32", "")
+EXPECTED = {  # totals as the checkpoints report them (model.num_parameters(), tied heads once)
+    "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
+    "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+    "qwen2.5-14b": 14_770_033_664,
+}
+
+
+def test_every_required_preset_exists():
+    assert set(EXPECTED) <= set(MINE)
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_preset_is_valid_and_documented(name):
+    cfg = load_preset(name)
+    assert cfg.source and cfg.published_params
+    assert cfg.seq_len <= cfg.max_seq_len
+    if name in EXPECTED:
+        assert cfg.published_params == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_parameter_count_is_exact(name):
+    """Both the arithmetic (layout.py) and the real module built on the meta device."""
+    cfg = load_preset(name)
+    assert state_bytes(cfg, FULL).total_params == cfg.published_params
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert count_params(model)[0] == cfg.published_params
+
+
+def test_qwen_small_models_tie_their_head_and_big_ones_do_not():
+    assert load_preset("qwen2.5-0.5b").tie_embeddings and load_preset("qwen2.5-1.5b").tie_embeddings
+    assert not load_preset("qwen2.5-7b").tie_embeddings
+    assert all(load_preset(n).qkv_bias for n in MINE if n.startswith("qwen"))
