@@ -25,7 +25,8 @@ from .techniques import build_model, make_optimizer, make_scaler, train_step
 from .tokens import MarkovTokens
 from .trackers import MemoryTracker, StepTimer, state_bytes
 
-NULL_MEASURED = ("start_up_s", "cell_wall_s", "peak_allocated_bytes", "peak_reserved_bytes", "nvml_process_bytes", "step_time_ms_median",
+NULL_MEASURED = ("start_up_s", "cell_wall_s", "device_name", "total_params", "trainable_params", "trainable_pct",
+                 "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "nvml_process_bytes", "step_time_ms_median",
                  "step_time_ms_p10", "step_time_ms_p90", "tokens_per_s", "loss_first", "loss_last")
 
 
@@ -64,6 +65,8 @@ def run_cell(payload: dict) -> dict:
             row["traceback"] = traceback.format_exc(limit=8)
     except Exception as e:
         row.update(status="error", error=one_line(e), traceback=traceback.format_exc(limit=8))
+    if row["status"] != "ok" and "est_peak_bytes" not in row:  # what the estimator expected of a failed cell
+        row.update(estimate_fields({"row": row, "model": model_cfg, "cell": cell, "train": train, "device": device}))
     row["cell_wall_s"] = round(time.time() - t_enter, 3)
     return row
 

@@ -8,6 +8,7 @@ that `--help` is instant.
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,8 @@ class Group(click.Group):
     """A click group whose errors are one line and exit 2 (1 for a failed check, 130 for Ctrl-C)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+            os.environ["COLUMNS"] = "160"  # tables piped to a file or a log: wide rather than wrapped at 80
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except ConfigError as e:
@@ -104,12 +107,11 @@ def run_cmd(scenario, out, device, cells, resume, list_only, fmt):
     interrupted = run_with_progress(ls, todo, writer, dev)
     csv_path = writer.write_csv()
     show(writer.rows, fmt, title=f"{ls.name}: {ls.model.name} on {writer.rows[0]['device'] if writer.rows else dev}")
-    err = click.get_text_stream("stderr")
     n_ok = sum(r.get("status") == "ok" for r in writer.rows)
-    click.echo(f"{len(writer.rows)} rows ({n_ok} ok) in {path}" + (f" and {csv_path}" if csv_path else ""), file=err)
+    click.echo(f"{len(writer.rows)} rows ({n_ok} ok) in {path}" + (f" and {csv_path}" if csv_path else ""), err=True)
     if interrupted:
         click.echo(f"interrupted: {len(todo) - (len(writer.rows) - len(done))} cells not run; "
-                   f"continue with: lorabench run {scenario} --out {path} --resume", file=err)
+                   f"continue with: lorabench run {scenario} --out {path} --resume", err=True)
         sys.exit(130)
 
 

@@ -241,19 +241,24 @@ def expand(ls: LoadedScenario) -> list[Cell]:
     """The cells of a scenario, in matrix order, full fine-tuning cells once."""
     m = ls.matrix
     varying = {a for a in AXES if len({_hashable(v) for v in getattr(m, a)}) > 1}
-    cells, seen = [], set()
+    cells: list[Cell] = []
+    seen: dict[str, Cell] = {}
     for combo in itertools.product(*(getattr(m, a) for a in AXES)):
         kv = dict(zip(AXES, combo))
         if kv["lora_rank"] == 0:
             kv.update(lora_alpha=None, lora_targets=None, lora_dropout=None, base_dtype="fp32")
-        else:
-            kv["lora_targets"] = tuple(kv["lora_targets"])
+        else:  # canonical order: [v, q] and [q, v] are the same cell
+            kv["lora_targets"] = tuple(sorted(set(kv["lora_targets"]), key=LORA_TARGETS.index))
         if any(_matches(kv, entry) for entry in ls.scenario.exclude):
             continue
         cell = Cell(**kv, id=cell_id(kv, varying))
-        if cell.id not in seen:
-            seen.add(cell.id)
-            cells.append(cell)
+        if cell.id in seen:
+            if seen[cell.id] != cell:
+                raise ConfigError(ls.source, "matrix", f"two different cells get the id {cell.id!r}: "
+                                  "make the values of an axis differ in their first 6 significant digits")
+            continue
+        seen[cell.id] = cell
+        cells.append(cell)
     return cells
 
 

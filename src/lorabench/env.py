@@ -24,6 +24,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device: str) -> str | None:
+    """The device's name without creating a CUDA context (NVML on CUDA), for rows of cells that died."""
+    if device != "cuda":
+        return cpu_name()
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+            return name.decode() if isinstance(name, bytes) else name
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
 def environment(device: str) -> dict:
     """Versions and device facts; CUDA-only facts are None on CPU."""
     info = {

@@ -65,3 +65,64 @@ def lookup(name: str | None) -> GPU | None:
         if key == _norm(g.name) or any(key == _norm(a) for a in g.aliases):
             return g
     return None
+
+
+# ---------------------------------------------------------------- --gpu specifications
+_SIZE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB|TiB|TB)\s*$", re.IGNORECASE)
+_UNIT = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+NO_RATES = {d: None for d in DTYPES}
+
+
+def parse_memory(text: str) -> int | None:
+    """Bytes of a size like "24GiB" (2^30), "80GB" (10^9), "512MiB"; None if `text` is no size."""
+    m = _SIZE.match(text)
+    if not m:
+        return None
+    return int(float(m.group(1)) * _UNIT[m.group(2).lower()])
+
+
+def local_gpu(source: str = "--gpu") -> GPU:
+    """The first GPU NVML sees: its table entry's peak rates, NVML's total memory (bytes).
+
+    An unknown name keeps the memory and has no peak rates (no time estimate).
+    No NVML or no GPU: ConfigError (one line)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception as e:  # no driver, no library
+        raise ConfigError(source, "auto", f"no NVIDIA GPU visible through NVML ({type(e).__name__}); "
+                          "name one instead, e.g. --gpu 'RTX 4090' or --gpu 24GiB") from None
+    try:
+        if pynvml.nvmlDeviceGetCount() < 1:
+            raise ConfigError(source, "auto", "NVML sees no GPU; name one instead, e.g. --gpu 'RTX 4090' or --gpu 24GiB")
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(h)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        total = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    known = lookup(name)
+    return GPU(known.name if known else name, (name,), total, dict(known.tflops) if known else dict(NO_RATES))
+
+
+def resolve_gpu(spec: str, source: str = "--gpu") -> GPU:
+    """A GPU from `auto` (NVML), a memory size ("24GiB": memory only, no peak rates) or a
+    name or alias of the table ("RTX 4090"). Bad input: ConfigError naming `source`."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ConfigError(source, "", "must not be empty (auto, a size like 24GiB, or a GPU name)")
+    if spec.lower() == "auto":
+        return local_gpu(source)
+    size = parse_memory(spec)
+    if size is not None:
+        if size <= 0:
+            raise ConfigError(source, "", f"memory must be > 0, got {spec!r}")
+        return GPU(f"{size / 2**30:.4g} GiB GPU", (), size, dict(NO_RATES))
+    gpu = lookup(spec) or lookup(f"NVIDIA {spec}")
+    if gpu is None:
+        known = ", ".join(g.name for g in _load())
+        raise ConfigError(source, "", f"unknown GPU {spec!r} (known: {known}; or give its memory, e.g. 24GiB)")
+    return gpu

@@ -5,10 +5,16 @@ cell of the same scenario (ratio from one run, not two absolutes), step time
 median with its p10-p90 spread, tokens/s, trainable share of parameters, the
 estimator's peak error and FP16 underflow. `--format json|csv` gives the raw
 rows instead.
+
+`lorabench report` (report_tables / render_report) adds, per scenario, a stacked
+memory bar per cell (bars.py), the speed-up against the full-FP32 cell, `--where`
+filters (filter_rows) and `--sort` (sort_rows), as table, markdown, csv or json.
 """
 from __future__ import annotations
 
 import json
+import operator as _op
+import re as _re
 from typing import Iterable, Optional
 
 MIB = 2**20
@@ -87,4 +93,206 @@ def render_rows(rows: list[dict], fmt: str) -> str:
         return json.dumps(jsonable(rows), indent=1) + "\n"
     if fmt == "csv":
         return to_frame(rows).to_csv(index=False) if rows else ""
+    raise ValueError(fmt)
+
+
+# ---------------------------------------------------------------- `lorabench report`
+# Per scenario, per cell: a stacked memory bar (bars.py; one scale over the whole
+# report), the peak and its ratio to the scenario's full-FP32 cell, step time median
+# (p10–p90), tokens/s and the speed-up t_baseline / t_cell (both medians of the same
+# run), FP16/BF16 underflow and the estimator's peak error.
+WHERE = _re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
+OPS = {"=": _op.eq, "!=": _op.ne, ">": _op.gt, "<": _op.lt, ">=": _op.ge, "<=": _op.le}
+FORMATS = ("table", "markdown", "csv", "json")
+RECORD_KEYS = ("scenario", "cell", "status", "precision", "lora_rank", "base_dtype", "checkpointing", "accumulation",
+               "micro_batch_size", "device_name", "peak_allocated_bytes", "param_bytes", "grad_bytes",
+               "optimizer_state_bytes", "activation_bytes", "rest_bytes", "peak_vs_baseline", "step_time_ms_median",
+               "step_time_ms_p10", "step_time_ms_p90", "tokens_per_s", "speedup_vs_baseline",
+               "underflow_frac_unscaled", "underflow_frac_scaled", "peak_error_pct")
+
+
+def _value(text: str):
+    """A --where value: true/false/none, an int, a float, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_where(exprs, source: str = "--where") -> list[tuple]:
+    """`key=value`, `key!=value`, `key>value` (also <, >=, <=) → (key, op, value, text)."""
+    from .schema import ConfigError
+    out = []
+    for e in exprs or ():
+        m = WHERE.match(e)
+        if not m:
+            raise ConfigError(source, "", f"{e!r} is not KEY=VALUE (or !=, >, <, >=, <=)")
+        out.append((m.group(1), m.group(2), _value(m.group(3)), e))
+    return out
+
+
+def filter_rows(rows: list[dict], where, source: str = "--where") -> list[dict]:
+    """Rows matching every condition; a key no row has is an error (a typo, not an empty report)."""
+    from .schema import ConfigError
+    conds = parse_where(where, source) if where and isinstance(where[0], str) else (where or [])
+    keys = {k for r in rows for k in r}
+    for key, op, value, text in conds:
+        if rows and key not in keys:
+            raise ConfigError(source, key, f"no row has this key ({text!r}); keys include: "
+                              f"{', '.join(k for k in RECORD_KEYS if k in keys)}")
+
+    def ok(r):
+        for key, op, value, _ in conds:
+            v = r.get(key)
+            if isinstance(v, list):
+                v = ",".join(map(str, v))
+            try:
+                if not OPS[op](v, value):
+                    return False
+            except TypeError:  # None or a string against a number
+                return False
+        return True
+    return [r for r in rows if ok(r)]
+
+
+def sort_rows(rows: list[dict], key: str | None, source: str = "--sort") -> list[dict]:
+    """Sorted by a row key (`-key` descending); rows without the key last."""
+    from .schema import ConfigError
+    if not key:
+        return rows
+    desc = key.startswith("-")
+    k = key.lstrip("-")
+    if rows and not any(k in r for r in rows):
+        raise ConfigError(source, k, "no row has this key")
+    have = [r for r in rows if r.get(k) is not None]
+    return sorted(have, key=lambda r: r[k], reverse=desc) + [r for r in rows if r.get(k) is None]
+
+
+def by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by (scenario, device name), in first-seen order."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        name = r.get("scenario") or "results"
+        dev = r.get("device_name") or r.get("device")
+        out.setdefault(f"{name} on {dev}" if dev else name, []).append(r)
+    return out
+
+
+def speedup(r: dict, base: Optional[dict]) -> Optional[float]:
+    """t_baseline / t_cell of the step-time medians (> 1: faster than full FP32)."""
+    t, t0 = r.get("step_time_ms_median"), base and base.get("step_time_ms_median")
+    return t0 / t if t and t0 else None
+
+
+def report_records(rows: list[dict]) -> list[dict]:
+    """One flat record per row (RECORD_KEYS), with the derived columns of the report."""
+    from .bars import row_segments
+    out = []
+    for group in by_scenario(rows).values():
+        base = baseline(group)
+        for r in group:
+            seg = row_segments(r) or {}
+            peak, bpeak = r.get("peak_allocated_bytes"), base and base.get("peak_allocated_bytes")
+            rec = {k: r.get(k) for k in RECORD_KEYS}
+            rec.update(activation_bytes=seg.get("activations"), rest_bytes=seg.get("rest"),
+                       peak_vs_baseline=peak / bpeak if peak and bpeak else None, speedup_vs_baseline=speedup(r, base))
+            out.append(rec)
+    return out
+
+
+def _scale(rows: list[dict]) -> int:
+    from .bars import row_segments
+    return max([sum((row_segments(r) or {}).values()) for r in rows] + [1])
+
+
+def report_tables(rows: list[dict], bar_width: int = 24) -> list:
+    """One rich Table per scenario (and device), all bars on one scale, and the legend."""
+    from rich.table import Table
+    from .bars import human, legend, rich_bar, row_segments
+    scale = _scale(rows)
+    out = []
+    for title, group in by_scenario(rows).items():
+        base = baseline(group)
+        t = Table(title=f"{title} (full memory bar = {human(scale)})", header_style="bold", title_justify="left")
+        for name, just in [("cell", "left"), ("status", "left"), ("memory", "left"),
+                           ("peak MiB", "right"), ("vs fp32-full", "right"), ("step ms (p10–p90)", "right"),
+                           ("tokens/s", "right"), ("speed-up", "right"), ("underflow %", "right"),
+                           ("est. err %", "right")]:
+            t.add_column(name, justify=just, overflow="fold", no_wrap=name in ("cell", "memory"))
+        for r in group:
+            st = r.get("status", "?")
+            sp = speedup(r, base)
+            t.add_row(r.get("cell", "?"), f"[{STATUS_STYLE.get(st, 'white')}]{st}[/]",
+                      rich_bar(row_segments(r), scale, bar_width), mib(r.get("peak_allocated_bytes")),
+                      ratio(r.get("peak_allocated_bytes"), base and base.get("peak_allocated_bytes")), step_time(r),
+                      "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+                      "–" if sp is None else f"{sp:.2f}×", underflow(r),
+                      "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}")
+        out.append(t)
+    out.append(legend(rich=True))
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_report(rows: list[dict], bar_width: int = 24) -> str:
+    """Markdown tables, one per scenario; bars in plain characters (see the legend line)."""
+    from .bars import human, legend, plain_bar, row_segments
+    scale = _scale(rows)
+    lines = []
+    recs = iter(report_records(rows))
+    for title, group in by_scenario(rows).items():
+        lines += [f"### {title}", "", "| cell | status | memory | peak MiB | vs fp32-full | step ms median (p10–p90) "
+                  "| tokens/s | speed-up | underflow % unscaled → scaled | est. error % |", "|" + "---|" * 10]
+        for r in group:
+            rec = next(recs)
+            lines.append("| " + " | ".join([
+                str(r.get("cell")), str(r.get("status")), f"`{plain_bar(row_segments(r), scale, bar_width) or ' '}`",
+                mib(r.get("peak_allocated_bytes")),
+                "–" if rec["peak_vs_baseline"] is None else f"{rec['peak_vs_baseline']:.2f}×", step_time(r),
+                "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+                "–" if rec["speedup_vs_baseline"] is None else f"{rec['speedup_vs_baseline']:.2f}×", underflow(r),
+                "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}"]) + " |")
+        lines.append("")
+    lines.append(f"Bars: {legend(rich=False)}; full bar = {human(scale)}; underflow % unscaled → scaled.")
+    return "\n".join(lines) + "\n"
+
+
+def render_report(rows: list[dict], fmt: str, width: int = 160) -> str:
+    """The report as text: table (rich, no colour), markdown, csv or json records."""
+    if fmt == "json":
+        from .results import jsonable
+        return json.dumps(jsonable(report_records(rows)), indent=1) + "\n"
+    if fmt == "csv":
+        import csv
+        import io
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(RECORD_KEYS), lineterminator="\n")
+        w.writeheader()
+        for rec in report_records(rows):
+            w.writerow({k: ("" if v is None else v) for k, v in rec.items()})
+        return buf.getvalue()
+    if fmt == "markdown":
+        return markdown_report(rows)
+    if fmt == "table":
+        import io
+        from rich.console import Console
+        out = io.StringIO()
+        con = Console(file=out, width=width, force_terminal=False)
+        for t in report_tables(rows):
+            con.print(t)
+        return out.getvalue()
     raise ValueError(fmt)

@@ -54,37 +54,43 @@ def run_in_process(payload: dict, timeout_s: float) -> dict:
     proc = ctx.Process(target=_child, args=(payload, send), daemon=True)
     proc.start()
     send.close()
-    row = None
+    row, timed_out = None, False
     try:
         if recv.poll(timeout_s):
             try:
                 row = recv.recv()
             except EOFError:
                 row = None
-        proc.join(timeout=10)
+            proc.join(timeout=10)
+        else:
+            timed_out = True  # over its time: killed below, at once, and recorded as timeout
     finally:
         if proc.is_alive():
             proc.kill()
             proc.join()
         recv.close()
     if row is None:
-        row = failed_row(payload, proc.exitcode, timeout_s)
+        row = failed_row(payload, None if timed_out else proc.exitcode, timeout_s)
     return row
 
 
 def failed_row(payload: dict, exitcode: int | None, timeout_s: float) -> dict:
     from .config import ModelConfig, TrainConfig
+    from .env import device_name
+    from .estimator import estimate_fields
     c = payload["cell"]
     cell = Cell(**{**c, "lora_targets": tuple(c["lora_targets"]) if c["lora_targets"] else None})
-    row = base_row(payload["scenario"], cell, ModelConfig(**payload["model"]), TrainConfig(**payload["train"]),
-                   resolve_device(payload["device"]))
-    if exitcode is None or exitcode == -signal.SIGKILL and timeout_s:
+    model, train, device = ModelConfig(**payload["model"]), TrainConfig(**payload["train"]), resolve_device(payload["device"])
+    row = base_row(payload["scenario"], cell, model, train, device)
+    row["device_name"] = device_name(device)
+    if exitcode is None:  # run_in_process killed it for running past timeout_s
         row.update(status="timeout", error=f"no result within {timeout_s:g} s; process killed")
     else:
         sig = f" ({signal.Signals(-exitcode).name})" if exitcode < 0 else ""
         oom = exitcode == -signal.SIGKILL
         row.update(status="oom" if oom else "error",
                    error=f"process died with exit code {exitcode}{sig}" + (" (killed: likely host out of memory)" if oom else ""))
+    row.update(estimate_fields({"row": row, "model": model, "cell": cell, "train": train, "device": device}))
     return row
 
 

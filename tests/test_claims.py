@@ -1,0 +1,108 @@
+"""`lorabench claims`: every claim of claims.md with a number and a verdict."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorabench.claims import FAILS, HOLDS, NOT_MEASURED, CLAIMS_MD, check_claims, load_claims
+
+from test_report import run_rows  # tiny in-process runs
+
+
+def cli(*args):
+    from click.testing import CliRunner
+    from lorabench.cli import main
+    return CliRunner().invoke(main, list(args), env={"COLUMNS": "200"})
+
+
+def by_id(rows):
+    return {v.id: v for v in check_claims(rows)}
+
+
+def row(cell, **kw):
+    base = {"scenario": "s", "device_name": "GPU", "batch_size": 8, "seq_len": 16, "cell": cell, "status": "ok",
+            "precision": "fp32", "lora_rank": 0, "base_dtype": "fp32", "lora_targets": None, "lora_alpha": None,
+            "lora_dropout": None, "checkpointing": False, "accumulation": 1, "peak_allocated_bytes": 1000,
+            "param_bytes": 400, "grad_bytes": 400, "optimizer_state_bytes": 804, "step_time_ms_median": 100.0,
+            "trainable_params": 100}
+    return {**base, **kw}
+
+
+def test_claims_text_ships_with_the_package():
+    claims = load_claims()
+    assert list(claims) == [f"C{i}" for i in range(1, 14)]
+    shared = Path(__file__).resolve().parents[2] / "shared" / "claims.md"
+    if shared.is_file():
+        assert load_claims(shared) == claims
+
+
+def test_estimator_claims_hold_without_rows():
+    v = by_id([])
+    assert v["C10"].verdict == HOLDS and "27.0 GB" in v["C10"].measured and v["C10"].source == "estimator"
+    assert v["C13"].verdict == HOLDS and "RTX 4090" in v["C13"].measured
+    assert v["C2"].verdict == HOLDS and v["C2"].source == "computed"
+    for cid in ("C1", "C3", "C4", "C6", "C7", "C8", "C11", "C12", "C5", "C9"):
+        assert v[cid].verdict == NOT_MEASURED, cid
+
+
+@pytest.mark.parametrize("ratio, verdict", [(1.30, HOLDS), (1.05, FAILS)])
+def test_c11_checkpointing_time(ratio, verdict):
+    v = by_id([row("bf16-r8", precision="bf16", lora_rank=8),
+               row("bf16-r8-ckpt", precision="bf16", lora_rank=8, checkpointing=True,
+                   step_time_ms_median=100.0 * ratio, peak_allocated_bytes=600)])["C11"]
+    assert v.verdict == verdict and f"{100 * (ratio - 1):+.0f} %" in v.measured and "40 % lower" in v.measured
+
+
+def test_c4_c7_c8_c12_against_synthetic_pairs():
+    rows = [row("fp32-full"), row("bf16-full", precision="bf16", peak_allocated_bytes=900),
+            row("fp32-r8", lora_rank=8, base_dtype="fp32", peak_allocated_bytes=300, step_time_ms_median=75.0),
+            row("fp32-full-acc4", accumulation=4, peak_allocated_bytes=700, step_time_ms_median=130.0)]
+    v = by_id(rows)
+    assert v["C4"].verdict == FAILS and "1.00×" in v["C4"].measured  # AMP keeps FP32 weights and grads
+    assert v["C7"].verdict == HOLDS and "70 %" in v["C7"].measured
+    assert v["C8"].verdict == HOLDS and "25 % faster" in v["C8"].measured
+    assert v["C12"].verdict == HOLDS and "0.70×" in v["C12"].measured
+    rows[3]["peak_allocated_bytes"] = 1100
+    assert by_id(rows)["C12"].verdict == FAILS
+
+
+def test_c3_loss_scale_rule():
+    good = row("fp16-full", precision="fp16", loss_scale_trajectory=[32768.0, 32768.0, 65536.0], skipped_steps=1,
+               final_loss_scale=65536.0)
+    bf16 = row("bf16-full", precision="bf16", final_loss_scale=None, loss_last=2.0)
+    assert by_id([good, bf16])["C3"].verdict == HOLDS
+    assert by_id([{**good, "skipped_steps": 0}, bf16])["C3"].verdict == FAILS
+    assert by_id([good, {**bf16, "loss_last": float("nan")}])["C3"].verdict == FAILS
+
+
+def test_c1_threshold():
+    rows = [row("fp16-full", precision="fp16", underflow_frac_unscaled=0.45)]
+    assert by_id(rows)["C1"].verdict == HOLDS
+    rows[0]["underflow_frac_unscaled"] = 0.01
+    assert by_id(rows)["C1"].verdict == FAILS and "1 %" in by_id(rows)["C1"].measured
+
+
+def test_claims_on_real_rows(tmp_path):
+    path = run_rows(tmp_path / "r.jsonl", [("fp32", 0, False, 1), ("fp16", 0, False, 1), ("bf16", 4, False, 1),
+                                           ("fp32", 0, True, 1), ("fp32", 0, False, 2)])
+    r = cli("claims", path, "--format", "json")
+    assert r.exit_code == 0, r.output
+    verdicts = {v["id"]: v for v in json.loads(r.output)}
+    assert list(verdicts) == [f"C{i}" for i in range(1, 14)]
+    assert all(v["verdict"] in (HOLDS, FAILS, NOT_MEASURED) and v["measured"] for v in verdicts.values())
+    for cid in ("C1", "C3", "C4", "C6", "C11", "C12"):
+        assert verdicts[cid]["verdict"] != NOT_MEASURED, cid
+    assert verdicts["C4"]["verdict"] == FAILS  # AMP keeps FP32 weights and gradients
+    assert verdicts["C6"]["verdict"] == HOLDS  # the trainable count is the formula's, exactly
+    r = cli("claims", path)
+    assert r.exit_code == 0 and "C13" in r.output and "holds" in r.output
+    r = cli("claims", path, "--format", "markdown")
+    assert r.output.startswith("| # | claim |") and r.output.count("\n| C") == 13
+
+
+def test_claims_bad_input(tmp_path):
+    r = cli("claims", str(tmp_path / "none.jsonl"))
+    assert r.exit_code == 2 and "no such file" in r.output
+    assert CLAIMS_MD.is_file()

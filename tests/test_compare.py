@@ -1,0 +1,86 @@
+"""`lorabench compare A B`: join on the cell id, B/A ratios, noise, one-sided cells, colours."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorabench.compare import colour, compare, records, time_noise
+
+
+def row(cell, peak, t, spread=0.05, status="ok", scenario="s"):
+    return {"scenario": scenario, "cell": cell, "status": status, "peak_allocated_bytes": peak,
+            "step_time_ms_median": t, "step_time_ms_p10": t * (1 - spread), "step_time_ms_p90": t * (1 + spread),
+            "tokens_per_s": 1000.0 / t}
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def cli(*args):
+    from click.testing import CliRunner
+    from lorabench.cli import main
+    return CliRunner().invoke(main, list(args), env={"COLUMNS": "200"})
+
+
+A = [row("fp32-full", 1000, 100), row("bf16-full", 800, 50), row("bf16-r8", 400, 40), row("only-a", 1, 1)]
+B = [row("fp32-full", 1000, 101), row("bf16-full", 400, 25), row("bf16-r8", 400, 80), row("only-b", 1, 1, status="oom")]
+
+
+def test_join_ratios_noise_and_one_sided():
+    res = compare(A, B)
+    assert [k for k, _, _ in res.pairs] == ["fp32-full", "bf16-full", "bf16-r8"]
+    assert [k for k, _ in res.only_a] == ["only-a"] and [k for k, _ in res.only_b] == ["only-b"]
+    recs = {r["key"]: r for r in records(res)}
+    assert recs["bf16-full"]["peak_ratio"] == 0.5 and recs["bf16-full"]["step_ratio"] == 0.5
+    assert recs["bf16-full"]["step_noise"] is False
+    assert recs["fp32-full"]["step_noise"] is True  # 101 ms lies inside A's 95–105 ms
+    assert recs["only-b"]["side"] == "only B" and recs["only-b"]["status_b"] == "oom"
+
+
+def test_noise_rule():
+    assert time_noise(row("x", 1, 100, 0.2), row("x", 1, 115, 0.01)) is True   # B's median inside A's spread
+    assert time_noise(row("x", 1, 100, 0.01), row("x", 1, 115, 0.2)) is True   # A's median inside B's spread
+    assert time_noise(row("x", 1, 100, 0.05), row("x", 1, 120, 0.05)) is False
+    assert time_noise(row("x", 1, 100), {"cell": "x"}) is None
+
+
+def test_colours_like_torch_compare():
+    assert colour(100, 200, False) == "bold green" and colour(105, 100, False) == "green"
+    assert colour(250, 100, False) == "red" and colour(600, 100, False) == "bold red"
+    assert colour(150, 100, False) == ""
+    assert colour(1000, 100, True) == "bold green" and colour(300, 1000, True) == "red"
+
+
+def test_duplicate_ids_join_on_scenario():
+    a = [row("x", 1, 1, scenario="s1"), row("x", 2, 1, scenario="s2")]
+    b = [row("x", 4, 1, scenario="s2")]
+    res = compare(a, b)
+    assert [k for k, _, _ in res.pairs] == ["s2/x"] and [k for k, _ in res.only_a] == ["s1/x"]
+
+
+def test_cli_formats(tmp_path):
+    a, b = write(tmp_path / "a.jsonl", A), write(tmp_path / "b.jsonl", B)
+    r = cli("compare", a, b)
+    assert r.exit_code == 0, r.output
+    assert "only in A: only-a" in r.output and "only in B: only-b (oom)" in r.output
+    assert "≈1.01×" in r.output and "noise" in r.output and "0.50×" in r.output
+    r = cli("compare", a, b, "--format", "json")
+    data = json.loads(r.output)
+    assert len(data["cells"]) == 5 and data["a"] == a
+    r = cli("compare", a, b, "--format", "csv")
+    assert r.output.splitlines()[0].startswith("key,side,") and len(r.output.splitlines()) == 6
+    r = cli("compare", a, b, "--format", "markdown")
+    assert "| bf16-full |" in r.output and "- only in B: only-b (oom)" in r.output
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such file"), ("{bad\n", "line 1")])
+def test_cli_bad_input(tmp_path, content, message):
+    b = write(tmp_path / "b.jsonl", B)
+    a = tmp_path / "a.jsonl"
+    if content is not None:
+        a.write_text(content)
+    r = cli("compare", str(a), b)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
