@@ -53,3 +53,14 @@ def test_quick_cells_measured_now_hold_the_bounds(cell):
         assert row[f"est_{k}"] == row[k], k
     assert abs(row["peak_error_pct"]) <= PEAK_BOUND_PCT
     assert row["loss_last"] < row["loss_first"] or cell.lora_rank  # full fine-tuning learns in 3 steps
+
+
+CUDA_RESULTS = sorted(p for p in (ROOT / "results").glob("*.jsonl")
+                      if any(r.get("device") == "cuda" for r in load_rows(str(p))))
+
+
+@pytest.mark.parametrize("path", CUDA_RESULTS, ids=lambda p: p.name)
+def test_fit_never_calls_fitting_a_cell_that_ran_out_of_memory(path):
+    """Empty until GPU results are committed; then every oom row must be one that `fit` rejects."""
+    from lorabench.fit import oom_contradictions
+    assert oom_contradictions(load_rows(str(path)))["contradictions"] == []

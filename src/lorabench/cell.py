@@ -5,7 +5,8 @@ Order of work (each cell in a fresh process, see runner.py):
 2. the training window starts; `warmup_steps` steps run (the first optimizer
    step creates AdamW's state inside the window);
 3. `steps` timed steps (CUDA events / monotonic clock), warm-up excluded.
-   On CUDA the allocator counters cover every step. On CPU the allocation
+   On CUDA the allocator counters cover every step (the timed ones as phase
+   "timed", unmarked: a phase mark synchronizes). On CPU the allocation
    tracker (a Python dispatch mode that would slow the timed steps) covers the
    warm-up steps only: shapes are static, so later steps repeat that peak;
 4. probes (underflow) run after timing, outside both windows.
@@ -102,7 +103,9 @@ def measure(row: dict, payload: dict, model_cfg: ModelConfig, train: TrainConfig
         for i in range(train.warmup_steps):
             r = train_step(model, opt, scaler, *batches[i], cell, mark=mem.phase)
             losses.append(r.loss); skipped += r.skipped; scales.append(r.loss_scale)
-        if not cuda:
+        if cuda:  # timed steps stay in the window but get no phase marks (a mark synchronizes)
+            mem.phase("timed")
+        else:
             mem.__exit__(None, None, None)
             mem_open = False
         timer = StepTimer(device)
