@@ -141,9 +141,9 @@ def test_exclude_removes_cells():
 # ---- bad inputs: one ConfigError naming file and key path ---------------------------------------
 
 BAD = [
-    ("unknown top-level key", dict(bogus=1), "bogus", "unknown key"),
+    ("unknown top-level key", dict(bogus=1), "bogus", "unknown key (allowed: name,"),
     ("unknown model key", dict(model={"dmodel": 1}), "model.dmodel", "unknown key"),
-    ("unknown train key", dict(train={"batchsize": 1}), "train.batchsize", "unknown key"),
+    ("unknown train key", dict(train={"batchsize": 1}), "train.batchsize", "unknown key (did you mean 'batch_size'?"),
     ("unknown matrix key", dict(matrix={"rank": [1]}), "matrix.rank", "unknown key"),
     ("wrong type", dict(model={"d_model": "big"}), "model.d_model", "must be an integer, got 'big'"),
     ("bool is not an int", dict(train={"batch_size": True}), "train.batch_size", "must be an integer"),

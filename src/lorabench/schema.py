@@ -9,6 +9,7 @@ key path (``matrix.lora_rank[2]``). No validation is scattered elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Callable, Literal, Optional, Union
@@ -141,7 +142,9 @@ def build(cls: type, data: Any, path: str, source: str) -> Any:
     for key in data:
         if key not in fields:
             allowed = ", ".join(fields)
-            raise ConfigError(source, join(path, str(key)), f"unknown key (allowed: {allowed})")
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(source, join(path, str(key)), f"unknown key ({hint}allowed: {allowed})")
     kwargs = {}
     for name, f in fields.items():
         sub = join(path, name)
