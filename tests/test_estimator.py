@@ -80,7 +80,7 @@ def check(cfg, cell, batch, warmup=2, optimizer="auto") -> float:
 
 def test_randomized_cells_exact_state_and_peak_within_bound():
     rng = random.Random(20240603)
-    errors, phases_ok, n = [], 0, 0
+    errors, n = [], 0
     while n < 24:
         cfg, cell, batch, warmup, opt = random_case(rng)
         row_err = check(cfg, cell, batch, warmup, opt)

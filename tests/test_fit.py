@@ -7,7 +7,7 @@ import pytest
 
 from lorabench.config import load_preset
 from lorabench.estimator import CUDA_CONTEXT_BYTES
-from lorabench.fit import (DEFAULT_EFFICIENCY, Calibration, Combo, budget_bytes, calibrate, fit, fit_model, grid,
+from lorabench.fit import (DEFAULT_EFFICIENCY, Calibration, budget_bytes, calibrate, fit, fit_model, grid,
                            micro_batches, oom_contradictions)
 from lorabench.gpus import list_gpus, lookup, parse_memory, resolve_gpu
 
