@@ -58,6 +58,17 @@ def environment(device: str) -> dict:
     return info
 
 
+def nvml_index(pynvml) -> int:
+    """NVML's index of torch's current device (CUDA_VISIBLE_DEVICES honoured); 0 when torch cannot map it
+    (a MIG or UUID entry) and there is one GPU. Call with NVML initialised."""
+    try:
+        return torch.cuda._get_nvml_device_index(torch.cuda.current_device())
+    except Exception:
+        if pynvml.nvmlDeviceGetCount() == 1:
+            return 0
+        raise
+
+
 def nvml_snapshot() -> dict:
     """Driver, SM clock, memory clock, power and temperature of the current GPU, as NVML reads them now."""
     out = {"driver_version": None, "sm_clock_mhz": None, "mem_clock_mhz": None, "power_w": None, "temperature_c": None}
@@ -65,10 +76,9 @@ def nvml_snapshot() -> dict:
         import pynvml
         pynvml.nvmlInit()
         try:
-            index = getattr(torch.cuda, "_get_nvml_device_index", lambda i: i)(torch.cuda.current_device())
-            h = pynvml.nvmlDeviceGetHandleByIndex(index)
             drv = pynvml.nvmlSystemGetDriverVersion()
             out["driver_version"] = drv.decode() if isinstance(drv, bytes) else drv
+            h = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(pynvml))
             out["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
             out["mem_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)
             out["power_w"] = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0

@@ -293,10 +293,13 @@ def _reference(model, loss_fn, device_type: str, reset_rng) -> tuple[dict, dict]
     autocast_seen = []
     pre = model.register_forward_pre_hook(lambda m, a: autocast_seen.append(torch.is_autocast_enabled(device_type)))
     hooks = _Boundaries(model, lambda n, g: acts.__setitem__(n, g.detach().float().clone()))
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true FP32 reference
     try:
         grads = _backward(model, loss_fn, torch.autocast(device_type, enabled=False), 1.0, hooks, reset_rng)
     finally:
         pre.remove()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     if any(autocast_seen):
         raise ValueError("loss_fn enabled autocast itself, so the FP32 reference was not FP32: "
                          "call the model without autocast; probe() adds it for the half-precision run")

@@ -93,8 +93,10 @@ class MemoryTracker:
             self._mode.__exit__(*exc)
             self.phase_peak_bytes = {k: v for k, v in self._mode.phase_peaks.items() if k != "setup"}
         if self.phase_peak_bytes:
-            self.peak_phase = max(self.phase_peak_bytes, key=self.phase_peak_bytes.get)
-            self.peak_allocated_bytes = self.phase_peak_bytes[self.peak_phase]
+            # the peak over every phase; its phase among the marked ones (the unmarked timed steps repeat them)
+            self.peak_allocated_bytes = max(self.phase_peak_bytes.values())
+            named = {k: v for k, v in self.phase_peak_bytes.items() if k != "timed"} or self.phase_peak_bytes
+            self.peak_phase = max(named, key=named.get)
         return False
 
     @property
@@ -141,9 +143,8 @@ def nvml_process_bytes() -> int | None:
         import pynvml
         pynvml.nvmlInit()
         try:
-            index = torch.cuda.current_device()
-            nvml_index = getattr(torch.cuda, "_get_nvml_device_index", lambda i: i)(index)  # honours CUDA_VISIBLE_DEVICES
-            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+            from ..env import nvml_index
+            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(pynvml))
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
                     return int(proc.usedGpuMemory)
