@@ -1,6 +1,8 @@
 """The transformer: shapes, causality, GQA, gpt2 style, head checks, parameter count."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -169,3 +171,34 @@ def test_count_params_counts_frozen_separately():
     total, _ = count_params(m)
     m.tok_emb.weight.requires_grad_(False)
     assert count_params(m) == (total, total - 32 * 16)
+
+
+def test_gpt2_init_normal_002_and_zero_biases():
+    """Stated init: every Linear and Embedding weight ~ N(0, 0.02), biases 0, norm weights 1."""
+    c = ModelConfig(style="gpt2", d_model=128, n_layers=2, n_heads=4, d_ff=512, vocab_size=512, seq_len=16)
+    torch.manual_seed(0)
+    m = Transformer(c)
+    for name, mod in m.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            w = mod.weight.detach()
+            assert abs(w.mean().item()) < 0.002, name
+            assert w.std().item() == pytest.approx(0.02, rel=0.05), name
+            if getattr(mod, "bias", None) is not None:
+                assert torch.count_nonzero(mod.bias) == 0, name
+        elif isinstance(mod, (nn.LayerNorm, RMSNorm)):
+            assert torch.equal(mod.weight, torch.ones_like(mod.weight)), name
+
+
+def test_rope_tables_follow_the_formula():
+    """angle(t, i) = t · theta^(-2i/D): position 0 is no rotation; the first pair turns by 1 rad per position,
+    the last pair by theta^(-(D-2)/D)."""
+    from lorabench.model import rope_tables
+    c = cfg(n_heads=2, rope_theta=10000.0)  # head_dim 8
+    cos, sin = rope_tables(c)
+    D = c.head_dim
+    assert torch.equal(cos[0], torch.ones(D // 2)) and torch.equal(sin[0], torch.zeros(D // 2))
+    t = 5
+    for i in range(D // 2):
+        angle = t * 10000.0 ** (-2 * i / D)
+        assert cos[t, i].item() == pytest.approx(math.cos(angle), abs=1e-6)
+        assert sin[t, i].item() == pytest.approx(math.sin(angle), abs=1e-6)
