@@ -112,3 +112,16 @@ def test_validate_bad_input_exit_2(tmp_path, content, message):
     p.write_text(content)
     r = cli("validate", str(p))
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_validate_csv_has_one_row_per_measured_cell():
+    import csv
+    import io
+    from pathlib import Path
+    path = sorted((Path(__file__).resolve().parents[1] / "results").glob("cpu-quick-*.jsonl"))[0]
+    r = cli("validate", str(path), "--format", "csv")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.output)))
+    measured = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert [x["cell"] for x in rows] == [m["cell"] for m in measured if m["status"] == "ok"]
+    assert all(int(x["measured_peak_bytes"]) > 0 for x in rows)

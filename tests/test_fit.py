@@ -217,3 +217,14 @@ def test_gpu_auto_reads_nvml(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     g = resolve_gpu("auto")
     assert g.name == "RTX 4090" and g.memory_bytes == 25_757_220_864 and g.peak_flops("bf16")
+
+
+def test_cli_csv_has_one_row_per_combination():
+    import csv
+    import io
+    r = cli("fit", "--model", "gpt2", "--gpu", "24GiB", "--seq", "512", "--batch", "4", "--format", "csv")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.output)))
+    js = json.loads(cli("fit", "--model", "gpt2", "--gpu", "24GiB", "--seq", "512", "--batch", "4", "--format", "json").output)
+    assert len(rows) == len(js) and rows[0]["precision"] == js[0]["precision"]
+    assert {r["fits"] for r in rows} <= {"True", "False"} and int(rows[0]["est_peak_bytes"]) == js[0]["est_peak_bytes"]

@@ -46,7 +46,7 @@ def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, checkpoint
 @click.argument("results")
 @click.option("--max-median-pct", type=float, default=None, help="fail if median |peak error| exceeds this")
 @click.option("--max-p95-pct", type=float, default=None, help="fail if p95 |peak error| exceeds this")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def validate_cmd(results, max_median_pct, max_p95_pct, fmt):
     """Estimate vs measurement for every measured row of RESULTS (.jsonl or a folder of them)."""
     from .estimate_report import render_validation, validate_file

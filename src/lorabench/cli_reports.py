@@ -96,7 +96,7 @@ def parse_targets(text: str, style: str) -> tuple:
 @click.option("--calibrate", "calibrate_path", default=None,
               help="result file(s) whose measured hfu/mfu set the efficiency (and are checked against fit)")
 @click.option("--top", type=int, default=10, show_default=True, help="rows per table (0 = all)")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt):
     """Which precision / LoRA / checkpointing / micro-batch combinations fit a GPU, fastest first."""
     from .fit import calibrate, fit, fit_model, oom_contradictions
@@ -121,6 +121,12 @@ def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_p
         extra = {"model": cfg.name, "seq_len": cfg.seq_len, "batch_size": batch, "gpu": g.name,
                  "gpu_memory_bytes": g.memory_bytes, "margin": margin, "lora_targets": list(targets)}
         click.echo(json.dumps([{**c.to_dict(), **extra} for c in rep.combos], indent=1))
+        return
+    if fmt == "csv":
+        from .results import to_frame
+        extra = {"model": cfg.name, "seq_len": cfg.seq_len, "batch_size": batch, "gpu": g.name,
+                 "gpu_memory_bytes": g.memory_bytes, "margin": margin, "lora_targets": ",".join(targets)}
+        click.echo(to_frame([{**c.to_dict(), **extra} for c in rep.combos]).to_csv(index=False), nl=False)
         return
     con = _console()
     for item in render_fit(rep, top, check):

@@ -108,6 +108,9 @@ def render_validation(report, fmt: str = "table") -> str:
     summary = report.summary()
     if fmt == "json":
         return json.dumps({"summary": summary, "cells": [c.__dict__ for c in report.checks]}, indent=2)
+    if fmt == "csv":
+        from .results import to_frame
+        return to_frame([c.__dict__ for c in report.checks]).to_csv(index=False) if report.checks else ""
     from rich.console import Console
     from rich.table import Table
     t = Table(title="estimate vs measurement")
