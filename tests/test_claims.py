@@ -106,3 +106,31 @@ def test_claims_bad_input(tmp_path):
     r = cli("claims", str(tmp_path / "none.jsonl"))
     assert r.exit_code == 2 and "no such file" in r.output
     assert CLAIMS_MD.is_file()
+
+
+def test_c5_initial_delta_and_scaling():
+    lora = row("fp32-r8", lora_rank=8, lora_alpha=16.0, lora_init_delta_abs_max=0.0, lora_scaling=2.0)
+    v = by_id([row("fp32-full"), lora])["C5"]
+    assert v.verdict == HOLDS and "= 0 in 1 LoRA cells" in v.measured and "16/8 = 2" in v.measured
+    assert by_id([{**lora, "lora_init_delta_abs_max": 1e-3}])["C5"].verdict == FAILS
+    assert by_id([{**lora, "lora_scaling": 16.0}])["C5"].verdict == FAILS  # alpha, not alpha / r
+
+
+def test_c9_merged_vs_unmerged_latency():
+    lora = row("fp32-r8", lora_rank=8, infer_ms_unmerged=12.0, infer_ms_merged=10.0, merge_max_abs_diff=1e-6)
+    v = by_id([lora])["C9"]
+    assert v.verdict == HOLDS and "1.20×" in v.measured and "quality) is not measured" in v.measured
+    assert by_id([{**lora, "infer_ms_unmerged": 8.0}])["C9"].verdict == FAILS
+
+
+def test_markdown_escapes_pipes_and_table_keeps_brackets():
+    lora = row("fp32-r8", lora_rank=8, lora_alpha=16.0, lora_init_delta_abs_max=0.0, lora_scaling=2.0)
+    md = cli("claims", "--format", "markdown", "--help")  # the option exists
+    assert md.exit_code == 0
+    from lorabench.claims import render
+    text = render(check_claims([lora]), "markdown")
+    c5 = next(line for line in text.splitlines() if line.startswith("| C5 "))
+    assert c5.count(" | ") == 4 and "\\|ΔW\\|" in c5
+    v = check_claims([lora])
+    v[0].measured = "targets [q, v]"
+    assert "targets [q, v]" in render(v, "table", width=300)

@@ -243,3 +243,26 @@ def test_dropout_only_active_in_train_mode():
     assert not torch.allclose(t1, t2, atol=1e-3)
     m0 = LoRALinear(nn.Linear(4, 4), 2, 2.0, dropout=0.0)
     assert isinstance(m0.dropout, nn.Identity)
+
+
+def test_lora_checks_initial_delta_and_inference_fields():
+    """The row fields behind claims C5 and C9: ΔW = 0 at init; merged and unmerged forwards agree."""
+    from lorabench import lora_checks
+    cfg = gqa_cfg()
+    model = build_model(cfg, cell(rank=4, alpha=8.0, targets=ALL_TARGETS), "cpu", seed=0)
+    first = lora_checks.initial_fields(model)
+    assert first == {"lora_init_delta_abs_max": 0.0, "lora_scaling": 2.0}
+    with torch.no_grad():
+        for m in loras(model):
+            m.lora_B.normal_(0.0, 0.1)
+    assert lora_checks.initial_fields(model)["lora_init_delta_abs_max"] > 0
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    got = lora_checks.inference_fields(model, tokens(cfg)[0], "fp32", "cpu", repeats=3)
+    assert got["infer_ms_unmerged"] > 0 and got["infer_ms_merged"] > 0
+    assert 0 <= got["merge_max_abs_diff"] < 1e-5  # fp32: rounding only
+    assert model.training and not any(m.merged for m in loras(model))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)  # unmerged again (up to rounding)
+    full = build_model(cfg, cell(rank=0), "cpu", seed=0)
+    assert lora_checks.initial_fields(full) == {"lora_init_delta_abs_max": None, "lora_scaling": None}
+    assert set(lora_checks.inference_fields(full, tokens(cfg)[0], "fp32", "cpu").values()) == {None}

@@ -20,6 +20,7 @@ import torch
 
 from .config import Cell, ModelConfig, TrainConfig
 from .env import environment, resolve_device
+from . import lora_checks
 from .estimator import estimate_fields
 from .model import count_params
 from .techniques import build_model, make_optimizer, make_scaler, train_step
@@ -38,7 +39,7 @@ def base_row(scenario: str, cell: Cell, model: ModelConfig, train: TrainConfig, 
            "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "d_ff": model.d_ff, "vocab_size": model.vocab_size,
            "batch_size": train.batch_size, "micro_batch_size": train.batch_size // cell.accumulation,
            "seq_len": model.seq_len, "steps": train.steps, "warmup_steps": train.warmup_steps, "lr": train.lr}
-    row.update({k: None for k in NULL_MEASURED})
+    row.update({k: None for k in NULL_MEASURED + lora_checks.INITIAL_KEYS + lora_checks.INFERENCE_KEYS})
     return row
 
 
@@ -95,6 +96,7 @@ def measure(row: dict, payload: dict, model_cfg: ModelConfig, train: TrainConfig
     try:
         batches = [(x.to(device), y.to(device)) for x, y in batches_cpu]
         model = build_model(model_cfg, cell, device, seed)
+        row.update(lora_checks.initial_fields(model))
         opt, impl = make_optimizer(model, train, device)
         scaler = make_scaler(cell.precision, device)
         row["setup_s"] = round(time.perf_counter() - t_setup, 4)
@@ -137,3 +139,5 @@ def measure(row: dict, payload: dict, model_cfg: ModelConfig, train: TrainConfig
     # lorabench hooks: estimator and underflow fields are added below this line
     row.update(estimate_fields({"row": row, "model": model_cfg, "cell": cell, "train": train, "device": device}))
     from .underflow import cell_fields; row.update(cell_fields(model, batches[-1], cell, scaler, enabled=train.underflow_probe))  # noqa: E702
+    x_micro = batches[-1][0][: train.batch_size // cell.accumulation]
+    row.update(lora_checks.inference_fields(model, x_micro, cell.precision, device))  # last: merges and unmerges

@@ -267,15 +267,41 @@ def c13(rows):
     return (HOLDS if holds else FAILS), text, "estimator (fit)"
 
 
+def c5(rows):
+    lora = [r for r in rows if r.get("lora_rank") and r.get("lora_init_delta_abs_max") is not None]
+    if not lora:
+        return NOT_MEASURED, "no LoRA row with lora_init_delta_abs_max (tests/test_lora.py checks it)", "–"
+    worst = max(r["lora_init_delta_abs_max"] for r in lora)
+    scalings = sorted({(r.get("lora_alpha"), r["lora_rank"], r.get("lora_scaling")) for r in lora}, key=str)
+    ok = worst == 0 and all(s == a / k for a, k, s in scalings if a and s is not None)
+    sc = ", ".join(f"α/r = {a:g}/{k} = {s:g}" for a, k, s in scalings[:3] if a and s is not None)
+    return (HOLDS if ok else FAILS,
+            f"max |ΔW| at initialisation = {worst:g} in {len(lora)} LoRA cells (B = 0: the model is the base model); {sc}",
+            "measured")
+
+
+def c9(rows):
+    lora = [r for r in rows if r.get("status") == "ok" and r.get("infer_ms_merged") and r.get("infer_ms_unmerged")]
+    if not lora:
+        return NOT_MEASURED, "no LoRA row with merged/unmerged inference times", "–"
+    ratio = statistics.median(r["infer_ms_unmerged"] / r["infer_ms_merged"] for r in lora)
+    diff = max(r["merge_max_abs_diff"] for r in lora)
+    r = min(lora, key=lambda r: abs(r["infer_ms_unmerged"] / r["infer_ms_merged"] - ratio))
+    return (HOLDS if ratio >= 1 else FAILS,
+            f"unmerged/merged forward time {ratio:.2f}× (median of {len(lora)} LoRA cells; e.g. {_label(r)}: "
+            f"{r['infer_ms_unmerged']:.3g} vs {r['infer_ms_merged']:.3g} ms); merged logits within {diff:.2g} of "
+            f"unmerged; which targets work best (quality) is not measured", "measured")
+
+
 def not_measured(why):
     return lambda rows: (NOT_MEASURED, why, "–")
 
 
 CHECKS = {  # claim id -> f(rows) -> (verdict, measured text, source)
     "C1": c1, "C2": c2, "C3": c3, "C4": c4,
-    "C5": not_measured("result rows carry no first-step output comparison (tests/test_lora.py checks it)"),
+    "C5": c5,
     "C6": c6, "C7": c7, "C8": c8,
-    "C9": not_measured("result rows carry no quality or merged/unmerged latency comparison"),
+    "C9": c9,
     "C10": c10, "C11": c11, "C12": c12, "C13": c13,
 }
 
@@ -298,17 +324,19 @@ def render(verdicts: list[Verdict], fmt: str, width: int = 160) -> str:
         return json.dumps([asdict(v) for v in verdicts], indent=1) + "\n"
     if fmt == "markdown":
         lines = ["| # | claim | measured | verdict | source |", "|---|---|---|---|---|"]
-        lines += [f"| {v.id} | {v.claim} | {v.measured} | {v.verdict} | {v.source} |" for v in verdicts]
+        cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - a | inside a cell would split it
+        lines += [f"| {v.id} | {cell(v.claim)} | {cell(v.measured)} | {v.verdict} | {v.source} |" for v in verdicts]
         return "\n".join(lines) + "\n"
     if fmt == "table":
         import io
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
         t = Table(header_style="bold", show_lines=True)
         for col, ratio_ in (("#", None), ("claim", 3), ("measured", 3), ("verdict", 1), ("source", 1)):
             t.add_column(col, ratio=ratio_, overflow="fold")
         for v in verdicts:
-            t.add_row(v.id, v.claim, v.measured, f"[{VERDICT_STYLE[v.verdict]}]{v.verdict}[/]", v.source)
+            t.add_row(v.id, escape(v.claim), escape(v.measured), f"[{VERDICT_STYLE[v.verdict]}]{v.verdict}[/]", v.source)
         out = io.StringIO()
         Console(file=out, width=width, force_terminal=False).print(t)
         return out.getvalue()
