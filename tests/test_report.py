@@ -102,7 +102,10 @@ def test_report_formats(results):
     recs = json.loads(r.output)
     assert [x["precision"] for x in recs] == ["bf16", "bf16"]
     assert recs[0]["peak_allocated_bytes"] >= recs[1]["peak_allocated_bytes"]
-    assert recs[0]["peak_vs_baseline"] is None  # the fp32 baseline was filtered out
+    # the filter hides the fp32-full cell, not the ratios against it
+    full = next(x for x in json.loads(cli("report", results, "--format", "json").output) if x["cell"] == "fp32-full")
+    assert recs[0]["peak_vs_baseline"] == pytest.approx(recs[0]["peak_allocated_bytes"] / full["peak_allocated_bytes"])
+    assert recs[0]["speedup_vs_baseline"] == pytest.approx(full["step_time_ms_median"] / recs[0]["step_time_ms_median"])
     r = cli("report", results, "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(r.output)))
     assert len(rows) == 4 and float(rows[0]["peak_vs_baseline"]) == 1.0

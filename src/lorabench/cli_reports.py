@@ -26,9 +26,9 @@ def _console():
               show_default=True)
 def report_cmd(results, sort_key, where, fmt):
     """Per scenario: memory bars, peak vs full FP32, step time and spread, speed-up, underflow, estimator error."""
-    from .report import errors, filter_rows, render_report, report_tables, sort_rows
+    from .report import errors, filter_rows, render_report, report_tables, sort_rows, with_baseline
     from .results import load_rows
-    rows = sort_rows(filter_rows(load_rows(results), list(where)), sort_key)
+    rows = sort_rows(filter_rows(with_baseline(load_rows(results)), list(where)), sort_key)
     if not rows:
         raise ConfigError("--where", "", f"no row of {results} matches {' and '.join(where)}")
     if fmt != "table":

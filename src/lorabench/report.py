@@ -97,8 +97,8 @@ def render_rows(rows: list[dict], fmt: str) -> str:
 
 
 # ---------------------------------------------------------------- `lorabench report`
-# Per scenario, per cell: a stacked memory bar (bars.py; one scale over the whole
-# report), the peak and its ratio to the scenario's full-FP32 cell, step time median
+# Per scenario, per cell: a stacked memory bar (bars.py; one scale per scenario
+# table), the peak and its ratio to the scenario's full-FP32 cell, step time median
 # (p10–p90), tokens/s and the speed-up t_baseline / t_cell (both medians of the same
 # run), FP16/BF16 underflow and the estimator's peak error.
 WHERE = _re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
@@ -191,19 +191,33 @@ def speedup(r: dict, base: Optional[dict]) -> Optional[float]:
     return t0 / t if t and t0 else None
 
 
+def with_baseline(rows: list[dict]) -> list[dict]:
+    """Copies of the rows with `peak_vs_baseline` and `speedup_vs_baseline` against their scenario's
+    full-FP32 cell. Call it before --where filters, so that a filtered view keeps its ratios."""
+    out = []
+    for group in by_scenario(rows).values():
+        base = baseline(group)
+        bpeak = base and base.get("peak_allocated_bytes")
+        for r in group:
+            peak = r.get("peak_allocated_bytes")
+            out.append({**r, "peak_vs_baseline": peak / bpeak if peak and bpeak else None,
+                        "speedup_vs_baseline": speedup(r, base)})
+    return out
+
+
+def _derived(rows: list[dict]) -> list[dict]:
+    return rows if rows and all("peak_vs_baseline" in r for r in rows) else with_baseline(rows)
+
+
 def report_records(rows: list[dict]) -> list[dict]:
     """One flat record per row (RECORD_KEYS), with the derived columns of the report."""
     from .bars import row_segments
     out = []
-    for group in by_scenario(rows).values():
-        base = baseline(group)
-        for r in group:
-            seg = row_segments(r) or {}
-            peak, bpeak = r.get("peak_allocated_bytes"), base and base.get("peak_allocated_bytes")
-            rec = {k: r.get(k) for k in RECORD_KEYS}
-            rec.update(activation_bytes=seg.get("activations"), rest_bytes=seg.get("rest"),
-                       peak_vs_baseline=peak / bpeak if peak and bpeak else None, speedup_vs_baseline=speedup(r, base))
-            out.append(rec)
+    for r in _derived(rows):
+        seg = row_segments(r) or {}
+        rec = {k: r.get(k) for k in RECORD_KEYS}
+        rec.update(activation_bytes=seg.get("activations"), rest_bytes=seg.get("rest"))
+        out.append(rec)
     return out
 
 
@@ -213,13 +227,12 @@ def _scale(rows: list[dict]) -> int:
 
 
 def report_tables(rows: list[dict], bar_width: int = 24) -> list:
-    """One rich Table per scenario (and device), all bars on one scale, and the legend."""
+    """One rich Table per scenario (and device), the bars of each on one scale, and the legend."""
     from rich.table import Table
     from .bars import human, legend, rich_bar, row_segments
-    scale = _scale(rows)
     out = []
-    for title, group in by_scenario(rows).items():
-        base = baseline(group)
+    for title, group in by_scenario(_derived(rows)).items():
+        scale = _scale(group)
         t = Table(title=f"{title} (full memory bar = {human(scale)})", header_style="bold", title_justify="left")
         for name, just in [("cell", "left"), ("status", "left"), ("memory", "left"),
                            ("peak MiB", "right"), ("vs fp32-full", "right"), ("step ms (p10–p90)", "right"),
@@ -227,11 +240,10 @@ def report_tables(rows: list[dict], bar_width: int = 24) -> list:
                            ("est. err %", "right")]:
             t.add_column(name, justify=just, overflow="fold", no_wrap=name in ("cell", "memory"))
         for r in group:
-            st = r.get("status", "?")
-            sp = speedup(r, base)
+            st, sp, pv = r.get("status", "?"), r["speedup_vs_baseline"], r["peak_vs_baseline"]
             t.add_row(r.get("cell", "?"), f"[{STATUS_STYLE.get(st, 'white')}]{st}[/]",
                       rich_bar(row_segments(r), scale, bar_width), mib(r.get("peak_allocated_bytes")),
-                      ratio(r.get("peak_allocated_bytes"), base and base.get("peak_allocated_bytes")), step_time(r),
+                      "–" if pv is None else f"{pv:.2f}×", step_time(r),
                       "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
                       "–" if sp is None else f"{sp:.2f}×", underflow(r),
                       "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}")
@@ -251,23 +263,22 @@ def _fmt(v) -> str:
 def markdown_report(rows: list[dict], bar_width: int = 24) -> str:
     """Markdown tables, one per scenario; bars in plain characters (see the legend line)."""
     from .bars import human, legend, plain_bar, row_segments
-    scale = _scale(rows)
     lines = []
-    recs = iter(report_records(rows))
-    for title, group in by_scenario(rows).items():
-        lines += [f"### {title}", "", "| cell | status | memory | peak MiB | vs fp32-full | step ms median (p10–p90) "
+    for title, group in by_scenario(_derived(rows)).items():
+        scale = _scale(group)
+        lines += [f"### {title} (full memory bar = {human(scale)})", "",
+                  "| cell | status | memory | peak MiB | vs fp32-full | step ms median (p10–p90) "
                   "| tokens/s | speed-up | underflow % unscaled → scaled | est. error % |", "|" + "---|" * 10]
         for r in group:
-            rec = next(recs)
             lines.append("| " + " | ".join([
                 str(r.get("cell")), str(r.get("status")), f"`{plain_bar(row_segments(r), scale, bar_width) or ' '}`",
                 mib(r.get("peak_allocated_bytes")),
-                "–" if rec["peak_vs_baseline"] is None else f"{rec['peak_vs_baseline']:.2f}×", step_time(r),
+                "–" if r["peak_vs_baseline"] is None else f"{r['peak_vs_baseline']:.2f}×", step_time(r),
                 "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
-                "–" if rec["speedup_vs_baseline"] is None else f"{rec['speedup_vs_baseline']:.2f}×", underflow(r),
+                "–" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}×", underflow(r),
                 "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}"]) + " |")
         lines.append("")
-    lines.append(f"Bars: {legend(rich=False)}; full bar = {human(scale)}; underflow % unscaled → scaled.")
+    lines.append(f"Bars: {legend(rich=False)}; underflow % unscaled → scaled.")
     return "\n".join(lines) + "\n"
 
 
