@@ -125,3 +125,19 @@ def test_validate_csv_has_one_row_per_measured_cell():
     measured = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert [x["cell"] for x in rows] == [m["cell"] for m in measured if m["status"] == "ok"]
     assert all(int(x["measured_peak_bytes"]) > 0 for x in rows)
+
+
+@pytest.mark.parametrize("args", [["estimate", "--model", "gpt2"], ["fit", "--model", "llama-2-7b", "--gpu", "24GiB"],
+                                  ["validate", "results"]])
+def test_estimator_commands_never_import_torch(args):
+    """estimate, validate and fit are arithmetic: they must not pay torch's ~1 s import (fit answers in < 1 s)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys\nfrom lorabench.cli import main\nsys.argv = ['lorabench', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

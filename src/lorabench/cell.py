@@ -96,10 +96,10 @@ def measure(row: dict, payload: dict, model_cfg: ModelConfig, train: TrainConfig
     try:
         batches = [(x.to(device), y.to(device)) for x, y in batches_cpu]
         model = build_model(model_cfg, cell, device, seed)
-        row.update(lora_checks.initial_fields(model))
         opt, impl = make_optimizer(model, train, device)
         scaler = make_scaler(cell.precision, device)
         row["setup_s"] = round(time.perf_counter() - t_setup, 4)
+        row.update(lora_checks.initial_fields(model))  # before any step: ΔW at initialisation
         losses, skipped, scales = [], 0, []
         mem.start_window()
         for i in range(train.warmup_steps):

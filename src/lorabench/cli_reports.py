@@ -71,9 +71,9 @@ def claims_cmd(results, fmt):
 
 
 def parse_targets(text: str, style: str) -> tuple:
-    from .config import LORA_TARGETS
-    allowed = [t for t in LORA_TARGETS if not (style == "gpt2" and t == "gate")]
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    from .config import allowed_targets, split_targets
+    allowed = allowed_targets(style)
+    targets = tuple(split_targets(text))
     if not targets:
         raise ConfigError("--lora-targets", "", "must name at least one projection")
     for t in targets:
@@ -101,12 +101,6 @@ def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_p
     """Which precision / LoRA / checkpointing / micro-batch combinations fit a GPU, fastest first."""
     from .fit import calibrate, fit, fit_model, oom_contradictions
     from .gpus import resolve_gpu
-    if batch <= 0:
-        raise ConfigError("--batch", "", f"must be > 0, got {batch}")
-    if seq is not None and seq <= 0:
-        raise ConfigError("--seq", "", f"must be > 0, got {seq}")
-    if not 0 <= margin < 1:
-        raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
     cfg = fit_model(model, seq)
     targets = parse_targets(lora_targets, cfg.style)
     g = resolve_gpu(gpu)

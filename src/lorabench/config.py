@@ -192,6 +192,16 @@ def load_scenario(path: str) -> LoadedScenario:
     return parse_scenario(read_yaml(path), path)
 
 
+def allowed_targets(style: str) -> list[str]:
+    """The projections LoRA can wrap in a `style` model (gpt2's MLP has no gate)."""
+    return [t for t in LORA_TARGETS if not (style == "gpt2" and t == "gate")]
+
+
+def split_targets(text: str) -> list[str]:
+    """A command line's comma-separated targets, e.g. 'q, v' -> ['q', 'v']."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def parse_scenario(data: Any, source: str) -> LoadedScenario:
     sc = build(Scenario, data, "", source)
     mdata = dict(sc.model)
@@ -207,7 +217,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
         for i, v in enumerate(getattr(matrix, axis)):
             run_checks(v, checks, f"matrix.{axis}[{i}]", source)
     for i, targets in enumerate(matrix.lora_targets):
-        allowed = [t for t in LORA_TARGETS if not (model.style == "gpt2" and t == "gate")]
+        allowed = allowed_targets(model.style)
         for j, t in enumerate(targets):
             if t not in allowed:
                 raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]", f"unknown target {t!r} for a {model.style} model (allowed: {', '.join(allowed)})")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import platform
 
-import torch
-
 
 def resolve_device(requested: str) -> str:
-    """auto -> cuda when a GPU is visible, else cpu."""
+    """auto -> cuda when a GPU is visible, else cpu. (torch is imported only when needed: `estimate`,
+    `validate` and `fit` never need it.)"""
     if requested == "auto":
+        import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
 
@@ -32,7 +32,7 @@ def device_name(device: str) -> str | None:
         import pynvml
         pynvml.nvmlInit()
         try:
-            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(nvml_index(pynvml)))
             return name.decode() if isinstance(name, bytes) else name
         finally:
             pynvml.nvmlShutdown()
@@ -42,6 +42,7 @@ def device_name(device: str) -> str | None:
 
 def environment(device: str) -> dict:
     """Versions and device facts; CUDA-only facts are None on CPU."""
+    import torch
     info = {
         "device": device,
         "device_name": cpu_name(),
@@ -59,10 +60,12 @@ def environment(device: str) -> dict:
 
 
 def nvml_index(pynvml) -> int:
-    """NVML's index of torch's current device (CUDA_VISIBLE_DEVICES honoured); 0 when torch cannot map it
-    (a MIG or UUID entry) and there is one GPU. Call with NVML initialised."""
+    """NVML's index of cuda:0, the device every cell runs on (CUDA_VISIBLE_DEVICES honoured, no CUDA
+    context created); 0 when torch cannot map it (a MIG or UUID entry) and there is one GPU.
+    Call with NVML initialised."""
+    import torch
     try:
-        return torch.cuda._get_nvml_device_index(torch.cuda.current_device())
+        return torch.cuda._get_nvml_device_index(0)
     except Exception:
         if pynvml.nvmlDeviceGetCount() == 1:
             return 0

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 
-from .config import LoadedScenario, expand, load_scenario, parse_scenario
+from .config import LoadedScenario, expand, load_scenario, parse_scenario, split_targets
 from .env import resolve_device
 from .estimator import estimate
 from .schema import ConfigError
@@ -54,13 +54,13 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
     model_data = {"preset": model} | ({"seq_len": seq} if seq else {})
     data = {"name": "estimate", "model": model_data, "device": device, "train": {"batch_size": batch},
             "matrix": {"precision": precision, "lora_rank": lora_rank,
-                       "lora_targets": [t.strip() for t in lora_targets.split(",") if t.strip()],
+                       "lora_targets": split_targets(lora_targets),
                        "checkpointing": checkpointing, "accumulation": accumulation, "base_dtype": base_dtype}}
     try:
         ls = parse_scenario(data, "options")
     except ConfigError as e:
         flag = next((f for k, f in OPTION_KEYS.items() if e.path.startswith(k)), e.path)
-        raise ConfigError(e.source if e.source != "options" else "options", flag, e.message) from None
+        raise ConfigError(e.source, flag, e.message) from None
     return estimates_for(ls, device)
 
 

@@ -9,6 +9,8 @@ An unknown name returns None: lorabench never falls back to another GPU's peak
 """
 from __future__ import annotations
 
+import os
+
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -82,7 +84,8 @@ def parse_memory(text: str) -> int | None:
 
 
 def local_gpu(source: str = "--gpu") -> GPU:
-    """The first GPU NVML sees: its table entry's peak rates, NVML's total memory (bytes).
+    """The GPU torch would use (the first of CUDA_VISIBLE_DEVICES, else NVML's first): its table entry's
+    peak rates, NVML's total memory (bytes).
 
     An unknown name keeps the memory and has no peak rates (no time estimate).
     No NVML or no GPU: ConfigError (one line)."""
@@ -95,7 +98,8 @@ def local_gpu(source: str = "--gpu") -> GPU:
     try:
         if pynvml.nvmlDeviceGetCount() < 1:
             raise ConfigError(source, "auto", "NVML sees no GPU; name one instead, e.g. --gpu 'RTX 4090' or --gpu 24GiB")
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        h = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)  # the GPU torch would use
         name = pynvml.nvmlDeviceGetName(h)
         name = name.decode() if isinstance(name, bytes) else str(name)
         total = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)

@@ -34,9 +34,16 @@ def initial_fields(model) -> dict:
     ads = adapters(model)
     if not ads:
         return dict.fromkeys(INITIAL_KEYS)
-    # on the host: no device allocation may sit in the allocator's cache before the measured window
-    delta = max((a.lora_B.float().cpu() @ a.lora_A.float().cpu()).abs().max().item() * a.scaling for a in ads)
-    return {"lora_init_delta_abs_max": delta, "lora_scaling": ads[0].scaling}
+    return {"lora_init_delta_abs_max": max(_delta_abs_max(a) for a in ads), "lora_scaling": ads[0].scaling}
+
+
+def _delta_abs_max(a: LoRALinear) -> float:
+    """max |(alpha / r)·B·A|, on the host (no device allocation may sit in the allocator's cache before the
+    measured window). B = 0 gives exactly 0 without the d_out × d_in product (A is finite by construction)."""
+    B = a.lora_B.detach().float().cpu()
+    if not B.any():
+        return 0.0
+    return (B @ a.lora_A.detach().float().cpu()).abs().max().item() * a.scaling
 
 
 @torch.no_grad()

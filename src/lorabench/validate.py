@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .config import Cell, ModelConfig, preset_data, preset_names
 from .schema import ConfigError, build
-from .trackers.timing import percentile
+from .stats import percentile
 
 DIMS = ("style", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "seq_len")
 COMPONENTS = (("param_bytes", "est_param_bytes"), ("grad_bytes", "est_grad_bytes"),
