@@ -229,3 +229,9 @@ def test_grid_over_a_7b_model_is_consistent():
             assert p <= peak[prec, rank, ckpt, acc // 2, base]
         if base == "bf16":
             assert p < peak[prec, rank, ckpt, acc, "fp32"]
+
+
+def test_memory_window_matches_what_cell_tracks():
+    """CUDA counters cover warm-up + timed steps; the CPU tracker the warm-up steps only (cell.py)."""
+    from lorabench.estimator import memory_window
+    assert memory_window(2, 8, "cuda") == 10 and memory_window(2, 8, "cpu") == 2

@@ -187,3 +187,15 @@ def test_step_timer_drops_a_step_that_raises():
         with t.step():
             raise RuntimeError("boom")
     assert t.times_ms == []  # a failed step is not a timing
+
+
+def test_close_ends_cpu_tracking_early_and_exit_after_it_is_harmless():
+    with MemoryTracker("cpu") as mem:
+        mem.start_window()
+        a = torch.empty(1000, dtype=torch.float32)
+        mem.close()
+        peak = mem.peak_allocated_bytes
+        b = torch.empty(10_000, dtype=torch.float32)  # after close: not counted
+    assert peak is not None and peak >= 4000
+    assert mem.peak_allocated_bytes == peak < 40_000
+    del a, b

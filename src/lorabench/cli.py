@@ -174,10 +174,7 @@ def _register():
     from .cli_estimate import estimate_cmd, validate_cmd
     main.add_command(estimate_cmd)
     main.add_command(validate_cmd)
-    try:
-        from .cli_reports import COMMANDS
-    except ImportError:  # pragma: no cover - while the report commands are being written
-        COMMANDS = []
+    from .cli_reports import COMMANDS
     for cmd in COMMANDS:
         main.add_command(cmd)
 

@@ -13,7 +13,7 @@ import json
 
 from .config import LoadedScenario, expand, load_scenario, parse_scenario, split_targets
 from .env import resolve_device
-from .estimator import estimate
+from .estimator import estimate, memory_window
 from .schema import ConfigError
 
 CELL_KEYS = ("cell", "precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
@@ -29,7 +29,7 @@ def estimates_for(ls: LoadedScenario, device: str | None = None) -> list[dict]:
     """One row per cell of a loaded scenario: its configuration keys and the est_* keys."""
     dev = resolve_device(device or ls.scenario.device)
     train = ls.train
-    window = train.warmup_steps + train.steps if dev == "cuda" else train.warmup_steps
+    window = memory_window(train.warmup_steps, train.steps, dev)
     rows = []
     for cell in expand(ls):
         est = estimate(ls.model, cell, train.batch_size, device=dev, optimizer_impl=train.optimizer,

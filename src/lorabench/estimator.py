@@ -265,6 +265,12 @@ def mfu_dtype(cell: Cell, tf32: bool | None) -> str:
     return "tf32" if tf32 else "fp32"
 
 
+def memory_window(warmup_steps: int, steps: int, device: str) -> int:
+    """Optimizer steps inside the measured memory window, as cell.py tracks them: on CUDA the allocator
+    counters cover every step; on CPU the allocation tracker covers the warm-up steps only."""
+    return warmup_steps + steps if device == "cuda" else warmup_steps
+
+
 def estimate_fields(row_or_args: dict) -> dict:
     """The est_* fields (and peak_error_pct, mfu, hfu) for a result row.
 
@@ -286,7 +292,7 @@ def estimate_fields(row_or_args: dict) -> dict:
             device = row.get("device") or "cpu"
             warmup, steps, batch, opt = row["warmup_steps"], row["steps"], row["batch_size"], "auto"
         opt = row.get("optimizer_impl") or opt
-        window = warmup + steps if device == "cuda" else warmup  # CPU tracker: warm-up steps only
+        window = memory_window(warmup, steps, device)
         est = estimate(cfg, cell, batch, device=device, optimizer_impl=opt, n_batches=window, window_steps=window,
                        first_update_step=first_update_step(row), gpu_name=row.get("device_name"))
         out.update(est.fields())

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 from .bars import SEGMENTS, estimate_segments
 from .config import Cell, ModelConfig, cell_id, preset_data
-from .estimator import CUDA_CONTEXT_BYTES, estimate, mfu_dtype
+from .estimator import CUDA_CONTEXT_BYTES, estimate, memory_window, mfu_dtype
 from .gpus import GPU, lookup
 from .schema import ConfigError, build
 
@@ -341,7 +341,7 @@ def oom_contradictions(rows: list[dict], margin: float = DEFAULT_MARGIN) -> dict
         memory = r.get("gpu_memory_bytes") or (gpu.memory_bytes if gpu else None)
         try:
             cfg, cell = model_from_row(r), cell_from_row(r)
-            window = (r.get("warmup_steps") or 1) + (r.get("steps") or 1)
+            window = memory_window(r.get("warmup_steps") or 1, r.get("steps") or 1, "cuda")
             est = estimate(cfg, cell, r["batch_size"], device="cuda", optimizer_impl=r.get("optimizer_impl") or "auto",
                            n_batches=window, window_steps=window, gpu_name=r.get("device_name"))
         except (ConfigError, KeyError, TypeError, ValueError):

@@ -252,14 +252,6 @@ def report_tables(rows: list[dict], bar_width: int = 24) -> list:
     return out
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def markdown_report(rows: list[dict], bar_width: int = 24) -> str:
     """Markdown tables, one per scenario; bars in plain characters (see the legend line)."""
     from .bars import human, legend, plain_bar, row_segments

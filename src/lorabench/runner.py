@@ -95,7 +95,7 @@ def failed_row(payload: dict, exitcode: int | None, timeout_s: float) -> dict:
 
 
 def run_scenario(ls: LoadedScenario, cells: list[Cell], writer: ResultWriter, device: str = "auto",
-                 progress=None, on_row=None) -> list[dict]:
+                 progress=None) -> list[dict]:
     """Run `cells` one after another; each row goes to `writer` as soon as it exists."""
     device = resolve_device(device if device != "auto" else ls.scenario.device)
     for cell in cells:
@@ -103,8 +103,6 @@ def run_scenario(ls: LoadedScenario, cells: list[Cell], writer: ResultWriter, de
             progress(cell, None)
         row = run_in_process(payload_for(ls, cell, device), ls.train.timeout_s)
         writer.append(row)
-        if on_row is not None:
-            on_row(row)
         if progress is not None:
             progress(cell, row)
     return writer.rows

@@ -75,6 +75,7 @@ class MemoryTracker:
         self._phase = "setup"
         self._mode = None if self.cuda else _LiveStorages()
         self._reserved_peak = 0
+        self._closed = False
 
     def __enter__(self):
         if self._mode is not None:
@@ -82,6 +83,14 @@ class MemoryTracker:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """End tracking and fill the peak fields; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self.cuda:
             self._close_cuda_phase()
             stats = torch.cuda.memory_stats()
@@ -90,14 +99,13 @@ class MemoryTracker:
             self.peak_reserved_bytes = self._reserved_peak
             self.nvml_process_bytes = nvml_process_bytes()
         else:
-            self._mode.__exit__(*exc)
+            self._mode.__exit__(None, None, None)
             self.phase_peak_bytes = {k: v for k, v in self._mode.phase_peaks.items() if k != "setup"}
         if self.phase_peak_bytes:
             # the peak over every phase; its phase among the marked ones (the unmarked timed steps repeat them)
             self.peak_allocated_bytes = max(self.phase_peak_bytes.values())
             named = {k: v for k, v in self.phase_peak_bytes.items() if k != "timed"} or self.phase_peak_bytes
             self.peak_phase = max(named, key=named.get)
-        return False
 
     @property
     def current_bytes(self) -> int:
