@@ -158,6 +158,7 @@ def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int
 
 
 def resolve_impl(optimizer_impl: str, device: str) -> str:
+    """AdamW's implementation for `auto`: torch's own default, foreach when every parameter is on CUDA."""
     if optimizer_impl == "auto":
         return "foreach" if device == "cuda" else "forloop"
     return optimizer_impl

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Cell, ModelConfig, TrainConfig
+from .estimator import resolve_impl
 from .lora import DTYPES, apply_lora
 from .model import Transformer
 
@@ -33,9 +34,7 @@ def build_model(cfg: ModelConfig, cell: Cell, device: str, seed: int) -> Transfo
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: str) -> tuple[torch.optim.Optimizer, str]:
     """AdamW over the trainable parameters; returns it and the implementation used."""
     params = [p for p in model.parameters() if p.requires_grad]
-    impl = train.optimizer
-    if impl == "auto":  # torch's own default: foreach when every parameter is on CUDA
-        impl = "foreach" if device == "cuda" else "forloop"
+    impl = resolve_impl(train.optimizer, device)
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0, **kwargs), impl
 
