@@ -220,3 +220,16 @@ def test_axes_cover_every_cell_field():
                     "accumulation", "base_dtype"]
     c = expand(parse_scenario(scenario(matrix={"lora_rank": 4}), "x"))[0].to_dict()
     assert c["cell"] == "fp32-r4" and c["lora_targets"] == ["q", "v"]
+
+
+def test_cell_from_dict_inverts_to_dict_and_reads_rows():
+    from lorabench.config import Cell
+    c = Cell("bf16", 8, 16.0, ("q", "v"), 0.1, True, 4, "bf16", "bf16-r8-bf16base-ckpt-acc4")
+    assert Cell.from_dict(c.to_dict()) == c
+    payload = {**c.to_dict(), "id": c.id}
+    del payload["cell"]
+    assert Cell.from_dict(payload) == c
+    row = {**c.to_dict(), "status": "ok", "peak_allocated_bytes": 1}  # a result row: extra keys ignored
+    assert Cell.from_dict(row) == c
+    full = Cell("fp32", 0, None, None, None, False, 1, "fp32", "fp32-full")
+    assert Cell.from_dict({**full.to_dict(), "base_dtype": None}) == full

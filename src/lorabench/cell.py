@@ -48,7 +48,7 @@ def run_cell(payload: dict) -> dict:
     t_enter = time.time()
     model_cfg = ModelConfig(**payload["model"])
     train = TrainConfig(**payload["train"])
-    cell = Cell(**{**payload["cell"], "lora_targets": tuple(payload["cell"]["lora_targets"] or ()) or None})
+    cell = Cell.from_dict(payload["cell"])
     device = resolve_device(payload["device"])
     row = base_row(payload["scenario"], cell, model_cfg, train, device)
     row["start_up_s"] = round(t_enter - payload.get("spawned_at", t_enter), 4)

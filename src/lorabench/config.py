@@ -122,6 +122,15 @@ class Cell:
         d["cell"] = d.pop("id")
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        """The inverse of to_dict, also for result rows and runner payloads (id under `cell` or `id`;
+        keys that are not Cell fields are ignored)."""
+        targets = d.get("lora_targets")
+        return cls(d["precision"], d["lora_rank"], d.get("lora_alpha"), tuple(targets) if targets else None,
+                   d.get("lora_dropout"), bool(d["checkpointing"]), d["accumulation"], d.get("base_dtype") or "fp32",
+                   d.get("cell", d.get("id", "")))
+
 
 @dataclass
 class Scenario:

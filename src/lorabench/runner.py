@@ -78,8 +78,7 @@ def failed_row(payload: dict, exitcode: int | None, timeout_s: float) -> dict:
     from .config import ModelConfig, TrainConfig
     from .env import device_name
     from .estimator import estimate_fields
-    c = payload["cell"]
-    cell = Cell(**{**c, "lora_targets": tuple(c["lora_targets"]) if c["lora_targets"] else None})
+    cell = Cell.from_dict(payload["cell"])
     model, train, device = ModelConfig(**payload["model"]), TrainConfig(**payload["train"]), resolve_device(payload["device"])
     row = base_row(payload["scenario"], cell, model, train, device)
     row["device_name"] = device_name(device)

@@ -35,10 +35,7 @@ def model_from_row(row: dict) -> ModelConfig:
 
 
 def cell_from_row(row: dict) -> Cell:
-    targets = row.get("lora_targets")
-    return Cell(row["precision"], row["lora_rank"], row.get("lora_alpha"), tuple(targets) if targets else None,
-                row.get("lora_dropout"), bool(row["checkpointing"]), row["accumulation"], row.get("base_dtype") or "fp32",
-                row.get("cell", ""))
+    return Cell.from_dict(row)
 
 
 @dataclass
