@@ -59,13 +59,13 @@ def estimate_segments(breakdown: dict, extra_rest_bytes: int = 0) -> dict:
     return out
 
 
-def human(n: float | None) -> str:
-    """Bytes with a binary unit: '512 B', '3.2 KiB', '1.4 MiB', '21.6 GiB'."""
+def human(n: float | None, digits: int = 1) -> str:
+    """Bytes with a binary unit: '512 B', '3.2 KiB', '1.4 MiB', '21.6 GiB' (`digits` decimals)."""
     if n is None:
         return "–"
     for unit, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= f:
-            return f"{n / f:,.1f} {unit}"
+            return f"{n / f:,.{digits}f} {unit}"
     return f"{int(n)} B"
 
 

@@ -65,12 +65,9 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= f:
-            return f"{n / f:.2f} {unit}"
-    return f"{n} B"
+    """Two decimals: an estimate is read against a measurement to the MiB."""
+    from .bars import human
+    return human(n, digits=2)
 
 
 def render_estimates(rows: list[dict], fmt: str = "table") -> str:
