@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+from contextlib import contextmanager
 
 
 def resolve_device(requested: str) -> str:
@@ -24,18 +25,35 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@contextmanager
+def nvml():
+    """`with nvml() as pynvml:` NVML initialised, shut down on exit. Raises when there is no NVML
+    (no driver, no library); callers turn that into None fields."""
+    import pynvml
+    pynvml.nvmlInit()
+    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def cuda0_handle(pynvml):
+    """NVML's handle of cuda:0, the device every cell runs on (see nvml_index)."""
+    return pynvml.nvmlDeviceGetHandleByIndex(nvml_index(pynvml))
+
+
+def text(v) -> str:
+    """NVML strings are bytes in older bindings."""
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def device_name(device: str) -> str | None:
     """The device's name without creating a CUDA context (NVML on CUDA), for rows of cells that died."""
     if device != "cuda":
         return cpu_name()
     try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(nvml_index(pynvml)))
-            return name.decode() if isinstance(name, bytes) else name
-        finally:
-            pynvml.nvmlShutdown()
+        with nvml() as pynvml:
+            return text(pynvml.nvmlDeviceGetName(cuda0_handle(pynvml)))
     except Exception:
         return None
 
@@ -76,18 +94,13 @@ def nvml_snapshot() -> dict:
     """Driver, SM clock, memory clock, power and temperature of the current GPU, as NVML reads them now."""
     out = {"driver_version": None, "sm_clock_mhz": None, "mem_clock_mhz": None, "power_w": None, "temperature_c": None}
     try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            drv = pynvml.nvmlSystemGetDriverVersion()
-            out["driver_version"] = drv.decode() if isinstance(drv, bytes) else drv
-            h = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(pynvml))
+        with nvml() as pynvml:
+            out["driver_version"] = text(pynvml.nvmlSystemGetDriverVersion())  # first: needs no device index
+            h = cuda0_handle(pynvml)
             out["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
             out["mem_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)
             out["power_w"] = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
             out["temperature_c"] = pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
-        finally:
-            pynvml.nvmlShutdown()
     except Exception:
         pass
     return out

@@ -147,18 +147,13 @@ class MemoryTracker:
 
 def nvml_process_bytes() -> int | None:
     """This process's GPU memory as NVML sees it (context and allocator cache included); None when hidden."""
+    from ..env import cuda0_handle, nvml
     try:
-        import pynvml
-        pynvml.nvmlInit()
-        try:
-            from ..env import nvml_index
-            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(pynvml))
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        with nvml() as pynvml:
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(cuda0_handle(pynvml)):
                 if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
                     return int(proc.usedGpuMemory)
             return None  # PIDs are often not visible inside containers
-        finally:
-            pynvml.nvmlShutdown()
     except Exception:
         return None
 
