@@ -26,6 +26,7 @@ from .model import count_params
 from .techniques import build_model, make_optimizer, make_scaler, train_step
 from .tokens import MarkovTokens
 from .trackers import MemoryTracker, StepTimer, state_bytes
+from .underflow import cell_fields as underflow_fields
 
 NULL_MEASURED = ("start_up_s", "cell_wall_s", "device_name", "total_params", "trainable_params", "trainable_pct",
                  "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "nvml_process_bytes", "step_time_ms_median",
@@ -129,8 +130,8 @@ def measure(row: dict, payload: dict, model_cfg: ModelConfig, train: TrainConfig
         final_loss_scale=scales[-1] if cell.precision == "fp16" else None,
         loss_scale_trajectory=scales if cell.precision == "fp16" else None,
     )
-    # lorabench hooks: estimator and underflow fields are added below this line
+    # what the estimator predicted; then the probes, outside every measured window
     row.update(estimate_fields({"row": row, "model": model_cfg, "cell": cell, "train": train, "device": device}))
-    from .underflow import cell_fields; row.update(cell_fields(model, batches[-1], cell, scaler, enabled=train.underflow_probe))  # noqa: E702
+    row.update(underflow_fields(model, batches[-1], cell, scaler, enabled=train.underflow_probe))
     x_micro = batches[-1][0][: train.batch_size // cell.accumulation]
     row.update(lora_checks.inference_fields(model, x_micro, cell.precision, device))  # last: merges and unmerges
