@@ -109,6 +109,8 @@ def run_cmd(scenario, out, device, cells, resume, list_only, fmt):
     show(writer.rows, fmt, title=f"{ls.name}: {ls.model.name} on {writer.rows[0]['device'] if writer.rows else dev}")
     n_ok = sum(r.get("status") == "ok" for r in writer.rows)
     click.echo(f"{len(writer.rows)} rows ({n_ok} ok) in {path}" + (f" and {csv_path}" if csv_path else ""), err=True)
+    if writer.rows and fmt == "table":
+        click.echo(f"more: lorabench report {path} | lorabench claims {path} | lorabench validate {path}", err=True)
     if interrupted:
         click.echo(f"interrupted: {len(todo) - (len(writer.rows) - len(done))} cells not run; "
                    f"continue with: lorabench run {scenario} --out {path} --resume", err=True)
