@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from .env import text
+
 from .schema import ConfigError
 
 TABLE = Path(__file__).parent / "data" / "gpus.yaml"
@@ -100,8 +102,7 @@ def local_gpu(source: str = "--gpu") -> GPU:
             raise ConfigError(source, "auto", "NVML sees no GPU; name one instead, e.g. --gpu 'RTX 4090' or --gpu 24GiB")
         first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
         h = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)  # the GPU torch would use
-        name = pynvml.nvmlDeviceGetName(h)
-        name = name.decode() if isinstance(name, bytes) else str(name)
+        name = text(pynvml.nvmlDeviceGetName(h))
         total = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
     finally:
         try:

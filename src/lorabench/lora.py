@@ -82,6 +82,11 @@ def apply_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: floa
     return wrapped
 
 
+def adapters(model: nn.Module) -> list[LoRALinear]:
+    """The model's LoRA-wrapped projections, in module order."""
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
 def lora_params(model: nn.Module) -> int:
     """Trainable adapter parameters: sum over targets of (d_in + d_out)·r."""
-    return sum(m.lora_A.numel() + m.lora_B.numel() for m in model.modules() if isinstance(m, LoRALinear))
+    return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapters(model))

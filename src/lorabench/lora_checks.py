@@ -4,7 +4,7 @@
   `lora_init_delta_abs_max` = max over targets of |ΔW| = |(alpha / r)·B·A|
   (0 exactly when B starts at zero: the model equals the base model) and
   `lora_scaling` = alpha / r.
-- `inference_fields(model, x, cell, device)`, after every measurement of the
+- `inference_fields(model, x, precision, device)`, after every measurement of the
   cell (it merges and unmerges weights, so it runs last): forward latency in
   eval mode without gradients, under the cell's autocast, unmerged
   (W0·x + (alpha / r)·B·A·x: two extra small matmuls per target) and merged
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from .lora import LoRALinear
+from .lora import LoRALinear, adapters
 from .techniques import autocast
 from .trackers import StepTimer
 
 INITIAL_KEYS = ("lora_init_delta_abs_max", "lora_scaling")
 INFERENCE_KEYS = ("infer_ms_unmerged", "infer_ms_merged", "merge_max_abs_diff")
-
-
-def adapters(model) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
 @torch.no_grad()
