@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from .env import text
-
 from .schema import ConfigError
 
 TABLE = Path(__file__).parent / "data" / "gpus.yaml"
