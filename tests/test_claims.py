@@ -32,7 +32,7 @@ def row(cell, **kw):
 
 def test_claims_text_ships_with_the_package():
     claims = load_claims()
-    assert list(claims) == [f"C{i}" for i in range(1, 14)]
+    assert list(claims) == [f"C{i}" for i in range(1, 21)]
     shared = Path(__file__).resolve().parents[2] / "shared" / "claims.md"
     if shared.is_file():
         assert load_claims(shared) == claims
@@ -90,7 +90,8 @@ def test_claims_on_real_rows(tmp_path):
     r = cli("claims", path, "--format", "json")
     assert r.exit_code == 0, r.output
     verdicts = {v["id"]: v for v in json.loads(r.output)}
-    assert list(verdicts) == [f"C{i}" for i in range(1, 14)]
+    assert list(verdicts) == [f"C{i}" for i in range(1, 21)]
+    assert all(verdicts[f"C{i}"]["verdict"] == NOT_MEASURED for i in range(14, 21))  # variants: no check yet
     assert all(v["verdict"] in (HOLDS, FAILS, NOT_MEASURED) and v["measured"] for v in verdicts.values())
     for cid in ("C1", "C3", "C4", "C6", "C11", "C12"):
         assert verdicts[cid]["verdict"] != NOT_MEASURED, cid

@@ -1,4 +1,6 @@
-"""`lorabench claims RESULTS`: each claim of data/claims.md (C1–C13) against numbers.
+"""`lorabench claims RESULTS`: each claim of data/claims.md (C1–C20) against numbers.
+
+C14–C20 (the LoRA variants) have no check yet: they are "not measured".
 
     verdicts = check_claims(load_rows("results/x.jsonl"))
     [(v.id, v.verdict, v.measured) for v in verdicts]
