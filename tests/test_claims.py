@@ -100,7 +100,7 @@ def test_claims_on_real_rows(tmp_path):
     r = cli("claims", path)
     assert r.exit_code == 0 and "C13" in r.output and "holds" in r.output
     r = cli("claims", path, "--format", "markdown")
-    assert r.output.startswith("| # | claim |") and r.output.count("\n| C") == 13
+    assert r.output.startswith("| # | claim |") and r.output.count("\n| C") == 20
 
 
 def test_claims_bad_input(tmp_path):
