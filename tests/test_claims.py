@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.claims import FAILS, HOLDS, NOT_MEASURED, CLAIMS_MD, check_claims, load_claims
+from lorabench.present.claims import FAILS, HOLDS, NOT_MEASURED, CLAIMS_MD, check_claims, load_claims
 
 from test_report import run_rows  # tiny in-process runs
 
@@ -128,7 +128,7 @@ def test_markdown_escapes_pipes_and_table_keeps_brackets():
     lora = row("fp32-r8", lora_rank=8, lora_alpha=16.0, lora_init_delta_abs_max=0.0, lora_scaling=2.0)
     md = cli("claims", "--format", "markdown", "--help")  # the option exists
     assert md.exit_code == 0
-    from lorabench.claims import render
+    from lorabench.present.claims import render
     text = render(check_claims([lora]), "markdown")
     c5 = next(line for line in text.splitlines() if line.startswith("| C5 "))
     assert c5.count(" | ") == 4 and "\\|ΔW\\|" in c5

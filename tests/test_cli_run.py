@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import lorabench.runner as runner
+import lorabench.launch.process as runner
 from lorabench.cli import main
-from lorabench.config import expand, load_scenario
+from lorabench.spec.scenario import expand, load_scenario
 
 TINY = """\
 name: tiny

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lorabench.compare import colour, compare, records, time_noise
+from lorabench.present.compare import colour, compare, records, time_noise
 
 
 def row(cell, peak, t, spread=0.05, status="ok", scenario="s"):

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorabench.config import (AXES, PRESET_DIR, Cell, ModelConfig, expand, load_preset, load_scenario,
-                              parse_scenario, preset_names)
-from lorabench.schema import ConfigError
+from lorabench.spec.config import AXES, Cell, ModelConfig
+from lorabench.spec.presets import PRESET_DIR, load_preset, preset_names
+from lorabench.spec.scenario import expand, load_scenario, parse_scenario
+from lorabench.spec.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
@@ -223,7 +224,7 @@ def test_axes_cover_every_cell_field():
 
 
 def test_cell_from_dict_inverts_to_dict_and_reads_rows():
-    from lorabench.config import Cell
+    from lorabench.spec.config import Cell
     c = Cell("bf16", 8, 16.0, ("q", "v"), 0.1, True, 4, "bf16", "bf16-r8-bf16base-ckpt-acc4")
     assert Cell.from_dict(c.to_dict()) == c
     payload = {**c.to_dict(), "id": c.id}

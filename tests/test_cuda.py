@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorabench.config import Cell, ModelConfig, TrainConfig
-from lorabench.techniques import build_model, make_optimizer, make_scaler, train_step
-from lorabench.tokens import MarkovTokens
-from lorabench.trackers import MemoryTracker, StepTimer
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.train.techniques import build_model, make_optimizer, make_scaler, train_step
+from lorabench.train.tokens import MarkovTokens
+from lorabench.measure.trackers import MemoryTracker, StepTimer
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -92,7 +92,7 @@ def test_cuda_tracker_counts_allocations_per_phase():
 
 
 def test_nvml_device_fields_are_not_null():
-    from lorabench.env import environment
+    from lorabench.base.env import environment
     info = environment("cuda")
     assert info["device_name"] == torch.cuda.get_device_name(torch.cuda.current_device())
     assert info["gpu_memory_bytes"] > 0
@@ -101,7 +101,7 @@ def test_nvml_device_fields_are_not_null():
 
 
 def test_nvml_process_bytes_when_nvml_sees_pids():
-    from lorabench.trackers.memory import nvml_process_bytes
+    from lorabench.measure.trackers.memory import nvml_process_bytes
     torch.empty(MIB, device="cuda")
     got = nvml_process_bytes()
     if got is None:

@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from lorabench import env
-from lorabench.trackers.memory import nvml_process_bytes
+from lorabench.base import env
+from lorabench.measure.trackers.memory import nvml_process_bytes
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from lorabench.cell import run_cell
-from lorabench.config import Cell, ModelConfig, TrainConfig, load_preset
-from lorabench.results import ResultWriter
+from lorabench.measure.worker import run_cell
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.spec.presets import load_preset
+from lorabench.row.results import ResultWriter
 
 SCENARIO = """
 name: tiny

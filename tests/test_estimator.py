@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from lorabench.cell import run_cell
-from lorabench.config import Cell, ModelConfig, TrainConfig, load_preset
-from lorabench.estimator import estimate, estimate_fields, first_update_step
+from lorabench.measure.worker import run_cell
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.spec.presets import load_preset
+from lorabench.estimate.analytic import estimate, estimate_fields, first_update_step
 
 PEAK_BOUND_PCT = 5.0
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -233,5 +234,5 @@ def test_grid_over_a_7b_model_is_consistent():
 
 def test_memory_window_matches_what_cell_tracks():
     """CUDA counters cover warm-up + timed steps; the CPU tracker the warm-up steps only (cell.py)."""
-    from lorabench.estimator import memory_window
+    from lorabench.estimate.analytic import memory_window
     assert memory_window(2, 8, "cuda") == 10 and memory_window(2, 8, "cpu") == 2

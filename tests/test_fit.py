@@ -5,11 +5,10 @@ import json
 
 import pytest
 
-from lorabench.config import load_preset
-from lorabench.estimator import CUDA_CONTEXT_BYTES
-from lorabench.fit import (DEFAULT_EFFICIENCY, Calibration, budget_bytes, calibrate, fit, fit_model, grid,
-                           micro_batches, oom_contradictions)
-from lorabench.gpus import list_gpus, lookup, parse_memory, resolve_gpu
+from lorabench.spec.presets import load_preset
+from lorabench.estimate.analytic import CUDA_CONTEXT_BYTES
+from lorabench.present.fit import (DEFAULT_EFFICIENCY, Calibration, budget_bytes, calibrate, fit, fit_model, grid, micro_batches, oom_contradictions)
+from lorabench.estimate.gpus import list_gpus, lookup, parse_memory, resolve_gpu
 
 GIB = 2**30
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lorabench.config import Cell, ModelConfig, load_preset
-from lorabench.flops import flops_per_step
-from lorabench.gpus import list_gpus, lookup
-from lorabench.techniques import build_model, compute_loss
+from lorabench.spec.config import Cell, ModelConfig
+from lorabench.spec.presets import load_preset
+from lorabench.estimate.flops import flops_per_step
+from lorabench.estimate.gpus import list_gpus, lookup
+from lorabench.train.techniques import build_model, compute_loss
 
 CASES = [
     Cell("fp32", 0, None, None, None, False, 1, "fp32", ""),

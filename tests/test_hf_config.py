@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from lorabench.config import Cell, load_preset
-from lorabench.layout import state_bytes
-from lorabench.schema import ConfigError
+from lorabench.spec.config import Cell
+from lorabench.spec.presets import load_preset
+from lorabench.stacks.transformer_layout import state_bytes
+from lorabench.spec.schema import ConfigError
 
 FULL = Cell("fp32", 0, None, None, None, False, 1, "fp32", "")
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lorabench.config import Cell, ModelConfig, TrainConfig
-from lorabench.lora import LoRALinear, apply_lora, lora_params
-from lorabench.model import Transformer, count_params
-from lorabench.techniques import build_model, make_optimizer, make_scaler, train_step
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.adapters.lora import LoRALinear, apply_lora, lora_params
+from lorabench.stacks.transformer import Transformer, count_params
+from lorabench.train.techniques import build_model, make_optimizer, make_scaler, train_step
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -247,7 +247,7 @@ def test_dropout_only_active_in_train_mode():
 
 def test_lora_checks_initial_delta_and_inference_fields():
     """The row fields behind claims C5 and C9: ΔW = 0 at init; merged and unmerged forwards agree."""
-    from lorabench import lora_checks
+    from lorabench.measure import lora_checks
     cfg = gqa_cfg()
     model = build_model(cfg, cell(rank=4, alpha=8.0, targets=ALL_TARGETS), "cpu", seed=0)
     first = lora_checks.initial_fields(model)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lorabench.config import ModelConfig
-from lorabench.model import RMSNorm, Transformer, count_params
-from lorabench.schema import FieldError
+from lorabench.spec.config import ModelConfig
+from lorabench.stacks.transformer import RMSNorm, Transformer, count_params
+from lorabench.spec.schema import FieldError
 
 
 def cfg(**kw) -> ModelConfig:
@@ -110,7 +110,7 @@ def test_llama_style_unties_and_uses_rope():
     assert m.blocks[0].attn.q.bias is None and hasattr(m.blocks[0].mlp, "gate")
     assert m.rope_cos.shape == (c.max_seq_len, c.head_dim // 2)
     # RoPE is a rotation: it preserves the norm of each head vector
-    from lorabench.model import apply_rope
+    from lorabench.stacks.transformer import apply_rope
     q = torch.randn(1, 2, c.seq_len, c.head_dim)
     r = apply_rope(q, m.rope_cos[: c.seq_len], m.rope_sin[: c.seq_len])
     torch.testing.assert_close(r.norm(dim=-1), q.norm(dim=-1))
@@ -192,7 +192,7 @@ def test_gpt2_init_normal_002_and_zero_biases():
 def test_rope_tables_follow_the_formula():
     """angle(t, i) = t · theta^(-2i/D): position 0 is no rotation; the first pair turns by 1 rad per position,
     the last pair by theta^(-(D-2)/D)."""
-    from lorabench.model import rope_tables
+    from lorabench.stacks.transformer import rope_tables
     c = cfg(n_heads=2, rope_theta=10000.0)  # head_dim 8
     cos, sin = rope_tables(c)
     D = c.head_dim

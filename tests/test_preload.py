@@ -17,7 +17,7 @@ PROBE = textwrap.dedent("""
     torch._C._accelerator_getAccelerator = lambda: torch.device("cuda")
     if not hasattr(torch._C, "_cuda_getCurrentRawStream"):
         torch._C._cuda_getCurrentRawStream = lambda *a: 0
-    import lorabench.cell, lorabench._preload
+    import lorabench.measure.worker, lorabench.launch.preload
     print(len(calls))
 """)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench.config import Cell, load_preset, preset_names
-from lorabench.layout import state_bytes
-from lorabench.model import Transformer, count_params
+from lorabench.spec.config import Cell
+from lorabench.spec.presets import load_preset, preset_names
+from lorabench.stacks.transformer_layout import state_bytes
+from lorabench.stacks.transformer import Transformer, count_params
 
 MINE = [n for n in preset_names() if not n.startswith(("cpu-", "gpu-"))]
 FULL = Cell("fp32", 0, None, None, None, False, 1, "fp32", "")

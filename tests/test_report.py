@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from lorabench.bars import SEGMENTS, estimate_segments, plain_bar, row_segments
-from lorabench.cell import run_cell
-from lorabench.config import Cell, ModelConfig, TrainConfig, cell_id
-from lorabench.report import baseline, filter_rows, render_report, report_records, run_table, sort_rows
-from lorabench.results import ResultWriter
+from lorabench.present.bars import SEGMENTS, estimate_segments, plain_bar, row_segments
+from lorabench.measure.worker import run_cell
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.spec.scenario import cell_id
+from lorabench.present.report import baseline, filter_rows, render_report, report_records, run_table, sort_rows
+from lorabench.row.results import ResultWriter
 
 CELLS = [("fp32", 0, False, 1), ("bf16", 0, False, 1), ("bf16", 4, False, 1), ("fp32", 0, True, 1)]
 
@@ -115,7 +116,7 @@ def test_report_formats(results):
 
 
 def test_run_table_signature_kept(results):
-    from lorabench.results import load_rows
+    from lorabench.row.results import load_rows
     rows = load_rows(results)
     assert run_table(rows, "t").row_count == 4
     assert "fp32-full" in render_report(rows, "table")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.cell import run_cell
-from lorabench.config import expand, load_scenario
-from lorabench.estimate_report import validate_file
-from lorabench.results import load_rows
+from lorabench.measure.worker import run_cell
+from lorabench.spec.scenario import expand, load_scenario
+from lorabench.present.estimates import validate_file
+from lorabench.row.results import load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_BOUND_PCT = 5.0
@@ -62,5 +62,5 @@ CUDA_RESULTS = sorted(p for p in (ROOT / "results").glob("*.jsonl")
 @pytest.mark.parametrize("path", CUDA_RESULTS, ids=lambda p: p.name)
 def test_fit_never_calls_fitting_a_cell_that_ran_out_of_memory(path):
     """Empty until GPU results are committed; then every oom row must be one that `fit` rejects."""
-    from lorabench.fit import oom_contradictions
+    from lorabench.present.fit import oom_contradictions
     assert oom_contradictions(load_rows(str(path)))["contradictions"] == []

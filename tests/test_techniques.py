@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
-from lorabench.config import Cell, ModelConfig, TrainConfig
-from lorabench.techniques import (autocast, build_model, compute_loss, make_optimizer, make_scaler,
-                                  train_step)
-from lorabench.tokens import MarkovTokens
-from lorabench.trackers import MemoryTracker
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.train.techniques import autocast, build_model, compute_loss, make_optimizer, make_scaler, train_step
+from lorabench.train.tokens import MarkovTokens
+from lorabench.measure.trackers import MemoryTracker
 
 
 def cfg(**kw) -> ModelConfig:

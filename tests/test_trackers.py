@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lorabench.config import Cell, ModelConfig, TrainConfig
-from lorabench.model import count_params
-from lorabench.techniques import build_model, make_optimizer, make_scaler, train_step
-from lorabench.trackers import MemoryTracker, StepTimer, percentile, state_bytes
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.stacks.transformer import count_params
+from lorabench.train.techniques import build_model, make_optimizer, make_scaler, train_step
+from lorabench.measure.trackers import MemoryTracker, StepTimer, percentile, state_bytes
 
 
 # ---- CPU memory tracker ------------------------------------------------------------------------

@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorabench import cell as cell_mod
-from lorabench.config import Cell, ModelConfig, TrainConfig
-from lorabench.techniques import build_model, make_optimizer, make_scaler, train_step
-from lorabench.tokens import MarkovTokens
-from lorabench.underflow import ROW_FIELDS, batch_loss_fn, cell_fields, log2_hist, probe, probe_sweep
+from lorabench.measure import worker as cell_mod
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.train.techniques import build_model, make_optimizer, make_scaler, train_step
+from lorabench.train.tokens import MarkovTokens
+from lorabench.measure.underflow import ROW_FIELDS, batch_loss_fn, cell_fields, log2_hist, probe, probe_sweep
 
 TINY = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, vocab_size=64, seq_len=16)
 
@@ -191,7 +191,7 @@ def test_fields_are_none_where_they_do_not_apply():
 def test_a_probe_out_of_memory_leaves_the_row_valid(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr("lorabench.underflow.probe", oom)
+    monkeypatch.setattr("lorabench.measure.underflow.probe", oom)
     row = cell_mod.run_cell(payload("fp16"))
     assert row["status"] == "ok" and row["loss_last"] is not None and row["underflow_frac_unscaled"] is None
     assert row["underflow_error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"

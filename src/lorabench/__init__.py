@@ -11,6 +11,6 @@ __all__ = ["estimate", "Estimate"]
 
 def __getattr__(name: str):
     if name in ("estimate", "Estimate"):
-        from . import estimator
+        from .estimate import analytic as estimator
         return getattr(estimator, name)
     raise AttributeError(f"module 'lorabench' has no attribute {name!r}")

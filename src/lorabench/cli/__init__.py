@@ -1,0 +1,184 @@
+"""The `lorabench` command line: a thin layer over the modules.
+
+Every bad input (a malformed YAML, an unknown key, a missing file, a bad
+option) ends as one line on stderr naming the file or option and the key,
+exit status 2, no traceback. Heavy imports (torch) happen inside commands so
+that `--help` is instant.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from ..spec.schema import ConfigError
+
+FORMATS = click.Choice(["table", "json", "csv"])
+
+
+class Group(click.Group):
+    """A click group whose errors are one line and exit 2 (1 for a failed check, 130 for Ctrl-C)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+            os.environ["COLUMNS"] = "160"  # tables piped to a file or a log: wide rather than wrapped at 80
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ConfigError as e:
+            click.echo(f"lorabench: error: {e}", err=True)
+            sys.exit(2)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None and ctx.command_path else "lorabench"
+            click.echo(f"{where}: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("lorabench: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lorabench")
+def main():
+    """Measure and predict what fine-tuning techniques cost: precision, LoRA, checkpointing, accumulation."""
+
+
+def select_cells(cells, patterns: str | None, source: str):
+    """Keep the cells whose id matches one of the comma-separated ids or globs."""
+    if not patterns:
+        return cells
+    keep = []
+    for pat in (p.strip() for p in patterns.split(",") if p.strip()):
+        hit = [c for c in cells if fnmatch.fnmatchcase(c.id, pat)]
+        if not hit:
+            raise ConfigError(source, "--cells", f"no cell matches {pat!r} (cells: {', '.join(c.id for c in cells)})")
+        keep += [c for c in hit if c not in keep]
+    return [c for c in cells if c in keep]
+
+
+def default_out(name: str) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("results") / f"{name}-{stamp}.jsonl"
+
+
+@main.command("run")
+@click.argument("scenario")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="result file (.jsonl); default results/<name>-<UTC time>.jsonl")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="override the scenario's device")
+@click.option("--cells", default=None, help="comma-separated cell ids or globs to run (e.g. 'bf16-*,fp32-full')")
+@click.option("--resume", is_flag=True, help="append to an existing --out, skipping cells already in it")
+@click.option("--list", "list_only", is_flag=True, help="list the cells and exit, running nothing")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="table for people; json or csv rows on stdout for programs")
+def run_cmd(scenario, out, device, cells, resume, list_only, fmt):
+    """Train every cell of SCENARIO.yaml, each in a fresh process, and measure it."""
+    from ..spec.scenario import expand, load_scenario
+    ls = load_scenario(scenario)
+    todo = select_cells(expand(ls), cells, scenario)
+    dev = device or ls.scenario.device
+    if list_only:
+        for c in todo:
+            click.echo(c.id)
+        return
+    import torch
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(scenario, "device", "cuda requested but no CUDA GPU is visible (use --device cpu)")
+    from ..row.results import ResultWriter, load_rows
+    path = Path(out) if out else default_out(ls.name)
+    done: list[dict] = []
+    if path.exists() and path.stat().st_size:
+        if not resume:
+            raise ConfigError(str(path), "--out", "exists; pass --resume to continue it or choose another file")
+        done = load_rows(str(path))
+        finished = {r["cell"] for r in done}
+        todo = [c for c in todo if c.id not in finished]
+    writer = ResultWriter(path)
+    writer.rows.extend(done)
+    interrupted = run_with_progress(ls, todo, writer, dev)
+    csv_path = writer.write_csv()
+    show(writer.rows, fmt, title=f"{ls.name}: {ls.model.name} on {writer.rows[0]['device'] if writer.rows else dev}")
+    n_ok = sum(r.get("status") == "ok" for r in writer.rows)
+    click.echo(f"{len(writer.rows)} rows ({n_ok} ok) in {path}" + (f" and {csv_path}" if csv_path else ""), err=True)
+    if writer.rows and fmt == "table":
+        click.echo(f"more: lorabench report {path} | lorabench claims {path} | lorabench validate {path}", err=True)
+    if interrupted:
+        click.echo(f"interrupted: {len(todo) - (len(writer.rows) - len(done))} cells not run; "
+                   f"continue with: lorabench run {scenario} --out {path} --resume", err=True)
+        sys.exit(130)
+
+
+def run_with_progress(ls, cells, writer, device) -> bool:
+    """Run the cells under a progress bar on stderr; returns True when Ctrl-C stopped the run."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from ..launch.process import run_scenario
+    console = Console(stderr=True)
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(ls.name, total=len(cells))
+
+        def progress(cell, row):
+            if row is None:
+                bar.update(task, description=f"{ls.name}: {cell.id}")
+            else:
+                bar.advance(task)
+                if row.get("status") != "ok":
+                    bar.console.print(f"[red]{cell.id}: {row['status']}[/]: {row.get('error')}")
+        try:
+            run_scenario(ls, cells, writer, device, progress=progress)
+        except KeyboardInterrupt:
+            return True
+    return False
+
+
+def show(rows, fmt, title=""):
+    from ..present.report import errors, render_rows, run_table
+    if fmt != "table":
+        click.echo(render_rows(rows, fmt), nl=False)
+        return
+    from rich.console import Console
+    console = Console()
+    console.print(run_table(rows, title))
+    for line in errors(rows):
+        console.print(line, style="red", markup=False)
+
+
+@main.command("underflow")
+@click.argument("scenario")
+@click.option("--cell", "cell_id", required=True, help="an fp16 or bf16 cell id of SCENARIO")
+@click.option("--loss-scale", "loss_scales", type=float, multiple=True,
+              help="loss scales to sweep (repeatable); default 1, 2^8, 2^16, 2^24")
+@click.option("--steps", type=int, default=None, help="optimizer steps before the probe (default: warm-up + timed)")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def underflow_cmd(scenario, cell_id, loss_scales, steps, fmt):
+    """Where FP16/BF16 gradients underflow in one cell, per layer, and what loss scaling buys back."""
+    from ..present.underflow import probe_cell, render, to_json
+    report = probe_cell(scenario, cell_id, loss_scales, steps)
+    if fmt == "json":
+        click.echo(to_json(report))
+    else:
+        render(report)
+
+
+def _register():
+    from .estimate import estimate_cmd, validate_cmd
+    main.add_command(estimate_cmd)
+    main.add_command(validate_cmd)
+    from .reports import COMMANDS
+    for cmd in COMMANDS:
+        main.add_command(cmd)
+
+
+_register()

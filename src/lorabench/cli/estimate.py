@@ -1,0 +1,59 @@
+"""The `estimate` and `validate` commands; cli.py registers them on its group.
+
+Bad input raises schema.ConfigError (one line naming the file or option); the
+lorabench group turns it into exit status 2. `validate` exits 1 when a bound or
+an exact-match check fails.
+"""
+from __future__ import annotations
+
+import click
+
+from ..spec.schema import ConfigError
+
+DTYPES = click.Choice(["fp32", "fp16", "bf16"])
+
+
+@click.command("estimate")
+@click.argument("scenario", required=False)
+@click.option("--model", help="preset name or a Hugging Face config.json (instead of SCENARIO)")
+@click.option("--precision", type=DTYPES, default="fp32", show_default=True)
+@click.option("--lora-rank", type=int, default=0, show_default=True, help="0 = full fine-tuning")
+@click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
+@click.option("--checkpointing/--no-checkpointing", default=False, show_default=True)
+@click.option("--accumulation", type=int, default=1, show_default=True)
+@click.option("--base-dtype", type=DTYPES, default="fp32", show_default=True, help="frozen weights of LoRA cells")
+@click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
+@click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scenario's, else cpu")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype, batch,
+                 seq, device, fmt):
+    """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
+    from ..present.estimates import option_estimates, render_estimates, scenario_estimates
+    if scenario and model:
+        raise ConfigError("options", "--model", "give a scenario file or --model, not both")
+    if scenario:
+        rows = scenario_estimates(scenario, device)
+    elif model:
+        rows = option_estimates(model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype,
+                                batch, seq, device or "cpu")
+    else:
+        raise ConfigError("options", "--model", "give a scenario file or --model PRESET|config.json")
+    click.echo(render_estimates(rows, fmt), nl=False)
+
+
+@click.command("validate")
+@click.argument("results")
+@click.option("--max-median-pct", type=float, default=None, help="fail if median |peak error| exceeds this")
+@click.option("--max-p95-pct", type=float, default=None, help="fail if p95 |peak error| exceeds this")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def validate_cmd(results, max_median_pct, max_p95_pct, fmt):
+    """Estimate vs measurement for every measured row of RESULTS (.jsonl or a folder of them)."""
+    from ..present.estimates import render_validation, validate_file
+    report = validate_file(results)
+    click.echo(render_validation(report, fmt), nl=False)
+    failures = report.failures(max_median_pct, max_p95_pct)
+    for f in failures:
+        click.echo(f"FAIL: {f}")
+    if failures:
+        raise SystemExit(1)

@@ -1,0 +1,312 @@
+"""Predict, without running anything, what `lorabench run` measures for a cell.
+
+    est = estimate(model_cfg, cell, batch_size, device="cpu")
+    est.est_peak_bytes, est.est_peak_phase, est.breakdown, est.est_flops_per_step
+
+Every byte is a tensor the training step really holds (see memops.py for the
+per-op saved tensors and memsim.py for how lifetimes are followed). The
+persistent terms are closed forms (layout.py):
+
+  params            Σ numel·a        frozen base in base_dtype (a = 2 or 4), trainable in fp32
+  grads             Σ_trainable numel·4    .grad of the trainable parameters only
+  optimizer_state   Σ_trainable 2·numel·4  exp_avg and exp_avg_sq (fp32, like the param),
+                    + 4 B per trainable tensor: AdamW's `step` (a 0-d fp32 tensor; on CUDA
+                    for-loop/foreach keep it on the host, fused/capturable on the device)
+  buffers           llama: RoPE cos, sin = 2·T_max·(D/2)·a   (a of the base dtype in LoRA cells)
+  batches           2·B·s·8 per step: x and y int64 of the whole optimizer-step batch (see
+                    batch_pair_bytes for B = 1). The CPU
+                    tracker counts a batch once an op touches it, so a peak in warm-up step k
+                    holds k of them; on CUDA every step's batch is copied to the device first.
+
+The per-micro-batch terms come from replaying the step (memsim): activations
+saved for backward, autocast's half weight copies (cached for the autocast
+region when the weight trains, and saved by the matmul), logits/loss tensors
+(N·V·a logits, their N·V·4 fp32 copy and log-softmax, two N·V·4 gradients),
+backward buffers (gradients in flight, sums of two branches, casts), gradients
+as they are created, and under checkpointing the block inputs plus one block's
+recomputation. The optimizer temporaries are closed forms:
+
+  for-loop AdamW   max_i (2·n_i + n_(i-1))·4   sqrt(v_i) and its quotient by the bias
+                   correction, while the previous parameter's denominator is still bound
+  foreach AdamW    Σ_trainable n_i·4           _foreach_sqrt of every exp_avg_sq at once
+  fused AdamW      0                           (kernel-internal)
+
+Phase peaks: forward and backward = persistent terms (+ optimizer state when the
+memory window holds a second step) + the simulated peak of the phase; optimizer
+= persistent + grads + state + temporaries. Ties go to the earlier phase, as the
+tracker's max() does.
+
+CUDA-only lines (Estimate.cuda_overheads, never folded into a tensor term):
+  cublas_workspace   2 × 8,519,680 B (":4096:2:16:8"; 32 MiB each on Hopper): one per
+                     cuBLAS handle, i.e. the forward thread's and autograd's device
+                     thread's; allocated by the caching allocator, so it is inside
+                     max_memory_allocated and added to est_peak_bytes as its own line
+  allocator_rounding every allocation is rounded up to 512 B; exact for the persistent
+                     tensors (params, grads, optimizer state, buffers, batches), not
+                     modelled for activations (< 512 B per live tensor); added likewise
+  cuda_context       ~500 MiB of context and kernels, outside the allocator: NVML sees
+                     it, max_memory_allocated does not; reported, never added
+On CUDA the SDPA kernel and autocast's op lists differ (memops.sdpa, layernorm).
+None of the CUDA terms could be checked on hardware here (no GPU in CI).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..spec.config import Cell, ModelConfig
+from ..stacks.transformer_layout import ISZ, state_bytes
+from .replay import simulate
+
+PHASES = ("forward", "backward", "optimizer")
+CUBLAS_WORKSPACE_BYTES = {"default": 4096 * 1024 * 2 + 16 * 1024 * 8, "hopper": 32 * 1024 * 1024}
+CUBLAS_HANDLES = 2            # the Python thread's and autograd's CUDA device thread's
+CUDA_CONTEXT_BYTES = 500 * 1024 ** 2  # typical; depends on driver, CUDA version, lazy loading
+# 4-byte tensors of train_step: a later micro-batch's forward still holds the previous
+# `loss` and the running `total` (backward: `total`); the optimizer step holds both,
+# and with fp16 GradScaler's found_inf and inv_scale.
+SCALARS_LATER_MICROBATCH = {"forward": 8, "backward": 4}
+OPT_SCALARS_FP16 = {"other": 4, "fused": 12}  # found_inf; fused also its sum and grad_scale
+ROW_FIELDS = ("est_param_bytes", "est_grad_bytes", "est_optimizer_state_bytes", "est_activation_bytes",
+              "est_peak_bytes", "est_peak_phase", "est_flops_per_step", "peak_error_pct", "mfu", "hfu")
+
+TERMS = {
+    "params": "Σ numel·a over parameters (frozen base in base_dtype, trainable fp32)",
+    "buffers": "RoPE cos/sin tables, 2·T_max·(D/2)·a (llama)",
+    "batches": "(x, y) int64 batches resident: n·2·B·s·8",
+    "grad_scaler": "GradScaler scale + growth tracker, 8 B (fp16)",
+    "optimizer_state": "AdamW exp_avg + exp_avg_sq (2·4 B per trainable param) + 4 B step per tensor",
+    "grads": ".grad of trainable parameters, 4 B each",
+    "optimizer_temporaries": "for-loop: max (2·n_i + n_(i-1))·4; foreach: Σ n_i·4; fused: 0",
+    "activations": "tensors saved for backward and live forward temporaries (memops)",
+    "autocast_weight_copies": "half copies of fp32 weights made by autocast (cached when trainable)",
+    "logits_loss": "logits (N·V·a), fp32 copy and log-softmax (N·V·4 each), their gradients",
+    "backward_buffers": "gradients in flight, branch sums, dtype casts during backward",
+    "recompute": "checkpointing: one block's recomputed saved tensors and temporaries",
+    "scalars": "4-byte tensors of train_step (previous loss, running total, GradScaler's found_inf)",
+    "cublas_workspace": "CUDA: cuBLAS workspaces in the caching allocator",
+    "allocator_rounding": "CUDA: 512-byte rounding of the persistent tensors",
+}
+
+
+def _round512(nb: int) -> int:
+    return max(512, -(-nb // 512) * 512) - nb if nb else 0
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes (int) and FLOPs of one cell; `breakdown` is what is live at the peak."""
+    est_param_bytes: int
+    est_grad_bytes: int
+    est_optimizer_state_bytes: int
+    est_activation_bytes: int
+    est_peak_bytes: int
+    est_peak_phase: str
+    est_flops_per_step: int
+    est_hw_flops_per_step: int
+    phase_peak_bytes: dict[str, int]
+    breakdown: dict[str, int]
+    cuda_overheads: dict[str, int] = field(default_factory=dict)
+    total_params: int = 0
+    trainable_params: int = 0
+    device: str = "cpu"
+
+    def fields(self) -> dict:
+        return {k: getattr(self, k) for k in ROW_FIELDS[:7]}
+
+
+def batch_pair_bytes(batch_size: int, seq_len: int, device: str) -> int:
+    """Bytes of one step's (x, y), int64 (B, s) each: 2·B·s·8.
+
+    tokens.MarkovTokens slices x = seq[:, :-1] and y = seq[:, 1:] of one (B, s+1)
+    tensor and calls .contiguous(); with B = 1 both slices already count as
+    contiguous, so on CPU they share that one storage of (s+1)·8 bytes. On CUDA
+    .to(device) copies each slice on its own."""
+    if batch_size == 1 and device != "cuda":
+        return (seq_len + 1) * 8
+    return 2 * batch_size * seq_len * 8
+
+
+def optimizer_temporaries(sizes: list[int], total_trainable: int, impl: str) -> int:
+    """Bytes of AdamW's step temporaries at their peak (see module docstring).
+
+    sizes: trainable numels in the order the for-loop visits them (one period of
+    the repeating blocks suffices for the max); total_trainable: Σ numel."""
+    if impl == "fused" or not sizes:
+        return 0
+    if impl == "foreach":
+        return 4 * total_trainable
+    return 4 * max(2 * n + (sizes[i - 1] if i else 0) for i, n in enumerate(sizes))
+
+
+def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int, gpu_name: str | None,
+                   impl: str) -> dict:
+    """The CUDA-only lines (module docstring); untested on hardware."""
+    from ..stacks.transformer_layout import block_params, model_params
+    hopper = bool(gpu_name) and any(h in gpu_name for h in ("H100", "H200", "GH200"))
+    ws = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES["hopper" if hopper else "default"]
+    outer, one = model_params(cfg, cell, blocks=range(0)), block_params(cfg, cell, 0)
+    L = cfg.n_layers
+    params = sum(_round512(p.nbytes) for p in outer) + L * sum(_round512(p.nbytes) for p in one)
+    grads = sum(_round512(p.nbytes) for p in outer if p.trainable) + L * sum(_round512(p.nbytes) for p in one if p.trainable)
+    n_t = sum(p.trainable for p in outer) + L * sum(p.trainable for p in one)
+    state = 2 * grads + (n_t * _round512(4) if impl == "fused" else 0)
+    buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_dtype if cell.lora_rank else "fp32"]) \
+        if cfg.style == "llama" else 0
+    batches = n_batches * 2 * _round512(batch_size * cfg.seq_len * 8)
+    return {"cublas_workspace": ws, "allocator_rounding": params + grads + state + buffers + batches,
+            "rounding_grads": grads, "rounding_state": state, "cuda_context": CUDA_CONTEXT_BYTES}
+
+
+def resolve_impl(optimizer_impl: str, device: str) -> str:
+    """AdamW's implementation for `auto`: torch's own default, foreach when every parameter is on CUDA."""
+    if optimizer_impl == "auto":
+        return "foreach" if device == "cuda" else "forloop"
+    return optimizer_impl
+
+
+def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = "cpu",
+             optimizer_impl: str = "auto", n_batches: int | None = None, window_steps: int = 2,
+             first_update_step: int = 1, gpu_name: str | None = None) -> Estimate:
+    """The cell's predicted memory (bytes) and FLOPs; pure arithmetic, no tensor is created.
+
+    window_steps: optimizer steps inside the memory window (CPU: the warm-up steps;
+    CUDA: warm-up + timed). With two or more, AdamW's state exists during the later
+    forward/backward passes. n_batches: (x, y) batches resident at the peak
+    (default: window_steps on CPU, where the tracker sees a batch once used; on
+    CUDA the caller should pass warm-up + timed steps, all copied up front).
+    first_update_step: the first step whose optimizer.step() runs. AdamW creates its
+    state there; an fp16 GradScaler that finds inf/NaN skips the step (measured rows
+    say which: loss_scale_trajectory), so the state may appear later or not at all
+    (not with fused AdamW, whose step() runs and skips inside the kernel)."""
+    from .flops import flops_per_step
+    impl = resolve_impl(optimizer_impl, device)
+    micro_b = batch_size // cell.accumulation
+    sb = state_bytes(model_cfg, cell)
+    lora = cell.lora_rank > 0
+    buf_isz = ISZ[cell.base_dtype if lora else "fp32"]
+    buffers = 2 * model_cfg.max_seq_len * (model_cfg.head_dim // 2) * buf_isz if model_cfg.style == "llama" else 0
+    n_batches = window_steps if n_batches is None else n_batches
+    batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
+    state_dev = sb.optimizer_state_bytes
+    if device == "cuda" and impl != "fused":
+        state_dev -= 4 * sb.trainable_tensors  # `step` lives on the host
+    if impl == "fused":  # GradScaler hands found_inf to the fused kernel: step() runs, state is made
+        first_update_step = 1
+    state_fb = state_dev if window_steps > first_update_step else 0
+    stepped = first_update_step <= window_steps
+    scaler = 8 if cell.precision == "fp16" else 0  # GradScaler's _scale (fp32) and _growth_tracker (int32)
+
+    res = simulate(model_cfg, cell, device)
+    const = {"params": sb.param_bytes, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
+    phases: dict[str, tuple[int, dict]] = {}
+    for ph in ("forward", "backward"):
+        v, cats = res.peak(0, ph, micro_b)
+        cats["scalars"] = 0
+        if cell.accumulation > 1:
+            v2, cats2 = res.peak(1, ph, micro_b)
+            later = SCALARS_LATER_MICROBATCH[ph]
+            if v2 + sb.grad_bytes + later > v:
+                cats = dict(cats2, grads=sb.grad_bytes, scalars=later)
+        terms = dict(const, optimizer_state=state_fb, **cats)
+        if ph == "forward" and window_steps < 2:
+            terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's backward
+        phases[ph] = (sum(terms.values()), terms)
+    opt_tmp = optimizer_temporaries(sb.sizes_in_order, sb.trainable_params, impl) if stepped else 0
+    terms = dict(const, optimizer_state=state_dev if stepped else 0, grads=sb.grad_bytes, optimizer_temporaries=opt_tmp,
+                 scalars=8 + (OPT_SCALARS_FP16["fused" if impl == "fused" else "other"] if cell.precision == "fp16" else 0))
+    phases["optimizer"] = (sum(terms.values()), terms)
+
+    cuda = {}
+    if device == "cuda":
+        cuda = cuda_overheads(model_cfg, cell, batch_size, n_batches, gpu_name, impl)
+        for ph, (v, t) in phases.items():
+            extra = {k: cuda[k] for k in ("cublas_workspace", "allocator_rounding")}
+            if ph != "optimizer":
+                extra["allocator_rounding"] -= cuda["rounding_grads"] + (cuda["rounding_state"] if not state_fb else 0)
+            phases[ph] = (v + sum(extra.values()), dict(t, **extra))
+    peak_phase = max(PHASES, key=lambda p: phases[p][0])
+    peak, breakdown = phases[peak_phase]
+    breakdown = {k: int(v) for k, v in breakdown.items() if v}
+    fl = flops_per_step(model_cfg, cell, batch_size)
+    activations = sum(v for k, v in res.saved_at(micro_b).items() if k != "grads")
+    return Estimate(
+        est_param_bytes=sb.param_bytes, est_grad_bytes=sb.grad_bytes,
+        est_optimizer_state_bytes=sb.optimizer_state_bytes, est_activation_bytes=int(activations),
+        est_peak_bytes=int(peak), est_peak_phase=peak_phase,
+        est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
+        phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,
+        cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device)
+
+
+# ---------------------------------------------------------------- rows
+def first_update_step(row: dict) -> int:
+    """The first step whose optimizer.step() ran, from an fp16 row's loss-scale trajectory.
+
+    GradScaler starts at 2^16 and halves the scale on a step it skips (inf/NaN
+    found); a step whose scale after is not below the scale before updated. Rows
+    without a trajectory (fp32, bf16) update from step 1."""
+    traj = row.get("loss_scale_trajectory")
+    if not traj:
+        return 1
+    before = 65536.0
+    for i, after in enumerate(traj, 1):
+        if after is not None and after >= before:
+            return i
+        before = after if after is not None else before
+    return len(traj) + 1
+
+
+def mfu_dtype(cell: Cell, tf32: bool | None) -> str:
+    """The dtype whose peak bounds the cell's matmuls: autocast's half dtype; in an fp32
+    LoRA cell with a 16-bit base the frozen matmuls run in base_dtype; else fp32/tf32."""
+    if cell.precision != "fp32":
+        return cell.precision
+    if cell.lora_rank and cell.base_dtype != "fp32":
+        return cell.base_dtype
+    return "tf32" if tf32 else "fp32"
+
+
+def memory_window(warmup_steps: int, steps: int, device: str) -> int:
+    """Optimizer steps inside the measured memory window, as cell.py tracks them: on CUDA the allocator
+    counters cover every step; on CPU the allocation tracker covers the warm-up steps only."""
+    return warmup_steps + steps if device == "cuda" else warmup_steps
+
+
+def estimate_fields(row_or_args: dict) -> dict:
+    """The est_* fields (and peak_error_pct, mfu, hfu) for a result row.
+
+    Accepts either {"row": row, "model": ModelConfig, "cell": Cell, "train": TrainConfig,
+    "device": str} (cell.py, right after measuring) or a row alone (validate), whose
+    model is rebuilt from its preset name and stored dimensions. Never raises: a
+    failure gives None fields and `est_error`, so a cell's row survives it."""
+    from .gpus import lookup
+    out = {k: None for k in ROW_FIELDS}
+    try:
+        if "row" in row_or_args:
+            row, cfg, cell, train = (row_or_args[k] for k in ("row", "model", "cell", "train"))
+            device = row_or_args.get("device") or row.get("device") or "cpu"
+            warmup, steps, batch, opt = train.warmup_steps, train.steps, train.batch_size, train.optimizer
+        else:
+            from ..row.validate import cell_from_row, model_from_row
+            row = row_or_args
+            cfg, cell = model_from_row(row), cell_from_row(row)
+            device = row.get("device") or "cpu"
+            warmup, steps, batch, opt = row["warmup_steps"], row["steps"], row["batch_size"], "auto"
+        opt = row.get("optimizer_impl") or opt
+        window = memory_window(warmup, steps, device)
+        est = estimate(cfg, cell, batch, device=device, optimizer_impl=opt, n_batches=window, window_steps=window,
+                       first_update_step=first_update_step(row), gpu_name=row.get("device_name"))
+        out.update(est.fields())
+        measured = row.get("peak_allocated_bytes")
+        if measured:
+            out["peak_error_pct"] = round(100.0 * (est.est_peak_bytes - measured) / measured, 4)
+        gpu = lookup(row.get("device_name")) if device == "cuda" else None
+        t_ms = row.get("step_time_ms_median")
+        if gpu is not None and t_ms:
+            peak = gpu.peak_flops(mfu_dtype(cell, row.get("tf32")))
+            if peak:
+                out["mfu"] = est.est_flops_per_step / (t_ms / 1000.0) / peak
+                out["hfu"] = est.est_hw_flops_per_step / (t_ms / 1000.0) / peak
+    except Exception as e:  # the estimate must never cost a measured row
+        out["est_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out

@@ -1,0 +1,73 @@
+"""FLOPs of one optimizer step: the model FLOPs (for MFU) and the hardware FLOPs (for HFU).
+
+A matmul of an (n × k) input with a (k × m) weight costs 2·n·k·m FLOPs (one
+multiply, one add). Per token, over the matmul weights W (embedding lookups are
+not matmuls; the LM head is):
+
+  forward           2·N_matmul                       (+ LoRA: 2·r·(d_in + d_out) per target)
+  backward, inputs  2·N_matmul                       every matmul on the gradient's path
+  backward, weights 2·N_trainable_matmul             only weights that train (LoRA: A, B)
+  attention (fwd)   2 matmuls (QKᵀ, A·V) · 2·s·D·H / 2    causal: half of the s² products
+  attention (bwd)   2 × forward                      (dQ, dK, dV, dP recomputation excluded)
+
+so a full fine-tune is the usual 6·N per token and a LoRA fine-tune about
+4·N_frozen + 6·N_adapters (litgpt `estimate_flops`: "forward + backward of the
+frozen weights' inputs, no weight gradient"; nanoGPT `estimate_mfu`:
+6·N + 12·L·H·D·s per token for non-causal attention; Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", eq. for
+24·b·s·h² + 4·b·s²·h per layer forward). The attention term here is causal
+(FlashAttention's convention): per layer and sequence, forward 2·H·D·s².
+
+The first block of a LoRA cell gets no input gradient for the matmuls whose
+input does not require grad (q, k, v base weights and their adapters' A: the
+embedding is frozen), which is subtracted exactly.
+
+Hardware FLOPs add what checkpointing recomputes: one more forward of every
+block (not of the head), minus the last matmul that torch.utils.checkpoint's
+early stop skips (down, or down's adapter B).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..spec.config import Cell, ModelConfig
+from ..stacks.transformer_layout import projections
+
+
+@dataclass
+class Flops:
+    model: int      # forward + backward, per optimizer step
+    hardware: int   # + checkpoint recomputation
+    forward: int
+    backward: int
+    recompute: int
+
+
+def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
+    s, L = cfg.seq_len, cfg.n_layers
+    tokens = batch_size * s
+    lora = cell.lora_rank > 0
+    targets = set(cell.lora_targets or ()) if lora else set()
+    r = cell.lora_rank
+    block_w = sum(d_in * d_out for _, d_in, d_out, _ in projections(cfg))
+    adapters = sum(r * (d_in + d_out) for name, d_in, d_out, _ in projections(cfg) if name in targets)
+    head_w = cfg.d_model * cfg.vocab_size
+    attn_fwd_seq = 2 * cfg.n_heads * cfg.head_dim * s * s  # per layer, per sequence (causal)
+    fwd_block_tok = 2 * (block_w + adapters)
+    fwd = tokens * (L * fwd_block_tok + 2 * head_w) + batch_size * L * attn_fwd_seq
+    # input gradients: every matmul except, in LoRA cells, block 0's q, k, v (frozen input)
+    bwd_in_tok = 2 * (L * (block_w + adapters) + head_w)
+    if lora:
+        first = {n: (d_in, d_out) for n, d_in, d_out, _ in projections(cfg)}
+        skip = sum(first[n][0] * first[n][1] for n in ("q", "k", "v"))
+        skip += sum(r * first[n][0] for n in ("q", "k", "v") if n in targets)  # A·x: x needs no grad
+        bwd_in_tok -= 2 * skip
+    trainable_w = L * adapters if lora else L * block_w + head_w
+    bwd = tokens * (bwd_in_tok + 2 * trainable_w) + batch_size * L * 2 * attn_fwd_seq
+    # the recomputation stops early (non-reentrant checkpoint): once the last saved tensor
+    # is packed -- the down projection's input -- the op that saves it is not run: down's
+    # matmul, or with an adapter on down, its B matmul (base and A have run)
+    d_ff, C = cfg.d_ff, cfg.d_model
+    last = r * C if "down" in targets else d_ff * C
+    recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) if cell.checkpointing else 0
+    return Flops(model=fwd + bwd, hardware=fwd + bwd + recompute, forward=fwd, backward=bwd, recompute=recompute)

@@ -1,0 +1,132 @@
+"""The GPU table (data/gpus.yaml): memory and dense peak FLOP/s per dtype, by name or alias.
+
+    gpu = lookup("NVIDIA H100 80GB HBM3")      # -> GPU(name="H100 SXM", ...) or None
+    gpu.peak_flops("bf16")                      # 989.4e12, or None if the GPU lacks the path
+    list_gpus()                                 # every GPU in table order
+
+An unknown name returns None: lorabench never falls back to another GPU's peak
+(peers that did reported MFU above 100 %).
+"""
+from __future__ import annotations
+
+import os
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from ..base.env import text
+from ..spec.schema import ConfigError
+
+TABLE = Path(__file__).resolve().parent.parent / "data" / "gpus.yaml"
+DTYPES = ("fp32", "tf32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    aliases: tuple[str, ...]
+    memory_bytes: int                     # nominal capacity (memory_gib · 2^30)
+    tflops: dict                          # dtype -> dense peak TFLOP/s, None when unsupported
+
+    def peak_flops(self, dtype: str) -> float | None:
+        """Dense peak FLOP/s for fp32 | tf32 | fp16 | bf16 (None: no such path on this GPU)."""
+        v = self.tflops.get(dtype)
+        return None if v is None else float(v) * 1e12
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"\s+", " ", name.strip()).lower()
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[GPU, ...]:
+    data = yaml.safe_load(TABLE.read_text())
+    gpus = []
+    for i, g in enumerate(data.get("gpus", [])):
+        try:
+            tf = {d: (None if g["tflops"].get(d) is None else float(g["tflops"][d])) for d in DTYPES}
+            gpus.append(GPU(str(g["name"]), tuple(g.get("aliases", [])), int(g["memory_gib"]) * 2**30, tf))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(str(TABLE), f"gpus[{i}]", f"malformed GPU entry: {e}") from None
+    return tuple(gpus)
+
+
+def list_gpus() -> list[GPU]:
+    return list(_load())
+
+
+def lookup(name: str | None) -> GPU | None:
+    """The GPU whose name or alias equals `name` (case and spacing ignored); None if unknown."""
+    if not name:
+        return None
+    key = _norm(name)
+    for g in _load():
+        if key == _norm(g.name) or any(key == _norm(a) for a in g.aliases):
+            return g
+    return None
+
+
+# ---------------------------------------------------------------- --gpu specifications
+_SIZE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB|TiB|TB)\s*$", re.IGNORECASE)
+_UNIT = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+NO_RATES = {d: None for d in DTYPES}
+
+
+def parse_memory(text: str) -> int | None:
+    """Bytes of a size like "24GiB" (2^30), "80GB" (10^9), "512MiB"; None if `text` is no size."""
+    m = _SIZE.match(text)
+    if not m:
+        return None
+    return int(float(m.group(1)) * _UNIT[m.group(2).lower()])
+
+
+def local_gpu(source: str = "--gpu") -> GPU:
+    """The GPU torch would use (the first of CUDA_VISIBLE_DEVICES, else NVML's first): its table entry's
+    peak rates, NVML's total memory (bytes).
+
+    An unknown name keeps the memory and has no peak rates (no time estimate).
+    No NVML or no GPU: ConfigError (one line)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception as e:  # no driver, no library
+        raise ConfigError(source, "auto", f"no NVIDIA GPU visible through NVML ({type(e).__name__}); "
+                          "name one instead, e.g. --gpu 'RTX 4090' or --gpu 24GiB") from None
+    try:
+        if pynvml.nvmlDeviceGetCount() < 1:
+            raise ConfigError(source, "auto", "NVML sees no GPU; name one instead, e.g. --gpu 'RTX 4090' or --gpu 24GiB")
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        h = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)  # the GPU torch would use
+        name = text(pynvml.nvmlDeviceGetName(h))
+        total = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    known = lookup(name)
+    return GPU(known.name if known else name, (name,), total, dict(known.tflops) if known else dict(NO_RATES))
+
+
+def resolve_gpu(spec: str, source: str = "--gpu") -> GPU:
+    """A GPU from `auto` (NVML), a memory size ("24GiB": memory only, no peak rates) or a
+    name or alias of the table ("RTX 4090"). Bad input: ConfigError naming `source`."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ConfigError(source, "", "must not be empty (auto, a size like 24GiB, or a GPU name)")
+    if spec.lower() == "auto":
+        return local_gpu(source)
+    size = parse_memory(spec)
+    if size is not None:
+        if size <= 0:
+            raise ConfigError(source, "", f"memory must be > 0, got {spec!r}")
+        return GPU(f"{size / 2**30:.4g} GiB GPU", (), size, dict(NO_RATES))
+    gpu = lookup(spec) or lookup(f"NVIDIA {spec}")
+    if gpu is None:
+        known = ", ".join(g.name for g in _load())
+        raise ConfigError(source, "", f"unknown GPU {spec!r} (known: {known}; or give its memory, e.g. 24GiB)")
+    return gpu

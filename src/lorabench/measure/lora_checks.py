@@ -1,0 +1,74 @@
+"""What a LoRA cell's row says about LoRA itself (claims C5 and C9), measured on the cell's own model.
+
+- `initial_fields(model)`, right after the model is built, before any step:
+  `lora_init_delta_abs_max` = max over targets of |ΔW| = |(alpha / r)·B·A|
+  (0 exactly when B starts at zero: the model equals the base model) and
+  `lora_scaling` = alpha / r.
+- `inference_fields(model, x, precision, device)`, after every measurement of the
+  cell (it merges and unmerges weights, so it runs last): forward latency in
+  eval mode without gradients, under the cell's autocast, unmerged
+  (W0·x + (alpha / r)·B·A·x: two extra small matmuls per target) and merged
+  (W0 += ΔW: one matmul), each the median of `repeats` timed forwards after one
+  untimed one; and `merge_max_abs_diff`, the largest |logit| difference between
+  the two (rounding only: exact maths gives 0; a 16-bit base rounds W0 + ΔW).
+All None in full fine-tuning cells.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..adapters.lora import LoRALinear, adapters
+from ..train.techniques import autocast
+from .trackers import StepTimer
+
+INITIAL_KEYS = ("lora_init_delta_abs_max", "lora_scaling")
+INFERENCE_KEYS = ("infer_ms_unmerged", "infer_ms_merged", "merge_max_abs_diff")
+
+
+@torch.no_grad()
+def initial_fields(model) -> dict:
+    ads = adapters(model)
+    if not ads:
+        return dict.fromkeys(INITIAL_KEYS)
+    return {"lora_init_delta_abs_max": max(_delta_abs_max(a) for a in ads), "lora_scaling": ads[0].scaling}
+
+
+def _delta_abs_max(a: LoRALinear) -> float:
+    """max |(alpha / r)·B·A|, on the host (no device allocation may sit in the allocator's cache before the
+    measured window). B = 0 gives exactly 0 without the d_out × d_in product (A is finite by construction)."""
+    B = a.lora_B.detach().float().cpu()
+    if not B.any():
+        return 0.0
+    return (B @ a.lora_A.detach().float().cpu()).abs().max().item() * a.scaling
+
+
+@torch.no_grad()
+def inference_fields(model, x: torch.Tensor, precision: str, device: str, repeats: int = 5) -> dict:
+    ads = adapters(model)
+    if not ads:
+        return dict.fromkeys(INFERENCE_KEYS)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(precision, x.device.type):
+            unmerged_ms, unmerged = _time_forward(model, x, device, repeats)
+            for a in ads:
+                a.merge()
+            try:
+                merged_ms, merged = _time_forward(model, x, device, repeats)
+            finally:
+                for a in ads:
+                    a.unmerge()
+    finally:
+        model.train(was_training)
+    return {"infer_ms_unmerged": unmerged_ms, "infer_ms_merged": merged_ms,
+            "merge_max_abs_diff": (merged.float() - unmerged.float()).abs().max().item()}
+
+
+def _time_forward(model, x, device, repeats):
+    out = model(x)  # untimed: first call of this weight layout
+    timer = StepTimer(device)
+    for _ in range(repeats):
+        with timer.step():
+            model(x)
+    return timer.summary()["step_time_ms_median"], out

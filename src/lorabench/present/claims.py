@@ -1,0 +1,345 @@
+"""`lorabench claims RESULTS`: each claim of data/claims.md (C1–C20) against numbers.
+
+C14–C20 (the LoRA variants) have no check yet: they are "not measured".
+
+    verdicts = check_claims(load_rows("results/x.jsonl"))
+    [(v.id, v.verdict, v.measured) for v in verdicts]
+
+A verdict is "holds", "does not hold" or "not measured by these results"; its
+`source` says where the number comes from: "measured" (result rows), "estimator"
+(estimator.py / fit.py on a published architecture; no run needed) or
+"computed" (IEEE arithmetic in torch). Comparisons use pairs of ok rows of the
+same scenario and device that differ only on the axis the claim is about
+(`pairs`); a statistic over several pairs is their median. The thresholds that
+turn a number into a verdict, with the claim's wording they read:
+
+  C1  "close to half" underflow       median unscaled FP16 underflow ≥ 30 %
+  C3  GradScaler's rule               every fp16 scale trajectory starts ≤ 2^16 and moves ×½ (a skipped
+                                      step), ×1 or ×2 per step, halvings = skipped steps; bf16 rows
+                                      have no scaler and a finite loss
+  C4  AMP "halves" model + grads      (param + grad bytes) AMP / FP32 ≤ 0.6
+  C6  (d + k)·r / (d·k)               trainable parameters = L·Σ_targets r·(d_in + d_out) exactly
+  C7  LoRA cuts VRAM "up to 2/3"      largest peak reduction LoRA vs full ≥ 60 %
+  C8  LoRA "~25 % faster"             median 1 − t_LoRA / t_full in [15 %, 35 %]
+  C10 7B FP32: 28 + 28 + 56 GB        llama-2-7b estimate: params within 10 % of 28 GB, grads = params,
+                                      Adam = 2·params (+4 B per tensor), activations in [10, 50] GB;
+                                      measured rows: grads = params, state = 2·grads + 4 B/tensor
+  C11 checkpointing "+30 % time"      median t_ckpt / t_plain − 1 in [20 %, 40 %]
+  C12 accumulation: micro-batch peak  peak(acc k) < peak(acc 1) in every pair
+  C13 7B trains in 24 GB              fit: a LoRA cell on a 16-bit base fits an RTX 4090, full FT does not
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .bars import human
+
+CLAIMS_MD = Path(__file__).resolve().parent.parent / "data" / "claims.md"
+HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured by these results"
+GB = 10**9
+ROW = re.compile(r"^\|\s*(C\d+)\s*\|(.*?)\|(.*?)\|\s*$")
+TECH = ("precision", "lora_rank", "base_dtype", "lora_targets", "lora_alpha", "lora_dropout", "checkpointing",
+        "accumulation")
+
+
+@dataclass
+class Verdict:
+    id: str
+    claim: str
+    measured: str
+    verdict: str
+    source: str
+
+
+def load_claims(path: Path = CLAIMS_MD) -> dict[str, str]:
+    """{"C1": claim text, ...} from the markdown table of claims.md."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = ROW.match(line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _label(r: dict) -> str:
+    return str(r.get("cell"))
+
+
+def pairs(rows: list[dict], axes: tuple, is_a, is_b) -> list[tuple[dict, dict]]:
+    """(a, b) ok rows of one scenario and device, equal on every technique axis not in `axes`."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+
+    def key(r):
+        return (r.get("scenario"), r.get("device_name"), r.get("batch_size"), r.get("seq_len"),
+                *(json.dumps(r.get(k)) for k in TECH if k not in axes))
+    out = []
+    for a in (r for r in ok if is_a(r)):
+        out += [(a, b) for b in ok if b is not a and is_b(b) and key(b) == key(a)]
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.0f} %"
+
+
+def _median_pair(ps, f):
+    vals = [(f(a, b), a, b) for a, b in ps]
+    vals = [v for v in vals if v[0] is not None]
+    if not vals:
+        return None, None
+    vals.sort(key=lambda v: v[0])
+    return vals[len(vals) // 2][0], vals[len(vals) // 2]
+
+
+def c1(rows):
+    vals = [r["underflow_frac_unscaled"] for r in rows if r.get("precision") == "fp16"
+            and r.get("underflow_frac_unscaled") is not None]
+    if not vals:
+        return NOT_MEASURED, "no fp16 row with an underflow probe", "measured"
+    med = statistics.median(vals)
+    return (HOLDS if med >= 0.30 else FAILS,
+            f"median {100 * med:.3g} % of nonzero gradient elements lost in FP16 without scaling "
+            f"({len(vals)} fp16 cells, max {100 * max(vals):.3g} %)", "measured")
+
+
+def c2(rows):
+    import torch
+    g = torch.tensor(1e-7, dtype=torch.float32) * 1.0 - torch.tensor(1.03e-7, dtype=torch.float32)
+    unscaled = (g.half().float() == 0).item()
+    back = ((g * 65536).half().float() / 65536).item()
+    ok = unscaled and abs(back - g.item()) <= 0.01 * abs(g.item())
+    return (HOLDS if ok else FAILS,
+            f"gradient {g.item():.3g}: FP16 gives {g.half().item():.3g} unscaled; ×2^16 = "
+            f"{(g * 65536).half().item():.3g} in FP16, /2^16 in FP32 = {back:.3g}", "computed")
+
+
+def c3(rows):
+    fp16 = [r for r in rows if r.get("precision") == "fp16" and r.get("status") == "ok"]
+    bf16 = [r for r in rows if r.get("precision") == "bf16" and r.get("status") == "ok"]
+    if not fp16 and not bf16:
+        return NOT_MEASURED, "no fp16 or bf16 row", "measured"
+    good, skipped, steps = True, 0, 0
+    for r in fp16:
+        traj = [x for x in (r.get("loss_scale_trajectory") or []) if x is not None]
+        prev, halvings = 65536.0, 0
+        for x in traj:
+            q = x / prev
+            good &= any(math.isclose(q, v) for v in (0.5, 1.0, 2.0))
+            halvings += math.isclose(q, 0.5)
+            prev = x
+        good &= halvings == (r.get("skipped_steps") or 0)
+        skipped += r.get("skipped_steps") or 0
+        steps += len(traj)
+    scalerless = all(r.get("final_loss_scale") is None and r.get("loss_last") is not None
+                     and math.isfinite(r["loss_last"]) for r in bf16)
+    final = sorted({r.get("final_loss_scale") for r in fp16 if r.get("final_loss_scale")})
+    text = (f"fp16: {len(fp16)} cells, {skipped} skipped of {steps} steps, final scale "
+            f"{', '.join(f'{x:g}' for x in final) or '–'}; bf16: {len(bf16)} cells "
+            f"{'without a scaler, finite loss' if scalerless else 'NOT all scaler-free with a finite loss'}")
+    return (HOLDS if good and scalerless else FAILS), text, "measured"
+
+
+def c4(rows):
+    ps = pairs(rows, ("precision",), lambda r: r.get("precision") == "fp32" and not r.get("lora_rank"),
+               lambda r: r.get("precision") in ("fp16", "bf16") and not r.get("lora_rank"))
+    ps = [(a, b) for a, b in ps if a.get("param_bytes") and b.get("param_bytes")]
+    if not ps:
+        return NOT_MEASURED, "no full fine-tuning pair fp32 vs fp16/bf16", "measured"
+    m, (_, a, b) = _median_pair(ps, lambda a, b: (b["param_bytes"] + b["grad_bytes"]) / (a["param_bytes"] + a["grad_bytes"]))
+    peak = b["peak_allocated_bytes"] / a["peak_allocated_bytes"]
+    return (HOLDS if m <= 0.6 else FAILS,
+            f"model + gradients AMP/FP32 = {m:.2f}× ({_label(b)} vs {_label(a)}); peak {peak:.2f}×", "measured")
+
+
+def c6(rows):
+    from ..stacks.transformer_layout import projections
+    from ..row.validate import model_from_row
+    lora = [r for r in rows if r.get("status") == "ok" and r.get("lora_rank") and r.get("trainable_params")
+            and r.get("total_params") and r.get("d_model")]
+    if not lora:
+        return NOT_MEASURED, "no LoRA row with parameter counts", "measured"
+    exact, parts = True, []
+    for r in lora:
+        cfg = model_from_row(r)
+        t = set(r.get("lora_targets") or ())
+        want = cfg.n_layers * sum(r["lora_rank"] * (di + do) for n, di, do, _ in projections(cfg) if n in t)
+        exact &= want == r["trainable_params"]
+        per = [r["lora_rank"] * (di + do) / (di * do) for n, di, do, _ in projections(cfg) if n in t]
+        parts.append((r, per))
+    r, per = parts[0]
+    return (HOLDS if exact else FAILS,
+            f"{_label(r)}: {100 * r['trainable_params'] / r['total_params']:.3g} % of {r['total_params']:,} parameters train; per target matrix "
+            f"(d + k)·r/(d·k) = {100 * max(per):.3g} %; formula exact in {'all' if exact else 'NOT all'} "
+            f"{len(lora)} LoRA rows", "measured")
+
+
+def _full_lora_pairs(rows):
+    return pairs(rows, ("lora_rank", "base_dtype", "lora_targets", "lora_alpha", "lora_dropout"),
+                 lambda r: not r.get("lora_rank"), lambda r: bool(r.get("lora_rank")))
+
+
+def c7(rows):
+    ps = [(a, b) for a, b in _full_lora_pairs(rows) if a.get("peak_allocated_bytes") and b.get("peak_allocated_bytes")]
+    if not ps:
+        return NOT_MEASURED, "no full vs LoRA pair", "measured"
+    red, a, b = max((1 - b["peak_allocated_bytes"] / a["peak_allocated_bytes"], a, b) for a, b in ps)
+    size = (b.get("trainable_params") or 0) * 4
+    extra = f"; adapter {human(size)} vs {human(a['param_bytes'])} of weights" if size else ""
+    return (HOLDS if red >= 0.6 else FAILS,
+            f"LoRA cuts the peak by {100 * red:.0f} % at most ({_label(b)} vs {_label(a)}){extra}", "measured")
+
+
+def c8(rows):
+    ps = [(a, b) for a, b in _full_lora_pairs(rows) if a.get("step_time_ms_median") and b.get("step_time_ms_median")]
+    if not ps:
+        return NOT_MEASURED, "no full vs LoRA pair with step times", "measured"
+    m, (_, a, b) = _median_pair(ps, lambda a, b: 1 - b["step_time_ms_median"] / a["step_time_ms_median"])
+    return (HOLDS if 0.15 <= m <= 0.35 else FAILS,
+            f"LoRA/full step time {1 - m:.2f}× ({abs(100 * m):.0f} % {'faster' if m >= 0 else 'slower'}; median of "
+            f"{len(ps)} pairs, e.g. {_label(b)} vs {_label(a)})",
+            "measured")
+
+
+def c10(rows):
+    from ..spec.presets import load_preset
+    from ..estimate.analytic import estimate
+    from .fit import Combo
+    cfg = load_preset("llama-2-7b")
+    est = estimate(cfg, Combo("fp32", 0, "fp32", False, 1, 1).cell(), 1, device="cuda", n_batches=1, window_steps=2)
+    p, g, s, act = est.est_param_bytes, est.est_grad_bytes, est.est_optimizer_state_bytes, est.est_activation_bytes
+    ok = abs(p / (28 * GB) - 1) <= 0.10 and g == p and s - 2 * p < 4096 and 10 * GB <= act <= 50 * GB
+    meas = [r for r in rows if r.get("status") == "ok" and r.get("precision") == "fp32" and not r.get("lora_rank")
+            and r.get("param_bytes")]
+    text = (f"llama-2-7b, seq {cfg.seq_len}, batch 1: parameters {p / GB:.1f} GB, gradients {g / GB:.1f} GB, "
+            f"Adam {s / GB:.1f} GB, activations {act / GB:.1f} GB (estimator)")
+    if meas:
+        good = all(r["grad_bytes"] == r["param_bytes"] and r["optimizer_state_bytes"] - 2 * r["grad_bytes"] < 4096
+                   for r in meas)
+        ok &= good
+        text += f"; measured fp32 rows: grads = params, Adam = 2 × grads in {'all' if good else 'NOT all'} {len(meas)}"
+    return (HOLDS if ok else FAILS), text, "estimator" + (" + measured" if meas else "")
+
+
+def c11(rows):
+    ps = pairs(rows, ("checkpointing",), lambda r: not r.get("checkpointing"), lambda r: bool(r.get("checkpointing")))
+    ps = [(a, b) for a, b in ps if a.get("step_time_ms_median") and b.get("step_time_ms_median")]
+    if not ps:
+        return NOT_MEASURED, "no pair with and without checkpointing", "measured"
+    m, (_, a, b) = _median_pair(ps, lambda a, b: b["step_time_ms_median"] / a["step_time_ms_median"] - 1)
+    mem = [1 - b["peak_allocated_bytes"] / a["peak_allocated_bytes"] for a, b in ps
+           if a.get("peak_allocated_bytes") and b.get("peak_allocated_bytes")]
+    text = f"step time with checkpointing {_pct(m)} (median of {len(ps)} pairs; e.g. {_label(b)})"
+    if mem:
+        text += f", peak {100 * statistics.median(mem):.0f} % lower"
+    return (HOLDS if 0.20 <= m <= 0.40 else FAILS), text, "measured"
+
+
+def c12(rows):
+    ps = pairs(rows, ("accumulation",), lambda r: r.get("accumulation") == 1, lambda r: (r.get("accumulation") or 1) > 1)
+    ps = [(a, b) for a, b in ps if a.get("peak_allocated_bytes") and b.get("peak_allocated_bytes")]
+    if not ps:
+        return NOT_MEASURED, "no pair with and without accumulation", "measured"
+    lower = all(b["peak_allocated_bytes"] < a["peak_allocated_bytes"] for a, b in ps)
+    m, (_, a, b) = _median_pair(ps, lambda a, b: b["peak_allocated_bytes"] / a["peak_allocated_bytes"])
+    t = [b["step_time_ms_median"] / a["step_time_ms_median"] for a, b in ps
+         if a.get("step_time_ms_median") and b.get("step_time_ms_median")]
+    return (HOLDS if lower else FAILS,
+            f"peak {m:.2f}× of the unaccumulated cell (median of {len(ps)} pairs; e.g. {_label(b)}); time per sample "
+            + (f"{statistics.median(t):.2f}×" if t else "not measured"), "measured")
+
+
+def c13(rows):
+    from ..spec.presets import load_preset
+    from .fit import fit
+    from ..estimate.gpus import lookup
+    rep = fit(load_preset("llama-2-7b"), lookup("RTX 4090"), batch=1)
+    ok = rep.fitting()
+    full = [c for c in rep.combos if not c.combo.lora_rank]
+    lora16 = [c for c in ok if c.combo.lora_rank and c.combo.base_dtype != "fp32"]
+    least_full = min(full, key=lambda c: c.est_needed_bytes)
+    holds = bool(lora16) and not any(c.fits for c in full)
+    text = (f"llama-2-7b, seq 2048, batch 1 on an RTX 4090 (budget {rep.budget_bytes / 2**30:.1f} GiB): "
+            f"{len(ok)} of {len(rep.combos)} combinations fit, fastest {ok[0].combo.id if ok else '–'}; "
+            f"full fine-tuning needs ≥ {least_full.est_needed_bytes / 2**30:.1f} GiB")
+    return (HOLDS if holds else FAILS), text, "estimator (fit)"
+
+
+def c5(rows):
+    lora = [r for r in rows if r.get("lora_rank") and r.get("lora_init_delta_abs_max") is not None]
+    if not lora:
+        return NOT_MEASURED, "no LoRA row with lora_init_delta_abs_max (tests/test_lora.py checks it)", "–"
+    worst = max(r["lora_init_delta_abs_max"] for r in lora)
+    scalings = sorted({(r.get("lora_alpha"), r["lora_rank"], r.get("lora_scaling")) for r in lora}, key=str)
+    ok = worst == 0 and all(s == a / k for a, k, s in scalings if a and s is not None)
+    sc = ", ".join(f"α/r = {a:g}/{k} = {s:g}" for a, k, s in scalings[:3] if a and s is not None)
+    return (HOLDS if ok else FAILS,
+            f"max |ΔW| at initialisation = {worst:g} in {len(lora)} LoRA cells (B = 0: the model is the base model); {sc}",
+            "measured")
+
+
+def c9(rows):
+    lora = [r for r in rows if r.get("status") == "ok" and r.get("infer_ms_merged") and r.get("infer_ms_unmerged")]
+    if not lora:
+        return NOT_MEASURED, "no LoRA row with merged/unmerged inference times", "–"
+    ratio = statistics.median(r["infer_ms_unmerged"] / r["infer_ms_merged"] for r in lora)
+    diff = max(r["merge_max_abs_diff"] for r in lora)
+    r = min(lora, key=lambda r: abs(r["infer_ms_unmerged"] / r["infer_ms_merged"] - ratio))
+    return (HOLDS if ratio >= 1 else FAILS,
+            f"unmerged/merged forward time {ratio:.2f}× (median of {len(lora)} LoRA cells; e.g. {_label(r)}: "
+            f"{r['infer_ms_unmerged']:.3g} vs {r['infer_ms_merged']:.3g} ms); merged logits within {diff:.2g} of "
+            f"unmerged; which targets work best (quality) is not measured", "measured")
+
+
+def not_measured(why):
+    return lambda rows: (NOT_MEASURED, why, "–")
+
+
+CHECKS = {  # claim id -> f(rows) -> (verdict, measured text, source)
+    "C1": c1, "C2": c2, "C3": c3, "C4": c4,
+    "C5": c5,
+    "C6": c6, "C7": c7, "C8": c8,
+    "C9": c9,
+    "C10": c10, "C11": c11, "C12": c12, "C13": c13,
+}
+
+
+def check_claims(rows: list[dict]) -> list[Verdict]:
+    """One Verdict per claim of claims.md, in its order."""
+    out = []
+    for cid, text in load_claims().items():
+        check = CHECKS.get(cid, not_measured("no check written for this claim"))
+        verdict, measured, source = check(rows)
+        out.append(Verdict(cid, text, measured, verdict, source))
+    return out
+
+
+VERDICT_STYLE = {HOLDS: "green", FAILS: "red", NOT_MEASURED: "dim"}
+
+
+def render(verdicts: list[Verdict], fmt: str, width: int = 160) -> str:
+    if fmt == "json":
+        return json.dumps([asdict(v) for v in verdicts], indent=1) + "\n"
+    if fmt == "markdown":
+        lines = ["| # | claim | measured | verdict | source |", "|---|---|---|---|---|"]
+        cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - a | inside a cell would split it
+        lines += [f"| {v.id} | {cell(v.claim)} | {cell(v.measured)} | {v.verdict} | {v.source} |" for v in verdicts]
+        return "\n".join(lines) + "\n"
+    if fmt == "table":
+        import io
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+        t = Table(header_style="bold", show_lines=True)
+        for col, ratio_ in (("#", None), ("claim", 3), ("measured", 3), ("verdict", 1), ("source", 1)):
+            t.add_column(col, ratio=ratio_, overflow="fold")
+        for v in verdicts:
+            t.add_row(v.id, escape(v.claim), escape(v.measured), f"[{VERDICT_STYLE[v.verdict]}]{v.verdict}[/]", v.source)
+        out = io.StringIO()
+        Console(file=out, width=width, force_terminal=False).print(t)
+        return out.getvalue()
+    raise ValueError(fmt)

@@ -1,0 +1,131 @@
+"""What `lorabench estimate` and `lorabench validate` print; the CLI commands stay thin.
+
+    rows = scenario_estimates("scenarios/x.yaml")          # every cell, nothing run
+    rows = option_estimates(model="llama-2-7b", precision="bf16", lora_rank=16, ...)
+    print(render_estimates(rows, "table" | "json" | "csv"))
+    report = validate_file("results/x.jsonl"); print(render_validation(report, fmt))
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from ..spec.scenario import LoadedScenario, expand, load_scenario, parse_scenario
+from ..spec.config import split_targets
+from ..base.env import resolve_device
+from ..estimate.analytic import estimate, memory_window
+from ..spec.schema import ConfigError
+
+CELL_KEYS = ("cell", "precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
+             "accumulation", "base_dtype")
+EST_KEYS = ("est_param_bytes", "est_grad_bytes", "est_optimizer_state_bytes", "est_activation_bytes",
+            "est_peak_bytes", "est_peak_phase", "est_flops_per_step")
+OPTION_KEYS = {"matrix.precision": "--precision", "matrix.lora_rank": "--lora-rank", "matrix.lora_targets": "--lora-targets",
+               "matrix.accumulation": "--accumulation", "matrix.base_dtype": "--base-dtype", "train.batch_size": "--batch",
+               "model.seq_len": "--seq", "model.preset": "--model", "device": "--device"}
+
+
+def estimates_for(ls: LoadedScenario, device: str | None = None) -> list[dict]:
+    """One row per cell of a loaded scenario: its configuration keys and the est_* keys."""
+    dev = resolve_device(device or ls.scenario.device)
+    train = ls.train
+    window = memory_window(train.warmup_steps, train.steps, dev)
+    rows = []
+    for cell in expand(ls):
+        est = estimate(ls.model, cell, train.batch_size, device=dev, optimizer_impl=train.optimizer,
+                       n_batches=window, window_steps=window)
+        row = {k: v for k, v in cell.to_dict().items() if k in CELL_KEYS}
+        row.update(scenario=ls.name, model=ls.model.name, device=dev, batch_size=train.batch_size,
+                   micro_batch_size=train.batch_size // cell.accumulation, seq_len=ls.model.seq_len, **est.fields(),
+                   est_phase_peak_bytes=est.phase_peak_bytes, est_breakdown=est.breakdown,
+                   est_cuda_overheads=est.cuda_overheads or None)
+        rows.append(row)
+    return rows
+
+
+def scenario_estimates(path: str, device: str | None = None) -> list[dict]:
+    return estimates_for(load_scenario(path), device)
+
+
+def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lora_targets: str = "q,v",
+                     checkpointing: bool = False, accumulation: int = 1, base_dtype: str = "fp32", batch: int = 8,
+                     seq: int | None = None, device: str = "cpu") -> list[dict]:
+    """One cell given by command-line options, validated like a scenario (errors name the option)."""
+    model_data = {"preset": model} | ({"seq_len": seq} if seq else {})
+    data = {"name": "estimate", "model": model_data, "device": device, "train": {"batch_size": batch},
+            "matrix": {"precision": precision, "lora_rank": lora_rank,
+                       "lora_targets": split_targets(lora_targets),
+                       "checkpointing": checkpointing, "accumulation": accumulation, "base_dtype": base_dtype}}
+    try:
+        ls = parse_scenario(data, "options")
+    except ConfigError as e:
+        flag = next((f for k, f in OPTION_KEYS.items() if e.path.startswith(k)), e.path)
+        raise ConfigError(e.source, flag, e.message) from None
+    return estimates_for(ls, device)
+
+
+def _size(n: int | None) -> str:
+    """Two decimals: an estimate is read against a measurement to the MiB."""
+    from .bars import human
+    return human(n, digits=2)
+
+
+def render_estimates(rows: list[dict], fmt: str = "table") -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict)))
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()})
+        return buf.getvalue()
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"{rows[0]['model']} on {rows[0]['device']}: estimated, nothing run" if rows else "no cells")
+    for col in ("cell", "micro-batch", "params", "grads", "AdamW", "activations", "peak", "phase", "TFLOP/step"):
+        t.add_column(col, justify="left" if col in ("cell", "phase") else "right")
+    for r in rows:
+        t.add_row(str(r["cell"]), str(r["micro_batch_size"]), _size(r["est_param_bytes"]), _size(r["est_grad_bytes"]),
+                  _size(r["est_optimizer_state_bytes"]), _size(r["est_activation_bytes"]), _size(r["est_peak_bytes"]),
+                  r["est_peak_phase"], f"{r['est_flops_per_step'] / 1e12:.3g}")
+    out = io.StringIO()
+    Console(file=out, width=140, force_terminal=False).print(t)
+    return out.getvalue()
+
+
+def validate_file(path: str):
+    from ..row.results import load_rows
+    from ..row.validate import validate_rows
+    return validate_rows(load_rows(path), path)
+
+
+def render_validation(report, fmt: str = "table") -> str:
+    summary = report.summary()
+    if fmt == "json":
+        return json.dumps({"summary": summary, "cells": [c.__dict__ for c in report.checks]}, indent=2)
+    if fmt == "csv":
+        from ..row.results import to_frame
+        return to_frame([c.__dict__ for c in report.checks]).to_csv(index=False) if report.checks else ""
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title="estimate vs measurement")
+    for col in ("scenario", "cell", "params", "grads", "AdamW", "est peak", "measured", "error %", "phase est/meas"):
+        t.add_column(col, justify="left" if col in ("scenario", "cell", "phase est/meas") else "right")
+    for c in report.checks:
+        ok = ["=" if c.components_exact[k] else "DIFF" for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")]
+        t.add_row(c.scenario, c.cell, *ok, _size(c.est_peak_bytes), _size(c.measured_peak_bytes), f"{c.peak_error_pct:+.2f}",
+                  f"{c.est_peak_phase}/{c.measured_peak_phase}")
+    out = io.StringIO()
+    con = Console(file=out, width=150, force_terminal=False)
+    con.print(t)
+    if summary["cells"]:
+        con.print(f"{summary['cells']} cells ({summary['excluded']} rows without a measured peak excluded): "
+                  f"|peak error| median {summary['median_abs_peak_error_pct']:.2f} %, "
+                  f"p95 {summary['p95_abs_peak_error_pct']:.2f} %, max {summary['max_abs_peak_error_pct']:.2f} %; "
+                  f"peak phase matches in {summary['phase_matches']}/{summary['cells']}")
+    else:
+        con.print(f"no measured cells ({summary['excluded']} rows excluded)")
+    return out.getvalue()

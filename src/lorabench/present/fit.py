@@ -1,0 +1,362 @@
+"""`lorabench fit`: which fine-tuning techniques fit a GPU, fastest first.
+
+    gpu = gpus.resolve_gpu("RTX 4090")
+    report = fit(load_preset("llama-2-7b"), gpu, batch=16)
+    [c for c in report.combos if c.fits]           # ranked by est_step_time_s
+
+The grid (`grid`): precision {fp32, fp16, bf16} × {full fine-tuning, LoRA at
+ranks 4, 8, 16, 32, 64 with the frozen base in fp32 or 16 bits (bf16; fp16 in
+fp16 cells)} × checkpointing {off, on} × micro-batch m in the powers of two
+dividing the batch B (and B itself), accumulation B / m. Every combination is
+an `estimator.estimate` on CUDA: AdamW (`--optimizer`, default torch's foreach),
+the steady state of training (AdamW's state exists during forward and backward:
+window_steps = 2) and one (x, y) batch resident.
+
+Memory. A combination fits when
+
+    needed = est_peak_bytes + CUDA_CONTEXT_BYTES  ≤  budget = (1 − margin) · memory_bytes
+
+est_peak_bytes is what max_memory_allocated would read (it includes the cuBLAS
+workspaces and the 512-byte rounding); the CUDA context (~500 MiB, outside the
+allocator) is added; the safety margin (default 10 %, `--margin`) covers the
+caching allocator's reserved-but-unallocated memory (fragmentation) and the
+capacity the driver keeps: a "24 GB" card offers about 23.6 GiB to torch.
+
+Time. est_step_time_s = est_hw_flops_per_step / (peak_flops(dtype) · efficiency)
+with dtype the one the matmuls run in (estimator.mfu_dtype: autocast's dtype;
+the base dtype for an fp32 LoRA cell on a 16-bit base; fp32 otherwise, TF32
+off as lorabench's default) and hardware FLOPs counting the forward that
+checkpointing recomputes. The efficiency (achieved / peak FLOP/s) is the median
+measured `hfu` (else `mfu`) per dtype of result rows (`calibrate`: rows on the
+same GPU if there are any, else every CUDA row), else DEFAULT_EFFICIENCY = 0.40
+(a typical single-GPU training HFU with PyTorch eager kernels). It does not vary
+with the micro-batch, so equal-FLOP combinations tie; ties go to the larger
+micro-batch (real kernels are more efficient on larger matrices), then to bf16
+over fp16 over fp32, then to less memory. A GPU given only by its memory
+("24GiB") has no peak rates: no time, ranked by hardware FLOPs per step.
+
+What does not fit gets its overshoot and a fix (`suggestion`): of the single
+changes {checkpointing on, a smaller micro-batch (more accumulation), the base
+in 16 bits, LoRA r8 on a 16-bit base instead of full fine-tuning, another
+precision}, the fastest one that fits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+
+from .bars import SEGMENTS, estimate_segments
+from ..spec.config import Cell, ModelConfig
+from ..spec.scenario import cell_id
+from ..spec.presets import preset_data
+from ..estimate.analytic import CUDA_CONTEXT_BYTES, estimate, memory_window, mfu_dtype
+from ..estimate.gpus import GPU, lookup
+from ..spec.schema import ConfigError, build
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISION_PREFERENCE = ("bf16", "fp16", "fp32")  # ties: no loss scaler, then 16-bit autocast
+RANKS = (4, 8, 16, 32, 64)
+DEFAULT_EFFICIENCY = 0.40
+DEFAULT_MARGIN = 0.10
+DEFAULT_TARGETS = ("q", "v")
+GIB = 2**30
+LABELS = {k: label for k, label, _, _ in SEGMENTS}
+
+
+def gib(n: float | None) -> str:
+    return "–" if n is None else f"{n / GIB:,.1f} GiB"
+
+
+def fit_model(spec: str, seq: int | None = None) -> ModelConfig:
+    """A preset name or a config.json path, at sequence length `seq` (default the model's)."""
+    data = preset_data(spec, "--model", "")
+    if seq is not None:
+        data = {**data, "seq_len": seq}
+    try:
+        return build(ModelConfig, data, "", spec)
+    except ConfigError as e:
+        if e.path == "seq_len":
+            raise ConfigError("--seq", "", e.message) from None
+        raise
+
+
+def sixteen_bit(precision: str) -> str:
+    """The 16-bit base dtype paired with a precision: fp16 with fp16 autocast, else bf16."""
+    return "fp16" if precision == "fp16" else "bf16"
+
+
+def micro_batches(batch: int) -> list[int]:
+    """Powers of two dividing `batch`, and `batch` itself, ascending."""
+    out = [m for m in (2**i for i in range(batch.bit_length())) if batch % m == 0]
+    return out + ([batch] if batch not in out else [])
+
+
+@dataclass(frozen=True)
+class Combo:
+    precision: str
+    lora_rank: int
+    base_dtype: str
+    checkpointing: bool
+    micro_batch_size: int
+    accumulation: int
+
+    def cell(self, targets: tuple = DEFAULT_TARGETS) -> Cell:
+        lora = self.lora_rank > 0
+        kv = dict(precision=self.precision, lora_rank=self.lora_rank, lora_alpha=16.0 if lora else None,
+                  lora_targets=tuple(targets) if lora else None, lora_dropout=0.0 if lora else None,
+                  checkpointing=self.checkpointing, accumulation=self.accumulation,
+                  base_dtype=self.base_dtype if lora else "fp32")
+        return Cell(**kv, id=cell_id(kv, set()))
+
+    @property
+    def id(self) -> str:
+        """cell id plus the micro-batch, e.g. `bf16-r8-bf16base-ckpt-acc4-mb4`."""
+        return f"{self.cell().id}-mb{self.micro_batch_size}"
+
+    @property
+    def key(self) -> tuple:
+        return dataclasses.astuple(self)[:5]
+
+
+def grid(batch: int) -> list[Combo]:
+    """Every combination of the module docstring, full fine-tuning once per precision."""
+    out = []
+    for p in PRECISIONS:
+        methods = [(0, "fp32")] + [(r, b) for r in RANKS for b in ("fp32", sixteen_bit(p))]
+        for r, base in methods:
+            for ckpt in (False, True):
+                for m in micro_batches(batch):
+                    out.append(Combo(p, r, base, ckpt, m, batch // m))
+    return out
+
+
+@dataclass
+class Calibration:
+    """Efficiency (achieved / dense peak FLOP/s) per matmul dtype, and where each came from."""
+    efficiency: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    rows: int = 0
+
+    def get(self, dtype: str) -> tuple[float, str]:
+        if dtype in self.efficiency:
+            return self.efficiency[dtype], self.source[dtype]
+        if self.efficiency:
+            v = statistics.median(self.efficiency.values())
+            return v, f"median of the calibrated dtypes ({', '.join(sorted(self.efficiency))})"
+        return DEFAULT_EFFICIENCY, f"default {DEFAULT_EFFICIENCY:.2f}"
+
+
+def calibrate(rows: list[dict], gpu: GPU | None) -> Calibration:
+    """Median measured hfu (mfu when hfu is missing) per matmul dtype over ok CUDA rows,
+    of `gpu` when any row ran on it, else of every GPU."""
+    from ..row.validate import cell_from_row
+    usable = [r for r in rows if r.get("status") == "ok" and r.get("device") == "cuda"
+              and (r.get("hfu") or r.get("mfu"))]
+    same = [r for r in usable if gpu is not None and (lookup(r.get("device_name")) or GPU("", (), 0, {})).name == gpu.name]
+    chosen, where = (same, f"on {gpu.name}") if same else (usable, "on any GPU")
+    by_dtype: dict[str, list[float]] = {}
+    for r in chosen:
+        try:
+            d = mfu_dtype(cell_from_row(r), r.get("tf32"))
+        except (KeyError, TypeError):
+            continue
+        by_dtype.setdefault(d, []).append(float(r.get("hfu") or r.get("mfu")))
+    cal = Calibration(rows=len(chosen))
+    for d, vals in by_dtype.items():
+        cal.efficiency[d] = statistics.median(vals)
+        cal.source[d] = f"median hfu of {len(vals)} measured {d} rows {where}"
+    return cal
+
+
+def budget_bytes(memory_bytes: int, margin: float) -> int:
+    return int(memory_bytes * (1.0 - margin))
+
+
+@dataclass
+class FitCombo:
+    """One evaluated combination (see the module docstring for each quantity)."""
+    combo: Combo
+    est_peak_bytes: int
+    est_needed_bytes: int
+    budget_bytes: int
+    fits: bool
+    supported: bool
+    est_peak_phase: str
+    est_flops_per_step: int
+    est_hw_flops_per_step: int
+    matmul_dtype: str
+    efficiency: float | None
+    est_step_time_s: float | None
+    segments: dict
+    trainable_params: int
+    suggestion: str | None = None
+
+    @property
+    def over_bytes(self) -> int:
+        return max(0, self.est_needed_bytes - self.budget_bytes)
+
+    def to_dict(self) -> dict:
+        c = self.combo
+        return {"id": c.id, "precision": c.precision, "lora_rank": c.lora_rank,
+                "base_dtype": c.base_dtype if c.lora_rank else "fp32", "checkpointing": c.checkpointing,
+                "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation,
+                "est_peak_bytes": self.est_peak_bytes, "est_needed_bytes": self.est_needed_bytes,
+                "budget_bytes": self.budget_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
+                "supported": self.supported, "est_step_time_s": self.est_step_time_s,
+                "est_peak_phase": self.est_peak_phase, "est_flops_per_step": self.est_flops_per_step,
+                "est_hw_flops_per_step": self.est_hw_flops_per_step, "matmul_dtype": self.matmul_dtype,
+                "efficiency": self.efficiency, "trainable_params": self.trainable_params,
+                "segments_bytes": self.segments, "suggestion": self.suggestion}
+
+
+@dataclass
+class FitReport:
+    model: ModelConfig
+    gpu: GPU
+    batch: int
+    margin: float
+    targets: tuple
+    optimizer: str
+    calibration: Calibration
+    combos: list[FitCombo]
+
+    @property
+    def budget_bytes(self) -> int:
+        return budget_bytes(self.gpu.memory_bytes, self.margin)
+
+    def fitting(self) -> list[FitCombo]:
+        return [c for c in self.combos if c.fits]
+
+    def not_fitting(self) -> list[FitCombo]:
+        """Closest misses first."""
+        return sorted((c for c in self.combos if not c.fits), key=lambda c: (not c.supported, c.over_bytes))
+
+
+def fits_budget(est_peak_bytes: int, memory_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
+    """The fit predicate: est_peak_bytes + CUDA context ≤ (1 − margin) · memory_bytes."""
+    return est_peak_bytes + CUDA_CONTEXT_BYTES <= budget_bytes(memory_bytes, margin)
+
+
+def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: tuple, optimizer: str,
+             calibration: Calibration) -> FitCombo:
+    cell = combo.cell(targets)
+    est = estimate(cfg, cell, combo.micro_batch_size * combo.accumulation, device="cuda", optimizer_impl=optimizer,
+                   n_batches=1, window_steps=2, gpu_name=gpu.name)
+    dtype = mfu_dtype(cell, False)
+    has_rates = any(v is not None for v in gpu.tflops.values())
+    peak = gpu.peak_flops(dtype)
+    supported = peak is not None or not has_rates
+    eff = calibration.get(dtype)[0] if peak else None
+    t = est.est_hw_flops_per_step / (peak * eff) if peak else None
+    needed = est.est_peak_bytes + CUDA_CONTEXT_BYTES
+    budget = budget_bytes(gpu.memory_bytes, margin)
+    return FitCombo(combo, est.est_peak_bytes, needed, budget, supported and needed <= budget, supported,
+                    est.est_peak_phase, est.est_flops_per_step, est.est_hw_flops_per_step, dtype, eff, t,
+                    estimate_segments(est.breakdown, CUDA_CONTEXT_BYTES), est.trainable_params)
+
+
+def _rank_key(c: FitCombo) -> tuple:
+    t = c.est_step_time_s
+    return (t is None, t if t is not None else 0.0, c.est_hw_flops_per_step, -c.combo.micro_batch_size,
+            PRECISION_PREFERENCE.index(c.combo.precision), c.est_needed_bytes)
+
+
+def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, targets: tuple = DEFAULT_TARGETS,
+        optimizer: str = "auto", calibration: Calibration | None = None) -> FitReport:
+    """Evaluate the whole grid; fitting combinations first, fastest first; suggestions for the rest."""
+    if batch <= 0:
+        raise ConfigError("--batch", "", f"must be > 0, got {batch}")
+    if not 0 <= margin < 1:
+        raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
+    if gpu.memory_bytes <= 0:
+        raise ConfigError("--gpu", "", "memory must be > 0")
+    cal = calibration or Calibration()
+    combos = [evaluate(cfg, gpu, c, margin, tuple(targets), optimizer, cal) for c in grid(batch)]
+    combos.sort(key=lambda c: (not c.fits, _rank_key(c)))
+    index = {c.combo.key: c for c in combos}
+    for c in combos:
+        if not c.fits:
+            c.suggestion = suggest(c, index, gpu)
+    return FitReport(cfg, gpu, batch, margin, tuple(targets), optimizer, cal, combos)
+
+
+def _alternatives(c: Combo) -> list[tuple[str, tuple]]:
+    """(description, key) of the single changes tried on a combination that does not fit."""
+    p, r, base, ckpt, m = c.key
+    out = []
+    if not ckpt:
+        out.append(("enable checkpointing", (p, r, base, True, m)))
+    m2 = m // 2
+    while m2 >= 1:
+        out.append((f"micro-batch {m2} (accumulation {c.micro_batch_size * c.accumulation // m2})", (p, r, base, ckpt, m2)))
+        m2 //= 2
+    if r and base == "fp32":
+        out.append((f"store the base in {sixteen_bit(p)}", (p, r, sixteen_bit(p), ckpt, m)))
+    if not r:
+        out.append((f"LoRA r8 on a {sixteen_bit(p)} base", (p, 8, sixteen_bit(p), ckpt, m)))
+    for p2 in PRECISIONS:
+        if p2 != p:
+            b2 = base if base == "fp32" or not r else sixteen_bit(p2)
+            out.append((f"precision {p2}" + (f" ({b2} base)" if r and b2 != base else ""), (p2, r, b2, ckpt, m)))
+    return out
+
+
+def suggest(c: FitCombo, index: dict, gpu: GPU) -> str:
+    """'needs X GiB, Y over the Z GiB budget: <term> T GiB; <fix> (→ N GiB)' for a combination
+    that does not fit. The fix is the fastest fitting single change (else pair of changes);
+    the term named is the one the fix shrinks most (else the largest)."""
+    if not c.supported:
+        return f"{gpu.name} has no {c.matmul_dtype} matmul path"
+    head = f"needs {gib(c.est_needed_bytes)}, {gib(c.over_bytes)} over the {gib(c.budget_bytes)} budget"
+    options = [(index[k], text) for text, k in _alternatives(c.combo) if k in index and index[k].fits]
+    if not options:  # two changes
+        for text, k in _alternatives(c.combo):
+            if k in index:
+                options += [(index[k2], f"{text} + {text2}") for text2, k2 in _alternatives(index[k].combo)
+                            if k2 in index and index[k2].fits]
+    if not options:
+        big = max((k for k in c.segments if k != "rest"), key=lambda k: c.segments[k])
+        return f"{head}: {LABELS[big]} {gib(c.segments[big])}; no change of one or two axes makes it fit"
+    best, text = min(options, key=lambda o: _rank_key(o[0]))
+    term = max(c.segments, key=lambda k: c.segments[k] - best.segments.get(k, 0))
+    return f"{head}: {LABELS[term]} {gib(c.segments[term])}; {text} (→ {gib(best.est_needed_bytes)})"
+
+
+# ---------------------------------------------------------------- measured rows
+def oom_contradictions(rows: list[dict], margin: float = DEFAULT_MARGIN) -> dict:
+    """Measured rows against the fit predicate, each with the run set-up it was measured in.
+
+    For every CUDA row with status "oom" or "ok" whose GPU memory is known (the
+    row's gpu_memory_bytes, else the table's), the cell is estimated as lorabench
+    ran it (its batch, all warm-up + timed batches resident, its optimizer) and
+    `fits_budget` applied. Returns {"checked", "unchecked", "contradictions" (oom
+    rows that fit claims fit: must be empty), "conservative" (ok rows that fit
+    claims do not fit)}, the latter two lists of {"cell", "device_name",
+    "est_needed_bytes", "budget_bytes"}."""
+    from ..row.validate import cell_from_row, model_from_row
+    out = {"checked": 0, "unchecked": 0, "contradictions": [], "conservative": []}
+    for r in rows:
+        if r.get("device") != "cuda" or r.get("status") not in ("oom", "ok"):
+            continue
+        gpu = lookup(r.get("device_name"))
+        memory = r.get("gpu_memory_bytes") or (gpu.memory_bytes if gpu else None)
+        try:
+            cfg, cell = model_from_row(r), cell_from_row(r)
+            window = memory_window(r.get("warmup_steps") or 1, r.get("steps") or 1, "cuda")
+            est = estimate(cfg, cell, r["batch_size"], device="cuda", optimizer_impl=r.get("optimizer_impl") or "auto",
+                           n_batches=window, window_steps=window, gpu_name=r.get("device_name"))
+        except (ConfigError, KeyError, TypeError, ValueError):
+            est = None
+        if not memory or est is None:
+            out["unchecked"] += 1
+            continue
+        out["checked"] += 1
+        fits = fits_budget(est.est_peak_bytes, memory, margin)
+        item = {"cell": r.get("cell"), "scenario": r.get("scenario"), "device_name": r.get("device_name"),
+                "est_needed_bytes": est.est_peak_bytes + CUDA_CONTEXT_BYTES, "budget_bytes": budget_bytes(memory, margin)}
+        if r["status"] == "oom" and fits:
+            out["contradictions"].append(item)
+        elif r["status"] == "ok" and not fits:
+            out["conservative"].append(item)
+    return out

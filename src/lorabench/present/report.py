@@ -1,0 +1,301 @@
+"""The run table: what each cell cost, read in a terminal.
+
+One row per cell: status, peak memory (MiB) and its ratio to the full-FP32
+cell of the same scenario (ratio from one run, not two absolutes), step time
+median with its p10-p90 spread, tokens/s, trainable share of parameters, the
+estimator's peak error and FP16 underflow. `--format json|csv` gives the raw
+rows instead.
+
+`lorabench report` (report_tables / render_report) adds, per scenario, a stacked
+memory bar per cell (bars.py), the speed-up against the full-FP32 cell, `--where`
+filters (filter_rows) and `--sort` (sort_rows), as table, markdown, csv or json.
+"""
+from __future__ import annotations
+
+import json
+import operator as _op
+import re as _re
+from typing import Iterable, Optional
+
+MIB = 2**20
+STATUS_STYLE = {"ok": "green", "oom": "red", "error": "red", "timeout": "yellow", "skipped": "dim"}
+
+
+def baseline(rows: list[dict]) -> Optional[dict]:
+    """The full-FP32 cell (fp32, rank 0, no checkpointing, accumulation 1) that ran ok, if any."""
+    for r in rows:
+        if (r.get("status") == "ok" and r.get("precision") == "fp32" and not r.get("lora_rank")
+                and not r.get("checkpointing") and r.get("accumulation") == 1):
+            return r
+    return None
+
+
+def mib(n: Optional[int]) -> str:
+    return "–" if n is None else f"{n / MIB:,.1f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "–" if not a or not b else f"{a / b:.2f}×"
+
+
+def step_time(r: dict) -> str:
+    med = r.get("step_time_ms_median")
+    if med is None:
+        return "–"
+    return f"{med:,.1f} ({r['step_time_ms_p10']:,.1f}–{r['step_time_ms_p90']:,.1f})"
+
+
+def pct(v: Optional[float], digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}g}"
+
+
+def underflow(r: dict) -> str:
+    """Realized FP16/BF16 underflow: unscaled → at the cell's loss scale, in percent."""
+    u, s = r.get("underflow_frac_unscaled"), r.get("underflow_frac_scaled")
+    if u is None:
+        return "–"
+    return f"{100 * u:.3g} → {100 * s:.3g}" if s is not None else f"{100 * u:.3g}"
+
+
+def run_table(rows: Iterable[dict], title: str = ""):
+    """A rich Table of run rows (see the module docstring for the columns)."""
+    from rich.table import Table
+    rows = list(rows)
+    base = baseline(rows)
+    t = Table(title=title or None, header_style="bold")
+    for name, just in [("cell", "left"), ("status", "left"), ("peak MiB", "right"), ("vs fp32-full", "right"),
+                       ("step ms median (p10–p90)", "right"), ("tokens/s", "right"), ("trainable %", "right"),
+                       ("est. error %", "right"), ("underflow % unscaled → scaled", "right")]:
+        t.add_column(name, justify=just)
+    for r in rows:
+        st = r.get("status", "?")
+        t.add_row(
+            r.get("cell", "?"), f"[{STATUS_STYLE.get(st, 'white')}]{st}[/]",
+            mib(r.get("peak_allocated_bytes")),
+            ratio(r.get("peak_allocated_bytes"), base and base.get("peak_allocated_bytes")),
+            step_time(r), "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+            pct(r.get("trainable_pct")),
+            "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}",
+            underflow(r),
+        )
+    return t
+
+
+def errors(rows: Iterable[dict]) -> list[str]:
+    """One line per cell that did not finish ok, for under the table."""
+    return [f"{r.get('cell')}: {r.get('status')}: {r.get('error')}" for r in rows if r.get("status") != "ok"]
+
+
+def render_rows(rows: list[dict], fmt: str) -> str:
+    """Rows as JSON (an array of objects) or CSV text."""
+    from ..row.results import jsonable, to_frame
+    if fmt == "json":
+        return json.dumps(jsonable(rows), indent=1) + "\n"
+    if fmt == "csv":
+        return to_frame(rows).to_csv(index=False) if rows else ""
+    raise ValueError(fmt)
+
+
+# ---------------------------------------------------------------- `lorabench report`
+# Per scenario, per cell: a stacked memory bar (bars.py; one scale per scenario
+# table), the peak and its ratio to the scenario's full-FP32 cell, step time median
+# (p10–p90), tokens/s and the speed-up t_baseline / t_cell (both medians of the same
+# run), FP16/BF16 underflow and the estimator's peak error.
+WHERE = _re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
+OPS = {"=": _op.eq, "!=": _op.ne, ">": _op.gt, "<": _op.lt, ">=": _op.ge, "<=": _op.le}
+FORMATS = ("table", "markdown", "csv", "json")
+RECORD_KEYS = ("scenario", "cell", "status", "precision", "lora_rank", "base_dtype", "checkpointing", "accumulation",
+               "micro_batch_size", "device_name", "peak_allocated_bytes", "param_bytes", "grad_bytes",
+               "optimizer_state_bytes", "activation_bytes", "rest_bytes", "peak_vs_baseline", "step_time_ms_median",
+               "step_time_ms_p10", "step_time_ms_p90", "tokens_per_s", "speedup_vs_baseline",
+               "underflow_frac_unscaled", "underflow_frac_scaled", "peak_error_pct")
+
+
+def _value(text: str):
+    """A --where value: true/false/none, an int, a float, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_where(exprs, source: str = "--where") -> list[tuple]:
+    """`key=value`, `key!=value`, `key>value` (also <, >=, <=) → (key, op, value, text)."""
+    from ..spec.schema import ConfigError
+    out = []
+    for e in exprs or ():
+        m = WHERE.match(e)
+        if not m:
+            raise ConfigError(source, "", f"{e!r} is not KEY=VALUE (or !=, >, <, >=, <=)")
+        out.append((m.group(1), m.group(2), _value(m.group(3)), e))
+    return out
+
+
+def filter_rows(rows: list[dict], where, source: str = "--where") -> list[dict]:
+    """Rows matching every condition; a key no row has is an error (a typo, not an empty report)."""
+    from ..spec.schema import ConfigError
+    conds = parse_where(where, source) if where and isinstance(where[0], str) else (where or [])
+    keys = {k for r in rows for k in r}
+    for key, op, value, text in conds:
+        if rows and key not in keys:
+            raise ConfigError(source, key, f"no row has this key ({text!r}); keys include: "
+                              f"{', '.join(k for k in RECORD_KEYS if k in keys)}")
+
+    def ok(r):
+        for key, op, value, _ in conds:
+            v = r.get(key)
+            if isinstance(v, list):
+                v = ",".join(map(str, v))
+            try:
+                if not OPS[op](v, value):
+                    return False
+            except TypeError:  # None or a string against a number
+                return False
+        return True
+    return [r for r in rows if ok(r)]
+
+
+def sort_rows(rows: list[dict], key: str | None, source: str = "--sort") -> list[dict]:
+    """Sorted by a row key (`-key` descending); rows without the key last."""
+    from ..spec.schema import ConfigError
+    if not key:
+        return rows
+    desc = key.startswith("-")
+    k = key.lstrip("-")
+    if rows and not any(k in r for r in rows):
+        raise ConfigError(source, k, "no row has this key")
+    have = [r for r in rows if r.get(k) is not None]
+    return sorted(have, key=lambda r: r[k], reverse=desc) + [r for r in rows if r.get(k) is None]
+
+
+def by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by (scenario, device name), in first-seen order."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        name = r.get("scenario") or "results"
+        dev = r.get("device_name") or r.get("device")
+        out.setdefault(f"{name} on {dev}" if dev else name, []).append(r)
+    return out
+
+
+def speedup(r: dict, base: Optional[dict]) -> Optional[float]:
+    """t_baseline / t_cell of the step-time medians (> 1: faster than full FP32)."""
+    t, t0 = r.get("step_time_ms_median"), base and base.get("step_time_ms_median")
+    return t0 / t if t and t0 else None
+
+
+def with_baseline(rows: list[dict]) -> list[dict]:
+    """Copies of the rows with `peak_vs_baseline` and `speedup_vs_baseline` against their scenario's
+    full-FP32 cell. Call it before --where filters, so that a filtered view keeps its ratios."""
+    out = []
+    for group in by_scenario(rows).values():
+        base = baseline(group)
+        bpeak = base and base.get("peak_allocated_bytes")
+        for r in group:
+            peak = r.get("peak_allocated_bytes")
+            out.append({**r, "peak_vs_baseline": peak / bpeak if peak and bpeak else None,
+                        "speedup_vs_baseline": speedup(r, base)})
+    return out
+
+
+def _derived(rows: list[dict]) -> list[dict]:
+    return rows if rows and all("peak_vs_baseline" in r for r in rows) else with_baseline(rows)
+
+
+def report_records(rows: list[dict]) -> list[dict]:
+    """One flat record per row (RECORD_KEYS), with the derived columns of the report."""
+    from .bars import row_segments
+    out = []
+    for r in _derived(rows):
+        seg = row_segments(r) or {}
+        rec = {k: r.get(k) for k in RECORD_KEYS}
+        rec.update(activation_bytes=seg.get("activations"), rest_bytes=seg.get("rest"))
+        out.append(rec)
+    return out
+
+
+def _scale(rows: list[dict]) -> int:
+    from .bars import row_segments
+    return max([sum((row_segments(r) or {}).values()) for r in rows] + [1])
+
+
+def report_tables(rows: list[dict], bar_width: int = 24) -> list:
+    """One rich Table per scenario (and device), the bars of each on one scale, and the legend."""
+    from rich.table import Table
+    from .bars import human, legend, rich_bar, row_segments
+    out = []
+    for title, group in by_scenario(_derived(rows)).items():
+        scale = _scale(group)
+        t = Table(title=f"{title} (full memory bar = {human(scale)})", header_style="bold", title_justify="left")
+        for name, just in [("cell", "left"), ("status", "left"), ("memory", "left"),
+                           ("peak MiB", "right"), ("vs fp32-full", "right"), ("step ms (p10–p90)", "right"),
+                           ("tokens/s", "right"), ("speed-up", "right"), ("underflow %", "right"),
+                           ("est. err %", "right")]:
+            t.add_column(name, justify=just, overflow="fold", no_wrap=name in ("cell", "memory"))
+        for r in group:
+            st, sp, pv = r.get("status", "?"), r["speedup_vs_baseline"], r["peak_vs_baseline"]
+            t.add_row(r.get("cell", "?"), f"[{STATUS_STYLE.get(st, 'white')}]{st}[/]",
+                      rich_bar(row_segments(r), scale, bar_width), mib(r.get("peak_allocated_bytes")),
+                      "–" if pv is None else f"{pv:.2f}×", step_time(r),
+                      "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+                      "–" if sp is None else f"{sp:.2f}×", underflow(r),
+                      "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}")
+        out.append(t)
+    out.append(legend(rich=True))
+    return out
+
+
+def markdown_report(rows: list[dict], bar_width: int = 24) -> str:
+    """Markdown tables, one per scenario; bars in plain characters (see the legend line)."""
+    from .bars import human, legend, plain_bar, row_segments
+    lines = []
+    for title, group in by_scenario(_derived(rows)).items():
+        scale = _scale(group)
+        lines += [f"### {title} (full memory bar = {human(scale)})", "",
+                  "| cell | status | memory | peak MiB | vs fp32-full | step ms median (p10–p90) "
+                  "| tokens/s | speed-up | underflow % unscaled → scaled | est. error % |", "|" + "---|" * 10]
+        for r in group:
+            lines.append("| " + " | ".join([
+                str(r.get("cell")), str(r.get("status")), f"`{plain_bar(row_segments(r), scale, bar_width) or ' '}`",
+                mib(r.get("peak_allocated_bytes")),
+                "–" if r["peak_vs_baseline"] is None else f"{r['peak_vs_baseline']:.2f}×", step_time(r),
+                "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+                "–" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}×", underflow(r),
+                "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}"]) + " |")
+        lines.append("")
+    lines.append(f"Bars: {legend(rich=False)}; underflow % unscaled → scaled.")
+    return "\n".join(lines) + "\n"
+
+
+def render_report(rows: list[dict], fmt: str, width: int = 160) -> str:
+    """The report as text: table (rich, no colour), markdown, csv or json records."""
+    if fmt == "json":
+        from ..row.results import jsonable
+        return json.dumps(jsonable(report_records(rows)), indent=1) + "\n"
+    if fmt == "csv":
+        import csv
+        import io
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(RECORD_KEYS), lineterminator="\n")
+        w.writeheader()
+        for rec in report_records(rows):
+            w.writerow({k: ("" if v is None else v) for k, v in rec.items()})
+        return buf.getvalue()
+    if fmt == "markdown":
+        return markdown_report(rows)
+    if fmt == "table":
+        import io
+        from rich.console import Console
+        out = io.StringIO()
+        con = Console(file=out, width=width, force_terminal=False)
+        for t in report_tables(rows):
+            con.print(t)
+        return out.getvalue()
+    raise ValueError(fmt)

@@ -1,0 +1,145 @@
+"""Scenario files: a model, a training set-up and a matrix of techniques.
+
+`load_scenario` validates a file strictly (see `schema.py`) and `expand` turns
+the matrix into cells: the cartesian product of the axes, minus `exclude`
+entries, with full fine-tuning cells (rank 0) yielded once rather than once
+per LoRA-only axis value.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .config import AXES, AXIS_CHECKS, LORA_TARGETS, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
+from .presets import preset_data
+from .schema import ConfigError, build, fld, ge, read_yaml, run_checks
+
+
+@dataclass
+class Scenario:
+    """A whole scenario file."""
+
+    name: str = fld(doc="scenario name; results go to results/<name>-<UTC time>.jsonl")
+    model: dict = fld(doc="a preset (preset: NAME, other keys override it) or explicit ModelConfig fields")
+    description: str = fld("", "free text")
+    device: Literal["auto", "cpu", "cuda"] = fld("auto", "auto picks cuda when available")
+    seed: int = fld(0, "seeds weights, LoRA init and data", (ge(0),))
+    train: dict = fld({}, "TrainConfig fields")
+    matrix: dict = fld({}, "MatrixSpec axes")
+    exclude: list[dict] = fld([], "cells to drop: each entry matches cells whose keys all equal its values")
+
+
+@dataclass
+class LoadedScenario:
+    scenario: Scenario
+    model: ModelConfig
+    train: TrainConfig
+    matrix: MatrixSpec
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.scenario.name
+
+
+def load_scenario(path: str) -> LoadedScenario:
+    """Read and validate a scenario file; raises ConfigError with file and key."""
+    return parse_scenario(read_yaml(path), path)
+
+
+def parse_scenario(data: Any, source: str) -> LoadedScenario:
+    sc = build(Scenario, data, "", source)
+    mdata = dict(sc.model)
+    if "preset" in mdata:
+        preset = mdata.pop("preset")
+        if not isinstance(preset, str):
+            raise ConfigError(source, "model.preset", f"must be a string, got {preset!r}")
+        mdata = {**preset_data(preset, source), **mdata}
+    model = build(ModelConfig, mdata, "model", source)
+    train = build(TrainConfig, sc.train, "train", source)
+    matrix = build(MatrixSpec, normalize_axes(sc.matrix, source), "matrix", source)
+    for axis, checks in AXIS_CHECKS.items():
+        for i, v in enumerate(getattr(matrix, axis)):
+            run_checks(v, checks, f"matrix.{axis}[{i}]", source)
+    for i, targets in enumerate(matrix.lora_targets):
+        allowed = allowed_targets(model.style)
+        for j, t in enumerate(targets):
+            if t not in allowed:
+                raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]", f"unknown target {t!r} for a {model.style} model (allowed: {', '.join(allowed)})")
+        if not targets:
+            raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
+    for i, acc in enumerate(matrix.accumulation):
+        if train.batch_size % acc:
+            raise ConfigError(source, f"matrix.accumulation[{i}]", f"must divide train.batch_size={train.batch_size}, got {acc}")
+    for i, entry in enumerate(sc.exclude):
+        for key, value in entry.items():
+            if key not in AXES:
+                raise ConfigError(source, f"exclude[{i}].{key}", f"unknown matrix key (allowed: {', '.join(AXES)})")
+    return LoadedScenario(sc, model, train, matrix, source)
+
+
+def normalize_axes(matrix: dict, source: str) -> dict:
+    """Scalars become one-value axes; lora_targets [q, v] is one value, [[q, v], [q]] an axis."""
+    out = {}
+    for key, value in (matrix or {}).items():
+        if key == "lora_targets":
+            if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+                out[key] = value
+            else:
+                out[key] = [value] if isinstance(value, list) else [[value]] if isinstance(value, str) else value
+        else:
+            out[key] = value if isinstance(value, list) else [value]
+    return out
+
+
+def expand(ls: LoadedScenario) -> list[Cell]:
+    """The cells of a scenario, in matrix order, full fine-tuning cells once."""
+    m = ls.matrix
+    varying = {a for a in AXES if len({_hashable(v) for v in getattr(m, a)}) > 1}
+    cells: list[Cell] = []
+    seen: dict[str, Cell] = {}
+    for combo in itertools.product(*(getattr(m, a) for a in AXES)):
+        kv = dict(zip(AXES, combo))
+        if kv["lora_rank"] == 0:
+            kv.update(lora_alpha=None, lora_targets=None, lora_dropout=None, base_dtype="fp32")
+        else:  # canonical order: [v, q] and [q, v] are the same cell
+            kv["lora_targets"] = tuple(sorted(set(kv["lora_targets"]), key=LORA_TARGETS.index))
+        if any(_matches(kv, entry) for entry in ls.scenario.exclude):
+            continue
+        cell = Cell(**kv, id=cell_id(kv, varying))
+        if cell.id in seen:
+            if seen[cell.id] != cell:
+                raise ConfigError(ls.source, "matrix", f"two different cells get the id {cell.id!r}: "
+                                  "make the values of an axis differ in their first 6 significant digits")
+            continue
+        seen[cell.id] = cell
+        cells.append(cell)
+    return cells
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _matches(kv: dict, entry: dict) -> bool:
+    return all(_hashable(kv[k]) == _hashable(v) for k, v in entry.items())
+
+
+def cell_id(kv: dict, varying: set) -> str:
+    """Stable readable id, e.g. `bf16-r8-bf16base-ckpt-acc4`."""
+    parts = [kv["precision"], "full" if kv["lora_rank"] == 0 else f"r{kv['lora_rank']}"]
+    if kv["lora_rank"]:
+        if kv["base_dtype"] != "fp32":
+            parts.append(f"{kv['base_dtype']}base")
+        if "lora_targets" in varying:
+            parts.append("t" + "".join(kv["lora_targets"]))
+        if "lora_alpha" in varying:
+            parts.append(f"a{kv['lora_alpha']:g}")
+        if "lora_dropout" in varying:
+            parts.append(f"d{kv['lora_dropout']:g}")
+    if kv["checkpointing"]:
+        parts.append("ckpt")
+    if kv["accumulation"] > 1:
+        parts.append(f"acc{kv['accumulation']}")
+    return "-".join(parts)

@@ -1,0 +1,183 @@
+"""Declarative validation of nested dicts into dataclasses.
+
+Every config dataclass in lorabench declares its fields once, with a type
+annotation, a default and optional checks in the field metadata; `build`
+walks the dict, rejects unknown keys, checks types and constraints, and
+reports the first problem as one `ConfigError` naming the source file and the
+key path (``matrix.lora_rank[2]``). No validation is scattered elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A user input problem: one line, naming the source and the key path."""
+
+    def __init__(self, source: str, path: str, message: str):
+        super().__init__(f"{source}: {path}: {message}" if path else f"{source}: {message}")
+        self.source, self.path, self.message = source, path, message
+
+
+class FieldError(ValueError):
+    """Raised from `__post_init__` for a cross-field problem; `build` adds the path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+Check = Callable[[Any], Optional[str]]
+
+
+def ge(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}, got {v!r}"
+
+
+def gt(lo: float) -> Check:
+    return lambda v: None if v > lo else f"must be > {lo}, got {v!r}"
+
+
+def lt(hi: float) -> Check:
+    return lambda v: None if v < hi else f"must be < {hi}, got {v!r}"
+
+
+def nonempty(v: Any) -> Optional[str]:
+    return None if len(v) > 0 else "must not be empty"
+
+
+def fld(default: Any = dataclasses.MISSING, doc: str = "", checks: tuple = ()) -> Any:
+    """A dataclass field with a docstring and checks kept in its metadata."""
+    meta = {"doc": doc, "checks": checks}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(value: Any, tp: Any, path: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(source, path, f"must be {type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, path, source)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if any(value == c and type(value) is type(c) for c in typing.get_args(tp)):
+            return value
+        raise bad
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (elem,) = typing.get_args(tp)[:1]
+        return [coerce(v, elem, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, source)
+    raise TypeError(f"unsupported annotation {tp}")
+
+
+def run_checks(value: Any, checks: tuple, path: str, source: str) -> None:
+    if value is None:
+        return
+    for check in checks:
+        msg = check(value)
+        if msg:
+            raise ConfigError(source, path, msg)
+
+
+def build(cls: type, data: Any, path: str, source: str) -> Any:
+    """Validate the mapping `data` against dataclass `cls` and construct it."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, path or "(top level)", f"must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            allowed = ", ".join(fields)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(source, join(path, str(key)), f"unknown key ({hint}allowed: {allowed})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = join(path, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, sub, "missing required key")
+            continue
+        value = coerce(data[name], hints[name], sub, source)
+        run_checks(value, f.metadata.get("checks", ()), sub, source)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        raise ConfigError(source, join(path, e.key), e.message) from None
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def read_yaml(path: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(path, "", "no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(path, "", f"malformed YAML: {where}{problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not a text file") from None
