@@ -96,7 +96,7 @@ def test_scalars_become_one_value_axes_and_defaults():
     ls = parse_scenario(scenario(matrix={"precision": "bf16", "lora_rank": 8, "lora_targets": ["q", "v"]}), "x.yaml")
     assert ls.matrix.precision == ["bf16"] and ls.matrix.lora_rank == [8] and ls.matrix.lora_targets == [["q", "v"]]
     (c,) = expand(ls)
-    assert c == Cell("bf16", 8, 16.0, ("q", "v"), 0.0, False, 1, "fp32", "bf16-r8")
+    assert c == Cell(precision="bf16", lora_rank=8, lora_alpha=16.0, lora_targets=("q", "v"), lora_dropout=0.0, checkpointing=False, accumulation=1, base_dtype="fp32", id="bf16-r8")
     assert ids(scenario()) == ["fp32-full"]
     ls2 = parse_scenario(scenario(matrix={"lora_rank": 4, "lora_targets": "q"}), "x.yaml")
     assert expand(ls2)[0].lora_targets == ("q",)
@@ -218,19 +218,19 @@ def test_unknown_preset_lists_known_ones():
 
 def test_axes_cover_every_cell_field():
     assert AXES == ["precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
-                    "accumulation", "base_dtype"]
+                    "accumulation", "base_dtype", "adapter"]
     c = expand(parse_scenario(scenario(matrix={"lora_rank": 4}), "x"))[0].to_dict()
     assert c["cell"] == "fp32-r4" and c["lora_targets"] == ["q", "v"]
 
 
 def test_cell_from_dict_inverts_to_dict_and_reads_rows():
     from lorabench.spec.config import Cell
-    c = Cell("bf16", 8, 16.0, ("q", "v"), 0.1, True, 4, "bf16", "bf16-r8-bf16base-ckpt-acc4")
+    c = Cell(precision="bf16", lora_rank=8, lora_alpha=16.0, lora_targets=("q", "v"), lora_dropout=0.1, checkpointing=True, accumulation=4, base_dtype="bf16", id="bf16-r8-bf16base-ckpt-acc4")
     assert Cell.from_dict(c.to_dict()) == c
     payload = {**c.to_dict(), "id": c.id}
     del payload["cell"]
     assert Cell.from_dict(payload) == c
     row = {**c.to_dict(), "status": "ok", "peak_allocated_bytes": 1}  # a result row: extra keys ignored
     assert Cell.from_dict(row) == c
-    full = Cell("fp32", 0, None, None, None, False, 1, "fp32", "fp32-full")
+    full = Cell(precision="fp32", lora_rank=0, id="fp32-full")
     assert Cell.from_dict({**full.to_dict(), "base_dtype": None}) == full

@@ -35,7 +35,7 @@ def read_jsonl(path) -> list[dict]:
 
 def test_fp16_grad_scaler_on_cuda_skips_an_inf_step():
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=64, seq_len=16)
-    cell = Cell("fp16", 0, None, None, None, False, 1, "fp32", "fp16-full")
+    cell = Cell(precision="fp16", lora_rank=0, id="fp16-full")
     model = build_model(cfg, cell, "cuda", 0)
     opt, impl = make_optimizer(model, TrainConfig(lr=1e-2), "cuda")
     assert impl == "foreach"

@@ -78,8 +78,8 @@ def measured_results(tmp_path) -> str:
     train = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False)
     path = tmp_path / "results.jsonl"
     writer = ResultWriter(path)
-    for cell in (Cell("fp32", 0, None, None, None, False, 1, "fp32", "fp32-full"),
-                 Cell("bf16", 4, 16.0, ("q", "v"), 0.0, True, 2, "bf16", "bf16-r4")):
+    for cell in (Cell(precision="fp32", lora_rank=0, id="fp32-full"),
+                 Cell(precision="bf16", lora_rank=4, lora_alpha=16.0, lora_targets=("q", "v"), lora_dropout=0.0, checkpointing=True, accumulation=2, base_dtype="bf16", id="bf16-r4")):
         c = cell.to_dict()
         c["id"] = c.pop("cell")
         writer.append(run_cell({"scenario": "t", "model": cfg.to_dict(), "train": train.__dict__, "cell": c,

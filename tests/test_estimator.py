@@ -32,11 +32,11 @@ def measure(cfg: ModelConfig, cell: Cell, batch: int, warmup: int = 2, optimizer
 
 
 def full(precision="fp32", ckpt=False, acc=1) -> Cell:
-    return Cell(precision, 0, None, None, None, ckpt, acc, "fp32", "c")
+    return Cell(precision=precision, lora_rank=0, checkpointing=ckpt, accumulation=acc, base_dtype="fp32", id="c")
 
 
 def lora(precision="fp32", rank=4, targets=("q", "v"), ckpt=False, acc=1, base="fp32", dropout=0.0) -> Cell:
-    return Cell(precision, rank, 16.0, tuple(targets), dropout, ckpt, acc, base, "c")
+    return Cell(precision=precision, lora_rank=rank, lora_alpha=16.0, lora_targets=tuple(targets), lora_dropout=dropout, checkpointing=ckpt, accumulation=acc, base_dtype=base, id="c")
 
 
 def random_case(rng: random.Random):

@@ -12,10 +12,10 @@ from lorabench.estimate.gpus import list_gpus, lookup
 from lorabench.train.techniques import build_model, compute_loss
 
 CASES = [
-    Cell("fp32", 0, None, None, None, False, 1, "fp32", ""),
-    Cell("fp32", 4, 8.0, ("q", "v", "down"), 0.0, False, 1, "fp32", ""),
-    Cell("fp32", 4, 8.0, ("k", "o"), 0.0, True, 2, "fp32", ""),
-    Cell("fp32", 0, None, None, None, True, 1, "fp32", ""),
+    Cell(precision="fp32", lora_rank=0, id=""),
+    Cell(precision="fp32", lora_rank=4, lora_alpha=8.0, lora_targets=("q", "v", "down"), lora_dropout=0.0, checkpointing=False, accumulation=1, base_dtype="fp32", id=""),
+    Cell(precision="fp32", lora_rank=4, lora_alpha=8.0, lora_targets=("k", "o"), lora_dropout=0.0, checkpointing=True, accumulation=2, base_dtype="fp32", id=""),
+    Cell(precision="fp32", lora_rank=0, checkpointing=True, accumulation=1, base_dtype="fp32", id=""),
 ]
 
 
@@ -46,7 +46,7 @@ def test_matmul_flops_match_flop_counter(style, cell):
 
 def test_full_finetune_is_six_n_per_token_plus_attention():
     cfg = load_preset("llama-2-7b")
-    f = flops_per_step(cfg, Cell("bf16", 0, None, None, None, False, 1, "fp32", ""), 8)
+    f = flops_per_step(cfg, Cell(precision="bf16", lora_rank=0, id=""), 8)
     n_matmul = cfg.published_params - cfg.vocab_size * cfg.d_model - (2 * cfg.n_layers + 1) * cfg.d_model  # no embedding, norms
     tokens = 8 * cfg.seq_len
     assert f.model == 6 * n_matmul * tokens + attention_flops(cfg, 8, 3)
@@ -55,8 +55,8 @@ def test_full_finetune_is_six_n_per_token_plus_attention():
 def test_lora_is_about_four_n_frozen_per_token():
     """litgpt: a frozen weight costs forward + input gradient (4·N), no weight gradient."""
     cfg = load_preset("llama-2-7b")
-    full = flops_per_step(cfg, Cell("bf16", 0, None, None, None, False, 1, "fp32", ""), 8).model
-    lora = flops_per_step(cfg, Cell("bf16", 8, 16.0, ("q", "v"), 0.0, False, 1, "bf16", ""), 8).model
+    full = flops_per_step(cfg, Cell(precision="bf16", lora_rank=0, id=""), 8).model
+    lora = flops_per_step(cfg, Cell(precision="bf16", lora_rank=8, lora_alpha=16.0, lora_targets=("q", "v"), lora_dropout=0.0, checkpointing=False, accumulation=1, base_dtype="bf16", id=""), 8).model
     attn = attention_flops(cfg, 8, 3)
     assert (lora - attn) / (full - attn) == pytest.approx(4 / 6, rel=0.01)
 

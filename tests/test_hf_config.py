@@ -10,7 +10,7 @@ from lorabench.spec.presets import load_preset
 from lorabench.stacks.transformer_layout import state_bytes
 from lorabench.spec.schema import ConfigError
 
-FULL = Cell("fp32", 0, None, None, None, False, 1, "fp32", "")
+FULL = Cell(precision="fp32", lora_rank=0, id="")
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
              "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
              "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,

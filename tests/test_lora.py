@@ -24,8 +24,8 @@ def gqa_cfg(**kw) -> ModelConfig:
 def cell(rank=4, alpha=16.0, targets=("q", "v"), dropout=0.0, base_dtype="fp32", precision="fp32",
          checkpointing=False, accumulation=1) -> Cell:
     if rank == 0:
-        return Cell(precision, 0, None, None, None, checkpointing, accumulation, "fp32", "full")
-    return Cell(precision, rank, alpha, tuple(targets), dropout, checkpointing, accumulation, base_dtype, "c")
+        return Cell(precision=precision, lora_rank=0, checkpointing=checkpointing, accumulation=accumulation, base_dtype="fp32", id="full")
+    return Cell(precision=precision, lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets), lora_dropout=dropout, checkpointing=checkpointing, accumulation=accumulation, base_dtype=base_dtype, id="c")
 
 
 def tokens(cfg: ModelConfig, batch=2, seed=1):

@@ -10,7 +10,7 @@ from lorabench.stacks.transformer_layout import state_bytes
 from lorabench.stacks.transformer import Transformer, count_params
 
 MINE = [n for n in preset_names() if not n.startswith(("cpu-", "gpu-"))]
-FULL = Cell("fp32", 0, None, None, None, False, 1, "fp32", "")
+FULL = Cell(precision="fp32", lora_rank=0, id="")
 EXPECTED = {  # totals as the checkpoints report them (model.num_parameters(), tied heads once)
     "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200,
     "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import dataclasses
 import time
 
 import pytest
@@ -30,10 +31,8 @@ def run_rows(path, cells=CELLS, scenario="tiny"):
     train = TrainConfig(batch_size=4, steps=3, warmup_steps=2, underflow_probe=True)
     writer = ResultWriter(path)
     for p, r, ck, acc in cells:
-        c = Cell(p, r, 16.0 if r else None, ("q", "v") if r else None, 0.0 if r else None, ck, acc, "fp32")
-        d = c.to_dict()
-        d.pop("cell")
-        d["id"] = cell_id({**d, "lora_targets": c.lora_targets}, set())
+        c = Cell(precision=p, lora_rank=r, checkpointing=ck, accumulation=acc)
+        d = dataclasses.replace(c, id=cell_id(c, set())).to_dict()
         writer.append(run_cell({"scenario": scenario, "model": cfg.to_dict(), "train": train.__dict__, "cell": d,
                                 "device": "cpu", "seed": 0, "spawned_at": time.time()}))
     return str(path)

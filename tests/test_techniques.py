@@ -19,8 +19,8 @@ def cfg(**kw) -> ModelConfig:
 
 def cell(precision="fp32", rank=0, checkpointing=False, accumulation=1, targets=("q", "v"), base_dtype="fp32") -> Cell:
     if rank == 0:
-        return Cell(precision, 0, None, None, None, checkpointing, accumulation, "fp32", "c")
-    return Cell(precision, rank, 16.0, tuple(targets), 0.0, checkpointing, accumulation, base_dtype, "c")
+        return Cell(precision=precision, lora_rank=0, checkpointing=checkpointing, accumulation=accumulation, base_dtype="fp32", id="c")
+    return Cell(precision=precision, lora_rank=rank, lora_alpha=16.0, lora_targets=tuple(targets), lora_dropout=0.0, checkpointing=checkpointing, accumulation=accumulation, base_dtype=base_dtype, id="c")
 
 
 def grads(model) -> dict:

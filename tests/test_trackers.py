@@ -88,7 +88,7 @@ def test_cpu_tracker_without_window_has_no_peak():
 
 def test_cpu_tracker_sees_a_training_step():
     cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, vocab_size=32, seq_len=8)
-    cell = Cell("fp32", 0, None, None, None, False, 1, "fp32", "c")
+    cell = Cell(precision="fp32", lora_rank=0, id="c")
     with MemoryTracker("cpu") as mem:
         model = build_model(cfg, cell, "cpu", 0)
         opt, _ = make_optimizer(model, TrainConfig(), "cpu")
@@ -115,7 +115,7 @@ def _stepped(cell: Cell):
 
 
 def test_state_bytes_full_finetune_matches_hand_arithmetic():
-    model, opt = _stepped(Cell("fp32", 0, None, None, None, False, 1, "fp32", "c"))
+    model, opt = _stepped(Cell(precision="fp32", lora_rank=0, id="c"))
     n = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
     got = state_bytes(model, opt)
@@ -125,7 +125,7 @@ def test_state_bytes_full_finetune_matches_hand_arithmetic():
 
 def test_state_bytes_before_a_step_has_no_grads_or_state():
     cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, vocab_size=32, seq_len=8)
-    model = build_model(cfg, Cell("fp32", 0, None, None, None, False, 1, "fp32", "c"), "cpu", 0)
+    model = build_model(cfg, Cell(precision="fp32", lora_rank=0, id="c"), "cpu", 0)
     opt, _ = make_optimizer(model, TrainConfig(), "cpu")
     n = sum(p.numel() for p in model.parameters())
     assert state_bytes(model, opt) == {"param_bytes": 4 * n, "grad_bytes": 0, "optimizer_state_bytes": 0}
@@ -134,7 +134,7 @@ def test_state_bytes_before_a_step_has_no_grads_or_state():
 @pytest.mark.parametrize("base_dtype, width", [("fp32", 4), ("bf16", 2)])
 def test_state_bytes_lora_matches_hand_arithmetic(base_dtype, width):
     rank = 4
-    model, opt = _stepped(Cell("fp32", rank, 8.0, ("q", "k", "v"), 0.0, False, 1, base_dtype, "c"))
+    model, opt = _stepped(Cell(precision="fp32", lora_rank=rank, lora_alpha=8.0, lora_targets=("q", "k", "v"), lora_dropout=0.0, checkpointing=False, accumulation=1, base_dtype=base_dtype, id="c"))
     lora = 2 * rank * ((16 + 16) + (16 + 8) + (16 + 8))  # 2 layers, (d_in + d_out)·r per target
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     n_lora_tensors = 2 * 3 * 2

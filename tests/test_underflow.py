@@ -22,7 +22,7 @@ TINY = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, vocab_size=64, se
 
 def make_cell(precision="fp16", rank=0, base="fp32", dropout=0.0, acc=1):
     lora = (16.0, ("q", "v"), dropout) if rank else (None, None, None)
-    return Cell(precision, rank, lora[0], lora[1], lora[2], False, acc, base if rank else "fp32", "t")
+    return Cell(precision=precision, lora_rank=rank, lora_alpha=lora[0], lora_targets=lora[1], lora_dropout=lora[2], checkpointing=False, accumulation=acc, base_dtype=base if rank else "fp32", id="t")
 
 
 def trained(cell, steps=2, scaler=None, batch=4):
@@ -234,7 +234,7 @@ def test_checkpointing_and_accumulation():
     batch = MarkovTokens(TINY.vocab_size, TINY.seq_len, 0).batch(0, 4)
     probes = []
     for ckpt in (False, True):
-        cell = Cell("fp16", 0, None, None, None, ckpt, 2, "fp32", "t")
+        cell = Cell(precision="fp16", lora_rank=0, checkpointing=ckpt, accumulation=2, base_dtype="fp32", id="t")
         probes.append(probe(build_model(TINY, cell, "cpu", 0), batch_loss_fn(batch, cell), 2.0**-6).to_dict())
     assert probes[0] == probes[1]
     acts = {a["name"]: a["numel"] for a in probes[0]["activations"]}

@@ -32,7 +32,7 @@ def restore_threads() -> None:
 def _warm() -> None:
     torch.set_num_threads(1)
     cfg = ModelConfig(d_model=8, n_layers=1, n_heads=2, d_ff=16, vocab_size=16, seq_len=4)
-    cell = Cell("fp32", 0, None, None, None, True, 1, "fp32", "warm")
+    cell = Cell(precision="fp32", lora_rank=0, checkpointing=True, accumulation=1, base_dtype="fp32", id="warm")
     x = torch.zeros(1, 4, dtype=torch.long)
     available = torch.cuda.is_available
     torch.cuda.is_available = lambda: False

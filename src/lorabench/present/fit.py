@@ -102,12 +102,9 @@ class Combo:
     accumulation: int
 
     def cell(self, targets: tuple = DEFAULT_TARGETS) -> Cell:
-        lora = self.lora_rank > 0
-        kv = dict(precision=self.precision, lora_rank=self.lora_rank, lora_alpha=16.0 if lora else None,
-                  lora_targets=tuple(targets) if lora else None, lora_dropout=0.0 if lora else None,
-                  checkpointing=self.checkpointing, accumulation=self.accumulation,
-                  base_dtype=self.base_dtype if lora else "fp32")
-        return Cell(**kv, id=cell_id(kv, set()))
+        cell = Cell(precision=self.precision, lora_rank=self.lora_rank, lora_targets=tuple(targets),
+                    checkpointing=self.checkpointing, accumulation=self.accumulation, base_dtype=self.base_dtype)
+        return dataclasses.replace(cell, id=cell_id(cell, set()))
 
     @property
     def id(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, run_checks
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+PRECISIONS = ("fp32", "fp16", "bf16")
 Precision = Literal["fp32", "fp16", "bf16"]
 DType = Literal["fp32", "fp16", "bf16"]
 
@@ -90,40 +91,119 @@ class MatrixSpec:
     checkpointing: list[bool] = fld([False], "recompute each block in backward: True reduces activation memory, costs a forward", (nonempty,))
     accumulation: list[int] = fld([1], "micro-batches per optimizer step: micro-batch = batch_size / accumulation", (nonempty,))
     base_dtype: list[DType] = fld(["fp32"], "storage of the frozen weights in LoRA cells (16 bits as real LoRA fine-tunes load them)", (nonempty,))
+    adapter: list[str] = fld(["lora"], "adapter kind in cells with lora_rank > 0: lora, or another registered adapter (lorabench.adapters)", (nonempty,))
 
 
 AXIS_CHECKS = {"lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Cell:
-    """One point of the matrix: the techniques one training run uses."""
+    """One point of the matrix: the techniques one training run uses.
+
+    Normalised once, here: a full fine-tuning cell (lora_rank 0) has no adapter
+    fields and an fp32 base; an adapter cell's targets are a tuple in the
+    canonical order of LORA_TARGETS, so [v, q] and [q, v] are one cell. The
+    derived facts (`is_lora`, `autocast_dtype`, `uses_loss_scaler`,
+    `micro_batch`, `matmul_dtype`) are asked of the cell, never re-derived.
+    """
 
     precision: str
-    lora_rank: int
-    lora_alpha: Optional[float]
-    lora_targets: Optional[tuple]
-    lora_dropout: Optional[float]
-    checkpointing: bool
-    accumulation: int
-    base_dtype: str
+    """fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler)"""
+    lora_rank: int = 0
+    """0 = full fine-tuning; > 0 trains only the adapters"""
+    lora_alpha: Optional[float] = None
+    """adapter scaling numerator (LoRA: output scaled by alpha / rank)"""
+    lora_targets: Optional[tuple] = None
+    """projections that get adapters, a subset of LORA_TARGETS"""
+    lora_dropout: Optional[float] = None
+    """dropout on the adapter input"""
+    checkpointing: bool = False
+    """recompute each block in backward"""
+    accumulation: int = 1
+    """micro-batches per optimizer step"""
+    base_dtype: str = "fp32"
+    """storage of the frozen weights in adapter cells (fp32 in full fine-tuning)"""
+    adapter: Optional[str] = None
+    """the adapter kind (adapters/ registry: lora, ...); None in full fine-tuning"""
     id: str = ""
+    """readable id, e.g. bf16-r8-bf16base-ckpt-acc4 (scenario.cell_id)"""
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once
+        if self.precision not in PRECISIONS:
+            raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.base_dtype not in PRECISIONS:
+            raise FieldError("base_dtype", f"must be one of {', '.join(PRECISIONS)}, got {self.base_dtype!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise FieldError("lora_rank", f"must be an integer >= 0, got {self.lora_rank!r}")
+        if isinstance(self.accumulation, bool) or not isinstance(self.accumulation, int) or self.accumulation < 1:
+            raise FieldError("accumulation", f"must be an integer >= 1, got {self.accumulation!r}")
+        put("checkpointing", bool(self.checkpointing))
+        if self.lora_rank == 0:
+            for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter"):
+                put(k, None)
+            put("base_dtype", "fp32")
+            return
+        put("adapter", self.adapter or "lora")
+        put("lora_alpha", 16.0 if self.lora_alpha is None else float(self.lora_alpha))
+        put("lora_dropout", 0.0 if self.lora_dropout is None else float(self.lora_dropout))
+        targets = tuple(self.lora_targets or ("q", "v"))
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            raise FieldError("lora_targets", f"unknown target {unknown[0]!r} (allowed: {', '.join(LORA_TARGETS)})")
+        put("lora_targets", tuple(sorted(set(targets), key=LORA_TARGETS.index)))
+        if not self.lora_alpha > 0:
+            raise FieldError("lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise FieldError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+
+    @property
+    def is_lora(self) -> bool:
+        """Only adapters train; the base is frozen in base_dtype."""
+        return self.lora_rank > 0
+
+    @property
+    def dropout(self) -> float:
+        """The adapter input's dropout probability (0.0 in full fine-tuning)."""
+        return self.lora_dropout or 0.0
+
+    @property
+    def autocast_dtype(self) -> Optional[str]:
+        """The half dtype autocast computes in, or None (fp32: no autocast)."""
+        return None if self.precision == "fp32" else self.precision
+
+    @property
+    def uses_loss_scaler(self) -> bool:
+        """fp16 trains with GradScaler's dynamic loss scaling; bf16 and fp32 need none."""
+        return self.precision == "fp16"
+
+    def micro_batch(self, batch_size: int) -> int:
+        """Sequences per forward/backward: batch_size / accumulation."""
+        return batch_size // self.accumulation
+
+    def matmul_dtype(self, tf32: Optional[bool] = False) -> str:
+        """The dtype whose peak bounds the cell's matmuls (MFU): autocast's half dtype; in an
+        fp32 adapter cell on a 16-bit base the frozen matmuls run in base_dtype; else fp32/tf32."""
+        if self.autocast_dtype:
+            return self.autocast_dtype
+        if self.base_dtype != "fp32":
+            return self.base_dtype
+        return "tf32" if tf32 else "fp32"
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
         d["cell"] = d.pop("id")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cell":
-        """The inverse of to_dict, also for result rows and runner payloads (id under `cell` or `id`;
-        keys that are not Cell fields are ignored)."""
-        targets = d.get("lora_targets")
-        return cls(d["precision"], d["lora_rank"], d.get("lora_alpha"), tuple(targets) if targets else None,
-                   d.get("lora_dropout"), bool(d["checkpointing"]), d["accumulation"], d.get("base_dtype") or "fp32",
-                   d.get("cell", d.get("id", "")))
+        """The inverse of to_dict, also for result rows (keys that are not Cell fields are ignored;
+        rows written before the `adapter` axis existed are LoRA)."""
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "id" and d.get(f.name) is not None}
+        return cls(**kw, id=d.get("cell", d.get("id", "")) or "")
 
 
 def allowed_targets(style: str) -> list[str]:

@@ -7,6 +7,7 @@ per LoRA-only axis value.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -94,20 +95,17 @@ def normalize_axes(matrix: dict, source: str) -> dict:
 
 
 def expand(ls: LoadedScenario) -> list[Cell]:
-    """The cells of a scenario, in matrix order, full fine-tuning cells once."""
+    """The cells of a scenario, in matrix order, full fine-tuning cells once (a Cell normalises
+    itself: rank 0 drops every adapter axis, so those axes do not multiply full cells)."""
     m = ls.matrix
     varying = {a for a in AXES if len({_hashable(v) for v in getattr(m, a)}) > 1}
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
     for combo in itertools.product(*(getattr(m, a) for a in AXES)):
-        kv = dict(zip(AXES, combo))
-        if kv["lora_rank"] == 0:
-            kv.update(lora_alpha=None, lora_targets=None, lora_dropout=None, base_dtype="fp32")
-        else:  # canonical order: [v, q] and [q, v] are the same cell
-            kv["lora_targets"] = tuple(sorted(set(kv["lora_targets"]), key=LORA_TARGETS.index))
-        if any(_matches(kv, entry) for entry in ls.scenario.exclude):
+        cell = Cell(**dict(zip(AXES, combo)))
+        if any(_matches(cell, entry) for entry in ls.scenario.exclude):
             continue
-        cell = Cell(**kv, id=cell_id(kv, varying))
+        cell = dataclasses.replace(cell, id=cell_id(cell, varying))
         if cell.id in seen:
             if seen[cell.id] != cell:
                 raise ConfigError(ls.source, "matrix", f"two different cells get the id {cell.id!r}: "
@@ -122,24 +120,29 @@ def _hashable(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-def _matches(kv: dict, entry: dict) -> bool:
-    return all(_hashable(kv[k]) == _hashable(v) for k, v in entry.items())
+def _matches(cell: Cell, entry: dict) -> bool:
+    return all(_hashable(getattr(cell, k)) == _hashable(v) for k, v in entry.items())
 
 
-def cell_id(kv: dict, varying: set) -> str:
-    """Stable readable id, e.g. `bf16-r8-bf16base-ckpt-acc4`."""
-    parts = [kv["precision"], "full" if kv["lora_rank"] == 0 else f"r{kv['lora_rank']}"]
-    if kv["lora_rank"]:
-        if kv["base_dtype"] != "fp32":
-            parts.append(f"{kv['base_dtype']}base")
+def cell_id(cell: Cell, varying: set) -> str:
+    """Stable readable id, e.g. `bf16-r8-bf16base-ckpt-acc4` (an adapter other than lora: `bf16-dora-r8`)."""
+    parts = [cell.precision]
+    if cell.is_lora:
+        if cell.adapter != "lora":
+            parts.append(cell.adapter)
+        parts.append(f"r{cell.lora_rank}")
+        if cell.base_dtype != "fp32":
+            parts.append(f"{cell.base_dtype}base")
         if "lora_targets" in varying:
-            parts.append("t" + "".join(kv["lora_targets"]))
+            parts.append("t" + "".join(cell.lora_targets))
         if "lora_alpha" in varying:
-            parts.append(f"a{kv['lora_alpha']:g}")
+            parts.append(f"a{cell.lora_alpha:g}")
         if "lora_dropout" in varying:
-            parts.append(f"d{kv['lora_dropout']:g}")
-    if kv["checkpointing"]:
+            parts.append(f"d{cell.lora_dropout:g}")
+    else:
+        parts.append("full")
+    if cell.checkpointing:
         parts.append("ckpt")
-    if kv["accumulation"] > 1:
-        parts.append(f"acc{kv['accumulation']}")
+    if cell.accumulation > 1:
+        parts.append(f"acc{cell.accumulation}")
     return "-".join(parts)
