@@ -1,6 +1,7 @@
 """`lorabench run` end to end on CPU: rows, CSV, formats, cell selection, bad inputs, crashes, interruption."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 import lorabench.launch.process as runner
 from lorabench.cli import main
-from lorabench.spec.scenario import expand, load_scenario
+from lorabench.spec.scenario import LoadedScenario, expand, load_scenario
 
 TINY = """\
 name: tiny
@@ -258,15 +259,15 @@ def test_help_exits_0(tmp_path):
 # ---- crashes and interruptions -----------------------------------------------------------------
 
 def test_a_crashing_cell_is_recorded_and_the_rest_goes_on(tiny, tmp_path, monkeypatch):
-    real = runner.payload_for
+    real = LoadedScenario.job
 
-    def payload_for(ls, cell, device):
-        p = real(ls, cell, device)
-        if cell.id == "fp32-r4":
-            p["cell"]["lora_targets"] = ["no_such_module"]  # the child raises in apply_lora
-        return p
+    def job(ls, cell, device):
+        j = real(ls, cell, device)
+        if cell.id == "fp32-r4":  # ModelConfig takes it, nn.Embedding refuses it in the child
+            j = dataclasses.replace(j, model=dataclasses.replace(j.model, vocab_size=-1))
+        return j
 
-    monkeypatch.setattr(runner, "payload_for", payload_for)
+    monkeypatch.setattr(LoadedScenario, "job", job)
     out = tmp_path / "crash.jsonl"
     r = cli("run", tiny, "--out", out, "--cells", "fp32-*,bf16-full")
     assert r.exit_code == 0, r.output
@@ -274,7 +275,7 @@ def test_a_crashing_cell_is_recorded_and_the_rest_goes_on(tiny, tmp_path, monkey
     assert [row["cell"] for row in rows] == ["fp32-full", "fp32-r4", "bf16-full"]
     assert [row["status"] for row in rows] == ["ok", "error", "ok"]
     bad = rows[1]
-    assert bad["error"].startswith("ValueError: no module named") and "\n" not in bad["error"]
+    assert bad["error"].startswith("RuntimeError: ") and "negative dimension" in bad["error"] and "\n" not in bad["error"]
     assert "Traceback" in bad["traceback"]
     assert ALWAYS_KEYS <= set(bad)
     assert bad["peak_allocated_bytes"] is None and bad["step_time_ms_median"] is None and bad["loss_last"] is None
@@ -285,12 +286,12 @@ def test_a_crashing_cell_is_recorded_and_the_rest_goes_on(tiny, tmp_path, monkey
 def _payload(tiny_path, cell_id="fp32-full"):
     ls = load_scenario(str(tiny_path))
     (cell,) = [c for c in expand(ls) if c.id == cell_id]
-    return runner.payload_for(ls, cell, "cpu")
+    return ls.job(cell, "cpu")
 
 
 def test_run_in_process_child_that_raises_gives_an_error_row(tiny):
     p = _payload(tiny, "bf16-r4")
-    p["model"]["vocab_size"] = -1  # ModelConfig takes it, nn.Embedding refuses it in the child
+    p = dataclasses.replace(p, model=dataclasses.replace(p.model, vocab_size=-1))  # refused in the child only
     row = runner.run_in_process(p, timeout_s=60)
     assert row["status"] == "error" and row["cell"] == "bf16-r4"
     assert row["error"] and "\n" not in row["error"]
@@ -306,14 +307,17 @@ def test_run_in_process_ok_then_timeout(tiny):
     assert ALWAYS_KEYS <= set(slow) and slow["loss_last"] is None
 
 
-@pytest.mark.parametrize("exitcode, status, text", [
-    (None, "timeout", "no result within 5 s"),
-    (-9, "oom", "SIGKILL"),
-    (-11, "error", "SIGSEGV"),
-    (1, "error", "exit code 1"),
+@pytest.mark.parametrize("exitcode, oom_killed, status, text", [
+    (None, None, "timeout", "no result within 5 s"),
+    (-9, True, "oom", "OOM killer: host out of memory"),
+    (-9, False, "error", "not by the OOM killer"),
+    (-9, None, "error", "possibly host out of memory"),
+    (-11, None, "error", "SIGSEGV"),
+    (-15, True, "error", "SIGTERM"),  # only a SIGKILL can be the OOM killer's
+    (1, None, "error", "exit code 1"),
 ])
-def test_failed_row_statuses(tiny, exitcode, status, text):
-    row = runner.failed_row(_payload(tiny, "fp32-r4"), exitcode, 5.0)
+def test_failed_row_statuses(tiny, exitcode, oom_killed, status, text):
+    row = runner.failed_row(_payload(tiny, "fp32-r4"), exitcode, 5.0, oom_killed)
     assert row["status"] == status and text in row["error"]
     assert row["cell"] == "fp32-r4" and row["lora_targets"] == ["q", "v"]
     assert ALWAYS_KEYS <= set(row)
@@ -324,7 +328,7 @@ def test_interrupted_run_keeps_written_rows_and_resumes(tiny, tmp_path, monkeypa
     calls = []
 
     def interrupt_after_first(payload, timeout_s):
-        calls.append(payload["cell"]["id"])
+        calls.append(payload.cell.id)
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C while the second cell runs
         return real(payload, timeout_s)
@@ -339,7 +343,7 @@ def test_interrupted_run_keeps_written_rows_and_resumes(tiny, tmp_path, monkeypa
     first_line = out.read_text()
     assert first_line.endswith("\n") and first_line.count("\n") == 1  # whole lines only
 
-    monkeypatch.setattr(runner, "run_in_process", lambda p, t: (calls.append(p["cell"]["id"]), real(p, t))[1])
+    monkeypatch.setattr(runner, "run_in_process", lambda p, t: (calls.append(p.cell.id), real(p, t))[1])
     calls.clear()
     r = cli("run", tiny, "--out", out, "--resume", "--format", "json")
     assert r.exit_code == 0, r.output
@@ -354,7 +358,7 @@ def test_interrupted_run_keeps_written_rows_and_resumes(tiny, tmp_path, monkeypa
 
 def test_resume_of_a_damaged_file_names_the_line(tiny, tmp_path):
     out = tmp_path / "damaged.jsonl"
-    out.write_text('{"cell": "fp32-full", "status": "ok"}\n{"cell": "fp32-r4", "sta')
+    out.write_text('{"cell": "fp32-full", "status": "ok", "precision": "fp32"}\n{"cell": "fp32-r4", "sta')
     r = cli("run", tiny, "--out", out, "--resume")
     assert r.exit_code == 2
     assert_one_line_error(r.stderr, str(out), "line 2")

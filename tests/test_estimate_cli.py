@@ -1,15 +1,11 @@
-"""`lorabench estimate` and `lorabench validate` from the command line."""
+"""`lorabench estimate` from the command line (`validate`: tests/test_validate.py)."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from lorabench.measure.worker import run_cell
-from lorabench.spec.config import Cell, ModelConfig, TrainConfig
 from lorabench.spec.presets import load_preset
-from lorabench.row.results import ResultWriter
 
 SCENARIO = """
 name: tiny
@@ -71,61 +67,6 @@ def test_estimate_bad_input_is_one_line_exit_2(args, message):
     r = cli("estimate", *args)
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
-
-
-def measured_results(tmp_path) -> str:
-    cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, vocab_size=64, seq_len=16)
-    train = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False)
-    path = tmp_path / "results.jsonl"
-    writer = ResultWriter(path)
-    for cell in (Cell(precision="fp32", lora_rank=0, id="fp32-full"),
-                 Cell(precision="bf16", lora_rank=4, lora_alpha=16.0, lora_targets=("q", "v"), lora_dropout=0.0, checkpointing=True, accumulation=2, base_dtype="bf16", id="bf16-r4")):
-        c = cell.to_dict()
-        c["id"] = c.pop("cell")
-        writer.append(run_cell({"scenario": "t", "model": cfg.to_dict(), "train": train.__dict__, "cell": c,
-                                "device": "cpu", "seed": 0, "spawned_at": time.time()}))
-    writer.append({"cell": "oom-cell", "status": "oom", "peak_allocated_bytes": None})
-    return str(path)
-
-
-def test_validate_passes_and_fails_on_bounds(tmp_path):
-    path = measured_results(tmp_path)
-    r = cli("validate", path, "--max-median-pct", "5", "--max-p95-pct", "5")
-    assert r.exit_code == 0, r.output
-    assert "2 cells" in r.output and "1 rows without a measured peak" in r.output
-    r = cli("validate", path, "--format", "json")
-    summary = json.loads(r.output)["summary"]
-    assert summary["cells"] == 2 and summary["component_mismatches"] == {"param_bytes": 0, "grad_bytes": 0,
-                                                                          "optimizer_state_bytes": 0}
-    rows = [json.loads(line) for line in open(path)]
-    rows[0]["peak_allocated_bytes"] = rows[0]["peak_allocated_bytes"] // 2  # a measurement the estimate misses by 100 %
-    rows[1]["param_bytes"] += 2
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = cli("validate", str(bad), "--max-median-pct", "5")
-    assert r.exit_code == 1
-    assert "median" in r.output and "param_bytes" in r.output
-
-
-@pytest.mark.parametrize("content, message", [("{not json}\n", "line 1"), ('{"a": 1}\n', "no 'cell' key")])
-def test_validate_bad_input_exit_2(tmp_path, content, message):
-    p = tmp_path / "r.jsonl"
-    p.write_text(content)
-    r = cli("validate", str(p))
-    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
-
-
-def test_validate_csv_has_one_row_per_measured_cell():
-    import csv
-    import io
-    from pathlib import Path
-    path = sorted((Path(__file__).resolve().parents[1] / "results").glob("cpu-quick-*.jsonl"))[0]
-    r = cli("validate", str(path), "--format", "csv")
-    assert r.exit_code == 0, r.output
-    rows = list(csv.DictReader(io.StringIO(r.output)))
-    measured = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    assert [x["cell"] for x in rows] == [m["cell"] for m in measured if m["status"] == "ok"]
-    assert all(int(x["measured_peak_bytes"]) > 0 for x in rows)
 
 
 @pytest.mark.parametrize("args", [["estimate", "--model", "gpt2"], ["fit", "--model", "llama-2-7b", "--gpu", "24GiB"],

@@ -15,7 +15,8 @@ import pytest
 from lorabench.measure.worker import run_cell
 from lorabench.spec.config import Cell, ModelConfig, TrainConfig
 from lorabench.spec.presets import load_preset
-from lorabench.estimate.analytic import estimate, estimate_fields, first_update_step
+from lorabench.estimate.analytic import estimate
+from lorabench.row.codec import estimate_fields, first_update_step
 
 PEAK_BOUND_PCT = 5.0
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -180,7 +181,8 @@ def test_mfu_needs_a_known_gpu():
            "lora_dropout": None, "checkpointing": False, "accumulation": 1, "base_dtype": "fp32", "status": "ok",
            "device": "cuda", "model": "custom", "style": "llama", "d_model": 64, "n_layers": 2, "n_heads": 4,
            "n_kv_heads": 4, "d_ff": 128, "vocab_size": 100, "seq_len": 32, "batch_size": 8, "steps": 8,
-           "warmup_steps": 2, "step_time_ms_median": 10.0, "tf32": False, "device_name": "NVIDIA H100 80GB HBM3"}
+           "warmup_steps": 2, "lr": 1e-3, "step_time_ms_median": 10.0, "tf32": False,
+           "device_name": "NVIDIA H100 80GB HBM3"}
     n_matmul = cfg.n_layers * (4 * 64 * 64 + 3 * 64 * 128) + 64 * 100
     tokens = 8 * 32
     flops = tokens * (6 * n_matmul + 6 * cfg.n_layers * 64 * 32)  # causal attention: half of nanoGPT's 12·L·H·D·s
@@ -234,5 +236,5 @@ def test_grid_over_a_7b_model_is_consistent():
 
 def test_memory_window_matches_what_cell_tracks():
     """CUDA counters cover warm-up + timed steps; the CPU tracker the warm-up steps only (cell.py)."""
-    from lorabench.estimate.analytic import memory_window
+    from lorabench.spec.config import memory_window
     assert memory_window(2, 8, "cuda") == 10 and memory_window(2, 8, "cpu") == 2

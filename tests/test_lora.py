@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from lorabench.spec.config import Cell, ModelConfig, TrainConfig
-from lorabench.adapters.lora import LoRALinear, apply_lora, lora_params
+from lorabench.adapters.layer import AdaptedLinear, adapter_params, apply_adapter
 from lorabench.stacks.transformer import Transformer, count_params
 from lorabench.train.techniques import build_model, make_optimizer, make_scaler, train_step
 
@@ -35,8 +35,8 @@ def tokens(cfg: ModelConfig, batch=2, seed=1):
     return x, y
 
 
-def loras(model) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+def loras(model) -> list[AdaptedLinear]:
+    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
 
 
 # ---- parameter count ---------------------------------------------------------------------------
@@ -53,11 +53,11 @@ def test_trainable_params_are_d_in_plus_d_out_times_rank(targets, per_layer_dims
     cfg = gqa_cfg()
     model = Transformer(cfg)
     total_before, _ = count_params(model)
-    wrapped = apply_lora(model, targets, rank, alpha=8.0)
+    wrapped = apply_adapter(model, targets, rank, alpha=8.0)
     expected = cfg.n_layers * sum((d_in + d_out) * rank for d_in, d_out in per_layer_dims)
     total, trainable = count_params(model)
     assert trainable == expected
-    assert lora_params(model) == expected
+    assert sum(p.numel() for p in adapter_params(model).values()) == expected
     assert total == total_before + expected
     assert len(wrapped) == cfg.n_layers * len(targets)
     for m in wrapped:
@@ -71,7 +71,7 @@ def test_trainable_params_are_d_in_plus_d_out_times_rank(targets, per_layer_dims
 def test_gpt2_targets_and_tied_head_stay_frozen():
     cfg = ModelConfig(style="gpt2", d_model=16, n_layers=2, n_heads=2, d_ff=32, vocab_size=32, seq_len=8)
     model = Transformer(cfg)
-    apply_lora(model, ("q", "v", "up", "down"), 2, 4.0)
+    apply_adapter(model, ("q", "v", "up", "down"), 2, 4.0)
     _, trainable = count_params(model)
     assert trainable == 2 * 2 * ((16 + 16) + (16 + 16) + (16 + 32) + (32 + 16))
     assert model.head.weight is model.tok_emb.weight and not model.head.weight.requires_grad
@@ -79,9 +79,9 @@ def test_gpt2_targets_and_tied_head_stay_frozen():
 
 def test_no_target_found_and_bad_rank_raise():
     with pytest.raises(ValueError, match="no module named"):
-        apply_lora(Transformer(gqa_cfg()), ("nonexistent",), 4, 8.0)
+        apply_adapter(Transformer(gqa_cfg()), ("nonexistent",), 4, 8.0)
     with pytest.raises(ValueError, match="rank must be > 0"):
-        LoRALinear(nn.Linear(4, 4), 0, 8.0)
+        AdaptedLinear(nn.Linear(4, 4), "lora", 0, 8.0)
 
 
 # ---- initialisation and scaling ----------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_no_target_found_and_bad_rank_raise():
 def test_A_is_kaiming_uniform_and_B_is_zero():
     torch.manual_seed(0)
     d_in, d_out, rank = 64, 48, 32
-    m = LoRALinear(nn.Linear(d_in, d_out), rank, 16.0)
+    m = AdaptedLinear(nn.Linear(d_in, d_out), "lora", rank, 16.0)
     bound = 1 / math.sqrt(d_in)  # kaiming_uniform with a = sqrt(5): gain sqrt(1/3), bound = gain·sqrt(3/fan_in)
     A = m.lora_A.detach()
     assert A.dtype == torch.float32
@@ -105,7 +105,7 @@ def test_A_is_kaiming_uniform_and_B_is_zero():
 @pytest.mark.parametrize("rank, alpha", [(4, 16.0), (8, 8.0), (16, 32.0), (3, 1.0)])
 def test_scaling_is_alpha_over_rank(rank, alpha):
     torch.manual_seed(0)
-    m = LoRALinear(nn.Linear(12, 10), rank, alpha)
+    m = AdaptedLinear(nn.Linear(12, 10), "lora", rank, alpha)
     assert m.scaling == alpha / rank
     with torch.no_grad():
         m.lora_B.normal_()
@@ -199,7 +199,7 @@ def test_frozen_weights_are_bit_identical_after_training(base_dtype):
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[n])]
     assert any(n.endswith("lora_B") for n in changed) and any(n.endswith("lora_A") for n in changed)
     # the optimizer holds only the adapters
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == lora_params(model)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in adapter_params(model).values())
 
 
 def test_bf16_base_dtype_stores_frozen_weights_in_bf16_adapters_in_fp32():
@@ -225,7 +225,7 @@ def test_fp32_base_keeps_everything_fp32():
 
 def test_dropout_only_active_in_train_mode():
     torch.manual_seed(0)
-    m = LoRALinear(nn.Linear(32, 16), 4, 8.0, dropout=0.5)
+    m = AdaptedLinear(nn.Linear(32, 16), "lora", 4, 8.0, dropout=0.5)
     assert isinstance(m.dropout, nn.Dropout) and m.dropout.p == 0.5
     with torch.no_grad():
         m.lora_B.normal_()
@@ -241,7 +241,7 @@ def test_dropout_only_active_in_train_mode():
         t1, t2 = m(x), m(x)
     assert not torch.allclose(t1, expected, atol=1e-3)
     assert not torch.allclose(t1, t2, atol=1e-3)
-    m0 = LoRALinear(nn.Linear(4, 4), 2, 2.0, dropout=0.0)
+    m0 = AdaptedLinear(nn.Linear(4, 4), "lora", 2, 2.0, dropout=0.0)
     assert isinstance(m0.dropout, nn.Identity)
 
 

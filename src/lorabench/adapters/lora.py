@@ -2,91 +2,54 @@
 
     h = W0·x + (alpha / r) · B·A·dropout(x)
 
-W0 (d_out × d_in) is frozen; A (r × d_in) is Kaiming-uniform initialised, B
-(d_out × r) is zero, so at initialisation ΔW = B·A = 0 and the model equals
-the base model. Trainable parameters per target: (d_in + d_out)·r.
-`LoRALinear` wraps the base `nn.Linear` (as litgpt does) rather than
-inheriting from it; the adapter stays in FP32 whatever `base_dtype` stores W0.
+W0 (d_out × d_in) is frozen; A (r × d_in) is Kaiming-uniform initialised (as
+nn.Linear and microsoft/LoRA), B (d_out × r) is zero, so at initialisation
+ΔW = (alpha / r)·B·A = 0 and the model equals the base model. Trainable
+parameters per target: (d_in + d_out)·r.
 """
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ..sim.ops import elementwise, linear
+from ..sim.rules import unary_backward
+from .base import Adapter, AdapterParam
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be > 0, got {rank}")
-        self.base = base
-        self.rank, self.alpha = rank, alpha
-        self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and microsoft/LoRA
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+class LoRA(Adapter):
+    name = "lora"
 
-    def forward(self, x):
-        out = self.base(x)  # the residual stream is in the base dtype, as with a 16-bit base model
-        if self.merged:
-            return out
-        h = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(self.lora_A.dtype)  # the adapter computes in FP32 outside autocast
-        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
-        return out + lora.to(out.dtype)
+    def params(self, d_in, d_out, cell):
+        return [AdapterParam("lora_A", (cell.lora_rank, d_in)), AdapterParam("lora_B", (d_out, cell.lora_rank))]
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = (alpha / r) · B·A, shape (d_out, d_in), in FP32."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+    def init(self, layer):
+        import torch.nn as nn
+        nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(layer.lora_B)
 
-    @torch.no_grad()
-    def merge(self):
-        """W0 += ΔW: the adapter costs nothing at inference (claim C9)."""
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
+    def branch(self, layer, h):
+        import torch.nn.functional as F
+        return F.linear(F.linear(h, layer.lora_A), layer.lora_B) * layer.scaling
 
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
+    def delta_weight(self, layer, on_host=False):
+        A, B = layer.lora_A, layer.lora_B
+        if on_host:
+            A, B = A.detach().float().cpu(), B.detach().float().cpu()
+        return (B @ A) * layer.scaling
 
+    def replay(self, sim, h, params, d_out):
+        """(B·A·h)·alpha/r: A's output (N·r, saved when B trains), B's output (N·d_out), the scaled copy."""
+        A, B = params["lora_A"], params["lora_B"]
+        rank = B.tensor.numel // d_out
+        a = linear(sim, h, A, None, rank)
+        ba = linear(sim, a, B, None, d_out)
+        sim.drop(a)
+        scaled = elementwise(sim, ba, unary_backward, save_input=False)  # · alpha/r
+        sim.drop(ba)
+        return scaled
 
-def apply_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
-               base_dtype: str = "fp32") -> list[LoRALinear]:
-    """Freeze every parameter, store them in `base_dtype`, and wrap each targeted
-    projection (module names q, k, v, o, gate, up, down) in a LoRALinear.
-    Only the adapters (FP32) train."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.to(DTYPES[base_dtype])
-    wrapped = []
-    for parent in list(model.modules()):
-        for name in targets:
-            child = getattr(parent, name, None)
-            if isinstance(child, nn.Linear):
-                lora = LoRALinear(child, rank, alpha, dropout)
-                setattr(parent, name, lora)
-                wrapped.append(lora)
-    if not wrapped:
-        raise ValueError(f"no module named any of {list(targets)} to adapt")
-    return wrapped
-
-
-def adapters(model: nn.Module) -> list[LoRALinear]:
-    """The model's LoRA-wrapped projections, in module order."""
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def lora_params(model: nn.Module) -> int:
-    """Trainable adapter parameters: sum over targets of (d_in + d_out)·r."""
-    return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapters(model))
+    def delta_abs_max(self, layer):
+        """B = 0 gives exactly 0 without the d_out × d_in product (A is finite by construction)."""
+        if not layer.lora_B.detach().any():
+            return 0.0
+        return super().delta_abs_max(layer)

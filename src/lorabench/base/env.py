@@ -104,3 +104,40 @@ def nvml_snapshot() -> dict:
     except Exception:
         pass
     return out
+
+
+OOM_COUNTERS = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this cgroup (v2 memory.events
+    or v1 memory.oom_control: `oom_kill N`); None where neither is readable."""
+    for path in OOM_COUNTERS:
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def memory_capacity_bytes(device: str) -> tuple[int, str] | None:
+    """What a cell may use: on CPU the RAM available now (/proc/meminfo MemAvailable), on CUDA
+    the GPU's total memory (NVML, no CUDA context); None when unknown."""
+    if device == "cuda":
+        try:
+            with nvml() as pynvml:
+                return int(pynvml.nvmlDeviceGetMemoryInfo(cuda0_handle(pynvml)).total), "GPU memory"
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,81 +79,82 @@ def default_out(name: str) -> Path:
 @click.option("--cells", default=None, help="comma-separated cell ids or globs to run (e.g. 'bf16-*,fp32-full')")
 @click.option("--resume", is_flag=True, help="append to an existing --out, skipping cells already in it")
 @click.option("--list", "list_only", is_flag=True, help="list the cells and exit, running nothing")
+@click.option("--max-cells", type=click.IntRange(min=1), default=None,
+              help="refuse a matrix of more combinations than this before running anything (default 1000)")
+@click.option("--force", is_flag=True, help="run cells whose estimated peak exceeds the device's memory too")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="table for people; json or csv rows on stdout for programs")
-def run_cmd(scenario, out, device, cells, resume, list_only, fmt):
+def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, fmt):
     """Train every cell of SCENARIO.yaml, each in a fresh process, and measure it."""
-    from ..spec.scenario import expand, load_scenario
+    from ..adapters import check
+    from ..spec.scenario import MAX_CELLS, expand, load_scenario
     ls = load_scenario(scenario)
-    todo = select_cells(expand(ls), cells, scenario)
-    dev = device or ls.scenario.device
+    check(ls.matrix.adapter, scenario)
+    todo = select_cells(expand(ls, max_cells or MAX_CELLS), cells, scenario)
     if list_only:
         for c in todo:
             click.echo(c.id)
         return
-    import torch
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(scenario, "device", "cuda requested but no CUDA GPU is visible (use --device cpu)")
-    from ..row.results import ResultWriter, load_rows
+    from ..base.env import resolve_device
+    dev = resolve_device(device or ls.scenario.device)
+    if dev == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(scenario, "device", "cuda requested but no CUDA GPU is visible (use --device cpu)")
+    from ..launch.run import open_results
     path = Path(out) if out else default_out(ls.name)
-    done: list[dict] = []
-    if path.exists() and path.stat().st_size:
-        if not resume:
-            raise ConfigError(str(path), "--out", "exists; pass --resume to continue it or choose another file")
-        done = load_rows(str(path))
-        finished = {r["cell"] for r in done}
-        todo = [c for c in todo if c.id not in finished]
-    writer = ResultWriter(path)
-    writer.rows.extend(done)
-    interrupted = run_with_progress(ls, todo, writer, dev)
-    csv_path = writer.write_csv()
+    signal.signal(signal.SIGTERM, _terminate)  # `kill` / `timeout`: stop like Ctrl-C, keep every row
+    with open_results(path, [ls.job(c, dev) for c in todo], resume) as (writer, jobs):
+        n_done = len(writer.rows)
+        interrupted = run_with_progress(ls, jobs, writer, force)
+        csv_path = writer.write_csv()
     show(writer.rows, fmt, title=f"{ls.name}: {ls.model.name} on {writer.rows[0]['device'] if writer.rows else dev}")
     n_ok = sum(r.get("status") == "ok" for r in writer.rows)
     click.echo(f"{len(writer.rows)} rows ({n_ok} ok) in {path}" + (f" and {csv_path}" if csv_path else ""), err=True)
     if writer.rows and fmt == "table":
         click.echo(f"more: lorabench report {path} | lorabench claims {path} | lorabench validate {path}", err=True)
     if interrupted:
-        click.echo(f"interrupted: {len(todo) - (len(writer.rows) - len(done))} cells not run; "
+        click.echo(f"interrupted: {len(jobs) - (len(writer.rows) - n_done)} cells not run; "
                    f"continue with: lorabench run {scenario} --out {path} --resume", err=True)
         sys.exit(130)
 
 
-def run_with_progress(ls, cells, writer, device) -> bool:
-    """Run the cells under a progress bar on stderr; returns True when Ctrl-C stopped the run."""
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_with_progress(ls, jobs, writer, force: bool = False) -> bool:
+    """Run the jobs under a progress bar on stderr, each row to `writer` as it comes;
+    returns True when Ctrl-C (or SIGTERM) stopped the run."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
-    from ..launch.process import run_scenario
+    from ..launch import launch
     console = Console(stderr=True)
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(ls.name, total=len(cells))
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        task = bar.add_task(ls.name, total=len(jobs))
 
-        def progress(cell, row):
-            if row is None:
-                bar.update(task, description=f"{ls.name}: {cell.id}")
-            else:
-                bar.advance(task)
-                if row.get("status") != "ok":
-                    bar.console.print(f"[red]{cell.id}: {row['status']}[/]: {row.get('error')}")
+        def on_start(job):
+            bar.update(task, description=f"{ls.name}: {job.cell.id}")
+
+        def on_row(job, row):
+            writer.append(row)
+            bar.advance(task)
+            if row.get("status") != "ok":
+                bar.console.print(f"[red]{job.cell.id}: {row['status']}[/]: {row.get('error')}")
         try:
-            run_scenario(ls, cells, writer, device, progress=progress)
+            launch(jobs, on_start, on_row, force=force)
         except KeyboardInterrupt:
             return True
     return False
 
 
 def show(rows, fmt, title=""):
-    from ..present.report import errors, render_rows, run_table
-    if fmt != "table":
-        click.echo(render_rows(rows, fmt), nl=False)
-        return
-    from rich.console import Console
-    console = Console()
-    console.print(run_table(rows, title))
-    for line in errors(rows):
-        console.print(line, style="red", markup=False)
+    from ..present.report import render_run
+    from .reports import echo
+    echo(render_run(rows, fmt, title))
 
 
 @main.command("underflow")
@@ -164,12 +166,9 @@ def show(rows, fmt, title=""):
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def underflow_cmd(scenario, cell_id, loss_scales, steps, fmt):
     """Where FP16/BF16 gradients underflow in one cell, per layer, and what loss scaling buys back."""
-    from ..present.underflow import probe_cell, render, to_json
-    report = probe_cell(scenario, cell_id, loss_scales, steps)
-    if fmt == "json":
-        click.echo(to_json(report))
-    else:
-        render(report)
+    from ..present.underflow import underflow_text
+    from .reports import echo
+    echo(underflow_text(scenario, cell_id, loss_scales, steps, fmt))
 
 
 def _register():

@@ -1,14 +1,15 @@
-"""The `estimate` and `validate` commands; cli.py registers them on its group.
+"""The `estimate` and `validate` commands; cli/__init__.py registers them on its group.
 
 Bad input raises schema.ConfigError (one line naming the file or option); the
 lorabench group turns it into exit status 2. `validate` exits 1 when a bound or
-an exact-match check fails.
+an exact-match check fails. Each command reads its options, calls one function
+of present/estimates.py and prints the text it returns.
 """
 from __future__ import annotations
 
 import click
 
-from ..spec.schema import ConfigError
+from .reports import echo
 
 DTYPES = click.Choice(["fp32", "fp16", "bf16"])
 
@@ -29,17 +30,9 @@ DTYPES = click.Choice(["fp32", "fp16", "bf16"])
 def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype, batch,
                  seq, device, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
-    from ..present.estimates import option_estimates, render_estimates, scenario_estimates
-    if scenario and model:
-        raise ConfigError("options", "--model", "give a scenario file or --model, not both")
-    if scenario:
-        rows = scenario_estimates(scenario, device)
-    elif model:
-        rows = option_estimates(model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype,
-                                batch, seq, device or "cpu")
-    else:
-        raise ConfigError("options", "--model", "give a scenario file or --model PRESET|config.json")
-    click.echo(render_estimates(rows, fmt), nl=False)
+    from ..present.estimates import estimate_text
+    echo(estimate_text(scenario, model, fmt, precision, lora_rank, lora_targets, checkpointing, accumulation,
+                       base_dtype, batch, seq, device))
 
 
 @click.command("validate")
@@ -49,11 +42,8 @@ def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, checkpoint
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def validate_cmd(results, max_median_pct, max_p95_pct, fmt):
     """Estimate vs measurement for every measured row of RESULTS (.jsonl or a folder of them)."""
-    from ..present.estimates import render_validation, validate_file
-    report = validate_file(results)
-    click.echo(render_validation(report, fmt), nl=False)
-    failures = report.failures(max_median_pct, max_p95_pct)
-    for f in failures:
-        click.echo(f"FAIL: {f}")
-    if failures:
+    from ..present.estimates import validate_text
+    text, failed = validate_text(results, fmt, max_median_pct, max_p95_pct)
+    echo(text)
+    if failed:
         raise SystemExit(1)

@@ -3,9 +3,10 @@
     est = estimate(model_cfg, cell, batch_size, device="cpu")
     est.est_peak_bytes, est.est_peak_phase, est.breakdown, est.est_flops_per_step
 
-Every byte is a tensor the training step really holds (see memops.py for the
-per-op saved tensors and memsim.py for how lifetimes are followed). The
-persistent terms are closed forms (layout.py):
+Every byte is a tensor the training step really holds (see
+stacks/transformer_replay.py and each adapter's `replay` for the per-op saved
+tensors, and sim/ for how lifetimes are followed). The
+persistent terms are closed forms (stacks/transformer_layout.py):
 
   params            Σ numel·a        frozen base in base_dtype (a = 2 or 4), trainable in fp32
   grads             Σ_trainable numel·4    .grad of the trainable parameters only
@@ -18,7 +19,7 @@ persistent terms are closed forms (layout.py):
                     tracker counts a batch once an op touches it, so a peak in warm-up step k
                     holds k of them; on CUDA every step's batch is copied to the device first.
 
-The per-micro-batch terms come from replaying the step (memsim): activations
+The per-micro-batch terms come from replaying the step (replay.py on sim/): activations
 saved for backward, autocast's half weight copies (cached for the autocast
 region when the weight trains, and saved by the matmul), logits/loss tensors
 (N·V·a logits, their N·V·4 fp32 copy and log-softmax, two N·V·4 gradients),
@@ -46,15 +47,17 @@ CUDA-only lines (Estimate.cuda_overheads, never folded into a tensor term):
                      modelled for activations (< 512 B per live tensor); added likewise
   cuda_context       ~500 MiB of context and kernels, outside the allocator: NVML sees
                      it, max_memory_allocated does not; reported, never added
-On CUDA the SDPA kernel and autocast's op lists differ (memops.sdpa, layernorm).
+On CUDA the SDPA kernel and autocast's op lists differ (transformer_replay.sdpa, layernorm).
 None of the CUDA terms could be checked on hardware here (no GPU in CI).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from ..spec.config import Cell, ModelConfig
-from ..stacks.transformer_layout import ISZ, state_bytes
+from ..spec.config import Cell, ModelConfig, resolve_optimizer_impl
+from ..stacks.base import ITEM_BYTES as ISZ
+from ..stacks.transformer_layout import state_bytes
 from .replay import simulate
 
 PHASES = ("forward", "backward", "optimizer")
@@ -66,8 +69,6 @@ CUDA_CONTEXT_BYTES = 500 * 1024 ** 2  # typical; depends on driver, CUDA version
 # and with fp16 GradScaler's found_inf and inv_scale.
 SCALARS_LATER_MICROBATCH = {"forward": 8, "backward": 4}
 OPT_SCALARS_FP16 = {"other": 4, "fused": 12}  # found_inf; fused also its sum and grad_scale
-ROW_FIELDS = ("est_param_bytes", "est_grad_bytes", "est_optimizer_state_bytes", "est_activation_bytes",
-              "est_peak_bytes", "est_peak_phase", "est_flops_per_step", "peak_error_pct", "mfu", "hfu")
 
 TERMS = {
     "params": "Σ numel·a over parameters (frozen base in base_dtype, trainable fp32)",
@@ -95,23 +96,24 @@ def _round512(nb: int) -> int:
 @dataclass
 class Estimate:
     """Predicted bytes (int) and FLOPs of one cell; `breakdown` is what is live at the peak."""
-    est_param_bytes: int
-    est_grad_bytes: int
-    est_optimizer_state_bytes: int
-    est_activation_bytes: int
-    est_peak_bytes: int
-    est_peak_phase: str
-    est_flops_per_step: int
-    est_hw_flops_per_step: int
-    phase_peak_bytes: dict[str, int]
-    breakdown: dict[str, int]
+    est_param_bytes: int = field(metadata={'row': True})
+    est_grad_bytes: int = field(metadata={'row': True})
+    est_optimizer_state_bytes: int = field(metadata={'row': True})
+    est_activation_bytes: int = field(metadata={'row': True})
+    est_peak_bytes: int = field(metadata={'row': True})
+    est_peak_phase: str = field(metadata={'row': True})
+    est_flops_per_step: int = field(metadata={'row': True})
+    est_hw_flops_per_step: int = 0
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    breakdown: dict[str, int] = field(default_factory=dict)
     cuda_overheads: dict[str, int] = field(default_factory=dict)
     total_params: int = 0
     trainable_params: int = 0
     device: str = "cpu"
 
     def fields(self) -> dict:
-        return {k: getattr(self, k) for k in ROW_FIELDS[:7]}
+        """The fields a result row stores (declared with metadata row=True; see row/codec.py)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("row")}
 
 
 def batch_pair_bytes(batch_size: int, seq_len: int, device: str) -> int:
@@ -150,18 +152,11 @@ def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int
     grads = sum(_round512(p.nbytes) for p in outer if p.trainable) + L * sum(_round512(p.nbytes) for p in one if p.trainable)
     n_t = sum(p.trainable for p in outer) + L * sum(p.trainable for p in one)
     state = 2 * grads + (n_t * _round512(4) if impl == "fused" else 0)
-    buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_dtype if cell.lora_rank else "fp32"]) \
+    buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_dtype]) \
         if cfg.style == "llama" else 0
     batches = n_batches * 2 * _round512(batch_size * cfg.seq_len * 8)
     return {"cublas_workspace": ws, "allocator_rounding": params + grads + state + buffers + batches,
             "rounding_grads": grads, "rounding_state": state, "cuda_context": CUDA_CONTEXT_BYTES}
-
-
-def resolve_impl(optimizer_impl: str, device: str) -> str:
-    """AdamW's implementation for `auto`: torch's own default, foreach when every parameter is on CUDA."""
-    if optimizer_impl == "auto":
-        return "foreach" if device == "cuda" else "forloop"
-    return optimizer_impl
 
 
 def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = "cpu",
@@ -179,11 +174,10 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     say which: loss_scale_trajectory), so the state may appear later or not at all
     (not with fused AdamW, whose step() runs and skips inside the kernel)."""
     from .flops import flops_per_step
-    impl = resolve_impl(optimizer_impl, device)
-    micro_b = batch_size // cell.accumulation
+    impl = resolve_optimizer_impl(optimizer_impl, device)
+    micro_b = cell.micro_batch(batch_size)
     sb = state_bytes(model_cfg, cell)
-    lora = cell.lora_rank > 0
-    buf_isz = ISZ[cell.base_dtype if lora else "fp32"]
+    buf_isz = ISZ[cell.base_dtype]
     buffers = 2 * model_cfg.max_seq_len * (model_cfg.head_dim // 2) * buf_isz if model_cfg.style == "llama" else 0
     n_batches = window_steps if n_batches is None else n_batches
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
@@ -194,7 +188,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         first_update_step = 1
     state_fb = state_dev if window_steps > first_update_step else 0
     stepped = first_update_step <= window_steps
-    scaler = 8 if cell.precision == "fp16" else 0  # GradScaler's _scale (fp32) and _growth_tracker (int32)
+    scaler = 8 if cell.uses_loss_scaler else 0  # GradScaler's _scale (fp32) and _growth_tracker (int32)
 
     res = simulate(model_cfg, cell, device)
     const = {"params": sb.param_bytes, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
@@ -213,7 +207,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         phases[ph] = (sum(terms.values()), terms)
     opt_tmp = optimizer_temporaries(sb.sizes_in_order, sb.trainable_params, impl) if stepped else 0
     terms = dict(const, optimizer_state=state_dev if stepped else 0, grads=sb.grad_bytes, optimizer_temporaries=opt_tmp,
-                 scalars=8 + (OPT_SCALARS_FP16["fused" if impl == "fused" else "other"] if cell.precision == "fp16" else 0))
+                 scalars=8 + (OPT_SCALARS_FP16["fused" if impl == "fused" else "other"] if cell.uses_loss_scaler else 0))
     phases["optimizer"] = (sum(terms.values()), terms)
 
     cuda = {}
@@ -236,77 +230,3 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,
         cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device)
-
-
-# ---------------------------------------------------------------- rows
-def first_update_step(row: dict) -> int:
-    """The first step whose optimizer.step() ran, from an fp16 row's loss-scale trajectory.
-
-    GradScaler starts at 2^16 and halves the scale on a step it skips (inf/NaN
-    found); a step whose scale after is not below the scale before updated. Rows
-    without a trajectory (fp32, bf16) update from step 1."""
-    traj = row.get("loss_scale_trajectory")
-    if not traj:
-        return 1
-    before = 65536.0
-    for i, after in enumerate(traj, 1):
-        if after is not None and after >= before:
-            return i
-        before = after if after is not None else before
-    return len(traj) + 1
-
-
-def mfu_dtype(cell: Cell, tf32: bool | None) -> str:
-    """The dtype whose peak bounds the cell's matmuls: autocast's half dtype; in an fp32
-    LoRA cell with a 16-bit base the frozen matmuls run in base_dtype; else fp32/tf32."""
-    if cell.precision != "fp32":
-        return cell.precision
-    if cell.lora_rank and cell.base_dtype != "fp32":
-        return cell.base_dtype
-    return "tf32" if tf32 else "fp32"
-
-
-def memory_window(warmup_steps: int, steps: int, device: str) -> int:
-    """Optimizer steps inside the measured memory window, as cell.py tracks them: on CUDA the allocator
-    counters cover every step; on CPU the allocation tracker covers the warm-up steps only."""
-    return warmup_steps + steps if device == "cuda" else warmup_steps
-
-
-def estimate_fields(row_or_args: dict) -> dict:
-    """The est_* fields (and peak_error_pct, mfu, hfu) for a result row.
-
-    Accepts either {"row": row, "model": ModelConfig, "cell": Cell, "train": TrainConfig,
-    "device": str} (cell.py, right after measuring) or a row alone (validate), whose
-    model is rebuilt from its preset name and stored dimensions. Never raises: a
-    failure gives None fields and `est_error`, so a cell's row survives it."""
-    from .gpus import lookup
-    out = {k: None for k in ROW_FIELDS}
-    try:
-        if "row" in row_or_args:
-            row, cfg, cell, train = (row_or_args[k] for k in ("row", "model", "cell", "train"))
-            device = row_or_args.get("device") or row.get("device") or "cpu"
-            warmup, steps, batch, opt = train.warmup_steps, train.steps, train.batch_size, train.optimizer
-        else:
-            from ..row.validate import cell_from_row, model_from_row
-            row = row_or_args
-            cfg, cell = model_from_row(row), cell_from_row(row)
-            device = row.get("device") or "cpu"
-            warmup, steps, batch, opt = row["warmup_steps"], row["steps"], row["batch_size"], "auto"
-        opt = row.get("optimizer_impl") or opt
-        window = memory_window(warmup, steps, device)
-        est = estimate(cfg, cell, batch, device=device, optimizer_impl=opt, n_batches=window, window_steps=window,
-                       first_update_step=first_update_step(row), gpu_name=row.get("device_name"))
-        out.update(est.fields())
-        measured = row.get("peak_allocated_bytes")
-        if measured:
-            out["peak_error_pct"] = round(100.0 * (est.est_peak_bytes - measured) / measured, 4)
-        gpu = lookup(row.get("device_name")) if device == "cuda" else None
-        t_ms = row.get("step_time_ms_median")
-        if gpu is not None and t_ms:
-            peak = gpu.peak_flops(mfu_dtype(cell, row.get("tf32")))
-            if peak:
-                out["mfu"] = est.est_flops_per_step / (t_ms / 1000.0) / peak
-                out["hfu"] = est.est_hw_flops_per_step / (t_ms / 1000.0) / peak
-    except Exception as e:  # the estimate must never cost a measured row
-        out["est_error"] = f"{type(e).__name__}: {e}"[:300]
-    return out

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..adapters import get as get_adapter
 from ..spec.config import Cell, ModelConfig
-from ..stacks.transformer_layout import projections
+from ..stacks import stack_for
 
 
 @dataclass
@@ -44,13 +45,16 @@ class Flops:
 
 
 def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
+    projections = stack_for(cfg).projections
     s, L = cfg.seq_len, cfg.n_layers
     tokens = batch_size * s
-    lora = cell.lora_rank > 0
-    targets = set(cell.lora_targets or ()) if lora else set()
-    r = cell.lora_rank
+    lora = cell.is_lora
+    targets = set(cell.lora_targets or ())
+    # an adapter's matmuls: one multiply-add per element of each of its matrices and token
+    shapes = {n: get_adapter(cell.adapter).params(d_in, d_out, cell) for n, d_in, d_out, _ in projections(cfg)
+              if n in targets}
     block_w = sum(d_in * d_out for _, d_in, d_out, _ in projections(cfg))
-    adapters = sum(r * (d_in + d_out) for name, d_in, d_out, _ in projections(cfg) if name in targets)
+    adapters = sum(p.numel for ps in shapes.values() for p in ps)
     head_w = cfg.d_model * cfg.vocab_size
     attn_fwd_seq = 2 * cfg.n_heads * cfg.head_dim * s * s  # per layer, per sequence (causal)
     fwd_block_tok = 2 * (block_w + adapters)
@@ -60,7 +64,7 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     if lora:
         first = {n: (d_in, d_out) for n, d_in, d_out, _ in projections(cfg)}
         skip = sum(first[n][0] * first[n][1] for n in ("q", "k", "v"))
-        skip += sum(r * first[n][0] for n in ("q", "k", "v") if n in targets)  # A·x: x needs no grad
+        skip += sum(shapes[n][0].numel for n in ("q", "k", "v") if n in targets)  # A·x: x needs no grad
         bwd_in_tok -= 2 * skip
     trainable_w = L * adapters if lora else L * block_w + head_w
     bwd = tokens * (bwd_in_tok + 2 * trainable_w) + batch_size * L * 2 * attn_fwd_seq
@@ -68,6 +72,6 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     # is packed -- the down projection's input -- the op that saves it is not run: down's
     # matmul, or with an adapter on down, its B matmul (base and A have run)
     d_ff, C = cfg.d_ff, cfg.d_model
-    last = r * C if "down" in targets else d_ff * C
+    last = shapes["down"][-1].numel if "down" in targets else d_ff * C
     recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) if cell.checkpointing else 0
     return Flops(model=fwd + bwd, hardware=fwd + bwd + recompute, forward=fwd, backward=bwd, recompute=recompute)

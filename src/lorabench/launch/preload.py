@@ -15,11 +15,11 @@ import os
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # elsewhere: is_available() through NVML, fork-safe
 
-import torch  # noqa: E402
+import torch    # noqa: E402
 
-from ..spec.config import Cell, ModelConfig, TrainConfig# noqa: E402
-from ..train.techniques import build_model, make_optimizer, make_scaler, train_step# noqa: E402
-from ..measure.trackers import MemoryTracker# noqa: E402
+from ..spec.config import Cell, ModelConfig, TrainConfig  # noqa: E402
+from ..train.techniques import build_model, make_optimizer, make_scaler, train_step  # noqa: E402
+from ..measure.trackers import MemoryTracker  # noqa: E402
 
 
 THREADS = torch.get_num_threads()
@@ -32,7 +32,7 @@ def restore_threads() -> None:
 def _warm() -> None:
     torch.set_num_threads(1)
     cfg = ModelConfig(d_model=8, n_layers=1, n_heads=2, d_ff=16, vocab_size=16, seq_len=4)
-    cell = Cell(precision="fp32", lora_rank=0, checkpointing=True, accumulation=1, base_dtype="fp32", id="warm")
+    cell = Cell(precision="fp32", checkpointing=True, id="warm")
     x = torch.zeros(1, 4, dtype=torch.long)
     available = torch.cuda.is_available
     torch.cuda.is_available = lambda: False

@@ -1,4 +1,4 @@
-"""Run a scenario's cells, each in a fresh process, writing rows as they finish.
+"""The process launcher: each cell in a fresh process, its row sent back through a pipe.
 
 Processes come from a forkserver that has imported torch and lorabench once:
 each cell is a fresh fork of it, so it starts in well under a second yet
@@ -9,18 +9,23 @@ matrix goes on.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import multiprocessing as mp
+import os
 import signal
+import threading
 import time
-from dataclasses import asdict
 
-from ..measure.worker import base_row, run_cell
-from ..spec.config import Cell
-from ..spec.scenario import LoadedScenario
-from ..base.env import resolve_device
-from ..row.results import ResultWriter
+from ..adapters import plugin_modules
+from ..base.env import device_name, oom_kills
+from ..measure.worker import run_cell
+from ..row.codec import encode, estimate_fields
+from ..spec.job import CellJob
+from .base import Launcher
 
 _CTX = None
+EXIT_ORPHANED = 3  # a cell whose launcher died exits with this code
 
 
 def context():
@@ -32,29 +37,50 @@ def context():
     return _CTX
 
 
-def _child(payload: dict, conn) -> None:
+def watch_parent(lifeline) -> None:
+    """Exit as soon as the launching process is gone, even when it was SIGKILLed: it holds the
+    only write end of `lifeline`, so the kernel closes it then and recv() sees EOF. (The
+    forkserver cannot do this: every cell holds a copy of its own liveness pipe.)"""
+    def wait():
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(EXIT_ORPHANED)
+    threading.Thread(target=wait, name="lorabench-lifeline", daemon=True).start()
+
+
+def _child(job: dict, plugins: list[str], conn, lifeline) -> None:
+    watch_parent(lifeline)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from .preload import restore_threads
     restore_threads()
-    conn.send(run_cell(payload))
+    for module in plugins:  # adapters registered outside lorabench register here too
+        importlib.import_module(module)
+    conn.send(run_cell(CellJob.from_dict(job)))
     conn.close()
 
 
-def payload_for(ls: LoadedScenario, cell: Cell, device: str) -> dict:
-    c = cell.to_dict()
-    c["id"] = c.pop("cell")
-    return {"scenario": ls.name, "model": ls.model.to_dict(), "train": asdict(ls.train), "cell": c,
-            "device": device, "seed": ls.scenario.seed}
+class ProcessLauncher(Launcher):
+    """One fresh forked process per cell, killed past the scenario's `train.timeout_s`."""
+    name = "process"
+
+    def run_one(self, job: CellJob) -> dict:
+        return run_in_process(job, job.train.timeout_s)
 
 
-def run_in_process(payload: dict, timeout_s: float) -> dict:
+def run_in_process(job: CellJob, timeout_s: float) -> dict:
     """Run one cell in a fresh process; a dead or hung process still yields a row."""
     ctx = context()
     recv, send = ctx.Pipe(duplex=False)
-    payload = {**payload, "spawned_at": time.time()}
-    proc = ctx.Process(target=_child, args=(payload, send), daemon=True)
+    job = dataclasses.replace(job, spawned_at=time.time())
+    oom_before = oom_kills()
+    life_r, life_w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(job.to_dict(), plugin_modules(), send, life_r), daemon=True)
     proc.start()
     send.close()
+    life_r.close()
     row, timed_out = None, False
     try:
         if recv.poll(timeout_s):
@@ -70,39 +96,31 @@ def run_in_process(payload: dict, timeout_s: float) -> dict:
             proc.kill()
             proc.join()
         recv.close()
+        life_w.close()
     if row is None:
-        row = failed_row(payload, None if timed_out else proc.exitcode, timeout_s)
+        oom_after = oom_kills()
+        oom_killed = None if oom_before is None or oom_after is None else oom_after > oom_before
+        row = failed_row(job, None if timed_out else proc.exitcode, timeout_s, oom_killed)
     return row
 
 
-def failed_row(payload: dict, exitcode: int | None, timeout_s: float) -> dict:
-    from ..spec.config import ModelConfig, TrainConfig
-    from ..base.env import device_name
-    from ..estimate.analytic import estimate_fields
-    cell = Cell.from_dict(payload["cell"])
-    model, train, device = ModelConfig(**payload["model"]), TrainConfig(**payload["train"]), resolve_device(payload["device"])
-    row = base_row(payload["scenario"], cell, model, train, device)
-    row["device_name"] = device_name(device)
+def failed_row(job: CellJob, exitcode: int | None, timeout_s: float, oom_killed: bool | None = None) -> dict:
+    """The row of a cell whose process gave none: timed out (exitcode None) or died.
+
+    A SIGKILL is `oom` only when the cgroup's OOM-kill count rose meanwhile
+    (`oom_killed`); when that count is unreadable (None) the row says it may have been."""
+    row = encode(job)
+    row["device_name"] = device_name(job.device)
     if exitcode is None:  # run_in_process killed it for running past timeout_s
         row.update(status="timeout", error=f"no result within {timeout_s:g} s; process killed")
     else:
         sig = f" ({signal.Signals(-exitcode).name})" if exitcode < 0 else ""
-        oom = exitcode == -signal.SIGKILL
-        row.update(status="oom" if oom else "error",
-                   error=f"process died with exit code {exitcode}{sig}" + (" (killed: likely host out of memory)" if oom else ""))
-    row.update(estimate_fields({"row": row, "model": model, "cell": cell, "train": train, "device": device}))
+        why = ""
+        if exitcode == -signal.SIGKILL:
+            why = {True: " (killed by the kernel's OOM killer: host out of memory)",
+                   False: " (killed, not by the OOM killer: its count did not change)",
+                   None: " (killed; the OOM killer's count is not readable here: possibly host out of memory)"}[oom_killed]
+        row.update(status="oom" if oom_killed and exitcode == -signal.SIGKILL else "error",
+                   error=f"process died with exit code {exitcode}{sig}{why}")
+    row.update(estimate_fields(row, job))
     return row
-
-
-def run_scenario(ls: LoadedScenario, cells: list[Cell], writer: ResultWriter, device: str = "auto",
-                 progress=None) -> list[dict]:
-    """Run `cells` one after another; each row goes to `writer` as soon as it exists."""
-    device = resolve_device(device if device != "auto" else ls.scenario.device)
-    for cell in cells:
-        if progress is not None:
-            progress(cell, None)
-        row = run_in_process(payload_for(ls, cell, device), ls.train.timeout_s)
-        writer.append(row)
-        if progress is not None:
-            progress(cell, row)
-    return writer.rows

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.lora import LoRALinear, adapters
+from ..row.codec import LoraInference, LoraInit, keys
+
+from ..adapters.layer import adapted_layers as adapters
 from ..train.techniques import autocast
 from .trackers import StepTimer
 
-INITIAL_KEYS = ("lora_init_delta_abs_max", "lora_scaling")
-INFERENCE_KEYS = ("infer_ms_unmerged", "infer_ms_merged", "merge_max_abs_diff")
+INITIAL_KEYS, INFERENCE_KEYS = keys(LoraInit), keys(LoraInference)  # row/codec.py
 
 
 @torch.no_grad()
@@ -30,16 +31,7 @@ def initial_fields(model) -> dict:
     ads = adapters(model)
     if not ads:
         return dict.fromkeys(INITIAL_KEYS)
-    return {"lora_init_delta_abs_max": max(_delta_abs_max(a) for a in ads), "lora_scaling": ads[0].scaling}
-
-
-def _delta_abs_max(a: LoRALinear) -> float:
-    """max |(alpha / r)·B·A|, on the host (no device allocation may sit in the allocator's cache before the
-    measured window). B = 0 gives exactly 0 without the d_out × d_in product (A is finite by construction)."""
-    B = a.lora_B.detach().float().cpu()
-    if not B.any():
-        return 0.0
-    return (B @ a.lora_A.detach().float().cpu()).abs().max().item() * a.scaling
+    return {"lora_init_delta_abs_max": max(a.adapter.delta_abs_max(a) for a in ads), "lora_scaling": ads[0].scaling}
 
 
 @torch.no_grad()

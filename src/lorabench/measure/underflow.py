@@ -58,6 +58,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..row.codec import UnderflowFields, keys
+from ..stacks.base import numbered_block as group_key  # per-block groups (Stack.block_of's rule)
+
 
 @dataclass(frozen=True)
 class HalfFormat:
@@ -174,12 +177,6 @@ class UnderflowProbe:
 
 for _k in FRACS:  # probe.underflow_frac_unscaled, ... are those of `total`
     setattr(UnderflowProbe, _k, property(lambda self, k=_k: getattr(self.total, k)))
-
-
-def group_key(name: str) -> str:
-    """`blocks.3.attn.q.weight` -> `blocks.3`; `tok_emb.weight` -> `tok_emb`; `w` -> `w`."""
-    parts = name.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
 
 
 def log2_hist(g: torch.Tensor) -> dict[int, int]:
@@ -376,9 +373,7 @@ def probe(model: torch.nn.Module, loss_fn: Callable, loss_scale: float = 2.0**16
     return probe_sweep(model, loss_fn, [loss_scale], precision, device_type)[0]
 
 
-ROW_FIELDS = ("underflow_frac_unscaled", "underflow_frac_scaled", "fp32_zero_frac", "flush_frac", "subnormal_frac",
-              "overflow_frac", "overflow_frac_scaled", "act_underflow_frac_unscaled", "act_underflow_frac_scaled",
-              "probe_loss_scale", "underflow_probe_s", "underflow_error")
+ROW_FIELDS = keys(UnderflowFields)  # the row's underflow keys (row/codec.py)
 
 
 def batch_loss_fn(batch, cell) -> Callable:
@@ -408,12 +403,12 @@ def cell_fields(model, batch, cell, scaler, enabled: bool = True) -> dict:
     if not enabled or cell.precision not in FORMATS:
         return row
     t0 = time.perf_counter()
-    scale = scaler.get_scale() if cell.precision == "fp16" and scaler.is_enabled() else 1.0
+    scale = scaler.get_scale() if cell.uses_loss_scaler and scaler.is_enabled() else 1.0
     try:
         p = probe(model, batch_loss_fn(batch, cell), loss_scale=scale, precision=cell.precision)
     except torch.OutOfMemoryError as e:
         return {**row, "underflow_error": f"OutOfMemoryError: {str(e).strip().splitlines()[0]}"[:300]}
-    row.update({k: getattr(p, k) for k in ROW_FIELDS[:7]}, probe_loss_scale=scale,
+    row.update({k: getattr(p, k) for k in ROW_FIELDS if hasattr(p, k)}, probe_loss_scale=scale,
                act_underflow_frac_unscaled=p.act_total.underflow_frac_unscaled,
                act_underflow_frac_scaled=p.act_total.underflow_frac_scaled,
                underflow_probe_s=round(time.perf_counter() - t0, 4))

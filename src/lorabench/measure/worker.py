@@ -13,52 +13,39 @@ Order of work (each cell in a fresh process, see runner.py):
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 
 import torch
 
-from ..spec.config import Cell, ModelConfig, TrainConfig
+from ..spec.job import CellJob
 from ..base.env import environment, resolve_device
 from . import lora_checks
-from ..estimate.analytic import estimate_fields
+from ..row.codec import encode, estimate_fields
 from ..stacks.transformer import count_params
 from ..train.techniques import build_model, make_optimizer, make_scaler, train_step
 from ..train.tokens import MarkovTokens
 from .trackers import MemoryTracker, StepTimer, state_bytes
 from .underflow import cell_fields as underflow_fields
 
-NULL_MEASURED = ("start_up_s", "cell_wall_s", "device_name", "total_params", "trainable_params", "trainable_pct",
-                 "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "nvml_process_bytes", "step_time_ms_median",
-                 "step_time_ms_p10", "step_time_ms_p90", "tokens_per_s", "loss_first", "loss_last")
-
-
-def base_row(scenario: str, cell: Cell, model: ModelConfig, train: TrainConfig, device: str) -> dict:
-    """The keys every row has, whatever its status; measured ones start as None."""
-    row = {"scenario": scenario, **cell.to_dict(), "status": "ok", "error": None, "device": device,
-           "model": model.name, "style": model.style, "d_model": model.d_model, "n_layers": model.n_layers,
-           "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "d_ff": model.d_ff, "vocab_size": model.vocab_size,
-           "batch_size": train.batch_size, "micro_batch_size": train.batch_size // cell.accumulation,
-           "seq_len": model.seq_len, "steps": train.steps, "warmup_steps": train.warmup_steps, "lr": train.lr}
-    row.update({k: None for k in NULL_MEASURED + lora_checks.INITIAL_KEYS + lora_checks.INFERENCE_KEYS})
-    return row
-
-
-def run_cell(payload: dict) -> dict:
-    """Run one cell described by `payload` (plain dicts, see runner.py) and return its row."""
+def run_cell(job: CellJob | dict) -> dict:
+    """Train and measure one cell in this process; return its row (row/codec.py), whatever happens.
+    `job` may come as CellJob.to_dict(), as it crosses a process boundary."""
     t_enter = time.time()
-    model_cfg = ModelConfig(**payload["model"])
-    train = TrainConfig(**payload["train"])
-    cell = Cell.from_dict(payload["cell"])
-    device = resolve_device(payload["device"])
-    row = base_row(payload["scenario"], cell, model_cfg, train, device)
-    row["start_up_s"] = round(t_enter - payload.get("spawned_at", t_enter), 4)
+    if isinstance(job, dict):
+        job = CellJob.from_dict(job)
+    model_cfg, train, cell = job.model, job.train, job.cell
+    device = resolve_device(job.device)
+    job = dataclasses.replace(job, device=device)
+    row = encode(job)
+    row["start_up_s"] = round(t_enter - (job.spawned_at or t_enter), 4)
     try:
         row.update(environment(device))
         if device == "cuda" and cell.precision == "bf16" and not torch.cuda.is_bf16_supported():
             row.update(status="skipped", error="bf16 is not supported on this GPU")
             return row
-        measure(row, payload, model_cfg, train, cell, device)
+        measure(row, job)
     except torch.OutOfMemoryError as e:
         row.update(status="oom", error=one_line(e))
     except RuntimeError as e:
@@ -69,7 +56,7 @@ def run_cell(payload: dict) -> dict:
     except Exception as e:
         row.update(status="error", error=one_line(e), traceback=traceback.format_exc(limit=8))
     if row["status"] != "ok" and "est_peak_bytes" not in row:  # what the estimator expected of a failed cell
-        row.update(estimate_fields({"row": row, "model": model_cfg, "cell": cell, "train": train, "device": device}))
+        row.update(estimate_fields(row, job))
     row["cell_wall_s"] = round(time.time() - t_enter, 3)
     return row
 
@@ -79,9 +66,9 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
-def measure(row: dict, payload: dict, model_cfg: ModelConfig, train: TrainConfig, cell: Cell, device: str) -> None:
+def measure(row: dict, job: CellJob) -> None:
+    model_cfg, train, cell, device, seed = job.model, job.train, job.cell, job.device, job.seed
     cuda = device == "cuda"
-    seed = payload.get("seed", 0)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = train.tf32
         torch.backends.cudnn.allow_tf32 = train.tf32
@@ -126,12 +113,12 @@ def measure(row: dict, payload: dict, model_cfg: ModelConfig, train: TrainConfig
         memory_window="all steps" if cuda else "warm-up steps",
         **timing, tokens_per_s=tokens / (timing["step_time_ms_median"] / 1000.0),
         loss_first=losses[0], loss_last=losses[-1],
-        skipped_steps=skipped if cell.precision == "fp16" else None,
-        final_loss_scale=scales[-1] if cell.precision == "fp16" else None,
-        loss_scale_trajectory=scales if cell.precision == "fp16" else None,
+        skipped_steps=skipped if cell.uses_loss_scaler else None,
+        final_loss_scale=scales[-1] if cell.uses_loss_scaler else None,
+        loss_scale_trajectory=scales if cell.uses_loss_scaler else None,
     )
     # what the estimator predicted; then the probes, outside every measured window
-    row.update(estimate_fields({"row": row, "model": model_cfg, "cell": cell, "train": train, "device": device}))
+    row.update(estimate_fields(row, job))
     row.update(underflow_fields(model, batches[-1], cell, scaler, enabled=train.underflow_probe))
-    x_micro = batches[-1][0][: train.batch_size // cell.accumulation]
+    x_micro = batches[-1][0][: cell.micro_batch(train.batch_size)]
     row.update(lora_checks.inference_fields(model, x_micro, cell.precision, device))  # last: merges and unmerges

@@ -158,7 +158,7 @@ def c4(rows):
 
 def c6(rows):
     from ..stacks.transformer_layout import projections
-    from ..row.validate import model_from_row
+    from ..row.codec import decode_model as model_from_row
     lora = [r for r in rows if r.get("status") == "ok" and r.get("lora_rank") and r.get("trainable_params")
             and r.get("total_params") and r.get("d_model")]
     if not lora:
@@ -321,25 +321,28 @@ def check_claims(rows: list[dict]) -> list[Verdict]:
 VERDICT_STYLE = {HOLDS: "green", FAILS: "red", NOT_MEASURED: "dim"}
 
 
+def claims_table(verdicts: list[Verdict]):
+    """A rich Table, one row per claim, the verdict in its colour."""
+    from rich.markup import escape
+    from rich.table import Table
+    t = Table(header_style="bold", show_lines=True)
+    for col, ratio_ in (("#", None), ("claim", 3), ("measured", 3), ("verdict", 1), ("source", 1)):
+        t.add_column(col, ratio=ratio_, overflow="fold")
+    for v in verdicts:
+        t.add_row(v.id, escape(v.claim), escape(v.measured), f"[{VERDICT_STYLE[v.verdict]}]{v.verdict}[/]", v.source)
+    return t
+
+
 def render(verdicts: list[Verdict], fmt: str, width: int = 160) -> str:
-    if fmt == "json":
-        return json.dumps([asdict(v) for v in verdicts], indent=1) + "\n"
-    if fmt == "markdown":
-        lines = ["| # | claim | measured | verdict | source |", "|---|---|---|---|---|"]
-        cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - a | inside a cell would split it
-        lines += [f"| {v.id} | {cell(v.claim)} | {cell(v.measured)} | {v.verdict} | {v.source} |" for v in verdicts]
-        return "\n".join(lines) + "\n"
-    if fmt == "table":
-        import io
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-        t = Table(header_style="bold", show_lines=True)
-        for col, ratio_ in (("#", None), ("claim", 3), ("measured", 3), ("verdict", 1), ("source", 1)):
-            t.add_column(col, ratio=ratio_, overflow="fold")
-        for v in verdicts:
-            t.add_row(v.id, escape(v.claim), escape(v.measured), f"[{VERDICT_STYLE[v.verdict]}]{v.verdict}[/]", v.source)
-        out = io.StringIO()
-        Console(file=out, width=width, force_terminal=False).print(t)
-        return out.getvalue()
-    raise ValueError(fmt)
+    """table (plain, `width` columns), markdown or json."""
+    from .writer import markdown_text, write
+    recs = [asdict(v) for v in verdicts]
+    return write(recs, fmt, table=lambda _: [claims_table(verdicts)], width=width, markdown=lambda: markdown_text(
+        ["#", "claim", "measured", "verdict", "source"], ([v.id, v.claim, v.measured, v.verdict, v.source]
+                                                          for v in verdicts)))
+
+
+def render_file(results: str, fmt: str) -> str:
+    """`lorabench claims RESULTS`: every claim's verdict on the rows of RESULTS."""
+    from ..row.results import load_rows
+    return render(check_claims(load_rows(results)), fmt)

@@ -21,10 +21,12 @@ for tokens/s, compared as v*/v there):
 
     v ≤ 1.01·v*  bold green (best)    v ≤ 1.1·v*  green
     v ≥ 5·v*     bold red             v ≥ 2·v*    red       otherwise plain
+
+`render` (and `compare_files`, what the command calls) writes the result as
+table, markdown, csv or json through writer.write.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -157,41 +159,32 @@ def one_side_lines(res: CompareResult) -> list[str]:
             + [f"only in B: {k} ({r.get('status')})" for k, r in res.only_b])
 
 
-def render(res: CompareResult, fmt: str, name_a: str = "A", name_b: str = "B", width: int = 170) -> str:
-    """table (rich, no colour), markdown, csv or json."""
+def markdown(res: CompareResult, name_a: str = "A", name_b: str = "B") -> str:
+    """The joined cells as a markdown table, then the one-side lines."""
+    from .writer import markdown_table
+    lines = [f"B/A: A = `{name_a}`, B = `{name_b}`", ""]
+    lines += markdown_table(
+        ["cell", "status A/B", "peak MiB A", "peak MiB B", "B/A", "step ms A", "step ms B", "B/A", "tokens/s B/A"],
+        ([k, f"{a.get('status')}/{b.get('status')}", mib(r["peak_a_bytes"]), mib(r["peak_b_bytes"]),
+          _ratio_text(r["peak_ratio"]), step_time(a), step_time(b), _ratio_text(r["step_ratio"], r["step_noise"]),
+          _ratio_text(r["tokens_ratio"], r["step_noise"])] for (k, a, b), r in zip(res.pairs, records(res))))
+    lines += [""] + [f"- {x}" for x in one_side_lines(res)]
+    return "\n".join(lines) + "\n"
+
+
+def render(res: CompareResult, fmt: str, name_a: str = "A", name_b: str = "B", width: int | None = 170) -> str:
+    """table (rich; width None: the terminal's), markdown, csv or json."""
+    from .writer import Line, write
     recs = records(res)
-    if fmt == "json":
-        from ..row.results import jsonable
-        return json.dumps(jsonable({"a": name_a, "b": name_b, "cells": recs}), indent=1) + "\n"
-    if fmt == "csv":
-        import csv
-        import io
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(RECORD_KEYS), lineterminator="\n")
-        w.writeheader()
-        for r in recs:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-        return buf.getvalue()
-    if fmt == "markdown":
-        lines = [f"B/A: A = `{name_a}`, B = `{name_b}`", "",
-                 "| cell | status A/B | peak MiB A | peak MiB B | B/A | step ms A | step ms B | B/A | tokens/s B/A |",
-                 "|" + "---|" * 9]
-        for (k, a, b), r in zip(res.pairs, recs):
-            lines.append(f"| {k} | {a.get('status')}/{b.get('status')} | {mib(r['peak_a_bytes'])} | {mib(r['peak_b_bytes'])} "
-                         f"| {_ratio_text(r['peak_ratio'])} | {step_time(a)} | {step_time(b)} "
-                         f"| {_ratio_text(r['step_ratio'], r['step_noise'])} | {_ratio_text(r['tokens_ratio'], r['step_noise'])} |")
-        lines += [""] + [f"- {x}" for x in one_side_lines(res)]
-        return "\n".join(lines) + "\n"
-    if fmt == "table":
-        import io
-        from rich.console import Console
-        out = io.StringIO()
-        con = Console(file=out, width=width, force_terminal=False)
-        con.print(compare_table(res, name_a, name_b))
-        for line in one_side_lines(res):
-            con.print(line, markup=False)
-        return out.getvalue()
-    raise ValueError(fmt)
+    return write(recs, fmt, payload={"a": name_a, "b": name_b, "cells": recs}, columns=RECORD_KEYS,
+                 markdown=lambda: markdown(res, name_a, name_b),
+                 table=lambda _: [compare_table(res, name_a, name_b), *map(Line, one_side_lines(res))], width=width)
+
+
+def compare_files(a: str, b: str, fmt: str, width: int | None = None) -> str:
+    """`lorabench compare A B`: the two result files joined and rendered."""
+    from ..row.results import load_rows
+    return render(compare(load_rows(a), load_rows(b)), fmt, a, b, width)
 
 
 __all__ = ["compare", "CompareResult", "records", "render", "compare_table", "time_noise", "colour"]

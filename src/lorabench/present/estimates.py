@@ -4,17 +4,17 @@
     rows = option_estimates(model="llama-2-7b", precision="bf16", lora_rank=16, ...)
     print(render_estimates(rows, "table" | "json" | "csv"))
     report = validate_file("results/x.jsonl"); print(render_validation(report, fmt))
+
+`estimate_text` and `validate_text` are what the two commands call; every
+format goes through writer.write.
 """
 from __future__ import annotations
-
-import csv
-import io
-import json
 
 from ..spec.scenario import LoadedScenario, expand, load_scenario, parse_scenario
 from ..spec.config import split_targets
 from ..base.env import resolve_device
-from ..estimate.analytic import estimate, memory_window
+from ..estimate.analytic import estimate
+from ..spec.config import memory_window
 from ..spec.schema import ConfigError
 
 CELL_KEYS = ("cell", "precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
@@ -71,18 +71,24 @@ def _size(n: int | None) -> str:
     return human(n, digits=2)
 
 
-def render_estimates(rows: list[dict], fmt: str = "table") -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    if fmt == "csv":
-        buf = io.StringIO()
-        keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict)))
-        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()})
-        return buf.getvalue()
-    from rich.console import Console
+def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: str = "fp32", lora_rank: int = 0,
+                  lora_targets: str = "q,v", checkpointing: bool = False, accumulation: int = 1,
+                  base_dtype: str = "fp32", batch: int = 8, seq: int | None = None, device: str | None = None) -> str:
+    """`lorabench estimate`: the cells of SCENARIO, or the one cell the options give, rendered."""
+    if scenario and model:
+        raise ConfigError("options", "--model", "give a scenario file or --model, not both")
+    if scenario:
+        rows = scenario_estimates(scenario, device)
+    elif model:
+        rows = option_estimates(model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype,
+                                batch, seq, device or "cpu")
+    else:
+        raise ConfigError("options", "--model", "give a scenario file or --model PRESET|config.json")
+    return render_estimates(rows, fmt)
+
+
+def estimates_table(rows: list[dict]):
+    """A rich Table: per cell the estimated memory components, peak, phase and FLOPs."""
     from rich.table import Table
     t = Table(title=f"{rows[0]['model']} on {rows[0]['device']}: estimated, nothing run" if rows else "no cells")
     for col in ("cell", "micro-batch", "params", "grads", "AdamW", "activations", "peak", "phase", "TFLOP/step"):
@@ -91,9 +97,16 @@ def render_estimates(rows: list[dict], fmt: str = "table") -> str:
         t.add_row(str(r["cell"]), str(r["micro_batch_size"]), _size(r["est_param_bytes"]), _size(r["est_grad_bytes"]),
                   _size(r["est_optimizer_state_bytes"]), _size(r["est_activation_bytes"]), _size(r["est_peak_bytes"]),
                   r["est_peak_phase"], f"{r['est_flops_per_step'] / 1e12:.3g}")
-    out = io.StringIO()
-    Console(file=out, width=140, force_terminal=False).print(t)
-    return out.getvalue()
+    return t
+
+
+def render_estimates(rows: list[dict], fmt: str = "table") -> str:
+    """json: the rows; csv: their flat keys (lists joined with ","; CRLF lines); table: 140 columns."""
+    from .writer import write
+    flat = [{k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
+    return write(flat, fmt, payload=rows, indent=2, end="", newline="\r\n",
+                 columns=list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict))),
+                 table=lambda _: [estimates_table(rows)], width=140)
 
 
 def validate_file(path: str):
@@ -102,14 +115,8 @@ def validate_file(path: str):
     return validate_rows(load_rows(path), path)
 
 
-def render_validation(report, fmt: str = "table") -> str:
-    summary = report.summary()
-    if fmt == "json":
-        return json.dumps({"summary": summary, "cells": [c.__dict__ for c in report.checks]}, indent=2)
-    if fmt == "csv":
-        from ..row.results import to_frame
-        return to_frame([c.__dict__ for c in report.checks]).to_csv(index=False) if report.checks else ""
-    from rich.console import Console
+def validation_table(report):
+    """A rich Table: per measured cell, exact components, estimated vs measured peak, error, phases."""
     from rich.table import Table
     t = Table(title="estimate vs measurement")
     for col in ("scenario", "cell", "params", "grads", "AdamW", "est peak", "measured", "error %", "phase est/meas"):
@@ -118,14 +125,31 @@ def render_validation(report, fmt: str = "table") -> str:
         ok = ["=" if c.components_exact[k] else "DIFF" for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")]
         t.add_row(c.scenario, c.cell, *ok, _size(c.est_peak_bytes), _size(c.measured_peak_bytes), f"{c.peak_error_pct:+.2f}",
                   f"{c.est_peak_phase}/{c.measured_peak_phase}")
-    out = io.StringIO()
-    con = Console(file=out, width=150, force_terminal=False)
-    con.print(t)
-    if summary["cells"]:
-        con.print(f"{summary['cells']} cells ({summary['excluded']} rows without a measured peak excluded): "
-                  f"|peak error| median {summary['median_abs_peak_error_pct']:.2f} %, "
-                  f"p95 {summary['p95_abs_peak_error_pct']:.2f} %, max {summary['max_abs_peak_error_pct']:.2f} %; "
-                  f"peak phase matches in {summary['phase_matches']}/{summary['cells']}")
-    else:
-        con.print(f"no measured cells ({summary['excluded']} rows excluded)")
-    return out.getvalue()
+    return t
+
+
+def summary_line(summary: dict) -> str:
+    """The error statistics under the validation table."""
+    if not summary["cells"]:
+        return f"no measured cells ({summary['excluded']} rows excluded)"
+    return (f"{summary['cells']} cells ({summary['excluded']} rows without a measured peak excluded): "
+            f"|peak error| median {summary['median_abs_peak_error_pct']:.2f} %, "
+            f"p95 {summary['p95_abs_peak_error_pct']:.2f} %, max {summary['max_abs_peak_error_pct']:.2f} %; "
+            f"peak phase matches in {summary['phase_matches']}/{summary['cells']}")
+
+
+def render_validation(report, fmt: str = "table") -> str:
+    """json: summary and cells; csv: one line per checked cell; table: 150 columns with the summary line."""
+    from .writer import write
+    summary = report.summary()
+    cells = [c.__dict__ for c in report.checks]
+    return write(cells, fmt, payload={"summary": summary, "cells": cells}, indent=2, end="",
+                 table=lambda _: [validation_table(report), summary_line(summary)], width=150)
+
+
+def validate_text(path: str, fmt: str, max_median_pct: float | None = None,
+                  max_p95_pct: float | None = None) -> tuple[str, bool]:
+    """`lorabench validate`: the rendered check and a FAIL line per failed bound; True when one failed."""
+    report = validate_file(path)
+    failures = report.failures(max_median_pct, max_p95_pct)
+    return render_validation(report, fmt) + "".join(f"FAIL: {f}\n" for f in failures), bool(failures)

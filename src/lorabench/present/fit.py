@@ -23,7 +23,7 @@ caching allocator's reserved-but-unallocated memory (fragmentation) and the
 capacity the driver keeps: a "24 GB" card offers about 23.6 GiB to torch.
 
 Time. est_step_time_s = est_hw_flops_per_step / (peak_flops(dtype) · efficiency)
-with dtype the one the matmuls run in (estimator.mfu_dtype: autocast's dtype;
+with dtype the one the matmuls run in (Cell.matmul_dtype: autocast's dtype;
 the base dtype for an fp32 LoRA cell on a 16-bit base; fp32 otherwise, TF32
 off as lorabench's default) and hardware FLOPs counting the forward that
 checkpointing recomputes. The efficiency (achieved / peak FLOP/s) is the median
@@ -50,7 +50,9 @@ from .bars import SEGMENTS, estimate_segments
 from ..spec.config import Cell, ModelConfig
 from ..spec.scenario import cell_id
 from ..spec.presets import preset_data
-from ..estimate.analytic import CUDA_CONTEXT_BYTES, estimate, memory_window, mfu_dtype
+from ..estimate.analytic import CUDA_CONTEXT_BYTES, estimate
+from ..row.codec import decode_cell, decode_model
+from ..spec.config import memory_window
 from ..estimate.gpus import GPU, lookup
 from ..spec.schema import ConfigError, build
 
@@ -147,7 +149,6 @@ class Calibration:
 def calibrate(rows: list[dict], gpu: GPU | None) -> Calibration:
     """Median measured hfu (mfu when hfu is missing) per matmul dtype over ok CUDA rows,
     of `gpu` when any row ran on it, else of every GPU."""
-    from ..row.validate import cell_from_row
     usable = [r for r in rows if r.get("status") == "ok" and r.get("device") == "cuda"
               and (r.get("hfu") or r.get("mfu"))]
     same = [r for r in usable if gpu is not None and (lookup(r.get("device_name")) or GPU("", (), 0, {})).name == gpu.name]
@@ -155,7 +156,7 @@ def calibrate(rows: list[dict], gpu: GPU | None) -> Calibration:
     by_dtype: dict[str, list[float]] = {}
     for r in chosen:
         try:
-            d = mfu_dtype(cell_from_row(r), r.get("tf32"))
+            d = decode_cell(r).matmul_dtype(r.get("tf32"))
         except (KeyError, TypeError):
             continue
         by_dtype.setdefault(d, []).append(float(r.get("hfu") or r.get("mfu")))
@@ -196,7 +197,7 @@ class FitCombo:
     def to_dict(self) -> dict:
         c = self.combo
         return {"id": c.id, "precision": c.precision, "lora_rank": c.lora_rank,
-                "base_dtype": c.base_dtype if c.lora_rank else "fp32", "checkpointing": c.checkpointing,
+                "base_dtype": c.cell().base_dtype, "checkpointing": c.checkpointing,
                 "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation,
                 "est_peak_bytes": self.est_peak_bytes, "est_needed_bytes": self.est_needed_bytes,
                 "budget_bytes": self.budget_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
@@ -240,7 +241,7 @@ def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: t
     cell = combo.cell(targets)
     est = estimate(cfg, cell, combo.micro_batch_size * combo.accumulation, device="cuda", optimizer_impl=optimizer,
                    n_batches=1, window_steps=2, gpu_name=gpu.name)
-    dtype = mfu_dtype(cell, False)
+    dtype = cell.matmul_dtype(False)
     has_rates = any(v is not None for v in gpu.tflops.values())
     peak = gpu.peak_flops(dtype)
     supported = peak is not None or not has_rates
@@ -331,7 +332,6 @@ def oom_contradictions(rows: list[dict], margin: float = DEFAULT_MARGIN) -> dict
     rows that fit claims fit: must be empty), "conservative" (ok rows that fit
     claims do not fit)}, the latter two lists of {"cell", "device_name",
     "est_needed_bytes", "budget_bytes"}."""
-    from ..row.validate import cell_from_row, model_from_row
     out = {"checked": 0, "unchecked": 0, "contradictions": [], "conservative": []}
     for r in rows:
         if r.get("device") != "cuda" or r.get("status") not in ("oom", "ok"):
@@ -339,7 +339,7 @@ def oom_contradictions(rows: list[dict], margin: float = DEFAULT_MARGIN) -> dict
         gpu = lookup(r.get("device_name"))
         memory = r.get("gpu_memory_bytes") or (gpu.memory_bytes if gpu else None)
         try:
-            cfg, cell = model_from_row(r), cell_from_row(r)
+            cfg, cell = decode_model(r), decode_cell(r)
             window = memory_window(r.get("warmup_steps") or 1, r.get("steps") or 1, "cuda")
             est = estimate(cfg, cell, r["batch_size"], device="cuda", optimizer_impl=r.get("optimizer_impl") or "auto",
                            n_batches=window, window_steps=window, gpu_name=r.get("device_name"))

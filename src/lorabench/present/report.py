@@ -9,10 +9,11 @@ rows instead.
 `lorabench report` (report_tables / render_report) adds, per scenario, a stacked
 memory bar per cell (bars.py), the speed-up against the full-FP32 cell, `--where`
 filters (filter_rows) and `--sort` (sort_rows), as table, markdown, csv or json.
+All text goes through writer.write: `render_run` (the run's rows) and
+`render_report` / `report_file` (the report).
 """
 from __future__ import annotations
 
-import json
 import operator as _op
 import re as _re
 from typing import Iterable, Optional
@@ -86,14 +87,22 @@ def errors(rows: Iterable[dict]) -> list[str]:
     return [f"{r.get('cell')}: {r.get('status')}: {r.get('error')}" for r in rows if r.get("status") != "ok"]
 
 
+def error_lines(rows: Iterable[dict]) -> list:
+    """`errors` as red writer Lines."""
+    from .writer import Line
+    return [Line(e, "red") for e in errors(rows)]
+
+
 def render_rows(rows: list[dict], fmt: str) -> str:
     """Rows as JSON (an array of objects) or CSV text."""
-    from ..row.results import jsonable, to_frame
-    if fmt == "json":
-        return json.dumps(jsonable(rows), indent=1) + "\n"
-    if fmt == "csv":
-        return to_frame(rows).to_csv(index=False) if rows else ""
-    raise ValueError(fmt)
+    from .writer import write
+    return write(rows, fmt)
+
+
+def render_run(rows: list[dict], fmt: str, title: str = "", width: int | None = None) -> str:
+    """What `lorabench run` prints: the run table and the failed cells (table), else the raw rows."""
+    from .writer import write
+    return write(rows, fmt, table=lambda _: [run_table(rows, title), *error_lines(rows)], width=width)
 
 
 # ---------------------------------------------------------------- `lorabench report`
@@ -103,7 +112,6 @@ def render_rows(rows: list[dict], fmt: str) -> str:
 # run), FP16/BF16 underflow and the estimator's peak error.
 WHERE = _re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
 OPS = {"=": _op.eq, "!=": _op.ne, ">": _op.gt, "<": _op.lt, ">=": _op.ge, "<=": _op.le}
-FORMATS = ("table", "markdown", "csv", "json")
 RECORD_KEYS = ("scenario", "cell", "status", "precision", "lora_rank", "base_dtype", "checkpointing", "accumulation",
                "micro_batch_size", "device_name", "peak_allocated_bytes", "param_bytes", "grad_bytes",
                "optimizer_state_bytes", "activation_bytes", "rest_bytes", "peak_vs_baseline", "step_time_ms_median",
@@ -255,47 +263,42 @@ def report_tables(rows: list[dict], bar_width: int = 24) -> list:
 def markdown_report(rows: list[dict], bar_width: int = 24) -> str:
     """Markdown tables, one per scenario; bars in plain characters (see the legend line)."""
     from .bars import human, legend, plain_bar, row_segments
+    from .writer import markdown_table
+    header = ["cell", "status", "memory", "peak MiB", "vs fp32-full", "step ms median (p10–p90)", "tokens/s",
+              "speed-up", "underflow % unscaled → scaled", "est. error %"]
     lines = []
     for title, group in by_scenario(_derived(rows)).items():
         scale = _scale(group)
-        lines += [f"### {title} (full memory bar = {human(scale)})", "",
-                  "| cell | status | memory | peak MiB | vs fp32-full | step ms median (p10–p90) "
-                  "| tokens/s | speed-up | underflow % unscaled → scaled | est. error % |", "|" + "---|" * 10]
-        for r in group:
-            lines.append("| " + " | ".join([
-                str(r.get("cell")), str(r.get("status")), f"`{plain_bar(row_segments(r), scale, bar_width) or ' '}`",
-                mib(r.get("peak_allocated_bytes")),
-                "–" if r["peak_vs_baseline"] is None else f"{r['peak_vs_baseline']:.2f}×", step_time(r),
-                "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
-                "–" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}×", underflow(r),
-                "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}"]) + " |")
+        lines += [f"### {title} (full memory bar = {human(scale)})", ""]
+        lines += markdown_table(header, ([
+            str(r.get("cell")), str(r.get("status")), f"`{plain_bar(row_segments(r), scale, bar_width) or ' '}`",
+            mib(r.get("peak_allocated_bytes")),
+            "–" if r["peak_vs_baseline"] is None else f"{r['peak_vs_baseline']:.2f}×", step_time(r),
+            "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
+            "–" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}×", underflow(r),
+            "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}"] for r in group))
         lines.append("")
     lines.append(f"Bars: {legend(rich=False)}; underflow % unscaled → scaled.")
     return "\n".join(lines) + "\n"
 
 
-def render_report(rows: list[dict], fmt: str, width: int = 160) -> str:
-    """The report as text: table (rich, no colour), markdown, csv or json records."""
-    if fmt == "json":
-        from ..row.results import jsonable
-        return json.dumps(jsonable(report_records(rows)), indent=1) + "\n"
-    if fmt == "csv":
-        import csv
-        import io
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(RECORD_KEYS), lineterminator="\n")
-        w.writeheader()
-        for rec in report_records(rows):
-            w.writerow({k: ("" if v is None else v) for k, v in rec.items()})
-        return buf.getvalue()
-    if fmt == "markdown":
-        return markdown_report(rows)
-    if fmt == "table":
-        import io
-        from rich.console import Console
-        out = io.StringIO()
-        con = Console(file=out, width=width, force_terminal=False)
-        for t in report_tables(rows):
-            con.print(t)
-        return out.getvalue()
-    raise ValueError(fmt)
+def bar_width(width: int) -> int:
+    """Characters per memory bar in a table `width` columns wide."""
+    return 24 if width >= 150 else 12 if width >= 110 else 8
+
+
+def render_report(rows: list[dict], fmt: str, width: int | None = 160) -> str:
+    """The report as text: table (rich; width None: the terminal's), markdown, csv or json records."""
+    from .writer import write
+    return write(report_records(rows), fmt, columns=RECORD_KEYS, markdown=lambda: markdown_report(rows),
+                 table=lambda w: report_tables(rows, bar_width(w)) + error_lines(rows), width=width)
+
+
+def report_file(results: str, fmt: str, sort_key: str | None = None, where=(), width: int | None = None) -> str:
+    """`lorabench report`: the rows of RESULTS with their baseline ratios, filtered (--where), sorted (--sort)."""
+    from ..row.results import load_rows
+    from ..spec.schema import ConfigError
+    rows = sort_rows(filter_rows(with_baseline(load_rows(results)), list(where)), sort_key)
+    if not rows:
+        raise ConfigError("--where", "", f"no row of {results} matches {' and '.join(where)}")
+    return render_report(rows, fmt, width)

@@ -7,10 +7,12 @@ default `--steps` (warm-up + timed steps) the probe sees the weights and the
 batch the cell's row was probed on. The detailed tables are at the cell's
 current loss scale (fp16: the scaler's scale after those steps; bf16: 1, no
 scaler); the sweep re-runs only the scaled half-precision pass per scale.
+
+`underflow_text` is what the command calls: the probe as tables (`render`,
+through writer.write) or json.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -83,11 +85,6 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
                            sum(r.skipped for r in results) if fp16 else None, detail, sweep)
 
 
-def to_json(report: UnderflowReport) -> str:
-    from ..row.results import jsonable
-    return json.dumps(jsonable(report.to_dict()), indent=2)
-
-
 def pct(v: Optional[float]) -> str:
     """A fraction as percent with 3 significant digits; None (no denominator, or not applicable) as '–'."""
     if v is None:
@@ -127,23 +124,34 @@ def _counts_table(title: str, rows: Sequence[Counts], p: UnderflowProbe, first: 
     return t
 
 
-def render(report: UnderflowReport, console=None) -> None:
+def underflow_text(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps: Optional[int] = None,
+                   fmt: str = "table") -> str:
+    """`lorabench underflow`: probe the cell (probe_cell) and render it as table or json."""
+    return render(probe_cell(path, cell_id, loss_scales, steps), fmt)
+
+
+def render(report: UnderflowReport, fmt: str = "table", width: int | None = None) -> str:
+    """json: the report; table: `underflow_tables` at least 120 columns wide (width None: the terminal's)."""
+    from .writer import write
+    return write([], fmt, payload=report.to_dict(), indent=2, table=lambda _: underflow_tables(report),
+                 width=width, min_width=120)  # the tables need ~120 columns
+
+
+def underflow_tables(report: UnderflowReport) -> list:
     """Rich tables: per block, per parameter tensor, per boundary, the log2 histogram, the loss-scale sweep."""
-    from rich.console import Console
     from rich.table import Table
-    console = console or Console(width=max(Console().width, 120))  # the tables need ~120 columns
     p, fmt = report.detail, report.detail.format
     s = scale_label(p.loss_scale)
     skipped = f", {report.skipped_steps} skipped" if report.skipped_steps is not None else ""
-    console.print(f"[bold]underflow probe[/] {report.scenario} / {report.cell} on {report.device}: {report.steps} steps "
-                  f"trained{skipped}, loss scale now {s} = {p.loss_scale:g}; probe micro-batch {report.batch_tokens:,} tokens")
-    console.print("underflow: nonzero in the FP32 backward, exactly zero in the autocast backward. fp32 zero: zero in FP32 "
-                  f"too, outside every denominator. flush / subnormal / overflow: FP32 gradient × scale below {fmt.tiny:.3g} / "
-                  f"below {fmt.min_normal:.3g} / above {fmt.max:.5g} ({fmt.name}" + (", no subnormal band)" if fmt.name == "bf16" else ")"))
-    console.print(_counts_table("Parameter gradients by block", p.blocks + [p.total], p, "block"))
-    console.print(_counts_table("Parameter gradients by tensor", p.params, p, "parameter", dtype=True))
-    console.print(_counts_table("Activation gradients at block boundaries (dL/d output of the module)",
-                                p.activations + [p.act_total], p, "output of", dtype=True))
+    out = [f"[bold]underflow probe[/] {report.scenario} / {report.cell} on {report.device}: {report.steps} steps "
+           f"trained{skipped}, loss scale now {s} = {p.loss_scale:g}; probe micro-batch {report.batch_tokens:,} tokens",
+           "underflow: nonzero in the FP32 backward, exactly zero in the autocast backward. fp32 zero: zero in FP32 "
+           f"too, outside every denominator. flush / subnormal / overflow: FP32 gradient × scale below {fmt.tiny:.3g} / "
+           f"below {fmt.min_normal:.3g} / above {fmt.max:.5g} ({fmt.name}" + (", no subnormal band)" if fmt.name == "bf16" else ")"),
+           _counts_table("Parameter gradients by block", p.blocks + [p.total], p, "block"),
+           _counts_table("Parameter gradients by tensor", p.params, p, "parameter", dtype=True),
+           _counts_table("Activation gradients at block boundaries (dL/d output of the module)",
+                         p.activations + [p.act_total], p, "output of", dtype=True)]
     hist = p.act_total.log2_hist
     if hist:
         n, shift = sum(hist.values()), math.log2(p.loss_scale)
@@ -155,7 +163,7 @@ def render(report: UnderflowReport, console=None) -> None:
         for e in range(min(hist), max(hist) + 1):
             k = hist.get(e, 0)
             t.add_row(f"[2^{e}, 2^{e + 1})", f"{k:,}", pct(k / n), "█" * round(30 * k / top), zone(e, fmt), zone(e + shift, fmt))
-        console.print(t)
+        out.append(t)
     t = Table(title="Loss-scale sweep: parameter gradients (activation underflow: all boundaries), FP32 gradient × scale, %",
               title_justify="left")
     for col in ("loss scale", "underflow", "activation underflow", "flush", "subnormal", "overflow", "inf/NaN elements",
@@ -165,4 +173,5 @@ def render(report: UnderflowReport, console=None) -> None:
         t.add_row(scale_label(q.loss_scale), pct(q.underflow_frac_scaled), pct(q.act_total.underflow_frac_scaled),
                   pct(q.flush_frac_scaled), pct(q.subnormal_frac_scaled), pct(q.overflow_frac_scaled),
                   f"{q.total.scaled.nonfinite:,}", "skips the step" if q.would_skip else "steps")
-    console.print(t)
+    out.append(t)
+    return out

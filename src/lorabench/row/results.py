@@ -2,16 +2,21 @@
 
 A row is written with a single `write` of one complete line, flushed and
 fsync'ed before the next cell starts, so an interrupted or crashed run keeps
-every finished row and never leaves a half-written one behind.
+every finished row and never leaves a half-written one behind. The writer
+opens its file, and takes an exclusive lock on it (`flock`), before the first
+cell runs: an unwritable place fails before any work, and a second run on the
+same file gets one line instead of mixing its rows in.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 from pathlib import Path
 
 from ..spec.schema import ConfigError
+from .codec import row_problem
 
 
 def jsonable(v):
@@ -25,19 +30,52 @@ def jsonable(v):
     return v
 
 
+class WriteError(ConfigError):
+    """A row could not be written (disk full, file gone): the run stops; earlier rows stay."""
+
+
 class ResultWriter:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, key: str = "--out"):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
+        self._created = not self.path.exists()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing behind
+        except OSError as e:
+            raise ConfigError(str(path), key, f"cannot write here: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.close()
+            raise ConfigError(str(path), key, "is being written by another lorabench run") from None
 
     def append(self, row: dict) -> None:
-        line = json.dumps(jsonable(row), separators=(",", ":")) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        data = (json.dumps(jsonable(row), separators=(",", ":")) + "\n").encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._file.write(view):]
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            raise WriteError(str(self.path), "", f"cannot write a row: {e.strerror or e}; "
+                             f"the {len(self.rows)} rows written before are kept") from None
         self.rows.append(row)
+
+    def close(self) -> None:
+        """Release the lock; a file this writer created and never wrote to is removed."""
+        if self._file.closed:
+            return
+        empty = self._file.seek(0, os.SEEK_END) == 0
+        self._file.close()
+        if empty and self._created:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def write_csv(self) -> Path | None:
         """The same rows as CSV beside the JSONL (nested values as JSON text)."""
@@ -66,15 +104,24 @@ def load_rows(path: str) -> list[dict]:
         return [r for f in files for r in load_rows(str(f))]
     if not p.is_file():
         raise ConfigError(path, "", "no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not a text file (a .jsonl of result rows is expected)") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
     rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(path, f"line {i}", f"not a JSON object: {e.msg}") from None
-        if not isinstance(row, dict) or "cell" not in row:
-            raise ConfigError(path, f"line {i}", "not a lorabench result row (no 'cell' key)")
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(path, f"line {i}", f"not a JSON object: {getattr(e, 'msg', 'nested too deep')}") from None
+        problem = row_problem(row)
+        if problem:
+            raise ConfigError(path, f"line {i}", problem)
         rows.append(row)
+    if not rows:
+        raise ConfigError(path, "", "no result rows in this file")
     return rows

@@ -12,31 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..spec.config import Cell, ModelConfig
-from ..spec.presets import preset_data, preset_names
-from ..spec.schema import ConfigError, build
 from ..base.stats import percentile
+from ..spec.schema import ConfigError
+from .codec import decode_cell, decode_model, estimate_fields
 
-DIMS = ("style", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "seq_len")
 COMPONENTS = (("param_bytes", "est_param_bytes"), ("grad_bytes", "est_grad_bytes"),
               ("optimizer_state_bytes", "est_optimizer_state_bytes"))
-
-
-def model_from_row(row: dict) -> ModelConfig:
-    """The row's model: its preset (when `model` names one) with the row's stored dimensions."""
-    data = {}
-    name = row.get("model")
-    if isinstance(name, str) and name in preset_names():
-        data = preset_data(name)
-    data.update({k: row[k] for k in DIMS if row.get(k) is not None})
-    if data.get("max_seq_len") is not None and data["max_seq_len"] < data.get("seq_len", 0):
-        data.pop("max_seq_len")
-    data["name"] = str(name or "custom")
-    return build(ModelConfig, data, "", "row")
-
-
-def cell_from_row(row: dict) -> Cell:
-    return Cell.from_dict(row)
+model_from_row, cell_from_row = decode_model, decode_cell  # the names validate's callers know
 
 
 @dataclass
@@ -85,7 +67,6 @@ class Report:
 
 def check_row(row: dict, source_name: str = "results") -> CellCheck | None:
     """One measured row against its estimate; None for rows without a measured peak."""
-    from ..estimate.analytic import estimate_fields
     if row.get("status") != "ok" or not row.get("peak_allocated_bytes"):
         return None
     for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "precision", "lora_rank", "accumulation",

@@ -24,14 +24,14 @@ class ModelConfig:
     """A decoder-only transformer, llama-style or gpt2-style."""
 
     name: str = fld("custom", "label used in reports")
-    style: Literal["llama", "gpt2"] = fld("llama", "llama: RMSNorm, SwiGLU, RoPE; gpt2: LayerNorm, GELU MLP, learned positions")
-    d_model: int = fld(256, "residual width", (gt(0),))
-    n_layers: int = fld(4, "number of transformer blocks", (gt(0),))
-    n_heads: int = fld(8, "query heads; must divide d_model", (gt(0),))
-    n_kv_heads: Optional[int] = fld(None, "key/value heads (grouped-query attention when < n_heads); default n_heads", (gt(0),))
-    d_ff: int = fld(1024, "hidden width of the MLP", (gt(0),))
-    vocab_size: int = fld(4096, "tokens in the vocabulary", (gt(0),))
-    seq_len: int = fld(256, "training sequence length (tokens per sequence)", (gt(0),))
+    style: Literal["llama", "gpt2"] = fld("llama", "llama: RMSNorm, SwiGLU, RoPE; gpt2: LayerNorm, GELU MLP, learned positions", row=True)
+    d_model: int = fld(256, "residual width", (gt(0),), row=True)
+    n_layers: int = fld(4, "number of transformer blocks", (gt(0),), row=True)
+    n_heads: int = fld(8, "query heads; must divide d_model", (gt(0),), row=True)
+    n_kv_heads: Optional[int] = fld(None, "key/value heads (grouped-query attention when < n_heads); default n_heads", (gt(0),), row=True)
+    d_ff: int = fld(1024, "hidden width of the MLP", (gt(0),), row=True)
+    vocab_size: int = fld(4096, "tokens in the vocabulary", (gt(0),), row=True)
+    seq_len: int = fld(256, "training sequence length (tokens per sequence)", (gt(0),), row=True)
     tie_embeddings: Optional[bool] = fld(None, "share the token embedding with the LM head; default True for gpt2, False for llama")
     bias: Optional[bool] = fld(None, "biases on the linear layers; default True for gpt2, False for llama")
     qkv_bias: Optional[bool] = fld(None, "biases on q, k, v only (Qwen2-style); default = bias")
@@ -69,14 +69,45 @@ class ModelConfig:
 class TrainConfig:
     """What one optimizer step is, and how many are run."""
 
-    batch_size: int = fld(8, "sequences per optimizer step", (gt(0),))
-    steps: int = fld(8, "measured (timed) optimizer steps", (gt(0),))
-    warmup_steps: int = fld(2, "steps before timing; they contain the first optimizer step, so the memory window covers Adam's state creation", (ge(1),))
-    lr: float = fld(1e-3, "AdamW learning rate", (gt(0),))
+    batch_size: int = fld(8, "sequences per optimizer step", (gt(0),), row=True)
+    steps: int = fld(8, "measured (timed) optimizer steps", (gt(0),), row=True)
+    warmup_steps: int = fld(2, "steps before timing; they contain the first optimizer step, so the memory window covers Adam's state creation", (ge(1),), row=True)
+    lr: float = fld(1e-3, "AdamW learning rate", (gt(0),), row=True)
     optimizer: Literal["auto", "fused", "foreach", "forloop"] = fld("auto", "AdamW implementation; auto = torch's default (foreach on CUDA, for-loop on CPU). fused lowers step time and its temporaries")
     tf32: bool = fld(False, "allow TF32 matmuls in fp32 cells on Ampere+ (True is faster, less exact); recorded in every row")
     underflow_probe: bool = fld(True, "run the FP16/BF16 underflow probes after the timed steps (fp16 and bf16 cells)")
     timeout_s: float = fld(900.0, "a cell running longer is killed and recorded as timeout", (gt(0),))
+
+    def optimizer_impl(self, device: str) -> str:
+        """AdamW's implementation: `auto` is torch's own default, foreach when every parameter is on CUDA."""
+        return resolve_optimizer_impl(self.optimizer, device)
+
+    def window_steps(self, device: str) -> int:
+        """Optimizer steps inside the measured memory window: on CUDA the allocator counters
+        cover every step; on CPU the allocation tracker covers the warm-up steps only."""
+        return memory_window(self.warmup_steps, self.steps, device)
+
+
+def autocast_dtype_of(precision: str) -> Optional[str]:
+    """The half dtype autocast computes in under `precision`, None for fp32 (no autocast)."""
+    return None if precision == "fp32" else precision
+
+
+def scales_loss(precision: str) -> bool:
+    """Whether `precision` trains with dynamic loss scaling: fp16 only (BF16 has FP32's exponent range)."""
+    return precision == "fp16"
+
+
+def resolve_optimizer_impl(optimizer: str, device: str) -> str:
+    """AdamW's implementation for `auto`: torch's own default, foreach when every parameter is on CUDA."""
+    if optimizer == "auto":
+        return "foreach" if device == "cuda" else "forloop"
+    return optimizer
+
+
+def memory_window(warmup_steps: int, steps: int, device: str) -> int:
+    """Optimizer steps inside the measured memory window (see TrainConfig.window_steps)."""
+    return warmup_steps + steps if device == "cuda" else warmup_steps
 
 
 @dataclass
@@ -172,12 +203,12 @@ class Cell:
     @property
     def autocast_dtype(self) -> Optional[str]:
         """The half dtype autocast computes in, or None (fp32: no autocast)."""
-        return None if self.precision == "fp32" else self.precision
+        return autocast_dtype_of(self.precision)
 
     @property
     def uses_loss_scaler(self) -> bool:
         """fp16 trains with GradScaler's dynamic loss scaling; bf16 and fp32 need none."""
-        return self.precision == "fp16"
+        return scales_loss(self.precision)
 
     def micro_batch(self, batch_size: int) -> int:
         """Sequences per forward/backward: batch_size / accumulation."""

@@ -9,19 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .config import AXES, AXIS_CHECKS, LORA_TARGETS, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
+from .job import CellJob
 from .presets import preset_data
-from .schema import ConfigError, build, fld, ge, read_yaml, run_checks
+from .schema import ConfigError, build, fld, ge, read_yaml, run_checks, short
+
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+MAX_CELLS = 1000  # a larger matrix is refused before anything runs, unless the caller raises the limit
+
+
+def safe_name(name: str) -> str | None:
+    """A name is a label, never a path: `../x` or `/tmp/x` would write outside results/."""
+    if SAFE_NAME.match(name):
+        return None
+    return f"must be 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-', got {short(name)}"
 
 
 @dataclass
 class Scenario:
     """A whole scenario file."""
 
-    name: str = fld(doc="scenario name; results go to results/<name>-<UTC time>.jsonl")
+    name: str = fld(doc="scenario name, a label of letters, digits, '.', '_' and '-' (at most 64, not starting "
+                        "with '.' or '-'); results go to results/<name>-<UTC time>.jsonl", checks=(safe_name,))
     model: dict = fld(doc="a preset (preset: NAME, other keys override it) or explicit ModelConfig fields")
     description: str = fld("", "free text")
     device: Literal["auto", "cpu", "cuda"] = fld("auto", "auto picks cuda when available")
@@ -43,6 +58,11 @@ class LoadedScenario:
     def name(self) -> str:
         return self.scenario.name
 
+    def job(self, cell: Cell, device: str) -> CellJob:
+        """What a worker needs to run `cell` on `device` (resolved: cpu or cuda)."""
+        return CellJob(scenario=self.name, model=self.model, train=self.train, cell=cell, device=device,
+                       seed=self.scenario.seed)
+
 
 def load_scenario(path: str) -> LoadedScenario:
     """Read and validate a scenario file; raises ConfigError with file and key."""
@@ -55,7 +75,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
     if "preset" in mdata:
         preset = mdata.pop("preset")
         if not isinstance(preset, str):
-            raise ConfigError(source, "model.preset", f"must be a string, got {preset!r}")
+            raise ConfigError(source, "model.preset", f"must be a string, got {short(preset)}")
         mdata = {**preset_data(preset, source), **mdata}
     model = build(ModelConfig, mdata, "model", source)
     train = build(TrainConfig, sc.train, "train", source)
@@ -67,17 +87,29 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
         allowed = allowed_targets(model.style)
         for j, t in enumerate(targets):
             if t not in allowed:
-                raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]", f"unknown target {t!r} for a {model.style} model (allowed: {', '.join(allowed)})")
+                raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]",
+                                  f"unknown target {short(t)} for a {model.style} model (allowed: {', '.join(allowed)})")
         if not targets:
             raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
     for i, acc in enumerate(matrix.accumulation):
         if train.batch_size % acc:
             raise ConfigError(source, f"matrix.accumulation[{i}]", f"must divide train.batch_size={train.batch_size}, got {acc}")
     for i, entry in enumerate(sc.exclude):
+        if not entry:
+            raise ConfigError(source, f"exclude[{i}]", "an empty entry would exclude every cell")
         for key, value in entry.items():
             if key not in AXES:
                 raise ConfigError(source, f"exclude[{i}].{key}", f"unknown matrix key (allowed: {', '.join(AXES)})")
+            if isinstance(value, (list, dict)) and key != "lora_targets":
+                raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
+                                  "(write one exclude entry per value)")
     return LoadedScenario(sc, model, train, matrix, source)
+
+
+def count_cells(ls: LoadedScenario) -> int:
+    """The size of the matrix's cartesian product, before exclusion: a bound computed
+    without expanding anything."""
+    return math.prod(len(getattr(ls.matrix, a)) for a in AXES)
 
 
 def normalize_axes(matrix: dict, source: str) -> dict:
@@ -94,9 +126,14 @@ def normalize_axes(matrix: dict, source: str) -> dict:
     return out
 
 
-def expand(ls: LoadedScenario) -> list[Cell]:
+def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
     """The cells of a scenario, in matrix order, full fine-tuning cells once (a Cell normalises
-    itself: rank 0 drops every adapter axis, so those axes do not multiply full cells)."""
+    itself: rank 0 drops every adapter axis, so those axes do not multiply full cells).
+    A matrix whose product exceeds `max_cells`, or that leaves no cell, is refused."""
+    n = count_cells(ls)
+    if n > max_cells:
+        raise ConfigError(ls.source, "matrix", f"{n} combinations exceed the limit of {max_cells} cells "
+                          "(run fewer axis values, or raise it with --max-cells)")
     m = ls.matrix
     varying = {a for a in AXES if len({_hashable(v) for v in getattr(m, a)}) > 1}
     cells: list[Cell] = []
@@ -113,6 +150,8 @@ def expand(ls: LoadedScenario) -> list[Cell]:
             continue
         seen[cell.id] = cell
         cells.append(cell)
+    if not cells:
+        raise ConfigError(ls.source, "exclude", "excludes every cell of the matrix")
     return cells
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -18,11 +20,17 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 
 
+MAX_MESSAGE_CHARS = 400
+
+
 class ConfigError(Exception):
-    """A user input problem: one line, naming the source and the key path."""
+    """A user input problem: one line, naming the source and the key path (never over
+    MAX_MESSAGE_CHARS, whatever value it quotes)."""
 
     def __init__(self, source: str, path: str, message: str):
-        super().__init__(f"{source}: {path}: {message}" if path else f"{source}: {message}")
+        text = f"{source}: {path}: {message}" if path else f"{source}: {message}"
+        text = " ".join(text.split())  # one line
+        super().__init__(text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…")
         self.source, self.path, self.message = source, path, message
 
 
@@ -35,27 +43,38 @@ class FieldError(ValueError):
 
 
 Check = Callable[[Any], Optional[str]]
+MAX_VALUE_CHARS = 60
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, MAX_VALUE_CHARS, MAX_VALUE_CHARS
+INT_LIMIT = 2**63  # integers must fit int64 (torch's seeds, tensor sizes)
+
+
+def short(value: Any) -> str:
+    """repr(value) cut to MAX_VALUE_CHARS, however large or deep the value is."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
 
 
 def ge(lo: float) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo}, got {v!r}"
+    return lambda v: None if v >= lo else f"must be >= {lo}, got {short(v)}"
 
 
 def gt(lo: float) -> Check:
-    return lambda v: None if v > lo else f"must be > {lo}, got {v!r}"
+    return lambda v: None if v > lo else f"must be > {lo}, got {short(v)}"
 
 
 def lt(hi: float) -> Check:
-    return lambda v: None if v < hi else f"must be < {hi}, got {v!r}"
+    return lambda v: None if v < hi else f"must be < {hi}, got {short(v)}"
 
 
 def nonempty(v: Any) -> Optional[str]:
     return None if len(v) > 0 else "must not be empty"
 
 
-def fld(default: Any = dataclasses.MISSING, doc: str = "", checks: tuple = ()) -> Any:
-    """A dataclass field with a docstring and checks kept in its metadata."""
-    meta = {"doc": doc, "checks": checks}
+def fld(default: Any = dataclasses.MISSING, doc: str = "", checks: tuple = (), row: bool = False) -> Any:
+    """A dataclass field with a docstring and checks kept in its metadata; `row`: every result
+    row stores it (row/codec.py derives the row's keys from these flags)."""
+    meta = {"doc": doc, "checks": checks, "row": row}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -78,7 +97,7 @@ def type_name(tp: Any) -> str:
 def coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it in canonical form."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(source, path, f"must be {type_name(tp)}, got {value!r}")
+    bad = ConfigError(source, path, f"must be {type_name(tp)}, got {short(value)}")
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -112,10 +131,14 @@ def coerce(value: Any, tp: Any, path: str, source: str) -> Any:
         raise bad
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if -INT_LIMIT <= value < INT_LIMIT:
+                return value
+            raise ConfigError(source, path, f"must be an integer in [-2^63, 2^63), got {short(value)}")
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT or not math.isfinite(float(value)):
+                raise ConfigError(source, path, f"must be a finite number, got {short(value)}")
             return float(value)
         raise bad
     if tp is str:
@@ -139,7 +162,7 @@ def run_checks(value: Any, checks: tuple, path: str, source: str) -> None:
 def build(cls: type, data: Any, path: str, source: str) -> Any:
     """Validate the mapping `data` against dataclass `cls` and construct it."""
     if not isinstance(data, dict):
-        raise ConfigError(source, path or "(top level)", f"must be a mapping, got {data!r}")
+        raise ConfigError(source, path or "(top level)", f"must be a mapping, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -168,12 +191,47 @@ def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (a few hundred bytes of nested aliases expand
+    without bound), nesting deeper than `max_depth` and duplicate keys (YAML silently keeps
+    the last)."""
+
+    max_depth = 50
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in lorabench files",
+                                       problem_mark=event.start_mark)
+        self.depth = getattr(self, "depth", 0) + 1
+        try:
+            if self.depth > self.max_depth:
+                raise yaml.MarkedYAMLError(problem=f"nested deeper than {self.max_depth} levels",
+                                           problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a non-scalar key fails later, as not a string
+            if key_node.value in seen:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {short(key_node.value)}",
+                                           problem_mark=key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str) -> Any:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(path, "", "is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(path, "", "no such file")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.load(p.read_text(), Loader=StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -181,3 +239,10 @@ def read_yaml(path: str) -> Any:
         raise ConfigError(path, "", f"malformed YAML: {where}{problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not a text file") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+
+
+def row_fields(cls: type) -> list[str]:
+    """The fields of dataclass `cls` that a result row stores (declared with fld(..., row=True))."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("row")]

@@ -106,10 +106,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    stack_name = "builtin"  # stacks.stack_of(model)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.checkpointing = False  # set by techniques.configure; recompute each block in backward
+        self.checkpointing = False  # set by the stack's build: recompute each block in backward
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.style == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))

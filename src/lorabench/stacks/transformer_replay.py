@@ -1,12 +1,13 @@
-"""The training step's ops, replayed on `memsim.Sim`: what each op allocates and saves.
+"""The training step's ops, replayed on `sim.Sim`: what each op allocates and saves.
 
-One function per op of model.py / lora.py / techniques.py, in the same order.
-Shapes: b micro-batch, s sequence, C d_model, H/G query/key-value heads, D head
-dim, F d_ff, V vocab, r LoRA rank, N = b·s tokens; a = bytes per element of
-the tensor's dtype (4 fp32, 2 fp16/bf16). What autograd saves follows
-tools/autograd/derivatives.yaml: a product saves the operand the *other*
-input's gradient needs, so a frozen weight's matmul saves no input, and a node
-is recorded only when some input requires grad.
+One function per op of transformer.py / adapters/lora.py / train/techniques.py,
+in the same order; the generic ones (linear, elementwise, binary, mul_const)
+are in sim/ops.py. Shapes: b micro-batch, s sequence, C d_model, H/G
+query/key-value heads, D head dim, F d_ff, V vocab, N = b·s
+tokens; a = bytes per element of the tensor's dtype (4 fp32, 2 fp16/bf16).
+What autograd saves follows tools/autograd/derivatives.yaml: a product saves
+the operand the *other* input's gradient needs, so a frozen weight's matmul
+saves no input, and a node is recorded only when some input requires grad.
 
 Per-op saved bytes (all ×a of the tensor that is saved):
 - linear y = x·Wᵀ: x (N·d_in) if W trains; W (or its autocast copy) if x needs grad.
@@ -30,17 +31,22 @@ Per-op saved bytes (all ×a of the tensor that is saved):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from ..sim.rules import (bw_add_bcast, bw_cat, bw_embedding, bw_layernorm, bw_linear, bw_log_softmax, bw_loss, bw_math_attn, bw_mul, bw_mul_reduce, bw_new_like_input, bw_pass, bw_pow2, bw_rsqrt, bw_sdpa, bw_split, bw_sub)
-from ..sim.engine import BF16, F16, F32, LOGITS, Checkpoint, Param, Sim, T
+from ..adapters.base import Adapter
 
-DT = {"fp32": F32, "bf16": BF16, "fp16": F16}
+from ..sim.engine import Sim
+from ..sim.ops import binary, elementwise, linear, mul_const
+from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, log_softmax_backward,
+                         math_attention_backward, mul_broadcast_backward, nll_loss_backward, pass_and_new_backward,
+                         pass_backward, pow2_backward, rsqrt_backward, sdpa_backward, split_backward, unary_backward)
+from ..sim.tensors import F32, I64, LOGITS, Param, SymTensor, promote
 
 
 @dataclass
 class Dims:
     """Shapes and switches of one replay (which weights exist is in the params dict)."""
-    b: int        # micro-batch (symbolic in replay.py)
+    b: int        # micro-batch (symbolic in estimate/replay.py)
     s: int
     C: int
     H: int
@@ -49,129 +55,76 @@ class Dims:
     F: int
     V: int
     style: str    # llama | gpt2
-    rank: int
+    adapter: Optional[Adapter]  # the cell's adapter (adapters/), None in full fine-tuning
     dropout: float
-    ckpt: bool
+    checkpointing: bool
     device: str   # cpu | cuda: SDPA kernel, autocast op lists
-    buf_dt: str   # dtype of the RoPE tables (the base dtype in LoRA cells)
+    table_dtype: str  # dtype of the RoPE tables (the base dtype in LoRA cells)
 
 
-# ---------------------------------------------------------------- forward ops
-def linear(sim: Sim, x: T, W: Param, bias: Param | None, d_out: int) -> T:
-    """F.linear: autocast casts bias, weight (cached when it trains) and input to the half dtype."""
-    d_in = W.t.numel // d_out
-    rows = x.numel // d_in
-    if sim.autocast:
-        bc = sim.cast_weight(bias) if bias else None
-        wc = sim.cast_weight(W)
-        xc = sim.to(x, sim.autocast)
-    else:
-        bc = sim.hold(bias.t) if bias else None
-        wc, xc = sim.hold(W.t), sim.hold(x)
-    n = sim.node([xc, wc, bc], bw_linear)
-    if n is not None:
-        if wc.rg or (bc is not None and bc.rg):
-            sim.save(n, xc)
-        if xc.rg:
-            sim.save(n, wc)
-    y = sim.out(sim.new(rows * d_out, xc.dt), n)
-    sim.drop(xc)
-    sim.drop(wc)
-    sim.drop(bc)
-    return y
-
-
-def elementwise(sim: Sim, x: T, bw, save_input: bool = True, dt: str | None = None) -> T:
-    """A one-input elementwise op (silu, gelu, ·const): saves its input when asked."""
-    n = sim.node([x], bw)
-    if save_input:
-        sim.save(n, x)
-    return sim.out(sim.new(x.numel, dt or x.dt), n)
-
-
-def binary(sim: Sim, a: T, b: T, kind: str) -> T:
-    """a+b, a-b, a·b of equal shapes (type-promoted output)."""
-    bw = {"add": bw_pass, "sub": bw_sub, "mul": bw_mul}[kind]
-    n = sim.node([a, b], bw)
-    if kind == "mul" and n is not None:
-        if b.rg:
-            sim.save(n, a)
-        if a.rg:
-            sim.save(n, b)
-    dt = a.dt if a.dt == b.dt else F32
-    return sim.out(sim.new(max(a.numel, b.numel), dt), n)
-
-
-def mul_const(sim: Sim, x: T, c: T) -> T:
-    """x·c where c needs no grad (RoPE tables, dropout mask): saves c."""
-    n = sim.node([x], bw_new_like_input)
-    sim.save(n, c)
-    return sim.out(sim.new(x.numel, x.dt), n)
-
-
-def rmsnorm(sim: Sim, x: T, w: Param, C: int) -> T:
+# ---------------------------------------------------------------- norms, RoPE, attention
+def rmsnorm(sim: Sim, x: SymTensor, weight: Param, C: int) -> SymTensor:
     """RMSNorm in fp32, cast back: xf = x.float(); y = xf·rsqrt(mean(xf²)+eps); (y·w.float()).to(x.dtype)."""
     N = x.numel // C
     xf = sim.to(x, F32)
-    n = sim.node([xf], bw_pow2)
-    sim.save(n, xf)
-    p = sim.out(sim.new(N * C, F32), n)
-    m = sim.out(sim.new(N, F32), sim.node([p], bw_new_like_input))  # mean backward: expand(g)/C
-    sim.drop(p)
-    a = sim.out(sim.new(N, F32), sim.node([m], bw_pass))
-    sim.drop(m)
-    n = sim.node([a], bw_rsqrt)
-    r = sim.out(sim.new(N, F32), n)
-    sim.save(n, r)
-    sim.drop(a)
-    n = sim.node([xf, r], bw_mul_reduce)
-    if n is not None:
-        if r.rg:
-            sim.save(n, xf)
-        if xf.rg:
-            sim.save(n, r)
-    y = sim.out(sim.new(N * C, F32), n)
+    node = sim.node([xf], pow2_backward)
+    sim.save(node, xf)
+    sq = sim.out(sim.new(N * C, F32), node)
+    mean = sim.out(sim.new(N, F32), sim.node([sq], unary_backward))  # mean backward: expand(g)/C
+    sim.drop(sq)
+    eps = sim.out(sim.new(N, F32), sim.node([mean], pass_backward))
+    sim.drop(mean)
+    node = sim.node([eps], rsqrt_backward)
+    r = sim.out(sim.new(N, F32), node)
+    sim.save(node, r)
+    sim.drop(eps)
+    y = _mul_broadcast(sim, xf, r, N * C)
     sim.drop(r)
-    wf = sim.to(w.t, F32)
-    n = sim.node([y, wf], bw_mul_reduce)
-    if n is not None:
-        if wf.rg:
-            sim.save(n, y)
-        if y.rg:
-            sim.save(n, wf)
-    z = sim.out(sim.new(N * C, F32), n)
+    wf = sim.to(weight.tensor, F32)
+    z = _mul_broadcast(sim, y, wf, N * C)
     sim.drop(wf)
-    out = sim.to(z, x.dt)
+    out = sim.to(z, x.dtype)
     for t in (z, y, xf):  # locals xf, y live until return
         sim.drop(t)
     return out
 
 
-def layernorm(sim: Sim, x: T, w: Param, bias: Param, d: Dims) -> T:
+def _mul_broadcast(sim: Sim, a: SymTensor, b: SymTensor, numel: int) -> SymTensor:
+    """a·b, b broadcast: saves a if b needs grad, b if a does; fp32 output of `numel` elements."""
+    node = sim.node([a, b], mul_broadcast_backward)
+    if node is not None:
+        if b.requires_grad:
+            sim.save(node, a)
+        if a.requires_grad:
+            sim.save(node, b)
+    return sim.out(sim.new(numel, F32), node)
+
+
+def layernorm(sim: Sim, x: SymTensor, weight: Param, bias: Param, dims: Dims) -> SymTensor:
     """native_layer_norm: out, mean, rstd; saves x, mean, rstd (and w, b). CUDA autocast runs it in fp32."""
-    C = d.C
+    C = dims.C
     N = x.numel // C
-    xin = sim.to(x, F32) if (sim.autocast and d.device == "cuda") else sim.hold(x)
-    sdt = F32 if w.t.dt == F32 else xin.dt
-    n = sim.node([xin, w.t, bias.t], bw_layernorm)
-    out = sim.out(sim.new(N * C, xin.dt), n)
-    mean, rstd = sim.new(N, sdt), sim.new(N, sdt)
-    sim.save(n, xin, mean, rstd)
+    xin = sim.to(x, F32) if (sim.autocast and dims.device == "cuda") else sim.hold(x)
+    stat_dtype = F32 if weight.tensor.dtype == F32 else xin.dtype
+    node = sim.node([xin, weight.tensor, bias.tensor], layernorm_backward)
+    out = sim.out(sim.new(N * C, xin.dtype), node)
+    mean, rstd = sim.new(N, stat_dtype), sim.new(N, stat_dtype)
+    sim.save(node, xin, mean, rstd)
     sim.drop(mean)
     sim.drop(rstd)
     sim.drop(xin)
     return out
 
 
-def rope(sim: Sim, x: T, tables: tuple[T, T]) -> T:
+def rope(sim: Sim, x: SymTensor, tables: tuple[SymTensor, SymTensor]) -> SymTensor:
     """apply_rope: casts cos/sin to x's dtype, x1·cos - x2·sin, x1·sin + x2·cos, cat (half-size temporaries)."""
-    cos, sin = (sim.to(t, x.dt) for t in tables)
+    cos, sin = (sim.to(t, x.dtype) for t in tables)
     half = x.numel // 2
-    n = sim.node([x], bw_split, nout=2)
+    node = sim.node([x], split_backward, n_outputs=2)
     x1, x2 = sim.view(x, half), sim.view(x, half)
-    if n is not None:
-        sim.out(x1, n, 0)
-        sim.out(x2, n, 1)
+    if node is not None:
+        sim.out(x1, node, 0)
+        sim.out(x2, node, 1)
     t1, t2 = mul_const(sim, x1, cos), mul_const(sim, x2, sin)
     a = binary(sim, t1, t2, "sub")
     sim.drop(t1)
@@ -180,14 +133,14 @@ def rope(sim: Sim, x: T, tables: tuple[T, T]) -> T:
     b = binary(sim, t3, t4, "add")
     sim.drop(t3)
     sim.drop(t4)
-    n = sim.node([a, b], bw_cat)
-    o = sim.out(sim.new(x.numel, x.dt), n)
+    node = sim.node([a, b], cat_backward)
+    out = sim.out(sim.new(x.numel, x.dtype), node)
     for t in (a, b, x1, x2, cos, sin):
         sim.drop(t)
-    return o
+    return out
 
 
-def sdpa(sim: Sim, q: T, k: T, v: T, d: Dims) -> T:
+def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymTensor:
     """F.scaled_dot_product_attention(is_causal=True): the kernel decides what is saved.
 
     CPU: _scaled_dot_product_flash_attention_for_cpu (any dtype, GQA native) saves
@@ -200,46 +153,58 @@ def sdpa(sim: Sim, q: T, k: T, v: T, d: Dims) -> T:
         q2, k2, v2 = sim.to(q, sim.autocast), sim.to(k, sim.autocast), sim.to(v, sim.autocast)
     else:
         q2, k2, v2 = sim.hold(q), sim.hold(k), sim.hold(v)
-    cuda = d.device == "cuda"
-    flash = not cuda or (q2.dt != F32 and d.D <= 256)  # CPU's kernel, or CUDA flash
-    if cuda and not flash and d.G != d.H:  # memory-efficient attention has no GQA: math fallback
-        out = _math_attention(sim, q2, k2, v2, d)
+    cuda = dims.device == "cuda"
+    flash = not cuda or (q2.dtype != F32 and dims.D <= 256)  # CPU's kernel, or CUDA flash
+    if cuda and not flash and dims.G != dims.H:  # memory-efficient attention has no GQA: math fallback
+        out = _math_attention(sim, q2, k2, v2, dims)
     else:
-        n = sim.node([q2, k2, v2], bw_sdpa)
-        out = sim.out(sim.new(q2.numel, q2.dt), n)
-        s_pad = d.s if flash else -(-d.s // 32) * 32  # memory-efficient pads lse to 32 positions
-        lse = sim.new(d.b * d.H * s_pad, F32)
-        sim.save(n, q2, k2, v2, out, lse)
+        node = sim.node([q2, k2, v2], sdpa_backward)
+        out = sim.out(sim.new(q2.numel, q2.dtype), node)
+        s_pad = dims.s if flash else -(-dims.s // 32) * 32  # memory-efficient pads lse to 32 positions
+        lse = sim.new(dims.b * dims.H * s_pad, F32)
+        sim.save(node, q2, k2, v2, out, lse)
         sim.drop(lse)
     for t in (q2, k2, v2):
         sim.drop(t)
     return out
 
 
-def _math_attention(sim: Sim, q: T, k: T, v: T, d: Dims) -> T:
+def _math_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymTensor:
     """CUDA math SDPA (fp32 + GQA): k, v repeated to H heads, scores and softmax b·H·s² materialised."""
-    rep = d.H // d.G
-    ke, ve = sim.new(k.numel * rep, k.dt), sim.new(v.numel * rep, v.dt)
-    n = sim.node([q, k, v], bw_math_attn)
-    scores = sim.new(d.b * d.H * d.s * d.s, q.dt)
-    probs = sim.new(d.b * d.H * d.s * d.s, q.dt)
+    rep = dims.H // dims.G
+    k_rep, v_rep = sim.new(k.numel * rep, k.dtype), sim.new(v.numel * rep, v.dtype)
+    node = sim.node([q, k, v], math_attention_backward)
+    scores = sim.new(dims.b * dims.H * dims.s * dims.s, q.dtype)
+    probs = sim.new(dims.b * dims.H * dims.s * dims.s, q.dtype)
     sim.drop(scores)
-    out = sim.out(sim.new(q.numel, q.dt), n)
-    sim.save(n, q, ke, probs, ve)
-    for t in (ke, ve, probs):
+    out = sim.out(sim.new(q.numel, q.dtype), node)
+    sim.save(node, q, k_rep, probs, v_rep)
+    for t in (k_rep, v_rep, probs):
         sim.drop(t)
     return out
 
 
-def project(sim: Sim, x: T, name: str, P: dict, d: Dims, d_out: int) -> T:
-    """A projection: nn.Linear, or LoRALinear = base(x) + (B·A·dropout(x))·alpha/r."""
-    W, bias = P[name], P.get(name + ".bias")
-    y = linear(sim, x, W, bias, d_out)
-    if name + ".A" not in P:
+# ---------------------------------------------------------------- projections, block
+def project(sim: Sim, x: SymTensor, name: str, params: dict, dims: Dims, d_out: int) -> SymTensor:
+    """A projection: nn.Linear, or an AdaptedLinear = base(x) + adapter_branch (its parameters
+    are in `params` as "<name>.<parameter>", e.g. "q.lora_A")."""
+    y = linear(sim, x, params[name], params.get(name + ".bias"), d_out)
+    own = {k[len(name) + 1:]: p for k, p in params.items() if k.startswith(name + ".") and k != name + ".bias"}
+    if not own:
         return y
+    return adapter_branch(sim, x, y, own, dims, d_out)
+
+
+def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, dims: Dims,
+                   d_out: int) -> SymTensor:
+    """AdaptedLinear.forward after its base: y + adapter.branch(dropout(x)).to(y.dtype).
+
+    x (N·d_in) is the input, y (N·d_out) the base's output; consumes y (the returned
+    sum replaces it), leaves x to the caller. Saves the adapter's input (or the dropout
+    output and mask); what the branch itself saves is the adapter's replay."""
     h = sim.hold(x)
-    if d.dropout > 0:  # CPU/CUDA native dropout: a float mask of x's shape, then x·mask
-        mask = sim.new(x.numel, x.dt)
+    if dims.dropout > 0:  # CPU/CUDA native dropout: a float mask of x's shape, then x·mask
+        mask = sim.new(x.numel, x.dtype)
         h2 = mul_const(sim, x, mask)
         sim.drop(mask)
         sim.drop(h)
@@ -248,36 +213,32 @@ def project(sim: Sim, x: T, name: str, P: dict, d: Dims, d_out: int) -> T:
         h2 = sim.to(h, F32)
         sim.drop(h)
         h = h2
-    a = linear(sim, h, P[name + ".A"], None, d.rank)
-    bb = linear(sim, a, P[name + ".B"], None, d_out)
-    sim.drop(a)
-    l1 = elementwise(sim, bb, bw_new_like_input, save_input=False)  # · alpha/r
-    sim.drop(bb)
-    l2 = sim.to(l1, y.dt)
-    out = binary(sim, y, l2, "add")
-    for t in (l2, l1, y, h):  # locals out (y), h, lora live until return
+    scaled = dims.adapter.replay(sim, h, adapter_params, d_out)
+    cast = sim.to(scaled, y.dtype)
+    out = binary(sim, y, cast, "add")
+    for t in (cast, scaled, y, h):  # locals out (y), h, the branch live until return
         sim.drop(t)
     return out
 
 
-def reshape_heads(sim: Sim, t: T, clone_grad: bool) -> T:
+def reshape_heads(sim: Sim, t: SymTensor, clone_grad: bool) -> SymTensor:
     """view(B,T,H,D).transpose(1,2): free in forward; in backward the view of a non-contiguous
     gradient (RoPE's cat output, transposed) is a reshape, i.e. a copy."""
-    if not clone_grad or not t.rg:
+    if not clone_grad or not t.requires_grad:
         return sim.hold(t)
-    n = sim.node([t], bw_new_like_input)
-    return sim.out(sim.view(t), n)
+    node = sim.node([t], unary_backward)
+    return sim.out(sim.view(t), node)
 
 
-def attention(sim: Sim, x: T, P: dict, d: Dims, tables) -> T:
-    H, G, D = d.H, d.G, d.D
-    llama = d.style == "llama"
-    q = project(sim, x, "q", P, d, H * D)
-    k = project(sim, x, "k", P, d, G * D)
-    v = project(sim, x, "v", P, d, G * D)
+def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTensor:
+    H, G, D = dims.H, dims.G, dims.D
+    llama = dims.style == "llama"
+    q = project(sim, x, "q", params, dims, H * D)
+    k = project(sim, x, "k", params, dims, G * D)
+    v = project(sim, x, "v", params, dims, G * D)
     # a transpose(1, 2) of (b, heads, s, D) is still contiguous when heads or s is 1
-    qh = reshape_heads(sim, q, llama and H > 1 and d.s > 1)
-    kh = reshape_heads(sim, k, llama and G > 1 and d.s > 1)
+    qh = reshape_heads(sim, q, llama and H > 1 and dims.s > 1)
+    kh = reshape_heads(sim, k, llama and G > 1 and dims.s > 1)
     sim.drop(q)
     sim.drop(k)
     if llama:  # q, k = apply_rope(q), apply_rope(k): the old q, k are released after both
@@ -286,50 +247,50 @@ def attention(sim: Sim, x: T, P: dict, d: Dims, tables) -> T:
         sim.drop(kh)
     else:
         q2, k2 = qh, kh
-    y = sdpa(sim, q2, k2, v, d)
-    if llama and H > 1 and d.s > 1:  # out is (B,H,T,D)-contiguous: transpose(1,2).reshape copies
-        y2 = sim.out(sim.new(y.numel, y.dt), sim.node([y], bw_pass))
+    y = sdpa(sim, q2, k2, v, dims)
+    if llama and H > 1 and dims.s > 1:  # out is (B,H,T,D)-contiguous: transpose(1,2).reshape copies
+        y2 = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         sim.drop(y)
         y = y2
-    o = project(sim, y, "o", P, d, d.C)
+    o = project(sim, y, "o", params, dims, dims.C)
     for t in (y, q2, k2, v):  # Attention.forward's locals q, k, v, y live until it returns
         sim.drop(t)
     return o
 
 
-def mlp(sim: Sim, x: T, P: dict, d: Dims) -> T:
-    if d.style == "llama":
-        g = project(sim, x, "gate", P, d, d.F)
-        sg = elementwise(sim, g, bw_new_like_input)
-        sim.drop(g)
-        u = project(sim, x, "up", P, d, d.F)
-        h = binary(sim, sg, u, "mul")
-        sim.drop(sg)
-        sim.drop(u)
+def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
+    if dims.style == "llama":
+        gate = project(sim, x, "gate", params, dims, dims.F)
+        silu = elementwise(sim, gate, unary_backward)
+        sim.drop(gate)
+        up = project(sim, x, "up", params, dims, dims.F)
+        h = binary(sim, silu, up, "mul")
+        sim.drop(silu)
+        sim.drop(up)
     else:
-        u = project(sim, x, "up", P, d, d.F)
-        h = elementwise(sim, u, bw_new_like_input)
-        sim.drop(u)
-    o = project(sim, h, "down", P, d, d.C)
+        up = project(sim, x, "up", params, dims, dims.F)
+        h = elementwise(sim, up, unary_backward)
+        sim.drop(up)
+    out = project(sim, h, "down", params, dims, dims.C)
     sim.drop(h)
-    return o
+    return out
 
 
-def norm(sim: Sim, x: T, P: dict, name: str, d: Dims) -> T:
-    if d.style == "llama":
-        return rmsnorm(sim, x, P[name], d.C)
-    return layernorm(sim, x, P[name], P[name + ".bias"], d)
+def norm(sim: Sim, x: SymTensor, params: dict, name: str, dims: Dims) -> SymTensor:
+    if dims.style == "llama":
+        return rmsnorm(sim, x, params[name], dims.C)
+    return layernorm(sim, x, params[name], params[name + ".bias"], dims)
 
 
-def block(sim: Sim, x: T, P: dict, d: Dims, tables) -> T:
+def block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTensor:
     """x + attn(norm1(x)), then x + mlp(norm2(x)); a sum of two dtypes is fp32."""
-    h = norm(sim, x, P, "norm1", d)
-    a = attention(sim, h, P, d, tables)
+    h = norm(sim, x, params, "norm1", dims)
+    a = attention(sim, h, params, dims, tables)
     sim.drop(h)
     x2 = binary(sim, x, a, "add")
     sim.drop(a)
-    h = norm(sim, x2, P, "norm2", d)
-    m = mlp(sim, h, P, d)
+    h = norm(sim, x2, params, "norm2", dims)
+    m = mlp(sim, h, params, dims)
     sim.drop(h)
     x3 = binary(sim, x2, m, "add")
     sim.drop(m)
@@ -337,63 +298,64 @@ def block(sim: Sim, x: T, P: dict, d: Dims, tables) -> T:
     return x3
 
 
-def checkpointed_block(sim: Sim, x: T, P: dict, d: Dims, tables) -> T:
+def checkpointed_block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTensor:
     """torch.utils.checkpoint (non-reentrant): forward saves nothing but keeps the block input."""
-    sim.mode, sim.ck_nodes = "discard", []
-    out = block(sim, x, P, d, tables)
-    nodes, sim.mode = sim.ck_nodes, "normal"
-    if nodes:
-        ck = Checkpoint(nodes, lambda: block(sim, x, P, d, tables))
-        for n in nodes:
-            n.ck = ck
-        nodes[0].saved.append(sim.hold(x))  # the frame keeps the inputs until the block's backward ends
+    sim.begin_checkpoint()
+    out = block(sim, x, params, dims, tables)
+    sim.end_checkpoint(lambda: block(sim, x, params, dims, tables), x)
     return out
 
 
-def forward_loss(sim: Sim, params: dict, d: Dims, n_blocks: int, tables) -> T:
+# ---------------------------------------------------------------- the model and its loss
+def embed(sim: Sim, params: dict, dims: Dims) -> SymTensor:
+    """tok_emb(idx) (N·C), plus pos_emb(arange(s)) broadcast over the batch (gpt2)."""
+    N = dims.b * dims.s
+    tok = params["tok_emb"].tensor
+    x = sim.out(sim.new(N * dims.C, tok.dtype), sim.node([tok], embedding_backward))
+    if dims.style != "gpt2":
+        return x
+    pos_w = params["pos_emb"].tensor
+    positions = sim.new(dims.s, I64)
+    node = sim.node([pos_w], embedding_backward)
+    sim.save(node, positions)
+    pe = sim.out(sim.new(dims.s * dims.C, pos_w.dtype), node)
+    sim.drop(positions)
+    node = sim.node([x, pe], pass_and_new_backward)
+    x2 = sim.out(sim.new(N * dims.C, promote(x.dtype, pe.dtype)), node)
+    sim.drop(x)
+    sim.drop(pe)
+    return x2
+
+
+def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> SymTensor:
     """compute_loss(model, x, y) / accumulation: embeddings, blocks, final norm, head, fp32 CE."""
-    N = d.b * d.s
-    sim.set_owner(None)
-    tok = params["tok_emb"]
-    n = sim.node([tok.t], bw_embedding)
-    x = sim.out(sim.new(N * d.C, tok.t.dt), n)
-    if d.style == "gpt2":
-        pos_w = params["pos_emb"]
-        pos = sim.new(d.s, "i64")
-        n = sim.node([pos_w.t], bw_embedding)
-        sim.save(n, pos)
-        pe = sim.out(sim.new(d.s * d.C, pos_w.t.dt), n)
-        sim.drop(pos)
-        n = sim.node([x, pe], bw_add_bcast)
-        x2 = sim.out(sim.new(N * d.C, x.dt if x.dt == pe.dt else F32), n)
-        sim.drop(x)
-        sim.drop(pe)
-        x = x2
+    N = dims.b * dims.s
+    sim.set_block(None)
+    x = embed(sim, params, dims)
     for i in range(n_blocks):
-        sim.set_owner(i)
-        P = params["blocks"][i]
-        xn = checkpointed_block(sim, x, P, d, tables) if d.ckpt else block(sim, x, P, d, tables)
+        sim.set_block(i)
+        run = checkpointed_block if dims.checkpointing else block
+        xn = run(sim, x, params["blocks"][i], dims, tables)
         sim.drop(x)
         x = xn
-    sim.set_owner(None)
-    h = norm(sim, x, params, "norm_f", d)
-    cat, sim.cat_alloc = sim.cat_alloc, LOGITS
-    logits = linear(sim, h, params["head"], None, d.V)
-    sim.drop(h)
-    sim.drop(x)  # Transformer.forward's x lives until it returns
-    lf = sim.to(logits, F32)
-    n = sim.node([lf], bw_log_softmax)
-    lsm = sim.out(sim.new(N * d.V, F32), n)
-    sim.save(n, lsm)
-    n = sim.node([lsm], bw_loss)  # nll_loss_forward: (loss, total_weight); saves lsm and total_weight
-    loss = sim.out(sim.new(1, F32), n)
-    total_weight = sim.new(1, F32)
-    sim.save(n, lsm, total_weight)
-    for t in (total_weight, lsm, lf):  # cross_entropy's argument lf lives until it returns
-        sim.drop(t)
-    sim.clear_cache()  # autocast region ends with compute_loss
-    sim.drop(logits)
-    sim.cat_alloc = cat
-    out = sim.out(sim.new(1, F32), sim.node([loss], bw_new_like_input))  # loss / accumulation
+    sim.set_block(None)
+    h = norm(sim, x, params, "norm_f", dims)
+    with sim.allocating_as(LOGITS):
+        logits = linear(sim, h, params["head"], None, dims.V)
+        sim.drop(h)
+        sim.drop(x)  # Transformer.forward's x lives until it returns
+        lf = sim.to(logits, F32)
+        node = sim.node([lf], log_softmax_backward)
+        lsm = sim.out(sim.new(N * dims.V, F32), node)
+        sim.save(node, lsm)
+        node = sim.node([lsm], nll_loss_backward)  # nll_loss_forward: (loss, total_weight); saves lsm, total_weight
+        loss = sim.out(sim.new(1, F32), node)
+        total_weight = sim.new(1, F32)
+        sim.save(node, lsm, total_weight)
+        for t in (total_weight, lsm, lf):  # cross_entropy's argument lf lives until it returns
+            sim.drop(t)
+        sim.end_autocast()  # the autocast region ends with compute_loss
+        sim.drop(logits)
+    out = sim.out(sim.new(1, F32), sim.node([loss], unary_backward))  # loss / accumulation
     sim.drop(loss)
     return out

@@ -2,7 +2,8 @@
 
 - precision: fp32 (no autocast), fp16 (autocast + dynamic loss scaling with
   `torch.amp.GradScaler`), bf16 (autocast, no scaler: BF16 has FP32's exponent range).
-- LoRA: `lora.apply_lora` (frozen base in `base_dtype`, FP32 adapters).
+- the model: built by its stack (stacks/), adapters applied (frozen base in `base_dtype`,
+  FP32 adapters).
 - checkpointing: each block recomputed in backward (`torch.utils.checkpoint`, non-reentrant).
 - accumulation: k micro-batches of batch/k, each loss divided by k, one optimizer step.
 """
@@ -14,47 +15,42 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..spec.config import Cell, ModelConfig, TrainConfig
-from ..estimate.analytic import resolve_impl
-from ..adapters.lora import DTYPES, apply_lora
-from ..stacks.transformer import Transformer
+from ..spec.config import Cell, ModelConfig, TrainConfig, autocast_dtype_of, scales_loss
+from ..adapters.layer import DTYPES
+from ..stacks import stack_for, stack_of
 
 
-def build_model(cfg: ModelConfig, cell: Cell, device: str, seed: int) -> Transformer:
-    """The cell's model on `device`: seeded base weights, then LoRA (seeded) if rank > 0."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Transformer(cfg)
-        if cell.lora_rank > 0:
-            apply_lora(model, cell.lora_targets, cell.lora_rank, cell.lora_alpha, cell.lora_dropout or 0.0, cell.base_dtype)
-    model.checkpointing = cell.checkpointing
-    return model
+def build_model(cfg: ModelConfig, cell: Cell, device: str, seed: int) -> torch.nn.Module:
+    """The cell's model on `device`, built by its stack: seeded base weights, then its adapters
+    (seeded), if any, and checkpointing as the cell says."""
+    return stack_for(cfg).build(cfg, cell, device, seed)
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: str) -> tuple[torch.optim.Optimizer, str]:
     """AdamW over the trainable parameters; returns it and the implementation used."""
     params = [p for p in model.parameters() if p.requires_grad]
-    impl = resolve_impl(train.optimizer, device)
+    impl = train.optimizer_impl(device)
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0, **kwargs), impl
 
 
 def autocast(precision: str, device_type: str):
-    """nullcontext for fp32, torch.autocast in the cell's half dtype otherwise."""
-    if precision == "fp32":
+    """nullcontext for fp32, torch.autocast in the precision's half dtype otherwise."""
+    dtype = autocast_dtype_of(precision)
+    if dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
 
 def make_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
     """Dynamic loss scaling for fp16 only: start 2^16, halve and skip on inf/NaN, double after 2000 clean steps."""
-    return torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    return torch.amp.GradScaler(device_type, enabled=scales_loss(precision))
 
 
 def compute_loss(model, x, y, precision: str):
     """Cross-entropy of the logits in FP32 (b·s·V floats: often the largest tensor)."""
     with autocast(precision, x.device.type):
-        logits = model(x)  # (B, T, V)
+        logits = stack_of(model).logits(model, x)  # (B, T, V)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 

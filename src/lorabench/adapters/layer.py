@@ -1,0 +1,107 @@
+"""The adapted layer (torch): a frozen nn.Linear wrapped with one adapter.
+
+`AdaptedLinear` wraps the base layer (as litgpt does) rather than inheriting
+from it; the adapter's parameters are its own (registered before the `base`
+submodule, so `model.parameters()` yields them first) and stay in FP32 whatever
+dtype stores W0. `apply_adapter` freezes a model and wraps its targets;
+`adapter_params` lists what trains (torchtune's adapter_params()).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..spec.config import Cell
+from . import get
+from .base import Adapter
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, base: nn.Linear, adapter: Adapter | str, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"adapter rank must be > 0, got {rank}")
+        self.adapter = get(adapter) if isinstance(adapter, str) else adapter
+        cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout, adapter=self.adapter.name)
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scaling = self.adapter.scaling(cell)
+        self.adapter_names = []
+        for p in self.adapter.params(base.in_features, base.out_features, cell):
+            setattr(self, p.name, nn.Parameter(torch.empty(p.shape, device=base.weight.device), requires_grad=p.trainable))
+            self.adapter_names.append(p.name)
+        with torch.no_grad():
+            self.adapter.init(self)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x):
+        out = self.base(x)  # the residual stream is in the base dtype, as with a 16-bit base model
+        if self.merged:
+            return out
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(torch.float32)  # the adapter computes in FP32 outside autocast
+        return out + self.adapter.branch(self, h).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW, shape (d_out, d_in), in FP32."""
+        return self.adapter.delta_weight(self)
+
+    @torch.no_grad()
+    def merge(self):
+        """W0 += ΔW: the adapter costs nothing at inference (claim C9)."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
+                  base_dtype: str = "fp32", adapter: str = "lora") -> list[AdaptedLinear]:
+    """Freeze every parameter, store them in `base_dtype`, and wrap each targeted
+    projection (module names q, k, v, o, gate, up, down) in an AdaptedLinear.
+    Only the adapters (FP32) train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(DTYPES[base_dtype])
+    wrapped = []
+    for parent in list(model.modules()):
+        for name in targets:
+            child = getattr(parent, name, None)
+            if isinstance(child, nn.Linear):
+                layer = AdaptedLinear(child, adapter, rank, alpha, dropout)
+                setattr(parent, name, layer)
+                wrapped.append(layer)
+    if not wrapped:
+        raise ValueError(f"no module named any of {list(targets)} to adapt")
+    return wrapped
+
+
+def apply_cell(model: nn.Module, cell: Cell) -> list[AdaptedLinear]:
+    """The cell's adapters on `model` (nothing in full fine-tuning)."""
+    if not cell.is_lora:
+        return []
+    return apply_adapter(model, cell.lora_targets, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_dtype,
+                         cell.adapter)
+
+
+def adapted_layers(model: nn.Module) -> list[AdaptedLinear]:
+    """The model's adapted projections, in module order."""
+    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+
+
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every adapter parameter by its full name: what trains in an adapter cell."""
+    out = {}
+    for mod_name, m in model.named_modules():
+        if isinstance(m, AdaptedLinear):
+            out.update({f"{mod_name}.{n}": getattr(m, n) for n in m.adapter_names})
+    return out

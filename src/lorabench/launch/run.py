@@ -1,0 +1,56 @@
+"""A whole `run`: the result file opened (and locked) before any work, resumed only with
+rows of the same configuration, cells that cannot fit skipped, the rest launched.
+
+    with open_results(path, jobs, resume) as (writer, todo):
+        launch(todo, on_row=lambda job, row: writer.append(row))
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..base.env import memory_capacity_bytes
+from ..row.codec import config_hash, encode, estimate_fields
+from ..row.results import ResultWriter, load_rows
+from ..spec.job import CellJob
+from ..spec.schema import ConfigError
+
+
+@contextmanager
+def open_results(path: Path, jobs: list[CellJob], resume: bool):
+    """Yields (writer, jobs still to run). The file is locked first, so a second run on it
+    gets one line before it reads or writes anything; an existing file needs `resume`, and
+    every row of it whose cell is in `jobs` must carry that job's config_hash."""
+    writer = ResultWriter(path)
+    try:
+        if path.stat().st_size and not resume:
+            raise ConfigError(str(path), "--out", "exists; pass --resume to continue it or choose another file")
+        done = load_rows(str(path)) if path.stat().st_size else []
+        by_id = {r["cell"]: r for r in done}
+        for job in jobs:
+            row = by_id.get(job.cell.id)
+            if row is not None and row.get("config_hash") != config_hash(job):
+                raise ConfigError(str(path), f"cell {job.cell.id}", "was measured with another configuration "
+                                  f"(config_hash {row.get('config_hash')} here, {config_hash(job)} now): "
+                                  "--resume only continues a file of the same scenario; choose another --out")
+        writer.rows.extend(done)
+        yield writer, [j for j in jobs if j.cell.id not in by_id]
+    finally:
+        writer.close()
+
+
+def would_not_fit(job: CellJob) -> dict | None:
+    """A `skipped` row when the analytic estimate of the cell's peak exceeds what the device
+    has (CPU: RAM available now; CUDA: the GPU's memory), else None (also when unknown)."""
+    capacity = memory_capacity_bytes(job.device)
+    if capacity is None:
+        return None
+    row = encode(job)
+    row.update(estimate_fields(row, job))
+    peak = row.get("est_peak_bytes")
+    if peak is None or peak <= capacity[0]:
+        return None
+    gib = 2**30
+    row.update(status="skipped", error=f"would not fit (estimate {peak / gib:.1f} GiB > {capacity[0] / gib:.1f} GiB "
+                                       f"{capacity[1]}); --force runs it anyway")
+    return row

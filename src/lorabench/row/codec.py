@@ -1,0 +1,258 @@
+"""The result row: this module alone owns its schema. It encodes a cell's spec and
+its measurements into a row and decodes a row back into a spec.
+
+A row is one flat JSON object:
+
+  spec       `scenario`; the Cell's fields (its id as `cell`); `config_hash`; `status`, `error`,
+             `device`; the model's name as `model` and the ModelConfig fields marked
+             row=True; the TrainConfig fields marked row=True; `micro_batch_size`
+  measured   the fields of Measured, LoraInit and LoraInference: None until measured,
+             and None in a failed row (other measured keys appear in ok rows only)
+  estimate   the fields of EstimateFields (est_*, peak_error_pct, mfu, hfu)
+  (and `est_error` when the estimate failed)
+
+Every key list is derived from dataclass fields (`keys`); none is kept by hand.
+Decoding is the inverse: `decode_cell`, `decode_model`, `decode_job`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+import typing
+from typing import Optional, Union
+
+from ..spec.config import Cell, ModelConfig, TrainConfig
+from ..spec.job import CellJob
+from ..spec.presets import preset_data, preset_names
+from ..spec.schema import build, row_fields, short, type_name
+
+
+def keys(cls: type) -> tuple[str, ...]:
+    """The row keys a dataclass contributes: its field names."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass
+class Measured:
+    """What a cell's run measures; every row has these keys (None when not measured)."""
+    start_up_s: Optional[float] = None            # from the launcher's spawn to the worker's start
+    cell_wall_s: Optional[float] = None           # the worker's wall time
+    device_name: Optional[str] = None
+    total_params: Optional[int] = None
+    trainable_params: Optional[int] = None
+    trainable_pct: Optional[float] = None
+    param_bytes: Optional[int] = None             # read from the tensors
+    grad_bytes: Optional[int] = None
+    optimizer_state_bytes: Optional[int] = None
+    peak_allocated_bytes: Optional[int] = None    # CUDA allocator, or live tensor storage on CPU
+    peak_reserved_bytes: Optional[int] = None     # CUDA only
+    nvml_process_bytes: Optional[int] = None      # CUDA only
+    step_time_ms_median: Optional[float] = None
+    step_time_ms_p10: Optional[float] = None
+    step_time_ms_p90: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    loss_first: Optional[float] = None
+    loss_last: Optional[float] = None
+
+
+@dataclass
+class LoraInit:
+    """The adapters at initialisation, before any step (claim C5); None in full fine-tuning."""
+    lora_init_delta_abs_max: Optional[float] = None   # max |ΔW| over targets
+    lora_scaling: Optional[float] = None
+
+
+@dataclass
+class LoraInference:
+    """Merged against unmerged forward (claim C9); None in full fine-tuning."""
+    infer_ms_unmerged: Optional[float] = None
+    infer_ms_merged: Optional[float] = None
+    merge_max_abs_diff: Optional[float] = None
+
+
+@dataclass
+class UnderflowFields:
+    """The underflow probe's row fields (measure/underflow.py); None in fp32 cells or when off."""
+    underflow_frac_unscaled: Optional[float] = None
+    underflow_frac_scaled: Optional[float] = None
+    fp32_zero_frac: Optional[float] = None
+    flush_frac: Optional[float] = None
+    subnormal_frac: Optional[float] = None
+    overflow_frac: Optional[float] = None
+    overflow_frac_scaled: Optional[float] = None
+    act_underflow_frac_unscaled: Optional[float] = None
+    act_underflow_frac_scaled: Optional[float] = None
+    probe_loss_scale: Optional[float] = None
+    underflow_probe_s: Optional[float] = None
+    underflow_error: Optional[str] = None
+
+
+@dataclass
+class EstimateFields:
+    """What the estimator predicted for the row (Estimate.fields()) and its error."""
+    est_param_bytes: Optional[int] = None
+    est_grad_bytes: Optional[int] = None
+    est_optimizer_state_bytes: Optional[int] = None
+    est_activation_bytes: Optional[int] = None
+    est_peak_bytes: Optional[int] = None
+    est_peak_phase: Optional[str] = None
+    est_flops_per_step: Optional[int] = None
+    peak_error_pct: Optional[float] = None        # 100·(est − measured)/measured
+    mfu: Optional[float] = None                   # CUDA rows of a known GPU
+    hfu: Optional[float] = None
+
+
+CELL_KEYS = tuple("cell" if k == "id" else k for k in keys(Cell))
+TECHNIQUE_KEYS = tuple(k for k in keys(Cell) if k != "id")   # the axes a cell varies on
+MODEL_KEYS = ("model", *row_fields(ModelConfig))              # `model` is the model's name
+TRAIN_KEYS = (*row_fields(TrainConfig), "micro_batch_size")
+MEASURED_KEYS = keys(Measured) + keys(LoraInit) + keys(LoraInference)
+ESTIMATE_KEYS = keys(EstimateFields)
+
+
+def config_hash(job: CellJob) -> str:
+    """A digest of everything that shapes the cell's numbers: model, train set-up (not its
+    timeout), cell, seed and device. Rows of one file with one id and two digests were
+    made by two configurations: `run --resume` refuses to mix them."""
+    train = dataclasses.asdict(job.train)
+    train.pop("timeout_s")
+    spec = {"model": job.model.to_dict(), "train": train, "cell": job.cell.to_dict(), "seed": job.seed,
+            "device": job.device}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+REQUIRED_KEYS = ("cell", "status", "precision")
+
+
+def row_problem(row: dict) -> Optional[str]:
+    """What is wrong with a row read from a file, judged by the row schema's field types
+    (Cell, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields); None if nothing."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        return f"not a lorabench result row (no {missing[0]!r} key)"
+    for key, tp in _ROW_TYPES.items():
+        if key in row and not _is(row[key], tp):
+            return f"field {key!r} must be {type_name(tp)}, got {short(row[key])}"
+    return None
+
+
+def _is(value, tp) -> bool:
+    if typing.get_origin(tp) is Union:
+        return any(_is(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is tuple:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _row_types() -> dict:
+    out = {"status": str}
+    for cls in (Cell, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields):
+        for name, tp in typing.get_type_hints(cls).items():
+            out["cell" if name == "id" else name] = tp
+    return out
+
+
+_ROW_TYPES = _row_types()
+
+
+def encode(job: CellJob) -> dict:
+    """The row every cell has whatever its status: spec keys filled, measured keys None."""
+    model, train, cell = job.model, job.train, job.cell
+    row = {"scenario": job.scenario, **cell.to_dict(), "config_hash": config_hash(job), "status": "ok", "error": None,
+           "device": job.device,
+           "model": model.name, **{k: getattr(model, k) for k in MODEL_KEYS[1:]},
+           **{k: getattr(train, k) for k in TRAIN_KEYS[:-1]}, "micro_batch_size": cell.micro_batch(train.batch_size)}
+    row.update(dict.fromkeys(MEASURED_KEYS))
+    return row
+
+
+def decode_cell(row: dict) -> Cell:
+    return Cell.from_dict(row)
+
+
+def decode_model(row: dict) -> ModelConfig:
+    """The row's model: its preset (when `model` names one) with the row's stored dimensions."""
+    data = {}
+    name = row.get("model")
+    if isinstance(name, str) and name in preset_names():
+        data = preset_data(name)
+    data.update({k: row[k] for k in MODEL_KEYS[1:] if row.get(k) is not None})
+    if data.get("max_seq_len") is not None and data["max_seq_len"] < data.get("seq_len", 0):
+        data.pop("max_seq_len")
+    data["name"] = str(name or "custom")
+    return build(ModelConfig, data, "", "row")
+
+
+def decode_train(row: dict) -> TrainConfig:
+    """The row's train config: its stored fields, the AdamW implementation it ran with."""
+    data = {k: row[k] for k in TRAIN_KEYS[:-1]}  # a row without them cannot be re-estimated: KeyError
+    if row.get("optimizer_impl"):
+        data["optimizer"] = row["optimizer_impl"]
+    return TrainConfig(**data)
+
+
+def decode_job(row: dict) -> CellJob:
+    return CellJob(scenario=str(row.get("scenario")), model=decode_model(row), train=decode_train(row),
+                   cell=decode_cell(row), device=row.get("device") or "cpu")
+
+
+# ---------------------------------------------------------------- row adapters of the estimator
+def first_update_step(row: dict) -> int:
+    """The first step whose optimizer.step() ran, from an fp16 row's loss-scale trajectory.
+
+    GradScaler starts at 2^16 and halves the scale on a step it skips (inf/NaN
+    found); a step whose scale after is not below the scale before updated. Rows
+    without a trajectory (fp32, bf16) update from step 1."""
+    traj = row.get("loss_scale_trajectory")
+    if not traj:
+        return 1
+    before = 65536.0
+    for i, after in enumerate(traj, 1):
+        if after is not None and after >= before:
+            return i
+        before = after if after is not None else before
+    return len(traj) + 1
+
+
+def estimate_fields(row: dict, job: Optional[CellJob] = None) -> dict:
+    """The EstimateFields of a result row.
+
+    `job`: the cell's spec as the worker ran it (right after measuring); without it
+    the spec is decoded from the row (validate), the model rebuilt from its preset
+    name and stored dimensions. Never raises: a failure gives None fields and
+    `est_error`, so a cell's row survives it."""
+    from ..estimate.analytic import estimate
+    from ..estimate.gpus import lookup
+    out = dict.fromkeys(ESTIMATE_KEYS)
+    try:
+        if job is None:
+            job = decode_job(row)
+        device = job.device
+        window = job.train.window_steps(device)
+        est = estimate(job.model, job.cell, job.train.batch_size, device=device,
+                       optimizer_impl=row.get("optimizer_impl") or job.train.optimizer, n_batches=window,
+                       window_steps=window, first_update_step=first_update_step(row), gpu_name=row.get("device_name"))
+        out.update(est.fields())
+        measured = row.get("peak_allocated_bytes")
+        if measured:
+            out["peak_error_pct"] = round(100.0 * (est.est_peak_bytes - measured) / measured, 4)
+        gpu = lookup(row.get("device_name")) if device == "cuda" else None
+        t_ms = row.get("step_time_ms_median")
+        if gpu is not None and t_ms:
+            peak = gpu.peak_flops(job.cell.matmul_dtype(row.get("tf32")))
+            if peak:
+                out["mfu"] = est.est_flops_per_step / (t_ms / 1000.0) / peak
+                out["hfu"] = est.est_hw_flops_per_step / (t_ms / 1000.0) / peak
+    except Exception as e:  # the estimate must never cost a measured row
+        out["est_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out

@@ -1,0 +1,131 @@
+"""PyTorch's backward engine over the recorded graph, and checkpoint recompute.
+
+- `run_backward` follows the engine: the ready node with the highest sequence
+  number runs first, AccumulateGrad nodes before all others; a node's input
+  gradients are freed when it returns, then its saved tensors, then its outputs
+  are summed into the next nodes' input buffers (out of place: a sum of two
+  buffers briefly holds three); a gradient whose dtype differs from the input's
+  metadata is cast (validate_outputs); AccumulateGrad steals the first gradient
+  of a parameter (no copy) and adds later ones in place.
+- A checkpointed block's first unpack in backward recomputes the block, holding
+  the recomputed saved tensors, and stops early once the last one is produced
+  (torch.utils.checkpoint's non-reentrant early stop).
+"""
+from __future__ import annotations
+
+import heapq
+
+from .autograd import Graph
+from .tensors import BACKWARD_BUFFERS, GRADS, INF, RECOMPUTE, Checkpoint, Edge, Node, SymTensor
+
+
+class Backward(Graph):
+    """loss.backward() on the recorded graph: engine order, buffers, AccumulateGrad, recompute."""
+
+    def _recompute(self, checkpoint: Checkpoint) -> None:
+        """Re-run the block's forward to refill its nodes' saved tensors."""
+        self.mode, self.recompute_queue = "recompute", list(reversed(checkpoint.nodes))
+        self.saves_to_refill = sum(node.n_saved for node in checkpoint.nodes)
+        self.counting = self.saves_to_refill != 0
+        with self.allocating_as(RECOMPUTE):
+            self.drop(checkpoint.rerun())
+        self.mode, self.recompute_queue, self.counting = "normal", None, True
+        checkpoint.done = True
+
+    def run_backward(self, root: SymTensor) -> None:
+        """loss.backward(): PyTorch's engine order over the recorded graph."""
+        start = root.grad_fn
+        if start is None:
+            return
+        _count_dependencies(start)
+        seed = self.new(1, root.dtype, BACKWARD_BUFFERS)  # torch.autograd.backward's ones_like, held until it returns
+        start.input_grads[root.output_nr] = self.hold(seed)
+        ready = [(-start.seq, 0, start)]
+        tick = 1
+        while ready:
+            _, _, node = heapq.heappop(ready)
+            self.set_block(node.block)
+            if node.seq == INF:
+                self._accumulate_grad(node)
+                continue
+            for nxt in self._run_node(node):
+                heapq.heappush(ready, (-nxt.seq, tick, nxt))
+                tick += 1
+        self.set_block(None)
+        self.drop(seed)
+
+    def _run_node(self, node: Node) -> list[Node]:
+        """Run one node's backward; returns the nodes it made ready, in edge order."""
+        if node.checkpoint is not None and not node.checkpoint.done and node.n_saved:
+            self._recompute(node.checkpoint)
+        grads = node.input_grads
+        outs = node.backward(self, node, grads)
+        for g in grads:
+            self.drop(g)
+        node.input_grads = None
+        outs = [self._validate(edge, g) for edge, g in zip(node.edges, outs)]
+        for t in node.saved:
+            self.drop(t)
+        node.saved = []
+        ready = []
+        for edge, g in zip(node.edges, outs):
+            if edge is None:
+                continue
+            nxt = edge.node
+            if g is not None:
+                self._add_to_buffer(nxt, edge.output_nr, g)
+            nxt.pending -= 1
+            if nxt.pending == 0:
+                ready.append(nxt)
+        return ready
+
+    def _validate(self, edge: Edge | None, grad: SymTensor | None) -> SymTensor | None:
+        """validate_outputs: no gradient for an input that needs none; a cast to the input's dtype."""
+        if grad is None or (edge is not None and edge.dtype == grad.dtype):
+            return grad
+        if edge is None:
+            self.drop(grad)
+            return None
+        cast = self.new(edge.numel, edge.dtype, BACKWARD_BUFFERS)
+        self.drop(grad)
+        return cast
+
+    def _add_to_buffer(self, node: Node, pos: int, grad: SymTensor) -> None:
+        """The input buffer takes the first gradient as is; a later one is summed out of place."""
+        old = node.input_grads[pos]
+        if old is None:
+            node.input_grads[pos] = grad
+            return
+        total = self.new(grad.numel, grad.dtype, BACKWARD_BUFFERS)
+        self.drop(old)
+        self.drop(grad)
+        node.input_grads[pos] = total
+
+    def _accumulate_grad(self, node: Node) -> None:
+        """AccumulateGrad: the first gradient is stolen as .grad; a later one is added in place."""
+        param = node.param
+        grad = node.input_grads[0]
+        node.input_grads = [None]
+        node.pending = 0
+        if grad is None:
+            return
+        if param.grad is None:
+            self.recategorize(grad, GRADS)
+            param.grad = grad
+        else:
+            self.drop(grad)
+
+
+def _count_dependencies(start: Node) -> None:
+    """Set each reachable node's `pending` to the number of edges pointing at it."""
+    stack, seen = [start], {id(start)}
+    while stack:
+        node = stack.pop()
+        for edge in node.edges:
+            if edge is None:
+                continue
+            nxt = edge.node
+            nxt.pending += 1
+            if id(nxt) not in seen:
+                seen.add(id(nxt))
+                stack.append(nxt)

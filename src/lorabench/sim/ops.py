@@ -1,0 +1,70 @@
+"""Generic ops replayed on a `Sim`: what each allocates, and what its node saves.
+
+A product saves the operand the *other* input's gradient needs
+(tools/autograd/derivatives.yaml), so a frozen weight's matmul saves no input,
+and a node is recorded only when some input requires grad. Shapes: N rows,
+d_in → d_out features; a = bytes per element of the tensor's dtype.
+"""
+from __future__ import annotations
+
+from .engine import Sim
+from .rules import linear_backward, mul_backward, pass_and_new_backward, pass_backward, unary_backward
+from .tensors import BF16, F16, F32, Param, SymTensor, promote
+
+DTYPES = {"fp32": F32, "bf16": BF16, "fp16": F16}  # the spec's dtype names -> the simulator's
+
+
+def linear(sim: Sim, x: SymTensor, weight: Param, bias: Param | None, d_out: int) -> SymTensor:
+    """F.linear, y = x·Wᵀ + b (N·d_out): saves x (N·d_in·a) if W or b trains, W (or its
+    autocast copy) if x needs grad. Autocast casts bias, weight (cached when it trains)
+    and input to the half dtype."""
+    d_in = weight.tensor.numel // d_out
+    rows = x.numel // d_in
+    if sim.autocast:
+        b = sim.cast_weight(bias) if bias else None
+        w = sim.cast_weight(weight)
+        xc = sim.to(x, sim.autocast)
+    else:
+        b = sim.hold(bias.tensor) if bias else None
+        w, xc = sim.hold(weight.tensor), sim.hold(x)
+    node = sim.node([xc, w, b], linear_backward)
+    if node is not None:
+        if w.requires_grad or (b is not None and b.requires_grad):
+            sim.save(node, xc)
+        if xc.requires_grad:
+            sim.save(node, w)
+    y = sim.out(sim.new(rows * d_out, xc.dtype), node)
+    sim.drop(xc)
+    sim.drop(w)
+    sim.drop(b)
+    return y
+
+
+def elementwise(sim: Sim, x: SymTensor, backward, save_input: bool = True, dtype: str | None = None) -> SymTensor:
+    """A one-input elementwise op (silu, gelu, ·const): saves its input when asked."""
+    node = sim.node([x], backward)
+    if save_input:
+        sim.save(node, x)
+    return sim.out(sim.new(x.numel, dtype or x.dtype), node)
+
+
+BINARY_BACKWARD = {"add": pass_backward, "sub": pass_and_new_backward, "mul": mul_backward}
+
+
+def binary(sim: Sim, a: SymTensor, b: SymTensor, kind: str) -> SymTensor:
+    """a+b, a-b, a·b of equal shapes (type-promoted output); a product saves each operand
+    the other's gradient needs."""
+    node = sim.node([a, b], BINARY_BACKWARD[kind])
+    if kind == "mul" and node is not None:
+        if b.requires_grad:
+            sim.save(node, a)
+        if a.requires_grad:
+            sim.save(node, b)
+    return sim.out(sim.new(max(a.numel, b.numel), promote(a.dtype, b.dtype)), node)
+
+
+def mul_const(sim: Sim, x: SymTensor, c: SymTensor) -> SymTensor:
+    """x·c where c needs no grad (RoPE tables, dropout mask): saves c."""
+    node = sim.node([x], unary_backward)
+    sim.save(node, c)
+    return sim.out(sim.new(x.numel, x.dtype), node)

@@ -1,0 +1,70 @@
+"""The stack seam: the model under test, as training and the estimator see it.
+
+A stack builds the cell's model (base weights at a seed, the cell's adapters,
+checkpointing as the cell says), gives its logits, names the block each
+parameter belongs to (per-block reports), and describes itself to the
+estimator: its parameters in `model.parameters()` order, its blocks' linear
+projections (FLOPs, adapter targets), and its forward pass replayed on the
+symbolic simulator (sim/). Torch is imported inside the methods that need it,
+so the estimator asks a stack without importing torch.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+from ..spec.config import Cell, ModelConfig
+
+ITEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter tensor as the estimator sees it."""
+    name: str               # e.g. "blocks.3.q", "blocks.3.q.lora_A", "norm_f.bias"
+    block: Optional[int]    # block index, None outside the blocks
+    numel: int
+    dtype: str              # fp32 | bf16 | fp16
+    trainable: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEM_BYTES[self.dtype]
+
+
+def numbered_block(name: str) -> str:
+    """The usual naming of a module list: `blocks.3.attn.q.weight` -> `blocks.3`,
+    `tok_emb.weight` -> `tok_emb`, `w` -> `w`."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+class Stack(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def build(self, cfg: ModelConfig, cell: Cell, device: str, seed: int):
+        """The cell's model on `device` (torch.nn.Module): seeded base weights, then its
+        adapters (seeded), checkpointing set as the cell says."""
+
+    @abstractmethod
+    def logits(self, model, x):
+        """The model's logits (B, T, V) for token ids x (B, T)."""
+
+    def block_of(self, param_name: str) -> str:
+        """The block a parameter belongs to, e.g. `blocks.3.attn.q.weight` -> `blocks.3`."""
+        return numbered_block(param_name)
+
+    @abstractmethod
+    def parameters(self, cfg: ModelConfig, cell: Cell, blocks: Optional[range] = None) -> list[ParamSpec]:
+        """Every parameter tensor once, in model.parameters() order (blocks: only those)."""
+
+    @abstractmethod
+    def projections(self, cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
+        """(name, d_in, d_out, has_bias) of one block's linear layers, in registration order."""
+
+    @abstractmethod
+    def replay_forward(self, sim, cfg: ModelConfig, cell: Cell, device: str, micro_batch: int, n_blocks: int):
+        """The forward pass and the loss of one micro-batch on `sim`, over the first n_blocks
+        blocks (the simulator extrapolates identical blocks); returns the loss tensor."""

@@ -1,0 +1,59 @@
+"""The built-in stack: lorabench's own decoder-only transformer (transformer.py), its
+parameter layout (transformer_layout.py) and its ops replayed (transformer_replay.py)."""
+from __future__ import annotations
+
+from ..adapters import get as get_adapter
+from ..sim.ops import DTYPES
+from ..sim.tensors import Param, untracked
+from ..spec.config import Cell, ModelConfig
+from . import transformer_layout as layout
+from .base import Stack
+from .transformer_replay import Dims, forward_loss
+
+
+class BuiltinStack(Stack):
+    name = "builtin"
+
+    def build(self, cfg, cell, device, seed):
+        import torch
+        from ..adapters.layer import apply_cell
+        from .transformer import Transformer
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Transformer(cfg)
+            apply_cell(model, cell)
+        model.checkpointing = cell.checkpointing
+        return model
+
+    def logits(self, model, x):
+        return model(x)
+
+    def parameters(self, cfg, cell, blocks=None):
+        return layout.model_params(cfg, cell, blocks)
+
+    def projections(self, cfg):
+        return layout.projections(cfg)
+
+    def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks):
+        dims = Dims(b=micro_batch, s=cfg.seq_len, C=cfg.d_model, H=cfg.n_heads, G=cfg.n_kv_heads, D=cfg.head_dim,
+                    F=cfg.d_ff, V=cfg.vocab_size, style=cfg.style,
+                    adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
+                    checkpointing=cell.checkpointing, device=device, table_dtype=DTYPES[cell.base_dtype])
+        half = cfg.seq_len * (cfg.head_dim // 2)
+        tables = (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # RoPE cos, sin
+        return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)
+
+
+def sim_params(cfg: ModelConfig, cell: Cell, n_blocks: int) -> dict:
+    """Untracked Param objects for the simulated blocks, keyed as transformer_replay expects:
+    the model's by name ("tok_emb", "head", ...), block i's in params["blocks"][i] ("q", "q.lora_A", ...)."""
+    params: dict = {"blocks": [dict() for _ in range(n_blocks)]}
+    for p in layout.model_params(cfg, cell, blocks=range(n_blocks)):
+        param = Param(p.numel, DTYPES[p.dtype], p.trainable, p.block)
+        if p.block is None:
+            params[p.name] = param
+        else:
+            params["blocks"][p.block][p.name.split(".", 2)[2]] = param
+    if cfg.tie_embeddings:
+        params["head"] = params["tok_emb"]
+    return params

@@ -1,0 +1,319 @@
+"""Faults and hostile input: one line naming the file and key, exit 2, no traceback, nothing
+written; a run killed any way leaves no process behind and loses no finished row."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lorabench.cli import main
+
+GOOD = """\
+name: tiny
+model: {d_model: 16, n_layers: 2, n_heads: 2, d_ff: 32, vocab_size: 64, seq_len: 16}
+device: cpu
+train: {batch_size: 4, steps: 2, warmup_steps: 1, underflow_probe: false}
+matrix:
+  precision: [fp32, bf16]
+  lora_rank: [0, 4]
+"""
+ROW = {"scenario": "s", "cell": "fp32-full", "status": "ok", "precision": "fp32", "lora_rank": 0,
+       "checkpointing": False, "accumulation": 1, "base_dtype": "fp32", "peak_allocated_bytes": 1000,
+       "step_time_ms_median": 1.0}
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def put(path: Path, data: str | bytes) -> Path:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def files_under(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(r, *needles):
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    err = r.stderr.strip()
+    assert err and "\n" not in err, err
+    assert "Traceback" not in r.output and "Traceback" not in r.stderr
+    assert len(err) <= 500, len(err)
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def scenario_text(**replace) -> str:
+    text = GOOD
+    for old, new in replace.items():
+        text = text.replace(old.replace("_", " ", 0), new)
+    return text
+
+
+# (file text, needles in the error line): `run --list` must refuse each before doing anything
+BAD_SCENARIOS = {
+    "malformed": ("name: x\nmodel: {d_model: 16\n", ["malformed YAML"]),
+    "unknown_top_key": (GOOD + "colour: red\n", ["colour", "unknown key"]),
+    "unknown_matrix_key": (GOOD + "  rank: [1]\n", ["matrix.rank", "lora_rank"]),
+    "negative_rank": (GOOD.replace("lora_rank: [0, 4]", "lora_rank: [0, -1]"), ["matrix.lora_rank[1]"]),
+    "heads_not_dividing": (GOOD.replace("n_heads: 2", "n_heads: 3"), ["model.n_heads", "divide"]),
+    "alias_bomb": ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                   "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+                   "e: [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n", ["aliases"]),
+    "duplicate_key": (GOOD + "device: cuda\n", ["duplicate key"]),
+    "lr_inf": (GOOD.replace("underflow_probe: false", "underflow_probe: false, lr: .inf"), ["train.lr", "finite"]),
+    "seed_2_70": (GOOD + f"seed: {2**70}\n", ["seed", "2^63"]),
+    "timeout_inf": (GOOD.replace("underflow_probe: false", "underflow_probe: false, timeout_s: .inf"),
+                    ["train.timeout_s", "finite"]),
+    "exclude_empty": (GOOD + "exclude: [{}]\n", ["exclude[0]", "every cell"]),
+    "exclude_list_value": (GOOD + "exclude: [{precision: [fp32, bf16]}]\n", ["exclude[0].precision", "one value"]),
+    "exclude_unknown_key": (GOOD + "exclude: [{colour: red}]\n", ["exclude[0].colour"]),
+    "exclude_everything": (GOOD + "exclude: [{precision: fp32}, {precision: bf16}]\n", ["excludes every cell"]),
+    "name_parent_dir": (GOOD.replace("name: tiny", "name: ../../x"), ["name", "letters"]),
+    "name_absolute": (GOOD.replace("name: tiny", "name: /tmp/x"), ["name"]),
+    "name_empty": (GOOD.replace("name: tiny", "name: ''"), ["name"]),
+    "huge_matrix": (GOOD.replace("lora_rank: [0, 4]", "lora_rank: [" + ", ".join(map(str, range(1, 40))) + "]\n"
+                                 "  lora_alpha: [" + ", ".join(map(str, range(1, 40))) + "]"),
+                    ["matrix", "exceed the limit of 1000", "--max-cells"]),
+    "unknown_adapter": (GOOD + "  adapter: [lora, nope]\n", ["matrix.adapter[1]", "nope"]),
+    "top_level_list": ("- 1\n- 2\n", ["must be a mapping"]),
+    "huge_value": (GOOD.replace("name: tiny", "name: " + "x" * 100000), ["name", "..."]),
+    "unknown_preset": (GOOD.replace("model: {", "model: {preset: gpt5, "), ["model.preset", "gpt5"]),
+    "accumulation_not_dividing": (GOOD + "  accumulation: [3]\n", ["matrix.accumulation[0]", "divide"]),
+    "unknown_target": (GOOD + "  lora_targets: [q, zz]\n", ["lora_targets", "zz"]),
+    "dropout_one": (GOOD + "  lora_dropout: 1.0\n", ["lora_dropout"]),
+    "string_for_int": (GOOD.replace("n_layers: 2", "n_layers: two"), ["model.n_layers", "integer"]),
+    "deep_nesting": ("name: " + "[" * 5000 + "]" * 5000 + "\n", []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCENARIOS))
+def test_bad_scenario_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch):
+    text, needles = BAD_SCENARIOS[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(text)
+    before = files_under(tmp_path)
+    t0 = time.perf_counter()
+    r = cli("run", "s.yaml", "--list")
+    assert time.perf_counter() - t0 < 10  # refused up front, never expanded without bound
+    assert_one_line_error(r, "s.yaml", *needles)
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("make, needles", [
+    (lambda d: d / "missing.yaml", ["no such file"]),
+    (lambda d: d, ["is a directory"]),
+    (lambda d: put(d / "b.yaml", b"\xff\xfe\x00\x81" * 10), ["not a text file"]),
+])
+def test_scenario_path_problems(make, needles, tmp_path):
+    r = cli("run", make(tmp_path), "--list")
+    assert_one_line_error(r, *needles)
+
+
+def test_max_cells_and_cells_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(GOOD)
+    assert_one_line_error(cli("run", "s.yaml", "--list", "--max-cells", 2), "4 combinations", "limit of 2")
+    assert cli("run", "s.yaml", "--list", "--max-cells", 4).exit_code == 0
+    assert_one_line_error(cli("run", "s.yaml", "--cells", "fp64-*"), "--cells", "fp64-*")
+    assert files_under(tmp_path) == {"s.yaml": GOOD.encode()}
+
+
+@pytest.mark.parametrize("out, needles", [
+    (lambda d: put(d / "plain.txt", "x") / "r.jsonl", ["--out", "cannot write"]),
+    (lambda d: Path("/proc/lorabench-test/r.jsonl"), ["--out", "cannot write"]),
+    (lambda d: put(d / "old.jsonl", json.dumps(ROW) + "\n"), ["--out", "--resume"]),
+])
+def test_bad_output_fails_before_any_cell(out, needles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(GOOD)
+    path = out(tmp_path)
+    before = files_under(tmp_path)
+    t0 = time.perf_counter()
+    r = cli("run", "s.yaml", "--out", path)
+    assert_one_line_error(r, *needles)
+    assert time.perf_counter() - t0 < 5  # no cell trained first
+    assert files_under(tmp_path) == before
+
+
+def test_a_full_disk_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(GOOD)
+    r = cli("run", "s.yaml", "--out", "/dev/full", "--cells", "fp32-full")
+    assert_one_line_error(r, "/dev/full", "cannot write a row", "No space left")
+
+
+# ---- result files given to the other commands ---------------------------------------------
+
+def bad_results(d: Path) -> dict[str, tuple[Path, list[str]]]:
+    return {
+        "binary": (put(d / "bin.jsonl", bytes(range(256)) * 4), ["not a text file"]),
+        "not_json": (put(d / "nj.jsonl", "hello\n"), ["line 1", "not a JSON object"]),
+        "array": (put(d / "arr.jsonl", "[1, 2]\n"), ["line 1", "not a JSON object"]),
+        "missing_status": (put(d / "ms.jsonl", json.dumps({k: v for k, v in ROW.items() if k != "status"}) + "\n"),
+                           ["line 1", "'status'"]),
+        "wrong_type": (put(d / "wt.jsonl", json.dumps(dict(ROW, peak_allocated_bytes="big")) + "\n"),
+                       ["line 1", "peak_allocated_bytes", "'big'"]),
+        "wrong_type_line2": (put(d / "w2.jsonl", json.dumps(ROW) + "\n" + json.dumps(dict(ROW, lora_rank=[4])) + "\n"),
+                             ["line 2", "lora_rank"]),
+        "bool_for_number": (put(d / "bn.jsonl", json.dumps(dict(ROW, step_time_ms_median=True)) + "\n"),
+                            ["step_time_ms_median"]),
+        "empty": (put(d / "empty.jsonl", ""), ["no result rows"]),
+        "missing": (d / "nope.jsonl", ["no such file"]),
+    }
+
+
+@pytest.mark.parametrize("command", ["report", "claims", "validate", "compare-a", "compare-b", "fit-calibrate"])
+@pytest.mark.parametrize("case", ["binary", "not_json", "array", "missing_status", "wrong_type", "wrong_type_line2",
+                                  "bool_for_number", "empty", "missing"])
+def test_bad_result_files(command, case, tmp_path):
+    path, needles = bad_results(tmp_path)[case]
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(ROW) + "\n")
+    before = files_under(tmp_path)
+    args = {"report": ["report", path], "claims": ["claims", path], "validate": ["validate", path],
+            "compare-a": ["compare", path, good], "compare-b": ["compare", good, path],
+            "fit-calibrate": ["fit", "--model", "llama-2-7b", "--gpu", "24GiB", "--calibrate", path]}[command]
+    assert_one_line_error(cli(*args), str(path), *needles)
+    assert files_under(tmp_path) == before
+
+
+# ---- resume, locks and processes ------------------------------------------------------------
+
+def test_resume_refuses_rows_of_another_configuration(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(GOOD)
+    out = tmp_path / "r.jsonl"
+    assert cli("run", "s.yaml", "--out", out, "--cells", "fp32-full").exit_code == 0
+    before = out.read_bytes()
+    (tmp_path / "s.yaml").write_text(GOOD.replace("d_model: 16", "d_model: 32"))
+    r = cli("run", "s.yaml", "--out", out, "--resume")
+    assert_one_line_error(r, "r.jsonl", "cell fp32-full", "another configuration")
+    assert out.read_bytes() == before
+    (tmp_path / "s.yaml").write_text(GOOD)  # the same scenario resumes
+    r = cli("run", "s.yaml", "--out", out, "--resume", "--cells", "fp32-full,fp32-r4")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes().startswith(before) and len(out.read_text().splitlines()) == 2
+
+
+def test_a_cell_that_cannot_fit_is_skipped_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(GOOD.replace("model: {d_model: 16, n_layers: 2, n_heads: 2, d_ff: 32, "
+                                                  "vocab_size: 64, seq_len: 16}", "model: {preset: llama-2-70b, seq_len: 64}"))
+    t0 = time.perf_counter()
+    r = cli("run", "s.yaml", "--out", "r.jsonl", "--cells", "fp32-full", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert time.perf_counter() - t0 < 30
+    (row,) = json.loads(r.stdout)
+    assert row["status"] == "skipped" and row["error"].startswith("would not fit (estimate")
+    assert "available RAM" in row["error"] and "--force" in row["error"]
+    assert row["est_peak_bytes"] > 100 * 2**30 and row["peak_allocated_bytes"] is None
+
+
+def session_processes(sid: int) -> list[int]:
+    """Processes of session `sid` (the run was started with start_new_session=True)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def survivors_after(sid: int, seconds: float = 3.0) -> list[int]:
+    """The session's processes still alive (not zombies) `seconds` after the run ended."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and session_processes(sid):
+        time.sleep(0.1)
+    return [(p, Path(f"/proc/{p}/cmdline").read_bytes()[:120]) for p in session_processes(sid)]
+
+
+SLOW = GOOD.replace("steps: 2, warmup_steps: 1", "steps: 150, warmup_steps: 1").replace(
+    "precision: [fp32, bf16]", "precision: [fp32, fp16]").replace("lora_rank: [0, 4]", "lora_rank: 0")
+
+
+def start_run(tmp_path) -> tuple[subprocess.Popen, Path]:
+    (tmp_path / "slow.yaml").write_text(SLOW.replace("steps: 150", "steps: 150, timeout_s: 600"))
+    out = tmp_path / "r.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", "slow.yaml", "--out", str(out)],
+                            cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the fp32 cell's row is written, the slow fp16 cell is running
+        if out.exists() and out.read_text().count("\n") == 1 and len(session_processes(proc.pid)) >= 3:
+            return proc, out
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the run did not reach its second cell")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_killing_the_parent_leaves_no_process_and_keeps_rows(sig, tmp_path):
+    proc, out = start_run(tmp_path)
+    first = out.read_text()
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert survivors_after(proc.pid) == []
+    assert out.read_text() == first and json.loads(first)["status"] == "ok"
+    if sig != signal.SIGKILL:  # handled like Ctrl-C: the resume hint, exit 130, the CSV
+        assert proc.returncode == 130, proc.stderr.read()
+        assert "--resume" in proc.stderr.read()
+        assert out.with_suffix(".csv").exists()
+
+
+@pytest.mark.slow
+def test_a_second_writer_on_the_same_file_is_refused(tmp_path, monkeypatch):
+    proc, out = start_run(tmp_path)
+    try:
+        before = out.read_bytes()
+        monkeypatch.chdir(tmp_path)
+        r = cli("run", "slow.yaml", "--out", out, "--resume")
+        assert_one_line_error(r, "r.jsonl", "being written by another lorabench run")
+        assert out.read_bytes() == before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_killed_cell_is_recorded_and_the_run_goes_on(tmp_path):
+    (tmp_path / "s.yaml").write_text(SLOW.replace("precision: [fp32, fp16]", "precision: [fp16, fp32]"))
+    out = tmp_path / "r.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", "s.yaml", "--out", str(out)], cwd=tmp_path,
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    cell_pid = None
+    while time.time() < deadline and cell_pid is None:
+        pids = [p for p in session_processes(proc.pid) if p != proc.pid]
+        # the newest process of the session is the running cell (the forkserver started before it)
+        if len(pids) >= 3:
+            cell_pid = max(pids, key=lambda p: int(Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[19]))
+        time.sleep(0.2)
+    assert cell_pid is not None
+    time.sleep(1)
+    os.kill(cell_pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr.read()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["cell"] for r in rows] == ["fp16-full", "fp32-full"]
+    assert rows[0]["status"] in ("error", "oom") and "SIGKILL" in rows[0]["error"]
+    assert rows[1]["status"] == "ok"
+    assert survivors_after(proc.pid) == []
