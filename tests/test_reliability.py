@@ -14,16 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from lorabench.cli import main
+from test_cli_run import TINY
 
-GOOD = """\
-name: tiny
-model: {d_model: 16, n_layers: 2, n_heads: 2, d_ff: 32, vocab_size: 64, seq_len: 16}
-device: cpu
-train: {batch_size: 4, steps: 2, warmup_steps: 1, underflow_probe: false}
-matrix:
-  precision: [fp32, bf16]
-  lora_rank: [0, 4]
-"""
+GOOD = TINY  # a 4-cell CPU scenario (fp32/bf16 × full/r4)
 ROW = {"scenario": "s", "cell": "fp32-full", "status": "ok", "precision": "fp32", "lora_rank": 0,
        "checkpointing": False, "accumulation": 1, "base_dtype": "fp32", "peak_allocated_bytes": 1000,
        "step_time_ms_median": 1.0}

@@ -8,7 +8,9 @@ import pytest
 
 from lorabench.measure.worker import run_cell
 from lorabench.row.results import ResultWriter
-from lorabench.row.validate import (CellCheck, Report, cell_from_row, check_row, model_from_row, validate_rows)
+from lorabench.row.codec import decode_cell as cell_from_row
+from lorabench.row.codec import decode_model as model_from_row
+from lorabench.row.validate import CellCheck, Report, check_row, validate_rows
 from lorabench.spec.config import Cell, ModelConfig, TrainConfig
 from lorabench.spec.presets import load_preset
 from lorabench.spec.schema import ConfigError

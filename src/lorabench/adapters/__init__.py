@@ -31,10 +31,11 @@ def get(name: str, source: str = "cell", path: str = "adapter") -> Adapter:
         raise ConfigError(source, path, f"unknown adapter {name!r} (known: {', '.join(names())})") from None
 
 
-def check(names_: list[str], source: str, key: str = "matrix.adapter") -> None:
-    """One ConfigError line for the first name that no adapter is registered under."""
-    for i, name in enumerate(names_):
-        get(name, source, f"{key}[{i}]")
+def check(ls) -> None:
+    """One ConfigError line, naming the scenario file and key, for the first adapter of the
+    loaded scenario `ls` that no adapter is registered under."""
+    for i, name in enumerate(ls.matrix.adapter):
+        get(name, ls.source, f"matrix.adapter[{i}]")
 
 
 def names() -> list[str]:

@@ -89,7 +89,7 @@ def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, f
     from ..adapters import check
     from ..spec.scenario import MAX_CELLS, expand, load_scenario
     ls = load_scenario(scenario)
-    check(ls.matrix.adapter, scenario)
+    check(ls)
     todo = select_cells(expand(ls, max_cells or MAX_CELLS), cells, scenario)
     if list_only:
         for c in todo:

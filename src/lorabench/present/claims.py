@@ -37,14 +37,14 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..row.codec import TECHNIQUE_KEYS
 from .bars import human
 
 CLAIMS_MD = Path(__file__).resolve().parent.parent / "data" / "claims.md"
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured by these results"
 GB = 10**9
 ROW = re.compile(r"^\|\s*(C\d+)\s*\|(.*?)\|(.*?)\|\s*$")
-TECH = ("precision", "lora_rank", "base_dtype", "lora_targets", "lora_alpha", "lora_dropout", "checkpointing",
-        "accumulation")
+TECH = TECHNIQUE_KEYS  # a pair differs only on the claim's axes (row/codec.py)
 
 
 @dataclass
@@ -158,14 +158,14 @@ def c4(rows):
 
 def c6(rows):
     from ..stacks.transformer_layout import projections
-    from ..row.codec import decode_model as model_from_row
+    from ..row.codec import decode_model
     lora = [r for r in rows if r.get("status") == "ok" and r.get("lora_rank") and r.get("trainable_params")
             and r.get("total_params") and r.get("d_model")]
     if not lora:
         return NOT_MEASURED, "no LoRA row with parameter counts", "measured"
     exact, parts = True, []
     for r in lora:
-        cfg = model_from_row(r)
+        cfg = decode_model(r)
         t = set(r.get("lora_targets") or ())
         want = cfg.n_layers * sum(r["lora_rank"] * (di + do) for n, di, do, _ in projections(cfg) if n in t)
         exact &= want == r["trainable_params"]

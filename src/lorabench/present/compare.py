@@ -34,8 +34,6 @@ from .report import mib, step_time
 
 METRICS = (("peak_allocated_bytes", "peak MiB", False), ("step_time_ms_median", "step ms", False),
            ("tokens_per_s", "tokens/s", True))
-RECORD_KEYS = ("key", "side", "status_a", "status_b", "peak_a_bytes", "peak_b_bytes", "peak_ratio", "step_ms_a",
-               "step_ms_b", "step_ratio", "step_noise", "tokens_per_s_a", "tokens_per_s_b", "tokens_ratio")
 
 
 @dataclass
@@ -98,21 +96,27 @@ def colour(value: Optional[float], other: Optional[float], higher_better: bool) 
     return ""
 
 
+def record(k, side: str, a: Optional[dict], b: Optional[dict]) -> dict:
+    """The compare record of one cell: its statuses, peaks, step times and B/A ratios."""
+    a, b = a or {}, b or {}
+    both = side == "both"
+    return {"key": k, "side": side, "status_a": a.get("status"), "status_b": b.get("status"),
+            "peak_a_bytes": a.get("peak_allocated_bytes"), "peak_b_bytes": b.get("peak_allocated_bytes"),
+            "peak_ratio": ratio(a.get("peak_allocated_bytes"), b.get("peak_allocated_bytes")) if both else None,
+            "step_ms_a": a.get("step_time_ms_median"), "step_ms_b": b.get("step_time_ms_median"),
+            "step_ratio": ratio(a.get("step_time_ms_median"), b.get("step_time_ms_median")) if both else None,
+            "step_noise": time_noise(a, b) if both else None,
+            "tokens_per_s_a": a.get("tokens_per_s"), "tokens_per_s_b": b.get("tokens_per_s"),
+            "tokens_ratio": ratio(a.get("tokens_per_s"), b.get("tokens_per_s")) if both else None}
+
+
+RECORD_KEYS = tuple(record(None, "only A", None, None))  # the columns: derived from the builder
+
+
 def records(res: CompareResult) -> list[dict]:
     """One flat record per cell (RECORD_KEYS), joined cells first, then A-only, then B-only."""
     out = []
-
-    def rec(k, side, a, b):
-        a, b = a or {}, b or {}
-        both = side == "both"
-        return {"key": k, "side": side, "status_a": a.get("status"), "status_b": b.get("status"),
-                "peak_a_bytes": a.get("peak_allocated_bytes"), "peak_b_bytes": b.get("peak_allocated_bytes"),
-                "peak_ratio": ratio(a.get("peak_allocated_bytes"), b.get("peak_allocated_bytes")) if both else None,
-                "step_ms_a": a.get("step_time_ms_median"), "step_ms_b": b.get("step_time_ms_median"),
-                "step_ratio": ratio(a.get("step_time_ms_median"), b.get("step_time_ms_median")) if both else None,
-                "step_noise": time_noise(a, b) if both else None,
-                "tokens_per_s_a": a.get("tokens_per_s"), "tokens_per_s_b": b.get("tokens_per_s"),
-                "tokens_ratio": ratio(a.get("tokens_per_s"), b.get("tokens_per_s")) if both else None}
+    rec = record
     out += [rec(k, "both", a, b) for k, a, b in res.pairs]
     out += [rec(k, "only A", a, None) for k, a in res.only_a]
     out += [rec(k, "only B", None, b) for k, b in res.only_b]

@@ -10,17 +10,13 @@ format goes through writer.write.
 """
 from __future__ import annotations
 
+from ..adapters import check as check_adapters
 from ..spec.scenario import LoadedScenario, expand, load_scenario, parse_scenario
 from ..spec.config import split_targets
 from ..base.env import resolve_device
 from ..estimate.analytic import estimate
-from ..spec.config import memory_window
 from ..spec.schema import ConfigError
 
-CELL_KEYS = ("cell", "precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
-             "accumulation", "base_dtype")
-EST_KEYS = ("est_param_bytes", "est_grad_bytes", "est_optimizer_state_bytes", "est_activation_bytes",
-            "est_peak_bytes", "est_peak_phase", "est_flops_per_step")
 OPTION_KEYS = {"matrix.precision": "--precision", "matrix.lora_rank": "--lora-rank", "matrix.lora_targets": "--lora-targets",
                "matrix.accumulation": "--accumulation", "matrix.base_dtype": "--base-dtype", "train.batch_size": "--batch",
                "model.seq_len": "--seq", "model.preset": "--model", "device": "--device"}
@@ -28,16 +24,17 @@ OPTION_KEYS = {"matrix.precision": "--precision", "matrix.lora_rank": "--lora-ra
 
 def estimates_for(ls: LoadedScenario, device: str | None = None) -> list[dict]:
     """One row per cell of a loaded scenario: its configuration keys and the est_* keys."""
+    check_adapters(ls)
     dev = resolve_device(device or ls.scenario.device)
     train = ls.train
-    window = memory_window(train.warmup_steps, train.steps, dev)
+    window = train.window_steps(dev)
     rows = []
     for cell in expand(ls):
         est = estimate(ls.model, cell, train.batch_size, device=dev, optimizer_impl=train.optimizer,
                        n_batches=window, window_steps=window)
-        row = {k: v for k, v in cell.to_dict().items() if k in CELL_KEYS}
+        row = cell.to_dict()
         row.update(scenario=ls.name, model=ls.model.name, device=dev, batch_size=train.batch_size,
-                   micro_batch_size=train.batch_size // cell.accumulation, seq_len=ls.model.seq_len, **est.fields(),
+                   micro_batch_size=cell.micro_batch(train.batch_size), seq_len=ls.model.seq_len, **est.fields(),
                    est_phase_peak_bytes=est.phase_peak_bytes, est_breakdown=est.breakdown,
                    est_cuda_overheads=est.cuda_overheads or None)
         rows.append(row)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator as _op
 import re as _re
+from dataclasses import dataclass, fields
 from typing import Iterable, Optional
 
 MIB = 2**20
@@ -112,11 +113,40 @@ def render_run(rows: list[dict], fmt: str, title: str = "", width: int | None = 
 # run), FP16/BF16 underflow and the estimator's peak error.
 WHERE = _re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
 OPS = {"=": _op.eq, "!=": _op.ne, ">": _op.gt, "<": _op.lt, ">=": _op.ge, "<=": _op.le}
-RECORD_KEYS = ("scenario", "cell", "status", "precision", "lora_rank", "base_dtype", "checkpointing", "accumulation",
-               "micro_batch_size", "device_name", "peak_allocated_bytes", "param_bytes", "grad_bytes",
-               "optimizer_state_bytes", "activation_bytes", "rest_bytes", "peak_vs_baseline", "step_time_ms_median",
-               "step_time_ms_p10", "step_time_ms_p90", "tokens_per_s", "speedup_vs_baseline",
-               "underflow_frac_unscaled", "underflow_frac_scaled", "peak_error_pct")
+
+
+@dataclass
+class ReportRecord:
+    """One cell as `report --format json|csv` gives it: row fields (row/codec.py) and the
+    report's derived columns (activation_bytes, rest_bytes, the ratios to the baseline)."""
+    scenario: Optional[str] = None
+    cell: Optional[str] = None
+    status: Optional[str] = None
+    precision: Optional[str] = None
+    lora_rank: Optional[int] = None
+    base_dtype: Optional[str] = None
+    checkpointing: Optional[bool] = None
+    accumulation: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    device_name: Optional[str] = None
+    peak_allocated_bytes: Optional[int] = None
+    param_bytes: Optional[int] = None
+    grad_bytes: Optional[int] = None
+    optimizer_state_bytes: Optional[int] = None
+    activation_bytes: Optional[int] = None     # derived: the bar's activations segment
+    rest_bytes: Optional[int] = None           # derived: peak minus the other segments
+    peak_vs_baseline: Optional[float] = None   # derived: peak / the scenario's full-FP32 peak
+    step_time_ms_median: Optional[float] = None
+    step_time_ms_p10: Optional[float] = None
+    step_time_ms_p90: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    speedup_vs_baseline: Optional[float] = None  # derived: t_baseline / t_cell
+    underflow_frac_unscaled: Optional[float] = None
+    underflow_frac_scaled: Optional[float] = None
+    peak_error_pct: Optional[float] = None
+
+
+RECORD_KEYS = tuple(f.name for f in fields(ReportRecord))
 
 
 def _value(text: str):

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ..adapters import check as check_adapters
 from ..spec.scenario import expand, load_scenario
 from ..spec.schema import ConfigError
 from ..measure.underflow import FORMATS, Counts, UnderflowProbe, batch_loss_fn, probe_sweep
@@ -54,6 +55,7 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
     from ..train.tokens import MarkovTokens
 
     ls = load_scenario(path)
+    check_adapters(ls)
     cells = {c.id: c for c in expand(ls)}
     if cell_id not in cells:
         raise ConfigError(path, "--cell", f"unknown cell {cell_id!r} (cells: {', '.join(cells)})")
@@ -74,13 +76,13 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
     opt, _ = make_optimizer(model, ls.train, device)
     scaler = make_scaler(cell.precision, device)
     results = [train_step(model, opt, scaler, *batches[i], cell) for i in range(n)]
-    fp16 = cell.precision == "fp16"
+    fp16 = cell.uses_loss_scaler
     scale = scaler.get_scale() if fp16 else 1.0
     scales = sorted({float(s) for s in (loss_scales or DEFAULT_SCALES)} | {scale})
     probes = probe_sweep(model, batch_loss_fn(batches[-1], cell), scales, cell.precision)
     detail = probes[scales.index(scale)]
     sweep = [p for p in probes if not loss_scales or p.loss_scale in loss_scales]
-    return UnderflowReport(ls.name, cell_id, cell.precision, device, n, batches[-1][0].numel() // cell.accumulation,
+    return UnderflowReport(ls.name, cell_id, cell.precision, device, n, cell.micro_batch(batches[-1][0].numel()),
                            [r.loss for r in results], [r.loss_scale for r in results] if fp16 else None,
                            sum(r.skipped for r in results) if fp16 else None, detail, sweep)
 

@@ -123,7 +123,8 @@ def config_hash(job: CellJob) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-REQUIRED_KEYS = ("cell", "status", "precision")
+REQUIRED_KEYS = ("cell", "status", *(f.name for f in dataclasses.fields(Cell)  # Cell's fields without a default
+                                      if f.default is dataclasses.MISSING))
 
 
 def row_problem(row: dict) -> Optional[str]:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 from ..base.stats import percentile
 from ..spec.schema import ConfigError
-from .codec import decode_cell, decode_model, estimate_fields
+from .codec import estimate_fields
 
 COMPONENTS = (("param_bytes", "est_param_bytes"), ("grad_bytes", "est_grad_bytes"),
               ("optimizer_state_bytes", "est_optimizer_state_bytes"))
-model_from_row, cell_from_row = decode_model, decode_cell  # the names validate's callers know
 
 
 @dataclass
