@@ -20,7 +20,7 @@ import time
 def main() -> None:
     t0 = time.perf_counter()
     from lorabench.present.fit import fit, fit_model
-    from lorabench.estimate.gpus import resolve_gpu
+    from lorabench.estimator.gpus import resolve_gpu
     t_import = time.perf_counter() - t0
     cfg, gpu = fit_model("llama-2-7b", 2048), resolve_gpu("RTX 4090")
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.present.claims import FAILS, HOLDS, NOT_MEASURED, CLAIMS_MD, check_claims, load_claims
+from lorabench.present.claims import (FAILS, HOLDS, NOISE, NOT_ENOUGH, NOT_MEASURED, CLAIMS_MD, check_claims,
+                                      load_claims)
 
 from test_report import run_rows  # tiny in-process runs
 
@@ -27,7 +28,13 @@ def row(cell, **kw):
             "lora_dropout": None, "checkpointing": False, "accumulation": 1, "peak_allocated_bytes": 1000,
             "param_bytes": 400, "grad_bytes": 400, "optimizer_state_bytes": 804, "step_time_ms_median": 100.0,
             "trainable_params": 100}
-    return {**base, **kw}
+    out = {**base, **kw}
+    for key in ("step_time_ms", "infer_ms_unmerged", "infer_ms_merged"):  # a measured ±2 % spread, unless given
+        med = out.get("step_time_ms_median" if key == "step_time_ms" else key)
+        if med is not None:
+            out.setdefault(f"{key}_p10", 0.98 * med)
+            out.setdefault(f"{key}_p90", 1.02 * med)
+    return out
 
 
 def test_claims_text_ships_with_the_package():
@@ -92,7 +99,8 @@ def test_claims_on_real_rows(tmp_path):
     verdicts = {v["id"]: v for v in json.loads(r.output)}
     assert list(verdicts) == [f"C{i}" for i in range(1, 21)]
     assert all(verdicts[f"C{i}"]["verdict"] == NOT_MEASURED for i in range(14, 21))  # variants: no check yet
-    assert all(v["verdict"] in (HOLDS, FAILS, NOT_MEASURED) and v["measured"] for v in verdicts.values())
+    assert all(v["verdict"] in (HOLDS, FAILS, NOT_MEASURED, NOT_ENOUGH, NOISE) and v["measured"]
+               for v in verdicts.values())  # (the issue "A user's first hour", item 5, adds the last two)
     for cid in ("C1", "C3", "C4", "C6", "C11", "C12"):
         assert verdicts[cid]["verdict"] != NOT_MEASURED, cid
     assert verdicts["C4"]["verdict"] == FAILS  # AMP keeps FP32 weights and gradients
@@ -135,3 +143,56 @@ def test_markdown_escapes_pipes_and_table_keeps_brackets():
     v = check_claims([lora])
     v[0].measured = "targets [q, v]"
     assert "targets [q, v]" in render(v, "table", width=300)
+
+
+# ---------------------------------------------------------------- evidence (issue "A user's first hour", 5)
+def test_c3_needs_fp16_steps_and_bf16_cells():
+    bf16 = row("bf16-full", precision="bf16", final_loss_scale=None, loss_last=2.0)
+    v = by_id([bf16])["C3"]  # was "holds" with "fp16: 0 cells … 0 steps"
+    assert v.verdict == NOT_ENOUGH and "no fp16 step" in v.measured
+    untraced = row("fp16-full", precision="fp16", loss_scale_trajectory=[], skipped_steps=0)
+    assert by_id([untraced, bf16])["C3"].verdict == NOT_ENOUGH
+    good = row("fp16-full", precision="fp16", loss_scale_trajectory=[65536.0], skipped_steps=0, final_loss_scale=65536.0)
+    v = by_id([good])["C3"]
+    assert v.verdict == NOT_ENOUGH and "no bf16 cell" in v.measured
+    assert by_id([{**good, "skipped_steps": 3}])["C3"].verdict == FAILS  # a violation needs no second half
+
+
+def test_c9_one_timing_without_spread_is_not_enough():
+    lora = row("fp32-r8", lora_rank=8, infer_ms_unmerged=8.0, infer_ms_merged=10.0, merge_max_abs_diff=1e-6)
+    for k in ("infer_ms_unmerged_p10", "infer_ms_unmerged_p90", "infer_ms_merged_p10", "infer_ms_merged_p90"):
+        del lora[k]
+    v = by_id([lora])["C9"]  # was "does not hold"
+    assert v.verdict == NOT_ENOUGH and "no p10–p90 spread" in v.measured and "1 LoRA cells (fp32-r8)" in v.measured
+    noisy = {**lora, "infer_ms_unmerged_p10": 6.0, "infer_ms_unmerged_p90": 13.0, "infer_ms_merged_p10": 7.0,
+             "infer_ms_merged_p90": 12.0}
+    assert by_id([noisy])["C9"].verdict == NOISE
+
+
+@pytest.mark.parametrize("cid, ckpt_or_lora", [("C8", {"lora_rank": 8}), ("C11", {"checkpointing": True})])
+def test_timing_claims_within_noise_or_without_spread(cid, ckpt_or_lora):
+    wide = {"step_time_ms_p10": 80.0, "step_time_ms_p90": 120.0}
+    plain, other = row("a", **wide), row("b", step_time_ms_median=97.0, **wide, **ckpt_or_lora)
+    v = by_id([plain, other])[cid]  # was "does not hold": 3 % inside a ±20 % spread
+    assert v.verdict == NOISE and "inside each other's spread" in v.measured and "b vs a" in v.measured
+    bare = {"step_time_ms_p10": None, "step_time_ms_p90": None}
+    v = by_id([{**plain, **bare}, {**other, **bare}])[cid]
+    assert v.verdict == NOT_ENOUGH and "no p10–p90 spread" in v.measured
+
+
+def test_every_measured_verdict_names_its_cells_and_their_number():
+    import re
+    rows = [row("fp32-full"), row("bf16-full", precision="bf16", peak_allocated_bytes=900, final_loss_scale=None,
+                                  loss_last=2.0),
+            row("fp16-full", precision="fp16", underflow_frac_unscaled=0.01, loss_scale_trajectory=[65536.0],
+                skipped_steps=0, final_loss_scale=65536.0),
+            row("fp32-r8", lora_rank=8, lora_alpha=16.0, peak_allocated_bytes=300, step_time_ms_median=75.0,
+                lora_init_delta_abs_max=0.0, lora_scaling=2.0, infer_ms_unmerged=12.0, infer_ms_merged=10.0,
+                merge_max_abs_diff=1e-6),
+            row("fp32-full-ckpt", checkpointing=True, step_time_ms_median=130.0, peak_allocated_bytes=600),
+            row("fp32-full-acc4", accumulation=4, peak_allocated_bytes=700, step_time_ms_median=130.0)]
+    decided = [v for v in check_claims(rows) if v.verdict in (HOLDS, FAILS) and "measured" in v.source]
+    assert {v.id for v in decided} >= {"C1", "C3", "C4", "C5", "C7", "C8", "C9", "C10", "C11", "C12"}
+    for v in decided:
+        assert re.search(r"\b\d+ ([\w/]+ )?(pairs|cells|rows)\b|\ball \d+\b", v.measured), (v.id, v.measured)
+        assert any(r["cell"] in v.measured for r in rows), (v.id, v.measured)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lorabench.present.compare import colour, compare, records, time_noise
+from lorabench.present.compare import colour, compare, records, time_noise, warnings
 
 
 def row(cell, peak, t, spread=0.05, status="ok", scenario="s"):
@@ -84,3 +84,70 @@ def test_cli_bad_input(tmp_path, content, message):
         a.write_text(content)
     r = cli("compare", str(a), b)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------- what may be compared (issue "A user's first hour", 6)
+def env_row(cell, t=100.0, load=0.2, cores=8, **kw):
+    return {**row(cell, 1000, t), "config_hash": f"h-{cell}", "model": "m", "device": "cpu", "device_name": "EPYC",
+            "torch_version": "2.13.0", "cpu_threads": 2, "load_avg_1m": load, "cpu_count": cores, **kw}
+
+
+def test_cells_of_another_configuration_are_never_joined():
+    a = [env_row("x"), env_row("y", seq_len=64), env_row("z", seq_len=64)]
+    b = [env_row("x"), env_row("y", config_hash="other", seq_len=128), env_row("z", seq_len=128)]
+    del a[2]["config_hash"]  # an older row without a hash: its stored configuration decides
+    res = compare(a, b)
+    assert [k for k, *_ in res.pairs] == ["x"]
+    assert [(k, why) for k, _, _, why in res.unjoined] == [("y", "config_hash differs (seq_len)"), ("z", "seq_len differs")]
+    recs = {r["key"]: r for r in records(res)}
+    assert recs["y"]["side"] == "not joined" and recs["y"]["step_ratio"] is None and "seq_len" in recs["y"]["note"]
+    (line,) = [w for w in warnings(res) if "not joined" in w]
+    assert line.startswith("2 cells with the same id not joined")
+
+
+def test_no_common_cell_is_one_line_exit_2(tmp_path):
+    a = write(tmp_path / "a.jsonl", [env_row("x"), env_row("y")])
+    b = write(tmp_path / "b.jsonl", [env_row("u")])
+    r = cli("compare", a, b)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "no cell in common" in r.output
+    b = write(tmp_path / "b.jsonl", [env_row("x", config_hash="other", model="m2")])
+    r = cli("compare", a, b)
+    assert r.exit_code == 2 and "share an id but not the configuration" in r.output and "model" in r.output
+
+
+@pytest.mark.parametrize("b_kw, words", [
+    ({"load": 9.5, "t": 2000.0}, ["exceeded its CPU count", "9.5 on 8 CPUs"]),   # a busy machine's 20× slowdown
+    ({"load": 4.5}, ["CPU load differs", "0.2 in A vs 4.5 in B"]),
+    ({"torch_version": "2.4.0"}, ["torch_version differs", "2.13.0 vs B 2.4.0"]),
+    ({"scenario": "other"}, ["scenario differs"]),
+    ({"device_name": "Xeon"}, ["device_name differs"]),
+])
+def test_doubtful_comparisons_warn_and_strict_fails(tmp_path, b_kw, words):
+    a = write(tmp_path / "a.jsonl", [env_row("x"), env_row("y")])
+    b = write(tmp_path / "b.jsonl", [env_row("x", **b_kw), env_row("y", **b_kw)])
+    r = cli("compare", a, b)
+    assert r.exit_code == 0, r.output
+    assert all(w in r.output for w in words) and "warning:" in r.output
+    data = json.loads(cli("compare", a, b, "--format", "json").stdout)
+    assert any(words[0] in w for w in data["warnings"])
+    r = cli("compare", a, b, "--format", "csv")
+    assert r.stdout.startswith("key,side,") and words[0] in r.stderr
+    r = cli("compare", a, b, "--strict")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--strict" in r.output
+    assert words[0] in r.output and "Traceback" not in r.output
+
+
+def test_alike_files_compare_without_warnings_even_when_strict(tmp_path):
+    a = write(tmp_path / "a.jsonl", [env_row("x"), env_row("y", load=1.0)])
+    b = write(tmp_path / "b.jsonl", [env_row("x", t=50.0, load=1.5), env_row("y")])
+    r = cli("compare", a, b, "--strict")
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output and "0.50×" in r.output
+
+
+def test_rows_record_the_load_average_and_cpu_count():
+    import os
+    from lorabench.base.env import environment
+    info = environment("cpu")
+    assert info["cpu_count"] == os.cpu_count() and isinstance(info["load_avg_1m"], float)
+    assert info["load_avg_1m"] == pytest.approx(os.getloadavg()[0], abs=2.0)

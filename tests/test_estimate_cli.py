@@ -83,3 +83,77 @@ def test_estimator_commands_never_import_torch(args):
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# ---------------------------------------------------------------- the table adds up (issue "A user's first hour", 4)
+MEMORY_COLUMNS = ("weights", "grads", "AdamW", "activations", "logits/loss", "rest")
+
+
+def table_rows(output: str) -> list[dict]:
+    """The estimate table's rows as {column: text}: a right-justified value ends where its header ends."""
+    lines = output.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["cell"] and "peak" in line)
+    header = lines[head]
+    ends = {c: header.index(c) + len(c) for c in (*MEMORY_COLUMNS, "peak", "trainable", "micro-batch")}
+    out = []
+    for line in lines[head + 2:]:
+        if not line.strip():
+            break
+        out.append({"cell": line.split()[0], "line": line, **{c: line[:e].split()[-1] for c, e in ends.items()}})
+    return out
+
+
+@pytest.mark.parametrize("args", [
+    ["--model", "llama-3-8b", "--seq", "2048", "--batch", "4"],
+    ["--model", "qwen2.5-7b", "--seq", "2048", "--batch", "4", "--precision", "bf16", "--lora-rank", "16",
+     "--base-dtype", "bf16", "--checkpointing"],  # the issue's case: 20.5 of 29.8 GiB shown before
+    ["--model", "llama-2-7b", "--seq", "1024", "--batch", "8", "--precision", "fp16", "--accumulation", "4",
+     "--device", "cuda"],  # peak in the optimizer step
+    ["--model", "cpu-tiny"],  # MiB
+    ["scenarios/matrix.yaml"],  # 38 cells on CUDA
+    ["scenarios/quick.yaml"],
+])
+def test_estimate_columns_add_up_to_the_peak(args):
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    args = [str(root / a) if a.endswith(".yaml") else a for a in args]
+    table = cli("estimate", *args)
+    assert table.exit_code == 0, table.output
+    rows = json.loads(cli("estimate", *args, "--format", "json").output)
+    shown = table_rows(table.output)
+    assert [s["cell"] for s in shown] == [r["cell"] for r in rows]
+    unit = 2**30 if "memory in GiB" in table.output else 2**20
+    for s, r in zip(shown, rows):
+        parts = [float(s[c].replace(",", "")) for c in MEMORY_COLUMNS]
+        assert sum(parts) == pytest.approx(float(s["peak"].replace(",", "")), abs=1e-9), s["line"]
+        assert float(s["peak"].replace(",", "")) == pytest.approx(r["est_peak_bytes"] / unit, abs=0.005)
+        assert sum(r["est_breakdown"].values()) == r["est_peak_bytes"]  # what the columns group
+
+
+def test_estimate_shows_parameter_counts_and_what_dominates():
+    r = cli("estimate", "--model", "qwen2.5-7b", "--seq", "2048", "--batch", "4", "--precision", "bf16",
+            "--lora-rank", "16", "--base-dtype", "bf16", "--checkpointing")
+    row = json.loads(cli("estimate", "--model", "qwen2.5-7b", "--seq", "2048", "--batch", "4", "--precision", "bf16",
+                         "--lora-rank", "16", "--base-dtype", "bf16", "--checkpointing", "--format", "json").output)[0]
+    assert row["total_params"] > row["trainable_params"] > 0
+    assert f"({row['total_params'] / 1e9:.3g} B parameters)" in r.output
+    assert f"{row['trainable_params'] / 1e6:.3g} M ({100 * row['trainable_params'] / row['total_params']:.3g} %)" \
+        in r.output
+    s = table_rows(r.output)[0]
+    assert float(s["logits/loss"]) == pytest.approx(row["est_breakdown"]["logits_loss"] / 2**30, abs=0.01)
+    assert float(s["logits/loss"]) > 13  # the 13.9 GiB that only the JSON showed
+    llama = cli("estimate", "--model", "llama-3-8b", "--seq", "2048", "--batch", "4")
+    assert "8.03 B parameters" in llama.output and "activations 48 %" in llama.output  # the largest part, named
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--seq", "0"], "--seq"),  # was: silently the model's own seq_len
+    (["--seq", "-1"], "--seq"),
+    (["--batch", "0"], "--batch"),
+    (["--lora-rank", "-1"], "--lora-rank"),
+    (["--accumulation", "0"], "--accumulation"),
+])
+def test_estimate_zero_or_negative_options_are_one_line_exit_2(args, option):
+    r = cli("estimate", "--model", "gpt2", *args)
+    assert r.exit_code == 2, r.output
+    assert option in r.output and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output

@@ -15,7 +15,7 @@ import pytest
 from lorabench.measure.worker import run_cell
 from lorabench.spec.config import Cell, ModelConfig, TrainConfig
 from lorabench.spec.presets import load_preset
-from lorabench.estimate.analytic import estimate
+from lorabench.estimator.analytic import estimate
 from lorabench.row.codec import estimate_fields, first_update_step
 
 PEAK_BOUND_PCT = 5.0

@@ -7,8 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lorabench.spec.config import Cell, ModelConfig
 from lorabench.spec.presets import load_preset
-from lorabench.estimate.flops import flops_per_step
-from lorabench.estimate.gpus import list_gpus, lookup
+from lorabench.estimator.flops import flops_per_step
+from lorabench.estimator.gpus import list_gpus, lookup
 from lorabench.train.techniques import build_model, compute_loss
 
 CASES = [
@@ -71,4 +71,4 @@ def test_gpu_table():
     assert lookup("  nvidia a100-sxm4-80gb ").name == "A100 80GB"
     assert lookup("Tesla T4").peak_flops("bf16") is None  # Turing has no BF16 path
     assert lookup("NVIDIA H100 80GB HBM3").peak_flops("bf16") == pytest.approx(989.4e12)  # dense, not 1979 sparse
-    assert lookup("NVIDIA B200") is None and lookup(None) is None
+    assert lookup("NVIDIA X999") is None and lookup(None) is None

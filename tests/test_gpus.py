@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorabench.estimate.gpus import DTYPES, list_gpus, lookup, parse_memory, resolve_gpu
+from lorabench.estimator.gpus import DTYPES, list_gpus, lookup, parse_memory, resolve_gpu
 from lorabench.spec.schema import ConfigError
 
 GIB = 2**30
@@ -135,3 +135,65 @@ def test_gpu_auto_with_no_gpu_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     with pytest.raises(ConfigError, match="NVML sees no GPU"):
         resolve_gpu("auto")
+
+
+# ---------------------------------------------------------------- the issue "A user's first hour", item 2
+@pytest.mark.parametrize("name, memory_gib, bf16", [
+    ("RTX 5090", 32, 209.5), ("RTX 3090", 24, 71.0), ("RTX A6000", 48, 154.8), ("L40S", 48, 362.0), ("L4", 24, 121.0),
+    ("T4", 16, None), ("A10G", 24, 70.0), ("H100 PCIe", 80, 756.0), ("H100 NVL", 94, 835.5), ("H200", 141, 989.4),
+    ("B200", 180, 2250.0), ("GH200 96GB", 96, 990.0), ("GH200 144GB", 144, 990.0), ("MI300X", 192, 1307.4),
+    ("MI250 (one GCD)", 64, 181.05)])
+def test_the_cards_users_ask_for_are_known_with_dense_rates(name, memory_gib, bf16):
+    """Memory and the dense (not 2:4-sparse) bf16 peak of the vendors' datasheets (gpus.yaml cites each)."""
+    g = resolve_gpu(name)
+    assert g.name == name and g.memory_bytes == memory_gib * GIB
+    assert g.tflops["bf16"] == bf16 and g.peak_flops("fp32") > 0
+
+
+def test_dense_rates_are_consistent():
+    """Where a card has TF32, its 16-bit tensor rate is twice it, on every architecture in the table: a
+    2:4-sparse figure copied for one of the two breaks this. fp16 and bf16 agree where both exist."""
+    for g in list_gpus():
+        t = g.tflops
+        half = t["fp16"] or t["bf16"]
+        assert t["bf16"] is None or t["bf16"] == t["fp16"], g.name
+        assert t["tf32"] is None or half / t["tf32"] == pytest.approx(2, rel=0.02), g.name
+        assert 1 <= half / t["fp32"] <= 32, g.name
+
+
+@pytest.mark.parametrize("spelling, name", [
+    ("4090", "RTX 4090"), ("rtx4090", "RTX 4090"), ("RTX-4090", "RTX 4090"), ("geforce rtx 4090", "RTX 4090"),
+    ("NVIDIA RTX 4090", "RTX 4090"), ("5090", "RTX 5090"), ("3090", "RTX 3090"), ("a6000", "RTX A6000"),
+    ("rtx a6000", "RTX A6000"), ("l40s", "L40S"), ("L40", "L40"), ("a10", "A10"), ("a10g", "A10G"),
+    ("tesla t4", "T4"), ("h100-nvl", "H100 NVL"), ("h100 pcie", "H100 PCIe"), ("H100 80GB", "H100 SXM"),
+    ("a100-80gb", "A100 80GB"), ("A100 40GB", "A100 40GB"), ("h200", "H200"), ("gh200 144", "GH200 144GB"),
+    ("b200", "B200"), ("mi300x", "MI300X"), ("MI300", "MI300X"), ("amd instinct mi250", "MI250 (one GCD)"),
+    ("MI250", "MI250 (one GCD)")])
+def test_resolve_gpu_takes_short_names(spelling, name):
+    assert resolve_gpu(spelling).name == name
+
+
+@pytest.mark.parametrize("spelling, candidates", [
+    ("A100", ["A100 40GB", "A100 80GB"]), ("H100", ["H100 PCIe", "H100 SXM", "H100 NVL"]),
+    ("GH200", ["GH200 96GB", "GH200 144GB"])])
+def test_an_ambiguous_name_lists_the_candidates(spelling, candidates):
+    with pytest.raises(ConfigError) as e:
+        resolve_gpu(spelling)
+    text = str(e.value)
+    assert text.startswith("--gpu") and "ambiguous" in text and "\n" not in text
+    assert all(c in text for c in candidates)
+
+
+@pytest.mark.parametrize("spelling", ["309", "a1", "nvidia", "rtx", "GB", "RTX 9999"])
+def test_a_short_name_matches_only_at_a_word_or_number_end(spelling):
+    """'309' is not the 3090 and 'a1' not the A10: a prefix must end where a word or a number ends."""
+    with pytest.raises(ConfigError, match="unknown GPU"):
+        resolve_gpu(spelling)
+
+
+def test_no_two_gpus_share_a_short_name():
+    from lorabench.estimator.gpus import matches
+    for g in list_gpus():
+        for name in (g.name, *g.aliases):
+            assert matches(name) == [g], name
+            assert matches(name.lower().replace(" ", "-")) == [g], name

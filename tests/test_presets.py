@@ -47,3 +47,24 @@ def test_qwen_small_models_tie_their_head_and_big_ones_do_not():
     assert load_preset("qwen2.5-0.5b").tie_embeddings and load_preset("qwen2.5-1.5b").tie_embeddings
     assert not load_preset("qwen2.5-7b").tie_embeddings
     assert all(load_preset(n).qkv_bias for n in MINE if n.startswith("qwen"))
+
+
+@pytest.mark.parametrize("spelling, name", [("Llama-2-7B", "llama-2-7b"), ("LLAMA-3-8B", "llama-3-8b"),
+                                            ("llama2_7b", "llama-2-7b"), ("Llama 3 70B", "llama-3-70b"),
+                                            ("Qwen2.5-7B", "qwen2.5-7b"), ("GPT2-XL", "gpt2-xl")])
+def test_preset_names_ignore_case_spaces_and_hyphens(spelling, name):
+    """Issue 'A user's first hour', item 2: `Llama-2-7B` is llama-2-7b; the model keeps the canonical name."""
+    assert load_preset(spelling).name == name
+    assert load_preset(spelling).published_params == load_preset(name).published_params
+
+
+def test_no_two_presets_share_a_loose_name():
+    from lorabench.spec.presets import preset_name
+    for n in preset_names():
+        assert preset_name(n.upper()) == n
+
+
+def test_an_unknown_preset_still_lists_the_known_ones():
+    from lorabench.spec.schema import ConfigError
+    with pytest.raises(ConfigError, match="unknown preset 'llama-9'.*llama-2-7b"):
+        load_preset("llama-9")

@@ -138,6 +138,18 @@ def test_bad_output_fails_before_any_cell(out, needles, tmp_path, monkeypatch):
     assert files_under(tmp_path) == before
 
 
+def test_a_full_disk_is_refused_before_any_cell(tmp_path, monkeypatch):
+    import lorabench.row.results as results
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(results, "free_bytes", lambda path: 4096)
+    (tmp_path / "s.yaml").write_text(GOOD)
+    t0 = time.perf_counter()
+    r = cli("run", "s.yaml", "--out", "r.jsonl")
+    assert_one_line_error(r, "r.jsonl", "--out", "disk is full")
+    assert time.perf_counter() - t0 < 5
+    assert files_under(tmp_path) == {"s.yaml": GOOD.encode()}
+
+
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text(GOOD)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench.estimate.replay import replay, simulate
+from lorabench.estimator.replay import replay, simulate
 from lorabench.measure.trackers import MemoryTracker
 from lorabench.sim.tensors import GRADS
 from lorabench.spec.config import Cell, ModelConfig

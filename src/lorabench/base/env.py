@@ -59,8 +59,16 @@ def device_name(device: str) -> str | None:
 
 
 def environment(device: str) -> dict:
-    """Versions and device facts; CUDA-only facts are None on CPU."""
+    """Versions and device facts; CUDA-only facts are None on CPU. `load_avg_1m`: the system's
+    1-minute load average as the cell starts (None where the OS has none) and `cpu_count` its CPUs,
+    so that a reader (`compare`) can tell a busy machine's timings: load above the CPU count means
+    work was waiting for a CPU."""
+    import os
     import torch
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
     info = {
         "device": device,
         "device_name": cpu_name(),
@@ -69,6 +77,8 @@ def environment(device: str) -> dict:
         "driver_version": None,
         "gpu_memory_bytes": None,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": load,
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -7,11 +7,9 @@ that `--help` is instant.
 """
 from __future__ import annotations
 
-import fnmatch
 import os
 import signal
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -52,24 +50,6 @@ def main():
     """Measure and predict what fine-tuning techniques cost: precision, LoRA, checkpointing, accumulation."""
 
 
-def select_cells(cells, patterns: str | None, source: str):
-    """Keep the cells whose id matches one of the comma-separated ids or globs."""
-    if not patterns:
-        return cells
-    keep = []
-    for pat in (p.strip() for p in patterns.split(",") if p.strip()):
-        hit = [c for c in cells if fnmatch.fnmatchcase(c.id, pat)]
-        if not hit:
-            raise ConfigError(source, "--cells", f"no cell matches {pat!r} (cells: {', '.join(c.id for c in cells)})")
-        keep += [c for c in hit if c not in keep]
-    return [c for c in cells if c in keep]
-
-
-def default_out(name: str) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("results") / f"{name}-{stamp}.jsonl"
-
-
 @main.command("run")
 @click.argument("scenario")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -82,12 +62,13 @@ def default_out(name: str) -> Path:
 @click.option("--max-cells", type=click.IntRange(min=1), default=None,
               help="refuse a matrix of more combinations than this before running anything (default 1000)")
 @click.option("--force", is_flag=True, help="run cells whose estimated peak exceeds the device's memory too")
+@click.option("--quiet", is_flag=True, help="no progress bar (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="table for people; json or csv rows on stdout for programs")
-def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, fmt):
+def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, quiet, fmt):
     """Train every cell of SCENARIO.yaml, each in a fresh process, and measure it."""
     from ..adapters import check
-    from ..spec.scenario import MAX_CELLS, expand, load_scenario
+    from ..spec.scenario import MAX_CELLS, default_out, expand, load_scenario, select_cells
     ls = load_scenario(scenario)
     check(ls)
     todo = select_cells(expand(ls, max_cells or MAX_CELLS), cells, scenario)
@@ -101,54 +82,29 @@ def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, f
         import torch
         if not torch.cuda.is_available():
             raise ConfigError(scenario, "device", "cuda requested but no CUDA GPU is visible (use --device cpu)")
-    from ..launch.run import open_results
+    from ..launch.run import run_scenario
+    from ..present.progress import progress
     path = Path(out) if out else default_out(ls.name)
     signal.signal(signal.SIGTERM, _terminate)  # `kill` / `timeout`: stop like Ctrl-C, keep every row
-    with open_results(path, [ls.job(c, dev) for c in todo], resume) as (writer, jobs):
-        n_done = len(writer.rows)
-        interrupted = run_with_progress(ls, jobs, writer, force)
-        csv_path = writer.write_csv()
-    show(writer.rows, fmt, title=f"{ls.name}: {ls.model.name} on {writer.rows[0]['device'] if writer.rows else dev}")
-    n_ok = sum(r.get("status") == "ok" for r in writer.rows)
-    click.echo(f"{len(writer.rows)} rows ({n_ok} ok) in {path}" + (f" and {csv_path}" if csv_path else ""), err=True)
-    if writer.rows and fmt == "table":
+    with progress(ls.name, total=len(todo), quiet=quiet) as step:
+        def on_row(job, row):
+            step(advance=1)
+            if row.get("status") != "ok":
+                step.console.print(f"[red]{job.cell.id}: {row['status']}[/]: {row.get('error')}")
+        res = run_scenario(ls, todo, path, dev, resume, force, on_start=lambda job: step(job.cell.id), on_row=on_row)
+    show(res.rows, fmt, title=f"{ls.name}: {ls.model.name} on {res.rows[0]['device'] if res.rows else dev}")
+    n_ok = sum(r.get("status") == "ok" for r in res.rows)
+    click.echo(f"{len(res.rows)} rows ({n_ok} ok) in {path}" + (f" and {res.csv_path}" if res.csv_path else ""), err=True)
+    if res.rows and fmt == "table":
         click.echo(f"more: lorabench report {path} | lorabench claims {path} | lorabench validate {path}", err=True)
-    if interrupted:
-        click.echo(f"interrupted: {len(jobs) - (len(writer.rows) - n_done)} cells not run; "
+    if res.interrupted:
+        click.echo(f"interrupted: {res.not_run} cells not run; "
                    f"continue with: lorabench run {scenario} --out {path} --resume", err=True)
         sys.exit(130)
 
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt
-
-
-def run_with_progress(ls, jobs, writer, force: bool = False) -> bool:
-    """Run the jobs under a progress bar on stderr, each row to `writer` as it comes;
-    returns True when Ctrl-C (or SIGTERM) stopped the run."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-    from ..launch import launch
-    console = Console(stderr=True)
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
-        task = bar.add_task(ls.name, total=len(jobs))
-
-        def on_start(job):
-            bar.update(task, description=f"{ls.name}: {job.cell.id}")
-
-        def on_row(job, row):
-            writer.append(row)
-            bar.advance(task)
-            if row.get("status") != "ok":
-                bar.console.print(f"[red]{job.cell.id}: {row['status']}[/]: {row.get('error')}")
-        try:
-            launch(jobs, on_start, on_row, force=force)
-        except KeyboardInterrupt:
-            return True
-    return False
 
 
 def show(rows, fmt, title=""):
@@ -163,12 +119,13 @@ def show(rows, fmt, title=""):
 @click.option("--loss-scale", "loss_scales", type=float, multiple=True,
               help="loss scales to sweep (repeatable); default 1, 2^8, 2^16, 2^24")
 @click.option("--steps", type=int, default=None, help="optimizer steps before the probe (default: warm-up + timed)")
+@click.option("--quiet", is_flag=True, help="no progress display (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def underflow_cmd(scenario, cell_id, loss_scales, steps, fmt):
+def underflow_cmd(scenario, cell_id, loss_scales, steps, quiet, fmt):
     """Where FP16/BF16 gradients underflow in one cell, per layer, and what loss scaling buys back."""
     from ..present.underflow import underflow_text
     from .reports import echo
-    echo(underflow_text(scenario, cell_id, loss_scales, steps, fmt))
+    echo(underflow_text(scenario, cell_id, loss_scales, steps, fmt, quiet))
 
 
 def _register():
@@ -178,6 +135,8 @@ def _register():
     from .reports import COMMANDS
     for cmd in COMMANDS:
         main.add_command(cmd)
+    from .plot import plot_cmd
+    main.add_command(plot_cmd)
 
 
 _register()

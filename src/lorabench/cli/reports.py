@@ -33,25 +33,34 @@ def report_cmd(results, sort_key, where, fmt):
 @click.argument("b")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True)
-def compare_cmd(a, b, fmt):
-    """Two result files cell by cell: B/A of memory and time; differences inside p10–p90 shown as noise."""
+@click.option("--strict", is_flag=True, help="fail (one line, exit 2) where a warning would be printed: cells not "
+              "joined, another scenario, model, device or torch version, a busy or differently loaded CPU")
+def compare_cmd(a, b, fmt, strict):
+    """Two result files cell by cell: B/A of memory and time; differences inside p10–p90 shown as noise.
+    Only cells of one id and one configuration are joined; what makes the comparison doubtful is warned about."""
     from ..present.compare import compare_files
-    echo(compare_files(a, b, fmt))
+    text, warned = compare_files(a, b, fmt, strict=strict)
+    echo(text)
+    if fmt == "csv":  # the other formats carry their warnings
+        for w in warned:
+            click.echo(f"lorabench compare: warning: {w}", err=True)
 
 
 @click.command("claims")
 @click.argument("results")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
 def claims_cmd(results, fmt):
-    """Each claim C1–C13 of claims.md with the number that tests it and a verdict."""
+    """Each claim C1–C13 of claims.md with the number that tests it, the cells it compares and how many, and a
+    verdict: holds, does not hold, not enough data, within noise (a timed difference inside the p10–p90 spread)."""
     from ..present.claims import render_file
     echo(render_file(results, fmt))
 
 
 @click.command("fit")
 @click.option("--model", "model", required=True, help="preset name or a Hugging Face config.json")
-@click.option("--gpu", default="auto", show_default=True,
-              help="auto (NVML), a memory size like 24GiB, or a GPU name like 'RTX 4090'")
+@click.option("--gpu", default=None,
+              help="a GPU name ('RTX 4090', '4090', 'H100 SXM'), a memory size like 24GiB, or auto (this "
+                   "machine's, via NVML); default: this machine's GPU, else a table of common 24/40/48/80 GB cards")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
 @click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
@@ -61,10 +70,12 @@ def claims_cmd(results, fmt):
               show_default=True, help="AdamW implementation (auto = foreach on CUDA)")
 @click.option("--calibrate", "calibrate_path", default=None,
               help="result file(s) whose measured hfu/mfu set the efficiency (and are checked against fit)")
-@click.option("--top", type=int, default=10, show_default=True, help="rows per table (0 = all)")
+@click.option("--top", type=int, default=10, show_default=True,
+              help="choices per table (a choice: the combinations of equal cost; 0 = all)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt):
-    """Which precision / LoRA / checkpointing / micro-batch combinations fit a GPU, fastest first."""
+    """Which precision / LoRA / checkpointing / micro-batch combinations fit a GPU, fastest first, and what
+    would make the others fit; without a GPU here and no --gpu, the best choice on common cards."""
     from ..present.fit_table import fit_text
     echo(fit_text(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt))
 

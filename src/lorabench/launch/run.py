@@ -1,19 +1,24 @@
 """A whole `run`: the result file opened (and locked) before any work, resumed only with
 rows of the same configuration, cells that cannot fit skipped, the rest launched.
 
-    with open_results(path, jobs, resume) as (writer, todo):
-        launch(todo, on_row=lambda job, row: writer.append(row))
+    result = run_scenario(ls, cells, Path("results/x.jsonl"), "cpu")
+    result.rows, result.csv_path, result.interrupted
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ..base.env import memory_capacity_bytes
 from ..row.codec import config_hash, encode, estimate_fields
 from ..row.results import ResultWriter, load_rows
+from ..spec.config import Cell
 from ..spec.job import CellJob
+from ..spec.scenario import LoadedScenario
 from ..spec.schema import ConfigError
+from .base import OnRow, OnStart
 
 
 @contextmanager
@@ -54,3 +59,35 @@ def would_not_fit(job: CellJob) -> dict | None:
     row.update(status="skipped", error=f"would not fit (estimate {peak / gib:.1f} GiB > {capacity[0] / gib:.1f} GiB "
                                        f"{capacity[1]}); --force runs it anyway")
     return row
+
+
+@dataclass
+class RunResult:
+    """What a run left: every row of its file (earlier ones of a resumed file first)."""
+    rows: list[dict]
+    path: Path
+    csv_path: Optional[Path]
+    interrupted: bool        # Ctrl-C or SIGTERM stopped it; `not_run` cells remain
+    not_run: int
+
+
+def run_scenario(ls: LoadedScenario, cells: list[Cell], path: Path, device: str, resume: bool = False,
+                 force: bool = False, on_start: Optional[OnStart] = None, on_row: Optional[OnRow] = None) -> RunResult:
+    """Run `cells` of `ls` on `device` (resolved) into the JSONL `path`, each row written as it
+    comes, the CSV beside it at the end; KeyboardInterrupt (Ctrl-C, or SIGTERM turned into it
+    by the caller) stops the run and keeps every finished row."""
+    from . import launch
+    with open_results(path, [ls.job(c, device) for c in cells], resume) as (writer, jobs):
+        n_before = len(writer.rows)
+
+        def write(job, row):
+            writer.append(row)
+            if on_row is not None:
+                on_row(job, row)
+        try:
+            launch(jobs, on_start, write, force=force)
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+        csv_path = writer.write_csv()
+    return RunResult(writer.rows, path, csv_path, interrupted, len(jobs) - (len(writer.rows) - n_before))

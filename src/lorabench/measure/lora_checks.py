@@ -8,8 +8,8 @@
   cell (it merges and unmerges weights, so it runs last): forward latency in
   eval mode without gradients, under the cell's autocast, unmerged
   (W0·x + (alpha / r)·B·A·x: two extra small matmuls per target) and merged
-  (W0 += ΔW: one matmul), each the median of `repeats` timed forwards after one
-  untimed one; and `merge_max_abs_diff`, the largest |logit| difference between
+  (W0 += ΔW: one matmul), each the median, p10 and p90 of `repeats` timed
+  forwards after one untimed one (claims reads C9 against that spread); and `merge_max_abs_diff`, the largest |logit| difference between
   the two (rounding only: exact maths gives 0; a 16-bit base rounds W0 + ΔW).
 All None in full fine-tuning cells.
 """
@@ -35,7 +35,7 @@ def initial_fields(model) -> dict:
 
 
 @torch.no_grad()
-def inference_fields(model, x: torch.Tensor, precision: str, device: str, repeats: int = 5) -> dict:
+def inference_fields(model, x: torch.Tensor, precision: str, device: str, repeats: int = 7) -> dict:
     ads = adapters(model)
     if not ads:
         return dict.fromkeys(INFERENCE_KEYS)
@@ -43,7 +43,7 @@ def inference_fields(model, x: torch.Tensor, precision: str, device: str, repeat
     model.eval()
     try:
         with autocast(precision, x.device.type):
-            unmerged_ms, unmerged = _time_forward(model, x, device, repeats)
+            unmerged_ms, unmerged = _time_forward(model, x, device, repeats)  # (median, p10, p90), logits
             for a in ads:
                 a.merge()
             try:
@@ -53,8 +53,9 @@ def inference_fields(model, x: torch.Tensor, precision: str, device: str, repeat
                     a.unmerge()
     finally:
         model.train(was_training)
-    return {"infer_ms_unmerged": unmerged_ms, "infer_ms_merged": merged_ms,
-            "merge_max_abs_diff": (merged.float() - unmerged.float()).abs().max().item()}
+    return {"infer_ms_unmerged": unmerged_ms[0], "infer_ms_unmerged_p10": unmerged_ms[1],
+            "infer_ms_unmerged_p90": unmerged_ms[2], "infer_ms_merged": merged_ms[0], "infer_ms_merged_p10": merged_ms[1],
+            "infer_ms_merged_p90": merged_ms[2], "merge_max_abs_diff": (merged.float() - unmerged.float()).abs().max().item()}
 
 
 def _time_forward(model, x, device, repeats):
@@ -63,4 +64,5 @@ def _time_forward(model, x, device, repeats):
     for _ in range(repeats):
         with timer.step():
             model(x)
-    return timer.summary()["step_time_ms_median"], out
+    t = timer.summary()
+    return (t["step_time_ms_median"], t["step_time_ms_p10"], t["step_time_ms_p90"]), out

@@ -16,7 +16,9 @@ taken from the estimator's est_activation_bytes (the tensors saved for backward
 are not measured on their own) and capped at that remainder, and the rest
 (temporaries, logits, workspaces). A peak in the optimizer phase has no
 activations live: there all of the remainder is "rest". On a peak reached before
-AdamW's state exists the states can exceed the peak; the remainder is then 0.
+AdamW's state exists (an fp16 step skipped by GradScaler) the states can exceed
+the peak: they are then cut off in the order params, grads, optimizer state, so
+that the segments of every bar add up to its peak.
 
 Segments of an estimate (`estimate_segments`): the estimator's breakdown at its
 peak grouped as SEGMENT_TERMS says (optimizer temporaries count as optimizer
@@ -40,33 +42,58 @@ SEGMENT_TERMS = {
 
 
 def row_segments(row: dict) -> dict | None:
-    """Bytes per segment of a measured row's peak (module docstring); None without a peak."""
+    """Bytes per segment of a measured row's peak (module docstring); None without a peak.
+    The segments always add up to the peak."""
     peak = row.get("peak_allocated_bytes")
     if not peak:
         return None
-    states = {"params": row.get("param_bytes") or 0, "grads": row.get("grad_bytes") or 0,
-              "optimizer": row.get("optimizer_state_bytes") or 0}
-    remainder = max(0, peak - sum(states.values()))
+    states, left = {}, peak
+    for key, field in (("params", "param_bytes"), ("grads", "grad_bytes"), ("optimizer", "optimizer_state_bytes")):
+        states[key] = min(left, row.get(field) or 0)  # states the peak did not hold are cut off
+        left -= states[key]
+    remainder = left
     act = 0 if row.get("peak_phase") == "optimizer" else min(remainder, row.get("est_activation_bytes") or 0)
     return {**states, "activations": int(act), "rest": int(remainder - act)}
 
 
-def estimate_segments(breakdown: dict, extra_rest_bytes: int = 0) -> dict:
-    """Bytes per segment of an estimator breakdown (+ `extra_rest_bytes` in rest)."""
-    out = {k: sum(int(breakdown.get(t, 0)) for t in terms) for k, terms in SEGMENT_TERMS.items()}
-    named = {t for terms in SEGMENT_TERMS.values() for t in terms}
+def estimate_segments(breakdown: dict, extra_rest_bytes: int = 0, terms: dict = SEGMENT_TERMS) -> dict:
+    """Bytes per segment of an estimator breakdown, grouped as `terms` says ({segment: term names});
+    every other term (+ `extra_rest_bytes`) in "rest", so the segments sum to the breakdown's total."""
+    out = {k: sum(int(breakdown.get(t, 0)) for t in ts) for k, ts in terms.items()}
+    named = {t for ts in terms.values() for t in ts}
     out["rest"] = sum(int(v) for k, v in breakdown.items() if k not in named) + int(extra_rest_bytes)
     return out
+
+
+UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def unit_for(n: float) -> tuple[str, int]:
+    """The binary unit `human` writes n in: (name, bytes)."""
+    return next(((u, f) for u, f in UNITS if abs(n) >= f), ("B", 1))
 
 
 def human(n: float | None, digits: int = 1) -> str:
     """Bytes with a binary unit: '512 B', '3.2 KiB', '1.4 MiB', '21.6 GiB' (`digits` decimals)."""
     if n is None:
         return "–"
-    for unit, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= f:
-            return f"{n / f:,.{digits}f} {unit}"
-    return f"{int(n)} B"
+    unit, f = unit_for(n)
+    return f"{int(n)} B" if f == 1 else f"{n / f:,.{digits}f} {unit}"
+
+
+def rounded_parts(parts: list[int], unit: int, digits: int = 2) -> tuple[list[float], float]:
+    """The parts and their total in `unit`, each to `digits` decimals, rounded so that the shown
+    parts add up to the shown total (largest remainder: each part is off by less than one last
+    digit). Parts are non-negative bytes; the total is their sum."""
+    import math
+    q = 10 ** digits
+    raw = [p * q / unit for p in parts]
+    total = round(sum(parts) * q / unit)
+    shown = [math.floor(x) for x in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - shown[i], reverse=True)
+    for i in by_remainder[: total - sum(shown)]:
+        shown[i] += 1
+    return [v / q for v in shown], total / q
 
 
 def _cells(segments: dict, scale_bytes: int, width: int) -> list[tuple[int, str, str]]:

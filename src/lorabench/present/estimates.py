@@ -14,7 +14,7 @@ from ..adapters import check as check_adapters
 from ..spec.scenario import LoadedScenario, expand, load_scenario, parse_scenario
 from ..spec.config import split_targets
 from ..base.env import resolve_device
-from ..estimate.analytic import estimate
+from ..estimator.analytic import estimate
 from ..spec.schema import ConfigError
 
 OPTION_KEYS = {"matrix.precision": "--precision", "matrix.lora_rank": "--lora-rank", "matrix.lora_targets": "--lora-targets",
@@ -34,7 +34,8 @@ def estimates_for(ls: LoadedScenario, device: str | None = None) -> list[dict]:
                        n_batches=window, window_steps=window)
         row = cell.to_dict()
         row.update(scenario=ls.name, model=ls.model.name, device=dev, batch_size=train.batch_size,
-                   micro_batch_size=cell.micro_batch(train.batch_size), seq_len=ls.model.seq_len, **est.fields(),
+                   micro_batch_size=cell.micro_batch(train.batch_size), seq_len=ls.model.seq_len,
+                   total_params=est.total_params, trainable_params=est.trainable_params, **est.fields(),
                    est_phase_peak_bytes=est.phase_peak_bytes, est_breakdown=est.breakdown,
                    est_cuda_overheads=est.cuda_overheads or None)
         rows.append(row)
@@ -49,7 +50,7 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
                      checkpointing: bool = False, accumulation: int = 1, base_dtype: str = "fp32", batch: int = 8,
                      seq: int | None = None, device: str = "cpu") -> list[dict]:
     """One cell given by command-line options, validated like a scenario (errors name the option)."""
-    model_data = {"preset": model} | ({"seq_len": seq} if seq else {})
+    model_data = {"preset": model} | ({"seq_len": seq} if seq is not None else {})  # --seq 0 is an error
     data = {"name": "estimate", "model": model_data, "device": device, "train": {"batch_size": batch},
             "matrix": {"precision": precision, "lora_rank": lora_rank,
                        "lora_targets": split_targets(lora_targets),
@@ -84,26 +85,79 @@ def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: 
     return render_estimates(rows, fmt)
 
 
+# The table's memory columns: the estimator's breakdown at the peak (analytic.TERMS) grouped;
+# every other term is "rest", so that the columns add up to the peak.
+PEAK_COLUMNS = {"weights": ("params",), "grads": ("grads",), "AdamW": ("optimizer_state", "optimizer_temporaries"),
+                "activations": ("activations", "recompute", "autocast_weight_copies"), "logits/loss": ("logits_loss",)}
+
+
+def peak_columns(row: dict) -> dict:
+    """Bytes per memory column (PEAK_COLUMNS and "rest") of an estimate row; they sum to est_peak_bytes."""
+    from .bars import estimate_segments
+    return estimate_segments(row["est_breakdown"], terms=PEAK_COLUMNS)
+
+
+def count(n: int | None) -> str:
+    """A parameter count with 3 significant digits: '8.03 B', '20.2 M', '512'."""
+    if n is None:
+        return "–"
+    for suffix, f in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= f:
+            return f"{n / f:.3g} {suffix}"
+    return str(n)
+
+
+def trainable(r: dict) -> str:
+    share = 100 * r["trainable_params"] / r["total_params"] if r.get("total_params") else None
+    return count(r.get("trainable_params")) + ("" if share is None or share == 100 else f" ({share:.3g} %)")
+
+
 def estimates_table(rows: list[dict]):
-    """A rich Table: per cell the estimated memory components, peak, phase and FLOPs."""
+    """A rich Table: per cell the trainable parameters, the memory live at the peak by column (adding
+    up to the peak, in one unit), the largest column's share, the peak phase and FLOPs."""
+    from rich import box
     from rich.table import Table
-    t = Table(title=f"{rows[0]['model']} on {rows[0]['device']}: estimated, nothing run" if rows else "no cells")
-    for col in ("cell", "micro-batch", "params", "grads", "AdamW", "activations", "peak", "phase", "TFLOP/step"):
-        t.add_column(col, justify="left" if col in ("cell", "phase") else "right")
+    from .bars import rounded_parts, unit_for
+    unit, factor = unit_for(max([r["est_peak_bytes"] for r in rows] + [1]))
+    title = "no cells"
+    if rows:
+        total = min(r["total_params"] for r in rows)
+        adapters = " + adapters" if any(r["total_params"] > total for r in rows) else ""
+        title = f"{rows[0]['model']} ({count(total)} parameters{adapters}) on {rows[0]['device']}: estimated, nothing run"
+    t = Table(title=title, caption=f"memory in {unit}, live at the peak: {' + '.join([*PEAK_COLUMNS, 'rest'])} = peak",
+              box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, header_style="bold")
+    for col in ("cell", "micro-batch", "trainable", *PEAK_COLUMNS, "rest", "peak", "largest", "phase", "TFLOP/step"):
+        t.add_column(col, justify="left" if col in ("cell", "phase", "largest") else "right",
+                     no_wrap=col in ("cell", "trainable", "largest"))
     for r in rows:
-        t.add_row(str(r["cell"]), str(r["micro_batch_size"]), _size(r["est_param_bytes"]), _size(r["est_grad_bytes"]),
-                  _size(r["est_optimizer_state_bytes"]), _size(r["est_activation_bytes"]), _size(r["est_peak_bytes"]),
-                  r["est_peak_phase"], f"{r['est_flops_per_step'] / 1e12:.3g}")
+        cols = peak_columns(r)
+        shown, peak = rounded_parts(list(cols.values()), factor)
+        top = max(cols, key=cols.get)
+        t.add_row(str(r["cell"]), str(r["micro_batch_size"]), trainable(r), *(f"{v:,.2f}" for v in shown),
+                  f"{peak:,.2f}", f"{top} {100 * cols[top] / r['est_peak_bytes']:.0f} %", r["est_peak_phase"],
+                  f"{r['est_flops_per_step'] / 1e12:.3g}")
     return t
 
 
+def notes(rows: list[dict]) -> list[str]:
+    """What "rest" holds, and the CUDA context that no peak includes."""
+    named = {t for ts in PEAK_COLUMNS.values() for t in ts}
+    rest = sorted({k for r in rows for k, v in r["est_breakdown"].items() if v and k not in named})
+    out = [f"rest: {', '.join(rest)} (every term: --format json, est_breakdown)"] if rest else []
+    ctx = next((r["est_cuda_overheads"]["cuda_context"] for r in rows if r.get("est_cuda_overheads")), None)
+    if ctx:
+        out.append(f"not in the peak: the CUDA context, about {_size(ctx)} outside the allocator (fit adds it)")
+    return out
+
+
 def render_estimates(rows: list[dict], fmt: str = "table") -> str:
-    """json: the rows; csv: their flat keys (lists joined with ","; CRLF lines); table: 140 columns."""
-    from .writer import write
+    """json: the rows; csv: their flat keys (lists joined with ","; CRLF lines); table: as wide as
+    the terminal, at least 170 columns."""
+    from .writer import Line, write
     flat = [{k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
     return write(flat, fmt, payload=rows, indent=2, end="", newline="\r\n",
                  columns=list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict))),
-                 table=lambda _: [estimates_table(rows)], width=140)
+                 table=lambda _: [estimates_table(rows), *map(Line, notes(rows))], min_width=170)
 
 
 def validate_file(path: str):

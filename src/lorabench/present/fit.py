@@ -33,7 +33,9 @@ same GPU if there are any, else every CUDA row), else DEFAULT_EFFICIENCY = 0.40
 with the micro-batch, so equal-FLOP combinations tie; ties go to the larger
 micro-batch (real kernels are more efficient on larger matrices), then to bf16
 over fp16 over fp32, then to less memory. A GPU given only by its memory
-("24GiB") has no peak rates: no time, ranked by hardware FLOPs per step.
+("24GiB", or an unknown card found by NVML) has no peak rates of its own: with
+`rates_from` (the CLI passes DEFAULT_RATES_GPU, an A100's dense peaks, and says
+so) its times use that GPU's rates; without, no time, ranked by hardware FLOPs.
 
 What does not fit gets its overshoot and a fix (`suggestion`): of the single
 changes {checkpointing on, a smaller micro-batch (more accumulation), the base
@@ -43,6 +45,7 @@ precision}, the fastest one that fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 from dataclasses import dataclass, field
 
@@ -50,10 +53,10 @@ from .bars import SEGMENTS, estimate_segments
 from ..spec.config import Cell, ModelConfig
 from ..spec.scenario import cell_id
 from ..spec.presets import preset_data
-from ..estimate.analytic import CUDA_CONTEXT_BYTES, estimate
+from ..estimator.analytic import CUDA_CONTEXT_BYTES, estimate
 from ..row.codec import decode_cell, decode_model
 from ..spec.config import memory_window
-from ..estimate.gpus import GPU, lookup
+from ..estimator.gpus import GPU, lookup
 from ..spec.schema import ConfigError, build
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -61,6 +64,7 @@ PRECISION_PREFERENCE = ("bf16", "fp16", "fp32")  # ties: no loss scaler, then 16
 RANKS = (4, 8, 16, 32, 64)
 DEFAULT_EFFICIENCY = 0.40
 DEFAULT_MARGIN = 0.10
+DEFAULT_RATES_GPU = "A100 40GB"  # whose peak rates time a GPU given only by its memory
 DEFAULT_TARGETS = ("q", "v")
 GIB = 2**30
 LABELS = {k: label for k, label, _, _ in SEGMENTS}
@@ -108,14 +112,14 @@ class Combo:
                     checkpointing=self.checkpointing, accumulation=self.accumulation, base_dtype=self.base_dtype)
         return dataclasses.replace(cell, id=cell_id(cell, set()))
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         """cell id plus the micro-batch, e.g. `bf16-r8-bf16base-ckpt-acc4-mb4`."""
         return f"{self.cell().id}-mb{self.micro_batch_size}"
 
     @property
     def key(self) -> tuple:
-        return dataclasses.astuple(self)[:5]
+        return self.precision, self.lora_rank, self.base_dtype, self.checkpointing, self.micro_batch_size
 
 
 def grid(batch: int) -> list[Combo]:
@@ -189,6 +193,9 @@ class FitCombo:
     segments: dict
     trainable_params: int
     suggestion: str | None = None
+    fix: str | None = None                # the change `suggestion` names, the combination it makes, and
+    fix_combo: Combo | None = None        # what that one needs
+    fix_needed_bytes: int | None = None
 
     @property
     def over_bytes(self) -> int:
@@ -197,7 +204,7 @@ class FitCombo:
     def to_dict(self) -> dict:
         c = self.combo
         return {"id": c.id, "precision": c.precision, "lora_rank": c.lora_rank,
-                "base_dtype": c.cell().base_dtype, "checkpointing": c.checkpointing,
+                "base_dtype": c.base_dtype if c.lora_rank else "fp32", "checkpointing": c.checkpointing,
                 "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation,
                 "est_peak_bytes": self.est_peak_bytes, "est_needed_bytes": self.est_needed_bytes,
                 "budget_bytes": self.budget_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
@@ -205,7 +212,8 @@ class FitCombo:
                 "est_peak_phase": self.est_peak_phase, "est_flops_per_step": self.est_flops_per_step,
                 "est_hw_flops_per_step": self.est_hw_flops_per_step, "matmul_dtype": self.matmul_dtype,
                 "efficiency": self.efficiency, "trainable_params": self.trainable_params,
-                "segments_bytes": self.segments, "suggestion": self.suggestion}
+                "segments_bytes": self.segments, "suggestion": self.suggestion, "fix": self.fix,
+                "fix_id": self.fix_combo.id if self.fix_combo else None, "fix_needed_bytes": self.fix_needed_bytes}
 
 
 @dataclass
@@ -218,6 +226,7 @@ class FitReport:
     optimizer: str
     calibration: Calibration
     combos: list[FitCombo]
+    rates_from: GPU | None = None   # whose peak rates timed a GPU without its own (None: its own)
 
     @property
     def budget_bytes(self) -> int:
@@ -236,15 +245,19 @@ def fits_budget(est_peak_bytes: int, memory_bytes: int, margin: float = DEFAULT_
     return est_peak_bytes + CUDA_CONTEXT_BYTES <= budget_bytes(memory_bytes, margin)
 
 
+def has_rates(gpu: GPU) -> bool:
+    return any(v is not None for v in gpu.tflops.values())
+
+
 def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: tuple, optimizer: str,
-             calibration: Calibration) -> FitCombo:
+             calibration: Calibration, rates_from: GPU | None = None) -> FitCombo:
     cell = combo.cell(targets)
     est = estimate(cfg, cell, combo.micro_batch_size * combo.accumulation, device="cuda", optimizer_impl=optimizer,
                    n_batches=1, window_steps=2, gpu_name=gpu.name)
     dtype = cell.matmul_dtype(False)
-    has_rates = any(v is not None for v in gpu.tflops.values())
-    peak = gpu.peak_flops(dtype)
-    supported = peak is not None or not has_rates
+    own = has_rates(gpu)
+    peak = (gpu if own or rates_from is None else rates_from).peak_flops(dtype)
+    supported = peak is not None or not own
     eff = calibration.get(dtype)[0] if peak else None
     t = est.est_hw_flops_per_step / (peak * eff) if peak else None
     needed = est.est_peak_bytes + CUDA_CONTEXT_BYTES
@@ -261,8 +274,9 @@ def _rank_key(c: FitCombo) -> tuple:
 
 
 def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, targets: tuple = DEFAULT_TARGETS,
-        optimizer: str = "auto", calibration: Calibration | None = None) -> FitReport:
-    """Evaluate the whole grid; fitting combinations first, fastest first; suggestions for the rest."""
+        optimizer: str = "auto", calibration: Calibration | None = None, rates_from: GPU | None = None) -> FitReport:
+    """Evaluate the whole grid; fitting combinations first, fastest first; suggestions for the rest.
+    rates_from: a GPU whose peak rates time `gpu` if it has none (module docstring)."""
     if batch <= 0:
         raise ConfigError("--batch", "", f"must be > 0, got {batch}")
     if not 0 <= margin < 1:
@@ -270,13 +284,14 @@ def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, 
     if gpu.memory_bytes <= 0:
         raise ConfigError("--gpu", "", "memory must be > 0")
     cal = calibration or Calibration()
-    combos = [evaluate(cfg, gpu, c, margin, tuple(targets), optimizer, cal) for c in grid(batch)]
+    rates_from = None if has_rates(gpu) else rates_from
+    combos = [evaluate(cfg, gpu, c, margin, tuple(targets), optimizer, cal, rates_from) for c in grid(batch)]
     combos.sort(key=lambda c: (not c.fits, _rank_key(c)))
     index = {c.combo.key: c for c in combos}
     for c in combos:
         if not c.fits:
             c.suggestion = suggest(c, index, gpu)
-    return FitReport(cfg, gpu, batch, margin, tuple(targets), optimizer, cal, combos)
+    return FitReport(cfg, gpu, batch, margin, tuple(targets), optimizer, cal, combos, rates_from)
 
 
 def _alternatives(c: Combo) -> list[tuple[str, tuple]]:
@@ -303,7 +318,8 @@ def _alternatives(c: Combo) -> list[tuple[str, tuple]]:
 def suggest(c: FitCombo, index: dict, gpu: GPU) -> str:
     """'needs X GiB, Y over the Z GiB budget: <term> T GiB; <fix> (→ N GiB)' for a combination
     that does not fit. The fix is the fastest fitting single change (else pair of changes);
-    the term named is the one the fix shrinks most (else the largest)."""
+    the term named is the one the fix shrinks most (else the largest). Sets c.fix, c.fix_combo
+    and c.fix_needed_bytes: the fix, the combination it makes and what that one needs."""
     if not c.supported:
         return f"{gpu.name} has no {c.matmul_dtype} matmul path"
     head = f"needs {gib(c.est_needed_bytes)}, {gib(c.over_bytes)} over the {gib(c.budget_bytes)} budget"
@@ -317,6 +333,7 @@ def suggest(c: FitCombo, index: dict, gpu: GPU) -> str:
         big = max((k for k in c.segments if k != "rest"), key=lambda k: c.segments[k])
         return f"{head}: {LABELS[big]} {gib(c.segments[big])}; no change of one or two axes makes it fit"
     best, text = min(options, key=lambda o: _rank_key(o[0]))
+    c.fix, c.fix_combo, c.fix_needed_bytes = text, best.combo, best.est_needed_bytes
     term = max(c.segments, key=lambda k: c.segments[k] - best.segments.get(k, 0))
     return f"{head}: {LABELS[term]} {gib(c.segments[term])}; {text} (→ {gib(best.est_needed_bytes)})"
 

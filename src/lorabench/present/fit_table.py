@@ -1,16 +1,37 @@
 """What `lorabench fit` prints: the combinations of fit.py as table, json or csv.
 
     text = fit_text("llama-2-7b", "RTX 4090", seq=2048, batch=1, fmt="table")
+    text = fit_text("llama-2-7b")      # this machine's GPU; without one, the common cards
 
-The table (`render_fit`): a header naming the model, GPU and budget, the
-combinations that fit (fastest first) and those that do not (closest first,
-with what would fit), each with its stacked memory bar on one scale, the bar
-legend, and with --calibrate the check of measured out-of-memory rows against
-fit. json and csv: one record per combination with the inputs of the run.
+Choices (`choices`). Combinations that cost the same are one choice: same fit,
+same technique (full fine-tuning or LoRA; the base in fp32 or 16 bits;
+checkpointing) and a step time within SAME_COST (2 %) of the choice's best
+member's (FLOPs per step without a time), whatever their LoRA rank, precision or
+micro-batch. A choice is shown by its best member (fitting: the fastest, largest
+micro-batch; not fitting: the closest) and reads 'any · LoRA r4–64, 16-bit base,
+ckpt': 'any' when fp32, fp16 and bf16 all cost the same, the ranks as a span,
+the memory as the range over the members at the micro-batch shown.
+
+The table (`render_fit`): a header naming the model, the GPU and how many
+combinations fit; the assumptions, once; the best `top` choices that fit (no
+table when none does) and the closest that do not, with the change that would
+make each fit; as wide as the terminal allows (`_table`: the TFLOP, memory bar
+and tokens/s columns go first, then the text wraps). Without a GPU here and
+none named (`common_text`): one line saying so and how to name one, then one
+row per card of COMMON_GPUS with its best choice. json and csv: one record per
+combination with its choice and the inputs of the run; for the common cards
+one record per card.
 """
 from __future__ import annotations
 
 from ..spec.schema import ConfigError
+
+LEFT = ("GPU", "precision", "technique", "what would fit → GiB")  # text columns (the rest: numbers, never wrapped)
+MIN_WRAP = 16  # the least width a wrapping text column keeps
+LEGEND = ("ckpt: activation checkpointing; micro×acc: sequences per forward × accumulation steps; precision: "
+          "the autocast dtype (fp32: none), 'any' when fp32, fp16 and bf16 cost the same; a row holds every "
+          "rank, precision and micro-batch of equal cost (time within 2 %)")
+SAME_COST = 0.02  # step times (FLOPs without a time) this close to a choice's best member's are the same cost
 
 
 def parse_targets(text: str, style: str) -> tuple:
@@ -26,80 +47,315 @@ def parse_targets(text: str, style: str) -> tuple:
     return targets
 
 
-def fit_text(model: str, gpu: str = "auto", seq: int | None = None, batch: int = 8, lora_targets: str = "q,v",
+def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: int = 8, lora_targets: str = "q,v",
              margin: float = 0.10, optimizer: str = "auto", calibrate_path: str | None = None, top: int = 10,
              fmt: str = "table", width: int | None = None) -> str:
-    """`lorabench fit`: every combination for `model` on `gpu`, rendered (module docstring)."""
-    from ..estimate.gpus import resolve_gpu
-    from .fit import calibrate, fit, fit_model, oom_contradictions
+    """`lorabench fit`: every combination for `model` on `gpu` (None: this machine's GPU, else the
+    common cards), rendered (module docstring)."""
+    from ..estimator.gpus import local_gpu, lookup, resolve_gpu
+    from .fit import DEFAULT_RATES_GPU, calibrate, fit, fit_model, oom_contradictions
     from .writer import write
     cfg = fit_model(model, seq)
     targets = parse_targets(lora_targets, cfg.style)
-    g = resolve_gpu(gpu)
-    cal, check = None, None
+    if batch <= 0:
+        raise ConfigError("--batch", "", f"must be > 0, got {batch}")
+    if not 0 <= margin < 1:
+        raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
+    rows = None
     if calibrate_path:
         from ..row.results import load_rows
         rows = load_rows(calibrate_path)
-        cal = calibrate(rows, g)
-        check = oom_contradictions(rows, margin)
-    rep = fit(cfg, g, batch, margin, targets, optimizer, cal)
-    extra = {"model": cfg.name, "seq_len": cfg.seq_len, "batch_size": batch, "gpu": g.name,
-             "gpu_memory_bytes": g.memory_bytes, "margin": margin,
-             "lora_targets": ",".join(targets) if fmt == "csv" else list(targets)}
-    return write([{**c.to_dict(), **extra} for c in rep.combos], fmt, table=lambda _: render_fit(rep, top, check),
-                 width=width)
+    check = oom_contradictions(rows, margin) if rows is not None else None
+
+    def run(g):
+        return fit(cfg, g, batch, margin, targets, optimizer, calibrate(rows, g) if rows is not None else None,
+                   lookup(DEFAULT_RATES_GPU))
+    if gpu is None:
+        try:
+            g = local_gpu()
+        except ConfigError as e:
+            return common_text(run, e.message, fmt, width, check)
+    else:
+        g = resolve_gpu(gpu)
+    rep = run(g)
+    choice_of = {}
+    for rank, members in enumerate(choices(rep.fitting()) + choices(rep.not_fitting()), 1):
+        choice_of.update({id(c): {"choice": " · ".join(choice_label(members)), "choice_rank": rank} for c in members})
+    extra = run_fields(rep, fmt)
+    records = [{**c.to_dict(), **choice_of[id(c)], **extra} for c in rep.combos]
+    return write(records, fmt, table=lambda w: render_fit(rep, top, check, w), width=width)
 
 
-def render_fit(rep, top: int, check: dict | None = None) -> list:
-    """The rich renderables of `lorabench fit`: a header, the fitting and the non-fitting tables."""
+def run_fields(rep, fmt: str) -> dict:
+    """The inputs of a run, added to every json/csv record."""
+    return {"model": rep.model.name, "seq_len": rep.model.seq_len, "batch_size": rep.batch, "gpu": rep.gpu.name,
+            "gpu_memory_bytes": rep.gpu.memory_bytes, "margin": rep.margin,
+            "lora_targets": ",".join(rep.targets) if fmt == "csv" else list(rep.targets),
+            "peak_rates_from": rep.rates_from.name if rep.rates_from else rep.gpu.name}
+
+
+# ---------------------------------------------------------------- choices
+def _cost(c) -> float:
+    return c.est_step_time_s if c.est_step_time_s is not None else float(c.est_hw_flops_per_step)
+
+
+def choices(combos: list) -> list[list]:
+    """FitCombos (in their order) grouped into choices (module docstring), each best first."""
+    groups: dict[tuple, list[list]] = {}
+    order = {id(c): i for i, c in enumerate(combos)}
+    for c in combos:
+        k = c.combo
+        base = "-" if not k.lora_rank else "32" if k.base_dtype == "fp32" else "16"
+        same = groups.setdefault((c.fits, c.supported, base, k.checkpointing), [])
+        home = next((g for g in same if abs(_cost(c) - _cost(g[0])) <= SAME_COST * _cost(g[0])), None)
+        if home is None:
+            same.append([c])
+        else:
+            home.append(c)
+    return sorted((g for gs in groups.values() for g in gs), key=lambda g: order[id(g[0])])
+
+
+def _span(ranks: list[int]) -> str:
+    from .fit import RANKS
+    idx = [RANKS.index(r) for r in ranks]
+    if len(ranks) > 1 and idx == list(range(idx[0], idx[0] + len(idx))):
+        return f"r{ranks[0]}–{ranks[-1]}"
+    return "r" + ",".join(str(r) for r in ranks)
+
+
+def choice_label(members: list) -> tuple[str, str]:
+    """(precision, technique) of a choice: ('any', 'LoRA r4–64, 16-bit base, ckpt')."""
+    from .fit import PRECISION_PREFERENCE
+    ks = [m.combo for m in members]
+    precs = {k.precision for k in ks}
+    prec = "any" if len(precs) == 3 else "/".join(p for p in PRECISION_PREFERENCE if p in precs)
+    ranks = sorted({k.lora_rank for k in ks})
+    if ranks == [0]:
+        tech = "full fine-tuning"
+    else:
+        bases = {k.base_dtype for k in ks}
+        tech = f"LoRA {_span(ranks)}, {'16-bit' if len(bases) > 1 else bases.pop()} base"
+    return prec, tech + (", ckpt" if ks[0].checkpointing else "")
+
+
+def change_text(a, b) -> str:
+    """The change from Combo `a` to Combo `b`, briefly: 'ckpt + micro-batch 1×8'."""
+    out = []
+    if b.precision != a.precision:
+        out.append(b.precision)
+    if b.lora_rank != a.lora_rank:
+        out.append(f"LoRA r{b.lora_rank}, {b.base_dtype} base")
+    elif b.base_dtype != a.base_dtype:
+        out.append(f"{b.base_dtype} base")
+    if b.checkpointing != a.checkpointing:
+        out.append("ckpt" if b.checkpointing else "no ckpt")
+    if b.micro_batch_size != a.micro_batch_size:
+        out.append(f"micro-batch {b.micro_batch_size}×{b.accumulation}")
+    return " + ".join(out)
+
+
+def needed_span(members: list) -> tuple[int, int]:
+    """(least, most) bytes needed by the members at the best member's micro-batch."""
+    m = members[0].combo.micro_batch_size
+    v = [c.est_needed_bytes for c in members if c.combo.micro_batch_size == m]
+    return min(v), max(v)
+
+
+def _gib(members: list) -> str:
+    lo, hi = (f"{n / 2**30:.1f}" for n in needed_span(members))
+    return hi if lo == hi else f"{lo}–{hi}"
+
+
+def _time_cells(c, tokens: int) -> list[str]:
+    """s/step and tokens/s of a choice's best member (the others are within SAME_COST)."""
+    s = c.est_step_time_s
+    return ["–", "–"] if s is None else [f"{s:.3g}", f"{tokens / s:,.0f}"]
+
+
+def _count(groups: list, n: int, which: str) -> str:
+    k = len(groups)
+    return f"{k} choice{'s' * (k != 1)}" + (f", the {n} {which} shown" if k > n else "")
+
+
+def _mb(c) -> str:
+    return f"{c.combo.micro_batch_size}×{c.combo.accumulation}"
+
+
+# ---------------------------------------------------------------- the header lines
+def title(rep) -> str:
+    cfg = rep.model
+    return f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}, LoRA on {','.join(rep.targets)}"
+
+
+def assumptions(rep) -> str:
+    """The one line of what every number assumes."""
+    from ..estimator.analytic import CUDA_CONTEXT_BYTES, resolve_optimizer_impl
+    from .fit import gib, has_rates
+    g = rep.gpu
+    fits = (f"fits = estimated peak + {gib(CUDA_CONTEXT_BYTES)} CUDA context ≤ {100 * (1 - rep.margin):.0f} % of "
+            f"memory (--margin)")
+    if not has_rates(g) and rep.rates_from is None:
+        return f"assumes: {fits}; no peak rates for {g.name}: ranked by FLOPs per step, no time"
+    by_eff: dict[tuple, list] = {}
+    for d in sorted({c.matmul_dtype for c in rep.combos}, key=["bf16", "fp16", "tf32", "fp32"].index):
+        by_eff.setdefault(rep.calibration.get(d), []).append(d)
+    eff = "; ".join(("" if len(by_eff) == 1 else f"{'/'.join(ds)} ") + f"{v:.2f} " +
+                    ("(default; --calibrate measures it)" if src.startswith("default") else f"({src})")
+                    for (v, src), ds in by_eff.items())
+    r = rep.rates_from
+    rates = (f"; peaks: {r.name}'s (bf16 {r.tflops['bf16']:g}, fp32 {r.tflops['fp32']:g} TFLOP/s), for want of "
+             f"{g.name}'s own (name the card with --gpu)" if r else "")
+    return (f"assumes: {fits}; s/step = hardware FLOPs ÷ (dense peak × efficiency {eff}){rates}; AdamW "
+            f"{resolve_optimizer_impl(rep.optimizer, 'cuda')}")
+
+
+# ---------------------------------------------------------------- the tables
+def _table(caption: str, columns: list[str], rows: list[list], width: int, drop: tuple = ()):
+    """A borderless rich table (a blank line above) as wide as its content, fitted to `width`: the
+    columns named in `drop` left out, first first, while it would be wider; then the text columns
+    (LEFT) wrap, the last of LEFT first: the others stay whole while the wrapping ones keep MIN_WRAP."""
+    from rich import box
+    from rich.cells import cell_len
+    from rich.padding import Padding
     from rich.table import Table
+    widths = [max([cell_len(x) for x in columns[i].split("\n")] + [cell_len(str(r[i])) for r in rows])
+              for i in range(len(columns))]
+    keep = list(range(len(columns)))
+    for name in drop:
+        if sum(widths[i] for i in keep) + 3 * (len(keep) - 1) > width and name in columns:
+            keep.remove(columns.index(name))
+    text = [i for i in keep if columns[i] in LEFT]
+    whole = set(keep) - set(text)
+    for i in sorted(text, key=lambda i: LEFT.index(columns[i])):
+        wrapping = sum(min(MIN_WRAP, widths[j]) for j in text if j != i and j not in whole)
+        if sum(widths[j] for j in whole | {i}) + wrapping + 3 * (len(keep) - 1) <= width:
+            whole.add(i)
+    t = Table(title=caption, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, show_edge=False,
+              pad_edge=False)  # columns 3 apart: padding, divider, padding
+    for i in keep:
+        left = columns[i] in LEFT or any(not isinstance(r[i], str) for r in rows)  # text, and the bars
+        t.add_column(columns[i], justify="left" if left else "right", overflow="fold", no_wrap=i in whole,
+                     min_width=widths[i] if i in whole else None)
+    for r in rows:
+        t.add_row(*(r[i] for i in keep))
+    return Padding(t, (1, 0, 0, 0))
+
+
+def render_fit(rep, top: int, check: dict | None = None, width: int = 160) -> list:
+    """The rich renderables of `lorabench fit` for one GPU (module docstring)."""
     from rich.text import Text
-    from ..estimate.analytic import CUDA_CONTEXT_BYTES
     from .bars import legend, rich_bar
     from .fit import gib
-    g, cfg = rep.gpu, rep.model
-    ok, bad = rep.fitting(), rep.not_fitting()
+    g = rep.gpu
+    ok, bad = choices(rep.fitting()), choices(rep.not_fitting())
     n = top if top > 0 else len(rep.combos)
-    scale = max([g.memory_bytes] + [c.est_needed_bytes for c in ok[:n] + bad[:n]])
-    eff = {d: rep.calibration.get(d) for d in sorted({c.matmul_dtype for c in rep.combos})}
-    out = [Text(f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}, LoRA on {','.join(rep.targets)} — {g.name}: "
-                f"{gib(g.memory_bytes)}, budget {gib(rep.budget_bytes)} ({100 * rep.margin:.0f} % margin; needed = "
-                f"estimated peak + {gib(CUDA_CONTEXT_BYTES)} CUDA context)"),
-           Text("time per step = hardware FLOPs / (dense peak × efficiency); efficiency " + "; ".join(
-               f"{d} {v:.2f} ({src})" for d, (v, src) in eff.items())
-               if any(v is not None for v in g.tflops.values()) else
-               "no peak rates for a GPU given by its memory: ranked by FLOPs per step, no time")]
-    t = Table(title=f"fits: {len(ok)} of {len(rep.combos)} combinations, fastest first", header_style="bold",
-              title_justify="left")
-    for col in ("#", "combination", "micro-batch × acc", "needed", f"memory (bar = {gib(scale)})", "s / step",
-                "tokens/s", "TFLOP/step"):
-        t.add_column(col, justify="left" if col in ("combination", f"memory (bar = {gib(scale)})") else "right",
-                     no_wrap=col in ("combination", "needed"))
-    for i, c in enumerate(ok[:n], 1):
-        s = c.est_step_time_s
-        t.add_row(str(i), c.combo.cell().id, f"{c.combo.micro_batch_size} × {c.combo.accumulation}",
-                  gib(c.est_needed_bytes), rich_bar(c.segments, scale, 20), "–" if s is None else f"{s:.3g} s",
-                  "–" if s is None else f"{rep.batch * cfg.seq_len / s:,.0f}", f"{c.est_hw_flops_per_step / 1e12:,.1f}")
-    out.append(t)
-    if len(ok) > n:
-        out.append(Text(f"… {len(ok) - n} more that fit (--top 0 shows all)", style="dim"))
-    b = Table(title=f"does not fit: {len(bad)} combinations, closest first", header_style="bold", title_justify="left")
-    for col in ("combination", "micro-batch × acc", f"memory (bar = {gib(scale)})", "why, and what would fit"):
-        b.add_column(col, justify="right" if col == "micro-batch × acc" else "left", overflow="fold",
-                     no_wrap=col == "combination")
-    for c in bad[:n]:
-        b.add_row(c.combo.cell().id, f"{c.combo.micro_batch_size} × {c.combo.accumulation}",
-                  rich_bar(c.segments, scale, 20), c.suggestion or "")
-    out.append(b)
-    if len(bad) > n:
-        out.append(Text(f"… {len(bad) - n} more that do not fit (--top 0 shows all)", style="dim"))
-    out.append(legend(rich=True))
-    if check is not None:
-        line = (f"measured rows checked against fit: {check['checked']} ({check['unchecked']} without a known GPU); "
-                f"{len(check['contradictions'])} ran out of memory although fit says they fit, "
-                f"{len(check['conservative'])} ran although fit says they do not")
-        out.append(Text(line, style="red" if check["contradictions"] else "green"))
-        for item in check["contradictions"]:
-            out.append(Text(f"  OOM but 'fits': {item['scenario']}/{item['cell']} on {item['device_name']}: needed "
-                            f"{gib(item['est_needed_bytes'])} ≤ budget {gib(item['budget_bytes'])}", style="red"))
+    tokens = rep.batch * rep.model.seq_len
+    bar = f"memory (bar = {gib(g.memory_bytes)})"
+    out = [Text(f"{title(rep)} → {g.name} ({gib(g.memory_bytes)}, budget {gib(rep.budget_bytes)}): "
+                f"{len(rep.fitting())} of {len(rep.combos)} combinations fit, as {len(ok)} distinct "
+                f"choice{'s' * (len(ok) != 1)}", style="bold"),
+           Text(assumptions(rep), style="dim")]
+    t = None
+    if ok:
+        rows = [[str(i), *choice_label(m), _mb(m[0]), _gib(m), *_time_cells(m[0], tokens),
+                 rich_bar(m[0].segments, g.memory_bytes, 20), f"{m[0].est_hw_flops_per_step / 1e12:,.1f}"]
+                for i, m in enumerate(ok[:n], 1)]
+        t = _table(f"fits: {_count(ok, n, 'best')}, fastest first", ["#", "precision", "technique", "micro×acc",
+                   "needed GiB", "s/step", "tokens/s", bar, "TFLOP/step"], rows, width,
+                   drop=("TFLOP/step", bar, "tokens/s"))
+        out.append(t)
+        if len(ok) > n:
+            out.append(Text(f"… {len(ok) - n} more choices that fit (--top 0 shows all)", style="dim"))
+    else:
+        out.append(Text(f"nothing fits in the {gib(rep.budget_bytes)} budget of {g.name}: below, the closest "
+                        "choices and what would make each fit", style="red"))
+    if bad:
+        rows = []
+        for m in bad[:n]:
+            c = m[0]
+            fix = (f"{change_text(c.combo, c.fix_combo)} → {c.fix_needed_bytes / 2**30:.1f}" if c.fix_combo
+                   else (c.suggestion or "").split("; ")[-1])
+            rows.append([*choice_label(m), _mb(c), _gib(m), f"+{c.over_bytes / 2**30:.1f}" if c.supported else "–",
+                         fix])
+        out.append(_table(f"does not fit: {_count(bad, n, 'closest')}",
+                          ["precision", "technique", "micro×acc", "needed GiB", "over", "what would fit → GiB"], rows,
+                          width))
+        if len(bad) > n:
+            out.append(Text(f"… {len(bad) - n} more choices that do not fit (--top 0 shows all)", style="dim"))
+    else:
+        out.append(Text("every combination fits", style="green"))
+    out.append(Text(LEGEND, style="dim"))
+    if t is not None and any(c.header == bar for c in t.renderable.columns):
+        out.append(legend(rich=True))
+    return out + check_lines(check)
+
+
+def check_lines(check: dict | None) -> list:
+    """The --calibrate check of measured rows against fit, as rich Text lines."""
+    from rich.text import Text
+    from .fit import gib
+    if check is None:
+        return []
+    line = (f"measured rows checked against fit: {check['checked']} ({check['unchecked']} without a known GPU); "
+            f"{len(check['contradictions'])} ran out of memory although fit says they fit, "
+            f"{len(check['conservative'])} ran although fit says they do not")
+    out = [Text(line, style="red" if check["contradictions"] else "green")]
+    for item in check["contradictions"]:
+        out.append(Text(f"  OOM but 'fits': {item['scenario']}/{item['cell']} on {item['device_name']}: needed "
+                        f"{gib(item['est_needed_bytes'])} ≤ budget {gib(item['budget_bytes'])}", style="red"))
     return out
+
+
+# ---------------------------------------------------------------- no GPU here: the common cards
+def best_choice(rep) -> list:
+    """The card's best fitting choice, else its closest miss."""
+    return (choices(rep.fitting()) or choices(rep.not_fitting()))[0]
+
+
+def card_record(rep, fmt: str) -> dict:
+    """One card's answer: its best fitting choice (else its closest miss) and what it costs."""
+    m = best_choice(rep)
+    c = m[0]
+    lo, hi = needed_span(m)
+    prec, tech = choice_label(m)
+    s = c.est_step_time_s
+    return {"gpu": rep.gpu.name, "gpu_memory_bytes": rep.gpu.memory_bytes, "budget_bytes": rep.budget_bytes,
+            "combinations": len(rep.combos), "fitting": len(rep.fitting()),
+            "fitting_choices": len(choices(rep.fitting())), "fits": c.fits, "choice": f"{prec} · {tech}",
+            "precision": prec, "technique": tech, "lora_ranks": sorted({x.combo.lora_rank for x in m}),
+            "checkpointing": c.combo.checkpointing, "micro_batch_size": c.combo.micro_batch_size,
+            "accumulation": c.combo.accumulation, "est_needed_bytes_min": lo, "est_needed_bytes": hi,
+            "est_step_time_s": s, "tokens_per_s": None if s is None else rep.batch * rep.model.seq_len / s,
+            "suggestion": None if c.fits else c.suggestion,
+            "ids": [x.combo.id for x in m if x.combo.micro_batch_size == c.combo.micro_batch_size],
+            **run_fields(rep, fmt)}
+
+
+def common_text(run, reason: str, fmt: str, width: int | None, check: dict | None) -> str:
+    """`lorabench fit` without a GPU here and none named: the best choice on each of COMMON_GPUS."""
+    from ..estimator.gpus import COMMON_GPUS, lookup
+    from .writer import write
+    reps = [run(lookup(name)) for name in COMMON_GPUS]
+    note = (f"No local GPU found: {reason.split(';')[0]}. Answering for common 24/40/48/80 GB cards; pick yours "
+            "with --gpu (e.g. --gpu 4090, --gpu 'A100 80GB', --gpu 24GiB)")
+    records = [{**card_record(r, fmt), "gpu_source": note} for r in reps]
+    return write(records, fmt, table=lambda w: render_common(reps, note, check, w), width=width)
+
+
+def render_common(reps: list, note: str, check: dict | None, width: int = 160) -> list:
+    """The rich renderables of the common-cards answer: the note, the assumptions, one row per card."""
+    from rich.text import Text
+    out = [Text(note, style="yellow"), Text(title(reps[0]), style="bold"), Text(assumptions(reps[0]), style="dim")]
+    rows = []
+    for r in reps:
+        m = best_choice(r)
+        prec, tech = choice_label(m)
+        cost = _time_cells(m[0], r.batch * r.model.seq_len)
+        if not m[0].fits:
+            prec, tech, cost = "–", f"nothing fits (closest: {prec} {tech})", ["–", "–"]
+        rows.append([f"{r.gpu.name} · {r.gpu.memory_bytes / 2**30:.0f} GiB", f"{len(r.fitting())}/{len(r.combos)}",
+                     prec, tech, _mb(m[0]), _gib(m), *cost])
+    out += [_table("the best choice per card (every choice, and what to change: --gpu NAME)",
+                   ["GPU", "fit", "precision", "technique", "micro×acc", "needed GiB", "s/step", "tokens/s"], rows,
+                   width, drop=("fit", "tokens/s")), Text(LEGEND, style="dim")]
+    return out + check_lines(check)

@@ -48,8 +48,10 @@ class UnderflowReport:
         return d
 
 
-def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps: Optional[int] = None) -> UnderflowReport:
-    """Build the cell's model, train `steps` steps (default warm-up + timed), probe. Bad input raises ConfigError."""
+def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps: Optional[int] = None,
+               step=lambda description=None, advance=0, total=None: None) -> UnderflowReport:
+    """Build the cell's model, train `steps` steps (default warm-up + timed), probe. Bad input raises ConfigError.
+    `step(description, advance)` follows the work (present/progress.py): one unit per step, one for the sweep."""
     from ..base.env import resolve_device
     from ..train.techniques import build_model, make_optimizer, make_scaler, train_step
     from ..train.tokens import MarkovTokens
@@ -75,11 +77,18 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
     model = build_model(cfg, cell, device, seed)
     opt, _ = make_optimizer(model, ls.train, device)
     scaler = make_scaler(cell.precision, device)
-    results = [train_step(model, opt, scaler, *batches[i], cell) for i in range(n)]
+    step(total=n + 1)
+    results = []
+    for i in range(n):
+        step(f"training step {i + 1} of {n}")
+        results.append(train_step(model, opt, scaler, *batches[i], cell))
+        step(advance=1)
     fp16 = cell.uses_loss_scaler
     scale = scaler.get_scale() if fp16 else 1.0
     scales = sorted({float(s) for s in (loss_scales or DEFAULT_SCALES)} | {scale})
+    step(f"probing {len(scales)} loss scales")
     probes = probe_sweep(model, batch_loss_fn(batches[-1], cell), scales, cell.precision)
+    step(advance=1)
     detail = probes[scales.index(scale)]
     sweep = [p for p in probes if not loss_scales or p.loss_scale in loss_scales]
     return UnderflowReport(ls.name, cell_id, cell.precision, device, n, cell.micro_batch(batches[-1][0].numel()),
@@ -127,9 +136,12 @@ def _counts_table(title: str, rows: Sequence[Counts], p: UnderflowProbe, first: 
 
 
 def underflow_text(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps: Optional[int] = None,
-                   fmt: str = "table") -> str:
-    """`lorabench underflow`: probe the cell (probe_cell) and render it as table or json."""
-    return render(probe_cell(path, cell_id, loss_scales, steps), fmt)
+                   fmt: str = "table", quiet: bool = False) -> str:
+    """`lorabench underflow`: probe the cell (probe_cell) under a progress display, render it as table or json."""
+    from .progress import progress
+    with progress("underflow", quiet=quiet) as step:
+        report = probe_cell(path, cell_id, loss_scales, steps, step)
+    return render(report, fmt)
 
 
 def render(report: UnderflowReport, fmt: str = "table", width: int | None = None) -> str:

@@ -67,8 +67,12 @@ class LoraInit:
 @dataclass
 class LoraInference:
     """Merged against unmerged forward (claim C9); None in full fine-tuning."""
-    infer_ms_unmerged: Optional[float] = None
+    infer_ms_unmerged: Optional[float] = None       # median of the timed forwards
+    infer_ms_unmerged_p10: Optional[float] = None
+    infer_ms_unmerged_p90: Optional[float] = None
     infer_ms_merged: Optional[float] = None
+    infer_ms_merged_p10: Optional[float] = None
+    infer_ms_merged_p90: Optional[float] = None
     merge_max_abs_diff: Optional[float] = None
 
 
@@ -166,6 +170,13 @@ def _row_types() -> dict:
 _ROW_TYPES = _row_types()
 
 
+def is_text_field(key: str) -> bool:
+    """Whether the row schema types `key` as text (a CSV cell of it is never parsed as a number)."""
+    tp = _ROW_TYPES.get(key)
+    return tp is not None and (tp is str or str in typing.get_args(tp)) and not any(
+        a in (int, float, bool) for a in typing.get_args(tp))
+
+
 def encode(job: CellJob) -> dict:
     """The row every cell has whatever its status: spec keys filled, measured keys None."""
     model, train, cell = job.model, job.train, job.cell
@@ -232,8 +243,8 @@ def estimate_fields(row: dict, job: Optional[CellJob] = None) -> dict:
     the spec is decoded from the row (validate), the model rebuilt from its preset
     name and stored dimensions. Never raises: a failure gives None fields and
     `est_error`, so a cell's row survives it."""
-    from ..estimate.analytic import estimate
-    from ..estimate.gpus import lookup
+    from ..estimator.analytic import estimate
+    from ..estimator.gpus import lookup
     out = dict.fromkeys(ESTIMATE_KEYS)
     try:
         if job is None:

@@ -9,14 +9,16 @@ same file gets one line instead of mixing its rows in.
 """
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import math
 import os
 from pathlib import Path
 
 from ..spec.schema import ConfigError
-from .codec import row_problem
+from .codec import is_text_field, row_problem
 
 
 def jsonable(v):
@@ -28,6 +30,18 @@ def jsonable(v):
     if isinstance(v, (list, tuple)):
         return [jsonable(x) for x in v]
     return v
+
+
+MIN_FREE_BYTES = 1 << 20  # a run needs room for its rows; less is a full disk, refused before any cell
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on `path`'s file system (None: not a file system)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize if st.f_blocks else None
 
 
 class WriteError(ConfigError):
@@ -49,6 +63,10 @@ class ResultWriter:
         except OSError:
             self._file.close()
             raise ConfigError(str(path), key, "is being written by another lorabench run") from None
+        free = free_bytes(self.path)
+        if free is not None and free < MIN_FREE_BYTES:
+            self.close()
+            raise ConfigError(str(path), key, f"its disk is full ({free} bytes free): no row could be kept")
 
     def append(self, row: dict) -> None:
         data = (json.dumps(jsonable(row), separators=(",", ":")) + "\n").encode("utf-8")
@@ -95,7 +113,8 @@ def to_frame(rows: list[dict]):
 
 
 def load_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl file, or of every .jsonl file in a folder (sorted by name)."""
+    """Rows of a .jsonl file, of the .csv `run` writes beside it, or of every .jsonl file in a
+    folder (sorted by name)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.jsonl"))
@@ -110,6 +129,8 @@ def load_rows(path: str) -> list[dict]:
         raise ConfigError(path, "", "not a text file (a .jsonl of result rows is expected)") from None
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    if p.suffix.lower() == ".csv":
+        return csv_rows(text, path)
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -125,3 +146,38 @@ def load_rows(path: str) -> list[dict]:
     if not rows:
         raise ConfigError(path, "", "no result rows in this file")
     return rows
+
+
+def csv_rows(text: str, path: str) -> list[dict]:
+    """The rows of a CSV that `write_csv` made: empty cells are None, nested values and numbers
+    are JSON text, pandas writes booleans as True/False; fields the row schema types as text
+    stay text."""
+    rows = []
+    reader = csv.DictReader(io.StringIO(text))
+    try:
+        for line, record in enumerate(reader, 2):
+            if None in record:
+                raise ConfigError(path, f"line {line}", "more values than the header has columns")
+            row = {k: csv_value(k, v) for k, v in record.items()}
+            problem = row_problem(row)
+            if problem:
+                raise ConfigError(path, f"line {line}", problem)
+            rows.append(row)
+    except csv.Error as e:
+        raise ConfigError(path, f"line {reader.line_num}", f"not CSV: {e}") from None
+    if not rows:
+        raise ConfigError(path, "", "no result rows in this file")
+    return rows
+
+
+def csv_value(key: str, text: str | None):
+    if text is None or text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    if is_text_field(key):
+        return text
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return text

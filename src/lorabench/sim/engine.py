@@ -1,8 +1,8 @@
 """Symbolic tensor lifetimes: a miniature autograd that moves byte counts, not data.
 
-The estimator (estimate/analytic.py) does not fit a formula to measurements: it
+The estimator (estimator/analytic.py) does not fit a formula to measurements: it
 walks the same ops the training step runs (stacks/transformer_replay.py, driven
-by estimate/replay.py), and the simulator keeps, for each symbolic tensor, its
+by estimator/replay.py), and the simulator keeps, for each symbolic tensor, its
 size in bytes and who holds it, exactly as PyTorch does. `Sim` is composed of:
 
 - `LiveBytes` (live_bytes.py): storages, reference counts, live bytes per

@@ -8,10 +8,13 @@ per LoRA-only axis value.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 from .config import AXES, AXIS_CHECKS, LORA_TARGETS, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
@@ -185,3 +188,22 @@ def cell_id(cell: Cell, varying: set) -> str:
     if cell.accumulation > 1:
         parts.append(f"acc{cell.accumulation}")
     return "-".join(parts)
+
+
+def select_cells(cells: list[Cell], patterns: str | None, source: str) -> list[Cell]:
+    """Keep the cells whose id matches one of the comma-separated ids or globs (`--cells`)."""
+    if not patterns:
+        return cells
+    keep = []
+    for pat in (p.strip() for p in patterns.split(",") if p.strip()):
+        hit = [c for c in cells if fnmatch.fnmatchcase(c.id, pat)]
+        if not hit:
+            raise ConfigError(source, "--cells", f"no cell matches {short(pat)} (cells: {', '.join(c.id for c in cells)})")
+        keep += [c for c in hit if c not in keep]
+    return [c for c in cells if c in keep]
+
+
+def default_out(name: str) -> Path:
+    """results/<name>-<UTC time>.jsonl: a scenario's name is a safe label (SAFE_NAME)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("results") / f"{name}-{stamp}.jsonl"

@@ -46,7 +46,7 @@ from ..sim.tensors import F32, I64, LOGITS, Param, SymTensor, promote
 @dataclass
 class Dims:
     """Shapes and switches of one replay (which weights exist is in the params dict)."""
-    b: int        # micro-batch (symbolic in estimate/replay.py)
+    b: int        # micro-batch (symbolic in estimator/replay.py)
     s: int
     C: int
     H: int

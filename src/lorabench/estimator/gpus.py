@@ -3,9 +3,13 @@
     gpu = lookup("NVIDIA H100 80GB HBM3")      # -> GPU(name="H100 SXM", ...) or None
     gpu.peak_flops("bf16")                      # 989.4e12, or None if the GPU lacks the path
     list_gpus()                                 # every GPU in table order
+    resolve_gpu("4090")                         # --gpu: a short name, a size, or auto
 
 An unknown name returns None: lorabench never falls back to another GPU's peak
-(peers that did reported MFU above 100 %).
+(peers that did reported MFU above 100 %). `lookup` is strict (a device name as
+torch or NVML reports it, case and spacing ignored); `resolve_gpu`, for what a
+person types, also takes a short form (`matches`): "4090", "rtx4090", "h100-nvl",
+"a6000", and refuses one that fits several cards ("A100", "H100") naming them.
 """
 from __future__ import annotations
 
@@ -57,6 +61,45 @@ def _load() -> tuple[GPU, ...]:
 
 def list_gpus() -> list[GPU]:
     return list(_load())
+
+
+# the cards `lorabench fit` answers for when there is no GPU here and none was named:
+# the common 24, 40, 48 and 80 GB training GPUs
+COMMON_GPUS = ("RTX 4090", "A100 40GB", "L40S", "H100 SXM")
+_VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro", "rtx", "amd", "instinct", "radeon"}
+
+
+def _atoms(name: str) -> list[str]:
+    """`name` lower-cased in runs of letters or of digits, leading vendor words dropped:
+    'NVIDIA GeForce RTX 4090' -> ['4090'], 'H100 PCIe' -> ['h', '100', 'pcie']."""
+    atoms = re.findall(r"[a-z]+|[0-9]+(?:\.[0-9]+)?", name.lower())
+    while atoms and atoms[0] in _VENDOR_WORDS:
+        atoms.pop(0)
+    return atoms
+
+
+def matches(spec: str) -> list[GPU]:
+    """The GPUs a typed name can mean: the strict `lookup`, else every GPU one of whose
+    names equals `spec` once case, spacing, punctuation and vendor words are dropped,
+    else those of which it is a leading part ending where a word or number ends
+    ('h100' -> H100 SXM/PCIe/NVL; 'a10' is A10, never A100)."""
+    exact = lookup(spec)
+    if exact is not None:
+        return [exact]
+    q = "".join(_atoms(spec))
+    if not q:
+        return []
+    same, prefix = [], []
+    for g in _load():
+        for name in (g.name, *g.aliases):
+            atoms = _atoms(name)
+            key = "".join(atoms)
+            ends = {sum(len(a) for a in atoms[:i + 1]) for i in range(len(atoms))}
+            if key == q and g not in same:
+                same.append(g)
+            elif key.startswith(q) and len(q) in ends and g not in prefix:
+                prefix.append(g)
+    return same or prefix
 
 
 def lookup(name: str | None) -> GPU | None:
@@ -114,7 +157,8 @@ def local_gpu(source: str = "--gpu") -> GPU:
 
 def resolve_gpu(spec: str, source: str = "--gpu") -> GPU:
     """A GPU from `auto` (NVML), a memory size ("24GiB": memory only, no peak rates) or a
-    name or alias of the table ("RTX 4090"). Bad input: ConfigError naming `source`."""
+    name or alias of the table, short forms included ("RTX 4090", "4090": `matches`).
+    Bad input (empty, unknown, ambiguous, a size <= 0): ConfigError naming `source`."""
     spec = (spec or "").strip()
     if not spec:
         raise ConfigError(source, "", "must not be empty (auto, a size like 24GiB, or a GPU name)")
@@ -125,8 +169,12 @@ def resolve_gpu(spec: str, source: str = "--gpu") -> GPU:
         if size <= 0:
             raise ConfigError(source, "", f"memory must be > 0, got {spec!r}")
         return GPU(f"{size / 2**30:.4g} GiB GPU", (), size, dict(NO_RATES))
-    gpu = lookup(spec) or lookup(f"NVIDIA {spec}")
-    if gpu is None:
+    found = matches(spec)
+    if len(found) > 1:
+        names = ", ".join(g.name for g in found)
+        raise ConfigError(source, "", f"ambiguous GPU {spec!r}: it could be {names}; name one, e.g. "
+                          f"--gpu '{found[0].name}'")
+    if not found:
         known = ", ".join(g.name for g in _load())
         raise ConfigError(source, "", f"unknown GPU {spec!r} (known: {known}; or give its memory, e.g. 24GiB)")
-    return gpu
+    return found[0]

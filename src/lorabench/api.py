@@ -1,0 +1,83 @@
+"""The Python API: the commands' answers as Python objects.
+
+    import lorabench
+    est = lorabench.estimate(model="llama-2-7b", precision="bf16", lora_rank=8, base_dtype="bf16",
+                             checkpointing=True, batch_size=1, seq_len=2048, device="cuda")
+    est.est_peak_bytes, est.breakdown            # bytes, and what is live at the peak
+    rows = lorabench.fit(model="llama-3-8b", gpu="RTX 4090", seq=2048, batch=4)
+    df = lorabench.load("results/cpu-quick-2026-11-29.jsonl")    # a pandas DataFrame (.jsonl or .csv)
+    rows = lorabench.run("scenarios/quick.yaml", cells="fp32-full", out="results/mine.jsonl")
+
+Every bad argument raises `lorabench.ConfigError` with one line naming it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .spec.schema import ConfigError
+
+__all__ = ["ConfigError", "estimate", "fit", "load", "run"]
+
+
+def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: float = 16.0,
+             lora_targets: Sequence[str] = ("q", "v"), lora_dropout: float = 0.0, base_dtype: str = "fp32",
+             adapter: str = "lora", checkpointing: bool = False, accumulation: int = 1, batch_size: int = 1,
+             seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "auto", gpu: Optional[str] = None):
+    """The predicted memory (bytes) and FLOPs of one training set-up; nothing runs, torch is not
+    imported. `model`: a preset name (`lorabench.presets()`), a Hugging Face config.json path or
+    a ModelConfig. Returns an `Estimate` (est_peak_bytes, est_peak_phase, breakdown, ...)."""
+    from .adapters import check
+    from .estimator.analytic import estimate as analytic
+    from .spec.config import ModelConfig
+    from .spec.scenario import expand, parse_scenario
+    model_data = model.to_dict() if isinstance(model, ModelConfig) else {"preset": str(model)}
+    if seq_len is not None:
+        model_data["seq_len"] = seq_len
+    data = {"name": "estimate", "model": model_data, "device": device,
+            "train": {"batch_size": batch_size, "optimizer": optimizer},
+            "matrix": {"precision": precision, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                       "lora_targets": [list(lora_targets)], "lora_dropout": lora_dropout, "base_dtype": base_dtype,
+                       "adapter": adapter, "checkpointing": checkpointing, "accumulation": accumulation}}
+    ls = parse_scenario(data, "lorabench.estimate")
+    check(ls)
+    (cell,) = expand(ls)
+    window = ls.train.window_steps(device)
+    return analytic(ls.model, cell, batch_size, device=device, optimizer_impl=optimizer, n_batches=window,
+                    window_steps=window, gpu_name=gpu)
+
+
+def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: Optional[float] = None,
+        lora_targets: Sequence[str] = ("q", "v"), optimizer: str = "auto") -> list[dict]:
+    """Every technique combination for `model` on `gpu` (a name, "24GiB", ...), fitting ones
+    first and fastest first; one dict per combination (the rows of `lorabench fit --format json`)."""
+    from .estimator.gpus import resolve_gpu
+    from .present.fit import DEFAULT_MARGIN, fit as fit_grid, fit_model
+    report = fit_grid(fit_model(str(model), seq), resolve_gpu(gpu), batch=batch,
+                      margin=DEFAULT_MARGIN if margin is None else margin, targets=tuple(lora_targets),
+                      optimizer=optimizer)
+    return [c.to_dict() for c in report.combos]
+
+
+def load(path: str):
+    """The rows of a result file (.jsonl, or the .csv `run` writes beside it), or of every .jsonl
+    in a folder, as a pandas DataFrame: one row per cell, one column per row key."""
+    import pandas as pd
+    from .row.results import load_rows
+    return pd.DataFrame(load_rows(str(path)))
+
+
+def run(scenario: str, *, cells: Optional[str] = None, out: Optional[str] = None, device: Optional[str] = None,
+        resume: bool = False, force: bool = False) -> list[dict]:
+    """Train the scenario's cells (or those matching `cells`, ids or globs, comma-separated),
+    each in a fresh process, into `out` (default results/<name>-<UTC time>.jsonl); returns
+    every row of that file."""
+    from .adapters import check
+    from .base.env import resolve_device
+    from .launch.run import run_scenario
+    from .spec.scenario import default_out, expand, load_scenario, select_cells
+    ls = load_scenario(scenario)
+    check(ls)
+    todo = select_cells(expand(ls), cells, scenario)
+    dev = resolve_device(device or ls.scenario.device)
+    return run_scenario(ls, todo, Path(out) if out else default_out(ls.name), dev, resume, force).rows
