@@ -20,14 +20,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .bars import SEGMENTS, row_segments
+from .bars import SEGMENTS, row_segments, unit_for
 
 SEGMENT_COLOURS = {  # the terminal bars' colours (bars.SEGMENTS), as print-friendly hex
     "params": "#3b6fb6", "grads": "#b0479f", "optimizer": "#e0b000", "activations": "#3f9f4f", "rest": "#a6a6a6"}
 PRECISION_COLOURS = {"fp32": "#3b6fb6", "fp16": "#e07b00", "bf16": "#3f9f4f"}
 ESTIMATE_COLOUR, WHISKER_COLOUR, GPU_COLOUR = "#000000", "#000000", "#d62728"
 FIT_RANK = 8  # the LoRA rank of the fit chart (the rank fit.py's suggestions use)
-UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 
 
 @dataclass
@@ -58,11 +57,6 @@ def plot_cells(rows: list[dict]) -> list[PlotCell]:
         seen[label] = seen.get(label, 0) + 1
         out.append(PlotCell(label if seen[label] == 1 else f"{label} ({seen[label]})", r))
     return out
-
-
-def unit_for(max_bytes: float) -> tuple[str, int]:
-    """The largest binary unit not above `max_bytes`: ('MiB', 2**20) for 40 MB."""
-    return next(((u, f) for u, f in UNITS if max_bytes >= f), UNITS[-1])
 
 
 def _title(cells: list[PlotCell], what: str) -> str:
