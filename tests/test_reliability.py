@@ -322,3 +322,24 @@ def test_a_killed_cell_is_recorded_and_the_run_goes_on(tmp_path):
     assert rows[0]["status"] in ("error", "oom") and "SIGKILL" in rows[0]["error"]
     assert rows[1]["status"] == "ok"
     assert survivors_after(proc.pid) == []
+
+
+@pytest.mark.slow
+def test_a_cell_out_of_memory_is_recorded_and_the_matrix_goes_on(tmp_path):
+    """Address space capped at 4 GiB (RLIMIT_AS): the model's weights cannot all be allocated."""
+    import resource
+    (tmp_path / "big.yaml").write_text(
+        "name: big\nmodel: {d_model: 8192, n_layers: 8, n_heads: 64, d_ff: 22016, vocab_size: 32000, seq_len: 64}\n"
+        "device: cpu\ntrain: {batch_size: 1, steps: 1, warmup_steps: 1, underflow_probe: false}\n"
+        "matrix: {precision: [fp32, bf16]}\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.run([sys.executable, "-m", "lorabench", "run", "big.yaml", "--out", "r.jsonl", "--force"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, start_new_session=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["cell"] for r in rows] == ["fp32-full", "bf16-full"]
+    for r in rows:
+        assert r["status"] == "oom" and "can't allocate memory" in r["error"] and "\n" not in r["error"]
+        assert r["est_peak_bytes"] > 4 << 30 and r["peak_allocated_bytes"] is None
+    assert "Traceback" not in proc.stderr
