@@ -126,7 +126,7 @@ def _row(status, model, precision="fp32", rank=0, batch=1, ckpt=False, device_na
             "precision": precision, "lora_rank": rank, "lora_alpha": 16.0 if rank else None,
             "lora_targets": ["q", "v"] if rank else None, "lora_dropout": 0.0 if rank else None,
             "base_dtype": "bf16" if rank else "fp32", "checkpointing": ckpt, "accumulation": 1, "batch_size": batch,
-            "warmup_steps": 2, "steps": 8}
+            "warmup_steps": 2, "steps": 8, "lr": 1e-3}
 
 
 def test_no_oom_row_that_fit_calls_fitting():

@@ -8,14 +8,16 @@
     df = lorabench.load("results/cpu-quick-2026-11-29.jsonl")    # a pandas DataFrame (.jsonl or .csv)
     rows = lorabench.run("scenarios/quick.yaml", cells="fp32-full", out="results/mine.jsonl")
 
-Every bad argument raises `lorabench.ConfigError` with one line naming it.
+Every bad argument raises `lorabench.ConfigError` with one line naming it. `run` starts
+worker processes the way `multiprocessing` does: a script that calls it keeps its
+top-level code under `if __name__ == "__main__":`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .spec.schema import ConfigError
+from .spec.schema import ConfigError, short
 
 __all__ = ["ConfigError", "estimate", "fit", "load", "run"]
 
@@ -25,37 +27,63 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
              adapter: str = "lora", checkpointing: bool = False, accumulation: int = 1, batch_size: int = 1,
              seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "auto", gpu: Optional[str] = None):
     """The predicted memory (bytes) and FLOPs of one training set-up; nothing runs, torch is not
-    imported. `model`: a preset name (`lorabench.presets()`), a Hugging Face config.json path or
-    a ModelConfig. Returns an `Estimate` (est_peak_bytes, est_peak_phase, breakdown, ...)."""
+    imported. `model`: a preset name (`lorabench.spec.presets.preset_names()`), a Hugging Face
+    config.json path or a ModelConfig; `gpu`: a GPU name for its CUDA-only terms (`fit`'s
+    names). Returns an `Estimate` (est_peak_bytes, est_peak_phase, breakdown, ...)."""
     from .adapters import check
     from .estimator.analytic import estimate as analytic
-    from .spec.config import ModelConfig
-    from .spec.scenario import expand, parse_scenario
-    model_data = model.to_dict() if isinstance(model, ModelConfig) else {"preset": str(model)}
-    if seq_len is not None:
-        model_data["seq_len"] = seq_len
-    data = {"name": "estimate", "model": model_data, "device": device,
-            "train": {"batch_size": batch_size, "optimizer": optimizer},
-            "matrix": {"precision": precision, "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-                       "lora_targets": [list(lora_targets)], "lora_dropout": lora_dropout, "base_dtype": base_dtype,
-                       "adapter": adapter, "checkpointing": checkpointing, "accumulation": accumulation}}
-    ls = parse_scenario(data, "lorabench.estimate")
+    from .estimator.gpus import resolve_gpu
+    from .spec.scenario import expand
+    matrix = {"precision": precision, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": lora_targets,
+              "lora_dropout": lora_dropout, "base_dtype": base_dtype, "adapter": adapter,
+              "checkpointing": checkpointing, "accumulation": accumulation}
+    for key, value in matrix.items():  # one set-up: a list would be a matrix axis (lora_targets excepted)
+        if isinstance(value, (list, tuple, set)) and key != "lora_targets":
+            raise ConfigError("lorabench.estimate", key, f"takes one value, got {short(value)}")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError("lorabench.estimate", "device", f"must be 'cpu' or 'cuda', got {short(device)}")
+    ls = _scenario("lorabench.estimate", model, seq_len, device, {"batch_size": batch_size, "optimizer": optimizer},
+                   {**matrix, "lora_targets": _targets(lora_targets, "lorabench.estimate")})
     check(ls)
     (cell,) = expand(ls)
     window = ls.train.window_steps(device)
     return analytic(ls.model, cell, batch_size, device=device, optimizer_impl=optimizer, n_batches=window,
-                    window_steps=window, gpu_name=gpu)
+                    window_steps=window, gpu_name=resolve_gpu(gpu).name if gpu is not None else None)
+
+
+def _targets(targets, source: str) -> list:
+    """lora_targets as one value: a list of names (or "q,v"); refused when empty."""
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
+    if not isinstance(names, (list, tuple)) or not names:
+        raise ConfigError(source, "lora_targets", f"must be a non-empty list of projections, got {short(targets)}")
+    return [list(names)]
+
+
+def _scenario(source: str, model, seq_len, device: str, train: dict, matrix: dict):
+    """One set-up validated as a scenario file is (errors name `source` and the argument)."""
+    from .spec.config import ModelConfig
+    from .spec.scenario import parse_scenario
+    model_data = model.to_dict() if isinstance(model, ModelConfig) else {"preset": str(model)}
+    if seq_len is not None:
+        model_data["seq_len"] = seq_len
+    return parse_scenario({"name": "api", "model": model_data, "device": device, "train": train, "matrix": matrix},
+                          source)
 
 
 def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: Optional[float] = None,
         lora_targets: Sequence[str] = ("q", "v"), optimizer: str = "auto") -> list[dict]:
     """Every technique combination for `model` on `gpu` (a name, "24GiB", ...), fitting ones
-    first and fastest first; one dict per combination (the rows of `lorabench fit --format json`)."""
-    from .estimator.gpus import resolve_gpu
-    from .present.fit import DEFAULT_MARGIN, fit as fit_grid, fit_model
-    report = fit_grid(fit_model(str(model), seq), resolve_gpu(gpu), batch=batch,
-                      margin=DEFAULT_MARGIN if margin is None else margin, targets=tuple(lora_targets),
-                      optimizer=optimizer)
+    first and fastest first; one dict per combination (the rows of `lorabench fit --format json`).
+    `model`: a preset name, a config.json path or a ModelConfig."""
+    from .estimator.gpus import lookup, resolve_gpu
+    from .present.fit import DEFAULT_MARGIN, DEFAULT_RATES_GPU, fit as fit_grid
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        raise ConfigError("lorabench.fit", "batch", f"must be an integer, got {short(batch)}")
+    ls = _scenario("lorabench.fit", model, seq, "cuda", {"batch_size": batch, "optimizer": optimizer},
+                   {"lora_targets": _targets(lora_targets, "lorabench.fit")})
+    report = fit_grid(ls.model, resolve_gpu(gpu), batch=batch, margin=DEFAULT_MARGIN if margin is None else margin,
+                      targets=tuple(ls.matrix.lora_targets[0]), optimizer=optimizer,
+                      rates_from=lookup(DEFAULT_RATES_GPU))
     return [c.to_dict() for c in report.combos]
 
 
@@ -73,11 +101,10 @@ def run(scenario: str, *, cells: Optional[str] = None, out: Optional[str] = None
     each in a fresh process, into `out` (default results/<name>-<UTC time>.jsonl); returns
     every row of that file."""
     from .adapters import check
-    from .base.env import resolve_device
-    from .launch.run import run_scenario
+    from .launch.run import run_device, run_scenario
     from .spec.scenario import default_out, expand, load_scenario, select_cells
     ls = load_scenario(scenario)
     check(ls)
     todo = select_cells(expand(ls), cells, scenario)
-    dev = resolve_device(device or ls.scenario.device)
+    dev = run_device(device or ls.scenario.device, scenario)
     return run_scenario(ls, todo, Path(out) if out else default_out(ls.name), dev, resume, force).rows

@@ -76,21 +76,17 @@ def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, q
         for c in todo:
             click.echo(c.id)
         return
-    from ..base.env import resolve_device
-    dev = resolve_device(device or ls.scenario.device)
-    if dev == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ConfigError(scenario, "device", "cuda requested but no CUDA GPU is visible (use --device cpu)")
-    from ..launch.run import run_scenario
+    from ..launch.run import run_device, run_scenario
+    from rich.markup import escape
     from ..present.progress import progress
+    dev = run_device(device or ls.scenario.device, scenario)
     path = Path(out) if out else default_out(ls.name)
     signal.signal(signal.SIGTERM, _terminate)  # `kill` / `timeout`: stop like Ctrl-C, keep every row
     with progress(ls.name, total=len(todo), quiet=quiet) as step:
         def on_row(job, row):
             step(advance=1)
             if row.get("status") != "ok":
-                step.console.print(f"[red]{job.cell.id}: {row['status']}[/]: {row.get('error')}")
+                step.console.print(f"[red]{escape(job.cell.id)}: {row['status']}[/]: {escape(str(row.get('error')))}")
         res = run_scenario(ls, todo, path, dev, resume, force, on_start=lambda job: step(job.cell.id), on_row=on_row)
     show(res.rows, fmt, title=f"{ls.name}: {ls.model.name} on {res.rows[0]['device'] if res.rows else dev}")
     n_ok = sum(r.get("status") == "ok" for r in res.rows)

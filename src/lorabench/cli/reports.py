@@ -50,7 +50,7 @@ def compare_cmd(a, b, fmt, strict):
 @click.argument("results")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
 def claims_cmd(results, fmt):
-    """Each claim C1–C13 of claims.md with the number that tests it, the cells it compares and how many, and a
+    """Each claim C1–C20 of claims.md with the number that tests it, the cells it compares and how many, and a
     verdict: holds, does not hold, not enough data, within noise (a timed difference inside the p10–p90 spread)."""
     from ..present.claims import render_file
     echo(render_file(results, fmt))
@@ -70,7 +70,7 @@ def claims_cmd(results, fmt):
               show_default=True, help="AdamW implementation (auto = foreach on CUDA)")
 @click.option("--calibrate", "calibrate_path", default=None,
               help="result file(s) whose measured hfu/mfu set the efficiency (and are checked against fit)")
-@click.option("--top", type=int, default=10, show_default=True,
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="choices per table (a choice: the combinations of equal cost; 0 = all)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt):

@@ -78,7 +78,7 @@ TERMS = {
     "optimizer_state": "AdamW exp_avg + exp_avg_sq (2·4 B per trainable param) + 4 B step per tensor",
     "grads": ".grad of trainable parameters, 4 B each",
     "optimizer_temporaries": "for-loop: max (2·n_i + n_(i-1))·4; foreach: Σ n_i·4; fused: 0",
-    "activations": "tensors saved for backward and live forward temporaries (memops)",
+    "activations": "tensors saved for backward and live forward temporaries (the stack's replayed ops)",
     "autocast_weight_copies": "half copies of fp32 weights made by autocast (cached when trainable)",
     "logits_loss": "logits (N·V·a), fp32 copy and log-softmax (N·V·4 each), their gradients",
     "backward_buffers": "gradients in flight, branch sums, dtype casts during backward",

@@ -1,4 +1,4 @@
-"""Imported once by the runner's forkserver: pay torch's lazy imports (the
+"""Imported once by the process launcher's forkserver (launch/process.py): pay torch's lazy imports (the
 dispatch-mode machinery pulls in torch._dynamo, ~2 s) before any cell forks,
 so that each fresh cell process starts in milliseconds. CPU only: the server
 must never create a CUDA context, or every forked cell would inherit it.

@@ -61,6 +61,20 @@ def would_not_fit(job: CellJob) -> dict | None:
     return row
 
 
+def run_device(requested: str, source: str) -> str:
+    """The device a run trains on: cpu, cuda, or auto (cuda when a GPU is visible); cuda
+    without a visible GPU is one line naming `source`."""
+    from ..base.env import resolve_device
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(source, "device", f"must be auto, cpu or cuda, got {requested!r}"[:120])
+    device = resolve_device(requested)
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(source, "device", "cuda requested but no CUDA GPU is visible (use --device cpu)")
+    return device
+
+
 @dataclass
 class RunResult:
     """What a run left: every row of its file (earlier ones of a resumed file first)."""

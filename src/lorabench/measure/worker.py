@@ -1,6 +1,6 @@
 """One cell of the matrix, run inside its own process: build, train, measure, return a row.
 
-Order of work (each cell in a fresh process, see runner.py):
+Order of work (each cell in a fresh process, see launch/process.py):
 1. memory tracking starts before the model is built, so parameters count;
 2. the training window starts; `warmup_steps` steps run (the first optimizer
    step creates AdamW's state inside the window);

@@ -12,7 +12,7 @@ needs) or "within noise" (the timed difference lies inside the measured p10–p9
 spread, compare.py's rule), each with its reason. Every measured verdict names
 the cells it compares and how many. Bytes are counted exactly and need no
 spread; times do. `source`: "measured" (result rows), "estimator"
-(estimator.py / fit.py on a published architecture; no run needed) or
+(estimator/analytic.py / present/fit.py on a published architecture; no run needed) or
 "computed" (IEEE arithmetic in torch). Comparisons use pairs of ok rows of the
 same scenario and device that differ only on the axis the claim is about
 (`pairs`); a statistic over several pairs is their median, and a timing verdict

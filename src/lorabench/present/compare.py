@@ -47,8 +47,6 @@ from typing import Optional
 from ..row.codec import MODEL_KEYS, TECHNIQUE_KEYS, TRAIN_KEYS
 from .report import mib, step_time
 
-METRICS = (("peak_allocated_bytes", "peak MiB", False), ("step_time_ms_median", "step ms", False),
-           ("tokens_per_s", "tokens/s", True))
 CONFIG_KEYS = (*MODEL_KEYS, *TRAIN_KEYS, *TECHNIQUE_KEYS, "device")  # what config_hash digests, as rows store it
 ENV_KEYS = ("scenario", "model", "device", "device_name", "torch_version", "cpu_threads")
 

@@ -54,8 +54,7 @@ from ..spec.config import Cell, ModelConfig
 from ..spec.scenario import cell_id
 from ..spec.presets import preset_data
 from ..estimator.analytic import CUDA_CONTEXT_BYTES, estimate
-from ..row.codec import decode_cell, decode_model
-from ..spec.config import memory_window
+from ..row.codec import decode_cell, estimate_fields
 from ..estimator.gpus import GPU, lookup
 from ..spec.schema import ConfigError, build
 
@@ -204,7 +203,7 @@ class FitCombo:
     def to_dict(self) -> dict:
         c = self.combo
         return {"id": c.id, "precision": c.precision, "lora_rank": c.lora_rank,
-                "base_dtype": c.base_dtype if c.lora_rank else "fp32", "checkpointing": c.checkpointing,
+                "base_dtype": c.cell().base_dtype, "checkpointing": c.checkpointing,
                 "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation,
                 "est_peak_bytes": self.est_peak_bytes, "est_needed_bytes": self.est_needed_bytes,
                 "budget_bytes": self.budget_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
@@ -238,6 +237,14 @@ class FitReport:
     def not_fitting(self) -> list[FitCombo]:
         """Closest misses first."""
         return sorted((c for c in self.combos if not c.fits), key=lambda c: (not c.supported, c.over_bytes))
+
+
+def check_fit_options(batch: int, margin: float) -> None:
+    """One line naming the option for a batch or margin `fit` cannot use."""
+    if batch <= 0:
+        raise ConfigError("--batch", "", f"must be > 0, got {batch}")
+    if not 0 <= margin < 1:
+        raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
 
 
 def fits_budget(est_peak_bytes: int, memory_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
@@ -277,10 +284,7 @@ def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, 
         optimizer: str = "auto", calibration: Calibration | None = None, rates_from: GPU | None = None) -> FitReport:
     """Evaluate the whole grid; fitting combinations first, fastest first; suggestions for the rest.
     rates_from: a GPU whose peak rates time `gpu` if it has none (module docstring)."""
-    if batch <= 0:
-        raise ConfigError("--batch", "", f"must be > 0, got {batch}")
-    if not 0 <= margin < 1:
-        raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
+    check_fit_options(batch, margin)
     if gpu.memory_bytes <= 0:
         raise ConfigError("--gpu", "", "memory must be > 0")
     cal = calibration or Calibration()
@@ -355,20 +359,14 @@ def oom_contradictions(rows: list[dict], margin: float = DEFAULT_MARGIN) -> dict
             continue
         gpu = lookup(r.get("device_name"))
         memory = r.get("gpu_memory_bytes") or (gpu.memory_bytes if gpu else None)
-        try:
-            cfg, cell = decode_model(r), decode_cell(r)
-            window = memory_window(r.get("warmup_steps") or 1, r.get("steps") or 1, "cuda")
-            est = estimate(cfg, cell, r["batch_size"], device="cuda", optimizer_impl=r.get("optimizer_impl") or "auto",
-                           n_batches=window, window_steps=window, gpu_name=r.get("device_name"))
-        except (ConfigError, KeyError, TypeError, ValueError):
-            est = None
-        if not memory or est is None:
+        est_peak = estimate_fields(r).get("est_peak_bytes")  # as the worker ran it (row/codec.py)
+        if not memory or est_peak is None:
             out["unchecked"] += 1
             continue
         out["checked"] += 1
-        fits = fits_budget(est.est_peak_bytes, memory, margin)
+        fits = fits_budget(est_peak, memory, margin)
         item = {"cell": r.get("cell"), "scenario": r.get("scenario"), "device_name": r.get("device_name"),
-                "est_needed_bytes": est.est_peak_bytes + CUDA_CONTEXT_BYTES, "budget_bytes": budget_bytes(memory, margin)}
+                "est_needed_bytes": est_peak + CUDA_CONTEXT_BYTES, "budget_bytes": budget_bytes(memory, margin)}
         if r["status"] == "oom" and fits:
             out["contradictions"].append(item)
         elif r["status"] == "ok" and not fits:

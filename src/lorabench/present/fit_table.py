@@ -53,14 +53,11 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
     """`lorabench fit`: every combination for `model` on `gpu` (None: this machine's GPU, else the
     common cards), rendered (module docstring)."""
     from ..estimator.gpus import local_gpu, lookup, resolve_gpu
-    from .fit import DEFAULT_RATES_GPU, calibrate, fit, fit_model, oom_contradictions
+    from .fit import DEFAULT_RATES_GPU, calibrate, check_fit_options, fit, fit_model, oom_contradictions
     from .writer import write
     cfg = fit_model(model, seq)
     targets = parse_targets(lora_targets, cfg.style)
-    if batch <= 0:
-        raise ConfigError("--batch", "", f"must be > 0, got {batch}")
-    if not 0 <= margin < 1:
-        raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
+    check_fit_options(batch, margin)
     rows = None
     if calibrate_path:
         from ..row.results import load_rows
@@ -189,7 +186,8 @@ def title(rep) -> str:
 
 def assumptions(rep) -> str:
     """The one line of what every number assumes."""
-    from ..estimator.analytic import CUDA_CONTEXT_BYTES, resolve_optimizer_impl
+    from ..estimator.analytic import CUDA_CONTEXT_BYTES
+    from ..spec.config import resolve_optimizer_impl
     from .fit import gib, has_rates
     g = rep.gpu
     fits = (f"fits = estimated peak + {gib(CUDA_CONTEXT_BYTES)} CUDA context ≤ {100 * (1 - rep.margin):.0f} % of "

@@ -94,12 +94,6 @@ def error_lines(rows: Iterable[dict]) -> list:
     return [Line(e, "red") for e in errors(rows)]
 
 
-def render_rows(rows: list[dict], fmt: str) -> str:
-    """Rows as JSON (an array of objects) or CSV text."""
-    from .writer import write
-    return write(rows, fmt)
-
-
 def render_run(rows: list[dict], fmt: str, title: str = "", width: int | None = None) -> str:
     """What `lorabench run` prints: the run table and the failed cells (table), else the raw rows."""
     from .writer import write

@@ -108,7 +108,6 @@ class EstimateFields:
     hfu: Optional[float] = None
 
 
-CELL_KEYS = tuple("cell" if k == "id" else k for k in keys(Cell))
 TECHNIQUE_KEYS = tuple(k for k in keys(Cell) if k != "id")   # the axes a cell varies on
 MODEL_KEYS = ("model", *row_fields(ModelConfig))              # `model` is the model's name
 TRAIN_KEYS = (*row_fields(TrainConfig), "micro_batch_size")

@@ -72,12 +72,9 @@ def check_row(row: dict, source_name: str = "results") -> CellCheck | None:
                 "checkpointing", "batch_size", "warmup_steps", "steps"):
         if key not in row:
             raise ConfigError(source_name, f"cell {row.get('cell')!r}.{key}", "missing in a measured row")
-    try:
-        est, source = estimate_fields(row), "recomputed"
-    except ConfigError:
-        est, source = {}, "stored"
+    est, source = estimate_fields(row), "recomputed"  # never raises: est_error and None fields instead
     if est.get("est_param_bytes") is None or (row.get("est_param_bytes") is not None and est["est_param_bytes"] != row["est_param_bytes"]):
-        est, source = row, "stored"  # the model could not be rebuilt exactly: use what cell.py stored
+        est, source = row, "stored"  # the model could not be rebuilt exactly: use what the worker stored
     if est.get("est_peak_bytes") is None:
         return None
     measured = row["peak_allocated_bytes"]
