@@ -9,6 +9,7 @@ technique, so a grid over batch sizes and accumulation counts costs one replay.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..sim.engine import Sim
@@ -41,6 +42,11 @@ class SimResult:
 
 
 _CACHE: dict[tuple, SimResult] = {}
+NOT_SHAPE = ("name", "source", "published_params")  # ModelConfig fields that change no tensor
+
+
+def _shape(cfg: ModelConfig) -> tuple:
+    return tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_SHAPE)
 
 
 def replay(cfg: ModelConfig, cell: Cell, device: str, micro_batch: int = K_SYMBOLIC) -> SimResult:
@@ -68,9 +74,9 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     already allocated and AccumulateGrad adding in place, so one replay gives both
     readings; the micro-batch size is symbolic, so one replay serves every batch
     size and accumulation count."""
-    key = (cfg.style, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.vocab_size,
-           cfg.seq_len, cfg.max_seq_len, cfg.tie_embeddings, cfg.bias, cfg.qkv_bias, cell.precision,
-           cell.lora_rank, cell.adapter, cell.lora_targets or (), cell.dropout > 0, cell.checkpointing, cell.base_dtype, device)
+    # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
+    key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
+           cell.checkpointing, cell.base_dtype, device)
     res = _CACHE.get(key)
     if res is None:
         if len(_CACHE) > 4096:

@@ -33,17 +33,8 @@ def launch(jobs: Iterable[CellJob], on_start: Optional[OnStart] = None, on_row: 
     """Run every job with the first launcher that accepts it, in order; one row per job.
     A job whose estimated peak exceeds the device's memory is a `skipped` row, not run,
     unless `force`."""
-    from .run import would_not_fit
     available = launchers()
     rows = []
     for job in jobs:
-        skipped = None if force else would_not_fit(job)
-        if skipped is None:
-            rows += launcher_for(job, available).launch([job], on_start, on_row)
-            continue
-        if on_start is not None:
-            on_start(job)
-        rows.append(skipped)
-        if on_row is not None:
-            on_row(job, skipped)
+        rows += launcher_for(job, available).launch([job], on_start, on_row, force)
     return rows

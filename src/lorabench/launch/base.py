@@ -10,6 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable, Optional
 
+from ..base.env import memory_capacity_bytes
+from ..row.codec import encode, estimate_fields
 from ..spec.job import CellJob
 
 OnStart = Callable[[CellJob], None]
@@ -28,14 +30,33 @@ class Launcher(ABC):
         """Run one job to its row; never raises for what happens inside the job."""
 
     def launch(self, jobs: Iterable[CellJob], on_start: Optional[OnStart] = None,
-               on_row: Optional[OnRow] = None) -> list[dict]:
-        """Run `jobs` one after another; `on_row` sees each row as soon as it exists."""
+               on_row: Optional[OnRow] = None, force: bool = False) -> list[dict]:
+        """Run `jobs` one after another; `on_row` sees each row as soon as it exists. A job
+        whose estimated peak exceeds the device's memory is a `skipped` row, not run,
+        unless `force`."""
         rows = []
         for job in jobs:
             if on_start is not None:
                 on_start(job)
-            row = self.run_one(job)
+            row = (None if force else would_not_fit(job)) or self.run_one(job)
             rows.append(row)
             if on_row is not None:
                 on_row(job, row)
         return rows
+
+
+def would_not_fit(job: CellJob) -> dict | None:
+    """A `skipped` row when the analytic estimate of the cell's peak exceeds what the device
+    has (CPU: RAM available now; CUDA: the GPU's memory), else None (also when unknown)."""
+    capacity = memory_capacity_bytes(job.device)
+    if capacity is None:
+        return None
+    row = encode(job)
+    row.update(estimate_fields(row, job))
+    peak = row.get("est_peak_bytes")
+    if peak is None or peak <= capacity[0]:
+        return None
+    gib = 2**30
+    row.update(status="skipped", error=f"would not fit (estimate {peak / gib:.1f} GiB > {capacity[0] / gib:.1f} GiB "
+                                       f"{capacity[1]}); --force runs it anyway")
+    return row

@@ -15,7 +15,7 @@ import os
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # elsewhere: is_available() through NVML, fork-safe
 
-import torch    # noqa: E402
+import torch  # noqa: E402
 
 from ..spec.config import Cell, ModelConfig, TrainConfig  # noqa: E402
 from ..train.techniques import build_model, make_optimizer, make_scaler, train_step  # noqa: E402

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..base.env import memory_capacity_bytes
-from ..row.codec import config_hash, encode, estimate_fields
+from ..row.codec import config_hash
 from ..row.results import ResultWriter, load_rows
 from ..spec.config import Cell
 from ..spec.job import CellJob
@@ -42,23 +41,6 @@ def open_results(path: Path, jobs: list[CellJob], resume: bool):
         yield writer, [j for j in jobs if j.cell.id not in by_id]
     finally:
         writer.close()
-
-
-def would_not_fit(job: CellJob) -> dict | None:
-    """A `skipped` row when the analytic estimate of the cell's peak exceeds what the device
-    has (CPU: RAM available now; CUDA: the GPU's memory), else None (also when unknown)."""
-    capacity = memory_capacity_bytes(job.device)
-    if capacity is None:
-        return None
-    row = encode(job)
-    row.update(estimate_fields(row, job))
-    peak = row.get("est_peak_bytes")
-    if peak is None or peak <= capacity[0]:
-        return None
-    gib = 2**30
-    row.update(status="skipped", error=f"would not fit (estimate {peak / gib:.1f} GiB > {capacity[0] / gib:.1f} GiB "
-                                       f"{capacity[1]}); --force runs it anyway")
-    return row
 
 
 def run_device(requested: str, source: str) -> str:

@@ -8,7 +8,8 @@ A row is one flat JSON object:
              row=True; the TrainConfig fields marked row=True; `micro_batch_size`
   measured   the fields of Measured, LoraInit and LoraInference: None until measured,
              and None in a failed row (other measured keys appear in ok rows only)
-  estimate   the fields of EstimateFields (est_*, peak_error_pct, mfu, hfu)
+  estimate   the Estimate fields declared row=True (est_*) and EstimateFields (peak_error_pct,
+             mfu, hfu)
   (and `est_error` when the estimate failed)
 
 Every key list is derived from dataclass fields (`keys`); none is kept by hand.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import typing
 from typing import Optional, Union
 
+from ..estimator.analytic import Estimate
 from ..spec.config import Cell, ModelConfig, TrainConfig
 from ..spec.job import CellJob
 from ..spec.presets import preset_data, preset_names
@@ -95,24 +97,21 @@ class UnderflowFields:
 
 @dataclass
 class EstimateFields:
-    """What the estimator predicted for the row (Estimate.fields()) and its error."""
-    est_param_bytes: Optional[int] = None
-    est_grad_bytes: Optional[int] = None
-    est_optimizer_state_bytes: Optional[int] = None
-    est_activation_bytes: Optional[int] = None
-    est_peak_bytes: Optional[int] = None
-    est_peak_phase: Optional[str] = None
-    est_flops_per_step: Optional[int] = None
+    """The estimate held against the row: its error and MFU. The predicted fields themselves are
+    the Estimate fields declared row=True (estimator/analytic.py), None when it failed."""
     peak_error_pct: Optional[float] = None        # 100·(est − measured)/measured
     mfu: Optional[float] = None                   # CUDA rows of a known GPU
     hfu: Optional[float] = None
+
+
+ESTIMATE_ROW_FIELDS = [f for f in dataclasses.fields(Estimate) if f.metadata.get("row")]
 
 
 TECHNIQUE_KEYS = tuple(k for k in keys(Cell) if k != "id")   # the axes a cell varies on
 MODEL_KEYS = ("model", *row_fields(ModelConfig))              # `model` is the model's name
 TRAIN_KEYS = (*row_fields(TrainConfig), "micro_batch_size")
 MEASURED_KEYS = keys(Measured) + keys(LoraInit) + keys(LoraInference)
-ESTIMATE_KEYS = keys(EstimateFields)
+ESTIMATE_KEYS = tuple(f.name for f in ESTIMATE_ROW_FIELDS) + keys(EstimateFields)
 
 
 def config_hash(job: CellJob) -> str:
@@ -159,7 +158,8 @@ def _is(value, tp) -> bool:
 
 
 def _row_types() -> dict:
-    out = {"status": str}
+    hints = typing.get_type_hints(Estimate)
+    out = {"status": str, **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
     for cls in (Cell, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields):
         for name, tp in typing.get_type_hints(cls).items():
             out["cell" if name == "id" else name] = tp
