@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import platform
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 
 def resolve_device(requested: str) -> str:
@@ -58,31 +60,42 @@ def device_name(device: str) -> str | None:
         return None
 
 
+SAME = {"compare": True}  # `compare` warns when two joined rows differ here
+
+
+@dataclass
+class Environment:
+    """Where and with what a row was measured; CUDA-only facts are None on CPU. `load_avg_1m`:
+    the system's 1-minute load average as the cell starts (None where the OS has none) and
+    `cpu_count` its CPUs, so that a reader (`compare`) can tell a busy machine's timings: load
+    above the CPU count means work was waiting for a CPU."""
+    device: str = field(metadata=SAME)
+    device_name: Optional[str] = field(default=None, metadata=SAME)
+    torch_version: Optional[str] = field(default=None, metadata=SAME)
+    cuda_version: Optional[str] = None
+    driver_version: Optional[str] = None
+    gpu_memory_bytes: Optional[int] = None
+    cpu_threads: Optional[int] = field(default=None, metadata=SAME)
+    cpu_count: Optional[int] = None
+    load_avg_1m: Optional[float] = None
+
+
 def environment(device: str) -> dict:
-    """Versions and device facts; CUDA-only facts are None on CPU. `load_avg_1m`: the system's
-    1-minute load average as the cell starts (None where the OS has none) and `cpu_count` its CPUs,
-    so that a reader (`compare`) can tell a busy machine's timings: load above the CPU count means
-    work was waiting for a CPU."""
+    """The row's Environment fields (and, on CUDA, the NVML snapshot's)."""
     import os
     import torch
     try:
         load = round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         load = None
-    info = {
-        "device": device,
-        "device_name": cpu_name(),
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "driver_version": None,
-        "gpu_memory_bytes": None,
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m": load,
-    }
+    env = Environment(device=device, device_name=cpu_name(), torch_version=torch.__version__,
+                      cuda_version=torch.version.cuda, cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                      load_avg_1m=load)
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info.update(device_name=props.name, gpu_memory_bytes=int(props.total_memory))
+        env.device_name, env.gpu_memory_bytes = props.name, int(props.total_memory)
+    info = asdict(env)
+    if device == "cuda":
         info.update(nvml_snapshot())
     return info
 

@@ -41,14 +41,15 @@ table, markdown, csv or json through writer.write.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from ..base.env import Environment
 from ..row.codec import MODEL_KEYS, TECHNIQUE_KEYS, TRAIN_KEYS
 from .report import mib, step_time
 
 CONFIG_KEYS = (*MODEL_KEYS, *TRAIN_KEYS, *TECHNIQUE_KEYS, "device")  # what config_hash digests, as rows store it
-ENV_KEYS = ("scenario", "model", "device", "device_name", "torch_version", "cpu_threads")
+ENV_KEYS = ("scenario", MODEL_KEYS[0], *(f.name for f in fields(Environment) if f.metadata.get("compare")))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import typing
 from typing import Optional, Union
 
+from ..base.env import Environment
 from ..estimator.analytic import Estimate
 from ..spec.config import Cell, ModelConfig, TrainConfig
 from ..spec.job import CellJob
@@ -131,7 +132,7 @@ REQUIRED_KEYS = ("cell", "status", *(f.name for f in dataclasses.fields(Cell)  #
 
 def row_problem(row: dict) -> Optional[str]:
     """What is wrong with a row read from a file, judged by the row schema's field types
-    (Cell, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields); None if nothing."""
+    (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields); None if nothing."""
     if not isinstance(row, dict):
         return "not a JSON object"
     missing = [k for k in REQUIRED_KEYS if k not in row]
@@ -160,7 +161,7 @@ def _is(value, tp) -> bool:
 def _row_types() -> dict:
     hints = typing.get_type_hints(Estimate)
     out = {"status": str, **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
-    for cls in (Cell, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields):
+    for cls in (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields):
         for name, tp in typing.get_type_hints(cls).items():
             out["cell" if name == "id" else name] = tp
     return out
