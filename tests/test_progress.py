@@ -43,3 +43,14 @@ def test_underflow_reports_each_step_and_the_probe(tmp_path):
     assert sum(a for _, a, _ in calls) == 4
     assert [d for d, _, _ in calls if d] == ["training step 1 of 3", "training step 2 of 3", "training step 3 of 3",
                                             "probing 2 loss scales"]
+
+
+def test_plot_shows_its_steps_on_a_terminal(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+    from lorabench.present.plot import plot_file
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    results = Path(__file__).resolve().parents[1] / "results" / "cpu-quick-2026-11-29.jsonl"
+    assert plot_file(str(results), str(tmp_path / "m.svg"), "memory") == ["memory"]
+    err = capsys.readouterr().err
+    assert "plot: drawing memory" in err and "3/3" in err
+    assert (tmp_path / "m.svg").stat().st_size > 1000

@@ -19,11 +19,12 @@ import click
               help="fit chart: auto (NVML), a memory size like 24GiB, or a GPU name like 'RTX 4090'")
 @click.option("--seq", type=int, default=None, help="fit chart: sequence length (default: the model's)")
 @click.option("--batch", type=int, default=8, show_default=True, help="fit chart: sequences per optimizer step")
-def plot_cmd(results, out, chart, model, gpu, seq, batch):
+@click.option("--quiet", is_flag=True, help="no progress display (it is shown on a terminal only)")
+def plot_cmd(results, out, chart, model, gpu, seq, batch, quiet):
     """Draw RESULTS (a .jsonl result file or a folder of them) as charts; RESULTS is not needed for --chart fit.
 
     Needs matplotlib: pip install 'lorabench[plot]'.
     """
     from ..present.plot import plot_file
-    names = plot_file(results, out, chart, model, gpu, seq, batch)
+    names = plot_file(results, out, chart, model, gpu, seq, batch, quiet)
     click.echo(f"{out}: {', '.join(names)} chart{'s' if len(names) > 1 else ''}")

@@ -173,21 +173,28 @@ def write_whole(out: str, data: bytes) -> None:
 
 
 def plot_file(results: str | None, out: str, chart: str = "all", model: str | None = None, gpu: str = "auto",
-              seq: int | None = None, batch: int = 8) -> list[str]:
-    """`lorabench plot`: draw the charts (module docstring) into `out`; returns their names."""
+              seq: int | None = None, batch: int = 8, quiet: bool = False) -> list[str]:
+    """`lorabench plot`: draw the charts (module docstring) into `out`; returns their names.
+    A progress display follows the steps on a terminal (present/progress.py; off with `quiet`)."""
+    from .progress import progress
     fmt = check_output(out)
     names = charts_for(chart, results, model)
-    require_matplotlib()
-    data = {}
-    if any(n != "fit" for n in names):
-        cells = load_cells(results)
-        data.update(memory=cells, time=cells)
-    if "fit" in names:
-        data["fit"] = fit_report(model, gpu, seq, batch)
-    if fmt == ".html":
-        title = "lorabench: " + (Path(results).name if results else f"fit of {model}")
-        payload = html_page(names, data, title)
-    else:
-        payload = render(figure(names, data), fmt[1:])
+    with progress("plot", total=3, quiet=quiet) as step:
+        step("loading matplotlib")
+        require_matplotlib()
+        step("reading" if results else "estimating", advance=1)
+        data = {}
+        if any(n != "fit" for n in names):
+            cells = load_cells(results)
+            data.update(memory=cells, time=cells)
+        if "fit" in names:
+            data["fit"] = fit_report(model, gpu, seq, batch)
+        step(f"drawing {', '.join(names)}", advance=1)
+        if fmt == ".html":
+            title = "lorabench: " + (Path(results).name if results else f"fit of {model}")
+            payload = html_page(names, data, title)
+        else:
+            payload = render(figure(names, data), fmt[1:])
+        step(advance=1)
     write_whole(out, payload)
     return names
