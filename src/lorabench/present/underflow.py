@@ -91,7 +91,7 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
     step(advance=1)
     detail = probes[scales.index(scale)]
     sweep = [p for p in probes if not loss_scales or p.loss_scale in loss_scales]
-    return UnderflowReport(ls.name, cell_id, cell.precision, device, n, cell.micro_batch(batches[-1][0].numel()),
+    return UnderflowReport(ls.name, cell_id, cell.precision, device, n, cell.micro_batch(ls.train.batch_size) * cfg.seq_len,
                            [r.loss for r in results], [r.loss_scale for r in results] if fp16 else None,
                            sum(r.skipped for r in results) if fp16 else None, detail, sweep)
 
