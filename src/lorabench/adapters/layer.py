@@ -71,7 +71,7 @@ def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: f
     Only the adapters (FP32) train."""
     for p in model.parameters():
         p.requires_grad_(False)
-    model.to(DTYPES[base_dtype])
+    cast_floating(model, DTYPES[base_dtype])
     wrapped = []
     for parent in list(model.modules()):
         for name in targets:
@@ -83,6 +83,24 @@ def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: f
     if not wrapped:
         raise ValueError(f"no module named any of {list(targets)} to adapt")
     return wrapped
+
+
+def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` for floating parameters and buffers, done by replacing each tensor
+    with its cast (the same values). `Module.to` swaps tensors in place, which fake tensors
+    refuse on torch 2.13 ("Couldn't swap"); this works on real and fake tensors alike.
+    Tied parameters stay tied: one cast per parameter object."""
+    casts: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new); old kept alive
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if id(p) not in casts:
+                casts[id(p)] = (p, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
+            m._parameters[name] = casts[id(p)][1]
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
 
 
 def apply_cell(model: nn.Module, cell: Cell) -> list[AdaptedLinear]:

@@ -110,6 +110,7 @@ class Estimate:
     total_params: int = 0
     trainable_params: int = 0
     device: str = "cpu"
+    method: str = "analytic"  # analytic (this module) | trace (measure/trace.py)
 
     def fields(self) -> dict:
         """The fields a result row stores (declared with metadata row=True; see row/codec.py)."""
@@ -140,12 +141,16 @@ def optimizer_temporaries(sizes: list[int], total_trainable: int, impl: str) -> 
     return 4 * max(2 * n + (sizes[i - 1] if i else 0) for i, n in enumerate(sizes))
 
 
+def is_hopper(gpu_name: str | None) -> bool:
+    """Whether a GPU name is a Hopper part (cuBLAS takes a 32 MiB workspace there)."""
+    return bool(gpu_name) and any(h in gpu_name for h in ("H100", "H200", "GH200"))
+
+
 def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int, gpu_name: str | None,
                    impl: str) -> dict:
     """The CUDA-only lines (module docstring); untested on hardware."""
     from ..stacks.transformer_layout import block_params, model_params
-    hopper = bool(gpu_name) and any(h in gpu_name for h in ("H100", "H200", "GH200"))
-    ws = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES["hopper" if hopper else "default"]
+    ws = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES["hopper" if is_hopper(gpu_name) else "default"]
     outer, one = model_params(cfg, cell, blocks=range(0)), block_params(cfg, cell, 0)
     L = cfg.n_layers
     params = sum(_round512(p.nbytes) for p in outer) + L * sum(_round512(p.nbytes) for p in one)

@@ -61,6 +61,22 @@ def run_cell(job: CellJob | dict) -> dict:
     return row
 
 
+def setup(job: CellJob, device: str, choices_for: str | None = None):
+    """The cell's model, optimizer (and its implementation) and loss scaler, on `device`;
+    the AdamW implementation is the one chosen for `choices_for` (default: `device`)."""
+    model = build_model(job.model, job.cell, device, job.seed)
+    opt, impl = make_optimizer(model, job.train, choices_for or device)
+    return model, opt, impl, make_scaler(job.cell.precision, device)
+
+
+def warm_up(model, opt, scaler, batches, job: CellJob, mem: MemoryTracker, read: bool = True) -> list:
+    """The memory window's steps: start the window, then the warm-up steps, phases marked.
+    The estimator's trace (estimator/trace.py) runs exactly this on fake tensors."""
+    mem.start_window()
+    return [train_step(model, opt, scaler, *batches[i], job.cell, mark=mem.phase, read=read)
+            for i in range(job.train.warmup_steps)]
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
@@ -80,16 +96,13 @@ def measure(row: dict, job: CellJob) -> None:
     t_setup = time.perf_counter()
     with MemoryTracker(device) as mem:
         batches = [(x.to(device), y.to(device)) for x, y in batches_cpu]
-        model = build_model(model_cfg, cell, device, seed)
-        opt, impl = make_optimizer(model, train, device)
-        scaler = make_scaler(cell.precision, device)
+        model, opt, impl, scaler = setup(job, device)
         row["setup_s"] = round(time.perf_counter() - t_setup, 4)
         row.update(lora_checks.initial_fields(model))  # before any step: ΔW at initialisation
-        losses, skipped, scales = [], 0, []
-        mem.start_window()
-        for i in range(train.warmup_steps):
-            r = train_step(model, opt, scaler, *batches[i], cell, mark=mem.phase)
-            losses.append(r.loss); skipped += r.skipped; scales.append(r.loss_scale)
+        results = warm_up(model, opt, scaler, batches, job, mem)
+        losses = [r.loss for r in results]
+        skipped = sum(r.skipped for r in results)
+        scales = [r.loss_scale for r in results]
         if cuda:  # timed steps stay in the window but get no phase marks (a mark synchronizes)
             mem.phase("timed")
         else:

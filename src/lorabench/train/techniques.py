@@ -56,14 +56,16 @@ def compute_loss(model, x, y, precision: str):
 
 @dataclass
 class StepResult:
-    loss: float          # mean loss over the optimizer step's batch
-    skipped: bool        # the scaler found inf/NaN and skipped the update
+    loss: float | None       # mean loss over the optimizer step's batch
+    skipped: bool | None     # the scaler found inf/NaN and skipped the update
     loss_scale: float | None
 
 
-def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None) -> StepResult:
+def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, read: bool = True) -> StepResult:
     """One optimizer step over the batch (x, y), as `accumulation` micro-batches.
-    `mark(phase)` is called as forward, backward and optimizer phases begin."""
+    `mark(phase)` is called as forward, backward and optimizer phases begin. read=False
+    reads no value back (loss, loss scale): the same tensors are made, but fake tensors
+    (estimator trace) have no values, and the result's fields are None."""
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for xm, ym in zip(x.chunk(cell.accumulation), y.chunk(cell.accumulation)):
@@ -72,10 +74,12 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None) ->
         mark("backward")
         scaler.scale(loss).backward()
         total += loss.detach()
-    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scale_before = scaler.get_scale() if read and scaler.is_enabled() else None
     mark("optimizer")
     scaler.step(opt)
     scaler.update()
+    if not read:
+        return StepResult(None, None, None)
     scale_after = scaler.get_scale() if scaler.is_enabled() else None
     skipped = scale_before is not None and scale_after < scale_before
     return StepResult(float(total), skipped, scale_after)

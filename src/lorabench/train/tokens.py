@@ -26,4 +26,10 @@ class MarkovTokens:
         seq[:, 0] = noise[:, 0]
         for t in range(1, T):
             seq[:, t] = torch.where(follow[:, t], self.succ[seq[:, t - 1]], noise[:, t])
+        return self.split(seq)
+
+    @staticmethod
+    def split(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of (B, T+1) token rows: seq[:, :-1] and seq[:, 1:], each made
+        contiguous (with B = 1 both slices already are, and share seq's storage)."""
         return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()

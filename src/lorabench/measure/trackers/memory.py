@@ -19,35 +19,120 @@ from torch.utils._pytree import tree_flatten
 
 
 class _LiveStorages(TorchDispatchMode):
-    """Counts the bytes of live tensor storages created while it is active."""
+    """Counts the bytes of live tensor storages created while it is active.
 
-    def __init__(self):
+    A storage is keyed by its StorageImpl (`_cdata`), not by `data_ptr`: fake tensors
+    (the trace, estimator/trace) all have data_ptr 0, and a storage can change size.
+    `UntypedStorage.resize_` is wrapped while the mode is active, so a resize (FSDP2
+    frees its all-gather buffers with `resize_(0)` and reallocates them the same way)
+    moves the count. round_to: each storage counted as a multiple of this many bytes,
+    at least one (512: the CUDA caching allocator's smallest block).
+    `timeline`: keep what the peak held (see `held_at_peak`)."""
+
+    def __init__(self, round_to: int = 1, timeline: bool = False):
         super().__init__()
         self.current_bytes = 0
         self.peak_bytes = 0
         self.phase = "setup"
         self.peak_phase = "setup"
         self.phase_peaks: dict[str, int] = {}
-        self._live: dict[int, int] = {}
+        self.round_to = round_to
+        self._live: dict[int, tuple[int, int]] = {}   # storage key -> (bytes counted, serial)
+        self._timeline = _Timeline() if timeline else None
+        self._resize = None
+        self.ops = 0            # ops dispatched while active
+        self.last_op = None     # the latest one (a trace names it when it fails)
 
-    def _release(self, key: int, nbytes: int) -> None:
-        if self._live.pop(key, None) is not None:
-            self.current_bytes -= nbytes
+    def _counted(self, nbytes: int) -> int:
+        if self.round_to <= 1 or nbytes == 0:
+            return nbytes
+        return -(-nbytes // self.round_to) * self.round_to
 
-    def track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key, nbytes = st.data_ptr(), st.nbytes()
-        if nbytes == 0 or key in self._live or t.device.type == "meta":
-            return
-        self._live[key] = nbytes
+    def _release(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            if self._timeline is not None:
+                self._timeline.died(entry[1])
+            self._add(-entry[0])
+
+    def _add(self, nbytes: int) -> None:
         self.current_bytes += nbytes
-        weakref.finalize(st, self._release, key, nbytes)
+        if self._timeline is not None:
+            self._timeline.now += 1
+        if nbytes <= 0:
+            return
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes, self.peak_phase = self.current_bytes, self.phase
+            if self._timeline is not None:
+                self._timeline.peak_at = self._timeline.now
         if self.current_bytes > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.current_bytes
 
+    def _born(self, key: int, nbytes: int) -> None:
+        serial = self._timeline.born(nbytes) if self._timeline is not None else 0
+        self._live[key] = (nbytes, serial)
+        self._add(nbytes)
+
+    def track(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        self.track_storage(t.untyped_storage())
+
+    def track_storage(self, st) -> None:
+        key = st._cdata
+        if key in self._live:
+            return
+        self._born(key, self._counted(st.nbytes()))
+        weakref.finalize(st, self._release, key)
+
+    def resized(self, st) -> None:
+        """After `st.resize_(n)`: count its new size (a storage not seen yet is tracked now)."""
+        key = st._cdata
+        if key not in self._live:
+            self.track_storage(st)
+            return
+        nbytes, serial = self._live.pop(key)
+        if self._timeline is not None:
+            self._timeline.died(serial)
+        self._add(-nbytes)
+        self._born(key, self._counted(st.nbytes()))
+
+    def reset_peak(self) -> None:
+        """The peak restarts from what is live now (the start of the memory window)."""
+        self.peak_bytes, self.peak_phase = self.current_bytes, self.phase
+        if self._timeline is not None:
+            self._timeline.peak_at = self._timeline.now
+
+    def serials(self, tensors) -> list[int]:
+        """The timeline serials of these tensors' storages as they are now (untracked ones skipped)."""
+        out = []
+        for t in tensors:
+            entry = self._live.get(t.untyped_storage()._cdata) if t.device.type != "meta" else None
+            if entry is not None:
+                out.append(entry[1])
+        return out
+
+    def __enter__(self):
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(st, size):
+            out = original(st, size)
+            tracker.resized(st)
+            return out
+        self._resize = original
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._resize is not None:
+            torch.UntypedStorage.resize_ = self._resize
+            self._resize = None
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.last_op = func
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -55,15 +140,46 @@ class _LiveStorages(TorchDispatchMode):
         return out
 
 
+class _Timeline:
+    """Births and deaths of storages in event order, so that what was live at the peak
+    can be named after the run without copying the live set at every new peak:
+    storage `serial` was live at the peak iff born[serial] <= peak_at < died_at[serial]."""
+
+    def __init__(self):
+        self.now = 0
+        self.peak_at = 0
+        self.born_at: list[int] = []
+        self.nbytes: list[int] = []
+        self.died_at: dict[int, int] = {}
+
+    def born(self, nbytes: int) -> int:
+        self.born_at.append(self.now + 1)  # the _add that follows is its event
+        self.nbytes.append(nbytes)
+        return len(self.nbytes) - 1
+
+    def died(self, serial: int) -> None:
+        self.died_at[serial] = self.now + 1
+
+    def live_at_peak(self) -> dict[int, int]:
+        """serial -> bytes of every storage live at the peak."""
+        return self.live_at(self.peak_at)
+
+    def live_at(self, t: int) -> dict[int, int]:
+        """serial -> bytes of every storage live after event t."""
+        return {s: n for s, (b, n) in enumerate(zip(self.born_at, self.nbytes))
+                if b <= t < self.died_at.get(s, t + 1) and n}
+
+
 class MemoryTracker:
     """`with MemoryTracker(device) as mem:` ... `mem.start_window()`, `mem.phase("backward")`, ...
 
     After the block: `peak_allocated_bytes`, `peak_reserved_bytes` (CUDA only),
     `peak_phase`, `phase_peak_bytes`, `alloc_retries`, `ooms`, `nvml_process_bytes`
-    (CUDA only); fields a device cannot measure stay None.
+    (CUDA only); fields a device cannot measure stay None. On CPU, `round_to` and
+    `timeline` are _LiveStorages' (the trace, estimator/trace.py, uses them).
     """
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, round_to: int = 1, timeline: bool = False):
         self.cuda = device == "cuda"
         self.peak_allocated_bytes: int | None = None
         self.peak_reserved_bytes: int | None = None
@@ -73,7 +189,7 @@ class MemoryTracker:
         self.ooms: int | None = None
         self.nvml_process_bytes: int | None = None
         self._phase = "setup"
-        self._mode = None if self.cuda else _LiveStorages()
+        self._mode = None if self.cuda else _LiveStorages(round_to, timeline)
         self._reserved_peak = 0
         self._closed = False
 
@@ -117,6 +233,11 @@ class MemoryTracker:
             for t in tensors:
                 self._mode.track(t)
 
+    @property
+    def storages(self) -> "_LiveStorages":
+        """The CPU allocation tracker itself (None on CUDA)."""
+        return self._mode
+
     def start_window(self) -> None:
         """Start of the training window: peaks are counted from here."""
         if self.cuda:
@@ -124,6 +245,7 @@ class MemoryTracker:
             torch.cuda.reset_peak_memory_stats()
         else:
             self._mode.phase_peaks.clear()
+            self._mode.reset_peak()
         self.phase("forward")
 
     def phase(self, name: str) -> None:

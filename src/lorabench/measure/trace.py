@@ -1,0 +1,247 @@
+"""The second estimation method: the cell's real training step traced on fake tensors.
+
+    est = trace(job)                 # an estimator.analytic.Estimate, method "trace"
+
+`run` measures a CPU cell with a dispatch-mode tracker of live storage bytes
+(trackers/memory.py). The trace runs *the same code* -- worker.setup (the stack
+builds the model and its adapters, the optimizer, the scaler) and worker.warm_up
+(the memory window: the warm-up steps, the first of which creates AdamW's state)
+-- under `torch._subclasses.fake_tensor.FakeTensorMode`, where tensors carry
+shapes and dtypes but no data, and counts them with the same tracker. On CPU the
+trace therefore equals the measured `peak_allocated_bytes` and state bytes to the
+byte, at any model size, in seconds and with no memory of the model's size.
+
+What a fake step cannot do, it does not pretend to: an op with no fake kernel, or
+one that reads a value (`.item()`, data-dependent shapes), raises TraceError, one
+line naming the op and the cell (exit 2 in the CLI). `train_step(read=False)`
+reads nothing back; the fp16 GradScaler always steps (there is no inf to find).
+
+Predicting CUDA (job.device == "cuda") from a fake CPU trace: fake CUDA tensors
+do not run on a CPU-only build (initialisation, the device guard and the autograd
+engine fail), so the differences are applied explicitly, each a tested term:
+  allocator rounding   every storage counted as a multiple of 512 B, at least 512
+                       (the caching allocator's smallest block): exact per allocation
+  batches              every step's (x, y) copied to the device before the window
+                       (`.to("cuda")` copies; on CPU `.to("cpu")` is the same tensor)
+  SDPA kernel          cuda_kernels.py: the kernel CUDA picks (flash, memory-efficient,
+                       math), called through its own aten op, whose meta kernel gives
+                       the tensors the CUDA kernel saves
+  dropout              the fused native_dropout with its 1-byte bool mask
+  LayerNorm            CUDA autocast runs layer_norm in fp32 (an fp32 input copy)
+  AdamW `step`         for-loop/foreach keep it on the host: 512 B per trainable
+                       tensor leaves the device once the state exists (not fused)
+  cuBLAS workspace     a constant per handle (estimator/analytic.cuda_overheads)
+The CUDA context (outside the allocator) is reported, never added, as in analytic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..estimator.analytic import CUBLAS_HANDLES, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, Estimate, is_hopper
+from ..estimator.flops import flops_per_step
+from ..spec.job import CellJob
+from ..spec.schema import ConfigError
+from ..stacks.transformer import count_params
+from ..train.tokens import MarkovTokens
+from .cuda_kernels import cuda_kernels
+from .trackers import MemoryTracker, state_bytes
+from .worker import setup, warm_up
+
+CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block and rounding step
+
+
+class TraceError(ConfigError):
+    """The cell's step cannot run on fake tensors: one line naming the op and the cell."""
+
+
+@dataclass
+class TraceInfo:
+    """How the trace went: its wall time, the ops it dispatched, the FLOPs torch counted."""
+    wall_s: float
+    ops: int
+    counted_flops: dict[str, int] = field(default_factory=dict)  # aten op -> FLOPs (FlopCounterMode)
+
+
+class _Tagger:
+    """Stands in for the MemoryTracker in worker.warm_up: at every phase mark it tags
+    the storages of the gradients and the optimizer state, so that what the peak held
+    can be named afterwards (a gradient dies at the next zero_grad, so a tag at the
+    end of the window would miss it)."""
+
+    def __init__(self, mem: MemoryTracker, model, opt):
+        self.mem, self.model, self.opt = mem, model, opt
+        self.tags: dict[int, str] = {}
+        self.window_at = self.first_backward_at = None
+
+    def tag(self, category: str, tensors) -> None:
+        for s in self.mem.storages.serials(tensors):
+            self.tags.setdefault(s, category)
+
+    def tag_state(self) -> None:
+        self.tag("grads", [p.grad for p in self.model.parameters() if p.grad is not None])
+        self.tag("optimizer_state", [v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v)])
+
+    def start_window(self) -> None:
+        self.tag("params", list(self.model.parameters()))
+        self.mem.start_window()
+        self.window_at = self.mem.storages._timeline.now
+
+    def phase(self, name: str) -> None:
+        self.tag_state()
+        if name == "backward" and self.first_backward_at is None:
+            self.first_backward_at = self.mem.storages._timeline.now
+        self.mem.phase(name)
+
+
+def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) -> tuple[Estimate, TraceInfo]:
+    """The cell's memory window run on fake tensors; its Estimate (method "trace") and TraceInfo.
+
+    job.device says what is predicted: cpu (exact) or cuda (module docstring).
+    count_flops: also count the step's FLOPs with torch.utils.flop_counter (slower)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cuda = job.device == "cuda"
+    t0 = time.perf_counter()
+    mem = None
+    try:
+        with FakeTensorMode():
+            batches = _batches(job)
+            with MemoryTracker("cpu", round_to=CUDA_BLOCK_BYTES if cuda else 1, timeline=True) as mem, \
+                    cuda_kernels(cuda), _flop_counter(count_flops) as flops:
+                if cuda:  # .to("cuda") copies every step's batch before the window
+                    batches = [(x.clone(), y.clone()) for x, y in batches]
+                model, opt, impl, scaler = setup(job, "cpu", choices_for=job.device)
+                if scaler.is_enabled():
+                    scaler.__class__ = _AlwaysStepScaler
+                tagger = _Tagger(mem, model, opt)
+                warm_up(model, opt, scaler, batches, _window_job(job), tagger, read=False)
+                tagger.tag_state()
+                tagger.tag("batches", [t for pair in batches for t in pair])
+            sb = state_bytes(model, opt)
+            total, trainable = count_params(model)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- every failure of a fake op becomes one line
+        raise _trace_error(e, job, mem.storages.last_op if mem is not None else None) from None
+    est = _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name)
+    info = TraceInfo(wall_s=round(time.perf_counter() - t0, 3), ops=mem.storages.ops,
+                     counted_flops=flops.counts() if count_flops else {})
+    return est, info
+
+
+def _window_job(job: CellJob) -> CellJob:
+    """The job whose warm-up steps are the window traced: on CPU the warm-up steps (the
+    tracker's window); on CUDA the allocator counts every step, and from the second on
+    they repeat, so at most two steps more than the warm-up need tracing."""
+    train = job.train
+    if job.device != "cuda":
+        return job
+    n = min(train.warmup_steps + train.steps, max(train.warmup_steps, 2))
+    return dataclasses.replace(job, train=dataclasses.replace(train, warmup_steps=n))
+
+
+def _batches(job: CellJob) -> list:
+    """Every step's (x, y) as MarkovTokens makes them (their storages too: with B = 1, x and
+    y share one), untracked until an op touches them, as in the worker."""
+    B, T = job.train.batch_size, job.model.seq_len
+    n = job.train.warmup_steps + job.train.steps
+    return [MarkovTokens.split(torch.empty(B, T + 1, dtype=torch.long)) for _ in range(n)]
+
+
+class _AlwaysStepScaler(torch.amp.GradScaler):
+    """GradScaler that steps without reading found_inf (`.item()` has no value on a fake
+    tensor; a fake step finds no inf). unscale_ and update still make their tensors."""
+
+    def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+        return optimizer.step(*args, **kwargs)
+
+
+class _NoFlops:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Flops:
+    def __init__(self):
+        from torch.utils.flop_counter import FlopCounterMode
+        self.mode = FlopCounterMode(display=False)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def counts(self) -> dict[str, int]:
+        return {str(op): int(n) for op, n in self.mode.get_flop_counts().get("Global", {}).items()}
+
+
+def _flop_counter(on: bool):
+    return _Flops() if on else _NoFlops()
+
+
+def _trace_error(e: Exception, job: CellJob, last_op) -> TraceError:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, \
+        UnsupportedOperatorException
+    op = getattr(e, "func", None) or last_op
+    if isinstance(e, UnsupportedOperatorException):
+        why = "has no fake-tensor kernel"
+    elif isinstance(e, (DataDependentOutputException, DynamicOutputShapeException)):
+        why = "reads tensor values, which a fake tensor does not have"
+    else:
+        why = f"failed on fake tensors ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    return TraceError(f"cell {job.cell.id or job.cell.precision}", "trace", f"operator {op} {why}; "
+                      "use --method analytic for this cell")
+
+
+def _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name) -> Estimate:
+    """The Estimate of a finished trace: the tracker's peaks, the state read from the tensors,
+    what the peak held by category (tags), and the CUDA terms added on top."""
+    tl = mem.storages._timeline
+    held = tl.live_at_peak()
+    breakdown: dict[str, int] = {}
+    opt_phase = mem.peak_phase == "optimizer"
+    for serial, nbytes in held.items():
+        cat = tagger.tags.get(serial)
+        if cat is None:
+            cat = "buffers" if serial not in tl.died_at else ("optimizer_temporaries" if opt_phase else "activations")
+        breakdown[cat] = breakdown.get(cat, 0) + nbytes
+    phases = dict(mem.phase_peak_bytes)
+    # activations: what the first micro-batch's forward left live when its backward began
+    e0, e1 = tagger.window_at, tagger.first_backward_at
+    activations = sum(n for s, n in tl.live_at(e1).items() if tl.born_at[s] > e0 and s not in tagger.tags) \
+        if e1 is not None else 0
+    cuda = {}
+    if job.device == "cuda":
+        ws = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES["hopper" if is_hopper(gpu_name) else "default"]
+        host_step = 0 if impl == "fused" else CUDA_BLOCK_BYTES * sum(1 for st in opt.state.values() if "step" in st)
+        cuda = {"cublas_workspace": ws, "adamw_host_step": -host_step, "cuda_context": CUDA_CONTEXT_BYTES}
+        state_from = _state_phases(job)
+        for ph in phases:
+            phases[ph] += ws - (host_step if ph in state_from else 0)
+        breakdown["cublas_workspace"] = ws
+        if mem.peak_phase in state_from and host_step:
+            breakdown["optimizer_state"] = breakdown.get("optimizer_state", 0) - host_step
+    peak_phase = max(phases, key=phases.get) if phases else mem.peak_phase
+    fl = flops_per_step(job.model, job.cell, job.train.batch_size)
+    return Estimate(
+        est_param_bytes=sb["param_bytes"], est_grad_bytes=sb["grad_bytes"],
+        est_optimizer_state_bytes=sb["optimizer_state_bytes"], est_activation_bytes=int(activations),
+        est_peak_bytes=int(phases.get(peak_phase, 0)), est_peak_phase=peak_phase,
+        est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
+        phase_peak_bytes={k: int(v) for k, v in phases.items()},
+        breakdown={k: int(v) for k, v in breakdown.items() if v}, cuda_overheads=cuda,
+        total_params=total, trainable_params=trainable, device=job.device, method="trace")
+
+
+def _state_phases(job: CellJob) -> set[str]:
+    """Phases whose peak holds AdamW's state in a window of warm-up steps: the optimizer
+    phase always (the state is made there, before its peak), forward and backward from step 2."""
+    return {"optimizer", "forward", "backward"} if _window_job(job).train.warmup_steps >= 2 else {"optimizer"}
