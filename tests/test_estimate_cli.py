@@ -70,7 +70,8 @@ def test_estimate_bad_input_is_one_line_exit_2(args, message):
 
 
 @pytest.mark.parametrize("args", [["estimate", "--model", "gpt2"], ["fit", "--model", "llama-2-7b", "--gpu", "24GiB"],
-                                  ["validate", "results"]])
+                                  ["validate", "results"], ["estimate", "--model", "gpt2", "--method", "analytic"],
+                                  ["fit", "--model", "llama-2-7b", "--gpu", "24GiB", "--confirm", "0"]])
 def test_estimator_commands_never_import_torch(args):
     """estimate, validate and fit are arithmetic: they must not pay torch's ~1 s import (fit answers in < 1 s)."""
     import subprocess

@@ -193,3 +193,27 @@ def test_cli_csv_has_one_row_per_combination():
     js = json.loads(cli("fit", "--model", "gpt2", "--gpu", "24GiB", "--seq", "512", "--batch", "4", "--format", "json").output)
     assert len(rows) == len(js) and rows[0]["precision"] == js[0]["precision"]
     assert {r["fits"] for r in rows} <= {"True", "False"} and int(rows[0]["est_peak_bytes"]) == js[0]["est_peak_bytes"]
+
+
+# ---------------------------------------------------------------- --confirm: the trace's verdict (tests/test_trace_cli.py runs it)
+def test_a_traced_peak_decides_the_verdict_and_the_report_is_reranked():
+    """apply_traces with stand-in results (no torch): the best combination traced over the budget stops
+    fitting and gets a suggestion; a failed trace keeps its verdict; near_limit is the documented band."""
+    import types
+    from lorabench.present.fit import apply_traces, near_limit
+    from lorabench.spec.schema import ConfigError
+    rep = fit(fit_model("llama-2-7b", 2048), lookup("RTX 4090"), batch=1)
+    best, second = rep.fitting()[:2]
+    over = types.SimpleNamespace(est_peak_bytes=rep.budget_bytes)  # + the CUDA context: over the budget
+    failed = ConfigError("cell c", "trace", "operator aten.nonzero.default reads tensor values")
+    apply_traces(rep, [best, second], [(over, 1.0), (failed, None)])
+    assert not best.fits and best.analytic_fits and best.over_bytes == CUDA_CONTEXT_BYTES
+    assert best.suggestion and best.suggestion.startswith(f"needs {(rep.budget_bytes + CUDA_CONTEXT_BYTES) / GIB:,.1f} GiB")
+    assert best not in rep.fitting() and rep.fitting()[0] is second
+    assert second.fits and second.trace_error == "trace failed: aten.nonzero.default"
+    assert second.trace_dict()["traced"] is False and best.trace_dict()["trace_est_peak_bytes"] == rep.budget_bytes
+    c = rep.combos[0]
+    for needed, near in ((0.91 * c.budget_bytes, True), (1.09 * c.budget_bytes, True), (0.89 * c.budget_bytes, False),
+                         (1.11 * c.budget_bytes, False)):
+        c.est_needed_bytes = int(needed)
+        assert near_limit(c, 0.10) == near

@@ -4,7 +4,9 @@
     est = lorabench.estimate(model="llama-2-7b", precision="bf16", lora_rank=8, base_dtype="bf16",
                              checkpointing=True, batch_size=1, seq_len=2048, device="cuda")
     est.est_peak_bytes, est.breakdown            # bytes, and what is live at the peak
+    est = lorabench.estimate(model="cpu-tiny", device="cpu", method="trace")   # the real step on fake tensors
     rows = lorabench.fit(model="llama-3-8b", gpu="RTX 4090", seq=2048, batch=4)
+    rows = lorabench.fit(model="llama-3-8b", gpu="RTX 4090", seq=2048, batch=4, confirm=3)  # traced rows
     df = lorabench.load("results/cpu-quick-2026-11-29.jsonl")    # a pandas DataFrame (.jsonl or .csv)
     rows = lorabench.run("scenarios/quick.yaml", cells="fp32-full", out="results/mine.jsonl")
 
@@ -25,11 +27,14 @@ __all__ = ["ConfigError", "estimate", "fit", "load", "run"]
 def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: float = 16.0,
              lora_targets: Sequence[str] = ("q", "v"), lora_dropout: float = 0.0, base_dtype: str = "fp32",
              adapter: str = "lora", checkpointing: bool = False, accumulation: int = 1, batch_size: int = 1,
-             seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "auto", gpu: Optional[str] = None):
-    """The predicted memory (bytes) and FLOPs of one training set-up; nothing runs, torch is not
-    imported. `model`: a preset name (`lorabench.spec.presets.preset_names()`), a Hugging Face
-    config.json path or a ModelConfig; `gpu`: a GPU name for its CUDA-only terms (`fit`'s
-    names). Returns an `Estimate` (est_peak_bytes, est_peak_phase, breakdown, ...)."""
+             seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "auto", gpu: Optional[str] = None,
+             method: str = "analytic"):
+    """The predicted memory (bytes) and FLOPs of one training set-up; nothing runs. `model`: a
+    preset name (`lorabench.spec.presets.preset_names()`), a Hugging Face config.json path or a
+    ModelConfig; `gpu`: a GPU name for its CUDA-only terms (`fit`'s names). `method`: analytic
+    (arithmetic; torch is not imported) or trace (the set-up's real training step on fake
+    tensors, seconds; a step it cannot run raises TraceError, a ConfigError). Returns an
+    `Estimate` (est_peak_bytes, est_peak_phase, breakdown, method, ...)."""
     from .adapters import check
     from .estimator.analytic import estimate as analytic
     from .estimator.gpus import resolve_gpu
@@ -42,13 +47,19 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
             raise ConfigError("lorabench.estimate", key, f"takes one value, got {short(value)}")
     if device not in ("cpu", "cuda"):
         raise ConfigError("lorabench.estimate", "device", f"must be 'cpu' or 'cuda', got {short(device)}")
+    if method not in ("analytic", "trace"):
+        raise ConfigError("lorabench.estimate", "method", f"must be 'analytic' or 'trace', got {short(method)}")
     ls = _scenario("lorabench.estimate", model, seq_len, device, {"batch_size": batch_size, "optimizer": optimizer},
                    {**matrix, "lora_targets": _targets(lora_targets, "lorabench.estimate")})
     check(ls)
     (cell,) = expand(ls)
+    gpu_name = resolve_gpu(gpu).name if gpu is not None else None
+    if method == "trace":
+        from .measure.trace import trace
+        return trace(ls.job(cell, device), gpu_name)[0]
     window = ls.train.window_steps(device)
     return analytic(ls.model, cell, batch_size, device=device, optimizer_impl=optimizer, n_batches=window,
-                    window_steps=window, gpu_name=resolve_gpu(gpu).name if gpu is not None else None)
+                    window_steps=window, gpu_name=gpu_name)
 
 
 def _targets(targets, source: str) -> list:
@@ -63,7 +74,8 @@ def _scenario(source: str, model, seq_len, device: str, train: dict, matrix: dic
     """One set-up validated as a scenario file is (errors name `source` and the argument)."""
     from .spec.config import ModelConfig
     from .spec.scenario import parse_scenario
-    model_data = model.to_dict() if isinstance(model, ModelConfig) else {"preset": str(model)}
+    model_data = {k: v for k, v in model.to_dict().items() if v is not None} if isinstance(model, ModelConfig) \
+        else {"preset": str(model)}  # None: the field's default
     if seq_len is not None:
         model_data["seq_len"] = seq_len
     return parse_scenario({"name": "api", "model": model_data, "device": device, "train": train, "matrix": matrix},
@@ -71,20 +83,25 @@ def _scenario(source: str, model, seq_len, device: str, train: dict, matrix: dic
 
 
 def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: Optional[float] = None,
-        lora_targets: Sequence[str] = ("q", "v"), optimizer: str = "auto") -> list[dict]:
+        lora_targets: Sequence[str] = ("q", "v"), optimizer: str = "auto", confirm: int = 0) -> list[dict]:
     """Every technique combination for `model` on `gpu` (a name, "24GiB", ...), fitting ones
     first and fastest first; one dict per combination (the rows of `lorabench fit --format json`).
-    `model`: a preset name, a config.json path or a ModelConfig."""
+    `model`: a preset name, a config.json path or a ModelConfig. `confirm`: `fit --confirm`, the
+    best `confirm` choices and the combinations near the limit traced (their rows say `traced`)."""
     from .estimator.gpus import lookup, resolve_gpu
     from .present.fit import DEFAULT_MARGIN, DEFAULT_RATES_GPU, fit as fit_grid
-    if not isinstance(batch, int) or isinstance(batch, bool):
-        raise ConfigError("lorabench.fit", "batch", f"must be an integer, got {short(batch)}")
+    for key, value in (("batch", batch), ("confirm", confirm)):
+        if not isinstance(value, int) or isinstance(value, bool) or (key == "confirm" and value < 0):
+            raise ConfigError("lorabench.fit", key, f"must be an integer{' >= 0' * (key == 'confirm')}, got {short(value)}")
     ls = _scenario("lorabench.fit", model, seq, "cuda", {"batch_size": batch, "optimizer": optimizer},
                    {"lora_targets": _targets(lora_targets, "lorabench.fit")})
     report = fit_grid(ls.model, resolve_gpu(gpu), batch=batch, margin=DEFAULT_MARGIN if margin is None else margin,
                       targets=tuple(ls.matrix.lora_targets[0]), optimizer=optimizer,
                       rates_from=lookup(DEFAULT_RATES_GPU))
-    return [c.to_dict() for c in report.combos]
+    if confirm:
+        from .present.fit_table import confirm as trace_best
+        trace_best(report, confirm)
+    return [{**c.to_dict(), **(c.trace_dict() if confirm else {})} for c in report.combos]
 
 
 def load(path: str):

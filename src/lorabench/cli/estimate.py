@@ -26,13 +26,17 @@ DTYPES = click.Choice(["fp32", "fp16", "bf16"])
 @click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scenario's, else cpu")
+@click.option("--method", type=click.Choice(["analytic", "trace", "both"]), default="analytic", show_default=True,
+              help="analytic (arithmetic, instant), trace (the cell's real training step on fake tensors: exact on "
+                   "CPU, seconds per cell, imports torch) or both (side by side, with their peak difference)")
+@click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype, batch,
-                 seq, device, fmt):
+                 seq, device, method, quiet, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
     from ..present.estimates import estimate_text
     echo(estimate_text(scenario, model, fmt, precision, lora_rank, lora_targets, checkpointing, accumulation,
-                       base_dtype, batch, seq, device))
+                       base_dtype, batch, seq, device, method, quiet))
 
 
 @click.command("validate")

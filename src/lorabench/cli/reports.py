@@ -72,12 +72,19 @@ def claims_cmd(results, fmt):
               help="result file(s) whose measured hfu/mfu set the efficiency (and are checked against fit)")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="choices per table (a choice: the combinations of equal cost; 0 = all)")
+@click.option("--confirm", "confirm_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="trace (the real step on fake tensors, seconds to a minute each) the combination shown for each of "
+                   "the K best choices and every combination whose estimated need is within margin × budget of the "
+                   "budget, (1 - margin)·budget ≤ needed ≤ (1 + margin)·budget; the trace's peak decides their "
+                   "verdict (column 'traced GiB'). 0: nothing traced")
+@click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt):
+def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, confirm_k, quiet, fmt):
     """Which precision / LoRA / checkpointing / micro-batch combinations fit a GPU, fastest first, and what
     would make the others fit; without a GPU here and no --gpu, the best choice on common cards."""
     from ..present.fit_table import fit_text
-    echo(fit_text(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt))
+    echo(fit_text(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt,
+                  confirm_k=confirm_k, quiet=quiet))
 
 
 COMMANDS = [report_cmd, compare_cmd, claims_cmd, fit_cmd]

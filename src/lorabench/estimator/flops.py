@@ -8,7 +8,7 @@ not matmuls; the LM head is):
   backward, inputs  2·N_matmul                       every matmul on the gradient's path
   backward, weights 2·N_trainable_matmul             only weights that train (LoRA: A, B)
   attention (fwd)   2 matmuls (QKᵀ, A·V) · 2·s·D·H / 2    causal: half of the s² products
-  attention (bwd)   2 × forward                      (dQ, dK, dV, dP recomputation excluded)
+  attention (bwd)   2 × forward                      dV, dP, dQ, dK; a kernel's recomputed QKᵀ excluded
 
 so a full fine-tune is the usual 6·N per token and a LoRA fine-tune about
 4·N_frozen + 6·N_adapters (litgpt `estimate_flops`: "forward + backward of the
@@ -19,12 +19,27 @@ frozen weights' inputs, no weight gradient"; nanoGPT `estimate_mfu`:
 (FlashAttention's convention): per layer and sequence, forward 2·H·D·s².
 
 The first block of a LoRA cell gets no input gradient for the matmuls whose
-input does not require grad (q, k, v base weights and their adapters' A: the
-embedding is frozen), which is subtracted exactly.
+input does not require grad (the embedding is frozen): q, k, v's base weights and
+their adapters' A always; o's too when none of q, k, v has an adapter (block 0's
+attention then has no backward at all); gate's and up's when o has none either;
+down's when nothing before it has one. Subtracted exactly.
 
 Hardware FLOPs add what checkpointing recomputes: one more forward of every
 block (not of the head), minus the last matmul that torch.utils.checkpoint's
 early stop skips (down, or down's adapter B).
+
+Checked against torch (tests/test_trace_flops.py): the trace (measure/trace.py,
+count_flops=True) runs the cell's real step on fake tensors under
+torch.utils.flop_counter.FlopCounterMode. Its mm and addmm FLOPs per optimizer
+step equal `hardware` minus the attention terms exactly, for llama (GQA) and gpt2,
+full and LoRA, checkpointing, accumulation, fp32/fp16/bf16. Attention, op by op
+(u = 2·H·D·s², the causal forward above per layer and sequence): on CPU the SDPA
+kernel (_scaled_dot_product_flash_attention_for_cpu) has no formula and counts 0;
+predicting CUDA, flash and memory-efficient attention count non-causally, 2u per
+forward (2× the term here, recomputation too) and 5u per backward (5/2×: four
+non-causal matmuls plus the recomputed QKᵀ); the math kernel (fp32 with GQA)
+counts its aten.bmm, 2u forward and u per gradient it computes (dV, dP, dQ, dK;
+fewer in block 0 of a LoRA cell).
 """
 from __future__ import annotations
 
@@ -59,15 +74,19 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     attn_fwd_seq = 2 * cfg.n_heads * cfg.head_dim * s * s  # per layer, per sequence (causal)
     fwd_block_tok = 2 * (block_w + adapters)
     fwd = tokens * (L * fwd_block_tok + 2 * head_w) + batch_size * L * attn_fwd_seq
-    # input gradients: every matmul except, in LoRA cells, block 0's q, k, v (frozen input)
+    # input gradients: every matmul except, in LoRA cells, block 0's whose input needs none
     bwd_in_tok = 2 * (L * (block_w + adapters) + head_w)
+    attn_bwd_layers = L
     if lora:
-        first = {n: (d_in, d_out) for n, d_in, d_out, _ in projections(cfg)}
-        skip = sum(first[n][0] * first[n][1] for n in ("q", "k", "v"))
-        skip += sum(shapes[n][0].numel for n in ("q", "k", "v") if n in targets)  # A·x: x needs no grad
+        first = {n: d_in * d_out for n, d_in, d_out, _ in projections(cfg)}
+        cold = _no_grad_inputs(set(first), set(shapes))
+        # the base matmul's input gradient, and the adapter's first matmul (A·x): x needs no grad
+        skip = sum(first[n] + (shapes[n][0].numel if n in shapes else 0) for n in cold)
         bwd_in_tok -= 2 * skip
+        if not set(shapes) & {"q", "k", "v"}:
+            attn_bwd_layers -= 1  # block 0's attention gets no backward at all
     trainable_w = L * adapters if lora else L * block_w + head_w
-    bwd = tokens * (bwd_in_tok + 2 * trainable_w) + batch_size * L * 2 * attn_fwd_seq
+    bwd = tokens * (bwd_in_tok + 2 * trainable_w) + batch_size * attn_bwd_layers * 2 * attn_fwd_seq
     # the recomputation stops early (non-reentrant checkpoint): once the last saved tensor
     # is packed -- the down projection's input -- the op that saves it is not run: down's
     # matmul, or with an adapter on down, its B matmul (base and A have run)
@@ -75,3 +94,19 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     last = shapes["down"][-1].numel if "down" in targets else d_ff * C
     recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) if cell.checkpointing else 0
     return Flops(model=fwd + bwd, hardware=fwd + bwd + recompute, forward=fwd, backward=bwd, recompute=recompute)
+
+
+def _no_grad_inputs(names: set[str], adapted: set[str]) -> set[str]:
+    """Block 0's projections whose input needs no gradient in an adapter cell: the embedding
+    is frozen, so in block 0 a tensor needs one only downstream of an adapter."""
+    cold = {"q", "k", "v"}                    # the block's input
+    grad = bool(adapted & {"q", "k", "v"})    # attention's output, o's input
+    if not grad:
+        cold.add("o")
+    grad = grad or "o" in adapted             # the residual after attention: gate's and up's input
+    if not grad:
+        cold |= {"gate", "up"}
+    grad = grad or bool(adapted & {"gate", "up"})  # the MLP's hidden: down's input
+    if not grad:
+        cold.add("down")
+    return cold & names

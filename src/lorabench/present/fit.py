@@ -40,7 +40,8 @@ so) its times use that GPU's rates; without, no time, ranked by hardware FLOPs.
 What does not fit gets its overshoot and a fix (`suggestion`): of the single
 changes {checkpointing on, a smaller micro-batch (more accumulation), the base
 in 16 bits, LoRA r8 on a 16-bit base instead of full fine-tuning, another
-precision}, the fastest one that fits.
+precision}, the fastest one that fits. `--confirm` traces some combinations
+(fit_table.confirm): `apply_traces` makes the trace's peak their verdict.
 """
 from __future__ import annotations
 
@@ -195,10 +196,27 @@ class FitCombo:
     fix: str | None = None                # the change `suggestion` names, the combination it makes, and
     fix_combo: Combo | None = None        # what that one needs
     fix_needed_bytes: int | None = None
+    trace_est_peak_bytes: int | None = None  # fit_table.confirm: the traced peak, its wall
+    trace_s: float | None = None             # time and the analytic verdict; or why the trace failed
+    analytic_fits: bool | None = None
+    trace_error: str | None = None
+
+    @property
+    def needed_bytes(self) -> int:
+        """What the verdict compares with the budget: the traced need when traced, else the estimate's."""
+        t = self.trace_est_peak_bytes
+        return self.est_needed_bytes if t is None else t + CUDA_CONTEXT_BYTES
 
     @property
     def over_bytes(self) -> int:
-        return max(0, self.est_needed_bytes - self.budget_bytes)
+        return max(0, self.needed_bytes - self.budget_bytes)
+
+    def trace_dict(self) -> dict:
+        """The confirmation's keys of a record (`--confirm` > 0)."""
+        t = self.trace_est_peak_bytes
+        return {"traced": t is not None, "trace_est_peak_bytes": t, "trace_needed_bytes": t and self.needed_bytes,
+                "analytic_fits": self.fits if t is None else self.analytic_fits, "trace_s": self.trace_s,
+                "trace_error": self.trace_error}
 
     def to_dict(self) -> dict:
         c = self.combo
@@ -226,6 +244,7 @@ class FitReport:
     calibration: Calibration
     combos: list[FitCombo]
     rates_from: GPU | None = None   # whose peak rates timed a GPU without its own (None: its own)
+    confirmed: dict | None = None   # after fit_table.confirm: {"best": n, "near": n, "s": its wall time}
 
     @property
     def budget_bytes(self) -> int:
@@ -289,13 +308,37 @@ def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, 
         raise ConfigError("--gpu", "", "memory must be > 0")
     cal = calibration or Calibration()
     rates_from = None if has_rates(gpu) else rates_from
-    combos = [evaluate(cfg, gpu, c, margin, tuple(targets), optimizer, cal, rates_from) for c in grid(batch)]
+    combos = rank([evaluate(cfg, gpu, c, margin, tuple(targets), optimizer, cal, rates_from) for c in grid(batch)],
+                  gpu)
+    return FitReport(cfg, gpu, batch, margin, tuple(targets), optimizer, cal, combos, rates_from)
+
+
+def rank(combos: list[FitCombo], gpu: GPU) -> list[FitCombo]:
+    """Fitting first, fastest first; a suggestion (and fix) for each of the rest."""
     combos.sort(key=lambda c: (not c.fits, _rank_key(c)))
     index = {c.combo.key: c for c in combos}
     for c in combos:
+        c.suggestion, c.fix, c.fix_combo, c.fix_needed_bytes = (None,) * 4
         if not c.fits:
             c.suggestion = suggest(c, index, gpu)
-    return FitReport(cfg, gpu, batch, margin, tuple(targets), optimizer, cal, combos, rates_from)
+    return combos
+
+
+def near_limit(c: FitCombo, margin: float) -> bool:
+    """Whether the analytic need is within margin · budget of the budget (fit_table.confirm)."""
+    return (1 - margin) * c.budget_bytes <= c.est_needed_bytes <= (1 + margin) * c.budget_bytes
+
+
+def apply_traces(rep: FitReport, picked: list[FitCombo], results: list[tuple]) -> None:
+    """Each picked combination's (Estimate, wall s) as its verdict, or its (TraceError, None); re-ranked."""
+    for c, (est, secs) in zip(picked, results):
+        if secs is None:
+            msg = getattr(est, "message", str(est))
+            c.trace_error = "trace failed: " + (msg.split()[1] if msg.startswith("operator ") else msg)
+        else:
+            c.analytic_fits, c.trace_est_peak_bytes, c.trace_s = c.fits, est.est_peak_bytes, secs
+            c.fits = c.supported and c.needed_bytes <= c.budget_bytes
+    rank(rep.combos, rep.gpu)
 
 
 def _alternatives(c: Combo) -> list[tuple[str, tuple]]:
@@ -326,7 +369,7 @@ def suggest(c: FitCombo, index: dict, gpu: GPU) -> str:
     and c.fix_needed_bytes: the fix, the combination it makes and what that one needs."""
     if not c.supported:
         return f"{gpu.name} has no {c.matmul_dtype} matmul path"
-    head = f"needs {gib(c.est_needed_bytes)}, {gib(c.over_bytes)} over the {gib(c.budget_bytes)} budget"
+    head = f"needs {gib(c.needed_bytes)}, {gib(c.over_bytes)} over the {gib(c.budget_bytes)} budget"
     options = [(index[k], text) for text, k in _alternatives(c.combo) if k in index and index[k].fits]
     if not options:  # two changes
         for text, k in _alternatives(c.combo):
@@ -337,9 +380,9 @@ def suggest(c: FitCombo, index: dict, gpu: GPU) -> str:
         big = max((k for k in c.segments if k != "rest"), key=lambda k: c.segments[k])
         return f"{head}: {LABELS[big]} {gib(c.segments[big])}; no change of one or two axes makes it fit"
     best, text = min(options, key=lambda o: _rank_key(o[0]))
-    c.fix, c.fix_combo, c.fix_needed_bytes = text, best.combo, best.est_needed_bytes
+    c.fix, c.fix_combo, c.fix_needed_bytes = text, best.combo, best.needed_bytes
     term = max(c.segments, key=lambda k: c.segments[k] - best.segments.get(k, 0))
-    return f"{head}: {LABELS[term]} {gib(c.segments[term])}; {text} (→ {gib(best.est_needed_bytes)})"
+    return f"{head}: {LABELS[term]} {gib(c.segments[term])}; {text} (→ {gib(best.needed_bytes)})"
 
 
 # ---------------------------------------------------------------- measured rows

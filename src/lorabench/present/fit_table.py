@@ -21,6 +21,18 @@ none named (`common_text`): one line saying so and how to name one, then one
 row per card of COMMON_GPUS with its best choice. json and csv: one record per
 combination with its choice and the inputs of the run; for the common cards
 one record per card.
+
+Confirmation (`confirm`, --confirm K > 0; a GPU must be known). The grid stays
+analytic; then the shown combination of each of the K best choices (the first
+K rows of the tables, fitting first) and every combination near the limit, its
+analytic need within margin × budget of the budget ((1 − margin)·budget ≤
+needed ≤ (1 + margin)·budget), are traced (measure/trace.py: the real step on
+fake CUDA tensors, the GPU's name setting the cuBLAS workspace; `trace_job`:
+the TrainConfig of fit's estimate, two steps, two batches resident where the
+estimate holds one) and the trace's peak decides their verdict (fit.apply_traces).
+The tables gain "traced GiB" (the traced need; – not traced), json/csv records
+traced, trace_est_peak_bytes, trace_needed_bytes, analytic_fits, trace_s,
+trace_error ("trace failed: <op>": that row keeps its analytic verdict).
 """
 from __future__ import annotations
 
@@ -49,7 +61,7 @@ def parse_targets(text: str, style: str) -> tuple:
 
 def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: int = 8, lora_targets: str = "q,v",
              margin: float = 0.10, optimizer: str = "auto", calibrate_path: str | None = None, top: int = 10,
-             fmt: str = "table", width: int | None = None) -> str:
+             fmt: str = "table", width: int | None = None, confirm_k: int = 0, quiet: bool = True) -> str:
     """`lorabench fit`: every combination for `model` on `gpu` (None: this machine's GPU, else the
     common cards), rendered (module docstring)."""
     from ..estimator.gpus import local_gpu, lookup, resolve_gpu
@@ -71,16 +83,56 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
         try:
             g = local_gpu()
         except ConfigError as e:
+            if confirm_k:
+                raise ConfigError("--confirm", "", "traces for one GPU: name it with --gpu") from None
             return common_text(run, e.message, fmt, width, check)
     else:
         g = resolve_gpu(gpu)
     rep = run(g)
+    if confirm_k:
+        confirm(rep, confirm_k, quiet)
     choice_of = {}
     for rank, members in enumerate(choices(rep.fitting()) + choices(rep.not_fitting()), 1):
         choice_of.update({id(c): {"choice": " · ".join(choice_label(members)), "choice_rank": rank} for c in members})
     extra = run_fields(rep, fmt)
-    records = [{**c.to_dict(), **choice_of[id(c)], **extra} for c in rep.combos]
+    records = [{**c.to_dict(), **(c.trace_dict() if rep.confirmed else {}), **choice_of[id(c)], **extra}
+               for c in rep.combos]
     return write(records, fmt, table=lambda w: render_fit(rep, top, check, w), width=width)
+
+
+def trace_job(rep, combo):
+    """The CellJob whose trace is fit's estimate of `combo`: batch B on CUDA, AdamW's state in a 2-step window."""
+    from ..spec.config import TrainConfig
+    from ..spec.job import CellJob
+    train = TrainConfig(batch_size=rep.batch, warmup_steps=1, steps=1, optimizer=rep.optimizer, underflow_probe=False)
+    return CellJob(scenario="fit", model=rep.model, train=train, cell=combo.cell(rep.targets), device="cuda")
+
+
+def confirm(rep, k: int, quiet: bool = True) -> None:
+    """Trace the best k choices' shown combinations and those near the limit; their verdict is the trace's."""
+    import time
+    from .estimates import run_traces
+    from .fit import apply_traces, near_limit
+    best = [m[0] for m in choices(rep.fitting()) + choices(rep.not_fitting()) if m[0].supported][:k]
+    near = [c for c in rep.combos if c.supported and near_limit(c, rep.margin) and all(c is not b for b in best)]
+    t0 = time.perf_counter()
+    results = run_traces([trace_job(rep, c.combo) for c in best + near], rep.gpu.name, quiet, "fit: tracing", False)
+    apply_traces(rep, best + near, results)
+    rep.confirmed = {"best": len(best), "near": len(near), "s": time.perf_counter() - t0}
+
+
+def confirm_line(rep) -> str:
+    c = rep.confirmed
+    done = [x for x in rep.combos if x.trace_est_peak_bytes is not None]
+    failed = [f"{x.combo.id} ({x.trace_error})" for x in rep.combos if x.trace_error]
+    changed = sum(x.analytic_fits != x.fits for x in done)
+    return (f"traced (--confirm): {len(done)} of {c['best'] + c['near']} combinations, the {c['best']} best choices "
+            f"and {c['near']} more within ±{100 * rep.margin:g} % of the budget, in {c['s']:,.0f} s; their verdict is "
+            f"the trace's ({changed} changed)" + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+
+def _traced(c) -> str:
+    return "failed" if c.trace_error else "–" if c.trace_est_peak_bytes is None else f"{c.needed_bytes / 2**30:.1f}"
 
 
 def run_fields(rep, fmt: str) -> dict:
@@ -252,14 +304,15 @@ def render_fit(rep, top: int, check: dict | None = None, width: int = 160) -> li
     out = [Text(f"{title(rep)} → {g.name} ({gib(g.memory_bytes)}, budget {gib(rep.budget_bytes)}): "
                 f"{len(rep.fitting())} of {len(rep.combos)} combinations fit, as {len(ok)} distinct "
                 f"choice{'s' * (len(ok) != 1)}", style="bold"),
-           Text(assumptions(rep), style="dim")]
+           Text(assumptions(rep), style="dim")] + ([Text(confirm_line(rep), style="dim")] if rep.confirmed else [])
+    tr = ["traced GiB"] if rep.confirmed else []
     t = None
     if ok:
-        rows = [[str(i), *choice_label(m), _mb(m[0]), _gib(m), *_time_cells(m[0], tokens),
-                 rich_bar(m[0].segments, g.memory_bytes, 20), f"{m[0].est_hw_flops_per_step / 1e12:,.1f}"]
-                for i, m in enumerate(ok[:n], 1)]
+        rows = [[str(i), *choice_label(m), _mb(m[0]), _gib(m), *([_traced(m[0])] if tr else []),
+                 *_time_cells(m[0], tokens), rich_bar(m[0].segments, g.memory_bytes, 20),
+                 f"{m[0].est_hw_flops_per_step / 1e12:,.1f}"] for i, m in enumerate(ok[:n], 1)]
         t = _table(f"fits: {_count(ok, n, 'best')}, fastest first", ["#", "precision", "technique", "micro×acc",
-                   "needed GiB", "s/step", "tokens/s", bar, "TFLOP/step"], rows, width,
+                   "needed GiB", *tr, "s/step", "tokens/s", bar, "TFLOP/step"], rows, width,
                    drop=("TFLOP/step", bar, "tokens/s"))
         out.append(t)
         if len(ok) > n:
@@ -273,11 +326,11 @@ def render_fit(rep, top: int, check: dict | None = None, width: int = 160) -> li
             c = m[0]
             fix = (f"{change_text(c.combo, c.fix_combo)} → {c.fix_needed_bytes / 2**30:.1f}" if c.fix_combo
                    else (c.suggestion or "").split("; ")[-1])
-            rows.append([*choice_label(m), _mb(c), _gib(m), f"+{c.over_bytes / 2**30:.1f}" if c.supported else "–",
-                         fix])
+            rows.append([*choice_label(m), _mb(c), _gib(m), *([_traced(c)] if tr else []),
+                         f"+{c.over_bytes / 2**30:.1f}" if c.supported else "–", fix])
         out.append(_table(f"does not fit: {_count(bad, n, 'closest')}",
-                          ["precision", "technique", "micro×acc", "needed GiB", "over", "what would fit → GiB"], rows,
-                          width))
+                          ["precision", "technique", "micro×acc", "needed GiB", *tr, "over", "what would fit → GiB"],
+                          rows, width))
         if len(bad) > n:
             out.append(Text(f"… {len(bad) - n} more choices that do not fit (--top 0 shows all)", style="dim"))
     else:

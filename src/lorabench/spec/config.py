@@ -39,6 +39,10 @@ class ModelConfig:
     rope_theta: float = fld(10000.0, "RoPE base (llama style)", (gt(0),))
     max_seq_len: Optional[int] = fld(None, "positions the model supports (gpt2's learned table); default seq_len", (gt(0),))
     source: Optional[str] = fld(None, "where the architecture's numbers come from (presets)")
+    hf: Optional[str] = fld(None, "a Hugging Face config.json (or its directory): the model is built by transformers from it "
+                            "(random weights, offline); the fields above are read from it and override it", row=True)
+    attn_implementation: Optional[str] = fld(None, "hf models: sdpa | eager (transformers' attention path); default sdpa",
+                                             row=True)
     published_params: Optional[int] = fld(None, "the parameter count its authors publish (presets; tested)", (gt(0),))
 
     def __post_init__(self):
@@ -59,10 +63,20 @@ class ModelConfig:
             self.max_seq_len = self.seq_len
         if self.seq_len > self.max_seq_len:
             raise FieldError("seq_len", f"must be <= max_seq_len={self.max_seq_len}, got {self.seq_len}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise FieldError("attn_implementation", f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                                                    f"got {self.attn_implementation!r}")
+        if self.hf is None and self.attn_implementation is not None:
+            raise FieldError("attn_implementation", "applies to Hugging Face models (model.hf) only")
+        if self.hf is not None and self.attn_implementation is None:
+            self.attn_implementation = "sdpa"
         self.head_dim = self.d_model // self.n_heads  # derived
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass

@@ -109,7 +109,7 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
         "style": "llama", "d_model": C, "n_layers": _int(data, "num_hidden_layers", path), "n_heads": H,
         "n_kv_heads": G, "d_ff": _int(data, "intermediate_size", path), "vocab_size": _int(data, "vocab_size", path),
         "max_seq_len": _int(data, "max_position_embeddings", path), "norm_eps": _float(data, "rms_norm_eps", path, 1e-6),
-        "rope_theta": _float(data, "rope_theta", path, 10000.0),
+        "rope_theta": _float(data.get("rope_parameters") or data, "rope_theta", path, 10000.0),
         "tie_embeddings": _bool(data, "tie_word_embeddings", path, False), "bias": bias, "qkv_bias": qkv_bias,
     }
 
@@ -126,3 +126,48 @@ def _gpt2(data: dict, path: str) -> dict:
         "max_seq_len": _int(data, "n_positions", path), "norm_eps": _float(data, "layer_norm_epsilon", path, 1e-5),
         "tie_embeddings": _bool(data, "tie_word_embeddings", path, True), "bias": True, "qkv_bias": True,
     }
+
+
+# ModelConfig field -> the config.json key that holds it, per family (the readers above, inverted)
+HF_KEYS = {
+    "llama": {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+              "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "vocab_size": "vocab_size",
+              "max_seq_len": "max_position_embeddings", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
+              "tie_embeddings": "tie_word_embeddings"},
+    "gpt2": {"d_model": "n_embd", "n_layers": "n_layer", "n_heads": "n_head", "d_ff": "n_inner",
+             "vocab_size": "vocab_size", "max_seq_len": "n_positions", "norm_eps": "layer_norm_epsilon",
+             "tie_embeddings": "tie_word_embeddings"},
+}
+
+
+def config_path(path: str) -> str:
+    """A config.json path, or a directory holding one, as the config.json's path."""
+    p = Path(path)
+    return str(p / "config.json") if p.is_dir() else str(p)
+
+
+def hf_model_fields(path: str, source: str, base_dir: str | None = None) -> dict:
+    """ModelConfig fields of a scenario's `model.hf` (relative to the scenario's directory),
+    `hf` set to the config.json's absolute path."""
+    p = Path(path)
+    if base_dir is not None and not p.is_absolute():
+        p = Path(base_dir) / p
+    file = config_path(str(p))
+    if not Path(file).is_file():
+        raise ConfigError(source, "model.hf", f"no config.json at {path!r}")
+    fields = hf_config_fields(file)
+    fields["hf"] = str(Path(file).resolve())
+    return fields
+
+
+def hf_config_dict(cfg) -> dict:
+    """The config.json of a ModelConfig with `hf` set, its lorabench fields written over the
+    file's keys (so that `n_layers: 2` in a scenario builds two layers)."""
+    data = _read(cfg.hf)
+    family = "gpt2" if data.get("model_type") == "gpt2" else "llama"
+    for name, key in HF_KEYS[family].items():
+        data[key] = getattr(cfg, name)
+    if family == "llama":
+        data.pop("rope_parameters", None)
+        data.pop("head_dim", None)  # hidden_size / heads (the reader refuses any other)
+    return data

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib.util
 import itertools
 import math
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import AXES, AXIS_CHECKS, LORA_TARGETS, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
+from .hf_config import hf_model_fields
 from .job import CellJob
 from .presets import preset_data
 from .schema import ConfigError, build, fld, ge, read_yaml, run_checks, short
@@ -80,7 +83,15 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
         if not isinstance(preset, str):
             raise ConfigError(source, "model.preset", f"must be a string, got {short(preset)}")
         mdata = {**preset_data(preset, source), **mdata}
+    if mdata.get("hf") is not None:  # (ModelConfig.to_dict() gives hf: None for a built-in model)
+        hf = mdata.pop("hf")
+        if not isinstance(hf, str):
+            raise ConfigError(source, "model.hf", f"must be a path to a config.json, got {short(hf)}")
+        base = os.path.dirname(source) if os.path.isfile(source) else None
+        mdata = {**hf_model_fields(hf, source, base), **mdata}
     model = build(ModelConfig, mdata, "model", source)
+    if model.hf and importlib.util.find_spec("transformers") is None:
+        raise ConfigError(source, "model.hf", "needs transformers: pip install 'lorabench[hf]'")
     train = build(TrainConfig, sc.train, "train", source)
     matrix = build(MatrixSpec, normalize_axes(sc.matrix, source), "matrix", source)
     for axis, checks in AXIS_CHECKS.items():
@@ -94,6 +105,11 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
                                   f"unknown target {short(t)} for a {model.style} model (allowed: {', '.join(allowed)})")
         if not targets:
             raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
+    if model.hf and model.style == "gpt2":
+        for i, r in enumerate(matrix.lora_rank):
+            if r:
+                raise ConfigError(source, f"matrix.lora_rank[{i}]", "a Hugging Face gpt2 has fused Conv1D "
+                                  "projections, which take no per-projection adapter: use lora_rank 0")
     for i, acc in enumerate(matrix.accumulation):
         if train.batch_size % acc:
             raise ConfigError(source, f"matrix.accumulation[{i}]", f"must divide train.batch_size={train.batch_size}, got {acc}")

@@ -52,6 +52,12 @@ class Stack(ABC):
     def logits(self, model, x):
         """The model's logits (B, T, V) for token ids x (B, T)."""
 
+    def trace_context(self):
+        """A context manager under which the stack's code runs on fake tensors (measure/trace.py)
+        as it runs on real ones; nothing by default."""
+        from contextlib import nullcontext
+        return nullcontext()
+
     def block_of(self, param_name: str) -> str:
         """The block a parameter belongs to, e.g. `blocks.3.attn.q.weight` -> `blocks.3`."""
         return numbered_block(param_name)

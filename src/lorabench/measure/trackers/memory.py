@@ -18,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-class _LiveStorages(TorchDispatchMode):
-    """Counts the bytes of live tensor storages created while it is active.
+class StorageCounter:
+    """Counts the bytes of live tensor storages that ops return while its mode is active
+    (mixed into a dispatch mode: _LiveStorages here, the trace's fake mode in measure/trace.py).
 
     A storage is keyed by its StorageImpl (`_cdata`), not by `data_ptr`: fake tensors
     (the trace, estimator/trace) all have data_ptr 0, and a storage can change size.
@@ -27,10 +28,10 @@ class _LiveStorages(TorchDispatchMode):
     frees its all-gather buffers with `resize_(0)` and reallocates them the same way)
     moves the count. round_to: each storage counted as a multiple of this many bytes,
     at least one (512: the CUDA caching allocator's smallest block).
-    `timeline`: keep what the peak held (see `held_at_peak`)."""
+    `timeline`: keep what the peak held (see `_Timeline`)."""
 
-    def __init__(self, round_to: int = 1, timeline: bool = False):
-        super().__init__()
+    def __init__(self, round_to: int = 1, timeline: bool = False, **mode_kwargs):
+        super().__init__(**mode_kwargs)
         self.current_bytes = 0
         self.peak_bytes = 0
         self.phase = "setup"
@@ -130,13 +131,24 @@ class _LiveStorages(TorchDispatchMode):
             self._resize = None
         return super().__exit__(*exc)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def track_output(self, func, out) -> None:
+        """Count what op `func` returned."""
         self.ops += 1
         self.last_op = func
+        if isinstance(out, torch.Tensor):
+            self.track(out)
+        elif isinstance(out, (tuple, list)):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.track(t)
+
+
+class _LiveStorages(StorageCounter, TorchDispatchMode):
+    """The CPU tracker's mode: every op's output counted (StorageCounter)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+        self.track_output(func, out)
         return out
 
 
@@ -179,7 +191,7 @@ class MemoryTracker:
     `timeline` are _LiveStorages' (the trace, estimator/trace.py, uses them).
     """
 
-    def __init__(self, device: str, round_to: int = 1, timeline: bool = False):
+    def __init__(self, device: str, round_to: int = 1, timeline: bool = False, storages: StorageCounter | None = None):
         self.cuda = device == "cuda"
         self.peak_allocated_bytes: int | None = None
         self.peak_reserved_bytes: int | None = None
@@ -189,12 +201,14 @@ class MemoryTracker:
         self.ooms: int | None = None
         self.nvml_process_bytes: int | None = None
         self._phase = "setup"
-        self._mode = None if self.cuda else _LiveStorages(round_to, timeline)
+        # storages: a counting mode the caller has entered and will exit (the trace's fake mode)
+        self._mode = None if self.cuda else storages or _LiveStorages(round_to, timeline)
+        self._own_mode = storages is None
         self._reserved_peak = 0
         self._closed = False
 
     def __enter__(self):
-        if self._mode is not None:
+        if self._mode is not None and self._own_mode:
             self._mode.__enter__()
         return self
 
@@ -215,7 +229,8 @@ class MemoryTracker:
             self.peak_reserved_bytes = self._reserved_peak
             self.nvml_process_bytes = nvml_process_bytes()
         else:
-            self._mode.__exit__(None, None, None)
+            if self._own_mode:
+                self._mode.__exit__(None, None, None)
             self.phase_peak_bytes = {k: v for k, v in self._mode.phase_peaks.items() if k != "setup"}
         if self.phase_peak_bytes:
             # the peak over every phase; its phase among the marked ones (the unmarked timed steps repeat them)
@@ -234,7 +249,7 @@ class MemoryTracker:
                 self._mode.track(t)
 
     @property
-    def storages(self) -> "_LiveStorages":
+    def storages(self) -> StorageCounter:
         """The CPU allocation tracker itself (None on CUDA)."""
         return self._mode
 

@@ -1,0 +1,114 @@
+"""The Hugging Face stack: the model `transformers` builds from a config.json.
+
+    model: {hf: configs/tiny-llama/config.json, n_layers: 2, seq_len: 64}
+
+`AutoModelForCausalLM.from_config` builds the architecture with random weights,
+offline (nothing is downloaded), in FP32 on the cell's device; the scenario's
+ModelConfig fields are written over the file's keys first (spec/hf_config.py).
+Then, as for the built-in stack: the frozen base in `base_dtype` with the cell's
+adapters on the mapped projections (q -> q_proj, ..., down -> down_proj), and
+checkpointing through transformers' own `gradient_checkpointing_enable`
+(non-reentrant, as torch.utils.checkpoint in the built-in stack).
+
+What transformers does differently from the built-in stack is what this stack is
+for: its own attention path (`attn_implementation`: sdpa or eager), its RoPE
+and causal-mask code. The trace method (measure/trace.py) runs this code itself;
+the analytic estimator replays the built-in stack of the same shape (the
+`parameters`, `projections` and `replay_forward` below delegate to it), which
+`analytic_note` says in every estimate of an HF cell.
+
+Families: llama, mistral and qwen2 (Llama-style blocks); gpt2 for full
+fine-tuning (its fused Conv1D qkv takes no per-projection adapter).
+"""
+from __future__ import annotations
+
+from .base import Stack, numbered_block
+from .builtin import BuiltinStack
+
+TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+class HFStack(Stack):
+    name = "hf"
+    analytic_note = "analytic: the built-in stack of the same shape (transformers' own allocations are traced only)"
+
+    def __init__(self):
+        self._builtin = BuiltinStack()
+
+    def build(self, cfg, cell, device, seed):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from ..adapters.layer import apply_adapter
+        from ..spec.hf_config import hf_config_dict
+        data = hf_config_dict(cfg)
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+        config.use_cache = False
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     attn_implementation=cfg.attn_implementation)
+        model.train()
+        model.stack_name = self.name
+        if cell.is_lora:
+            apply_adapter(model, [TARGET_NAMES[t] for t in cell.lora_targets], cell.lora_rank, cell.lora_alpha,
+                          cell.dropout, cell.base_dtype, cell.adapter)
+        if cell.checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def trace_context(self):
+        """transformers takes a fake tensor for a graph being traced (`utils.import_utils.is_tracing`)
+        and then builds an explicit causal mask that the real run skips. Under the trace its
+        `is_fake_tensor` answers False, so the fake step takes the real step's path; the one
+        value that path reads, whether the rows are packed sequences
+        (`masking_utils.find_packed_sequence_indices`), is computed by transformers' own ops
+        and answered as the real run answers for lorabench's batches: not packed."""
+        from contextlib import contextmanager
+
+        from transformers import masking_utils
+        from transformers.utils import import_utils
+
+        is_fake, find_packed = import_utils.is_fake_tensor, masking_utils.find_packed_sequence_indices
+
+        def unpacked(position_ids):
+            import_utils.is_fake_tensor = is_fake
+            try:
+                mask = find_packed(position_ids)  # as when tracing: the ops, no value read
+            finally:
+                import_utils.is_fake_tensor = real
+            if mask is not None:
+                (mask[:, -1] == 0).all()  # the real run's check, whose tensors it makes (not read)
+            return None
+
+        def real(tensor):
+            return False
+
+        @contextmanager
+        def real_path():
+            import_utils.is_fake_tensor, masking_utils.find_packed_sequence_indices = real, unpacked
+            try:
+                yield
+            finally:
+                import_utils.is_fake_tensor, masking_utils.find_packed_sequence_indices = is_fake, find_packed
+        return real_path()
+
+    def logits(self, model, x):
+        return model(input_ids=x, use_cache=False).logits
+
+    def block_of(self, param_name: str) -> str:
+        """`model.layers.3.self_attn.q_proj.weight` -> `model.layers.3` (gpt2: `transformer.h.3`)."""
+        parts = param_name.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit():
+                return ".".join(parts[: i + 1])
+        return numbered_block(param_name)
+
+    def parameters(self, cfg, cell, blocks=None):
+        return self._builtin.parameters(cfg, cell, blocks)
+
+    def projections(self, cfg):
+        return self._builtin.projections(cfg)
+
+    def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks):
+        return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks)
