@@ -36,7 +36,7 @@ predict what `run` measures on a CPU (the trace is exact there); "cuda" ones pre
 a CUDA run (the trace adds the CUDA terms of measure/trace.py; analytic has its own
 CUDA model), neither checked on hardware here.
 
-Output: results/trace-vs-analytic-<UTC date>.jsonl (one row per configuration,
+Output: results/benchmarks/trace-vs-analytic-<UTC date>.jsonl (one row per configuration,
 "kind": "config"; one per CPU result row, "kind": "measured"; a last "kind":
 "summary") and .txt beside it (what was printed); --out PATH.jsonl chooses the
 place, --quick and --only write nothing unless --out is given. An existing file is
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated globs of configuration ids (see --list)")
     ap.add_argument("--list", action="store_true", help="print the configuration ids and exit")
     ap.add_argument("--out", help="the .jsonl to write (the .txt goes beside it); default "
-                    "results/trace-vs-analytic-<UTC date>.jsonl")
+                    "results/benchmarks/trace-vs-analytic-<UTC date>.jsonl")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--skip-measured", action="store_true", help="skip the check of the CPU result rows")
     ap.add_argument("--explain-pct", type=float, default=3.0,
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.quick or args.only:
         jsonl = None
     else:
-        jsonl = ROOT / "results" / f"trace-vs-analytic-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl"
+        jsonl = ROOT / "results" / "benchmarks" / f"trace-vs-analytic-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl"
     if jsonl is not None:
         if jsonl.suffix != ".jsonl":
             print(f"--out: must end in .jsonl, got {str(jsonl)!r}", file=sys.stderr)

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from ..spec.config import Cell, ModelConfig, resolve_optimizer_impl
 from ..stacks.base import ITEM_BYTES as ISZ
 from ..stacks.transformer_layout import state_bytes
+from ..stacks import stack_for
 from .replay import simulate
 
 PHASES = ("forward", "backward", "optimizer")
@@ -111,6 +112,7 @@ class Estimate:
     trainable_params: int = 0
     device: str = "cpu"
     method: str = "analytic"  # analytic (this module) | trace (measure/trace.py)
+    est_basis: str = field(default="", metadata={'row': True})  # what was modelled (Stack.analytic_basis; trace)
 
     def fields(self) -> dict:
         """The fields a result row stores (declared with metadata row=True; see row/codec.py)."""
@@ -234,4 +236,5 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         est_peak_bytes=int(peak), est_peak_phase=peak_phase,
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,
-        cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device)
+        cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device,
+        est_basis=stack_for(model_cfg).analytic_basis)

@@ -54,6 +54,7 @@ from .trackers.memory import StorageCounter
 from .worker import setup, warm_up
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block and rounding step
+TRACE_BASIS = "the step's own code on fake tensors (trace)"
 
 
 class TraceError(ConfigError):
@@ -267,7 +268,7 @@ def _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name) -> Es
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={k: int(v) for k, v in phases.items()},
         breakdown={k: int(v) for k, v in breakdown.items() if v}, cuda_overheads=cuda,
-        total_params=total, trainable_params=trainable, device=job.device, method="trace")
+        total_params=total, trainable_params=trainable, device=job.device, method="trace", est_basis=TRACE_BASIS)
 
 
 def _state_phases(job: CellJob) -> set[str]:

@@ -26,6 +26,7 @@ from ..spec.scenario import LoadedScenario, expand, load_scenario, parse_scenari
 from ..spec.config import split_targets
 from ..base.env import resolve_device
 from ..estimator.analytic import estimate
+from ..stacks import BUILTIN
 from ..spec.schema import ConfigError
 
 METHODS = ("analytic", "trace", "both")
@@ -245,6 +246,8 @@ def notes(rows: list[dict]) -> list[str]:
     named = {t for ts in PEAK_COLUMNS.values() for t in ts}
     rest = sorted({k for r in rows for k, v in r["est_breakdown"].items() if v and k not in named})
     out = [f"rest: {', '.join(rest)} (every term: --format json, est_breakdown)"] if rest else []
+    for basis in sorted({r.get("est_basis") for r in rows} - {None, "", BUILTIN.analytic_basis}):
+        out.append(f"estimates model {basis}")
     if any(r.get("est_method") == "trace" for r in rows):
         out.append(f"traced: activations hold every temporary (logits/loss included); {trace_time(rows)}")
     ctx = next((r["est_cuda_overheads"]["cuda_context"] for r in rows if r.get("est_cuda_overheads")), None)

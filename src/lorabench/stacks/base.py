@@ -42,6 +42,8 @@ def numbered_block(name: str) -> str:
 
 class Stack(ABC):
     name: str = ""
+    analytic_basis: str = "the stack's ops, replayed"
+    """what the analytic estimate of this stack's cells models (every estimate row says: est_basis)"""
 
     @abstractmethod
     def build(self, cfg: ModelConfig, cell: Cell, device: str, seed: int):

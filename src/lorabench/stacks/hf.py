@@ -15,7 +15,7 @@ for: its own attention path (`attn_implementation`: sdpa or eager), its RoPE
 and causal-mask code. The trace method (measure/trace.py) runs this code itself;
 the analytic estimator replays the built-in stack of the same shape (the
 `parameters`, `projections` and `replay_forward` below delegate to it), which
-`analytic_note` says in every estimate of an HF cell.
+`analytic_basis` says in every estimate of an HF cell (est_basis).
 
 Families: llama, mistral and qwen2 (Llama-style blocks); gpt2 for full
 fine-tuning (its fused Conv1D qkv takes no per-projection adapter).
@@ -31,7 +31,7 @@ TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 
 class HFStack(Stack):
     name = "hf"
-    analytic_note = "analytic: the built-in stack of the same shape (transformers' own allocations are traced only)"
+    analytic_basis = "the built-in stack of the same shape, not transformers' code (--method trace runs it)"
 
     def __init__(self):
         self._builtin = BuiltinStack()
