@@ -276,7 +276,10 @@ def test_killing_the_parent_leaves_no_process_and_keeps_rows(sig, tmp_path):
     proc.send_signal(sig)
     proc.wait(timeout=30)
     assert survivors_after(proc.pid) == []
-    assert out.read_text() == first and json.loads(first)["status"] == "ok"
+    text = out.read_text()  # the first row kept whole; the cell running is not written (unless it
+    # finished between the first row being seen and the signal, on a loaded machine: then whole too)
+    assert text.startswith(first) and json.loads(first)["status"] == "ok"
+    assert text.count("\n") <= 2 and all(json.loads(line)["status"] == "ok" for line in text.splitlines())
     if sig != signal.SIGKILL:  # handled like Ctrl-C: the resume hint, exit 130, the CSV
         assert proc.returncode == 130, proc.stderr.read()
         assert "--resume" in proc.stderr.read()

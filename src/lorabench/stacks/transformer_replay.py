@@ -17,7 +17,8 @@ Per-op saved bytes (all ×a of the tensor that is saved):
 - SDPA: q, k, v, out (N·(H+2G)·D + N·H·D) and the log-sum-exp (b·H·s·4), never the
   b·H·s² scores (CPU: _scaled_dot_product_flash_attention_for_cpu; CUDA: flash /
   memory-efficient; the math fallback -- CUDA fp32 with GQA -- materialises them).
-  llama: out.transpose(1, 2).reshape(...) copies (N·H·D, o's saved input) when H > 1;
+  llama: out.transpose(1, 2).reshape(...) copies (N·H·D, o's saved input) when H > 1
+  (not after CUDA's memory-efficient kernel, whose out is laid out (B,T,H,D));
   in backward the same reshape of q's and k's gradients copies too.
 - Python lifetimes count: Attention.forward's q, k, v, y and RMSNorm's x.float(),
   x̂ live until the function returns, the logits until compute_loss returns.
@@ -153,9 +154,9 @@ def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymT
         q2, k2, v2 = sim.to(q, sim.autocast), sim.to(k, sim.autocast), sim.to(v, sim.autocast)
     else:
         q2, k2, v2 = sim.hold(q), sim.hold(k), sim.hold(v)
-    cuda = dims.device == "cuda"
-    flash = not cuda or (q2.dtype != F32 and dims.D <= 256)  # CPU's kernel, or CUDA flash
-    if cuda and not flash and dims.G != dims.H:  # memory-efficient attention has no GQA: math fallback
+    kernel = sdpa_kernel(dims, q2.dtype)
+    flash = kernel in ("cpu", "flash")
+    if kernel == "math":  # memory-efficient attention has no GQA: math fallback
         out = _math_attention(sim, q2, k2, v2, dims)
     else:
         node = sim.node([q2, k2, v2], sdpa_backward)
@@ -167,6 +168,16 @@ def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymT
     for t in (q2, k2, v2):
         sim.drop(t)
     return out
+
+
+def sdpa_kernel(dims: Dims, dtype) -> str:
+    """cpu | flash | efficient | math: the kernel F.scaled_dot_product_attention runs (sdpa's
+    docstring; measure/cuda_kernels.sdpa_kernel makes the same choice for the trace)."""
+    if dims.device != "cuda":
+        return "cpu"
+    if dtype != F32 and dims.D % 8 == 0 and dims.D <= 256:
+        return "flash"
+    return "math" if dims.G != dims.H else "efficient"
 
 
 def _math_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymTensor:
@@ -248,7 +259,10 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTe
     else:
         q2, k2 = qh, kh
     y = sdpa(sim, q2, k2, v, dims)
-    if llama and H > 1 and dims.s > 1:  # out is (B,H,T,D)-contiguous: transpose(1,2).reshape copies
+    # out is laid out like q, (B,H,T,D)-contiguous after RoPE, so transpose(1,2).reshape copies;
+    # CUDA's memory-efficient kernel lays its out as (B,T,H,D): the reshape is a view
+    efficient = sdpa_kernel(dims, sim.autocast or q2.dtype) == "efficient"
+    if llama and H > 1 and dims.s > 1 and not efficient:
         y2 = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         sim.drop(y)
         y = y2
