@@ -253,7 +253,11 @@ SLOW = GOOD.replace("steps: 2, warmup_steps: 1", "steps: 150, warmup_steps: 1").
 
 
 def start_run(tmp_path) -> tuple[subprocess.Popen, Path]:
-    (tmp_path / "slow.yaml").write_text(SLOW.replace("steps: 150", "steps: 150, timeout_s: 600"))
+    # the fp16 cell must still be running when the run is killed: four micro-batches a step and
+    # 600 steps (150 single steps once finished between the first row being seen and the signal)
+    (tmp_path / "slow.yaml").write_text(SLOW.replace("steps: 150", "steps: 600, timeout_s: 600") +
+                                        "  accumulation: [1, 4]\nexclude:\n  - {precision: fp32, accumulation: 4}\n"
+                                        "  - {precision: fp16, accumulation: 1}\n")
     out = tmp_path / "r.jsonl"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", "slow.yaml", "--out", str(out)],
