@@ -1,4 +1,7 @@
 """Shared test set-up."""
+import sys
+import types
+
 import pytest
 import torch
 
@@ -10,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_nvml(monkeypatch):
+    """A machine without an NVIDIA driver: pynvml's init fails."""
+    fake = types.ModuleType("pynvml")
+
+    def init():
+        raise RuntimeError("NVML Shared Library Not Found")
+    fake.nvmlInit = init
+    monkeypatch.setitem(sys.modules, "pynvml", fake)

@@ -24,17 +24,6 @@ def cli(*args):
 
 
 @pytest.fixture
-def no_nvml(monkeypatch):
-    """A machine without an NVIDIA driver: pynvml's init fails."""
-    fake = types.ModuleType("pynvml")
-
-    def init():
-        raise RuntimeError("NVML Shared Library Not Found")
-    fake.nvmlInit = init
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-
-
-@pytest.fixture
 def one_4090(monkeypatch):
     fake = types.SimpleNamespace(
         nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 1,

@@ -16,6 +16,7 @@ from lorabench.estimator.analytic import estimate
 from lorabench.measure.cuda_kernels import _ORIGINAL, cuda_kernels, sdpa_kernel
 from lorabench.measure.trace import TraceError, trace
 from lorabench.measure.trackers import MemoryTracker
+from lorabench.measure.trackers.memory import _LiveStorages
 from lorabench.measure.worker import run_cell
 from lorabench.spec.config import Cell, ModelConfig, TrainConfig
 from lorabench.spec.job import CellJob
@@ -147,7 +148,7 @@ def test_tracker_is_keyed_by_storage_and_sees_resize():
 
 
 def test_tracker_rounds_to_the_cuda_block():
-    with MemoryTracker("cpu", round_to=512) as mem:
+    with _LiveStorages(round_to=512) as mode, MemoryTracker("cpu", storages=mode) as mem:
         x = torch.ones(10) + 1  # noqa: F841 -- 40 B counted as 512
         y = torch.ones(200) + 1  # noqa: F841 -- 800 B counted as 1024
         assert mem.current_bytes == 512 + 1024

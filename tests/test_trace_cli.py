@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
-import types
 
 import pytest
 
@@ -182,13 +180,7 @@ def test_a_failed_trace_keeps_the_analytic_verdict_and_says_so(monkeypatch):
     assert {"traced", "trace_est_peak_bytes", "trace_error"} <= set(next(csv.DictReader(io.StringIO(r.output))))
 
 
-def test_confirm_needs_a_gpu_and_a_count(monkeypatch):
-    fake = types.ModuleType("pynvml")
-
-    def init():
-        raise RuntimeError("NVML Shared Library Not Found")
-    fake.nvmlInit = init
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+def test_confirm_needs_a_gpu_and_a_count(no_nvml):
     for args, message in ((["--confirm", "2"], "--confirm"), (["--gpu", "24GiB", "--confirm", "-1"], "--confirm")):
         r = cli("fit", "--model", "cpu-tiny", *args)
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..sim.ops import cuda_sdpa_kernel
+
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -39,11 +41,9 @@ def _autocast_inputs(*ts):
 
 
 def sdpa_kernel(q, k) -> str:
-    """flash | efficient | math: the CUDA kernel for causal, unmasked attention of q, k."""
-    D, gqa = q.size(-1), k.size(-3) != q.size(-3)
-    if q.dtype in HALF and D % 8 == 0 and D <= 256:
-        return "flash"
-    return "math" if gqa else "efficient"
+    """flash | efficient | math: the CUDA kernel for causal, unmasked attention of q, k
+    (sim.ops.cuda_sdpa_kernel, the rule the analytic replay uses too)."""
+    return cuda_sdpa_kernel(q.dtype in HALF, q.size(-1), k.size(-3) != q.size(-3))
 
 
 def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

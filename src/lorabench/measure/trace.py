@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -107,7 +108,6 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
     count_flops: also count the step's FLOPs with torch.utils.flop_counter (slower)."""
     cuda = job.device == "cuda"
     t0 = time.perf_counter()
-    mem = None
     fake = _counting_fake_mode(round_to=CUDA_BLOCK_BYTES if cuda else 1)
     try:
         with fake:
@@ -126,8 +126,6 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
                 tagger.tag("batches", [t for pair in batches for t in pair])
             sb = state_bytes(model, opt)
             total, trainable = count_params(model)
-    except TraceError:
-        raise
     except Exception as e:  # noqa: BLE001 -- every failure of a fake op becomes one line
         raise _trace_error(e, job, fake.last_op) from None
     est = _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name)
@@ -189,14 +187,6 @@ class _AlwaysStepScaler(torch.amp.GradScaler):
         return optimizer.step(*args, **kwargs)
 
 
-class _NoFlops:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class _Flops:
     def __init__(self):
         from torch.utils.flop_counter import FlopCounterMode
@@ -214,7 +204,7 @@ class _Flops:
 
 
 def _flop_counter(on: bool):
-    return _Flops() if on else _NoFlops()
+    return _Flops() if on else nullcontext()
 
 
 def _trace_error(e: Exception, job: CellJob, last_op) -> TraceError:

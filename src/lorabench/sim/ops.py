@@ -14,6 +14,17 @@ from .tensors import BF16, F16, F32, Param, SymTensor, promote
 DTYPES = {"fp32": F32, "bf16": BF16, "fp16": F16}  # the spec's dtype names -> the simulator's
 
 
+def cuda_sdpa_kernel(half: bool, head_dim: int, gqa: bool) -> str:
+    """flash | efficient | math: the kernel CUDA's dispatcher picks for causal attention without
+    a mask (aten/src/ATen/native/transformers/sdp_utils.cpp, priority flash > memory-efficient >
+    math): flash for fp16/bf16 with head_dim a multiple of 8 and at most 256 (GQA native), else
+    memory-efficient, which has no GQA; math where neither runs. The analytic replay
+    (stacks/transformer_replay.sdpa_kernel) and the trace (measure/cuda_kernels) both ask this."""
+    if half and head_dim % 8 == 0 and head_dim <= 256:
+        return "flash"
+    return "math" if gqa else "efficient"
+
+
 def linear(sim: Sim, x: SymTensor, weight: Param, bias: Param | None, d_out: int) -> SymTensor:
     """F.linear, y = x·Wᵀ + b (N·d_out): saves x (N·d_in·a) if W or b trains, W (or its
     autocast copy) if x needs grad. Autocast casts bias, weight (cached when it trains)

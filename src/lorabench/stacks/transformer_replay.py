@@ -37,7 +37,7 @@ from typing import Optional
 from ..adapters.base import Adapter
 
 from ..sim.engine import Sim
-from ..sim.ops import binary, elementwise, linear, mul_const
+from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, linear, mul_const
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, log_softmax_backward,
                          math_attention_backward, mul_broadcast_backward, nll_loss_backward, pass_and_new_backward,
                          pass_backward, pow2_backward, rsqrt_backward, sdpa_backward, split_backward, unary_backward)
@@ -171,13 +171,11 @@ def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymT
 
 
 def sdpa_kernel(dims: Dims, dtype) -> str:
-    """cpu | flash | efficient | math: the kernel F.scaled_dot_product_attention runs (sdpa's
-    docstring; measure/cuda_kernels.sdpa_kernel makes the same choice for the trace)."""
+    """cpu | flash | efficient | math: the kernel F.scaled_dot_product_attention runs on
+    dims.device for inputs of `dtype` (sim.ops.cuda_sdpa_kernel on CUDA)."""
     if dims.device != "cuda":
         return "cpu"
-    if dtype != F32 and dims.D % 8 == 0 and dims.D <= 256:
-        return "flash"
-    return "math" if dims.G != dims.H else "efficient"
+    return cuda_sdpa_kernel(dtype != F32, dims.D, dims.G != dims.H)
 
 
 def _math_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymTensor:

@@ -187,11 +187,12 @@ class MemoryTracker:
 
     After the block: `peak_allocated_bytes`, `peak_reserved_bytes` (CUDA only),
     `peak_phase`, `phase_peak_bytes`, `alloc_retries`, `ooms`, `nvml_process_bytes`
-    (CUDA only); fields a device cannot measure stay None. On CPU, `round_to` and
-    `timeline` are _LiveStorages' (the trace, estimator/trace.py, uses them).
+    (CUDA only); fields a device cannot measure stay None. On CPU, `storages` is a
+    counting mode the caller has entered and will exit (the trace's fake mode, measure/trace.py);
+    by default the tracker's own _LiveStorages.
     """
 
-    def __init__(self, device: str, round_to: int = 1, timeline: bool = False, storages: StorageCounter | None = None):
+    def __init__(self, device: str, storages: StorageCounter | None = None):
         self.cuda = device == "cuda"
         self.peak_allocated_bytes: int | None = None
         self.peak_reserved_bytes: int | None = None
@@ -201,8 +202,7 @@ class MemoryTracker:
         self.ooms: int | None = None
         self.nvml_process_bytes: int | None = None
         self._phase = "setup"
-        # storages: a counting mode the caller has entered and will exit (the trace's fake mode)
-        self._mode = None if self.cuda else storages or _LiveStorages(round_to, timeline)
+        self._mode = None if self.cuda else storages or _LiveStorages()
         self._own_mode = storages is None
         self._reserved_peak = 0
         self._closed = False
