@@ -87,7 +87,7 @@ def test_estimator_commands_never_import_torch(args):
 
 
 # ---------------------------------------------------------------- the table adds up (issue "A user's first hour", 4)
-MEMORY_COLUMNS = ("weights", "grads", "AdamW", "activations", "logits/loss", "rest")
+MEMORY_COLUMNS = ("weights", "grads", "optimizer", "activations", "logits/loss", "rest")
 
 
 def table_rows(output: str) -> list[dict]:

@@ -56,6 +56,8 @@ CASES = [  # (model, cell, device: on CUDA, the SDPA kernel it picks)
     (LLAMA, Cell(precision="bf16"), "cuda:flash"),  # GQA native
     (LLAMA, lora("fp32"), "cuda:math"),  # fp32 with GQA: no fused kernel
     (GPT2, lora("fp32", ("o", "down"), checkpointing=True), "cuda:efficient"),  # block 0: no attention backward
+    (LLAMA, Cell(precision="bf16", loss="chunked", loss_chunks=3), "cpu"),  # every chunk's head recomputed
+    (GPT2, lora("bf16-pure", checkpointing=True, loss="chunked"), "cpu"),  # tied head, 16-bit adapters
 ]
 
 

@@ -1,4 +1,5 @@
-"""Adapters on frozen linear layers: LoRA today, its variants each one more file.
+"""Adapters on frozen linear layers: LoRA (lora.py) and its variants, each one more file:
+rsLoRA (rslora.py), LoRA+ (lora_plus.py), DoRA (dora.py), PiSSA (pissa.py).
 
     adapter = get(cell.adapter)       # an Adapter (base.py)
     layers = layer.apply_cell(model, cell)
@@ -8,6 +9,9 @@ A new adapter is one file with an `Adapter` subclass and one `register()` call
 """
 from __future__ import annotations
 
+import itertools
+
+from ..spec.config import Cell
 from ..spec.schema import ConfigError
 from .base import Adapter, AdapterParam
 
@@ -33,9 +37,45 @@ def get(name: str, source: str = "cell", path: str = "adapter") -> Adapter:
 
 def check(ls) -> None:
     """One ConfigError line, naming the scenario file and key, for the first adapter of the
-    loaded scenario `ls` that no adapter is registered under."""
-    for i, name in enumerate(ls.matrix.adapter):
+    loaded scenario `ls` that no adapter is registered under, or the first rank an adapter
+    cannot take on a targeted projection (its `check_projection`, e.g. PiSSA's rank above
+    min(d_in, d_out)), reported at matrix.lora_rank[i]."""
+    m = ls.matrix
+    for i, name in enumerate(m.adapter):
         get(name, ls.source, f"matrix.adapter[{i}]")
+    for name, (j, rank), alpha, targets, ratio in itertools.product(
+            m.adapter, enumerate(m.lora_rank), m.lora_alpha, m.lora_targets, m.lora_plus_ratio):
+        if rank > 0:
+            cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets),
+                        adapter=name, lora_plus_ratio=ratio)
+            problem = projection_problem(ls.model, cell)
+            if problem:
+                raise ConfigError(ls.source, f"matrix.lora_rank[{j}]", problem)
+
+
+def projection_problem(cfg, cell: Cell) -> str | None:
+    """Why the adapter of `cell` cannot wrap one of its targets in a model of `cfg`; None if it can."""
+    if not cell.is_lora:
+        return None
+    adapter = get(cell.adapter)
+    shapes = projection_shapes(cfg)
+    for t in cell.lora_targets:
+        if t in shapes:
+            problem = adapter.check_projection(t, *shapes[t], cell)
+            if problem:
+                return problem
+    return None
+
+
+def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each projection an adapter can target in a decoder of `cfg` (C d_model,
+    H·D query, G·D key/value width, F d_ff): the stacks' `projections`, which adapters cannot
+    import (layer order), computed from the same fields (tests/test_adapter_variants.py)."""
+    C, HD, GD, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    shapes = {"q": (C, HD), "k": (C, GD), "v": (C, GD), "o": (HD, C), "gate": (C, F), "up": (C, F), "down": (F, C)}
+    if cfg.style != "llama":
+        del shapes["gate"]
+    return shapes
 
 
 def names() -> list[str]:
@@ -48,6 +88,11 @@ def plugin_modules() -> list[str]:
     return sorted({type(a).__module__ for a in _REGISTRY.values() if not type(a).__module__.startswith("lorabench.")})
 
 
-from .lora import LoRA  # noqa: E402 - the built-in adapters register last
+from .dora import DoRA  # noqa: E402 - the built-in adapters register last
+from .lora import LoRA  # noqa: E402
+from .lora_plus import LoRAPlus  # noqa: E402
+from .pissa import PiSSA  # noqa: E402
+from .rslora import RsLoRA  # noqa: E402
 
-register(LoRA())
+for _adapter in (LoRA(), RsLoRA(), LoRAPlus(), DoRA(), PiSSA()):
+    register(_adapter)

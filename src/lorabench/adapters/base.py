@@ -12,6 +12,13 @@ estimator's layout and the module's creation alike), `init` initialises them,
 runs the same ops on the estimator's symbolic simulator. Torch is imported
 inside the methods that need it, so the estimator can ask `params` and
 `replay` without importing torch.
+
+Variants that do more than add a branch override the defaults below:
+`combine` joins the base output and the branch (default: out + branch; DoRA
+rescales the base output too) and `replay_combine` replays it; `merge` and
+`unmerge` fold ΔW into W0 and back; `lr_scale` gives a parameter's learning
+rate as a multiple of the optimizer's (LoRA+); `check_projection` refuses a
+projection the adapter cannot wrap (PiSSA: rank above min(d_in, d_out)).
 """
 from __future__ import annotations
 
@@ -71,3 +78,38 @@ class Adapter(ABC):
         output before the cast to the base output's dtype. An adapter without it cannot be
         estimated analytically: the estimate says so."""
         raise NotImplementedError(f"adapter {self.name!r} has no replay for the analytic estimator")
+
+    # ---- hooks with defaults: what plain LoRA does
+    def combine(self, layer, x, h, out):
+        """The adapted layer's output from its input x, the adapter's input h (dropped out, in the
+        adapter's dtype outside autocast) and the base output `out` (torch)."""
+        return out + self.branch(layer, h).to(out.dtype)
+
+    def replay_combine(self, sim, h, y, params: dict, d_out: int, *, weight=None, bias=None,
+                       dropout: bool = False):
+        """`combine` on the simulator: h the adapter's input, y the base output (both left to the
+        caller), `weight`/`bias` the base's simulated parameters, `dropout` whether the layer has
+        a dropout module. Default: y + replay(h).to(y.dtype)."""
+        from ..sim.ops import binary
+        scaled = self.replay(sim, h, params, d_out)
+        cast = sim.to(scaled, y.dtype)
+        out = binary(sim, y, cast, "add")
+        sim.drop(cast)
+        sim.drop(scaled)
+        return out
+
+    def merge(self, layer) -> None:
+        """W0 ← W0 + ΔW in place (torch, under no_grad)."""
+        layer.base.weight += self.delta_weight(layer).to(layer.base.weight.dtype)
+
+    def unmerge(self, layer) -> None:
+        """Undo `merge` (torch, under no_grad)."""
+        layer.base.weight -= self.delta_weight(layer).to(layer.base.weight.dtype)
+
+    def lr_scale(self, param_name: str, cell: Cell) -> float:
+        """The learning rate of the adapter parameter `param_name` as a multiple of the optimizer's."""
+        return 1.0
+
+    def check_projection(self, name: str, d_in: int, d_out: int, cell: Cell) -> str | None:
+        """Why this adapter cannot wrap projection `name` (d_in → d_out) in `cell`; None if it can."""
+        return None

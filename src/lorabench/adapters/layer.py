@@ -19,12 +19,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class AdaptedLinear(nn.Module):
-    def __init__(self, base: nn.Linear, adapter: Adapter | str, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, adapter: Adapter | str, rank: int, alpha: float, dropout: float = 0.0,
+                 lora_plus_ratio: float | None = None):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"adapter rank must be > 0, got {rank}")
         self.adapter = get(adapter) if isinstance(adapter, str) else adapter
-        cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout, adapter=self.adapter.name)
+        cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout, adapter=self.adapter.name,
+                    lora_plus_ratio=lora_plus_ratio)
+        problem = self.adapter.check_projection("", base.in_features, base.out_features, cell)
+        if problem:
+            raise ValueError(problem)
+        self.cell = cell  # what the adapter is asked with (scaling, lr_scale)
         self.base = base
         self.rank, self.alpha = rank, alpha
         self.scaling = self.adapter.scaling(cell)
@@ -43,8 +49,14 @@ class AdaptedLinear(nn.Module):
             return out
         h = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(torch.float32)  # the adapter computes in FP32 outside autocast
-        return out + self.adapter.branch(self, h).to(out.dtype)
+            h = h.to(self.param_dtype)  # outside autocast the adapter computes in its own dtype
+        return self.adapter.combine(self, x, h, out)  # LoRA: out + branch(h).to(out.dtype)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the adapter's parameters are stored and trained in: FP32, or 16 bits in a pure
+        16-bit precision."""
+        return getattr(self, self.adapter_names[0]).dtype
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW, shape (d_out, d_in), in FP32."""
@@ -54,18 +66,19 @@ class AdaptedLinear(nn.Module):
     def merge(self):
         """W0 += ΔW: the adapter costs nothing at inference (claim C9)."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.adapter.merge(self)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.adapter.unmerge(self)
             self.merged = False
 
 
 def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
-                  base_dtype: str = "fp32", adapter: str = "lora") -> list[AdaptedLinear]:
+                  base_dtype: str = "fp32", adapter: str = "lora",
+                  lora_plus_ratio: float | None = None) -> list[AdaptedLinear]:
     """Freeze every parameter, store them in `base_dtype`, and wrap each targeted
     projection (module names q, k, v, o, gate, up, down) in an AdaptedLinear.
     Only the adapters (FP32) train."""
@@ -77,7 +90,7 @@ def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: f
         for name in targets:
             child = getattr(parent, name, None)
             if isinstance(child, nn.Linear):
-                layer = AdaptedLinear(child, adapter, rank, alpha, dropout)
+                layer = AdaptedLinear(child, adapter, rank, alpha, dropout, lora_plus_ratio)
                 setattr(parent, name, layer)
                 wrapped.append(layer)
     if not wrapped:
@@ -103,12 +116,20 @@ def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
                 m._buffers[name] = b.to(dtype)
 
 
-def apply_cell(model: nn.Module, cell: Cell) -> list[AdaptedLinear]:
-    """The cell's adapters on `model` (nothing in full fine-tuning)."""
+def apply_cell(model: nn.Module, cell: Cell, target_names: dict | None = None) -> list[AdaptedLinear]:
+    """The cell's adapters and dtypes on `model`. Full fine-tuning: every weight trains in the
+    cell's param_dtype (FP32, or 16 bits in a pure precision). An adapter cell: the base frozen
+    in base_dtype, the targets (lorabench's names, mapped by `target_names` to the model's own)
+    wrapped, and the adapters trained in param_dtype (initialised in FP32, then cast)."""
     if not cell.is_lora:
+        cast_floating(model, DTYPES[cell.param_dtype])
         return []
-    return apply_adapter(model, cell.lora_targets, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_dtype,
-                         cell.adapter)
+    names = [target_names[t] for t in cell.lora_targets] if target_names else list(cell.lora_targets)
+    layers = apply_adapter(model, names, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_dtype, cell.adapter,
+                           cell.lora_plus_ratio)
+    if cell.param_dtype != "fp32":  # a pure precision: base_dtype == param_dtype, so only the adapters change
+        cast_floating(model, DTYPES[cell.param_dtype])
+    return layers
 
 
 def adapted_layers(model: nn.Module) -> list[AdaptedLinear]:
@@ -123,3 +144,18 @@ def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
         if isinstance(m, AdaptedLinear):
             out.update({f"{mod_name}.{n}": getattr(m, n) for n in m.adapter_names})
     return out
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """The optimizer's parameter groups: one per distinct learning rate, in the order of their
+    first parameter in `model.parameters()`, each group's parameters in that order too. An
+    adapter that trains its parameters at other rates (LoRA+) answers them through its
+    `lr_scale`; every other trainable parameter trains at `lr`; callers never switch on its kind."""
+    scale = {id(getattr(m, n)): m.adapter.lr_scale(n, m.cell) for m in adapted_layers(model) for n in m.adapter_names}
+    groups: dict[float, list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(lr * scale.get(id(p), 1.0), []).append(p)
+    if not groups:
+        return [{"params": [], "lr": lr}]
+    return [{"params": ps, "lr": g_lr} for g_lr, ps in groups.items()]

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import click
 
+from ..spec.config import DTYPE_NAMES, PRECISIONS
 from .reports import echo
 
-DTYPES = click.Choice(["fp32", "fp16", "bf16"])
+PRECISION = click.Choice(list(PRECISIONS))
+DTYPES = click.Choice(list(DTYPE_NAMES))
 
 
 @click.command("estimate")
 @click.argument("scenario", required=False)
 @click.option("--model", help="preset name or a Hugging Face config.json (instead of SCENARIO)")
-@click.option("--precision", type=DTYPES, default="fp32", show_default=True)
+@click.option("--precision", type=PRECISION, default="fp32", show_default=True,
+              help="fp32; fp16/bf16 (autocast); bf16-pure/fp16-pure (everything stored in 16 bits)")
 @click.option("--lora-rank", type=int, default=0, show_default=True, help="0 = full fine-tuning")
 @click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True,
+              help="dropout on the adapters' input (a saved mask per distinct input)")
 @click.option("--checkpointing/--no-checkpointing", default=False, show_default=True)
 @click.option("--accumulation", type=int, default=1, show_default=True)
 @click.option("--base-dtype", type=DTYPES, default="fp32", show_default=True, help="frozen weights of LoRA cells")
@@ -31,12 +36,12 @@ DTYPES = click.Choice(["fp32", "fp16", "bf16"])
                    "CPU, seconds per cell, imports torch) or both (side by side, with their peak difference)")
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype, batch,
-                 seq, device, method, quiet, fmt):
+def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, lora_dropout, checkpointing, accumulation,
+                 base_dtype, batch, seq, device, method, quiet, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
     from ..present.estimates import estimate_text
     echo(estimate_text(scenario, model, fmt, precision, lora_rank, lora_targets, checkpointing, accumulation,
-                       base_dtype, batch, seq, device, method, quiet))
+                       base_dtype, batch, seq, device, method, quiet, lora_dropout=lora_dropout))
 
 
 @click.command("validate")

@@ -10,9 +10,13 @@ persistent terms are closed forms (stacks/transformer_layout.py):
 
   params            Σ numel·a        frozen base in base_dtype (a = 2 or 4), trainable in fp32
   grads             Σ_trainable numel·4    .grad of the trainable parameters only
-  optimizer_state   Σ_trainable 2·numel·4  exp_avg and exp_avg_sq (fp32, like the param),
+  optimizer_state   the cell's optimizer's state (optimizers/, one formula per optimizer), e.g.
+                    AdamW Σ_trainable 2·numel·a: exp_avg and exp_avg_sq (the param's dtype),
                     + 4 B per trainable tensor: AdamW's `step` (a 0-d fp32 tensor; on CUDA
-                    for-loop/foreach keep it on the host, fused/capturable on the device)
+                    for-loop/foreach keep it on the host, fused/capturable on the device);
+                    SGD Σ numel·a; Adafactor factored rows and columns; 8-bit AdamW uint8
+                    moments + fp32 absmax per 256 + 2 maps. What `build` allocates (8-bit
+                    AdamW's maps on CPU) is held from the start, the rest from the first step
   buffers           llama: RoPE cos, sin = 2·T_max·(D/2)·a   (a of the base dtype in LoRA cells)
   batches           2·B·s·8 per step: x and y int64 of the whole optimizer-step batch (see
                     batch_pair_bytes for B = 1). The CPU
@@ -25,17 +29,20 @@ region when the weight trains, and saved by the matmul), logits/loss tensors
 (N·V·a logits, their N·V·4 fp32 copy and log-softmax, two N·V·4 gradients),
 backward buffers (gradients in flight, sums of two branches, casts), gradients
 as they are created, and under checkpointing the block inputs plus one block's
-recomputation. The optimizer temporaries are closed forms:
+recomputation. The optimizer temporaries are closed forms of the cell's optimizer, the
+largest over its parameter groups (each group is stepped by its own call), e.g.:
 
-  for-loop AdamW   max_i (2·n_i + n_(i-1))·4   sqrt(v_i) and its quotient by the bias
+  for-loop AdamW   max_i (2·n_i + n_(i-1))·a   sqrt(v_i) and its quotient by the bias
                    correction, while the previous parameter's denominator is still bound
-  foreach AdamW    Σ_trainable n_i·4           _foreach_sqrt of every exp_avg_sq at once
+  foreach AdamW    Σ_trainable n_i·a           _foreach_sqrt of every exp_avg_sq at once
   fused AdamW      0                           (kernel-internal)
+  SGD, 8-bit AdamW 0; Adafactor: optimizers/adafactor.py
 
 Phase peaks: forward and backward = persistent terms (+ optimizer state when the
 memory window holds a second step) + the simulated peak of the phase; optimizer
-= persistent + grads + state + temporaries. Ties go to the earlier phase, as the
-tracker's max() does.
+= persistent + grads + state + temporaries, or with fp16 GradScaler's unscale_ before
+step() when that holds more (an optimizer step without temporaries: SGD, 8-bit AdamW,
+fused). Ties go to the earlier phase, as the tracker's max() does.
 
 CUDA-only lines (Estimate.cuda_overheads, never folded into a tensor term):
   cublas_workspace   2 × 8,519,680 B (":4096:2:16:8"; 32 MiB each on Hopper): one per
@@ -55,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..optimizers import get as get_optimizer
 from ..spec.config import Cell, ModelConfig, resolve_optimizer_impl
 from ..stacks.base import ITEM_BYTES as ISZ
 from ..stacks.transformer_layout import state_bytes
@@ -70,15 +78,19 @@ CUDA_CONTEXT_BYTES = 500 * 1024 ** 2  # typical; depends on driver, CUDA version
 # and with fp16 GradScaler's found_inf and inv_scale.
 SCALARS_LATER_MICROBATCH = {"forward": 8, "backward": 4}
 OPT_SCALARS_FP16 = {"other": 4, "fused": 12}  # found_inf; fused also its sum and grad_scale
+# fp16, before step(): unscale_ holds the scale as a double and its reciprocal (8 + 8 B), then
+# inv_scale, found_inf and a copy of each (4 B each); the fused path's check of the gradients
+# makes the same four with a dummy inv_scale. An optimizer step without temporaries peaks here.
+OPT_SCALARS_FP16_UNSCALE = 16
 
 TERMS = {
     "params": "Σ numel·a over parameters (frozen base in base_dtype, trainable fp32)",
     "buffers": "RoPE cos/sin tables, 2·T_max·(D/2)·a (llama)",
     "batches": "(x, y) int64 batches resident: n·2·B·s·8",
     "grad_scaler": "GradScaler scale + growth tracker, 8 B (fp16)",
-    "optimizer_state": "AdamW exp_avg + exp_avg_sq (2·4 B per trainable param) + 4 B step per tensor",
+    "optimizer_state": "the optimizer's state, e.g. AdamW exp_avg + exp_avg_sq (2·a B per trainable param) + 4 B step per tensor",
     "grads": ".grad of trainable parameters, 4 B each",
-    "optimizer_temporaries": "for-loop: max (2·n_i + n_(i-1))·4; foreach: Σ n_i·4; fused: 0",
+    "optimizer_temporaries": "the optimizer step's temporaries, e.g. AdamW for-loop: max (2·n_i + n_(i-1))·a; foreach: Σ n_i·a; fused: 0",
     "activations": "tensors saved for backward and live forward temporaries (the stack's replayed ops)",
     "autocast_weight_copies": "half copies of fp32 weights made by autocast (cached when trainable)",
     "logits_loss": "logits (N·V·a), fp32 copy and log-softmax (N·V·4 each), their gradients",
@@ -131,16 +143,11 @@ def batch_pair_bytes(batch_size: int, seq_len: int, device: str) -> int:
     return 2 * batch_size * seq_len * 8
 
 
-def optimizer_temporaries(sizes: list[int], total_trainable: int, impl: str) -> int:
-    """Bytes of AdamW's step temporaries at their peak (see module docstring).
-
-    sizes: trainable numels in the order the for-loop visits them (one period of
-    the repeating blocks suffices for the max); total_trainable: Σ numel."""
-    if impl == "fused" or not sizes:
-        return 0
-    if impl == "foreach":
-        return 4 * total_trainable
-    return 4 * max(2 * n + (sizes[i - 1] if i else 0) for i, n in enumerate(sizes))
+def optimizer_temporaries(optimizer, groups: list[list], impl: str) -> int:
+    """Bytes of the optimizer step's temporaries at their peak (see module docstring): the
+    largest of its parameter groups' (step() calls one update per group, whose temporaries
+    die with it). groups: the trainable tensors per group in the order step() visits them."""
+    return max((optimizer.temporaries(g, impl) for g in groups if g), default=0)
 
 
 def is_hopper(gpu_name: str | None) -> bool:
@@ -151,14 +158,15 @@ def is_hopper(gpu_name: str | None) -> bool:
 def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int, gpu_name: str | None,
                    impl: str) -> dict:
     """The CUDA-only lines (module docstring); untested on hardware."""
-    from ..stacks.transformer_layout import block_params, model_params
+    from ..stacks.transformer_layout import block_params, model_params, optimizer_groups
     ws = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES["hopper" if is_hopper(gpu_name) else "default"]
     outer, one = model_params(cfg, cell, blocks=range(0)), block_params(cfg, cell, 0)
     L = cfg.n_layers
     params = sum(_round512(p.nbytes) for p in outer) + L * sum(_round512(p.nbytes) for p in one)
     grads = sum(_round512(p.nbytes) for p in outer if p.trainable) + L * sum(_round512(p.nbytes) for p in one if p.trainable)
-    n_t = sum(p.trainable for p in outer) + L * sum(p.trainable for p in one)
-    state = 2 * grads + (n_t * _round512(4) if impl == "fused" else 0)
+    trainable = [p for g in optimizer_groups(cfg, cell) for p in g]
+    opt = get_optimizer(cell.optimizer)
+    state = opt.resident_bytes(trainable, impl, "cuda", round_to=512) - opt.resident_bytes(trainable, impl, "cuda")
     buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_dtype]) \
         if cfg.style == "llama" else 0
     batches = n_batches * 2 * _round512(batch_size * cfg.seq_len * 8)
@@ -181,19 +189,20 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     say which: loss_scale_trajectory), so the state may appear later or not at all
     (not with fused AdamW, whose step() runs and skips inside the kernel)."""
     from .flops import flops_per_step
-    impl = resolve_optimizer_impl(optimizer_impl, device)
+    opt = get_optimizer(cell.optimizer)
+    impl = opt.implementation(resolve_optimizer_impl(optimizer_impl, device), device)
     micro_b = cell.micro_batch(batch_size)
     sb = state_bytes(model_cfg, cell)
     buf_isz = ISZ[cell.base_dtype]
     buffers = 2 * model_cfg.max_seq_len * (model_cfg.head_dim // 2) * buf_isz if model_cfg.style == "llama" else 0
     n_batches = window_steps if n_batches is None else n_batches
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
-    state_dev = sb.optimizer_state_bytes
-    if device == "cuda" and impl != "fused":
-        state_dev -= 4 * sb.trainable_tensors  # `step` lives on the host
-    if impl == "fused":  # GradScaler hands found_inf to the fused kernel: step() runs, state is made
+    trainable = [p for g in sb.groups for p in g]
+    state_dev = opt.resident_bytes(trainable, impl, device)  # on CUDA less the host (AdamW's `step`) and paged
+    state_built = opt.resident_bytes(trainable, impl, device, stepped=False)  # held before the first step
+    if opt.scaler_in_step(impl):  # GradScaler hands found_inf to the fused kernel: step() runs, state is made
         first_update_step = 1
-    state_fb = state_dev if window_steps > first_update_step else 0
+    state_fb = state_dev if window_steps > first_update_step else state_built
     stepped = first_update_step <= window_steps
     scaler = 8 if cell.uses_loss_scaler else 0  # GradScaler's _scale (fp32) and _growth_tracker (int32)
 
@@ -212,10 +221,16 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         if ph == "forward" and window_steps < 2:
             terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's backward
         phases[ph] = (sum(terms.values()), terms)
-    opt_tmp = optimizer_temporaries(sb.sizes_in_order, sb.trainable_params, impl) if stepped else 0
-    terms = dict(const, optimizer_state=state_dev if stepped else 0, grads=sb.grad_bytes, optimizer_temporaries=opt_tmp,
-                 scalars=8 + (OPT_SCALARS_FP16["fused" if impl == "fused" else "other"] if cell.uses_loss_scaler else 0))
+    opt_tmp = optimizer_temporaries(opt, sb.groups, impl) if stepped else 0
+    terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=sb.grad_bytes,
+                 optimizer_temporaries=opt_tmp,
+                 scalars=8 + (OPT_SCALARS_FP16["fused" if opt.scaler_in_step(impl) else "other"]
+                              if cell.uses_loss_scaler else 0))
     phases["optimizer"] = (sum(terms.values()), terms)
+    if cell.uses_loss_scaler:  # GradScaler's unscale_ (fused: its inf check), before step(): state as in forward
+        unscale = dict(const, optimizer_state=state_fb, grads=sb.grad_bytes, scalars=8 + OPT_SCALARS_FP16_UNSCALE)
+        if sum(unscale.values()) > phases["optimizer"][0]:
+            phases["optimizer"] = (sum(unscale.values()), unscale)
 
     cuda = {}
     if device == "cuda":
@@ -223,7 +238,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         for ph, (v, t) in phases.items():
             extra = {k: cuda[k] for k in ("cublas_workspace", "allocator_rounding")}
             if ph != "optimizer":
-                extra["allocator_rounding"] -= cuda["rounding_grads"] + (cuda["rounding_state"] if not state_fb else 0)
+                extra["allocator_rounding"] -= cuda["rounding_grads"] + (cuda["rounding_state"] if state_fb != state_dev else 0)
             phases[ph] = (v + sum(extra.values()), dict(t, **extra))
     peak_phase = max(PHASES, key=lambda p: phases[p][0])
     peak, breakdown = phases[peak_phase]

@@ -26,7 +26,9 @@ down's when nothing before it has one. Subtracted exactly.
 
 Hardware FLOPs add what checkpointing recomputes: one more forward of every
 block (not of the head), minus the last matmul that torch.utils.checkpoint's
-early stop skips (down, or down's adapter B).
+early stop skips (down, or down's adapter B). The chunked loss recomputes every
+chunk's head in backward: + 2·N_head per token (its last save, nll_loss's, comes
+after the head's matmul, so the early stop skips none of it).
 
 Checked against torch (tests/test_trace_flops.py): the trace (measure/trace.py,
 count_flops=True) runs the cell's real step on fake tensors under
@@ -93,6 +95,8 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     d_ff, C = cfg.d_ff, cfg.d_model
     last = shapes["down"][-1].numel if "down" in targets else d_ff * C
     recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) if cell.checkpointing else 0
+    if cell.loss_chunks:
+        recompute += tokens * 2 * head_w
     return Flops(model=fwd + bwd, hardware=fwd + bwd + recompute, forward=fwd, backward=bwd, recompute=recompute)
 
 

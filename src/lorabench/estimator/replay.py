@@ -76,7 +76,7 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     size and accumulation count."""
     # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
     key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
-           cell.checkpointing, cell.base_dtype, device)
+           cell.checkpointing, cell.base_dtype, cell.loss_chunks, device)
     res = _CACHE.get(key)
     if res is None:
         if len(_CACHE) > 4096:

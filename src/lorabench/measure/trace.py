@@ -28,8 +28,10 @@ engine fail), so the differences are applied explicitly, each a tested term:
                        the tensors the CUDA kernel saves
   dropout              the fused native_dropout with its 1-byte bool mask
   LayerNorm            CUDA autocast runs layer_norm in fp32 (an fp32 input copy)
-  AdamW `step`         for-loop/foreach keep it on the host: 512 B per trainable
-                       tensor leaves the device once the state exists (not fused)
+  optimizer state      what the cell's optimizer keeps off the allocator leaves the
+                       device once the state exists (optimizers/: AdamW's for-loop/foreach
+                       and Adafactor's `step` on the host, 512 B per tensor; bitsandbytes'
+                       paged state in unified memory)
   cuBLAS workspace     a constant per handle (estimator/analytic.cuda_overheads)
 The CUDA context (outside the allocator) is reported, never added, as in analytic.
 """
@@ -44,6 +46,7 @@ import torch
 
 from ..estimator.analytic import CUBLAS_HANDLES, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, Estimate, is_hopper
 from ..estimator.flops import flops_per_step
+from ..optimizers import get as get_optimizer, spec_of
 from ..spec.job import CellJob
 from ..spec.schema import ConfigError
 from ..stacks import stack_for
@@ -110,11 +113,13 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
     t0 = time.perf_counter()
     fake = _counting_fake_mode(round_to=CUDA_BLOCK_BYTES if cuda else 1)
     try:
+        get_optimizer(job.cell.optimizer).load()  # real module tensors, outside the fake mode (as in run)
         with fake:
             batches = _batches(job)
             fake.counting = True
             with MemoryTracker("cpu", storages=fake) as mem, \
-                    cuda_kernels(cuda), stack_for(job.model).trace_context(), _flop_counter(count_flops) as flops:
+                    cuda_kernels(cuda), stack_for(job.model).trace_context(), \
+                    get_optimizer(job.cell.optimizer).trace_context(), _flop_counter(count_flops) as flops:
                 if cuda:  # .to("cuda") copies every step's batch before the window
                     batches = [(x.clone(), y.clone()) for x, y in batches]
                 model, opt, impl, scaler = setup(job, "cpu", choices_for=job.device)
@@ -241,7 +246,7 @@ def _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name) -> Es
     cuda = {}
     if job.device == "cuda":
         ws = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES["hopper" if is_hopper(gpu_name) else "default"]
-        host_step = 0 if impl == "fused" else CUDA_BLOCK_BYTES * sum(1 for st in opt.state.values() if "step" in st)
+        host_step = _off_device_state(job, opt, impl)
         cuda = {"cublas_workspace": ws, "adamw_host_step": -host_step, "cuda_context": CUDA_CONTEXT_BYTES}
         state_from = _state_phases(job)
         for ph in phases:
@@ -259,6 +264,16 @@ def _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name) -> Es
         phase_peak_bytes={k: int(v) for k, v in phases.items()},
         breakdown={k: int(v) for k, v in breakdown.items() if v}, cuda_overheads=cuda,
         total_params=total, trainable_params=trainable, device=job.device, method="trace", est_basis=TRACE_BASIS)
+
+
+def _off_device_state(job: CellJob, opt, impl: str) -> int:
+    """Bytes of optimizer state the CPU trace counted (512-byte blocks) that CUDA keeps outside
+    its allocator: AdamW's for-loop/foreach `step` on the host, bitsandbytes' paged state in
+    unified memory (the cell's optimizer's slots, optimizers/base.py)."""
+    spec = get_optimizer(job.cell.optimizer)
+    stepped = [spec_of(p) for p in opt.state]
+    return spec.resident_bytes(stepped, impl, "cpu", round_to=CUDA_BLOCK_BYTES) - \
+        spec.resident_bytes(stepped, impl, "cuda", round_to=CUDA_BLOCK_BYTES)
 
 
 def _state_phases(job: CellJob) -> set[str]:

@@ -24,6 +24,7 @@ from ..base.env import environment, resolve_device
 from . import lora_checks
 from ..row.codec import encode, estimate_fields
 from ..stacks.transformer import count_params
+from ..optimizers import get as get_optimizer
 from ..train.techniques import build_model, make_optimizer, make_scaler, train_step
 from ..train.tokens import MarkovTokens
 from .trackers import MemoryTracker, StepTimer, state_bytes
@@ -62,10 +63,10 @@ def run_cell(job: CellJob | dict) -> dict:
 
 
 def setup(job: CellJob, device: str, choices_for: str | None = None):
-    """The cell's model, optimizer (and its implementation) and loss scaler, on `device`;
-    the AdamW implementation is the one chosen for `choices_for` (default: `device`)."""
+    """The cell's model, optimizer (the cell's, and the implementation that runs) and loss scaler,
+    on `device`; the implementation is the one chosen for `choices_for` (default: `device`)."""
     model = build_model(job.model, job.cell, device, job.seed)
-    opt, impl = make_optimizer(model, job.train, choices_for or device)
+    opt, impl = make_optimizer(model, job.train, choices_for or device, job.cell)
     return model, opt, impl, make_scaler(job.cell.precision, device)
 
 
@@ -94,6 +95,7 @@ def measure(row: dict, job: CellJob) -> None:
     batches_cpu = [data.batch(i, train.batch_size) for i in range(n_steps)]
 
     t_setup = time.perf_counter()
+    get_optimizer(cell.optimizer).load()  # its library imported outside the measured memory
     with MemoryTracker(device) as mem:
         batches = [(x.to(device), y.to(device)) for x, y in batches_cpu]
         model, opt, impl, scaler = setup(job, device)
@@ -117,6 +119,7 @@ def measure(row: dict, job: CellJob) -> None:
     total, trainable = count_params(model)
     tokens = train.batch_size * model_cfg.seq_len
     row.update(state_bytes(model, opt))
+    row.update(get_optimizer(cell.optimizer).run_fields(opt))  # what ran (paged or not)
     row.update(
         optimizer_impl=impl, total_params=total, trainable_params=trainable,
         trainable_pct=100.0 * trainable / total,

@@ -338,7 +338,8 @@ def c13(rows):
 
 
 def c5(rows):
-    lora = [r for r in rows if r.get("lora_rank") and r.get("lora_init_delta_abs_max") is not None]
+    lora = [r for r in rows if r.get("lora_rank") and r.get("lora_init_delta_abs_max") is not None
+            and r.get("adapter") in (None, "lora")]  # variants scale (rsLoRA) or initialise (PiSSA) otherwise
     if not lora:
         return NOT_MEASURED, "no LoRA row with lora_init_delta_abs_max (tests/test_lora.py checks it)", "–"
     worst = max(r["lora_init_delta_abs_max"] for r in lora)

@@ -32,7 +32,7 @@ from ..spec.schema import ConfigError
 METHODS = ("analytic", "trace", "both")
 PARALLEL_MIN_LAYERS = 8  # traces of smaller models (about a second each) run in this process
 OPTION_KEYS = {"matrix.precision": "--precision", "matrix.lora_rank": "--lora-rank", "matrix.lora_targets": "--lora-targets",
-               "matrix.accumulation": "--accumulation", "matrix.base_dtype": "--base-dtype", "train.batch_size": "--batch",
+               "matrix.accumulation": "--accumulation", "matrix.base_dtype": "--base-dtype", "matrix.lora_dropout": "--lora-dropout", "train.batch_size": "--batch",
                "model.seq_len": "--seq", "model.preset": "--model", "device": "--device"}
 
 
@@ -147,13 +147,14 @@ def scenario_estimates(path: str, device: str | None = None, method: str = "anal
 def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lora_targets: str = "q,v",
                      checkpointing: bool = False, accumulation: int = 1, base_dtype: str = "fp32", batch: int = 8,
                      seq: int | None = None, device: str = "cpu", method: str = "analytic",
-                     quiet: bool = True) -> list[dict]:
+                     quiet: bool = True, lora_dropout: float = 0.0) -> list[dict]:
     """One cell given by command-line options, validated like a scenario (errors name the option)."""
     model_data = {"preset": model} | ({"seq_len": seq} if seq is not None else {})  # --seq 0 is an error
     data = {"name": "estimate", "model": model_data, "device": device, "train": {"batch_size": batch},
             "matrix": {"precision": precision, "lora_rank": lora_rank,
                        "lora_targets": split_targets(lora_targets),
-                       "checkpointing": checkpointing, "accumulation": accumulation, "base_dtype": base_dtype}}
+                       "checkpointing": checkpointing, "accumulation": accumulation, "base_dtype": base_dtype,
+                       "lora_dropout": lora_dropout}}
     try:
         ls = parse_scenario(data, "options")
     except ConfigError as e:
@@ -171,7 +172,7 @@ def _size(n: int | None) -> str:
 def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: str = "fp32", lora_rank: int = 0,
                   lora_targets: str = "q,v", checkpointing: bool = False, accumulation: int = 1,
                   base_dtype: str = "fp32", batch: int = 8, seq: int | None = None, device: str | None = None,
-                  method: str = "analytic", quiet: bool = True) -> str:
+                  method: str = "analytic", quiet: bool = True, lora_dropout: float = 0.0) -> str:
     """`lorabench estimate`: the cells of SCENARIO, or the one cell the options give, rendered."""
     check_method(method)
     if scenario and model:
@@ -180,7 +181,7 @@ def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: 
         rows = scenario_estimates(scenario, device, method, quiet)
     elif model:
         rows = option_estimates(model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype,
-                                batch, seq, device or "cpu", method, quiet)
+                                batch, seq, device or "cpu", method, quiet, lora_dropout)
     else:
         raise ConfigError("options", "--model", "give a scenario file or --model PRESET|config.json")
     return render_estimates(rows, fmt)
@@ -188,7 +189,7 @@ def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: 
 
 # The table's memory columns: the estimator's breakdown at the peak (analytic.TERMS) grouped;
 # every other term is "rest", so that the columns add up to the peak.
-PEAK_COLUMNS = {"weights": ("params",), "grads": ("grads",), "AdamW": ("optimizer_state", "optimizer_temporaries"),
+PEAK_COLUMNS = {"weights": ("params",), "grads": ("grads",), "optimizer": ("optimizer_state", "optimizer_temporaries"),
                 "activations": ("activations", "recompute", "autocast_weight_copies"), "logits/loss": ("logits_loss",)}
 
 
@@ -308,7 +309,7 @@ def validation_table(report):
     """A rich Table: per measured cell, exact components, estimated vs measured peak, error, phases."""
     from rich.table import Table
     t = Table(title="estimate vs measurement")
-    for col in ("scenario", "cell", "params", "grads", "AdamW", "est peak", "measured", "error %", "phase est/meas"):
+    for col in ("scenario", "cell", "params", "grads", "optimizer", "est peak", "measured", "error %", "phase est/meas"):
         t.add_column(col, justify="left" if col in ("scenario", "cell", "phase est/meas") else "right")
     for c in report.checks:
         ok = ["=" if c.components_exact[k] else "DIFF" for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes")]

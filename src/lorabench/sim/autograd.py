@@ -36,6 +36,11 @@ class Graph(LiveBytes):
         if not needed:
             return None
         if self.mode == "recompute":
+            if backward is cast_backward and not (self.recompute_queue and self.recompute_queue[-1].backward is backward):
+                # autocast's cast of a weight that the forward found in its cache (a weight used by
+                # several checkpointed regions of one autocast region, e.g. the head of every loss
+                # chunk): the recompute's own region casts again; the node saves nothing
+                return Node(self.seq, edges, backward, self.block, n_outputs)
             return self.recompute_queue.pop()
         self.seq += 1
         node = Node(self.seq, edges, backward, self.block, n_outputs)

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, run_checks
+from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-PRECISIONS = ("fp32", "fp16", "bf16")
-Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
+Precision = Literal["fp32", "fp16", "bf16", "bf16-pure", "fp16-pure"]
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 DType = Literal["fp32", "fp16", "bf16"]
 
 
@@ -103,8 +105,17 @@ class TrainConfig:
 
 
 def autocast_dtype_of(precision: str) -> Optional[str]:
-    """The half dtype autocast computes in under `precision`, None for fp32 (no autocast)."""
-    return None if precision == "fp32" else precision
+    """The half dtype autocast computes in under `precision`: fp16 or bf16 (mixed precision);
+    None for fp32 and for the pure 16-bit precisions, which store everything in 16 bits and
+    need no autocast."""
+    return precision if precision in ("fp16", "bf16") else None
+
+
+def param_dtype_of(precision: str) -> str:
+    """The dtype the trained parameters, their gradients and the optimizer's state are stored in:
+    fp32 (with an FP32 master copy, as autocast trains), or 16 bits in `bf16-pure` / `fp16-pure`
+    (no FP32 copy anywhere: the default of the best-known fine-tuning libraries)."""
+    return precision.removesuffix("-pure") if precision.endswith("-pure") else "fp32"
 
 
 def scales_loss(precision: str) -> bool:
@@ -128,7 +139,9 @@ def memory_window(warmup_steps: int, steps: int, device: str) -> int:
 class MatrixSpec:
     """Axes of the technique matrix. A scalar applies to every cell; a list is an axis."""
 
-    precision: list[Precision] = fld(["fp32"], "fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler)", (nonempty,))
+    precision: list[Precision] = fld(["fp32"], "fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler) | "
+                                     "bf16-pure, fp16-pure (weights, gradients and optimizer state in 16 bits, no "
+                                     "autocast, no FP32 master copy, no loss scaling)", (nonempty,))
     lora_rank: list[int] = fld([0], "0 = full fine-tuning; > 0 trains only LoRA adapters", (nonempty,))
     lora_alpha: list[float] = fld([16.0], "LoRA scaling numerator: output scaled by alpha / rank", (nonempty,))
     lora_targets: list[list[str]] = fld([["q", "v"]], "projections that get adapters: q, k, v, o, gate, up, down", (nonempty,))
@@ -136,10 +149,20 @@ class MatrixSpec:
     checkpointing: list[bool] = fld([False], "recompute each block in backward: True reduces activation memory, costs a forward", (nonempty,))
     accumulation: list[int] = fld([1], "micro-batches per optimizer step: micro-batch = batch_size / accumulation", (nonempty,))
     base_dtype: list[DType] = fld(["fp32"], "storage of the frozen weights in LoRA cells (16 bits as real LoRA fine-tunes load them)", (nonempty,))
+    loss: list[Literal["standard", "chunked"]] = fld(["standard"], "standard (the whole (N, V) FP32 logits at once) | chunked (head and "
+                          "cross-entropy over token chunks, each recomputed in backward: one chunk of logits alive)",
+                          (nonempty,))
+    loss_chunks: list[int] = fld([8], "token chunks of the chunked loss (torchtune's default 8)", (nonempty,))
     adapter: list[str] = fld(["lora"], "adapter kind in cells with lora_rank > 0: lora, or another registered adapter (lorabench.adapters)", (nonempty,))
+    lora_plus_ratio: list[float] = fld([16.0], "LoRA+ (adapter lora-plus): B's learning rate over A's (Hayou et al. 2024)", (nonempty,))
+    optimizer: list[str] = fld([DEFAULT_OPTIMIZER], "adamw | sgd (momentum 0.9) | adafactor | adamw-8bit | paged-adamw-8bit "
+                               "(bitsandbytes: pip install 'lorabench[quant]'), or another registered optimizer "
+                               "(lorabench.optimizers); full fine-tuning and adapter cells alike", (nonempty,))
 
 
-AXIS_CHECKS = {"lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),)}
+LOSSES = ("standard", "chunked")
+AXIS_CHECKS = {"loss_chunks": (gt(0),), "lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),),
+               "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 
 
@@ -169,9 +192,20 @@ class Cell:
     accumulation: int = 1
     """micro-batches per optimizer step"""
     base_dtype: str = "fp32"
-    """storage of the frozen weights in adapter cells (fp32 in full fine-tuning)"""
+    """storage of the frozen weights in adapter cells; in full fine-tuning and in a pure 16-bit
+    precision it is the trained parameters' dtype (param_dtype)"""
     adapter: Optional[str] = None
     """the adapter kind (adapters/ registry: lora, ...); None in full fine-tuning"""
+    loss: str = "standard"
+    """standard: logits of every token at once; chunked: the head and cross-entropy per token chunk,
+    recomputed in backward (train.techniques.chunked_cross_entropy)"""
+    loss_chunks: Optional[int] = None
+    """token chunks of the chunked loss (8 by default); None with the standard loss"""
+    lora_plus_ratio: Optional[float] = None
+    """LoRA+: B's learning rate over A's (16.0 by default); None unless adapter is lora-plus"""
+    optimizer: str = DEFAULT_OPTIMIZER
+    """the optimizer (optimizers/ registry: adamw, sgd, adafactor, adamw-8bit, ...); TrainConfig.optimizer
+    is AdamW's (and SGD's, Adafactor's) implementation"""
     id: str = ""
     """readable id, e.g. bf16-r8-bf16base-ckpt-acc4 (scenario.cell_id)"""
 
@@ -179,19 +213,35 @@ class Cell:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once
         if self.precision not in PRECISIONS:
             raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.base_dtype not in PRECISIONS:
-            raise FieldError("base_dtype", f"must be one of {', '.join(PRECISIONS)}, got {self.base_dtype!r}")
+        if self.base_dtype not in DTYPE_NAMES:
+            raise FieldError("base_dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {self.base_dtype!r}")
+        if unknown_optimizer(self.optimizer):
+            raise FieldError("optimizer", unknown_optimizer(self.optimizer))
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise FieldError("lora_rank", f"must be an integer >= 0, got {self.lora_rank!r}")
         if isinstance(self.accumulation, bool) or not isinstance(self.accumulation, int) or self.accumulation < 1:
             raise FieldError("accumulation", f"must be an integer >= 1, got {self.accumulation!r}")
         put("checkpointing", bool(self.checkpointing))
+        if self.loss not in LOSSES:
+            raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss == "standard":
+            put("loss_chunks", None)
+        else:
+            put("loss_chunks", 8 if self.loss_chunks is None else self.loss_chunks)
+            if isinstance(self.loss_chunks, bool) or not isinstance(self.loss_chunks, int) or self.loss_chunks < 1:
+                raise FieldError("loss_chunks", f"must be an integer >= 1, got {self.loss_chunks!r}")
         if self.lora_rank == 0:
-            for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter"):
+            for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter", "lora_plus_ratio"):
                 put(k, None)
-            put("base_dtype", "fp32")
+            put("base_dtype", self.param_dtype)
             return
+        if self.param_dtype != "fp32":  # pure 16-bit: the base is stored as everything else is
+            put("base_dtype", self.param_dtype)
         put("adapter", self.adapter or "lora")
+        ratio = self.lora_plus_ratio
+        put("lora_plus_ratio", (16.0 if ratio is None else float(ratio)) if self.adapter == "lora-plus" else None)
+        if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
+            raise FieldError("lora_plus_ratio", f"must be > 0, got {ratio!r}")
         put("lora_alpha", 16.0 if self.lora_alpha is None else float(self.lora_alpha))
         put("lora_dropout", 0.0 if self.lora_dropout is None else float(self.lora_dropout))
         targets = tuple(self.lora_targets or ("q", "v"))
@@ -220,8 +270,15 @@ class Cell:
         return autocast_dtype_of(self.precision)
 
     @property
+    def param_dtype(self) -> str:
+        """The dtype of what trains (parameters, gradients, optimizer state): fp32, or 16 bits in a
+        pure precision."""
+        return param_dtype_of(self.precision)
+
+    @property
     def uses_loss_scaler(self) -> bool:
-        """fp16 trains with GradScaler's dynamic loss scaling; bf16 and fp32 need none."""
+        """fp16 (AMP) trains with GradScaler's dynamic loss scaling; bf16 and fp32 need none, and
+        fp16-pure has none (GradScaler cannot unscale FP16 gradients): its underflow is its cost."""
         return scales_loss(self.precision)
 
     def micro_batch(self, batch_size: int) -> int:
@@ -233,6 +290,8 @@ class Cell:
         fp32 adapter cell on a 16-bit base the frozen matmuls run in base_dtype; else fp32/tf32."""
         if self.autocast_dtype:
             return self.autocast_dtype
+        if self.param_dtype != "fp32":
+            return self.param_dtype
         if self.base_dtype != "fp32":
             return self.base_dtype
         return "tf32" if tf32 else "fp32"

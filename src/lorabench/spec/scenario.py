@@ -197,12 +197,18 @@ def cell_id(cell: Cell, varying: set) -> str:
             parts.append(f"a{cell.lora_alpha:g}")
         if "lora_dropout" in varying:
             parts.append(f"d{cell.lora_dropout:g}")
+        if cell.lora_plus_ratio is not None and "lora_plus_ratio" in varying:
+            parts.append(f"x{cell.lora_plus_ratio:g}")  # LoRA+: B's learning rate over A's
     else:
         parts.append("full")
+    if cell.optimizer != "adamw":  # e.g. fp32-full-sgd, bf16-r8-adamw-8bit
+        parts.append(cell.optimizer)
     if cell.checkpointing:
         parts.append("ckpt")
     if cell.accumulation > 1:
         parts.append(f"acc{cell.accumulation}")
+    if cell.loss == "chunked":
+        parts.append(f"chunked{cell.loss_chunks}" if "loss_chunks" in varying else "chunked")
     return "-".join(parts)
 
 

@@ -27,6 +27,7 @@ class ParamSpec:
     numel: int
     dtype: str              # fp32 | bf16 | fp16
     trainable: bool
+    shape: Optional[tuple[int, ...]] = None  # (d_out, d_in) of a weight; factored optimizer state needs it
 
     @property
     def nbytes(self) -> int:
@@ -53,6 +54,14 @@ class Stack(ABC):
     @abstractmethod
     def logits(self, model, x):
         """The model's logits (B, T, V) for token ids x (B, T)."""
+
+    @abstractmethod
+    def hidden(self, model, x):
+        """The final hidden states (B, T, C) for token ids x (B, T): everything before the head."""
+
+    @abstractmethod
+    def head_logits(self, model, h):
+        """The logits (…, V) of hidden states h (…, C): the head, as `logits` applies it."""
 
     def trace_context(self):
         """A context manager under which the stack's code runs on fake tensors (measure/trace.py)

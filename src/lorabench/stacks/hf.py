@@ -39,7 +39,7 @@ class HFStack(Stack):
     def build(self, cfg, cell, device, seed):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
-        from ..adapters.layer import apply_adapter
+        from ..adapters.layer import apply_cell
         from ..spec.hf_config import hf_config_dict
         data = hf_config_dict(cfg)
         config = AutoConfig.for_model(data.pop("model_type"), **data)
@@ -50,9 +50,7 @@ class HFStack(Stack):
                                                      attn_implementation=cfg.attn_implementation)
         model.train()
         model.stack_name = self.name
-        if cell.is_lora:
-            apply_adapter(model, [TARGET_NAMES[t] for t in cell.lora_targets], cell.lora_rank, cell.lora_alpha,
-                          cell.dropout, cell.base_dtype, cell.adapter)
+        apply_cell(model, cell, TARGET_NAMES)
         if cell.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -95,6 +93,17 @@ class HFStack(Stack):
 
     def logits(self, model, x):
         return model(input_ids=x, use_cache=False).logits
+
+    def hidden(self, model, x):
+        return model.base_model(input_ids=x, use_cache=False).last_hidden_state
+
+    def head_logits(self, model, h):
+        """lm_head, then the final soft-capping of the families that have it (Gemma 2:
+        cap·tanh(logits/cap)), as their ForCausalLM.forward does."""
+        import torch
+        logits = model.get_output_embeddings()(h)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def block_of(self, param_name: str) -> str:
         """`model.layers.3.self_attn.q_proj.weight` -> `model.layers.3` (gpt2: `transformer.h.3`)."""

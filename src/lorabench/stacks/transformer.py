@@ -134,6 +134,13 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, idx):  # idx: (B, T) int64 -> logits (B, T, V)
+        x = self.blocks_out(idx)
+        return self.head(self.norm_f(x))  # x lives until forward returns
+
+    def hidden(self, idx):  # idx: (B, T) int64 -> final hidden states (B, T, C), normed
+        return self.norm_f(self.blocks_out(idx))
+
+    def blocks_out(self, idx):  # idx: (B, T) int64 -> the last block's output (B, T, C)
         B, T = idx.shape
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
@@ -144,7 +151,7 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        return self.head(self.norm_f(x))  # (B, T, V)
+        return x
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -15,9 +15,10 @@ Counts (C d_model, H/G heads, D head_dim, F d_ff, V vocab, T_max positions):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..adapters import get as get_adapter
+from ..optimizers import get as get_optimizer
 from .base import ParamSpec
 from ..spec.config import Cell, ModelConfig
 
@@ -39,17 +40,17 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
     norm_parts = [("", cfg.d_model)] + ([(".bias", cfg.d_model)] if cfg.style == "gpt2" else [])
 
     def norm(name):
-        return [ParamSpec(f"blocks.{i}.{name}{sfx}", i, n, base_dt, train_base) for sfx, n in norm_parts]
+        return [ParamSpec(f"blocks.{i}.{name}{sfx}", i, n, base_dt, train_base, (n,)) for sfx, n in norm_parts]
 
     out = norm("norm1")
     for name, d_in, d_out, has_bias in projections(cfg):
         if name == "gate" or (name == "up" and cfg.style == "gpt2"):
             out += norm("norm2")
         if name in targets:  # the adapter's own parameters come before its `base` submodule's
-            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, "fp32", a.trainable) for a in adapter.params(d_in, d_out, cell)]
-        out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, base_dt, train_base))
+            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell)]
+        out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, base_dt, train_base, (d_out, d_in)))
         if has_bias:
-            out.append(ParamSpec(f"blocks.{i}.{name}.bias", i, d_out, base_dt, train_base))
+            out.append(ParamSpec(f"blocks.{i}.{name}.bias", i, d_out, base_dt, train_base, (d_out,)))
     return out
 
 
@@ -57,16 +58,16 @@ def model_params(cfg: ModelConfig, cell: Cell, blocks: range | None = None) -> l
     """Every parameter tensor once (a tied head is the embedding), in model.parameters() order."""
     base_dt, train = cell.base_dtype, not cell.is_lora
     C = cfg.d_model
-    out = [ParamSpec("tok_emb", None, cfg.vocab_size * C, base_dt, train)]
+    out = [ParamSpec("tok_emb", None, cfg.vocab_size * C, base_dt, train, (cfg.vocab_size, C))]
     if cfg.style == "gpt2":
-        out.append(ParamSpec("pos_emb", None, cfg.max_seq_len * C, base_dt, train))
+        out.append(ParamSpec("pos_emb", None, cfg.max_seq_len * C, base_dt, train, (cfg.max_seq_len, C)))
     for i in blocks if blocks is not None else range(cfg.n_layers):
         out += block_params(cfg, cell, i)
-    out.append(ParamSpec("norm_f", None, C, base_dt, train))
+    out.append(ParamSpec("norm_f", None, C, base_dt, train, (C,)))
     if cfg.style == "gpt2":
-        out.append(ParamSpec("norm_f.bias", None, C, base_dt, train))
+        out.append(ParamSpec("norm_f.bias", None, C, base_dt, train, (C,)))
     if not cfg.tie_embeddings:
-        out.append(ParamSpec("head", None, cfg.vocab_size * C, base_dt, train))
+        out.append(ParamSpec("head", None, cfg.vocab_size * C, base_dt, train, (cfg.vocab_size, C)))
     return out
 
 
@@ -75,15 +76,32 @@ class StateBytes:
     """Exact bytes of the persistent training state (what trackers.state_bytes reads)."""
     total_params: int
     trainable_params: int
-    param_bytes: int          # Σ numel·(4 | 2): frozen base in base_dtype, trainable in fp32
-    grad_bytes: int           # Σ_trainable numel·4 (a grad has its parameter's dtype)
-    optimizer_state_bytes: int  # Σ_trainable 2·numel·4 (exp_avg, exp_avg_sq) + 4 per tensor (step)
+    param_bytes: int          # Σ numel·(4 | 2): frozen base in base_dtype, trainable in param_dtype
+    grad_bytes: int           # Σ_trainable numel·a (a grad has its parameter's dtype)
+    optimizer_state_bytes: int  # the cell's optimizer's state (optimizers/: AdamW Σ (2·numel·a + 4))
     trainable_tensors: int
-    sizes_in_order: list[int]   # trainable numels in the optimizer's order
+    sizes_in_order: list[int]   # trainable numels in the optimizer's order (one period of blocks per group)
+    groups: list[list[ParamSpec]] = field(default_factory=list)  # every trainable tensor, per optimizer group
+
+
+def optimizer_groups(cfg: ModelConfig, cell: Cell) -> list[list[ParamSpec]]:
+    """The trainable tensors as the optimizer steps them: one group per learning rate
+    (adapters.layer.param_groups asks the adapter's `lr_scale`), in order of first appearance,
+    each group in model.parameters() order, every block (block 0's specs stand for each)."""
+    outer = model_params(cfg, cell, blocks=range(0))
+    n_emb = 2 if cfg.style == "gpt2" else 1
+    emb, tail = [p for p in outer[:n_emb] if p.trainable], [p for p in outer[n_emb:] if p.trainable]
+    in_order = emb + [p for p in block_params(cfg, cell, 0) if p.trainable] * cfg.n_layers + tail
+    scale = get_adapter(cell.adapter).lr_scale if cell.is_lora else None
+    groups: dict[float, list[ParamSpec]] = {}
+    for p in in_order:
+        groups.setdefault(scale(p.name.rsplit(".", 1)[1], cell) if scale else 1.0, []).append(p)
+    return list(groups.values()) or [[]]
 
 
 def state_bytes(cfg: ModelConfig, cell: Cell) -> StateBytes:
-    """Per-layer sums times n_layers (identical blocks), so a 80-layer model costs one block."""
+    """Per-layer sums times n_layers (identical blocks), so a 80-layer model costs one block;
+    the optimizer's state from its own formula (optimizers/) over the trainable tensors."""
     one = block_params(cfg, cell, 0)
     outer = model_params(cfg, cell, blocks=range(0))
     L = cfg.n_layers
@@ -92,8 +110,20 @@ def state_bytes(cfg: ModelConfig, cell: Cell) -> StateBytes:
     pbytes = sum(p.nbytes for p in outer) + L * sum(p.nbytes for p in one)
     n_t = sum(p.trainable for p in outer) + L * sum(p.trainable for p in one)
     gbytes = sum(p.nbytes for p in outer if p.trainable) + L * sum(p.nbytes for p in one if p.trainable)
-    head = [p.numel for p in outer if p.trainable and p.block is None]
-    emb = head[:2 if cfg.style == "gpt2" else 1] if not cell.is_lora else []
-    tail = head[len(emb):]
-    order = emb + [p.numel for p in one if p.trainable] * min(L, 2) + tail
-    return StateBytes(total, trainable, pbytes, gbytes, 2 * gbytes + 4 * n_t, n_t, order)
+    groups = optimizer_groups(cfg, cell)
+    order = [p.numel for g in groups for p in _two_blocks(g, L)]
+    state = get_optimizer(cell.optimizer).state_bytes([p for g in groups for p in g])
+    return StateBytes(total, trainable, pbytes, gbytes, state, n_t, order, groups)
+
+
+def _two_blocks(group: list[ParamSpec], n_layers: int) -> list[ParamSpec]:
+    """`group` with the tensors of its first two blocks only (the later ones repeat them)."""
+    keep = 2 * (sum(p.block is not None for p in group) // n_layers)
+    out = []
+    for p in group:
+        if p.block is not None:
+            if not keep:
+                continue
+            keep -= 1
+        out.append(p)
+    return out

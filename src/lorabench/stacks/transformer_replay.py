@@ -37,6 +37,7 @@ from typing import Optional
 from ..adapters.base import Adapter
 
 from ..sim.engine import Sim
+from .loss_replay import chunked_loss, standard_loss
 from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, linear, mul_const
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, log_softmax_backward,
                          math_attention_backward, mul_broadcast_backward, nll_loss_backward, pass_and_new_backward,
@@ -61,6 +62,7 @@ class Dims:
     checkpointing: bool
     device: str   # cpu | cuda: SDPA kernel, autocast op lists
     table_dtype: str  # dtype of the RoPE tables (the base dtype in LoRA cells)
+    loss_chunks: Optional[int] = None  # the chunked loss's chunks; None: the standard loss
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
@@ -201,11 +203,11 @@ def project(sim: Sim, x: SymTensor, name: str, params: dict, dims: Dims, d_out: 
     own = {k[len(name) + 1:]: p for k, p in params.items() if k.startswith(name + ".") and k != name + ".bias"}
     if not own:
         return y
-    return adapter_branch(sim, x, y, own, dims, d_out)
+    return adapter_branch(sim, x, y, own, dims, d_out, params[name], params.get(name + ".bias"))
 
 
 def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, dims: Dims,
-                   d_out: int) -> SymTensor:
+                   d_out: int, weight: Param | None = None, bias: Param | None = None) -> SymTensor:
     """AdaptedLinear.forward after its base: y + adapter.branch(dropout(x)).to(y.dtype).
 
     x (N·d_in) is the input, y (N·d_out) the base's output; consumes y (the returned
@@ -218,14 +220,14 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
         sim.drop(mask)
         sim.drop(h)
         h = h2
-    if not sim.autocast:
-        h2 = sim.to(h, F32)
+    if not sim.autocast:  # h.to(the adapter's dtype): FP32, or 16 bits in a pure precision
+        h2 = sim.to(h, next(iter(adapter_params.values())).tensor.dtype)
         sim.drop(h)
         h = h2
-    scaled = dims.adapter.replay(sim, h, adapter_params, d_out)
-    cast = sim.to(scaled, y.dtype)
-    out = binary(sim, y, cast, "add")
-    for t in (cast, scaled, y, h):  # locals out (y), h, the branch live until return
+    # the adapter's combine (LoRA: y + branch(h).to(y.dtype)); weight, bias: the base's
+    out = dims.adapter.replay_combine(sim, h, y, adapter_params, d_out, weight=weight, bias=bias,
+                                      dropout=dims.dropout > 0)
+    for t in (y, h):  # locals out (y), h, the branch live until return
         sim.drop(t)
     return out
 
@@ -352,22 +354,13 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
         x = xn
     sim.set_block(None)
     h = norm(sim, x, params, "norm_f", dims)
-    with sim.allocating_as(LOGITS):
-        logits = linear(sim, h, params["head"], None, dims.V)
+    if dims.loss_chunks:  # Transformer.hidden: the last block's output is released with the norm's return
+        sim.drop(x)
+        loss = chunked_loss(sim, h, params, dims.b, dims.s, dims.V, dims.loss_chunks)
         sim.drop(h)
-        sim.drop(x)  # Transformer.forward's x lives until it returns
-        lf = sim.to(logits, F32)
-        node = sim.node([lf], log_softmax_backward)
-        lsm = sim.out(sim.new(N * dims.V, F32), node)
-        sim.save(node, lsm)
-        node = sim.node([lsm], nll_loss_backward)  # nll_loss_forward: (loss, total_weight); saves lsm, total_weight
-        loss = sim.out(sim.new(1, F32), node)
-        total_weight = sim.new(1, F32)
-        sim.save(node, lsm, total_weight)
-        for t in (total_weight, lsm, lf):  # cross_entropy's argument lf lives until it returns
-            sim.drop(t)
         sim.end_autocast()  # the autocast region ends with compute_loss
-        sim.drop(logits)
+    else:
+        loss = standard_loss(sim, x, h, params, dims.V)
     out = sim.out(sim.new(1, F32), sim.node([loss], unary_backward))  # loss / accumulation
     sim.drop(loss)
     return out

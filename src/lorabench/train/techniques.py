@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..spec.config import Cell, ModelConfig, TrainConfig, autocast_dtype_of, scales_loss
-from ..adapters.layer import DTYPES
+from ..adapters.layer import DTYPES, param_groups
+from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, get as get_optimizer
 from ..stacks import stack_for, stack_of
 
 
@@ -26,12 +28,14 @@ def build_model(cfg: ModelConfig, cell: Cell, device: str, seed: int) -> torch.n
     return stack_for(cfg).build(cfg, cell, device, seed)
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: str) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW over the trainable parameters; returns it and the implementation used."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    impl = train.optimizer_impl(device)
-    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0, **kwargs), impl
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: str,
+                   cell: Cell | None = None) -> tuple[torch.optim.Optimizer, str]:
+    """The cell's optimizer (optimizers/ registry; AdamW without a cell) over the parameter
+    groups of adapters.layer.param_groups at train.lr; returns it and the implementation that
+    runs: train.optimizer (auto | fused | foreach | forloop) where the optimizer offers it."""
+    spec = get_optimizer(cell.optimizer if cell is not None else DEFAULT_OPTIMIZER)
+    impl = spec.implementation(train.optimizer_impl(device), device)
+    return spec.build(param_groups(model, train.lr), train.lr, impl, device), impl
 
 
 def autocast(precision: str, device_type: str):
@@ -47,11 +51,41 @@ def make_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device_type, enabled=scales_loss(precision))
 
 
-def compute_loss(model, x, y, precision: str):
-    """Cross-entropy of the logits in FP32 (b·s·V floats: often the largest tensor)."""
+def compute_loss(model, x, y, precision: str, loss_chunks: int | None = None):
+    """Mean cross-entropy of the logits in FP32 (b·s·V floats: often the largest tensor);
+    with loss_chunks, the chunked loss (chunked_cross_entropy)."""
+    stack = stack_of(model)
     with autocast(precision, x.device.type):
-        logits = stack_of(model).logits(model, x)  # (B, T, V)
+        if loss_chunks:
+            return chunked_cross_entropy(stack, model, stack.hidden(model, x), y, loss_chunks)
+        logits = stack.logits(model, x)  # (B, T, V)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
+def chunked_cross_entropy(stack, model, h, y, n_chunks: int):
+    """The same mean cross-entropy, computed over the N = B·T tokens in at most `n_chunks` chunks.
+
+        loss = (1/N) · Σ_c Σ_{t ∈ c} CE(head(h_t), y_t)
+
+    h (B, T, C) is flattened to (N, C) and split into contiguous views of B·⌈T/n⌉ tokens
+    (as many tokens as torchtune's n sequence chunks, without their strided copies; the
+    last chunk takes the rest, so every size is linear in B); each chunk's head
+    and FP32 cross-entropy run under non-reentrant checkpointing, so the forward keeps no
+    logits and the backward recomputes one chunk at a time: (N/n)·V logits, their FP32
+    copy and log-softmax are alive instead of N·V. The price is a second forward of the
+    head (2·N·C·V FLOPs). With n_chunks = 1 it is the standard loss, recomputed."""
+    size = h.size(0) * -(-h.size(1) // n_chunks)
+    hs, ys = h.flatten(0, 1).split(size), y.flatten().split(size)
+    total = None
+    for hc, yc in zip(hs, ys):
+        part = checkpoint(_chunk_loss, stack, model, hc, yc, use_reentrant=False)
+        total = part if total is None else total + part
+    return total / y.numel()
+
+
+def _chunk_loss(stack, model, hc, yc):
+    """Σ over one chunk's tokens of the FP32 cross-entropy of their logits."""
+    return F.cross_entropy(stack.head_logits(model, hc).float(), yc, reduction="sum")
 
 
 @dataclass
@@ -70,7 +104,7 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, re
     total = 0.0
     for xm, ym in zip(x.chunk(cell.accumulation), y.chunk(cell.accumulation)):
         mark("forward")
-        loss = compute_loss(model, xm, ym, cell.precision) / cell.accumulation
+        loss = compute_loss(model, xm, ym, cell.precision, cell.loss_chunks) / cell.accumulation
         mark("backward")
         scaler.scale(loss).backward()
         total += loss.detach()

@@ -296,9 +296,12 @@ def nvml_process_bytes() -> int | None:
 
 
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of parameters, gradients and optimizer state, read from the tensors themselves."""
+    """Bytes of parameters, gradients and optimizer state, read from the tensors themselves.
+    A state tensor that several parameters' states share (bitsandbytes' quantisation maps)
+    is counted once; non-tensor state (bitsandbytes' int `step`) holds no tensor memory."""
     params = list(model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    state = {v.untyped_storage()._cdata: v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)}
+    opt_bytes = sum(v.numel() * v.element_size() for v in state.values())
     return {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_state_bytes": opt_bytes}

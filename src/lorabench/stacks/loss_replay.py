@@ -1,0 +1,93 @@
+"""The loss of one micro-batch, replayed on `sim.Sim`: the standard cross-entropy of every
+token's logits at once, or the chunked one (train/techniques.chunked_cross_entropy).
+
+Shapes: N = b·s tokens, C d_model, V vocab; a = bytes per element of the logits' dtype.
+
+standard  logits (N·V·a) live until compute_loss returns; their FP32 copy (N·V·4) and
+          log-softmax (N·V·4, saved) during the loss; backward: two N·V·4 gradients.
+chunked   h (N·C) flattened and split into chunks of b·⌈s/n⌉ tokens (contiguous views);
+          each chunk's head and cross-entropy run checkpointed: the forward keeps only the
+          chunk's input (a view of h) and a 4-byte partial sum, and the backward recomputes
+          one chunk at a time: m·V·a logits, m·V·4 FP32 copy and log-softmax, m·V·4
+          gradients for m = b·⌈s/n⌉ tokens. The chunk gradients of h (m·C each) wait in
+          the split's input buffer until the last chunk is done, then are concatenated
+          (N·C); a trained head's weight gradient sums one V·C term per chunk.
+"""
+from __future__ import annotations
+
+from ..sim.engine import Sim
+from ..sim.ops import binary, linear
+from ..sim.rules import log_softmax_backward, nll_loss_backward, pass_backward, split_backward, unary_backward
+from ..sim.tensors import F32, LOGITS, SymTensor
+
+
+def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int) -> SymTensor:
+    """F.cross_entropy(logits.float().view(-1, V), y) with logits = head(h); `x` (the last
+    block's output, Transformer.forward's local) is released once the head has run."""
+    N = h.numel // (params["head"].tensor.numel // V)
+    with sim.allocating_as(LOGITS):
+        logits = linear(sim, h, params["head"], None, V)
+        sim.drop(h)
+        sim.drop(x)  # Transformer.forward's x lives until it returns
+        loss = _cross_entropy(sim, sim.to(logits, F32), N, V)
+        sim.end_autocast()  # the autocast region ends with compute_loss
+        sim.drop(logits)
+    return loss
+
+
+def _cross_entropy(sim: Sim, lf: SymTensor, N: int, V: int) -> SymTensor:
+    """log_softmax (saved) and nll_loss (saves it and total_weight) of the FP32 logits `lf`,
+    which the caller hands over (released when cross_entropy returns)."""
+    node = sim.node([lf], log_softmax_backward)
+    lsm = sim.out(sim.new(N * V, F32), node)
+    sim.save(node, lsm)
+    node = sim.node([lsm], nll_loss_backward)  # nll_loss_forward: (loss, total_weight)
+    loss = sim.out(sim.new(1, F32), node)
+    total_weight = sim.new(1, F32)
+    sim.save(node, lsm, total_weight)
+    for t in (total_weight, lsm, lf):
+        sim.drop(t)
+    return loss
+
+
+def chunk_positions(s: int, n: int) -> list[int]:
+    """Sequence positions per chunk: ⌈s/n⌉ each, the last one the rest (so at most n chunks)."""
+    c = -(-s // n)
+    return [min(c, s - i) for i in range(0, s, c)]
+
+
+def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n: int) -> SymTensor:
+    """chunked_cross_entropy(stack, model, h, y, n): Σ_chunks checkpoint(head + CE, sum) / N;
+    `h` (the final norm's output) is the caller's, released by it."""
+    C = params["head"].tensor.numel // V
+    flat = sim.out(sim.view(h), sim.node([h], pass_backward))  # flatten(0, 1): a view
+    sizes = [b * c for c in chunk_positions(s, n)]
+    node = sim.node([flat], split_backward, n_outputs=len(sizes))
+    chunks = [sim.out(sim.view(flat, m * C), node, i) for i, m in enumerate(sizes)]
+    total = part = None
+    with sim.allocating_as(LOGITS):
+        for hc, m in zip(chunks, sizes):
+            sim.begin_checkpoint()
+            new = _chunk(sim, hc, params, m, V)
+            sim.end_checkpoint(lambda hc=hc, m=m: _chunk(sim, hc, params, m, V), hc)
+            sim.drop(part)  # `part` is rebound once the next chunk has run
+            part = new
+            if total is None:
+                total = sim.hold(part)
+            else:
+                summed = binary(sim, total, part, "add")
+                sim.drop(total)
+                total = summed
+    loss = sim.out(sim.new(1, F32), sim.node([total], unary_backward))  # / N
+    for t in (part, total, *chunks, flat):  # the function's locals, released when it returns
+        sim.drop(t)
+    return loss
+
+
+def _chunk(sim: Sim, hc: SymTensor, params: dict, m: int, V: int) -> SymTensor:
+    """F.cross_entropy(head(hc).float(), yc, reduction="sum") for m tokens: the logits are
+    released as soon as their FP32 copy exists."""
+    logits = linear(sim, hc, params["head"], None, V)
+    lf = sim.to(logits, F32)
+    sim.drop(logits)
+    return _cross_entropy(sim, lf, m, V)

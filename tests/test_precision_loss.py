@@ -1,0 +1,186 @@
+"""Pure 16-bit precisions (bf16-pure, fp16-pure) and the chunked loss: what they store, that
+they train, that the chunked loss is the same loss, and that both estimators equal the
+measured CPU peak to the byte."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lorabench.adapters.layer import adapted_layers
+from lorabench.cli import main
+from lorabench.estimator.analytic import estimate
+from lorabench.estimator.flops import flops_per_step
+from lorabench.measure.trace import trace
+from lorabench.measure.worker import run_cell
+from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+from lorabench.spec.job import CellJob
+from lorabench.spec.scenario import cell_id, parse_scenario
+from lorabench.spec.schema import ConfigError, FieldError
+from lorabench.stacks import stack_for
+from lorabench.stacks.loss_replay import chunk_positions
+from lorabench.train.techniques import build_model, compute_loss, make_optimizer, make_scaler, train_step
+
+LLAMA = ModelConfig(name="l", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=96, seq_len=16)
+DEEP = ModelConfig(name="d", d_model=32, n_layers=5, n_heads=4, d_ff=64, vocab_size=512, seq_len=12)
+GPT2 = ModelConfig(name="g", d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=96, seq_len=16, style="gpt2")
+TRAIN = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False)
+
+
+def job(model, cell, train=TRAIN) -> CellJob:
+    return CellJob(scenario="t", model=model, train=train, cell=dataclasses.replace(cell, id="c"), device="cpu")
+
+
+def batch(cfg, b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (b, cfg.seq_len), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+# ---------------------------------------------------------------- the spec
+def test_a_pure_precision_stores_everything_in_16_bits_and_needs_no_autocast_or_scaler():
+    full = Cell(precision="bf16-pure")
+    assert (full.param_dtype, full.base_dtype, full.autocast_dtype, full.uses_loss_scaler) == ("bf16", "bf16", None, False)
+    lora = Cell(precision="fp16-pure", lora_rank=4, base_dtype="fp32")  # the base follows the precision
+    assert (lora.param_dtype, lora.base_dtype, lora.matmul_dtype()) == ("fp16", "fp16", "fp16")
+    amp = Cell(precision="bf16", lora_rank=4, base_dtype="bf16")
+    assert (amp.param_dtype, amp.autocast_dtype) == ("fp32", "bf16")
+    assert Cell(precision="fp16").uses_loss_scaler and not Cell(precision="fp16-pure").uses_loss_scaler
+
+
+def test_the_chunked_loss_is_normalised_and_named_in_the_cell_id():
+    c = Cell(precision="fp32", loss="chunked")
+    assert c.loss_chunks == 8 and Cell(precision="fp32", loss_chunks=4).loss_chunks is None
+    assert cell_id(c, set()) == "fp32-full-chunked"
+    assert cell_id(dataclasses.replace(c, loss_chunks=4), {"loss_chunks"}) == "fp32-full-chunked4"
+    plus = Cell(precision="fp32", lora_rank=4, adapter="lora-plus", lora_plus_ratio=4)
+    assert cell_id(plus, {"lora_plus_ratio"}) == "fp32-lora-plus-r4-x4" and cell_id(plus, set()) == "fp32-lora-plus-r4"
+    with pytest.raises(FieldError) as e:
+        Cell(precision="fp32", loss="fused")
+    assert e.value.key == "loss"
+    with pytest.raises(FieldError) as e:
+        Cell(precision="fp32", loss="chunked", loss_chunks=0)
+    assert e.value.key == "loss_chunks"
+
+
+@pytest.mark.parametrize("matrix,key", [({"loss": ["blocked"]}, "matrix.loss"),
+                                        ({"loss": ["chunked"], "loss_chunks": [0]}, "matrix.loss_chunks"),
+                                        ({"precision": ["bf16-puree"]}, "matrix.precision")])
+def test_bad_loss_and_precision_values_name_the_key(matrix, key):
+    data = {"name": "x", "model": {"preset": "cpu-tiny"}, "matrix": matrix}
+    with pytest.raises(ConfigError) as e:
+        parse_scenario(data, "s.yaml")
+    assert e.value.path.startswith(key) and e.value.source == "s.yaml"
+
+
+@pytest.mark.parametrize("s,n", [(16, 8), (16, 3), (9, 4), (5, 8), (1, 2), (2048, 8)])
+def test_chunks_cover_the_sequence_in_at_most_n_equal_chunks_and_a_rest(s, n):
+    sizes = chunk_positions(s, n)
+    assert sum(sizes) == s and len(sizes) <= n and all(0 < m <= sizes[0] for m in sizes)
+    assert sizes[0] == -(-s // n)
+
+
+# ---------------------------------------------------------------- training
+@pytest.mark.parametrize("rank", [0, 4])
+def test_pure_bf16_trains_with_bf16_weights_grads_and_adamw_state(rank):
+    cell = Cell(precision="bf16-pure", lora_rank=rank)
+    model = build_model(LLAMA, cell, "cpu", 0)
+    opt, _ = make_optimizer(model, TRAIN, "cpu")
+    x, y = batch(LLAMA)
+    r = train_step(model, opt, make_scaler(cell.precision, "cpu"), x, y, cell)
+    assert torch.isfinite(torch.tensor(r.loss)) and r.loss_scale is None
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad.dtype == torch.bfloat16 for p in trained)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt.state.values())
+    if rank:
+        assert all(layer.param_dtype == torch.bfloat16 for layer in adapted_layers(model))
+
+
+@pytest.mark.parametrize("precision,rank", [("fp32", 0), ("bf16", 4), ("fp32", 4)])
+@pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_the_chunked_loss_equals_the_standard_loss_and_its_gradients(model, precision, rank):
+    x, y = batch(model)
+    out = {}
+    for chunks in (None, 3):
+        net = build_model(model, Cell(precision=precision, lora_rank=rank), "cpu", 0)
+        loss = compute_loss(net, x, y, precision, chunks)
+        loss.backward()
+        out[chunks] = loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    (l0, g0), (l1, g1) = out[None], out[3]
+    tol = dict(rtol=1e-2, atol=1e-3) if precision == "bf16" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l1, l0, **tol)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **tol)
+
+
+def test_the_chunked_loss_recomputes_the_head_in_hardware_flops_only():
+    std, chunked = Cell(precision="fp32"), Cell(precision="fp32", loss="chunked")
+    a, b = flops_per_step(LLAMA, std, 4), flops_per_step(LLAMA, chunked, 4)
+    assert b.model == a.model
+    assert b.hardware - a.hardware == 4 * LLAMA.seq_len * 2 * LLAMA.d_model * LLAMA.vocab_size
+
+
+# ---------------------------------------------------------------- measured = analytic = trace
+CELLS = [
+    (LLAMA, Cell(precision="bf16-pure")),
+    (LLAMA, Cell(precision="fp16-pure", lora_rank=4, lora_dropout=0.1, accumulation=2)),
+    (GPT2, Cell(precision="bf16-pure", lora_rank=4, checkpointing=True)),
+    (DEEP, Cell(precision="bf16-pure", checkpointing=True, accumulation=2)),
+    (LLAMA, Cell(precision="fp32", loss="chunked", loss_chunks=3)),
+    (DEEP, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", loss="chunked", loss_chunks=5)),
+    (GPT2, Cell(precision="fp16", accumulation=2, loss="chunked")),
+    (DEEP, Cell(precision="bf16-pure", lora_rank=4, checkpointing=True, loss="chunked", loss_chunks=4)),
+]
+
+
+@pytest.mark.parametrize("model,cell", CELLS, ids=[f"{m.name}-{c.precision}-r{c.lora_rank}-{c.loss}" for m, c in CELLS])
+def test_measured_analytic_and_trace_agree_to_the_byte(model, cell):
+    j = job(model, cell)
+    row = run_cell(j)
+    assert row["status"] == "ok", row.get("error")
+    a = estimate(model, cell, TRAIN.batch_size, device="cpu", window_steps=TRAIN.warmup_steps)
+    t, _ = trace(j)
+    assert a.phase_peak_bytes == row["phase_peak_bytes"] == t.phase_peak_bytes
+    assert a.est_peak_bytes == row["peak_allocated_bytes"] == t.est_peak_bytes
+    assert (a.est_param_bytes, a.est_grad_bytes, a.est_optimizer_state_bytes) == \
+        (row["param_bytes"], row["grad_bytes"], row["optimizer_state_bytes"])
+
+
+def test_the_chunked_loss_lowers_the_peak_when_the_logits_dominate():
+    wide = dataclasses.replace(LLAMA, vocab_size=4096)
+    std = estimate(wide, Cell(precision="bf16", lora_rank=4, base_dtype="bf16"), 4)
+    chunked = estimate(wide, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", loss="chunked"), 4)
+    assert chunked.breakdown.get("logits_loss", 0) < std.breakdown["logits_loss"] / 3
+    assert chunked.est_peak_bytes < std.est_peak_bytes
+
+
+def test_hf_cells_run_pure_and_chunked_and_the_trace_equals_them(tmp_path):
+    pytest.importorskip("transformers")
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96,
+              "max_position_embeddings": 64, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = ModelConfig(name="hf", hf=str(tmp_path / "config.json"), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=64, vocab_size=96, seq_len=16, attn_implementation="sdpa")
+    assert stack_for(model).name == "hf"
+    for cell in (Cell(precision="bf16-pure", lora_rank=4), Cell(precision="fp32", loss="chunked", loss_chunks=3)):
+        j = job(model, cell)
+        row = run_cell(j)
+        assert row["status"] == "ok", row.get("error")
+        t, _ = trace(j)
+        assert t.est_peak_bytes == row["peak_allocated_bytes"]
+
+
+def test_estimate_takes_the_pure_precisions_and_lora_dropout_from_the_command_line():
+    r = CliRunner().invoke(main, ["estimate", "--model", "cpu-tiny", "--precision", "bf16-pure", "--lora-rank", "4",
+                                  "--lora-dropout", "0.05", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)[0]
+    assert row["precision"] == "bf16-pure" and row["lora_dropout"] == 0.05 and row["base_dtype"] == "bf16"
+    bad = CliRunner().invoke(main, ["estimate", "--model", "cpu-tiny", "--lora-rank", "4", "--lora-dropout", "1"])
+    assert bad.exit_code == 2 and "--lora-dropout" in bad.output
