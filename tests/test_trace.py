@@ -185,3 +185,13 @@ def test_analytic_cuda_meets_the_cuda_trace_for_each_sdpa_kernel(cell, kv):
                  window_steps=TRAIN.window_steps("cuda"))
     for ph in ("forward", "backward", "optimizer"):  # within the activations' 512 B rounding (the copy: 0.9 %)
         assert abs(a.phase_peak_bytes[ph] - t.phase_peak_bytes[ph]) <= 0.001 * t.phase_peak_bytes[ph], ph
+
+
+def test_a_trace_leaves_storage_resize_as_it_found_it():
+    """The fake mode enters itself again while active; the resize-aware wrapper is installed
+    once and removed once (a leaked wrapper per trace grew a chain that hit Python's recursion
+    limit after some hundreds of traces in one process)."""
+    before = torch.UntypedStorage.resize_
+    for cell in (Cell(precision="fp32"), Cell(precision="bf16", lora_rank=4, checkpointing=True)):
+        trace(job(cell))
+        assert torch.UntypedStorage.resize_ is before

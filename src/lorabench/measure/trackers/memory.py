@@ -40,7 +40,8 @@ class StorageCounter:
         self.round_to = round_to
         self._live: dict[int, tuple[int, int]] = {}   # storage key -> (bytes counted, serial)
         self._timeline = _Timeline() if timeline else None
-        self._resize = None
+        self._resize = None   # UntypedStorage.resize_ before the outermost __enter__ wrapped it
+        self._entered = 0     # a mode may be entered again while active (a fake mode enters itself)
         self.ops = 0            # ops dispatched while active
         self.last_op = None     # the latest one (a trace names it when it fails)
 
@@ -114,19 +115,22 @@ class StorageCounter:
         return out
 
     def __enter__(self):
-        original = torch.UntypedStorage.resize_
-        tracker = self
+        if not self._entered:  # wrap once; a nested enter must not wrap the wrapper
+            original = torch.UntypedStorage.resize_
+            tracker = self
 
-        def resize_(st, size):
-            out = original(st, size)
-            tracker.resized(st)
-            return out
-        self._resize = original
-        torch.UntypedStorage.resize_ = resize_
+            def resize_(st, size):
+                out = original(st, size)
+                tracker.resized(st)
+                return out
+            self._resize = original
+            torch.UntypedStorage.resize_ = resize_
+        self._entered += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if self._resize is not None:
+        self._entered -= 1
+        if not self._entered and self._resize is not None:
             torch.UntypedStorage.resize_ = self._resize
             self._resize = None
         return super().__exit__(*exc)
