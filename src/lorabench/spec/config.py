@@ -178,7 +178,8 @@ class Cell:
     """
 
     precision: str
-    """fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler)"""
+    """fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler) | bf16-pure, fp16-pure
+    (everything that trains stored in 16 bits; no autocast, master copy or loss scaling)"""
     lora_rank: int = 0
     """0 = full fine-tuning; > 0 trains only the adapters"""
     lora_alpha: Optional[float] = None
