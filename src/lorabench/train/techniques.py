@@ -20,6 +20,7 @@ from ..spec.config import Cell, ModelConfig, TrainConfig, autocast_dtype_of, sca
 from ..adapters.layer import DTYPES, param_groups
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, get as get_optimizer
 from ..stacks import stack_for, stack_of
+from ..stacks.loss_replay import chunk_positions
 
 
 def build_model(cfg: ModelConfig, cell: Cell, device: str, seed: int) -> torch.nn.Module:
@@ -74,8 +75,8 @@ def chunked_cross_entropy(stack, model, h, y, n_chunks: int):
     logits and the backward recomputes one chunk at a time: (N/n)·V logits, their FP32
     copy and log-softmax are alive instead of N·V. The price is a second forward of the
     head (2·N·C·V FLOPs). With n_chunks = 1 it is the standard loss, recomputed."""
-    size = h.size(0) * -(-h.size(1) // n_chunks)
-    hs, ys = h.flatten(0, 1).split(size), y.flatten().split(size)
+    sizes = [h.size(0) * c for c in chunk_positions(h.size(1), n_chunks)]  # the replay's rule, one copy
+    hs, ys = h.flatten(0, 1).split(sizes), y.flatten().split(sizes)
     total = None
     for hc, yc in zip(hs, ys):
         part = checkpoint(_chunk_loss, stack, model, hc, yc, use_reentrant=False)
