@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/fit_speed.py
 
 Times, in a fresh process: the import of the fit machinery, the first full grid
-(Llama-2-7B, seq 2048, batch 16 on an RTX 4090: 3 precisions × 11 methods × 2
-checkpointing × 5 micro-batches = 330 estimates, each memory simulation
-replayed once and cached), a repeat of it, and the whole command line
+(Llama-2-7B, seq 2048, batch 16 on an RTX 4090: precisions {fp32, bf16, bf16-pure}
+× methods (full fine-tuning, LoRA on fp32/16-bit/nf4/int8 bases) × optimizers × loss
+{standard, chunked} × checkpointing × micro-batches, pruned as present/fit_grid.py
+says: about 320 estimates, each memory simulation replayed once and cached), a repeat of it, and the whole command line
 (`lorabench fit ... --format json`) in a subprocess, interpreter start included.
 Prints one line per measurement, in seconds.
 """

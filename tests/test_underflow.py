@@ -305,3 +305,34 @@ def test_cli_table(scenario):
 def test_cli_bad_input(scenario, args, message):
     r = cli(scenario, *args)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_pure_precisions_are_probed_on_the_model_itself():
+    """bf16-pure / fp16-pure: the 16-bit model (no autocast) is the half run. A loss scaled down
+    by 2^-30 pushes most gradients below FP16's smallest subnormal (2^-24), so pure FP16 loses
+    most of them; BF16 keeps FP32's exponent range and loses almost none."""
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=64, vocab_size=64, seq_len=8)
+    x = torch.randint(0, 64, (2, 8))
+    fracs = {}
+    for precision in ("fp16-pure", "bf16-pure"):
+        cell = Cell(precision=precision)
+        model = build_model(cfg, cell, "cpu", 0)
+        assert next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        base = batch_loss_fn((x, x), cell)
+        p = probe(model, lambda m: base(m) * 2.0**-30, loss_scale=1.0, precision=precision)
+        fracs[precision] = p.underflow_frac_unscaled
+    assert fracs["fp16-pure"] > 0.5 and fracs["bf16-pure"] < 0.05, fracs
+    row = cell_fields(build_model(cfg, Cell(precision="bf16-pure"), "cpu", 0), (x, x), Cell(precision="bf16-pure"),
+                      make_scaler("bf16-pure", "cpu"))
+    assert row["underflow_frac_unscaled"] is not None and row["probe_loss_scale"] == 1.0
+
+
+def test_a_diverged_model_is_not_probed():
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=64, vocab_size=64, seq_len=8)
+    cell = Cell(precision="fp16-pure")
+    model = build_model(cfg, cell, "cpu", 0)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    x = torch.randint(0, 64, (2, 8))
+    row = cell_fields(model, (x, x), cell, make_scaler("fp16-pure", "cpu"))
+    assert row["underflow_frac_unscaled"] is None and "not finite" in row["underflow_error"]

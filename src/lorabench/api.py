@@ -24,24 +24,34 @@ from .spec.schema import ConfigError, short
 __all__ = ["ConfigError", "estimate", "fit", "load", "run"]
 
 
+IMPLEMENTATIONS = ("auto", "foreach", "fused", "forloop")
+
+
 def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: float = 16.0,
-             lora_targets: Sequence[str] = ("q", "v"), lora_dropout: float = 0.0, base_dtype: str = "fp32",
+             lora_targets: Sequence[str] = ("q", "v"), lora_dropout: float = 0.0, base_dtype: Optional[str] = None,
              adapter: str = "lora", checkpointing: bool = False, accumulation: int = 1, batch_size: int = 1,
-             seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "auto", gpu: Optional[str] = None,
-             method: str = "analytic"):
+             seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "adamw",
+             optimizer_impl: Optional[str] = None, loss: str = "standard", loss_chunks: int = 8,
+             gpu: Optional[str] = None, method: str = "analytic"):
     """The predicted memory (bytes) and FLOPs of one training set-up; nothing runs. `model`: a
     preset name (`lorabench.spec.presets.preset_names()`), a Hugging Face config.json path or a
-    ModelConfig; `gpu`: a GPU name for its CUDA-only terms (`fit`'s names). `method`: analytic
-    (arithmetic; torch is not imported) or trace (the set-up's real training step on fake
-    tensors, seconds; a step it cannot run raises TraceError, a ConfigError). Returns an
-    `Estimate` (est_peak_bytes, est_peak_phase, breakdown, method, ...)."""
+    ModelConfig; `base_dtype`: fp32, fp16, bf16, or nf4 / int8 (a quantized base: QLoRA; default fp32,
+    or the model's own quantization when its config.json has a bitsandbytes quantization_config);
+    `optimizer`: adamw, adamw-8bit, paged-adamw-8bit, adafactor, sgd (`lorabench.optimizers`;
+    auto, foreach, fused, forloop, what it meant before, are AdamW with that `optimizer_impl`);
+    `loss`: standard or chunked (`loss_chunks` chunks); `gpu`: a GPU name for its CUDA-only terms
+    (`fit`'s names). `method`: analytic (arithmetic; torch is not imported) or trace (the set-up's
+    real training step on fake tensors, seconds; a step it cannot run raises TraceError, a
+    ConfigError). Returns an `Estimate` (est_peak_bytes, est_peak_phase, breakdown, method, ...)."""
     from .adapters import check
     from .estimator.analytic import estimate as analytic
     from .estimator.gpus import resolve_gpu
     from .spec.scenario import expand
+    optimizer, optimizer_impl = _optimizer("lorabench.estimate", optimizer, optimizer_impl)
     matrix = {"precision": precision, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": lora_targets,
-              "lora_dropout": lora_dropout, "base_dtype": base_dtype, "adapter": adapter,
-              "checkpointing": checkpointing, "accumulation": accumulation}
+              "lora_dropout": lora_dropout, "adapter": adapter,
+              "checkpointing": checkpointing, "accumulation": accumulation, "optimizer": optimizer, "loss": loss,
+              "loss_chunks": loss_chunks} | ({"base_dtype": base_dtype} if base_dtype is not None else {})
     for key, value in matrix.items():  # one set-up: a list would be a matrix axis (lora_targets excepted)
         if isinstance(value, (list, tuple, set)) and key != "lora_targets":
             raise ConfigError("lorabench.estimate", key, f"takes one value, got {short(value)}")
@@ -49,7 +59,7 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
         raise ConfigError("lorabench.estimate", "device", f"must be 'cpu' or 'cuda', got {short(device)}")
     if method not in ("analytic", "trace"):
         raise ConfigError("lorabench.estimate", "method", f"must be 'analytic' or 'trace', got {short(method)}")
-    ls = _scenario("lorabench.estimate", model, seq_len, device, {"batch_size": batch_size, "optimizer": optimizer},
+    ls = _scenario("lorabench.estimate", model, seq_len, device, {"batch_size": batch_size, "optimizer": optimizer_impl},
                    {**matrix, "lora_targets": _targets(lora_targets, "lorabench.estimate")})
     check(ls)
     (cell,) = expand(ls)
@@ -58,8 +68,18 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
         from .measure.trace import trace
         return trace(ls.job(cell, device), gpu_name)[0]
     window = ls.train.window_steps(device)
-    return analytic(ls.model, cell, batch_size, device=device, optimizer_impl=optimizer, n_batches=window,
+    return analytic(ls.model, cell, batch_size, device=device, optimizer_impl=optimizer_impl, n_batches=window,
                     window_steps=window, gpu_name=gpu_name)
+
+
+def _optimizer(source: str, optimizer, impl) -> tuple[str, str]:
+    """(optimizer kind, AdamW's implementation): an implementation given as `optimizer` (what it meant
+    before) is AdamW with that implementation."""
+    if isinstance(optimizer, str) and optimizer in IMPLEMENTATIONS:
+        if impl not in (None, optimizer):
+            raise ConfigError(source, "optimizer", f"{optimizer!r} is an implementation; optimizer_impl says {impl!r}")
+        return "adamw", optimizer
+    return optimizer, "auto" if impl is None else impl
 
 
 def _targets(targets, source: str) -> list:
@@ -83,21 +103,33 @@ def _scenario(source: str, model, seq_len, device: str, train: dict, matrix: dic
 
 
 def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: Optional[float] = None,
-        lora_targets: Sequence[str] = ("q", "v"), optimizer: str = "auto", confirm: int = 0) -> list[dict]:
+        lora_targets: Sequence[str] = ("q", "v"), optimizer="all", optimizer_impl: Optional[str] = None,
+        precision="auto", lora_rank=16, loss="standard,chunked", loss_chunks: int = 8, lora_dropout: float = 0.0,
+        sort: str = "speed", confirm: int = 0) -> list[dict]:
     """Every technique combination for `model` on `gpu` (a name, "24GiB", ...), fitting ones
-    first and fastest first; one dict per combination (the rows of `lorabench fit --format json`).
-    `model`: a preset name, a config.json path or a ModelConfig. `confirm`: `fit --confirm`, the
-    best `confirm` choices and the combinations near the limit traced (their rows say `traced`)."""
+    first and ranked by `sort` (speed: fastest first; headroom); one dict per combination (the rows of
+    `lorabench fit --format json`). `model`: a preset name, a config.json path or a ModelConfig.
+    The axes as `fit`'s options: `precision`, `lora_rank`, `optimizer` (kinds in order of preference,
+    "all"; auto, foreach, fused, forloop, what it meant before, set `optimizer_impl`), `loss`, each a
+    comma string or a list; `loss_chunks` and `lora_dropout` are values. `confirm`: `fit --confirm`,
+    the best `confirm` choices and the combinations near the limit traced (their rows say `traced`)."""
     from .estimator.gpus import lookup, resolve_gpu
     from .present.fit import DEFAULT_MARGIN, DEFAULT_RATES_GPU, fit as fit_grid
+    from .present.fit_grid import parse_axes
     for key, value in (("batch", batch), ("confirm", confirm)):
         if not isinstance(value, int) or isinstance(value, bool) or (key == "confirm" and value < 0):
             raise ConfigError("lorabench.fit", key, f"must be an integer{' >= 0' * (key == 'confirm')}, got {short(value)}")
-    ls = _scenario("lorabench.fit", model, seq, "cuda", {"batch_size": batch, "optimizer": optimizer},
+    joined = [",".join(map(str, v)) if isinstance(v, (list, tuple)) else (None if v is None else str(v))
+              for v in (precision, lora_rank, optimizer, loss)]
+    try:
+        axes = parse_axes(joined[0], joined[1], joined[2], optimizer_impl, joined[3], loss_chunks, lora_dropout)
+    except ConfigError as e:
+        raise ConfigError("lorabench.fit", e.source.lstrip("-").replace("-", "_"), e.message) from None
+    ls = _scenario("lorabench.fit", model, seq, "cuda", {"batch_size": batch, "optimizer": axes.optimizer_impl},
                    {"lora_targets": _targets(lora_targets, "lorabench.fit")})
     report = fit_grid(ls.model, resolve_gpu(gpu), batch=batch, margin=DEFAULT_MARGIN if margin is None else margin,
-                      targets=tuple(ls.matrix.lora_targets[0]), optimizer=optimizer,
-                      rates_from=lookup(DEFAULT_RATES_GPU))
+                      targets=tuple(ls.matrix.lora_targets[0]), rates_from=lookup(DEFAULT_RATES_GPU), axes=axes,
+                      sort=sort)
     if confirm:
         from .present.fit_table import confirm as trace_best
         trace_best(report, confirm)

@@ -1,5 +1,6 @@
 """Adapters on frozen linear layers: LoRA (lora.py) and its variants, each one more file:
-rsLoRA (rslora.py), LoRA+ (lora_plus.py), DoRA (dora.py), PiSSA (pissa.py).
+rsLoRA (rslora.py), LoRA+ (lora_plus.py), DoRA (dora.py), PiSSA (pissa.py), LoRA-GA
+(lora_ga.py), AdaLoRA (adalora.py), LoRA-Pro (lora_pro.py).
 
     adapter = get(cell.adapter)       # an Adapter (base.py)
     layers = layer.apply_cell(model, cell)
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..spec.config import Cell
+from ..spec.config import QUANT_DTYPES, Cell
 from ..spec.schema import ConfigError
 from .base import Adapter, AdapterParam
 
@@ -37,17 +38,29 @@ def get(name: str, source: str = "cell", path: str = "adapter") -> Adapter:
 
 def check(ls) -> None:
     """One ConfigError line, naming the scenario file and key, for the first adapter of the
-    loaded scenario `ls` that no adapter is registered under, or the first rank an adapter
+    loaded scenario `ls` that no adapter is registered under, the first rank an adapter
     cannot take on a targeted projection (its `check_projection`, e.g. PiSSA's rank above
-    min(d_in, d_out)), reported at matrix.lora_rank[i]."""
+    min(d_in, d_out)), reported at matrix.lora_rank[i], or the first AdaLoRA budget above its
+    initial rank, reported at matrix.adalora_target_rank[i]."""
+    from ..spec.schema import FieldError
     m = ls.matrix
     for i, name in enumerate(m.adapter):
         get(name, ls.source, f"matrix.adapter[{i}]")
-    for name, (j, rank), alpha, targets, ratio in itertools.product(
-            m.adapter, enumerate(m.lora_rank), m.lora_alpha, m.lora_targets, m.lora_plus_ratio):
+        quantized = [b for b in m.base_dtype if b in QUANT_DTYPES]
+        if quantized and get(name).needs_dense_base and any(m.lora_rank):
+            raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name} reads the base weight itself: "
+                              f"it cannot run on a {quantized[0]} base (matrix.base_dtype)")
+    for name, (j, rank), alpha, targets, ratio, base, (k, budget) in itertools.product(
+            m.adapter, enumerate(m.lora_rank), m.lora_alpha, m.lora_targets, m.lora_plus_ratio, m.base_dtype,
+            enumerate(m.adalora_target_rank)):
         if rank > 0:
-            cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets),
-                        adapter=name, lora_plus_ratio=ratio)
+            try:
+                cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets),
+                            adapter=name, lora_plus_ratio=ratio, base_dtype=base, adalora_target_rank=budget)
+            except FieldError as e:
+                index = {"adalora_target_rank": k, "lora_rank": j}.get(e.key)
+                raise ConfigError(ls.source, f"matrix.{e.key}" + ("" if index is None else f"[{index}]"),
+                                  e.message) from None
             problem = projection_problem(ls.model, cell)
             if problem:
                 raise ConfigError(ls.source, f"matrix.lora_rank[{j}]", problem)
@@ -58,6 +71,8 @@ def projection_problem(cfg, cell: Cell) -> str | None:
     if not cell.is_lora:
         return None
     adapter = get(cell.adapter)
+    if cell.is_quantized and adapter.needs_dense_base:
+        return f"adapter {adapter.name} reads the base weight itself: it cannot run on a {cell.base_dtype} base"
     shapes = projection_shapes(cfg)
     for t in cell.lora_targets:
         if t in shapes:
@@ -88,11 +103,14 @@ def plugin_modules() -> list[str]:
     return sorted({type(a).__module__ for a in _REGISTRY.values() if not type(a).__module__.startswith("lorabench.")})
 
 
-from .dora import DoRA  # noqa: E402 - the built-in adapters register last
+from .adalora import AdaLoRA  # noqa: E402 - the built-in adapters register last
+from .dora import DoRA  # noqa: E402
 from .lora import LoRA  # noqa: E402
+from .lora_ga import LoRAGA  # noqa: E402
 from .lora_plus import LoRAPlus  # noqa: E402
+from .lora_pro import LoRAPro  # noqa: E402
 from .pissa import PiSSA  # noqa: E402
 from .rslora import RsLoRA  # noqa: E402
 
-for _adapter in (LoRA(), RsLoRA(), LoRAPlus(), DoRA(), PiSSA()):
+for _adapter in (LoRA(), RsLoRA(), LoRAPlus(), DoRA(), PiSSA(), LoRAGA(), AdaLoRA(), LoRAPro()):
     register(_adapter)

@@ -19,6 +19,16 @@ rescales the base output too) and `replay_combine` replays it; `merge` and
 `unmerge` fold ΔW into W0 and back; `lr_scale` gives a parameter's learning
 rate as a multiple of the optimizer's (LoRA+); `check_projection` refuses a
 projection the adapter cannot wrap (PiSSA: rank above min(d_in, d_out)).
+
+Three hooks let a variant act in the training flow (train/techniques.py calls them
+on every adapted layer of the model at once; each is a no-op by default):
+`prepare` once after the model is built, before the memory window, with a closure
+that runs the first batch backward (LoRA-GA: an init from the first gradient of W0;
+`has_init_stage` says whether it runs one, and the row then carries its time and
+peak); `adjust_gradients` after the step's last backward, before the optimizer
+(LoRA-Pro's gradient adjustment, AdaLoRA's orthogonality regulariser);
+`after_step` after the optimizer step, the gradients still set (AdaLoRA's rank
+allocation).
 """
 from __future__ import annotations
 
@@ -46,6 +56,9 @@ class Adapter(ABC):
     """One kind of adapter; a cell's lora_rank, lora_alpha and lora_dropout configure it."""
 
     name: str = ""
+    needs_dense_base: bool = False
+    """it reads or rewrites W0 itself (DoRA's column norms, PiSSA's SVD), so it cannot run on a
+    quantized base (nf4, int8) here"""
 
     def scaling(self, cell: Cell) -> float:
         """The factor on the branch's output; LoRA: alpha / r."""
@@ -113,3 +126,23 @@ class Adapter(ABC):
     def check_projection(self, name: str, d_in: int, d_out: int, cell: Cell) -> str | None:
         """Why this adapter cannot wrap projection `name` (d_in → d_out) in `cell`; None if it can."""
         return None
+
+    # ---- the training flow's hooks (train/techniques.py), each given every adapted layer
+    has_init_stage: bool = False
+    """Whether `prepare` runs a data-dependent initialisation; the one place that says so
+    (a row's init_s and init_peak_bytes are measured for it, None otherwise)."""
+
+    def prepare(self, layers, backward, cell: Cell, total_steps: int) -> None:
+        """Once, after the model is built and before the first step (outside the memory window):
+        `backward()` runs the loss of the cell's first micro-batch backward through the model as
+        it stands (whatever requires grad then gets .grad); `cell` is the run's cell and
+        `total_steps` the optimizer steps the run will take. Default: nothing."""
+
+    def adjust_gradients(self, layers, grad_scale) -> None:
+        """After the step's last backward, before the optimizer step: change the adapters' .grad
+        in place. `grad_scale`: the loss scale (a 0-d tensor) the gradients carry under fp16's
+        GradScaler, else None. Default: nothing."""
+
+    def after_step(self, layers) -> None:
+        """After the optimizer step, before the next zero_grad (the gradients are still set).
+        Default: nothing."""

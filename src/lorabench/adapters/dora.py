@@ -32,6 +32,7 @@ from .lora import LoRA
 
 class DoRA(LoRA):
     name = "dora"
+    needs_dense_base = True
 
     def params(self, d_in, d_out, cell):
         return super().params(d_in, d_out, cell) + [AdapterParam("lora_magnitude", (d_out,))]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..spec.config import Cell
+from ..spec.config import LORA_TARGETS, Cell
 from . import get
 from .base import Adapter
+from .quant import quantize_projections
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -78,13 +79,16 @@ class AdaptedLinear(nn.Module):
 
 def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
                   base_dtype: str = "fp32", adapter: str = "lora",
-                  lora_plus_ratio: float | None = None) -> list[AdaptedLinear]:
+                  lora_plus_ratio: float | None = None, quantize: tuple[Cell, list] | None = None) -> list[AdaptedLinear]:
     """Freeze every parameter, store them in `base_dtype`, and wrap each targeted
     projection (module names q, k, v, o, gate, up, down) in an AdaptedLinear.
-    Only the adapters (FP32) train."""
+    Only the adapters (FP32) train. quantize = (cell, projection names): those projections
+    quantized first, as the cell's base_dtype says (adapters/quant.py: QLoRA)."""
     for p in model.parameters():
         p.requires_grad_(False)
     cast_floating(model, DTYPES[base_dtype])
+    if quantize is not None and not quantize_projections(model, quantize[1], quantize[0]):
+        raise ValueError(f"no nn.Linear named any of {list(quantize[1])} to quantize")
     wrapped = []
     for parent in list(model.modules()):
         for name in targets:
@@ -119,14 +123,16 @@ def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
 def apply_cell(model: nn.Module, cell: Cell, target_names: dict | None = None) -> list[AdaptedLinear]:
     """The cell's adapters and dtypes on `model`. Full fine-tuning: every weight trains in the
     cell's param_dtype (FP32, or 16 bits in a pure precision). An adapter cell: the base frozen
-    in base_dtype, the targets (lorabench's names, mapped by `target_names` to the model's own)
+    in base_dtype (a quantized one: every block projection quantized, the rest in
+    base_float_dtype), the targets (lorabench's names, mapped by `target_names` to the model's own)
     wrapped, and the adapters trained in param_dtype (initialised in FP32, then cast)."""
     if not cell.is_lora:
         cast_floating(model, DTYPES[cell.param_dtype])
         return []
     names = [target_names[t] for t in cell.lora_targets] if target_names else list(cell.lora_targets)
-    layers = apply_adapter(model, names, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_dtype, cell.adapter,
-                           cell.lora_plus_ratio)
+    projections = list(target_names.values()) if target_names else list(LORA_TARGETS)
+    layers = apply_adapter(model, names, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_float_dtype,
+                           cell.adapter, cell.lora_plus_ratio, (cell, projections) if cell.is_quantized else None)
     if cell.param_dtype != "fp32":  # a pure precision: base_dtype == param_dtype, so only the adapters change
         cast_floating(model, DTYPES[cell.param_dtype])
     return layers

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import click
 
-from ..spec.config import DTYPE_NAMES, PRECISIONS
+from ..optimizers import names as optimizer_names
+from ..spec.config import BASE_DTYPES, LOSSES, PRECISIONS
 from .reports import echo
 
 PRECISION = click.Choice(list(PRECISIONS))
-DTYPES = click.Choice(list(DTYPE_NAMES))
+DTYPES = click.Choice(list(BASE_DTYPES))
+IMPLS = ("auto", "foreach", "fused", "forloop")
 
 
 @click.command("estimate")
@@ -27,7 +29,19 @@ DTYPES = click.Choice(list(DTYPE_NAMES))
               help="dropout on the adapters' input (a saved mask per distinct input)")
 @click.option("--checkpointing/--no-checkpointing", default=False, show_default=True)
 @click.option("--accumulation", type=int, default=1, show_default=True)
-@click.option("--base-dtype", type=DTYPES, default="fp32", show_default=True, help="frozen weights of LoRA cells")
+@click.option("--base-dtype", type=DTYPES, default=None,
+              help="frozen weights of LoRA cells: fp32, fp16, bf16, or quantized: nf4 (QLoRA), int8 "
+                   "[default: fp32, or a quantized config.json's own quantization]")
+@click.option("--optimizer", type=click.Choice(sorted(set(optimizer_names()) | set(IMPLS))), default="adamw",
+              show_default=True, help="the optimizer: " + ", ".join(optimizer_names()) + " (auto, foreach, fused, "
+                                      "forloop: AdamW with that implementation, as --optimizer-impl)")
+@click.option("--optimizer-impl", "optimizer_impl", type=click.Choice(list(IMPLS)), default=None,
+              help="the optimizer's implementation (auto = foreach on CUDA, for-loop on CPU)  [default: auto]")
+@click.option("--loss", type=click.Choice(list(LOSSES)), default="standard", show_default=True,
+              help="standard (the whole (N, V) FP32 logits at once) or chunked (head and cross-entropy per token "
+                   "chunk, recomputed in backward)")
+@click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
+              help="token chunks of the chunked loss")
 @click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scenario's, else cpu")
@@ -37,11 +51,18 @@ DTYPES = click.Choice(list(DTYPE_NAMES))
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, lora_dropout, checkpointing, accumulation,
-                 base_dtype, batch, seq, device, method, quiet, fmt):
+                 base_dtype, optimizer, optimizer_impl, loss, loss_chunks, batch, seq, device, method, quiet, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
     from ..present.estimates import estimate_text
+    if optimizer in IMPLS:  # the old meaning: AdamW's implementation
+        if optimizer_impl not in (None, optimizer):
+            from ..spec.schema import ConfigError
+            raise ConfigError("options", "--optimizer", f"{optimizer} is an implementation and --optimizer-impl "
+                                                        f"says {optimizer_impl}")
+        optimizer, optimizer_impl = "adamw", optimizer
     echo(estimate_text(scenario, model, fmt, precision, lora_rank, lora_targets, checkpointing, accumulation,
-                       base_dtype, batch, seq, device, method, quiet, lora_dropout=lora_dropout))
+                       base_dtype, batch, seq, device, method, quiet, lora_dropout=lora_dropout, optimizer=optimizer,
+                       optimizer_impl=optimizer_impl or "auto", loss=loss, loss_chunks=loss_chunks))
 
 
 @click.command("validate")

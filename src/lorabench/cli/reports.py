@@ -66,8 +66,27 @@ def claims_cmd(results, fmt):
 @click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
 @click.option("--margin", type=float, default=0.10, show_default=True,
               help="safety margin: usable = (1 - margin) × GPU memory")
-@click.option("--optimizer", type=click.Choice(["auto", "foreach", "fused", "forloop"]), default="auto",
-              show_default=True, help="AdamW implementation (auto = foreach on CUDA)")
+@click.option("--precision", default="auto", show_default=True,
+              help="precisions to explore, comma-separated from fp32, fp16, bf16, bf16-pure; auto: fp32, bf16, "
+                   "bf16-pure, and fp16 on a GPU without bf16")
+@click.option("--lora-rank", "lora_rank", default="16", show_default=True,
+              help="LoRA ranks to explore, comma-separated (e.g. 8,64)")
+@click.option("--optimizer", default="all", show_default=True,
+              help="optimizers to explore, comma-separated, in order of preference: adamw, adamw-8bit, "
+                   "paged-adamw-8bit, adafactor, sgd (adapter cells use the first); all: every one. The old "
+                   "values auto, foreach, fused, forloop (AdamW's implementation) still work here: they set "
+                   "--optimizer-impl")
+@click.option("--optimizer-impl", "optimizer_impl", type=click.Choice(["auto", "foreach", "fused", "forloop"]),
+              default=None, help="AdamW's implementation (auto = foreach on CUDA)  [default: auto]")
+@click.option("--loss", default="standard,chunked", show_default=True,
+              help="losses to explore: standard, chunked (head and cross-entropy per token chunk)")
+@click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
+              help="token chunks of the chunked loss")
+@click.option("--lora-dropout", "lora_dropout", type=float, default=0.0, show_default=True,
+              help="dropout on the adapters' input (a saved mask per adapted input)")
+@click.option("--sort", "sort", type=click.Choice(["speed", "headroom"]), default="speed", show_default=True,
+              help="speed: the fastest first, equally fast ones by most headroom; headroom: the most headroom "
+                   "first, then the fastest")
 @click.option("--calibrate", "calibrate_path", default=None,
               help="result file(s) whose measured hfu/mfu set the efficiency (and are checked against fit)")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
@@ -79,12 +98,16 @@ def claims_cmd(results, fmt):
                    "verdict (column 'traced GiB'). 0: nothing traced")
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def fit_cmd(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, confirm_k, quiet, fmt):
-    """Which precision / LoRA / checkpointing / micro-batch combinations fit a GPU, fastest first, and what
-    would make the others fit; without a GPU here and no --gpu, the best choice on common cards."""
+def fit_cmd(model, gpu, seq, batch, lora_targets, margin, precision, lora_rank, optimizer, optimizer_impl, loss,
+            loss_chunks, lora_dropout, sort, calibrate_path, top, confirm_k, quiet, fmt):
+    """Which precision / LoRA / QLoRA / optimizer / loss / checkpointing / micro-batch combinations fit a GPU,
+    the fastest first, and the smallest change that would make the others fit; without a GPU here and no
+    --gpu, the best choice on common cards."""
+    from ..present.fit_grid import parse_axes
     from ..present.fit_table import fit_text
-    echo(fit_text(model, gpu, seq, batch, lora_targets, margin, optimizer, calibrate_path, top, fmt,
-                  confirm_k=confirm_k, quiet=quiet))
+    axes = parse_axes(precision, lora_rank, optimizer, optimizer_impl, loss, loss_chunks, lora_dropout)
+    echo(fit_text(model, gpu, seq, batch, lora_targets, margin, calibrate_path=calibrate_path, top=top, fmt=fmt,
+                  confirm_k=confirm_k, quiet=quiet, axes=axes, sort=sort))
 
 
 COMMANDS = [report_cmd, compare_cmd, claims_cmd, fit_cmd]

@@ -8,7 +8,8 @@ stacks/transformer_replay.py and each adapter's `replay` for the per-op saved
 tensors, and sim/ for how lifetimes are followed). The
 persistent terms are closed forms (stacks/transformer_layout.py):
 
-  params            Σ numel·a        frozen base in base_dtype (a = 2 or 4), trainable in fp32
+  params            Σ numel·a        frozen base in base_dtype (a = 2 or 4), trainable in fp32;
+                    a quantized base (nf4, int8) as bitsandbytes stores it (sim/quant.py)
   grads             Σ_trainable numel·4    .grad of the trainable parameters only
   optimizer_state   the cell's optimizer's state (optimizers/, one formula per optimizer), e.g.
                     AdamW Σ_trainable 2·numel·a: exp_avg and exp_avg_sq (the param's dtype),
@@ -84,7 +85,7 @@ OPT_SCALARS_FP16 = {"other": 4, "fused": 12}  # found_inf; fused also its sum an
 OPT_SCALARS_FP16_UNSCALE = 16
 
 TERMS = {
-    "params": "Σ numel·a over parameters (frozen base in base_dtype, trainable fp32)",
+    "params": "Σ numel·a over parameters (frozen base in base_dtype, trainable fp32; nf4/int8 as bitsandbytes stores them)",
     "buffers": "RoPE cos/sin tables, 2·T_max·(D/2)·a (llama)",
     "batches": "(x, y) int64 batches resident: n·2·B·s·8",
     "grad_scaler": "GradScaler scale + growth tracker, 8 B (fp16)",
@@ -97,6 +98,8 @@ TERMS = {
     "backward_buffers": "gradients in flight, branch sums, dtype casts during backward",
     "recompute": "checkpointing: one block's recomputed saved tensors and temporaries",
     "scalars": "4-byte tensors of train_step (previous loss, running total, GradScaler's found_inf)",
+    "graph_held": "what the previous loss's autograd graph still keeps (bitsandbytes int8: each projection's input) "
+                  "until the next loss replaces it, and the last one through the optimizer step",
     "cublas_workspace": "CUDA: cuBLAS workspaces in the caching allocator",
     "allocator_rounding": "CUDA: 512-byte rounding of the persistent tensors",
 }
@@ -162,12 +165,12 @@ def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int
     ws = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES["hopper" if is_hopper(gpu_name) else "default"]
     outer, one = model_params(cfg, cell, blocks=range(0)), block_params(cfg, cell, 0)
     L = cfg.n_layers
-    params = sum(_round512(p.nbytes) for p in outer) + L * sum(_round512(p.nbytes) for p in one)
+    params = sum(_round512(b) for p in outer for b in p.storage_bytes) + L * sum(_round512(b) for p in one for b in p.storage_bytes)
     grads = sum(_round512(p.nbytes) for p in outer if p.trainable) + L * sum(_round512(p.nbytes) for p in one if p.trainable)
     trainable = [p for g in optimizer_groups(cfg, cell) for p in g]
     opt = get_optimizer(cell.optimizer)
     state = opt.resident_bytes(trainable, impl, "cuda", round_to=512) - opt.resident_bytes(trainable, impl, "cuda")
-    buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_dtype]) \
+    buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_float_dtype]) \
         if cfg.style == "llama" else 0
     batches = n_batches * 2 * _round512(batch_size * cfg.seq_len * 8)
     return {"cublas_workspace": ws, "allocator_rounding": params + grads + state + buffers + batches,
@@ -193,7 +196,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     impl = opt.implementation(resolve_optimizer_impl(optimizer_impl, device), device)
     micro_b = cell.micro_batch(batch_size)
     sb = state_bytes(model_cfg, cell)
-    buf_isz = ISZ[cell.base_dtype]
+    buf_isz = ISZ[cell.base_float_dtype]
     buffers = 2 * model_cfg.max_seq_len * (model_cfg.head_dim // 2) * buf_isz if model_cfg.style == "llama" else 0
     n_batches = window_steps if n_batches is None else n_batches
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
@@ -209,21 +212,25 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     res = simulate(model_cfg, cell, device)
     const = {"params": sb.param_bytes, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
     phases: dict[str, tuple[int, dict]] = {}
+    held = res.graph_held_at(micro_b)  # the previous loss's graph: until the next loss replaces it
     for ph in ("forward", "backward"):
         v, cats = res.peak(0, ph, micro_b)
         cats["scalars"] = 0
         if cell.accumulation > 1:
             v2, cats2 = res.peak(1, ph, micro_b)
             later = SCALARS_LATER_MICROBATCH[ph]
-            if v2 + sb.grad_bytes + later > v:
+            prev = held if ph == "forward" else 0
+            if v2 + sb.grad_bytes + later + prev > v:
                 cats = dict(cats2, grads=sb.grad_bytes, scalars=later)
+                if prev:
+                    cats["graph_held"] = prev
         terms = dict(const, optimizer_state=state_fb, **cats)
         if ph == "forward" and window_steps < 2:
             terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's backward
         phases[ph] = (sum(terms.values()), terms)
     opt_tmp = optimizer_temporaries(opt, sb.groups, impl) if stepped else 0
     terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=sb.grad_bytes,
-                 optimizer_temporaries=opt_tmp,
+                 optimizer_temporaries=opt_tmp, graph_held=held,
                  scalars=8 + (OPT_SCALARS_FP16["fused" if opt.scaler_in_step(impl) else "other"]
                               if cell.uses_loss_scaler else 0))
     phases["optimizer"] = (sum(terms.values()), terms)

@@ -32,17 +32,23 @@ class SimResult:
     the categories live when the first backward starts, encoded as A + B·K."""
     lines: dict
     saved: tuple
+    graph_held: int = 0  # bytes the autograd graph keeps after backward (ctx attributes), A + B·K
 
     def peak(self, reading: int, phase: str, b: int) -> tuple[int, dict]:
         best = max(self.lines[(reading, phase)], key=lambda ln: ln[0] + ln[1] * b)
         return best[0] + best[1] * b, {c: at_batch(v, K_SYMBOLIC, b) for c, v in zip(CATEGORIES, best[2])}
+
+    def graph_held_at(self, b: int) -> int:
+        """What the graph of a micro-batch of b keeps after its backward (sim keep_with_graph)."""
+        return at_batch(self.graph_held, K_SYMBOLIC, b)
 
     def saved_at(self, b: int) -> dict:
         return {c: at_batch(v, K_SYMBOLIC, b) for c, v in zip(CATEGORIES, self.saved)}
 
 
 _CACHE: dict[tuple, SimResult] = {}
-NOT_SHAPE = ("name", "source", "published_params")  # ModelConfig fields that change no tensor
+NOT_SHAPE = ("name", "source", "published_params", "quantized", "quantized_double_quant")  # ModelConfig fields
+# that change no tensor (a quantized checkpoint shows in its cells' base_dtype)
 
 
 def _shape(cfg: ModelConfig) -> tuple:
@@ -64,7 +70,7 @@ def replay(cfg: ModelConfig, cell: Cell, device: str, micro_batch: int = K_SYMBO
     sim.run_backward(root)
     sim.drop(root)
     sim.drop(loss)
-    return SimResult(sim.lines(K_SYMBOLIC), saved)
+    return SimResult(sim.lines(K_SYMBOLIC), saved, sim.graph_held_bytes)
 
 
 def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
@@ -76,7 +82,7 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     size and accumulation count."""
     # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
     key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
-           cell.checkpointing, cell.base_dtype, cell.loss_chunks, device)
+           cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss_chunks, device)
     res = _CACHE.get(key)
     if res is None:
         if len(_CACHE) > 4096:

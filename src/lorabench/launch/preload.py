@@ -1,6 +1,8 @@
 """Imported once by the process launcher's forkserver (launch/process.py): pay torch's lazy imports (the
 dispatch-mode machinery pulls in torch._dynamo, ~2 s) before any cell forks,
-so that each fresh cell process starts in milliseconds. CPU only: the server
+so that each fresh cell process starts in milliseconds. Not bitsandbytes: its
+import asks CUDA for its devices (tests/test_preload.py), so a cell that needs it
+imports it itself (~2 s, outside the measured window). CPU only: the server
 must never create a CUDA context, or every forked cell would inherit it.
 
 The warm-up runs on one thread: a started OpenMP pool does not survive a

@@ -11,6 +11,8 @@
   (W0 += ΔW: one matmul), each the median, p10 and p90 of `repeats` timed
   forwards after one untimed one (claims reads C9 against that spread); and `merge_max_abs_diff`, the largest |logit| difference between
   the two (rounding only: exact maths gives 0; a 16-bit base rounds W0 + ΔW).
+  A quantized base (nf4, int8) cannot take ΔW without re-quantizing: its merged
+  fields are None.
 All None in full fine-tuning cells.
 """
 from __future__ import annotations
@@ -45,6 +47,9 @@ def inference_fields(model, x: torch.Tensor, precision: str, device: str, repeat
     try:
         with autocast(precision, x.device.type):
             unmerged_ms, unmerged = _time_forward(model, x, device, repeats)  # (median, p10, p90), logits
+            if not all(a.base.weight.is_floating_point() for a in ads):  # a quantized base (QLoRA) has no
+                return {**dict.fromkeys(INFERENCE_KEYS), "infer_ms_unmerged": unmerged_ms[0],  # W0 to add ΔW to
+                        "infer_ms_unmerged_p10": unmerged_ms[1], "infer_ms_unmerged_p90": unmerged_ms[2]}
             for a in ads:
                 a.merge()
             try:

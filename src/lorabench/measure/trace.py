@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..adapters import quant
 from ..estimator.analytic import CUBLAS_HANDLES, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, Estimate, is_hopper
 from ..estimator.flops import flops_per_step
 from ..optimizers import get as get_optimizer, spec_of
@@ -114,6 +115,7 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
     fake = _counting_fake_mode(round_to=CUDA_BLOCK_BYTES if cuda else 1)
     try:
         get_optimizer(job.cell.optimizer).load()  # real module tensors, outside the fake mode (as in run)
+        quant.preload(job.cell, "cpu")  # bitsandbytes' tables, real, as in run (its 8-bit map reads values)
         with fake:
             batches = _batches(job)
             fake.counting = True

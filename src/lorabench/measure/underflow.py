@@ -14,6 +14,8 @@ gradients element by element:
   FP32 `.grad` of the master weight.
 * half run, scaled: the same with `loss × s` (in FP32, as GradScaler does), the
   gradients unscaled afterwards in FP32 (`g · float32(1/s)`).
+* pure 16-bit precisions (bf16-pure, fp16-pure): the model itself, 16-bit weights and
+  no autocast, is the half run; the reference is its FP32 copy.
 
 Realized underflow (per tensor, per block, in total)::
 
@@ -307,12 +309,13 @@ def _half_pass(model, loss_fn, ref: dict, ref_act: dict, scale: float, precision
                reset_rng) -> tuple[dict, dict, dict]:
     """Tallies {name: Tally} of the autocast run at `scale` for parameters and boundaries, and {name: grad dtype}.
     Parameter grads are unscaled in FP32 by float32(1/scale), as GradScaler does."""
-    fmt, acts, dtypes = FORMATS[precision], {}, {}
+    fmt, acts, dtypes = FORMATS[precision.removesuffix("-pure")], {}, {}
 
     def on_grad(name, g):
         if name in ref_act:
             acts[name], dtypes[name] = tally(ref_act[name], g, scale, fmt), _dtype(g)
-    ctx = torch.autocast(device_type, dtype=HALF[precision])
+    # pure 16-bit (bf16-pure, fp16-pure): the model is the half run itself, autocast stays off
+    ctx = torch.autocast(device_type, dtype=HALF[fmt.name], enabled=not precision.endswith("-pure"))
     grads = _backward(model, loss_fn, ctx, scale, _Boundaries(model, on_grad), reset_rng)
     inv = torch.tensor(1.0 / scale, dtype=torch.float64).float().item()
     params = {}
@@ -329,8 +332,8 @@ def _half_pass(model, loss_fn, ref: dict, ref_act: dict, scale: float, precision
 def probe_sweep(model: torch.nn.Module, loss_fn: Callable, loss_scales: Sequence[float], precision: str = "fp16",
                 device_type: Optional[str] = None) -> list[UnderflowProbe]:
     """One UnderflowProbe per loss scale; the FP32 reference and the unscaled half run are shared."""
-    if precision not in FORMATS:
-        raise ValueError(f"precision must be fp16 or bf16, got {precision!r}")
+    if precision.removesuffix("-pure") not in FORMATS:
+        raise ValueError(f"precision must be fp16, bf16, fp16-pure or bf16-pure, got {precision!r}")
     for s in loss_scales:
         if not 0 < float(s) < float("inf"):
             raise ValueError(f"loss scale must be a positive finite number, got {s!r}")
@@ -355,7 +358,7 @@ def probe_sweep(model: torch.nn.Module, loss_fn: Callable, loss_scales: Sequence
         groups: dict[str, list[Counts]] = {}
         for c in pc:
             groups.setdefault(group_key(c.name), []).append(c)
-        out.append(UnderflowProbe(precision, float(s), FORMATS[precision], pc, [total(k, v) for k, v in groups.items()],
+        out.append(UnderflowProbe(precision, float(s), FORMATS[precision.removesuffix("-pure")], pc, [total(k, v) for k, v in groups.items()],
                                   total("all parameters", pc), ac, total("all boundaries", ac)))
     return out
 
@@ -400,8 +403,10 @@ def cell_fields(model, batch, cell, scaler, enabled: bool = True) -> dict:
     goes to `underflow_error` and the cell's own measurements stand.
     """
     row = dict.fromkeys(ROW_FIELDS)
-    if not enabled or cell.precision not in FORMATS:
+    if not enabled or cell.precision.removesuffix("-pure") not in FORMATS:
         return row
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point()):
+        return {**row, "underflow_error": "the weights are not finite (training diverged): nothing to probe"}
     t0 = time.perf_counter()
     scale = scaler.get_scale() if cell.uses_loss_scaler and scaler.is_enabled() else 1.0
     try:

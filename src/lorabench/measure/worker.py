@@ -2,6 +2,8 @@
 
 Order of work (each cell in a fresh process, see launch/process.py):
 1. memory tracking starts before the model is built, so parameters count;
+   the adapter's data-dependent initialisation (LoRA-GA: the first batch's gradient)
+   runs next, timed and with its own peak (init_s, init_peak_bytes), before the window;
 2. the training window starts; `warmup_steps` steps run (the first optimizer
    step creates AdamW's state inside the window);
 3. `steps` timed steps (CUDA events / monotonic clock), warm-up excluded.
@@ -24,8 +26,9 @@ from ..base.env import environment, resolve_device
 from . import lora_checks
 from ..row.codec import encode, estimate_fields
 from ..stacks.transformer import count_params
+from ..adapters import quant
 from ..optimizers import get as get_optimizer
-from ..train.techniques import build_model, make_optimizer, make_scaler, train_step
+from ..train.techniques import build_model, make_optimizer, make_scaler, prepare_adapters, train_step
 from ..train.tokens import MarkovTokens
 from .trackers import MemoryTracker, StepTimer, state_bytes
 from .underflow import cell_fields as underflow_fields
@@ -70,12 +73,40 @@ def setup(job: CellJob, device: str, choices_for: str | None = None):
     return model, opt, impl, make_scaler(job.cell.precision, device)
 
 
-def warm_up(model, opt, scaler, batches, job: CellJob, mem: MemoryTracker, read: bool = True) -> list:
-    """The memory window's steps: start the window, then the warm-up steps, phases marked.
-    The estimator's trace (estimator/trace.py) runs exactly this on fake tensors."""
+def warm_up(model, opt, scaler, batches, job: CellJob, mem: MemoryTracker, read: bool = True,
+            on_init=None) -> list:
+    """The adapters' initialisation (`init_adapters`), then the memory window's steps: start the
+    window, then the warm-up steps, phases marked. `on_init(fields)`, when given, receives the
+    initialisation's row fields (measured on `mem`, a MemoryTracker) before the window starts.
+    The estimator's trace (measure/trace.py) runs exactly this on fake tensors."""
+    fields = init_adapters(model, batches[0], job, mem if on_init else None)
+    if on_init:
+        on_init(fields)
     mem.start_window()
     return [train_step(model, opt, scaler, *batches[i], job.cell, mark=mem.phase, read=read)
             for i in range(job.train.warmup_steps)]
+
+
+def init_adapters(model, batch, job: CellJob, mem: MemoryTracker | None = None) -> dict:
+    """The adapter's `prepare` (train.techniques.prepare_adapters) on the first batch, before the
+    memory window. With `mem`: its wall time `init_s` and `init_peak_bytes`, the most bytes live
+    during it (CPU: the allocation tracker's count; CUDA: max_memory_allocated), both None when
+    the adapter has no initialisation stage."""
+    cuda = job.device == "cuda"
+    if mem is not None:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            mem.storages.reset_peak()
+    t0 = time.perf_counter()
+    ran = prepare_adapters(model, *batch, job.cell, job.train.warmup_steps + job.train.steps)
+    if mem is None or not ran:
+        return {"init_s": None, "init_peak_bytes": None}
+    if cuda:
+        torch.cuda.synchronize()
+    return {"init_s": round(time.perf_counter() - t0, 4),
+            "init_peak_bytes": torch.cuda.max_memory_allocated() if cuda else mem.storages.peak_bytes}
 
 
 def one_line(e: BaseException) -> str:
@@ -96,12 +127,16 @@ def measure(row: dict, job: CellJob) -> None:
 
     t_setup = time.perf_counter()
     get_optimizer(cell.optimizer).load()  # its library imported outside the measured memory
+    quant.preload(cell, device)  # likewise bitsandbytes' tables for a quantized base
     with MemoryTracker(device) as mem:
         batches = [(x.to(device), y.to(device)) for x, y in batches_cpu]
         model, opt, impl, scaler = setup(job, device)
         row["setup_s"] = round(time.perf_counter() - t_setup, 4)
-        row.update(lora_checks.initial_fields(model))  # before any step: ΔW at initialisation
-        results = warm_up(model, opt, scaler, batches, job, mem)
+
+        def on_init(fields):  # after the adapter's initialisation, before any step: ΔW at initialisation
+            row.update(fields)
+            row.update(lora_checks.initial_fields(model))
+        results = warm_up(model, opt, scaler, batches, job, mem, on_init=on_init)
         losses = [r.loss for r in results]
         skipped = sum(r.skipped for r in results)
         scales = [r.loss_scale for r in results]

@@ -37,7 +37,7 @@ SEGMENT_TERMS = {
     "params": ("params",),
     "grads": ("grads",),
     "optimizer": ("optimizer_state", "optimizer_temporaries"),
-    "activations": ("activations", "autocast_weight_copies", "logits_loss", "backward_buffers", "recompute"),
+    "activations": ("activations", "autocast_weight_copies", "logits_loss", "backward_buffers", "recompute", "graph_held"),
 }
 
 

@@ -32,8 +32,10 @@ from ..spec.schema import ConfigError
 METHODS = ("analytic", "trace", "both")
 PARALLEL_MIN_LAYERS = 8  # traces of smaller models (about a second each) run in this process
 OPTION_KEYS = {"matrix.precision": "--precision", "matrix.lora_rank": "--lora-rank", "matrix.lora_targets": "--lora-targets",
-               "matrix.accumulation": "--accumulation", "matrix.base_dtype": "--base-dtype", "matrix.lora_dropout": "--lora-dropout", "train.batch_size": "--batch",
-               "model.seq_len": "--seq", "model.preset": "--model", "device": "--device"}
+               "matrix.accumulation": "--accumulation", "matrix.base_dtype": "--base-dtype", "matrix.lora_dropout": "--lora-dropout",
+               "matrix.optimizer": "--optimizer", "matrix.loss_chunks": "--loss-chunks", "matrix.loss": "--loss",
+               "train.optimizer": "--optimizer-impl", "train.batch_size": "--batch", "model.seq_len": "--seq",
+               "model.preset": "--model", "device": "--device"}
 
 
 def estimates_for(ls: LoadedScenario, device: str | None = None, method: str = "analytic",
@@ -145,16 +147,19 @@ def scenario_estimates(path: str, device: str | None = None, method: str = "anal
 
 
 def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lora_targets: str = "q,v",
-                     checkpointing: bool = False, accumulation: int = 1, base_dtype: str = "fp32", batch: int = 8,
+                     checkpointing: bool = False, accumulation: int = 1, base_dtype: str | None = None, batch: int = 8,
                      seq: int | None = None, device: str = "cpu", method: str = "analytic",
-                     quiet: bool = True, lora_dropout: float = 0.0) -> list[dict]:
+                     quiet: bool = True, lora_dropout: float = 0.0, optimizer: str = "adamw",
+                     optimizer_impl: str = "auto", loss: str = "standard", loss_chunks: int = 8) -> list[dict]:
     """One cell given by command-line options, validated like a scenario (errors name the option)."""
     model_data = {"preset": model} | ({"seq_len": seq} if seq is not None else {})  # --seq 0 is an error
-    data = {"name": "estimate", "model": model_data, "device": device, "train": {"batch_size": batch},
+    data = {"name": "estimate", "model": model_data, "device": device,
+            "train": {"batch_size": batch, "optimizer": optimizer_impl},
             "matrix": {"precision": precision, "lora_rank": lora_rank,
                        "lora_targets": split_targets(lora_targets),
-                       "checkpointing": checkpointing, "accumulation": accumulation, "base_dtype": base_dtype,
-                       "lora_dropout": lora_dropout}}
+                       "checkpointing": checkpointing, "accumulation": accumulation,
+                       "lora_dropout": lora_dropout, "optimizer": optimizer, "loss": loss, "loss_chunks": loss_chunks}
+            | ({"base_dtype": base_dtype} if base_dtype is not None else {})}  # default: fp32, or the model's
     try:
         ls = parse_scenario(data, "options")
     except ConfigError as e:
@@ -171,8 +176,9 @@ def _size(n: int | None) -> str:
 
 def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: str = "fp32", lora_rank: int = 0,
                   lora_targets: str = "q,v", checkpointing: bool = False, accumulation: int = 1,
-                  base_dtype: str = "fp32", batch: int = 8, seq: int | None = None, device: str | None = None,
-                  method: str = "analytic", quiet: bool = True, lora_dropout: float = 0.0) -> str:
+                  base_dtype: str | None = None, batch: int = 8, seq: int | None = None, device: str | None = None,
+                  method: str = "analytic", quiet: bool = True, lora_dropout: float = 0.0, optimizer: str = "adamw",
+                  optimizer_impl: str = "auto", loss: str = "standard", loss_chunks: int = 8) -> str:
     """`lorabench estimate`: the cells of SCENARIO, or the one cell the options give, rendered."""
     check_method(method)
     if scenario and model:
@@ -181,7 +187,8 @@ def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: 
         rows = scenario_estimates(scenario, device, method, quiet)
     elif model:
         rows = option_estimates(model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype,
-                                batch, seq, device or "cpu", method, quiet, lora_dropout)
+                                batch, seq, device or "cpu", method, quiet, lora_dropout, optimizer, optimizer_impl,
+                                loss, loss_chunks)
     else:
         raise ConfigError("options", "--model", "give a scenario file or --model PRESET|config.json")
     return render_estimates(rows, fmt)
@@ -289,14 +296,16 @@ def comparison_table(rows: list[dict]):
 
 def render_estimates(rows: list[dict], fmt: str = "table") -> str:
     """json: the rows; csv: their flat keys (lists joined with ","; CRLF lines); table: as wide as
-    the terminal, at least 170 columns (--method both: the comparison table)."""
+    the terminal, at least 170 columns, more for cell ids over 22 characters (--method both: the
+    comparison table)."""
     from .writer import Line, write
     flat = [{k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()} for r in rows]
     both = any("trace_est_peak_bytes" in r for r in rows)
     return write(flat, fmt, payload=rows, indent=2, end="", newline="\r\n",
                  columns=list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict))),
                  table=lambda _: [comparison_table(rows), Line(trace_time(rows))] if both else
-                 [estimates_table(rows), *map(Line, notes(rows))], min_width=170)
+                 [estimates_table(rows), *map(Line, notes(rows))],
+                 min_width=170 + max([len(str(r.get("cell", ""))) - 22 for r in rows] + [0]))  # long ids: wider
 
 
 def validate_file(path: str):

@@ -1,16 +1,15 @@
-"""`lorabench fit`: which fine-tuning techniques fit a GPU, fastest first.
+"""`lorabench fit`: which fine-tuning techniques fit a GPU, ranked by what a user wants.
 
     gpu = gpus.resolve_gpu("RTX 4090")
     report = fit(load_preset("llama-2-7b"), gpu, batch=16)
-    [c for c in report.combos if c.fits]           # ranked by est_step_time_s
+    [c for c in report.combos if c.fits]           # ranked (see Ranking)
 
-The grid (`grid`): precision {fp32, fp16, bf16} × {full fine-tuning, LoRA at
-ranks 4, 8, 16, 32, 64 with the frozen base in fp32 or 16 bits (bf16; fp16 in
-fp16 cells)} × checkpointing {off, on} × micro-batch m in the powers of two
-dividing the batch B (and B itself), accumulation B / m. Every combination is
-an `estimator.estimate` on CUDA: AdamW (`--optimizer`, default torch's foreach),
-the steady state of training (AdamW's state exists during forward and backward:
-window_steps = 2) and one (x, y) batch resident.
+The grid (fit_grid.py: precision incl. bf16-pure, full fine-tuning per optimizer, LoRA
+per rank and base incl. quantized bases where the estimator takes them, the loss,
+checkpointing, micro-batch × accumulation). Every combination is an
+`estimator.estimate` on CUDA: the steady state of training (the optimizer's state
+exists during forward and backward: window_steps = 2), one (x, y) batch resident,
+AdamW's implementation `--optimizer-impl` (default torch's foreach).
 
 Memory. A combination fits when
 
@@ -20,52 +19,58 @@ est_peak_bytes is what max_memory_allocated would read (it includes the cuBLAS
 workspaces and the 512-byte rounding); the CUDA context (~500 MiB, outside the
 allocator) is added; the safety margin (default 10 %, `--margin`) covers the
 caching allocator's reserved-but-unallocated memory (fragmentation) and the
-capacity the driver keeps: a "24 GB" card offers about 23.6 GiB to torch.
+capacity the driver keeps: a "24 GB" card offers about 23.6 GiB to torch. A paged
+optimizer's state lives in CUDA managed memory, outside the allocator: not in the
+need (it pages to host memory under pressure, at a cost in time no FLOP count sees).
 
 Time. est_step_time_s = est_hw_flops_per_step / (peak_flops(dtype) · efficiency)
 with dtype the one the matmuls run in (Cell.matmul_dtype: autocast's dtype;
-the base dtype for an fp32 LoRA cell on a 16-bit base; fp32 otherwise, TF32
-off as lorabench's default) and hardware FLOPs counting the forward that
-checkpointing recomputes. The efficiency (achieved / peak FLOP/s) is the median
+the parameters' in a pure precision; the base dtype for an fp32 LoRA cell on a
+16-bit base; fp32 otherwise, TF32 off as lorabench's default) and hardware FLOPs
+counting the forward that checkpointing recomputes and the chunked loss's second
+head forward. The efficiency (achieved / peak FLOP/s) is the median
 measured `hfu` (else `mfu`) per dtype of result rows (`calibrate`: rows on the
 same GPU if there are any, else every CUDA row), else DEFAULT_EFFICIENCY = 0.40
-(a typical single-GPU training HFU with PyTorch eager kernels). It does not vary
-with the micro-batch, so equal-FLOP combinations tie; ties go to the larger
-micro-batch (real kernels are more efficient on larger matrices), then to bf16
-over fp16 over fp32, then to less memory. A GPU given only by its memory
-("24GiB", or an unknown card found by NVML) has no peak rates of its own: with
-`rates_from` (the CLI passes DEFAULT_RATES_GPU, an A100's dense peaks, and says
-so) its times use that GPU's rates; without, no time, ranked by hardware FLOPs.
+(a typical single-GPU training HFU with PyTorch eager kernels). A GPU given only
+by its memory ("24GiB", or an unknown card found by NVML) has no peak rates of its
+own: with `rates_from` (the CLI passes DEFAULT_RATES_GPU, an A100's dense peaks,
+and says so) its times use that GPU's rates; without, no time, ranked by FLOPs.
 
-What does not fit gets its overshoot and a fix (`suggestion`): of the single
-changes {checkpointing on, a smaller micro-batch (more accumulation), the base
-in 16 bits, LoRA r8 on a 16-bit base instead of full fine-tuning, another
-precision}, the fastest one that fits. `--confirm` traces some combinations
-(fit_table.confirm): `apply_traces` makes the trace's peak their verdict.
+Ranking (`_rank_key`, `--sort`). Fitting combinations first. `speed` (default): the
+fastest first (est_step_time_s; hardware FLOPs without a time); among equally fast
+ones those without a cost the FLOP count does not see (a quantized base's
+dequantization in every matmul, a paged optimizer's paging), then the larger
+micro-batch (real kernels are faster on larger matrices, which the FLOP count cannot
+see either), then the most headroom (the least needed), then bf16 over bf16-pure over
+fp16 over fp32 and the optimizers in `--optimizer`'s order. `headroom`: the most headroom first, then the
+fastest. Combinations that do not fit: the closest first (not_fitting).
+
+What does not fit gets its overshoot and a fix (fit_suggest.py): the best fitting
+combination one axis away (QLoRA, 8-bit AdamW, checkpointing, a smaller micro-batch
+with more accumulation, the chunked loss, ...), else two; else a shorter sequence.
+`--confirm` traces some combinations (fit_table.confirm): `apply_traces` makes the
+trace's peak their verdict.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import statistics
 from dataclasses import dataclass, field
 
 from .bars import SEGMENTS, estimate_segments
-from ..spec.config import Cell, ModelConfig
-from ..spec.scenario import cell_id
+from .fit_grid import (DEFAULT_TARGETS, PRECISION_PREFERENCE, RANKS, Axes, Combo, grid, hidden_cost,  # noqa: F401
+                       micro_batches, parse_axes, sixteen_bit)
+from .fit_suggest import seq_fixes, suggest_all
+from ..spec.config import ModelConfig
 from ..spec.presets import preset_data
 from ..estimator.analytic import CUDA_CONTEXT_BYTES, estimate
 from ..row.codec import decode_cell, estimate_fields
 from ..estimator.gpus import GPU, lookup
 from ..spec.schema import ConfigError, build
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-PRECISION_PREFERENCE = ("bf16", "fp16", "fp32")  # ties: no loss scaler, then 16-bit autocast
-RANKS = (4, 8, 16, 32, 64)
+SORTS = ("speed", "headroom")
 DEFAULT_EFFICIENCY = 0.40
 DEFAULT_MARGIN = 0.10
 DEFAULT_RATES_GPU = "A100 40GB"  # whose peak rates time a GPU given only by its memory
-DEFAULT_TARGETS = ("q", "v")
 GIB = 2**30
 LABELS = {k: label for k, label, _, _ in SEGMENTS}
 
@@ -85,53 +90,6 @@ def fit_model(spec: str, seq: int | None = None) -> ModelConfig:
         if e.path == "seq_len":
             raise ConfigError("--seq", "", e.message) from None
         raise
-
-
-def sixteen_bit(precision: str) -> str:
-    """The 16-bit base dtype paired with a precision: fp16 with fp16 autocast, else bf16."""
-    return "fp16" if precision == "fp16" else "bf16"
-
-
-def micro_batches(batch: int) -> list[int]:
-    """Powers of two dividing `batch`, and `batch` itself, ascending."""
-    out = [m for m in (2**i for i in range(batch.bit_length())) if batch % m == 0]
-    return out + ([batch] if batch not in out else [])
-
-
-@dataclass(frozen=True)
-class Combo:
-    precision: str
-    lora_rank: int
-    base_dtype: str
-    checkpointing: bool
-    micro_batch_size: int
-    accumulation: int
-
-    def cell(self, targets: tuple = DEFAULT_TARGETS) -> Cell:
-        cell = Cell(precision=self.precision, lora_rank=self.lora_rank, lora_targets=tuple(targets),
-                    checkpointing=self.checkpointing, accumulation=self.accumulation, base_dtype=self.base_dtype)
-        return dataclasses.replace(cell, id=cell_id(cell, set()))
-
-    @functools.cached_property
-    def id(self) -> str:
-        """cell id plus the micro-batch, e.g. `bf16-r8-bf16base-ckpt-acc4-mb4`."""
-        return f"{self.cell().id}-mb{self.micro_batch_size}"
-
-    @property
-    def key(self) -> tuple:
-        return self.precision, self.lora_rank, self.base_dtype, self.checkpointing, self.micro_batch_size
-
-
-def grid(batch: int) -> list[Combo]:
-    """Every combination of the module docstring, full fine-tuning once per precision."""
-    out = []
-    for p in PRECISIONS:
-        methods = [(0, "fp32")] + [(r, b) for r in RANKS for b in ("fp32", sixteen_bit(p))]
-        for r, base in methods:
-            for ckpt in (False, True):
-                for m in micro_batches(batch):
-                    out.append(Combo(p, r, base, ckpt, m, batch // m))
-    return out
 
 
 @dataclass
@@ -196,6 +154,7 @@ class FitCombo:
     fix: str | None = None                # the change `suggestion` names, the combination it makes, and
     fix_combo: Combo | None = None        # what that one needs
     fix_needed_bytes: int | None = None
+    fix_seq: int | None = None            # fit_suggest.seq_fixes: the sequence length at which it fits
     trace_est_peak_bytes: int | None = None  # fit_table.confirm: the traced peak, its wall
     trace_s: float | None = None             # time and the analytic verdict; or why the trace failed
     analytic_fits: bool | None = None
@@ -222,7 +181,8 @@ class FitCombo:
         c = self.combo
         return {"id": c.id, "precision": c.precision, "lora_rank": c.lora_rank,
                 "base_dtype": c.cell().base_dtype, "checkpointing": c.checkpointing,
-                "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation,
+                "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation, "loss": c.loss,
+                "optimizer": c.optimizer,
                 "est_peak_bytes": self.est_peak_bytes, "est_needed_bytes": self.est_needed_bytes,
                 "budget_bytes": self.budget_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
                 "supported": self.supported, "est_step_time_s": self.est_step_time_s,
@@ -230,7 +190,8 @@ class FitCombo:
                 "est_hw_flops_per_step": self.est_hw_flops_per_step, "matmul_dtype": self.matmul_dtype,
                 "efficiency": self.efficiency, "trainable_params": self.trainable_params,
                 "segments_bytes": self.segments, "suggestion": self.suggestion, "fix": self.fix,
-                "fix_id": self.fix_combo.id if self.fix_combo else None, "fix_needed_bytes": self.fix_needed_bytes}
+                "fix_id": self.fix_combo.id if self.fix_combo else None, "fix_needed_bytes": self.fix_needed_bytes,
+                "fix_seq_len": self.fix_seq}
 
 
 @dataclass
@@ -240,11 +201,13 @@ class FitReport:
     batch: int
     margin: float
     targets: tuple
-    optimizer: str
+    optimizer: str                  # AdamW's implementation (--optimizer-impl)
     calibration: Calibration
     combos: list[FitCombo]
     rates_from: GPU | None = None   # whose peak rates timed a GPU without its own (None: its own)
     confirmed: dict | None = None   # after fit_table.confirm: {"best": n, "near": n, "s": its wall time}
+    axes: Axes = field(default_factory=Axes)  # what the grid explored (resolved)
+    sort: str = "speed"
 
     @property
     def budget_bytes(self) -> int:
@@ -258,12 +221,14 @@ class FitReport:
         return sorted((c for c in self.combos if not c.fits), key=lambda c: (not c.supported, c.over_bytes))
 
 
-def check_fit_options(batch: int, margin: float) -> None:
-    """One line naming the option for a batch or margin `fit` cannot use."""
+def check_fit_options(batch: int, margin: float, sort: str = "speed") -> None:
+    """One line naming the option for a batch, margin or sort `fit` cannot use."""
     if batch <= 0:
         raise ConfigError("--batch", "", f"must be > 0, got {batch}")
     if not 0 <= margin < 1:
         raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
+    if sort not in SORTS:
+        raise ConfigError("--sort", "", f"must be one of {', '.join(SORTS)}, got {sort!r}")
 
 
 def fits_budget(est_peak_bytes: int, memory_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
@@ -275,11 +240,11 @@ def has_rates(gpu: GPU) -> bool:
     return any(v is not None for v in gpu.tflops.values())
 
 
-def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: tuple, optimizer: str,
+def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: tuple, axes: Axes,
              calibration: Calibration, rates_from: GPU | None = None) -> FitCombo:
-    cell = combo.cell(targets)
-    est = estimate(cfg, cell, combo.micro_batch_size * combo.accumulation, device="cuda", optimizer_impl=optimizer,
-                   n_batches=1, window_steps=2, gpu_name=gpu.name)
+    cell = combo.cell(targets, axes.lora_dropout, axes.loss_chunks)
+    est = estimate(cfg, cell, combo.micro_batch_size * combo.accumulation, device="cuda",
+                   optimizer_impl=axes.optimizer_impl, n_batches=1, window_steps=2, gpu_name=gpu.name)
     dtype = cell.matmul_dtype(False)
     own = has_rates(gpu)
     peak = (gpu if own or rates_from is None else rates_from).peak_flops(dtype)
@@ -293,35 +258,50 @@ def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: t
                     estimate_segments(est.breakdown, CUDA_CONTEXT_BYTES), est.trainable_params)
 
 
-def _rank_key(c: FitCombo) -> tuple:
+def _rank_key(c: FitCombo, sort: str = "speed", optimizers: tuple = ()) -> tuple:
+    """The ranking of the module docstring (fitting or not is the caller's first key)."""
     t = c.est_step_time_s
-    return (t is None, t if t is not None else 0.0, c.est_hw_flops_per_step, -c.combo.micro_batch_size,
-            PRECISION_PREFERENCE.index(c.combo.precision), c.est_needed_bytes)
+    k = c.combo
+    prefs = (PRECISION_PREFERENCE.index(k.precision) if k.precision in PRECISION_PREFERENCE else 9,
+             optimizers.index(k.optimizer) if k.optimizer in optimizers else 9)
+    speed = (t is None, t if t is not None else 0.0, c.est_hw_flops_per_step)
+    if sort == "headroom":
+        return (c.needed_bytes, *speed, hidden_cost(k), *prefs)
+    return (*speed, hidden_cost(k), -k.micro_batch_size, c.needed_bytes, *prefs)
 
 
 def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, targets: tuple = DEFAULT_TARGETS,
-        optimizer: str = "auto", calibration: Calibration | None = None, rates_from: GPU | None = None) -> FitReport:
-    """Evaluate the whole grid; fitting combinations first, fastest first; suggestions for the rest.
+        optimizer: str | None = None, calibration: Calibration | None = None, rates_from: GPU | None = None,
+        axes: Axes | None = None, sort: str = "speed") -> FitReport:
+    """Evaluate the whole grid; ranked (module docstring); suggestions for what does not fit.
+    axes: what to explore (fit_grid.Axes; default every axis at its default); `optimizer`, when
+    axes is None, is --optimizer's text (kinds, or an AdamW implementation for compatibility).
     rates_from: a GPU whose peak rates time `gpu` if it has none (module docstring)."""
-    check_fit_options(batch, margin)
+    check_fit_options(batch, margin, sort)
     if gpu.memory_bytes <= 0:
         raise ConfigError("--gpu", "", "memory must be > 0")
     cal = calibration or Calibration()
     rates_from = None if has_rates(gpu) else rates_from
-    combos = rank([evaluate(cfg, gpu, c, margin, tuple(targets), optimizer, cal, rates_from) for c in grid(batch)],
-                  gpu)
-    return FitReport(cfg, gpu, batch, margin, tuple(targets), optimizer, cal, combos, rates_from)
+    targets = tuple(targets)
+    axes = (axes or parse_axes(optimizer=optimizer)).resolved(cfg, gpu, batch, targets, rates_from)
+    combos = [evaluate(cfg, gpu, c, margin, targets, axes, cal, rates_from) for c in grid(batch, axes)]
+    rep = FitReport(cfg, gpu, batch, margin, targets, axes.optimizer_impl, cal, combos, rates_from, axes=axes,
+                    sort=sort)
+    rank(rep)
+    seq_fixes(rep, lambda c2, combo: evaluate(c2, gpu, combo, margin, targets, axes, cal, rates_from))
+    return rep
 
 
-def rank(combos: list[FitCombo], gpu: GPU) -> list[FitCombo]:
-    """Fitting first, fastest first; a suggestion (and fix) for each of the rest."""
-    combos.sort(key=lambda c: (not c.fits, _rank_key(c)))
-    index = {c.combo.key: c for c in combos}
-    for c in combos:
-        c.suggestion, c.fix, c.fix_combo, c.fix_needed_bytes = (None,) * 4
-        if not c.fits:
-            c.suggestion = suggest(c, index, gpu)
-    return combos
+def rank(rep: FitReport) -> list[FitCombo]:
+    """Fitting first, ranked (module docstring); a suggestion (and fix) for each of the rest."""
+    key = rank_key(rep)
+    rep.combos.sort(key=lambda c: (not c.fits, key(c)))
+    suggest_all(rep.combos, rep.gpu, key, LABELS)
+    return rep.combos
+
+
+def rank_key(rep: FitReport):
+    return lambda c: _rank_key(c, rep.sort, rep.axes.optimizers)
 
 
 def near_limit(c: FitCombo, margin: float) -> bool:
@@ -338,51 +318,7 @@ def apply_traces(rep: FitReport, picked: list[FitCombo], results: list[tuple]) -
         else:
             c.analytic_fits, c.trace_est_peak_bytes, c.trace_s = c.fits, est.est_peak_bytes, secs
             c.fits = c.supported and c.needed_bytes <= c.budget_bytes
-    rank(rep.combos, rep.gpu)
-
-
-def _alternatives(c: Combo) -> list[tuple[str, tuple]]:
-    """(description, key) of the single changes tried on a combination that does not fit."""
-    p, r, base, ckpt, m = c.key
-    out = []
-    if not ckpt:
-        out.append(("enable checkpointing", (p, r, base, True, m)))
-    m2 = m // 2
-    while m2 >= 1:
-        out.append((f"micro-batch {m2} (accumulation {c.micro_batch_size * c.accumulation // m2})", (p, r, base, ckpt, m2)))
-        m2 //= 2
-    if r and base == "fp32":
-        out.append((f"store the base in {sixteen_bit(p)}", (p, r, sixteen_bit(p), ckpt, m)))
-    if not r:
-        out.append((f"LoRA r8 on a {sixteen_bit(p)} base", (p, 8, sixteen_bit(p), ckpt, m)))
-    for p2 in PRECISIONS:
-        if p2 != p:
-            b2 = base if base == "fp32" or not r else sixteen_bit(p2)
-            out.append((f"precision {p2}" + (f" ({b2} base)" if r and b2 != base else ""), (p2, r, b2, ckpt, m)))
-    return out
-
-
-def suggest(c: FitCombo, index: dict, gpu: GPU) -> str:
-    """'needs X GiB, Y over the Z GiB budget: <term> T GiB; <fix> (→ N GiB)' for a combination
-    that does not fit. The fix is the fastest fitting single change (else pair of changes);
-    the term named is the one the fix shrinks most (else the largest). Sets c.fix, c.fix_combo
-    and c.fix_needed_bytes: the fix, the combination it makes and what that one needs."""
-    if not c.supported:
-        return f"{gpu.name} has no {c.matmul_dtype} matmul path"
-    head = f"needs {gib(c.needed_bytes)}, {gib(c.over_bytes)} over the {gib(c.budget_bytes)} budget"
-    options = [(index[k], text) for text, k in _alternatives(c.combo) if k in index and index[k].fits]
-    if not options:  # two changes
-        for text, k in _alternatives(c.combo):
-            if k in index:
-                options += [(index[k2], f"{text} + {text2}") for text2, k2 in _alternatives(index[k].combo)
-                            if k2 in index and index[k2].fits]
-    if not options:
-        big = max((k for k in c.segments if k != "rest"), key=lambda k: c.segments[k])
-        return f"{head}: {LABELS[big]} {gib(c.segments[big])}; no change of one or two axes makes it fit"
-    best, text = min(options, key=lambda o: _rank_key(o[0]))
-    c.fix, c.fix_combo, c.fix_needed_bytes = text, best.combo, best.needed_bytes
-    term = max(c.segments, key=lambda k: c.segments[k] - best.segments.get(k, 0))
-    return f"{head}: {LABELS[term]} {gib(c.segments[term])}; {text} (→ {gib(best.needed_bytes)})"
+    rank(rep)
 
 
 # ---------------------------------------------------------------- measured rows

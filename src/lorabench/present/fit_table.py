@@ -4,13 +4,14 @@
     text = fit_text("llama-2-7b")      # this machine's GPU; without one, the common cards
 
 Choices (`choices`). Combinations that cost the same are one choice: same fit,
-same technique (full fine-tuning or LoRA; the base in fp32 or 16 bits;
-checkpointing) and a step time within SAME_COST (2 %) of the choice's best
-member's (FLOPs per step without a time), whatever their LoRA rank, precision or
-micro-batch. A choice is shown by its best member (fitting: the fastest, largest
-micro-batch; not fitting: the closest) and reads 'any · LoRA r4–64, 16-bit base,
-ckpt': 'any' when fp32, fp16 and bf16 all cost the same, the ranks as a span,
-the memory as the range over the members at the micro-batch shown.
+same technique (full fine-tuning with its optimizer, pure or not, or LoRA; the
+base in fp32, 16 bits, nf4 or int8; checkpointing; the loss) and a step time
+within SAME_COST (2 %) of the choice's best member's (FLOPs per step without a
+time), whatever their LoRA rank, precision or micro-batch. A choice is shown by
+its best member (fitting: the first by the report's ranking; not fitting: the
+closest) and reads 'bf16/bf16-pure · QLoRA r16, nf4 base, ckpt, chunked':
+'any' when every precision explored costs the same, the ranks as a span, the
+memory as the range over the members at the micro-batch shown.
 
 The table (`render_fit`): a header naming the model, the GPU and how many
 combinations fit; the assumptions, once; the best `top` choices that fit (no
@@ -37,39 +38,33 @@ trace_error ("trace failed: <op>": that row keeps its analytic verdict).
 from __future__ import annotations
 
 from ..spec.schema import ConfigError
+from .fit_grid import parse_targets  # noqa: F401 - fit_text's, where it always was
+from .fit_suggest import change_text  # noqa: F401 - the tables' short form of a fix
 
 LEFT = ("GPU", "precision", "technique", "what would fit → GiB")  # text columns (the rest: numbers, never wrapped)
 MIN_WRAP = 16  # the least width a wrapping text column keeps
-LEGEND = ("ckpt: activation checkpointing; micro×acc: sequences per forward × accumulation steps; precision: "
-          "the autocast dtype (fp32: none), 'any' when fp32, fp16 and bf16 cost the same; a row holds every "
-          "rank, precision and micro-batch of equal cost (time within 2 %)")
+LEGEND = ("ckpt: activation checkpointing; chunked: the chunked loss (head and cross-entropy per token chunk); micro×acc: "
+          "sequences per forward × accumulation steps; precision: the autocast dtype (fp32: none; -pure: everything "
+          "stored in it), 'any' when every precision explored costs the same; a row holds every rank, precision "
+          "and micro-batch of equal cost (time within 2 %)")
 SAME_COST = 0.02  # step times (FLOPs without a time) this close to a choice's best member's are the same cost
 
 
-def parse_targets(text: str, style: str) -> tuple:
-    """--lora-targets as a tuple of projections of a `style` model; ConfigError naming the option."""
-    from ..spec.config import allowed_targets, split_targets
-    allowed = allowed_targets(style)
-    targets = tuple(split_targets(text))
-    if not targets:
-        raise ConfigError("--lora-targets", "", "must name at least one projection")
-    for t in targets:
-        if t not in allowed:
-            raise ConfigError("--lora-targets", "", f"unknown target {t!r} for a {style} model (allowed: {', '.join(allowed)})")
-    return targets
-
-
 def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: int = 8, lora_targets: str = "q,v",
-             margin: float = 0.10, optimizer: str = "auto", calibrate_path: str | None = None, top: int = 10,
-             fmt: str = "table", width: int | None = None, confirm_k: int = 0, quiet: bool = True) -> str:
+             margin: float = 0.10, optimizer: str | None = None, calibrate_path: str | None = None, top: int = 10,
+             fmt: str = "table", width: int | None = None, confirm_k: int = 0, quiet: bool = True,
+             axes=None, sort: str = "speed") -> str:
     """`lorabench fit`: every combination for `model` on `gpu` (None: this machine's GPU, else the
-    common cards), rendered (module docstring)."""
+    common cards), rendered (module docstring). axes: fit_grid.Axes (None: the defaults, with
+    `optimizer` as --optimizer's text)."""
     from ..estimator.gpus import local_gpu, lookup, resolve_gpu
     from .fit import DEFAULT_RATES_GPU, calibrate, check_fit_options, fit, fit_model, oom_contradictions
+    from .fit_grid import parse_axes
     from .writer import write
     cfg = fit_model(model, seq)
     targets = parse_targets(lora_targets, cfg.style)
-    check_fit_options(batch, margin)
+    check_fit_options(batch, margin, sort)
+    axes = axes or parse_axes(optimizer=optimizer)
     rows = None
     if calibrate_path:
         from ..row.results import load_rows
@@ -77,8 +72,8 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
     check = oom_contradictions(rows, margin) if rows is not None else None
 
     def run(g):
-        return fit(cfg, g, batch, margin, targets, optimizer, calibrate(rows, g) if rows is not None else None,
-                   lookup(DEFAULT_RATES_GPU))
+        return fit(cfg, g, batch, margin, targets, calibration=calibrate(rows, g) if rows is not None else None,
+                   rates_from=lookup(DEFAULT_RATES_GPU), axes=axes, sort=sort)
     if gpu is None:
         try:
             g = local_gpu()
@@ -93,7 +88,8 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
         confirm(rep, confirm_k, quiet)
     choice_of = {}
     for rank, members in enumerate(choices(rep.fitting()) + choices(rep.not_fitting()), 1):
-        choice_of.update({id(c): {"choice": " · ".join(choice_label(members)), "choice_rank": rank} for c in members})
+        choice_of.update({id(c): {"choice": " · ".join(choice_label(members, rep.axes)), "choice_rank": rank}
+                          for c in members})
     extra = run_fields(rep, fmt)
     records = [{**c.to_dict(), **(c.trace_dict() if rep.confirmed else {}), **choice_of[id(c)], **extra}
                for c in rep.combos]
@@ -105,7 +101,8 @@ def trace_job(rep, combo):
     from ..spec.config import TrainConfig
     from ..spec.job import CellJob
     train = TrainConfig(batch_size=rep.batch, warmup_steps=1, steps=1, optimizer=rep.optimizer, underflow_probe=False)
-    return CellJob(scenario="fit", model=rep.model, train=train, cell=combo.cell(rep.targets), device="cuda")
+    cell = combo.cell(rep.targets, rep.axes.lora_dropout, rep.axes.loss_chunks)
+    return CellJob(scenario="fit", model=rep.model, train=train, cell=cell, device="cuda")
 
 
 def confirm(rep, k: int, quiet: bool = True) -> None:
@@ -138,7 +135,9 @@ def _traced(c) -> str:
 def run_fields(rep, fmt: str) -> dict:
     """The inputs of a run, added to every json/csv record."""
     return {"model": rep.model.name, "seq_len": rep.model.seq_len, "batch_size": rep.batch, "gpu": rep.gpu.name,
-            "gpu_memory_bytes": rep.gpu.memory_bytes, "margin": rep.margin,
+            "gpu_memory_bytes": rep.gpu.memory_bytes, "margin": rep.margin, "sort": rep.sort,
+            "lora_dropout": rep.axes.lora_dropout, "loss_chunks": rep.axes.loss_chunks,
+            "optimizer_impl": rep.optimizer,
             "lora_targets": ",".join(rep.targets) if fmt == "csv" else list(rep.targets),
             "peak_rates_from": rep.rates_from.name if rep.rates_from else rep.gpu.name}
 
@@ -154,8 +153,10 @@ def choices(combos: list) -> list[list]:
     order = {id(c): i for i, c in enumerate(combos)}
     for c in combos:
         k = c.combo
-        base = "-" if not k.lora_rank else "32" if k.base_dtype == "fp32" else "16"
-        same = groups.setdefault((c.fits, c.supported, base, k.checkpointing), [])
+        base = "-" if not k.lora_rank else "32" if k.base_dtype == "fp32" else "16" if k.base_dtype in ("bf16", "fp16") \
+            else k.base_dtype
+        full = (k.optimizer, k.precision.endswith("-pure")) if not k.lora_rank else ()
+        same = groups.setdefault((c.fits, c.supported, base, k.checkpointing, k.loss, full), [])
         home = next((g for g in same if abs(_cost(c) - _cost(g[0])) <= SAME_COST * _cost(g[0])), None)
         if home is None:
             same.append([c])
@@ -164,43 +165,32 @@ def choices(combos: list) -> list[list]:
     return sorted((g for gs in groups.values() for g in gs), key=lambda g: order[id(g[0])])
 
 
-def _span(ranks: list[int]) -> str:
-    from .fit import RANKS
-    idx = [RANKS.index(r) for r in ranks]
+def _span(ranks: list[int], explored: tuple = ()) -> str:
+    """'r4–64' when the ranks are a run of the explored ones, else 'r8,64'."""
+    idx = [explored.index(r) for r in ranks] if all(r in explored for r in ranks) else []
     if len(ranks) > 1 and idx == list(range(idx[0], idx[0] + len(idx))):
         return f"r{ranks[0]}–{ranks[-1]}"
     return "r" + ",".join(str(r) for r in ranks)
 
 
-def choice_label(members: list) -> tuple[str, str]:
-    """(precision, technique) of a choice: ('any', 'LoRA r4–64, 16-bit base, ckpt')."""
+def choice_label(members: list, axes=None) -> tuple[str, str]:
+    """(precision, technique) of a choice: ('any', 'LoRA r8–64, 16-bit base, ckpt'), ('bf16-pure',
+    'full fine-tuning, adamw-8bit, chunked'), ('bf16', 'QLoRA r16, nf4 base, ckpt'); 'any' when
+    it holds every precision `axes` explored (fit_grid.Axes; without: fp32, fp16 and bf16)."""
     from .fit import PRECISION_PREFERENCE
     ks = [m.combo for m in members]
     precs = {k.precision for k in ks}
-    prec = "any" if len(precs) == 3 else "/".join(p for p in PRECISION_PREFERENCE if p in precs)
+    every = set(axes.precisions) if axes is not None and axes.precisions else {"fp32", "fp16", "bf16"}
+    prec = "any" if len(precs) > 1 and precs >= every else "/".join(p for p in PRECISION_PREFERENCE if p in precs)
     ranks = sorted({k.lora_rank for k in ks})
     if ranks == [0]:
-        tech = "full fine-tuning"
+        tech = "full fine-tuning" + ("" if ks[0].optimizer == "adamw" else f", {ks[0].optimizer}")
     else:
         bases = {k.base_dtype for k in ks}
-        tech = f"LoRA {_span(ranks)}, {'16-bit' if len(bases) > 1 else bases.pop()} base"
-    return prec, tech + (", ckpt" if ks[0].checkpointing else "")
-
-
-def change_text(a, b) -> str:
-    """The change from Combo `a` to Combo `b`, briefly: 'ckpt + micro-batch 1×8'."""
-    out = []
-    if b.precision != a.precision:
-        out.append(b.precision)
-    if b.lora_rank != a.lora_rank:
-        out.append(f"LoRA r{b.lora_rank}, {b.base_dtype} base")
-    elif b.base_dtype != a.base_dtype:
-        out.append(f"{b.base_dtype} base")
-    if b.checkpointing != a.checkpointing:
-        out.append("ckpt" if b.checkpointing else "no ckpt")
-    if b.micro_batch_size != a.micro_batch_size:
-        out.append(f"micro-batch {b.micro_batch_size}×{b.accumulation}")
-    return " + ".join(out)
+        base = "16-bit" if len(bases) > 1 else bases.pop()
+        span = _span(ranks, axes.ranks if axes is not None else (4, 8, 16, 32, 64))
+        tech = f"{'QLoRA' if base == 'nf4' else 'LoRA'} {span}, {base} base"
+    return prec, tech + (", ckpt" if ks[0].checkpointing else "") + (", chunked" if ks[0].loss == "chunked" else "")
 
 
 def needed_span(members: list) -> tuple[int, int]:
@@ -256,7 +246,18 @@ def assumptions(rep) -> str:
     rates = (f"; peaks: {r.name}'s (bf16 {r.tflops['bf16']:g}, fp32 {r.tflops['fp32']:g} TFLOP/s), for want of "
              f"{g.name}'s own (name the card with --gpu)" if r else "")
     return (f"assumes: {fits}; s/step = hardware FLOPs ÷ (dense peak × efficiency {eff}){rates}; AdamW "
-            f"{resolve_optimizer_impl(rep.optimizer, 'cuda')}")
+            f"{resolve_optimizer_impl(rep.optimizer, 'cuda')}; {explored(rep.axes)}")
+
+
+def explored(axes) -> str:
+    """What the grid explored, in one clause (fit_grid's module docstring says why)."""
+    quant = sorted({q for _, q in axes.quant})
+    out = (f"explored: {', '.join(axes.precisions)}; LoRA r{','.join(map(str, axes.ranks))} with "
+           f"{axes.lora_optimizer}{', dropout %g' % axes.lora_dropout if axes.lora_dropout else ''}"
+           f"{' on ' + '/'.join(quant) + ' bases too' if quant else ''}; full fine-tuning with "
+           f"{', '.join(axes.optimizers)}; {' and '.join(axes.losses)} loss"
+           f"{' (%d chunks)' % axes.loss_chunks if 'chunked' in axes.losses else ''}")
+    return out + "".join(f"; no {q} base: {why}" for q, why in axes.unavailable)
 
 
 # ---------------------------------------------------------------- the tables
@@ -308,10 +309,11 @@ def render_fit(rep, top: int, check: dict | None = None, width: int = 160) -> li
     tr = ["traced GiB"] if rep.confirmed else []
     t = None
     if ok:
-        rows = [[str(i), *choice_label(m), _mb(m[0]), _gib(m), *([_traced(m[0])] if tr else []),
+        rows = [[str(i), *choice_label(m, rep.axes), _mb(m[0]), _gib(m), *([_traced(m[0])] if tr else []),
                  *_time_cells(m[0], tokens), rich_bar(m[0].segments, g.memory_bytes, 20),
                  f"{m[0].est_hw_flops_per_step / 1e12:,.1f}"] for i, m in enumerate(ok[:n], 1)]
-        t = _table(f"fits: {_count(ok, n, 'best')}, fastest first", ["#", "precision", "technique", "micro×acc",
+        order = "most headroom first" if rep.sort == "headroom" else "fastest first"
+        t = _table(f"fits: {_count(ok, n, 'best')}, {order}", ["#", "precision", "technique", "micro×acc",
                    "needed GiB", *tr, "s/step", "tokens/s", bar, "TFLOP/step"], rows, width,
                    drop=("TFLOP/step", bar, "tokens/s"))
         out.append(t)
@@ -325,8 +327,9 @@ def render_fit(rep, top: int, check: dict | None = None, width: int = 160) -> li
         for m in bad[:n]:
             c = m[0]
             fix = (f"{change_text(c.combo, c.fix_combo)} → {c.fix_needed_bytes / 2**30:.1f}" if c.fix_combo
+                   else f"seq {c.fix_seq} → {c.fix_needed_bytes / 2**30:.1f}" if c.fix_seq
                    else (c.suggestion or "").split("; ")[-1])
-            rows.append([*choice_label(m), _mb(c), _gib(m), *([_traced(c)] if tr else []),
+            rows.append([*choice_label(m, rep.axes), _mb(c), _gib(m), *([_traced(c)] if tr else []),
                          f"+{c.over_bytes / 2**30:.1f}" if c.supported else "–", fix])
         out.append(_table(f"does not fit: {_count(bad, n, 'closest')}",
                           ["precision", "technique", "micro×acc", "needed GiB", *tr, "over", "what would fit → GiB"],
@@ -368,7 +371,7 @@ def card_record(rep, fmt: str) -> dict:
     m = best_choice(rep)
     c = m[0]
     lo, hi = needed_span(m)
-    prec, tech = choice_label(m)
+    prec, tech = choice_label(m, rep.axes)
     s = c.est_step_time_s
     return {"gpu": rep.gpu.name, "gpu_memory_bytes": rep.gpu.memory_bytes, "budget_bytes": rep.budget_bytes,
             "combinations": len(rep.combos), "fitting": len(rep.fitting()),
@@ -400,7 +403,7 @@ def render_common(reps: list, note: str, check: dict | None, width: int = 160) -
     rows = []
     for r in reps:
         m = best_choice(r)
-        prec, tech = choice_label(m)
+        prec, tech = choice_label(m, r.axes)
         cost = _time_cells(m[0], r.batch * r.model.seq_len)
         if not m[0].fits:
             prec, tech, cost = "–", f"nothing fits (closest: {prec} {tech})", ["–", "–"]

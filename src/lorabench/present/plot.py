@@ -102,10 +102,15 @@ def load_cells(results: str):
 
 
 def fit_report(model: str, gpu: str = "auto", seq: int | None = None, batch: int = 8):
-    """`lorabench fit`'s evaluation of every combination (fit.py) for the fit chart."""
+    """`lorabench fit`'s evaluation (fit.py) for the fit chart, over the chart's axes: fp32, fp16, bf16;
+    full fine-tuning and LoRA r8 (plot_charts.FIT_RANK), AdamW, the standard loss, no quantized base."""
     from ..estimator.gpus import resolve_gpu
     from .fit import fit, fit_model
-    return fit(fit_model(model, seq), resolve_gpu(gpu), batch)
+    from .fit_grid import Axes
+    from .plot_charts import FIT_RANK
+    axes = Axes(precisions=("fp32", "fp16", "bf16"), ranks=(FIT_RANK,), optimizers=("adamw",), losses=("standard",),
+                quant_dtypes=())
+    return fit(fit_model(model, seq), resolve_gpu(gpu), batch, axes=axes)
 
 
 def chart_size(name: str, data) -> tuple[float, float]:

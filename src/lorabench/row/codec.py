@@ -58,6 +58,8 @@ class Measured:
     tokens_per_s: Optional[float] = None
     loss_first: Optional[float] = None
     loss_last: Optional[float] = None
+    init_s: Optional[float] = None                # the adapter's data-dependent initialisation (LoRA-GA), before
+    init_peak_bytes: Optional[int] = None         # the window: its wall time and the most bytes live during it
 
 
 @dataclass

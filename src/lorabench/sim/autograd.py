@@ -23,6 +23,9 @@ class Graph(LiveBytes):
         self.checkpoint_nodes: list[Node] = []    # nodes of the checkpointed block being recorded
         self.recompute_queue: list[Node] | None = None
         self.saves_to_refill = 0                  # saved tensors the recompute has still to produce
+        self.graph_held: list[SymTensor] = []     # ctx attributes of autograd.Functions (keep_with_graph)
+        self.graph_held_bytes = 0                 # their bytes when backward ended, unsimulated blocks included
+        self.recompute_held: list[SymTensor] = []  # the same, made by a checkpoint's recompute
 
     def node(self, inputs, backward, n_outputs: int = 1) -> Node | None:
         """A node for an op whose differentiable inputs are `inputs`; None when none requires grad."""
@@ -67,6 +70,14 @@ class Graph(LiveBytes):
                     self.saves_to_refill -= 1
                     if self.saves_to_refill == 0:
                         self.counting = False  # early stop: the rest of the block is not recomputed
+
+    def keep_with_graph(self, t: SymTensor) -> None:
+        """A tensor an autograd.Function keeps as a ctx attribute rather than saving it
+        (bitsandbytes' int8 matmul: `ctx.A = A`): checkpointing does not free it, it lives with
+        the graph: the simulation drops it when backward ends, and records its bytes
+        (graph_held_bytes) for the estimator, which keeps them while the training loop still
+        holds the loss; a recompute's own graph lives until the recompute ends."""
+        (self.recompute_held if self.mode == "recompute" else self.graph_held).append(self.hold(t))
 
     def to(self, t: SymTensor, dtype: str, category: int | None = None) -> SymTensor:
         """x.to(dtype): the same tensor when the dtype matches, else a copy (ToCopyBackward saves nothing)."""

@@ -29,6 +29,9 @@ class Backward(Graph):
         self.counting = self.saves_to_refill != 0
         with self.allocating_as(RECOMPUTE):
             self.drop(checkpoint.rerun())
+            for t in self.recompute_held:  # the recompute's own graph goes when it ends
+                self.drop(t)
+            self.recompute_held = []
         self.mode, self.recompute_queue, self.counting = "normal", None, True
         checkpoint.done = True
 
@@ -53,6 +56,12 @@ class Backward(Graph):
                 tick += 1
         self.set_block(None)
         self.drop(seed)
+        copies = 1 + self.n_unsimulated
+        storages = {id(t.storage): t.storage for t in self.graph_held}.values()
+        self.graph_held_bytes = sum(st.nbytes * (copies if st.owner == self.rep_block else 1) for st in storages)
+        for t in self.graph_held:  # what the graph keeps lives on with the loss (estimator: graph_held)
+            self.drop(t)
+        self.graph_held = []
 
     def _run_node(self, node: Node) -> list[Node]:
         """Run one node's backward; returns the nodes it made ready, in edge order."""

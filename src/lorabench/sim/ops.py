@@ -8,10 +8,12 @@ d_in → d_out features; a = bytes per element of the tensor's dtype.
 from __future__ import annotations
 
 from .engine import Sim
-from .rules import linear_backward, mul_backward, pass_and_new_backward, pass_backward, unary_backward
+from .rules import (linear_backward, mul_backward, mul_broadcast_backward, pass_and_new_backward, pass_backward,
+                    unary_backward)
 from .tensors import BF16, F16, F32, Param, SymTensor, promote
 
-DTYPES = {"fp32": F32, "bf16": BF16, "fp16": F16}  # the spec's dtype names -> the simulator's
+DTYPES = {"fp32": F32, "bf16": BF16, "fp16": F16, "nf4": "nf4", "int8": "int8"}  # the spec's dtype names -> the
+# simulator's (a quantized weight is only ever a Param, whose bytes the estimator adds: sim/quant.py)
 
 
 def cuda_sdpa_kernel(half: bool, head_dim: int, gqa: bool) -> str:
@@ -72,6 +74,18 @@ def binary(sim: Sim, a: SymTensor, b: SymTensor, kind: str) -> SymTensor:
         if a.requires_grad:
             sim.save(node, b)
     return sim.out(sim.new(max(a.numel, b.numel), promote(a.dtype, b.dtype)), node)
+
+
+def mul_broadcast(sim: Sim, a: SymTensor, b: SymTensor, numel: int, dtype: str) -> SymTensor:
+    """a·b with b broadcast over a (fewer elements; MulBackward0: g·b, then Σ(g·a) reduced to b's
+    size): saves a if b needs grad, b if a does; an output of numel elements of dtype."""
+    node = sim.node([a, b], mul_broadcast_backward)
+    if node is not None:
+        if b.requires_grad:
+            sim.save(node, a)
+        if a.requires_grad:
+            sim.save(node, b)
+    return sim.out(sim.new(numel, dtype), node)
 
 
 def mul_const(sim: Sim, x: SymTensor, c: SymTensor) -> SymTensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-F32, BF16, F16, I64 = "fp32", "bf16", "fp16", "i64"
-ITEM_BYTES = {F32: 4, BF16: 2, F16: 2, I64: 8}
+F32, BF16, F16, I64, U8 = "fp32", "bf16", "fp16", "i64", "u8"
+ITEM_BYTES = {F32: 4, BF16: 2, F16: 2, I64: 8, U8: 1}
 INF = float("inf")
 
 # Categories of live bytes, reported at the peak (estimator breakdown).

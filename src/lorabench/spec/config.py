@@ -19,6 +19,18 @@ PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
 Precision = Literal["fp32", "fp16", "bf16", "bf16-pure", "fp16-pure"]
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 DType = Literal["fp32", "fp16", "bf16"]
+QUANT_DTYPES = ("nf4", "int8")
+"""quantized storage of a frozen base (bitsandbytes Linear4bit / Linear8bitLt: QLoRA); adapter cells only"""
+BASE_DTYPES = DTYPE_NAMES + QUANT_DTYPES
+"""what the frozen weights of an adapter cell can be stored in (the `base_dtype` axis)"""
+
+
+def quant_problem(base_dtype) -> Optional[str]:
+    """Why `base_dtype` cannot be built here (a quantized base without bitsandbytes), else None."""
+    import importlib.util
+    if base_dtype in QUANT_DTYPES and importlib.util.find_spec("bitsandbytes") is None:
+        return f"base_dtype {base_dtype} needs bitsandbytes: pip install 'lorabench[quant]'"
+    return None
 
 
 @dataclass
@@ -46,6 +58,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = fld(None, "hf models: sdpa | eager (transformers' attention path); default sdpa",
                                              row=True)
     published_params: Optional[int] = fld(None, "the parameter count its authors publish (presets; tested)", (gt(0),))
+    quantized: Optional[str] = fld(None, "the checkpoint is quantized (a config.json's bitsandbytes quantization_config): "
+                                   "nf4 | int8; its cells train adapters on that base_dtype (QLoRA)")
+    quantized_double_quant: Optional[bool] = fld(None, "quantized nf4: its scales are double-quantized too")
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -72,6 +87,8 @@ class ModelConfig:
             raise FieldError("attn_implementation", "applies to Hugging Face models (model.hf) only")
         if self.hf is not None and self.attn_implementation is None:
             self.attn_implementation = "sdpa"
+        if self.quantized is not None and self.quantized not in QUANT_DTYPES:
+            raise FieldError("quantized", f"must be one of {', '.join(QUANT_DTYPES)}, got {self.quantized!r}")
         self.head_dim = self.d_model // self.n_heads  # derived
 
     def to_dict(self) -> dict:
@@ -123,6 +140,31 @@ def scales_loss(precision: str) -> bool:
     return precision == "fp16"
 
 
+def base_float_dtype_of(precision: str, base_dtype: str) -> str:
+    """The float dtype of a frozen base: base_dtype itself, or for a quantized one (nf4, int8)
+    the dtype of what bitsandbytes leaves unquantized (embeddings, norms, head, biases) and of
+    the dequantized weights its matmuls compute with: fp16 in fp16 precisions, else bf16
+    (QLoRA's compute dtype)."""
+    if base_dtype not in QUANT_DTYPES:
+        return base_dtype
+    return "fp16" if precision.startswith("fp16") else "bf16"
+
+
+def _int_at_least(field: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FieldError(field, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_base(base_dtype: str, lora_rank, double_quant) -> Optional[bool]:
+    """Validate a cell's base_dtype; returns its double_quant (True by default for nf4, else None)."""
+    if base_dtype not in BASE_DTYPES:
+        raise FieldError("base_dtype", f"must be one of {', '.join(BASE_DTYPES)}, got {base_dtype!r}")
+    if base_dtype in QUANT_DTYPES and lora_rank == 0:
+        raise FieldError("base_dtype", f"{base_dtype} quantizes a frozen base: it needs an adapter cell "
+                                       "(lora_rank > 0); full fine-tuning trains every weight")
+    return (True if double_quant is None else bool(double_quant)) if base_dtype == "nf4" else None
+
+
 def resolve_optimizer_impl(optimizer: str, device: str) -> str:
     """AdamW's implementation for `auto`: torch's own default, foreach when every parameter is on CUDA."""
     if optimizer == "auto":
@@ -148,7 +190,11 @@ class MatrixSpec:
     lora_dropout: list[float] = fld([0.0], "dropout on the LoRA input (adds a saved mask per target)", (nonempty,))
     checkpointing: list[bool] = fld([False], "recompute each block in backward: True reduces activation memory, costs a forward", (nonempty,))
     accumulation: list[int] = fld([1], "micro-batches per optimizer step: micro-batch = batch_size / accumulation", (nonempty,))
-    base_dtype: list[DType] = fld(["fp32"], "storage of the frozen weights in LoRA cells (16 bits as real LoRA fine-tunes load them)", (nonempty,))
+    base_dtype: list[str] = fld(["fp32"], "storage of the frozen weights in adapter cells: fp32 | bf16 | fp16 (16 bits as real "
+                                "LoRA fine-tunes load them) | nf4 | int8 (bitsandbytes' 4-bit NormalFloat / LLM.int8() "
+                                "projections: QLoRA; pip install 'lorabench[quant]')", (nonempty,))
+    double_quant: list[bool] = fld([True], "nf4 bases: quantize the quantization scales too (QLoRA's double quantization)",
+                                   (nonempty,))
     loss: list[Literal["standard", "chunked"]] = fld(["standard"], "standard (the whole (N, V) FP32 logits at once) | chunked (head and "
                           "cross-entropy over token chunks, each recomputed in backward: one chunk of logits alive)",
                           (nonempty,))
@@ -158,11 +204,14 @@ class MatrixSpec:
     optimizer: list[str] = fld([DEFAULT_OPTIMIZER], "adamw | sgd (momentum 0.9) | adafactor | adamw-8bit | paged-adamw-8bit "
                                "(bitsandbytes: pip install 'lorabench[quant]'), or another registered optimizer "
                                "(lorabench.optimizers); full fine-tuning and adapter cells alike", (nonempty,))
+    adalora_target_rank: list[Optional[int]] = fld([None], "AdaLoRA (adapter adalora): the average rank per adapted matrix "
+                                                  "that importance pruning reaches at the run's last step, from lora_rank; "
+                                                  "default lora_rank // 2 (at least 1)", (nonempty,))
 
 
 LOSSES = ("standard", "chunked")
 AXIS_CHECKS = {"loss_chunks": (gt(0),), "lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),),
-               "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,)}
+               "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,), "base_dtype": (quant_problem,)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 
 
@@ -193,8 +242,12 @@ class Cell:
     accumulation: int = 1
     """micro-batches per optimizer step"""
     base_dtype: str = "fp32"
-    """storage of the frozen weights in adapter cells; in full fine-tuning and in a pure 16-bit
-    precision it is the trained parameters' dtype (param_dtype)"""
+    """storage of the frozen weights in adapter cells: a float dtype, or nf4 / int8 (the block
+    projections quantized by bitsandbytes: QLoRA; the rest in `base_float_dtype`); in full
+    fine-tuning, and for a float base in a pure 16-bit precision, the trained parameters' dtype"""
+    double_quant: Optional[bool] = None
+    """nf4: the absmax scales quantized too (QLoRA's double quantization, True by default); None
+    for every other base"""
     adapter: Optional[str] = None
     """the adapter kind (adapters/ registry: lora, ...); None in full fine-tuning"""
     loss: str = "standard"
@@ -209,19 +262,18 @@ class Cell:
     is AdamW's (and SGD's, Adafactor's) implementation"""
     id: str = ""
     """readable id, e.g. bf16-r8-bf16base-ckpt-acc4 (scenario.cell_id)"""
+    adalora_target_rank: Optional[int] = None
+    """AdaLoRA: the rank per adapted matrix at the run's end (adalora_budget); None for other adapters"""
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once
         if self.precision not in PRECISIONS:
             raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.base_dtype not in DTYPE_NAMES:
-            raise FieldError("base_dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {self.base_dtype!r}")
+        put("double_quant", _check_base(self.base_dtype, self.lora_rank, self.double_quant))
         if unknown_optimizer(self.optimizer):
             raise FieldError("optimizer", unknown_optimizer(self.optimizer))
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise FieldError("lora_rank", f"must be an integer >= 0, got {self.lora_rank!r}")
-        if isinstance(self.accumulation, bool) or not isinstance(self.accumulation, int) or self.accumulation < 1:
-            raise FieldError("accumulation", f"must be an integer >= 1, got {self.accumulation!r}")
+        _int_at_least("lora_rank", self.lora_rank, 0)
+        _int_at_least("accumulation", self.accumulation, 1)
         put("checkpointing", bool(self.checkpointing))
         if self.loss not in LOSSES:
             raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -229,14 +281,14 @@ class Cell:
             put("loss_chunks", None)
         else:
             put("loss_chunks", 8 if self.loss_chunks is None else self.loss_chunks)
-            if isinstance(self.loss_chunks, bool) or not isinstance(self.loss_chunks, int) or self.loss_chunks < 1:
-                raise FieldError("loss_chunks", f"must be an integer >= 1, got {self.loss_chunks!r}")
+            _int_at_least("loss_chunks", self.loss_chunks, 1)
+        put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank))
         if self.lora_rank == 0:
             for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter", "lora_plus_ratio"):
                 put(k, None)
             put("base_dtype", self.param_dtype)
             return
-        if self.param_dtype != "fp32":  # pure 16-bit: the base is stored as everything else is
+        if self.param_dtype != "fp32" and not self.is_quantized:  # pure 16-bit: the base is stored as everything else is
             put("base_dtype", self.param_dtype)
         put("adapter", self.adapter or "lora")
         ratio = self.lora_plus_ratio
@@ -259,6 +311,16 @@ class Cell:
     def is_lora(self) -> bool:
         """Only adapters train; the base is frozen in base_dtype."""
         return self.lora_rank > 0
+
+    @property
+    def is_quantized(self) -> bool:
+        """The frozen base's projections are quantized (nf4 or int8: QLoRA)."""
+        return self.base_dtype in QUANT_DTYPES
+
+    @property
+    def base_float_dtype(self) -> str:
+        """The frozen base's float dtype (base_float_dtype_of)."""
+        return base_float_dtype_of(self.precision, self.base_dtype)
 
     @property
     def dropout(self) -> float:
@@ -293,8 +355,8 @@ class Cell:
             return self.autocast_dtype
         if self.param_dtype != "fp32":
             return self.param_dtype
-        if self.base_dtype != "fp32":
-            return self.base_dtype
+        if self.base_float_dtype != "fp32":
+            return self.base_float_dtype
         return "tf32" if tf32 else "fp32"
 
     def to_dict(self) -> dict:
@@ -309,6 +371,19 @@ class Cell:
         rows written before the `adapter` axis existed are LoRA)."""
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "id" and d.get(f.name) is not None}
         return cls(**kw, id=d.get("cell", d.get("id", "")) or "")
+
+
+def adalora_budget(rank: int, adapter: Optional[str], budget: Optional[int]) -> Optional[int]:
+    """A cell's adalora_target_rank: None unless the adapter is adalora (rank > 0); lora_rank // 2
+    (at least 1) by default; an integer in [1, lora_rank] (FieldError otherwise)."""
+    if rank == 0 or adapter != "adalora":
+        return None
+    if budget is None:
+        return max(1, rank // 2)
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= rank:
+        raise FieldError("adalora_target_rank", f"adalora prunes its initial rank lora_rank={rank} to this budget: "
+                                                f"must be an integer in [1, {rank}], got {budget!r}")
+    return budget
 
 
 def allowed_targets(style: str) -> list[str]:

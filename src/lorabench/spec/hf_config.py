@@ -10,7 +10,9 @@ Supported `model_type`s and the keys read:
   gpt2                    n_embd, n_layer, n_head, n_inner (default 4·n_embd), vocab_size,
                           n_positions, layer_norm_epsilon, tie_word_embeddings (default true)
 
-The training length `seq_len` defaults to min(2048, positions). What lorabench's
+A bitsandbytes `quantization_config` (load_in_4bit with nf4, or load_in_8bit) is the
+model's `quantized` base: its cells are adapter cells on that base_dtype (QLoRA); any
+other quantization is refused. The training length `seq_len` defaults to min(2048, positions). What lorabench's
 model cannot express is refused rather than approximated: a head_dim other than
 hidden_size / heads, and llama's attention_bias without mlp_bias (lorabench puts
 one `bias` on o, gate, up, down). Mistral's sliding window is ignored (full
@@ -81,7 +83,31 @@ def hf_config_fields(path: str) -> dict:
     else:
         raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {', '.join(LLAMA_TYPES + ('gpt2',))})")
     fields["seq_len"] = min(DEFAULT_SEQ_LEN, fields["max_seq_len"])
+    fields.update(_quantization(data.get("quantization_config"), path))
     return {"name": _name(path), **fields, "source": str(path)}
+
+
+def _quantization(q, path: str) -> dict:
+    """The checkpoint's own quantization (`quantization_config`): bitsandbytes' 4-bit NF4 or
+    8-bit, as ModelConfig's `quantized` (nf4 | int8) and `quantized_double_quant`; any other
+    method (GPTQ, AWQ, FP8, FP4, ...) is refused in one line, never read as a 16-bit model."""
+    if q is None:
+        return {}
+    key = "quantization_config"
+    if not isinstance(q, dict):
+        raise ConfigError(path, key, f"must be a JSON object, got {q!r}")
+    method = q.get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise ConfigError(path, f"{key}.quant_method", f"{method!r} quantization is not supported "
+                          "(bitsandbytes' nf4 and int8 are: base_dtype nf4 | int8)")
+    if q.get("load_in_4bit"):
+        qtype = q.get("bnb_4bit_quant_type", "fp4")
+        if qtype != "nf4":
+            raise ConfigError(path, f"{key}.bnb_4bit_quant_type", f"{qtype!r} is not supported (nf4 is)")
+        return {"quantized": "nf4", "quantized_double_quant": _bool(q, "bnb_4bit_use_double_quant", path, False)}
+    if q.get("load_in_8bit"):
+        return {"quantized": "int8"}
+    raise ConfigError(path, key, "neither load_in_4bit nor load_in_8bit is set")
 
 
 def _llama(data: dict, path: str, mtype: str) -> dict:
@@ -167,6 +193,7 @@ def hf_config_dict(cfg) -> dict:
     family = "gpt2" if data.get("model_type") == "gpt2" else "llama"
     for name, key in HF_KEYS[family].items():
         data[key] = getattr(cfg, name)
+    data.pop("quantization_config", None)  # lorabench quantizes the base itself, as the cell says
     if family == "llama":
         data.pop("rope_parameters", None)
         data.pop("head_dim", None)  # hidden_size / heads (the reader refuses any other)

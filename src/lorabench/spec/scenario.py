@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import AXES, AXIS_CHECKS, LORA_TARGETS, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
+from .config import AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
 from .hf_config import hf_model_fields
 from .job import CellJob
 from .presets import preset_data
@@ -93,7 +93,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
     if model.hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError(source, "model.hf", "needs transformers: pip install 'lorabench[hf]'")
     train = build(TrainConfig, sc.train, "train", source)
-    matrix = build(MatrixSpec, normalize_axes(sc.matrix, source), "matrix", source)
+    matrix = build(MatrixSpec, quantized_axes(model, normalize_axes(sc.matrix, source), source), "matrix", source)
     for axis, checks in AXIS_CHECKS.items():
         for i, v in enumerate(getattr(matrix, axis)):
             run_checks(v, checks, f"matrix.{axis}[{i}]", source)
@@ -123,6 +123,28 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
                 raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
                                   "(write one exclude entry per value)")
     return LoadedScenario(sc, model, train, matrix, source)
+
+
+def quantized_axes(model: ModelConfig, axes: dict, source: str) -> dict:
+    """A quantized checkpoint (model.quantized, from its quantization_config) trains adapters on
+    its own base: base_dtype and double_quant default to it, another value or full fine-tuning
+    is refused in one line."""
+    q = model.quantized
+    if q is None:
+        return axes
+    why = f"model {model.name} is quantized ({q}, its quantization_config)"
+    axes = {"base_dtype": [q], **({"double_quant": [bool(model.quantized_double_quant)]} if q == "nf4" else {}), **axes}
+    for i, b in enumerate(axes["base_dtype"]):
+        if b != q:
+            raise ConfigError(source, f"matrix.base_dtype[{i}]", f"{why}: its base is {q}, got {short(b)}")
+    for i, dq in enumerate(axes.get("double_quant", []) if q == "nf4" else []):
+        if dq != bool(model.quantized_double_quant):
+            raise ConfigError(source, f"matrix.double_quant[{i}]", f"{why}: its double quantization is "
+                              f"{str(bool(model.quantized_double_quant)).lower()}, got {short(dq)}")
+    for i, r in enumerate(axes.get("lora_rank", [0])):
+        if r == 0:
+            raise ConfigError(source, f"matrix.lora_rank[{i}]", f"{why}: it trains adapters only (lora_rank > 0)")
+    return axes
 
 
 def count_cells(ls: LoadedScenario) -> int:
@@ -157,8 +179,14 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
     varying = {a for a in AXES if len({_hashable(v) for v in getattr(m, a)}) > 1}
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
+    if not any(m.lora_rank) and any(b in QUANT_DTYPES for b in m.base_dtype):
+        raise ConfigError(ls.source, "matrix.base_dtype", "nf4 and int8 quantize a frozen base: they need adapter "
+                          "cells (a lora_rank > 0); full fine-tuning trains every weight")
     for combo in itertools.product(*(getattr(m, a) for a in AXES)):
-        cell = Cell(**dict(zip(AXES, combo)))
+        kw = dict(zip(AXES, combo))
+        if not kw["lora_rank"]:  # a full fine-tuning cell has no frozen base (Cell drops the axis)
+            kw["base_dtype"] = "fp32"
+        cell = Cell(**kw)
         if any(_matches(cell, entry) for entry in ls.scenario.exclude):
             continue
         cell = dataclasses.replace(cell, id=cell_id(cell, varying))
@@ -191,6 +219,8 @@ def cell_id(cell: Cell, varying: set) -> str:
         parts.append(f"r{cell.lora_rank}")
         if cell.base_dtype != "fp32":
             parts.append(f"{cell.base_dtype}base")
+        if cell.double_quant is False:
+            parts.append("nodq")
         if "lora_targets" in varying:
             parts.append("t" + "".join(cell.lora_targets))
         if "lora_alpha" in varying:
@@ -199,6 +229,8 @@ def cell_id(cell: Cell, varying: set) -> str:
             parts.append(f"d{cell.lora_dropout:g}")
         if cell.lora_plus_ratio is not None and "lora_plus_ratio" in varying:
             parts.append(f"x{cell.lora_plus_ratio:g}")  # LoRA+: B's learning rate over A's
+        if cell.adalora_target_rank is not None and "adalora_target_rank" in varying:
+            parts.append(f"b{cell.adalora_target_rank}")  # AdaLoRA: the rank budget it prunes to
     else:
         parts.append("full")
     if cell.optimizer != "adamw":  # e.g. fp32-full-sgd, bf16-r8-adamw-8bit

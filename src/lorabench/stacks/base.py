@@ -25,13 +25,20 @@ class ParamSpec:
     name: str               # e.g. "blocks.3.q", "blocks.3.q.lora_A", "norm_f.bias"
     block: Optional[int]    # block index, None outside the blocks
     numel: int
-    dtype: str              # fp32 | bf16 | fp16
+    dtype: str              # fp32 | bf16 | fp16, or nf4 | int8 (a quantized frozen weight; numel: its weights)
     trainable: bool
     shape: Optional[tuple[int, ...]] = None  # (d_out, d_in) of a weight; factored optimizer state needs it
+    storages: Optional[tuple[int, ...]] = None  # a quantized weight (dtype nf4 | int8): the bytes of each
+    # storage it keeps (codes, scales, maps: sim/quant.storages); None: one storage of numel·a bytes
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ITEM_BYTES[self.dtype]
+        return sum(self.storages) if self.storages is not None else self.numel * ITEM_BYTES[self.dtype]
+
+    @property
+    def storage_bytes(self) -> tuple[int, ...]:
+        """The bytes of each storage (the CUDA allocator rounds each separately)."""
+        return self.storages if self.storages is not None else (self.nbytes,)
 
 
 def numbered_block(name: str) -> str:

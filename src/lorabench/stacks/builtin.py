@@ -44,8 +44,8 @@ class BuiltinStack(Stack):
         dims = Dims(b=micro_batch, s=cfg.seq_len, C=cfg.d_model, H=cfg.n_heads, G=cfg.n_kv_heads, D=cfg.head_dim,
                     F=cfg.d_ff, V=cfg.vocab_size, style=cfg.style,
                     adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
-                    checkpointing=cell.checkpointing, device=device, table_dtype=DTYPES[cell.base_dtype],
-                    loss_chunks=cell.loss_chunks)
+                    checkpointing=cell.checkpointing, device=device, table_dtype=DTYPES[cell.base_float_dtype],
+                    loss_chunks=cell.loss_chunks, double_quant=bool(cell.double_quant))
         half = cfg.seq_len * (cfg.head_dim // 2)
         tables = (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # RoPE cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..adapters.quant import logical_numel
 from ..spec.config import ModelConfig
 
 
@@ -155,12 +156,13 @@ class Transformer(nn.Module):
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameters, shared tensors counted once."""
+    """(total, trainable) parameters, shared tensors counted once, a quantized weight by its weights."""
     seen, total, trainable = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = logical_numel(p)  # a packed 4-bit weight holds two per element
+        total += n
+        trainable += n if p.requires_grad else 0
     return total, trainable

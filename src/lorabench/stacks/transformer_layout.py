@@ -11,7 +11,8 @@ Counts (C d_model, H/G heads, D head_dim, F d_ff, V vocab, T_max positions):
   (+C with bias); gate (llama) and up F·C (+F); down C·F (+C); norm_f; head V·C
   unless tied to tok_emb. A target adds its adapter's parameters (LoRA: A r·d_in and
   B d_out·r) just before its base weight (the adapted layer's own parameters precede
-  its `base` submodule's).
+  its `base` submodule's). A quantized base (nf4, int8) stores each block projection's
+  weight as bitsandbytes does (sim/quant.py); everything else in base_float_dtype.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ..adapters import get as get_adapter
 from ..optimizers import get as get_optimizer
+from ..sim import quant
 from .base import ParamSpec
 from ..spec.config import Cell, ModelConfig
 
@@ -34,7 +36,7 @@ def projections(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
 
 def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
     """Block i: norm1, q, k, v, o, norm2, (gate), up, down -- each linear's weight, bias, then A, B."""
-    base_dt, train_base = cell.base_dtype, not cell.is_lora
+    base_dt, train_base = cell.base_float_dtype, not cell.is_lora
     targets = set(cell.lora_targets or ())
     adapter = get_adapter(cell.adapter) if cell.is_lora else None
     norm_parts = [("", cfg.d_model)] + ([(".bias", cfg.d_model)] if cfg.style == "gpt2" else [])
@@ -48,7 +50,11 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
             out += norm("norm2")
         if name in targets:  # the adapter's own parameters come before its `base` submodule's
             out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell)]
-        out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, base_dt, train_base, (d_out, d_in)))
+        if cell.is_quantized:  # bitsandbytes quantizes every block projection; its bias stays a float
+            out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, cell.base_dtype, False, (d_out, d_in),
+                                 quant.storages(cell.base_dtype, d_out, d_in, cell.double_quant)))
+        else:
+            out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, base_dt, train_base, (d_out, d_in)))
         if has_bias:
             out.append(ParamSpec(f"blocks.{i}.{name}.bias", i, d_out, base_dt, train_base, (d_out,)))
     return out
@@ -56,7 +62,7 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
 
 def model_params(cfg: ModelConfig, cell: Cell, blocks: range | None = None) -> list[ParamSpec]:
     """Every parameter tensor once (a tied head is the embedding), in model.parameters() order."""
-    base_dt, train = cell.base_dtype, not cell.is_lora
+    base_dt, train = cell.base_float_dtype, not cell.is_lora
     C = cfg.d_model
     out = [ParamSpec("tok_emb", None, cfg.vocab_size * C, base_dt, train, (cfg.vocab_size, C))]
     if cfg.style == "gpt2":
@@ -76,7 +82,7 @@ class StateBytes:
     """Exact bytes of the persistent training state (what trackers.state_bytes reads)."""
     total_params: int
     trainable_params: int
-    param_bytes: int          # Σ numel·(4 | 2): frozen base in base_dtype, trainable in param_dtype
+    param_bytes: int          # Σ numel·(4 | 2), quantized weights as stored: frozen base in base_dtype, trainable in param_dtype
     grad_bytes: int           # Σ_trainable numel·a (a grad has its parameter's dtype)
     optimizer_state_bytes: int  # the cell's optimizer's state (optimizers/: AdamW Σ (2·numel·a + 4))
     trainable_tensors: int

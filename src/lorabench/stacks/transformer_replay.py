@@ -36,9 +36,10 @@ from typing import Optional
 
 from ..adapters.base import Adapter
 
+from ..sim import quant
 from ..sim.engine import Sim
 from .loss_replay import chunked_loss, standard_loss
-from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, linear, mul_const
+from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, linear, mul_broadcast, mul_const
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, log_softmax_backward,
                          math_attention_backward, mul_broadcast_backward, nll_loss_backward, pass_and_new_backward,
                          pass_backward, pow2_backward, rsqrt_backward, sdpa_backward, split_backward, unary_backward)
@@ -63,6 +64,7 @@ class Dims:
     device: str   # cpu | cuda: SDPA kernel, autocast op lists
     table_dtype: str  # dtype of the RoPE tables (the base dtype in LoRA cells)
     loss_chunks: Optional[int] = None  # the chunked loss's chunks; None: the standard loss
+    double_quant: bool = False  # an nf4 base's scales quantized too (sim/quant.py)
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
@@ -81,26 +83,15 @@ def rmsnorm(sim: Sim, x: SymTensor, weight: Param, C: int) -> SymTensor:
     r = sim.out(sim.new(N, F32), node)
     sim.save(node, r)
     sim.drop(eps)
-    y = _mul_broadcast(sim, xf, r, N * C)
+    y = mul_broadcast(sim, xf, r, N * C, F32)
     sim.drop(r)
     wf = sim.to(weight.tensor, F32)
-    z = _mul_broadcast(sim, y, wf, N * C)
+    z = mul_broadcast(sim, y, wf, N * C, F32)
     sim.drop(wf)
     out = sim.to(z, x.dtype)
     for t in (z, y, xf):  # locals xf, y live until return
         sim.drop(t)
     return out
-
-
-def _mul_broadcast(sim: Sim, a: SymTensor, b: SymTensor, numel: int) -> SymTensor:
-    """a·b, b broadcast: saves a if b needs grad, b if a does; fp32 output of `numel` elements."""
-    node = sim.node([a, b], mul_broadcast_backward)
-    if node is not None:
-        if b.requires_grad:
-            sim.save(node, a)
-        if a.requires_grad:
-            sim.save(node, b)
-    return sim.out(sim.new(numel, F32), node)
 
 
 def layernorm(sim: Sim, x: SymTensor, weight: Param, bias: Param, dims: Dims) -> SymTensor:
@@ -197,9 +188,14 @@ def _math_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Di
 
 # ---------------------------------------------------------------- projections, block
 def project(sim: Sim, x: SymTensor, name: str, params: dict, dims: Dims, d_out: int) -> SymTensor:
-    """A projection: nn.Linear, or an AdaptedLinear = base(x) + adapter_branch (its parameters
-    are in `params` as "<name>.<parameter>", e.g. "q.lora_A")."""
-    y = linear(sim, x, params[name], params.get(name + ".bias"), d_out)
+    """A projection: nn.Linear (or bitsandbytes' quantized one), or an AdaptedLinear = base(x) +
+    adapter_branch (its parameters are in `params` as "<name>.<parameter>", e.g. "q.lora_A")."""
+    weight, bias = params[name], params.get(name + ".bias")
+    if weight.tensor.dtype in quant.QUANT_KINDS:  # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)
+        y = quant.linear(sim, x, weight, bias, d_out, weight.tensor.numel // d_out, weight.tensor.dtype,
+                         dims.double_quant, dims.table_dtype, dims.device)
+    else:
+        y = linear(sim, x, weight, bias, d_out)
     own = {k[len(name) + 1:]: p for k, p in params.items() if k.startswith(name + ".") and k != name + ".bias"}
     if not own:
         return y

@@ -6,6 +6,10 @@
   FP32 adapters).
 - checkpointing: each block recomputed in backward (`torch.utils.checkpoint`, non-reentrant).
 - accumulation: k micro-batches of batch/k, each loss divided by k, one optimizer step.
+- the adapter's hooks (adapters/base.py): `prepare_adapters` once before the first step
+  (LoRA-GA's init from the first gradient), and in every step `adjust_gradients` after the
+  last backward and `after_step` after the optimizer step (LoRA-Pro, AdaLoRA); asked of the
+  adapter of the model's adapted layers, no-ops for the others.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..spec.config import Cell, ModelConfig, TrainConfig, autocast_dtype_of, scales_loss
-from ..adapters.layer import DTYPES, param_groups
+from ..adapters.layer import DTYPES, adapted_layers, param_groups
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, get as get_optimizer
 from ..stacks import stack_for, stack_of
 from ..stacks.loss_replay import chunk_positions
@@ -89,6 +93,22 @@ def _chunk_loss(stack, model, hc, yc):
     return F.cross_entropy(stack.head_logits(model, hc).float(), yc, reduction="sum")
 
 
+def prepare_adapters(model, x, y, cell: Cell, total_steps: int) -> bool:
+    """The adapter's `prepare` (adapters/base.py) on every adapted layer of `model`, with a
+    closure that runs the loss of the first micro-batch of (x, y) backward under the cell's
+    precision; returns whether it ran a data-dependent initialisation (`has_init_stage`)."""
+    layers = adapted_layers(model)
+    if not layers:
+        return False
+    adapter = layers[0].adapter
+
+    def backward():
+        xm, ym = x.chunk(cell.accumulation)[0], y.chunk(cell.accumulation)[0]
+        compute_loss(model, xm, ym, cell.precision, cell.loss_chunks).backward()
+    adapter.prepare(layers, backward, cell, total_steps)
+    return adapter.has_init_stage
+
+
 @dataclass
 class StepResult:
     loss: float | None       # mean loss over the optimizer step's batch
@@ -102,6 +122,7 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, re
     reads no value back (loss, loss scale): the same tensors are made, but fake tensors
     (estimator trace) have no values, and the result's fields are None."""
     opt.zero_grad(set_to_none=True)
+    layers = adapted_layers(model)
     total = 0.0
     for xm, ym in zip(x.chunk(cell.accumulation), y.chunk(cell.accumulation)):
         mark("forward")
@@ -109,10 +130,14 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, re
         mark("backward")
         scaler.scale(loss).backward()
         total += loss.detach()
+    if layers:  # still the backward phase: LoRA-Pro's adjustment, AdaLoRA's regulariser
+        layers[0].adapter.adjust_gradients(layers, scaler._get_scale_async() if scaler.is_enabled() else None)
     scale_before = scaler.get_scale() if read and scaler.is_enabled() else None
     mark("optimizer")
     scaler.step(opt)
     scaler.update()
+    if layers:  # AdaLoRA's rank allocation
+        layers[0].adapter.after_step(layers)
     if not read:
         return StepResult(None, None, None)
     scale_after = scaler.get_scale() if scaler.is_enabled() else None

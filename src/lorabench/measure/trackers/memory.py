@@ -17,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ...adapters.quant import quant_state_bytes
+
 
 class StorageCounter:
     """Counts the bytes of live tensor storages that ops return while its mode is active
@@ -304,7 +306,7 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
     A state tensor that several parameters' states share (bitsandbytes' quantisation maps)
     is counted once; non-tensor state (bitsandbytes' int `step`) holds no tensor memory."""
     params = list(model.parameters())
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in params) + quant_state_bytes(model)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     state = {v.untyped_storage()._cdata: v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)}
     opt_bytes = sum(v.numel() * v.element_size() for v in state.values())

@@ -1,0 +1,191 @@
+"""AdaLoRA (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient
+Fine-Tuning", arXiv:2303.10512, ICLR 2023): the update in SVD form P·Λ·Q, whose rank is
+pruned by importance to a budget over the run.
+
+    h = W0·x + s·P·diag(Λ)·Q·dropout(x)     Q = lora_A (r × d_in), Λ = lora_E (r), P = lora_B (d_out × r)
+    s = alpha / (r + 1e-5)                   (PEFT: lora_alpha / (ranknum + 1e-5), ranknum = r)
+    init: Q, P ~ N(0, 0.02²), Λ = 0, so ΔW = 0 and the model is the base model
+
+Orthogonality regulariser (paper eq. 4; PEFT AdaLoraModel.forward), added to the loss:
+
+    R = w / (2n) · Σ_layers ‖Q·Qᵀ − I‖_F + ‖Pᵀ·P − I‖_F      (w = 0.5, n layers: 2n matrices)
+    ∇_Q R = w/(2n) · 2·(QQᵀ − I)·Q / ‖QQᵀ − I‖_F,  ∇_P R = w/(2n) · 2·P·(PᵀP − I) / ‖PᵀP − I‖_F
+
+R's value changes no tensor of the step but its gradient, so `adjust_gradients` adds that
+closed form (times the loss scale) to .grad instead of running R's graph: the same
+gradients, and the forward/backward memory is LoRA's plus one N × r product per target.
+
+Importance (paper eqs. 8-11; PEFT RankAllocator.update_ipt, β1 = β2 = 0.85), per element
+of Q, Λ, P after each optimizer step (`after_step`):
+
+    I = |θ·∇θ|,  Ī ← β1·Ī + (1 − β1)·I,  Ū ← β2·Ū + (1 − β2)·|I − Ī|,  score = Ī·Ū
+    triplet i of a layer: score(Λ_i) + mean_j score(Q_ij) + mean_j score(P_ji)
+
+Budget (PEFT RankAllocator.budget_schedule with tinit = tfinal = 0, ΔT = 1), at step t of
+T = the run's optimizer steps (warm-up + timed), over every adapted matrix at once:
+
+    b(t) = ⌊(r·n − r_T·n)·(1 − t/T)³ + r_T·n⌋,   r_T = cell.adalora_target_rank (default r/2)
+
+the triplets outside the top b(t) scores get Λ_i = 0 (PEFT: mask_to_budget; ties broken by
+topk, so exactly b(t) stay, where PEFT's `score <= k-th value` can drop more). At t = T the
+kept rank, summed over the adapted matrices, is the budget r_T·n (tested). Ī and Ū are state
+of every element of Q, Λ and P: non-trainable adapter parameters here (PEFT keeps them in
+the RankAllocator), so the estimators count them as parameters, and the step allocates none.
+
+Memory against LoRA (per target): Λ (r) and twice Q, Λ, P of state; the forward computes
+(Q·x)·Λ, which saves Q·x (N × r) for Λ's gradient (PEFT's x·(Q⊙Λ)ᵀ saves the r × d_in
+product instead; the outputs and gradients are equal). `replay` replays it (exact against
+the measured CPU peak). The hooks are not replayed: `adjust_gradients` runs at the end of
+backward (r × r products and one gradient-sized tensor per matrix: below the backward phase's
+peak), and `after_step` works in place in the spent gradients, allocating only the
+r-sized scores, the top-k and the mask -- inside AdamW's and Adafactor's temporaries, but
+above an optimizer without any (SGD: the optimizer phase is then under-estimated by those
+few hundred bytes, the step's peak is not).
+"""
+from __future__ import annotations
+
+from ..sim.ops import elementwise, linear, mul_broadcast
+from ..sim.rules import unary_backward
+from ..sim.tensors import promote
+from .base import AdapterParam
+from .lora import LoRA
+
+BETA1 = BETA2 = 0.85   # PEFT AdaLoraConfig defaults
+ORTH_REG_WEIGHT = 0.5  # PEFT AdaLoraConfig.orth_reg_weight
+STATE = ("lora_A", "lora_E", "lora_B")
+
+
+class AdaLoRA(LoRA):
+    name = "adalora"
+
+    def scaling(self, cell):
+        return cell.lora_alpha / (cell.lora_rank + 1e-5)
+
+    def params(self, d_in, d_out, cell):
+        r = cell.lora_rank
+        shapes = {"lora_A": (r, d_in), "lora_E": (r,), "lora_B": (d_out, r)}
+        return [AdapterParam(n, shapes[n]) for n in STATE] + \
+            [AdapterParam(f"{n}_{kind}", shapes[n], trainable=False) for n in STATE for kind in ("ipt", "unc")]
+
+    def init(self, layer):
+        import torch.nn as nn
+        nn.init.normal_(layer.lora_A, mean=0.0, std=0.02)
+        nn.init.zeros_(layer.lora_E)
+        nn.init.normal_(layer.lora_B, mean=0.0, std=0.02)
+        for n in STATE:
+            nn.init.zeros_(getattr(layer, f"{n}_ipt"))
+            nn.init.zeros_(getattr(layer, f"{n}_unc"))
+
+    def branch(self, layer, h):
+        import torch.nn.functional as F
+        return F.linear(F.linear(h, layer.lora_A) * layer.lora_E, layer.lora_B) * layer.scaling
+
+    def delta_weight(self, layer, on_host=False):
+        A, E, B = layer.lora_A, layer.lora_E, layer.lora_B
+        if on_host:
+            A, E, B = (t.detach().float().cpu() for t in (A, E, B))
+        return (B @ (A * E.view(-1, 1))) * layer.scaling
+
+    def delta_abs_max(self, layer):
+        if not layer.lora_E.detach().any():
+            return 0.0
+        return super().delta_abs_max(layer)
+
+    def replay(self, sim, h, params, d_out):
+        """Q·h (N·r, saved for Λ's gradient), ·Λ (N·r, saved for P's), P·(N·d_out), ·s."""
+        A, E, B = params["lora_A"], params["lora_E"], params["lora_B"]
+        rank = E.tensor.numel
+        a = linear(sim, h, A, None, rank)
+        ae = mul_broadcast(sim, a, E.tensor, a.numel, promote(a.dtype, E.tensor.dtype))  # autocast leaves mul alone
+        sim.drop(a)
+        ba = linear(sim, ae, B, None, d_out)
+        sim.drop(ae)
+        scaled = elementwise(sim, ba, unary_backward, save_input=False)
+        sim.drop(ba)
+        return scaled
+
+    # ---- the training flow
+    def prepare(self, layers, backward, cell, total_steps):
+        """The budget schedule, shared by the layers: T steps, the target rank, the step count."""
+        schedule = {"T": total_steps, "target": cell.adalora_target_rank, "step": 0}
+        for layer in layers:
+            layer.adalora_schedule = schedule
+
+    def adjust_gradients(self, layers, grad_scale):
+        """.grad += the orthogonality regulariser's gradient (module docstring), times the loss scale."""
+        import torch
+        coef = ORTH_REG_WEIGHT / (2 * len(layers))
+        with torch.no_grad():
+            for layer in layers:
+                for p, left in ((layer.lora_A, True), (layer.lora_B, False)):
+                    if p.grad is None:
+                        continue
+                    cov = p @ p.T if left else p.T @ p
+                    cov.diagonal().sub_(1.0)
+                    scale = (2 * coef) / torch.linalg.matrix_norm(cov)
+                    if grad_scale is not None:
+                        scale = scale * grad_scale
+                    step = (cov @ p if left else p @ cov).mul_(scale)
+                    p.grad.add_(step.to(p.grad.dtype))
+                    del cov, step, scale
+
+    def after_step(self, layers):
+        """Update the importance of every element, then keep the top b(t) triplets (module docstring)."""
+        import torch
+        schedule = getattr(layers[0], "adalora_schedule", None)
+        if schedule is None:  # not prepared: nothing to allocate to
+            return
+        schedule["step"] += 1
+        t, T = schedule["step"], schedule["T"]
+        with torch.no_grad():
+            if t < T:
+                for layer in layers:
+                    for n in STATE:
+                        _update_importance(layer, n)
+            r = layers[0].lora_E.numel()
+            init, target = r * len(layers), schedule["target"] * len(layers)
+            budget = budget_at(t, T, init, target)
+            scores = torch.cat([_triplet_scores(layer) for layer in layers])
+            keep = torch.zeros_like(scores, dtype=torch.bool)
+            keep[torch.topk(scores, budget).indices] = True
+            for i, layer in enumerate(layers):
+                layer.lora_E.masked_fill_(~keep[i * r:(i + 1) * r], 0.0)
+
+    def check_projection(self, name, d_in, d_out, cell):
+        return None
+
+
+def budget_at(t: int, T: int, init: int, target: int) -> int:
+    """The total rank kept after step t of T (module docstring; PEFT's budget_schedule with
+    tinit = tfinal = 0): cubic from `init` down to `target`, reached at t = T."""
+    return target if t >= T else int((init - target) * (1 - t / T) ** 3 + target)
+
+
+def _update_importance(layer, n: str) -> None:
+    """Ī, Ū of parameter `n` from |θ·∇θ|, in place. After the optimizer step the gradient has
+    served: it is the scratch space (no tensor the size of θ is allocated)."""
+    p = getattr(layer, n)
+    if p.grad is None:
+        return
+    ipt = p.grad.mul_(p).abs_()
+    avg, unc = getattr(layer, f"{n}_ipt"), getattr(layer, f"{n}_unc")
+    avg.mul_(BETA1).add_(ipt, alpha=1 - BETA1)
+    unc.mul_(BETA2).add_(ipt.sub_(avg).abs_(), alpha=1 - BETA2)
+    avg.nan_to_num_(0.0, 0.0, 0.0)  # a step fp16's GradScaler skipped (inf/NaN gradients) counts as no importance
+    unc.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def _triplet_scores(layer):
+    """score(Λ_i) + mean_j score(Q_ij) + mean_j score(P_ji): one value per rank, FP32. The
+    element scores Ī·Ū are written into the spent gradient when there is one."""
+    import torch
+    total = None
+    for n, dim in (("lora_E", None), ("lora_A", 1), ("lora_B", 0)):
+        avg, unc, grad = getattr(layer, f"{n}_ipt"), getattr(layer, f"{n}_unc"), getattr(layer, n).grad
+        s = torch.mul(avg, unc, out=grad) if grad is not None else avg * unc
+        v = (s if dim is None else s.mean(dim=dim)).float()
+        del s
+        total = v if total is None else torch.add(total, v)
+    return total
+
+

@@ -1,0 +1,156 @@
+"""benchmarks/published_runs.py: the data file is well-formed and sourced, the error and verdict
+arithmetic is right on a small fixture, what lorabench cannot express is listed with its reason,
+and the json output parses."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("published_runs", ROOT / "benchmarks" / "published_runs.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+FIXTURE = """
+runs:
+  - id: exact
+    source: https://example.org/a
+    model: gpt2
+    method: lora
+    precision: bf16
+    base_dtype: bf16
+    lora_rank: 8
+    lora_targets: [q, v]
+    micro_batch: 2
+    accumulation: 2
+    seq: 512
+    checkpointing: true
+    optimizer: adamw
+    gpu: RTX 4090
+    measured: {exact}
+    unit: GiB
+    metric: allocated
+    ran: true
+  - id: device
+    source: https://example.org/b
+    model: gpt2
+    method: full
+    precision: bf16-pure
+    micro_batch: 1
+    seq: 256
+    optimizer: adamw-8bit
+    gpu: T4
+    measured: 2.0
+    unit: GB
+    metric: device
+    ran: false
+  - id: not-yet
+    source: https://example.org/c
+    model: gpt2
+    method: qlora
+    precision: bf16
+    base_dtype: int3
+    lora_rank: 8
+    lora_targets: [q, v]
+    micro_batch: 1
+    seq: 128
+    gpu: RTX 4090
+    measured: 1.0
+    unit: GiB
+    ran: true
+  - id: said
+    source: https://example.org/d
+    model: gpt2
+    method: lora
+    measured: 1.0
+    unit: GiB
+    ran: true
+    not_expressible: "a reason given in the data"
+"""
+
+
+def _exact_gib(bench) -> float:
+    from lorabench.estimator.analytic import estimate
+    from lorabench.present.fit import fit_model
+    from lorabench.spec.config import Cell
+    cell = Cell(precision="bf16", lora_rank=8, lora_targets=("q", "v"), base_dtype="bf16", checkpointing=True,
+                accumulation=2)
+    est = estimate(fit_model("gpt2", 512), cell, 4, device="cuda", n_batches=1, window_steps=2, gpu_name="RTX 4090")
+    return est.est_peak_bytes / GIB
+
+
+@pytest.fixture
+def fixture(tmp_path, bench):
+    p = tmp_path / "runs.yaml"
+    p.write_text(FIXTURE.format(exact=repr(_exact_gib(bench))))
+    return p
+
+
+def test_the_error_and_verdict_arithmetic(bench, fixture):
+    from lorabench.estimator.analytic import CUDA_CONTEXT_BYTES
+    rows = {r["id"]: r for r in (bench.predict(x) for x in bench.load(fixture))}
+    exact = rows["exact"]
+    assert exact["expressible"] and abs(exact["error_pct"]) < 1e-9 and exact["fits"] and exact["verdict_agrees"]
+    dev = rows["device"]  # measured in GB on the device: the prediction includes the CUDA context
+    assert dev["predicted_bytes"] == dev["est_peak_bytes"] + CUDA_CONTEXT_BYTES
+    assert dev["measured_bytes"] == 2 * 10**9
+    assert dev["error_pct"] == pytest.approx(100 * (dev["predicted_bytes"] - 2e9) / 2e9)
+    assert dev["fits"] and not dev["verdict_agrees"]  # a 124 M model fits a T4: an OOM record contradicts it
+    assert not rows["not-yet"]["expressible"] and "base_dtype" in rows["not-yet"]["reason"]
+    assert rows["said"]["reason"] == "a reason given in the data"
+    s = bench.summarize(list(rows.values()))
+    assert s["runs"] == 4 and s["expressible"] == 2 and s["not_expressible"] == 2
+    assert s["verdict_disagreements"] == ["device"] and not s["meets_goal"]
+    errs = sorted([abs(exact["error_pct"]), abs(dev["error_pct"])])
+    assert s["median_abs_error_pct"] == pytest.approx(sum(errs) / 2)
+    assert s["p95_abs_error_pct"] == pytest.approx(errs[0] + 0.95 * (errs[1] - errs[0]))
+
+
+def test_summary_statistics_on_known_errors(bench):
+    rows = [{"id": str(i), "expressible": True, "error_pct": e, "verdict_agrees": True}
+            for i, e in enumerate([1.0, -2.0, 3.0, -10.0])] + [{"id": "x", "expressible": False}]
+    s = bench.summarize(rows)
+    assert s["median_abs_error_pct"] == pytest.approx(2.5)
+    assert s["p95_abs_error_pct"] == pytest.approx(3 + 0.85 * 7)  # linear between the 3rd and 4th of 4
+    assert s["max_abs_error_pct"] == 10 and s["mean_error_pct"] == pytest.approx(-2.0)
+    assert s["verdict_disagreements"] == [] and not s["meets_goal"]
+    ok = bench.summarize([{"id": "a", "expressible": True, "error_pct": 2.0, "verdict_agrees": True}])
+    assert ok["meets_goal"]
+    assert bench.error_pct(110, 100) == pytest.approx(10.0)
+
+
+def test_the_shipped_table_is_sourced_and_every_run_accounted_for(bench):
+    runs = bench.load()
+    assert len(runs) >= 10
+    for r in runs:
+        assert r["source"].startswith("https://") and r["measured"] > 0 and r.get("unit") in bench.UNITS, r["id"]
+        assert isinstance(r["ran"], bool)
+    rows = [bench.predict(r) for r in runs]
+    done = [r for r in rows if r["expressible"]]
+    assert len(done) >= 10 and sum(r["model"] in ("qwen-7b", "llama-3-8b") for r in done) >= 8
+    assert all(r["reason"] for r in rows if not r["expressible"])
+    assert bench.summarize(rows)["verdict_disagreements"] == []  # every run that ran, lorabench says fits
+
+
+def test_table_and_json_output(bench, fixture, capsys):
+    assert bench.main(["--data", str(fixture), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {r["id"] for r in out["runs"]} == {"exact", "device", "not-yet", "said"}
+    assert out["summary"]["expressible"] == 2
+    assert bench.main(["--data", str(fixture)]) == 0
+    text = capsys.readouterr().out
+    assert "not expressible: a reason given in the data" in text and "VERDICT DISAGREES" in text
+    assert "|error| median" in text and "1 disagreement: device" in text
