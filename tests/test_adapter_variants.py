@@ -29,7 +29,7 @@ from lorabench.train.techniques import build_model, make_optimizer
 
 LLAMA = ModelConfig(name="t", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=96, seq_len=32)
 GPT2 = ModelConfig(name="g", d_model=64, n_layers=2, n_heads=4, d_ff=128, vocab_size=96, seq_len=32, style="gpt2")
-TRAIN = TrainConfig(batch_size=2, steps=1, warmup_steps=2, underflow_probe=False)
+TRAIN = TrainConfig(batch_size=2, steps=1, warmup_steps=2, underflow_probe=False, alignment_probe=False)
 VARIANTS = ("rslora", "lora-plus", "dora", "pissa", "lora-ga", "adalora", "lora-pro")
 
 

@@ -143,7 +143,7 @@ def test_adafactor_temporaries_follow_the_order_and_the_groups():
 # ---------------------------------------------------------------- cells: measured = analytic = trace
 CFG = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, vocab_size=128, seq_len=32)
 DEEP = ModelConfig(d_model=64, n_layers=3, n_heads=4, d_ff=256, vocab_size=16, seq_len=8)  # optimizer step peaks
-TRAIN = TrainConfig(batch_size=2, steps=1, warmup_steps=2, underflow_probe=False)
+TRAIN = TrainConfig(batch_size=2, steps=1, warmup_steps=2, underflow_probe=False, alignment_probe=False)
 CELLS = [
     (CFG, Cell(precision="fp32", optimizer="sgd"), TRAIN),
     (CFG, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", optimizer="sgd"), TRAIN),

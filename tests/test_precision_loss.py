@@ -27,7 +27,7 @@ from lorabench.train.techniques import build_model, compute_loss, make_optimizer
 LLAMA = ModelConfig(name="l", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=96, seq_len=16)
 DEEP = ModelConfig(name="d", d_model=32, n_layers=5, n_heads=4, d_ff=64, vocab_size=512, seq_len=12)
 GPT2 = ModelConfig(name="g", d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=96, seq_len=16, style="gpt2")
-TRAIN = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False)
+TRAIN = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False, alignment_probe=False)
 
 
 def job(model, cell, train=TRAIN) -> CellJob:

@@ -16,7 +16,8 @@ EXPECTED = {  # totals as the checkpoints report them (model.num_parameters(), t
     "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
     "llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "mistral-7b": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
-    "qwen2.5-14b": 14_770_033_664,
+    "qwen2.5-14b": 14_770_033_664, "llama-3.1-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824, "phi-3-mini": 3_821_079_552,
 }
 
 
@@ -51,7 +52,11 @@ def test_qwen_small_models_tie_their_head_and_big_ones_do_not():
 
 @pytest.mark.parametrize("spelling, name", [("Llama-2-7B", "llama-2-7b"), ("LLAMA-3-8B", "llama-3-8b"),
                                             ("llama2_7b", "llama-2-7b"), ("Llama 3 70B", "llama-3-70b"),
-                                            ("Qwen2.5-7B", "qwen2.5-7b"), ("GPT2-XL", "gpt2-xl")])
+                                            ("Qwen2.5-7B", "qwen2.5-7b"), ("GPT2-XL", "gpt2-xl"),
+                                            ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+                                            ("meta-llama/Meta-Llama-3-8B", "llama-3-8b"),
+                                            ("meta-llama/llama-3.2-1b", "llama-3.2-1b"),
+                                            ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini")])
 def test_preset_names_ignore_case_spaces_and_hyphens(spelling, name):
     """Issue 'A user's first hour', item 2: `Llama-2-7B` is llama-2-7b; the model keeps the canonical name."""
     assert load_preset(spelling).name == name
@@ -68,3 +73,10 @@ def test_an_unknown_preset_still_lists_the_known_ones():
     from lorabench.spec.schema import ConfigError
     with pytest.raises(ConfigError, match="unknown preset 'llama-9'.*llama-2-7b"):
         load_preset("llama-9")
+
+
+def test_every_hub_id_names_one_preset_and_an_unknown_one_lists_them():
+    from lorabench.spec.presets import _hub_ids
+    assert _hub_ids() and all(len(v) == 1 for v in _hub_ids().values())
+    with pytest.raises(Exception, match="unknown preset 'Qwen/Qwen3-8B'"):
+        load_preset("Qwen/Qwen3-8B")

@@ -35,7 +35,7 @@ def qcell(base="nf4", **kw) -> Cell:
 
 # ---------------------------------------------------------------- the stored bytes
 @pytest.mark.parametrize("base,dq", [("nf4", True), ("nf4", False), ("int8", False)])
-@pytest.mark.parametrize("d_in,d_out", [(64, 160), (100, 30), (4096, 11008)])
+@pytest.mark.parametrize("d_in,d_out", [(64, 160), (100, 30), (2048, 5504)])
 def test_stored_bytes_are_what_bitsandbytes_keeps(base, dq, d_in, d_out):
     """sim/quant.storages against the real tensors: the packed codes (two NF4 codes a byte),
     one absmax per 64 weights (fp32, or uint8 + an fp32 per 256 with double quantization), the
@@ -52,7 +52,7 @@ def test_stored_bytes_are_what_bitsandbytes_keeps(base, dq, d_in, d_out):
     n = d_in * d_out  # the per-weight costs the docstring states (the fixed maps vanish at scale)
     per_weight = {("nf4", True): 0.5 + 1 / 64 + 4 / (64 * 256), ("nf4", False): 0.5 + 4 / 64, ("int8", False): 1 + 4 / d_in}
     if n > 10**6:
-        assert real / n == pytest.approx(per_weight[(base, dq)], rel=1e-4)
+        assert real / n == pytest.approx(per_weight[(base, dq)], rel=1e-3)
 
 
 @pytest.mark.parametrize("cfg", [MODEL, QWEN_LIKE], ids=["llama", "gqa-bias"])

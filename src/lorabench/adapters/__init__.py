@@ -15,6 +15,7 @@ import itertools
 from ..spec.config import QUANT_DTYPES, Cell
 from ..spec.schema import ConfigError
 from .base import Adapter, AdapterParam
+from .peft_backend import problem as peft_problem
 
 __all__ = ["Adapter", "AdapterParam", "get", "names", "register"]
 
@@ -46,6 +47,8 @@ def check(ls) -> None:
     m = ls.matrix
     for i, name in enumerate(m.adapter):
         get(name, ls.source, f"matrix.adapter[{i}]")
+        if "peft" in m.adapter_backend and peft_problem(name) and any(m.lora_rank):
+            raise ConfigError(ls.source, f"matrix.adapter[{i}]", peft_problem(name))
         quantized = [b for b in m.base_dtype if b in QUANT_DTYPES]
         if quantized and get(name).needs_dense_base and any(m.lora_rank):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name} reads the base weight itself: "
@@ -71,6 +74,8 @@ def projection_problem(cfg, cell: Cell) -> str | None:
     if not cell.is_lora:
         return None
     adapter = get(cell.adapter)
+    if cell.adapter_backend == "peft" and peft_problem(cell.adapter):
+        return peft_problem(cell.adapter)
     if cell.is_quantized and adapter.needs_dense_base:
         return f"adapter {adapter.name} reads the base weight itself: it cannot run on a {cell.base_dtype} base"
     shapes = projection_shapes(cfg)

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..spec.config import LORA_TARGETS, Cell
 from . import get
 from .base import Adapter
+from .peft_backend import apply_peft
 from .quant import quantize_projections
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,11 +85,7 @@ def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: f
     projection (module names q, k, v, o, gate, up, down) in an AdaptedLinear.
     Only the adapters (FP32) train. quantize = (cell, projection names): those projections
     quantized first, as the cell's base_dtype says (adapters/quant.py: QLoRA)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cast_floating(model, DTYPES[base_dtype])
-    if quantize is not None and not quantize_projections(model, quantize[1], quantize[0]):
-        raise ValueError(f"no nn.Linear named any of {list(quantize[1])} to quantize")
+    freeze_base(model, base_dtype, quantize)
     wrapped = []
     for parent in list(model.modules()):
         for name in targets:
@@ -100,6 +97,16 @@ def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: f
     if not wrapped:
         raise ValueError(f"no module named any of {list(targets)} to adapt")
     return wrapped
+
+
+def freeze_base(model: nn.Module, base_dtype: str, quantize: tuple[Cell, list] | None = None) -> None:
+    """Every parameter frozen and stored in `base_dtype`; quantize = (cell, projection names):
+    those projections quantized as the cell's base_dtype says (adapters/quant.py: QLoRA)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cast_floating(model, DTYPES[base_dtype])
+    if quantize is not None and not quantize_projections(model, quantize[1], quantize[0]):
+        raise ValueError(f"no nn.Linear named any of {list(quantize[1])} to quantize")
 
 
 def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
@@ -131,6 +138,10 @@ def apply_cell(model: nn.Module, cell: Cell, target_names: dict | None = None) -
         return []
     names = [target_names[t] for t in cell.lora_targets] if target_names else list(cell.lora_targets)
     projections = list(target_names.values()) if target_names else list(LORA_TARGETS)
+    if cell.adapter_backend == "peft":  # PEFT's own layers (adapters/peft_backend.py)
+        freeze_base(model, cell.base_float_dtype, (cell, projections) if cell.is_quantized else None)
+        apply_peft(model, cell, names)
+        return []
     layers = apply_adapter(model, names, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_float_dtype,
                            cell.adapter, cell.lora_plus_ratio, (cell, projections) if cell.is_quantized else None)
     if cell.param_dtype != "fp32":  # a pure precision: base_dtype == param_dtype, so only the adapters change

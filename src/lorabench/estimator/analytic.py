@@ -259,4 +259,6 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,
         cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device,
-        est_basis=stack_for(model_cfg).analytic_basis)
+        est_basis=stack_for(model_cfg).analytic_basis + ("; PEFT's adapter layers replayed as lorabench's "
+                                                         "(--method trace runs PEFT's)"
+                                                         if cell.adapter_backend == "peft" else ""))

@@ -11,7 +11,7 @@ Order of work (each cell in a fresh process, see launch/process.py):
    "timed", unmarked: a phase mark synchronizes). On CPU the allocation
    tracker (a Python dispatch mode that would slow the timed steps) covers the
    warm-up steps only: shapes are static, so later steps repeat that peak;
-4. probes (underflow) run after timing, outside both windows.
+4. probes (underflow; alignment, on a fresh model at init) run after timing, outside both windows.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from ..train.techniques import build_model, make_optimizer, make_scaler, prepare
 from ..train.tokens import MarkovTokens
 from .trackers import MemoryTracker, StepTimer, state_bytes
 from .underflow import cell_fields as underflow_fields
+from .alignment import cell_fields as alignment_fields
 
 def run_cell(job: CellJob | dict) -> dict:
     """Train and measure one cell in this process; return its row (row/codec.py), whatever happens.
@@ -171,5 +172,7 @@ def measure(row: dict, job: CellJob) -> None:
     # what the estimator predicted; then the probes, outside every measured window
     row.update(estimate_fields(row, job))
     row.update(underflow_fields(model, batches[-1], cell, scaler, enabled=train.underflow_probe))
+    # on a fresh model at init (train.alignment_probe turns it off)
+    row.update(alignment_fields(job, batches, device, enabled=train.alignment_probe))
     x_micro = batches[-1][0][: cell.micro_batch(train.batch_size)]
     row.update(lora_checks.inference_fields(model, x_micro, cell.precision, device))  # last: merges and unmerges

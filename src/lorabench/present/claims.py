@@ -1,6 +1,8 @@
 """`lorabench claims RESULTS`: each claim of data/claims.md (C1–C20) against numbers.
 
-C14–C20 (the LoRA variants) have no check yet: they are "not measured".
+C14–C19 (the LoRA variants) are checked in present/claims_variants.py; C20 (a fused qkv) has no
+stack to measure yet: "not measured". The shared evidence rules (verdict words, pairs, timing
+against the spread) are in present/claims_evidence.py.
 
     verdicts = check_claims(load_rows("results/x.jsonl"))
     [(v.id, v.verdict, v.measured) for v in verdicts]
@@ -39,25 +41,21 @@ with the claim's wording they read:
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..row.codec import TECHNIQUE_KEYS
 from .bars import human
-from .compare import spread_noise, timing
+from .claims_evidence import (FAILS, HOLDS, NOISE, NOT_ENOUGH, NOT_MEASURED, STEP, _cells, _label, _pairs,  # noqa: F401
+                              pairs, timed)  # the verdict words re-exported: callers import them from here
+from .claims_variants import CHECKS as VARIANT_CHECKS
+from .compare import timing
 
 CLAIMS_MD = Path(__file__).resolve().parent.parent / "data" / "claims.md"
-HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured by these results"
-NOT_ENOUGH, NOISE = "not enough data", "within noise"
-NO_SPREAD = "no p10–p90 spread of the times, so a difference cannot be told from noise"
-STEP = "step_time_ms_median"
 GB = 10**9
 ROW = re.compile(r"^\|\s*(C\d+)\s*\|(.*?)\|(.*?)\|\s*$")
-TECH = TECHNIQUE_KEYS  # a pair differs only on the claim's axes (row/codec.py)
 
 
 @dataclass
@@ -79,39 +77,8 @@ def load_claims(path: Path = CLAIMS_MD) -> dict[str, str]:
     return out
 
 
-def _label(r: dict) -> str:
-    return str(r.get("cell"))
-
-
-def pairs(rows: list[dict], axes: tuple, is_a, is_b) -> list[tuple[dict, dict]]:
-    """(a, b) ok rows of one scenario and device, equal on every technique axis not in `axes`."""
-    ok = [r for r in rows if r.get("status") == "ok"]
-
-    def key(r):
-        return (r.get("scenario"), r.get("device_name"), r.get("batch_size"), r.get("seq_len"),
-                *(json.dumps(r.get(k)) for k in TECH if k not in axes))
-    out = []
-    for a in (r for r in ok if is_a(r)):
-        out += [(a, b) for b in ok if b is not a and is_b(b) and key(b) == key(a)]
-    return out
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:+.0f} %"
-
-
-def _names(names, k: int = 3) -> str:
-    """'a, b, c and 4 more'."""
-    names = list(names)
-    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
-
-
-def _cells(rows) -> str:
-    return _names(_label(r) for r in rows)
-
-
-def _pairs(ps) -> str:
-    return _names((f"{_label(b)} vs {_label(a)}" for a, b in ps), 2)
 
 
 def _median_pair(ps, f):
@@ -121,28 +88,6 @@ def _median_pair(ps, f):
         return None, None
     vals.sort(key=lambda v: v[0])
     return vals[len(vals) // 2][0], vals[len(vals) // 2]
-
-
-def _ms(t: tuple) -> str:
-    return f"{t[0]:.3g} ({t[1]:.3g}–{t[2]:.3g}) ms"
-
-
-def timed(items: list[tuple], what: str) -> tuple:
-    """The evidence of a timing claim. items: (statistic, timing A, timing B, label) per compared
-    pair, timings (median, p10, p90) or None. Only pairs with both spreads count; the verdict is
-    read on the median one. Returns (verdict, statistic, text): verdict NOT_ENOUGH (no spread),
-    NOISE (the median pair's medians lie inside a spread) or None (the caller judges the statistic)."""
-    spread = sorted((x for x in items if spread_noise(x[1], x[2]) is not None), key=lambda x: x[0])
-    if not spread:
-        return NOT_ENOUGH, None, f"{len(items)} {what} ({_names(x[3] for x in items)}), {NO_SPREAD}"
-    stat, ta, tb, label = spread[len(spread) // 2]
-    outside = sum(not spread_noise(x[1], x[2]) for x in spread)
-    left_out = f"; {len(items) - len(spread)} without a spread left out" if len(items) > len(spread) else ""
-    text = (f"median of {len(spread)} {what}, {outside} of them outside the p10–p90 spread{left_out}; "
-            f"median pair {label}: {_ms(tb)} vs {_ms(ta)}")
-    if spread_noise(ta, tb):
-        return NOISE, stat, text + ", inside each other's spread"
-    return None, stat, text
 
 
 def c1(rows):
@@ -371,6 +316,7 @@ def not_measured(why):
 
 # claim id -> f(rows) -> (verdict, measured text, source)
 CHECKS = {f"C{i}": f for i, f in enumerate((c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13), 1)}
+CHECKS.update(VARIANT_CHECKS)  # C14–C19: the LoRA variants (present/claims_variants.py)
 
 
 def check_claims(rows: list[dict]) -> list[Verdict]:

@@ -99,6 +99,18 @@ class UnderflowFields:
 
 
 @dataclass
+class AlignmentFields:
+    """The alignment probe's row fields (measure/alignment.py; claims C17–C19): the adapter's equivalent
+    update against full fine-tuning's; None in full fine-tuning cells, on a quantized base, or failed."""
+    first_update_cosine: Optional[float] = None         # cosine of the first ΔW_eq to −∂L/∂W0, all targets
+    first_update_cosine_rank_r: Optional[float] = None  # the same for the best rank-r update (g's top-r SVD)
+    update_cosine_steps: Optional[list] = None          # that cosine at each of train.steps probe steps from init
+    init_weight_rel_err: Optional[float] = None         # max |W0' + ΔW − W| / max |W| at init (PiSSA's W_res)
+    alignment_probe_s: Optional[float] = None
+    alignment_error: Optional[str] = None
+
+
+@dataclass
 class EstimateFields:
     """The estimate held against the row: its error and MFU. The predicted fields themselves are
     the Estimate fields declared row=True (estimator/analytic.py), None when it failed."""
@@ -134,7 +146,8 @@ REQUIRED_KEYS = ("cell", "status", *(f.name for f in dataclasses.fields(Cell)  #
 
 def row_problem(row: dict) -> Optional[str]:
     """What is wrong with a row read from a file, judged by the row schema's field types
-    (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields); None if nothing."""
+    (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, AlignmentFields, EstimateFields);
+    None if nothing."""
     if not isinstance(row, dict):
         return "not a JSON object"
     missing = [k for k in REQUIRED_KEYS if k not in row]
@@ -163,7 +176,8 @@ def _is(value, tp) -> bool:
 def _row_types() -> dict:
     hints = typing.get_type_hints(Estimate)
     out = {"status": str, **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
-    for cls in (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, EstimateFields):
+    for cls in (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, AlignmentFields,
+                EstimateFields):
         for name, tp in typing.get_type_hints(cls).items():
             out["cell" if name == "id" else name] = tp
     return out

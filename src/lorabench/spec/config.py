@@ -13,24 +13,9 @@ from typing import Any, Literal, Optional
 
 from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, run_checks
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
-
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
-Precision = Literal["fp32", "fp16", "bf16", "bf16-pure", "fp16-pure"]
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
-DType = Literal["fp32", "fp16", "bf16"]
-QUANT_DTYPES = ("nf4", "int8")
-"""quantized storage of a frozen base (bitsandbytes Linear4bit / Linear8bitLt: QLoRA); adapter cells only"""
-BASE_DTYPES = DTYPE_NAMES + QUANT_DTYPES
-"""what the frozen weights of an adapter cell can be stored in (the `base_dtype` axis)"""
-
-
-def quant_problem(base_dtype) -> Optional[str]:
-    """Why `base_dtype` cannot be built here (a quantized base without bitsandbytes), else None."""
-    import importlib.util
-    if base_dtype in QUANT_DTYPES and importlib.util.find_spec("bitsandbytes") is None:
-        return f"base_dtype {base_dtype} needs bitsandbytes: pip install 'lorabench[quant]'"
-    return None
+from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
+                         DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget,
+                         backend_problem, quant_problem)
 
 
 @dataclass
@@ -109,6 +94,8 @@ class TrainConfig:
     optimizer: Literal["auto", "fused", "foreach", "forloop"] = fld("auto", "AdamW implementation; auto = torch's default (foreach on CUDA, for-loop on CPU). fused lowers step time and its temporaries")
     tf32: bool = fld(False, "allow TF32 matmuls in fp32 cells on Ampere+ (True is faster, less exact); recorded in every row")
     underflow_probe: bool = fld(True, "run the FP16/BF16 underflow probes after the timed steps (fp16 and bf16 cells)")
+    alignment_probe: bool = fld(True, "adapter cells: after the timed steps, compare the adapter's updates with full "
+                                      "fine-tuning's on a fresh model (measure/alignment.py: claims C18, C19)")
     timeout_s: float = fld(900.0, "a cell running longer is killed and recorded as timeout", (gt(0),))
 
     def optimizer_impl(self, device: str) -> str:
@@ -148,21 +135,6 @@ def base_float_dtype_of(precision: str, base_dtype: str) -> str:
     if base_dtype not in QUANT_DTYPES:
         return base_dtype
     return "fp16" if precision.startswith("fp16") else "bf16"
-
-
-def _int_at_least(field: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FieldError(field, f"must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_base(base_dtype: str, lora_rank, double_quant) -> Optional[bool]:
-    """Validate a cell's base_dtype; returns its double_quant (True by default for nf4, else None)."""
-    if base_dtype not in BASE_DTYPES:
-        raise FieldError("base_dtype", f"must be one of {', '.join(BASE_DTYPES)}, got {base_dtype!r}")
-    if base_dtype in QUANT_DTYPES and lora_rank == 0:
-        raise FieldError("base_dtype", f"{base_dtype} quantizes a frozen base: it needs an adapter cell "
-                                       "(lora_rank > 0); full fine-tuning trains every weight")
-    return (True if double_quant is None else bool(double_quant)) if base_dtype == "nf4" else None
 
 
 def resolve_optimizer_impl(optimizer: str, device: str) -> str:
@@ -207,11 +179,15 @@ class MatrixSpec:
     adalora_target_rank: list[Optional[int]] = fld([None], "AdaLoRA (adapter adalora): the average rank per adapted matrix "
                                                   "that importance pruning reaches at the run's last step, from lora_rank; "
                                                   "default lora_rank // 2 (at least 1)", (nonempty,))
+    adapter_backend: list[str] = fld(["builtin"], "adapter cells: builtin (lorabench's adapters/) | peft (PEFT's LoRA layers "
+                                     "injected into the same model: adapters lora, rslora, dora, pissa; "
+                                     "pip install 'lorabench[hf]')", (nonempty,))
 
 
 LOSSES = ("standard", "chunked")
 AXIS_CHECKS = {"loss_chunks": (gt(0),), "lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),),
-               "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,), "base_dtype": (quant_problem,)}
+               "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,), "base_dtype": (quant_problem,),
+               "adapter_backend": (backend_problem,)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 
 
@@ -264,16 +240,19 @@ class Cell:
     """readable id, e.g. bf16-r8-bf16base-ckpt-acc4 (scenario.cell_id)"""
     adalora_target_rank: Optional[int] = None
     """AdaLoRA: the rank per adapted matrix at the run's end (adalora_budget); None for other adapters"""
+    adapter_backend: Optional[str] = None
+    """whose adapter layers: builtin (adapters/) or peft (PEFT's, adapters/peft_backend.py); None in full
+    fine-tuning"""
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once
         if self.precision not in PRECISIONS:
             raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        put("double_quant", _check_base(self.base_dtype, self.lora_rank, self.double_quant))
+        put("double_quant", check_base(self.base_dtype, self.lora_rank, self.double_quant))
         if unknown_optimizer(self.optimizer):
             raise FieldError("optimizer", unknown_optimizer(self.optimizer))
-        _int_at_least("lora_rank", self.lora_rank, 0)
-        _int_at_least("accumulation", self.accumulation, 1)
+        int_at_least("lora_rank", self.lora_rank, 0)
+        int_at_least("accumulation", self.accumulation, 1)
         put("checkpointing", bool(self.checkpointing))
         if self.loss not in LOSSES:
             raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -281,27 +260,26 @@ class Cell:
             put("loss_chunks", None)
         else:
             put("loss_chunks", 8 if self.loss_chunks is None else self.loss_chunks)
-            _int_at_least("loss_chunks", self.loss_chunks, 1)
+            int_at_least("loss_chunks", self.loss_chunks, 1)
         put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank))
         if self.lora_rank == 0:
-            for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter", "lora_plus_ratio"):
+            for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter", "lora_plus_ratio", "adapter_backend"):
                 put(k, None)
             put("base_dtype", self.param_dtype)
             return
         if self.param_dtype != "fp32" and not self.is_quantized:  # pure 16-bit: the base is stored as everything else is
             put("base_dtype", self.param_dtype)
         put("adapter", self.adapter or "lora")
+        put("adapter_backend", self.adapter_backend or "builtin")
+        if self.adapter_backend not in ADAPTER_BACKENDS:
+            raise FieldError("adapter_backend", f"must be one of {', '.join(ADAPTER_BACKENDS)}, got {self.adapter_backend!r}")
         ratio = self.lora_plus_ratio
         put("lora_plus_ratio", (16.0 if ratio is None else float(ratio)) if self.adapter == "lora-plus" else None)
         if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
             raise FieldError("lora_plus_ratio", f"must be > 0, got {ratio!r}")
         put("lora_alpha", 16.0 if self.lora_alpha is None else float(self.lora_alpha))
         put("lora_dropout", 0.0 if self.lora_dropout is None else float(self.lora_dropout))
-        targets = tuple(self.lora_targets or ("q", "v"))
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown:
-            raise FieldError("lora_targets", f"unknown target {unknown[0]!r} (allowed: {', '.join(LORA_TARGETS)})")
-        put("lora_targets", tuple(sorted(set(targets), key=LORA_TARGETS.index)))
+        put("lora_targets", canonical_targets(self.lora_targets))
         if not self.lora_alpha > 0:
             raise FieldError("lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -371,19 +349,6 @@ class Cell:
         rows written before the `adapter` axis existed are LoRA)."""
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "id" and d.get(f.name) is not None}
         return cls(**kw, id=d.get("cell", d.get("id", "")) or "")
-
-
-def adalora_budget(rank: int, adapter: Optional[str], budget: Optional[int]) -> Optional[int]:
-    """A cell's adalora_target_rank: None unless the adapter is adalora (rank > 0); lora_rank // 2
-    (at least 1) by default; an integer in [1, lora_rank] (FieldError otherwise)."""
-    if rank == 0 or adapter != "adalora":
-        return None
-    if budget is None:
-        return max(1, rank // 2)
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= rank:
-        raise FieldError("adalora_target_rank", f"adalora prunes its initial rank lora_rank={rank} to this budget: "
-                                                f"must be an integer in [1, {rank}], got {budget!r}")
-    return budget
 
 
 def allowed_targets(style: str) -> list[str]:

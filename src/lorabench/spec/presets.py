@@ -2,10 +2,12 @@
 parameter counts, and CPU/GPU-sized stacks) and Hugging Face config.json files.
 
 A preset name is matched without regard to case, spaces, hyphens or underscores
-(`Llama-2-7B`, `llama2_7b` and `Llama 2 7B` are `llama-2-7b`); the model keeps
-the canonical name."""
+(`Llama-2-7B`, `llama2_7b` and `Llama 2 7B` are `llama-2-7b`); so is a Hugging Face
+hub id its preset lists under `hub` (`Qwen/Qwen2.5-7B-Instruct`, `meta-llama/Meta-Llama-3-8B`
+are qwen2.5-7b and llama-3-8b: the same architecture). The model keeps the canonical name."""
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -22,6 +24,7 @@ def preset_data(name: str, source: str = "preset", path: str = "model.preset") -
         return hf_config_fields(name)
     name = preset_name(name, source, path)
     data = read_yaml(str(PRESET_DIR / f"{name}.yaml"))
+    data.pop("hub", None)  # the hub ids it answers to (preset_name), not a model field
     return {"name": name, **data}
 
 
@@ -40,10 +43,20 @@ def preset_name(name: str, source: str = "preset", path: str = "model.preset") -
     names = preset_names()
     if name in names:
         return name
-    hits = [n for n in names if _key(n) == _key(name)]
+    hits = [n for n in names if _key(n) == _key(name)] or _hub_ids().get(_key(name), [])
     if len(hits) != 1:
         raise ConfigError(source, path, f"unknown preset {name!r} (known: {', '.join(names)})")
     return hits[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_ids() -> dict[str, list[str]]:
+    """{matching key of a hub id: [preset]} from every preset's `hub` list."""
+    out: dict[str, list[str]] = {}
+    for name in preset_names():
+        for hub_id in read_yaml(str(PRESET_DIR / f"{name}.yaml")).get("hub") or []:
+            out.setdefault(_key(hub_id), []).append(name)
+    return out
 
 
 def preset_names() -> list[str]:

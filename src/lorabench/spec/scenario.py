@@ -216,6 +216,8 @@ def cell_id(cell: Cell, varying: set) -> str:
     if cell.is_lora:
         if cell.adapter != "lora":
             parts.append(cell.adapter)
+        if cell.adapter_backend == "peft":
+            parts.append("peft")
         parts.append(f"r{cell.lora_rank}")
         if cell.base_dtype != "fp32":
             parts.append(f"{cell.base_dtype}base")

@@ -1,0 +1,86 @@
+"""PEFT as an adapter backend: `adapter_backend: peft` puts PEFT's own LoRA layers on the model.
+
+    apply_peft(model, cell, ["q_proj", "v_proj"])   # after the base is frozen, cast (and quantized)
+
+What users of `transformers` + `peft` run: `LoraConfig(r, lora_alpha, lora_dropout,
+target_modules)` injected into the same model (`peft.inject_adapter_in_model`, so the model
+object, and every stack method on it, stays the same), with the variant's PEFT option:
+
+    lora     LoraConfig defaults (A Kaiming-uniform, B zero)
+    rslora   use_rslora=True (scaling α/√r)
+    dora     use_dora=True
+    pissa    init_lora_weights="pissa" (W0 replaced by its residual)
+
+The adapter parameters are then stored in the cell's param_dtype (FP32, or 16 bits in a
+pure precision), as `get_peft_model` does by default (`autocast_adapter_dtype=True` upcasts
+adapters that PEFT made in a 16-bit base's dtype). Other variants (lora-plus needs PEFT's
+optimizer factory, LoRA-GA its own preprocessing, AdaLoRA a different config, LoRA-Pro has
+none) are refused in one line (`problem`). PEFT's layers are not AdaptedLinear: lorabench's
+own checks of LoRA (ΔW at init, merged inference) are empty for these rows, and the analytic
+estimate replays the built-in adapters' ops, which the row says (est_basis).
+"""
+from __future__ import annotations
+
+import contextlib
+
+PEFT_OPTIONS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+                "pissa": {"init_lora_weights": "pissa"}}
+
+
+def problem(adapter: str) -> str | None:
+    """Why PEFT cannot run `adapter` here, in one line; None if it can."""
+    if adapter not in PEFT_OPTIONS:
+        return (f"adapter {adapter} has no PEFT counterpart here (adapter_backend peft runs "
+                f"{', '.join(PEFT_OPTIONS)})")
+    return None
+
+
+@contextlib.contextmanager
+def _in_place_on_fake(model):
+    """On fake tensors (the trace) PEFT's moves of each new adapter to its base layer's device and
+    dtype (`Module.to`, which fake tensors refuse: "Couldn't swap") are skipped: the device is the
+    base's already (CPU), and apply_peft sets the dtype itself afterwards."""
+    from torch._subclasses.fake_tensor import is_fake
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if not any(is_fake(p) for p in model.parameters()):
+        yield
+        return
+    import torch
+    move, to = BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.nn.Module.to
+
+    def to_where_it_is(self, *args, **kwargs):  # PEFT's module.to(weight.device) of each new layer
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = list(self.parameters()) + list(self.buffers())
+        if dtype is None and device is not None and all(t.device == device for t in tensors):
+            return self
+        return to(self, *args, **kwargs)
+    BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda self, *a, **k: None
+    torch.nn.Module.to = to_where_it_is
+    try:
+        yield
+    finally:
+        BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.nn.Module.to = move, to
+
+
+def apply_peft(model, cell, names: list) -> int:
+    """Inject PEFT's LoRA layers for `cell` on the modules named `names`; returns how many
+    parameters train. The base must be frozen already."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    why = problem(cell.adapter)
+    if why:
+        raise ValueError(why)
+    config = LoraConfig(r=cell.lora_rank, lora_alpha=cell.lora_alpha, lora_dropout=cell.dropout,
+                        target_modules=list(names), bias="none", **PEFT_OPTIONS[cell.adapter])
+    with _in_place_on_fake(model):
+        inject_adapter_in_model(config, model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cell.param_dtype]
+    n = 0
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.requires_grad:
+                if p.dtype != dtype:  # replaced, not Module.to (fake tensors refuse the swap)
+                    module._parameters[name] = torch.nn.Parameter(p.detach().to(dtype))
+                n += p.numel()
+    return n

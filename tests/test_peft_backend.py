@@ -1,0 +1,92 @@
+"""adapter_backend: peft: PEFT's own LoRA layers on the Hugging Face stack, against the built-in
+adapters on the same model and seed (issue 12, item 2)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from lorabench.adapters.layer import adapted_layers  # noqa: E402
+from lorabench.cli import main  # noqa: E402
+from lorabench.measure.trace import trace  # noqa: E402
+from lorabench.measure.worker import run_cell  # noqa: E402
+from lorabench.spec.scenario import expand, parse_scenario  # noqa: E402
+from lorabench.train.techniques import build_model, compute_loss  # noqa: E402
+
+HF = str(Path(__file__).resolve().parents[1] / "scenarios" / "hf" / "tiny-llama" / "config.json")
+
+
+def loaded(**matrix):
+    data = {"name": "p", "model": {"hf": HF, "seq_len": 16, "n_layers": 2}, "device": "cpu",
+            "train": {"batch_size": 2, "steps": 1, "warmup_steps": 2, "underflow_probe": False, "alignment_probe": False},
+            "matrix": {"lora_rank": 8, "lora_targets": [["q", "k", "v", "o"]], **matrix}}
+    ls = parse_scenario(data, "p.yaml")
+    return ls, {c.adapter_backend: c for c in expand(ls)}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_peft_and_builtin_adapters_compute_the_same(adapter):
+    """Same trainable count; with PEFT's A, B (and DoRA's magnitude) copied into the built-in
+    layers, the same loss and the same adapter gradients to float tolerance."""
+    ls, cells = loaded(precision="fp32", adapter=adapter, adapter_backend=["builtin", "peft"])
+    mine, theirs = (build_model(ls.model, cells[b], "cpu", 0) for b in ("builtin", "peft"))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(mine) == count(theirs) > 0
+    peft_layers = [m for m in theirs.modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})]
+    assert len(peft_layers) == len(adapted_layers(mine)) == 2 * 4
+    with torch.no_grad():
+        for a, p in zip(adapted_layers(mine), peft_layers):
+            p.lora_B["default"].weight.normal_()  # B ≠ 0, so the branch counts
+            a.lora_A.copy_(p.lora_A["default"].weight)
+            a.lora_B.copy_(p.lora_B["default"].weight)
+            if adapter == "dora":
+                a.lora_magnitude.copy_(p.lora_magnitude_vector["default"].weight)
+    x = torch.randint(0, ls.model.vocab_size, (2, 16))
+    losses = [compute_loss(m, x, x, "fp32") for m in (mine, theirs)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for loss in losses:
+        loss.backward()
+    for a, p in zip(adapted_layers(mine), peft_layers):
+        torch.testing.assert_close(a.lora_A.grad, p.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.lora_B.grad, p.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_peft_cell_trains_and_its_trace_follows_peft():
+    """PEFT's layers allocate differently from lorabench's (its input casts): the trace runs them."""
+    ls, cells = loaded(precision="bf16", base_dtype="bf16", adapter_backend=["builtin", "peft"])
+    rows = {b: run_cell(ls.job(c, "cpu")) for b, c in cells.items()}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert cells["peft"].id == "bf16-peft-r8-bf16base"
+    assert rows["peft"]["trainable_params"] == rows["builtin"]["trainable_params"]
+    assert rows["peft"]["loss_first"] == pytest.approx(rows["builtin"]["loss_first"], rel=1e-4)  # B = 0: the base's
+    traced, _ = trace(ls.job(cells["peft"], "cpu"))
+    # one PEFT constant made once per process (144 B here) is all that may differ
+    assert abs(traced.est_peak_bytes - rows["peft"]["peak_allocated_bytes"]) <= 1024
+    assert "PEFT" in rows["peft"]["est_basis"]
+
+
+def test_peft_on_a_quantized_base():
+    pytest.importorskip("bitsandbytes")
+    ls, cells = loaded(precision="bf16", base_dtype="nf4", adapter_backend="peft")
+    row = run_cell(ls.job(cells["peft"], "cpu"))
+    assert row["status"] == "ok", row.get("error")
+    # tiny-llama: hidden 128, 2 of 4 heads for k and v (width 64); r 8 on q, k, v, o of 2 layers
+    assert row["trainable_params"] == 2 * 8 * ((128 + 128) + 2 * (128 + 64) + (128 + 128))
+
+
+def test_variants_peft_cannot_run_are_one_line(tmp_path):
+    (tmp_path / "b.yaml").write_text(
+        "name: b\nmodel: {d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}\n"
+        "device: cpu\nmatrix:\n  lora_rank: 4\n  adapter: [lora, lora-plus]\n  adapter_backend: peft\n")
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "matrix.adapter[1]" in r.stderr and "lora-plus" in r.stderr and "PEFT" in r.stderr
+    (tmp_path / "b.yaml").write_text((tmp_path / "b.yaml").read_text().replace("adapter_backend: peft",
+                                                                               "adapter_backend: pfet"))
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
+    assert r.exit_code == 2 and "matrix.adapter_backend[0]" in r.stderr and "builtin, peft" in r.stderr
