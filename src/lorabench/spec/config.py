@@ -83,6 +83,13 @@ class ModelConfig:
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
+def attn_problem(value) -> Optional[str]:
+    """Why `value` is no attention path of transformers' (None: the model's own), else None."""
+    if value is None or value in ATTN_IMPLEMENTATIONS:
+        return None
+    return f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {value!r}"
+
+
 @dataclass
 class TrainConfig:
     """What one optimizer step is, and how many are run."""
@@ -182,12 +189,15 @@ class MatrixSpec:
     adapter_backend: list[str] = fld(["builtin"], "adapter cells: builtin (lorabench's adapters/) | peft (PEFT's LoRA layers "
                                      "injected into the same model: adapters lora, rslora, dora, pissa; "
                                      "pip install 'lorabench[hf]')", (nonempty,))
+    attn_implementation: list[Optional[str]] = fld([None], "Hugging Face models: sdpa | eager, transformers' attention "
+                                                   "path as an axis; default: the model's (model.attn_implementation)",
+                                                   (nonempty,))
 
 
 LOSSES = ("standard", "chunked")
 AXIS_CHECKS = {"loss_chunks": (gt(0),), "lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),),
                "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,), "base_dtype": (quant_problem,),
-               "adapter_backend": (backend_problem,)}
+               "adapter_backend": (backend_problem,), "attn_implementation": (attn_problem,)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 
 
@@ -243,6 +253,8 @@ class Cell:
     adapter_backend: Optional[str] = None
     """whose adapter layers: builtin (adapters/) or peft (PEFT's, adapters/peft_backend.py); None in full
     fine-tuning"""
+    attn_implementation: Optional[str] = None
+    """a Hugging Face model's attention path (sdpa | eager); None: the model's own"""
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once

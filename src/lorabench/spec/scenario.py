@@ -97,6 +97,11 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
     for axis, checks in AXIS_CHECKS.items():
         for i, v in enumerate(getattr(matrix, axis)):
             run_checks(v, checks, f"matrix.{axis}[{i}]", source)
+    for i, attn in enumerate(matrix.attn_implementation):
+        if attn is not None and not model.hf:
+            raise ConfigError(source, f"matrix.attn_implementation[{i}]", "applies to Hugging Face models (model.hf) only")
+    if model.hf:  # the model's own path where the axis leaves it open: every cell says which it ran
+        matrix.attn_implementation = [a or model.attn_implementation for a in matrix.attn_implementation]
     for i, targets in enumerate(matrix.lora_targets):
         allowed = allowed_targets(model.style)
         for j, t in enumerate(targets):
@@ -235,6 +240,8 @@ def cell_id(cell: Cell, varying: set) -> str:
             parts.append(f"b{cell.adalora_target_rank}")  # AdaLoRA: the rank budget it prunes to
     else:
         parts.append("full")
+    if "attn_implementation" in varying:
+        parts.append(cell.attn_implementation)
     if cell.optimizer != "adamw":  # e.g. fp32-full-sgd, bf16-r8-adamw-8bit
         parts.append(cell.optimizer)
     if cell.checkpointing:

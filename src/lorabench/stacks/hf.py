@@ -11,7 +11,8 @@ checkpointing through transformers' own `gradient_checkpointing_enable`
 (non-reentrant, as torch.utils.checkpoint in the built-in stack).
 
 What transformers does differently from the built-in stack is what this stack is
-for: its own attention path (`attn_implementation`: sdpa or eager), its RoPE
+for: its own attention path (`attn_implementation`: sdpa or eager, the model's, or the cell's
+when the matrix makes it an axis), its RoPE
 and causal-mask code. The trace method (measure/trace.py) runs this code itself;
 the analytic estimator replays the built-in stack of the same shape (the
 `parameters`, `projections` and `replay_forward` below delegate to it), which
@@ -47,7 +48,7 @@ class HFStack(Stack):
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                     attn_implementation=cfg.attn_implementation)
+                                                     attn_implementation=cell.attn_implementation or cfg.attn_implementation)
         model.train()
         model.stack_name = self.name
         apply_cell(model, cell, TARGET_NAMES)
