@@ -96,7 +96,7 @@ def test_sim_nf4_linear_cuda_dequantizes_in_forward_cpu_does_not():
         sim = Sim(n_layers=1, autocast=None)
         sim.set_phase("forward")
         x = sim.new(rows * d_in, BF16)
-        y = quant.linear(sim, x, Param(n, "nf4", False, None), None, d_out, d_in, "nf4", True, BF16, device)
+        y = quant.linear(sim, x, d_out, d_in, "nf4", True, BF16, device)
         peaks[device] = max(a for a, b, _ in sim.lines(1 << 48)[(0, "forward")])
         assert y.nbytes == rows * d_out * 2
     assert peaks["cpu"] == rows * (d_in + d_out) * 2
@@ -109,7 +109,7 @@ def test_sim_int8_keeps_the_input_with_the_graph():
     sim = Sim(n_layers=1, autocast=None)
     emb = Param(10, F32, True, None)
     x = sim.out(sim.new(8 * 16, BF16), sim.node([emb.tensor], lambda s, nd, g: [None]))
-    y = quant.linear(sim, x, Param(16 * 32, "int8", False, None), None, 32, 16, "int8", False, BF16, "cpu")
+    y = quant.linear(sim, x, 32, 16, "int8", False, BF16, "cpu")
     sim.drop(x)
     assert sim.live == 8 * 16 * 2 + 8 * 32 * 2  # x (kept by the graph) and y
     assert len(sim.graph_held) == 1

@@ -109,21 +109,24 @@ def freeze_base(model: nn.Module, base_dtype: str, quantize: tuple[Cell, list] |
         raise ValueError(f"no nn.Linear named any of {list(quantize[1])} to quantize")
 
 
-def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_floating(model: nn.Module, dtype: torch.dtype, trainable_only: bool = False) -> None:
     """`model.to(dtype)` for floating parameters and buffers, done by replacing each tensor
     with its cast (the same values). `Module.to` swaps tensors in place, which fake tensors
     refuse on torch 2.13 ("Couldn't swap"); this works on real and fake tensors alike.
-    Tied parameters stay tied: one cast per parameter object."""
+    Tied parameters stay tied: one cast per parameter object. trainable_only: only the parameters
+    that require grad (PEFT's adapters), no buffer."""
     casts: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new); old kept alive
     for m in model.modules():
         for name, p in list(m._parameters.items()):
             if p is None or not p.is_floating_point() or p.dtype == dtype:
                 continue
+            if trainable_only and not p.requires_grad:
+                continue
             if id(p) not in casts:
                 casts[id(p)] = (p, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
             m._parameters[name] = casts[id(p)][1]
         for name, b in list(m._buffers.items()):
-            if b is not None and b.is_floating_point() and b.dtype != dtype:
+            if b is not None and b.is_floating_point() and b.dtype != dtype and not trainable_only:
                 m._buffers[name] = b.to(dtype)
 
 
@@ -141,6 +144,7 @@ def apply_cell(model: nn.Module, cell: Cell, target_names: dict | None = None) -
     if cell.adapter_backend == "peft":  # PEFT's own layers (adapters/peft_backend.py)
         freeze_base(model, cell.base_float_dtype, (cell, projections) if cell.is_quantized else None)
         apply_peft(model, cell, names)
+        cast_floating(model, DTYPES[cell.param_dtype], trainable_only=True)  # get_peft_model's upcast
         return []
     layers = apply_adapter(model, names, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_float_dtype,
                            cell.adapter, cell.lora_plus_ratio, (cell, projections) if cell.is_quantized else None)

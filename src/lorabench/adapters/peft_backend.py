@@ -12,7 +12,7 @@ object, and every stack method on it, stays the same), with the variant's PEFT o
     pissa    init_lora_weights="pissa" (W0 replaced by its residual)
 
 The adapter parameters are then stored in the cell's param_dtype (FP32, or 16 bits in a
-pure precision), as `get_peft_model` does by default (`autocast_adapter_dtype=True` upcasts
+pure precision; adapters.layer.apply_cell casts them), as `get_peft_model` does by default (`autocast_adapter_dtype=True` upcasts
 adapters that PEFT made in a 16-bit base's dtype). Other variants (lora-plus needs PEFT's
 optimizer factory, LoRA-GA its own preprocessing, AdaLoRA a different config, LoRA-Pro has
 none) are refused in one line (`problem`). PEFT's layers are not AdaptedLinear: lorabench's
@@ -62,10 +62,10 @@ def _in_place_on_fake(model):
         BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.nn.Module.to = move, to
 
 
-def apply_peft(model, cell, names: list) -> int:
-    """Inject PEFT's LoRA layers for `cell` on the modules named `names`; returns how many
-    parameters train. The base must be frozen already."""
-    import torch
+def apply_peft(model, cell, names: list) -> None:
+    """Inject PEFT's LoRA layers for `cell` on the modules named `names` (left in the dtype PEFT
+    gives them; adapters.layer.apply_cell stores them in the cell's param_dtype). The base must
+    be frozen already."""
     from peft import LoraConfig, inject_adapter_in_model
 
     why = problem(cell.adapter)
@@ -75,12 +75,3 @@ def apply_peft(model, cell, names: list) -> int:
                         target_modules=list(names), bias="none", **PEFT_OPTIONS[cell.adapter])
     with _in_place_on_fake(model):
         inject_adapter_in_model(config, model)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cell.param_dtype]
-    n = 0
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.requires_grad:
-                if p.dtype != dtype:  # replaced, not Module.to (fake tensors refuse the swap)
-                    module._parameters[name] = torch.nn.Parameter(p.detach().to(dtype))
-                n += p.numel()
-    return n

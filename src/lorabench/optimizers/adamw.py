@@ -23,9 +23,6 @@ class AdamW(Optimizer):
     implementations = ("forloop", "foreach", "fused")
     description = "torch.optim.AdamW, weight decay 0"
 
-    def scaler_in_step(self, impl: str) -> bool:
-        return impl == "fused"
-
     def slots(self, p, impl, device):
         step_place = HOST_ON_CUDA if device == "cuda" and impl != "fused" else DEVICE
         return [Slot("exp_avg", p.nbytes), Slot("exp_avg_sq", p.nbytes), Slot("step", STEP_BYTES, step_place)]
@@ -39,5 +36,4 @@ class AdamW(Optimizer):
 
     def build(self, param_groups, lr, impl, device):
         import torch
-        kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0, **kwargs)
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0, **self.torch_impl_kwargs(impl))

@@ -105,8 +105,14 @@ class Optimizer(ABC):
 
     def scaler_in_step(self, impl: str) -> bool:
         """Whether GradScaler hands found_inf to step() (a fused kernel skips inside itself), so
-        step() runs, and the state is made, even on a step the scaler skips."""
-        return False
+        step() runs, and the state is made, even on a step the scaler skips: torch's fused
+        implementations do (`_step_supports_amp_scaling`)."""
+        return impl == "fused"
+
+    @staticmethod
+    def torch_impl_kwargs(impl: str) -> dict:
+        """A torch.optim constructor's implementation arguments for `impl` (forloop | foreach | fused)."""
+        return {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
 
     # ------------------------------------------------------------------ its state
     @abstractmethod

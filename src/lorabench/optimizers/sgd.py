@@ -20,9 +20,6 @@ class SGD(Optimizer):
     implementations = ("forloop", "foreach", "fused")
     description = "torch.optim.SGD, momentum 0.9"
 
-    def scaler_in_step(self, impl: str) -> bool:
-        return impl == "fused"
-
     def slots(self, p, impl, device):
         return [Slot("momentum_buffer", p.nbytes)]
 
@@ -31,5 +28,5 @@ class SGD(Optimizer):
 
     def build(self, param_groups, lr, impl, device):
         import torch
-        kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-        return torch.optim.SGD(param_groups, lr=lr, momentum=MOMENTUM, weight_decay=0.0, **kwargs)
+        return torch.optim.SGD(param_groups, lr=lr, momentum=MOMENTUM, weight_decay=0.0,
+                               **self.torch_impl_kwargs(impl))

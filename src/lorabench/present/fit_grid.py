@@ -146,8 +146,8 @@ class Axes:
             precs = AUTO_PRECISIONS + (("fp16",) if known and g.peak_flops("bf16") is None else ())
         axes = dataclasses.replace(self, precisions=tuple(p for p in GRID_PRECISIONS if p in precs))
         if cfg.quantized:  # its weights are quantized already: QLoRA on that base is all it trains
-            axes = dataclasses.replace(axes, quant_dtypes=(cfg.quantized,), model_quant=cfg.quantized,
-                                       double_quant=bool(cfg.quantized_double_quant) or cfg.quantized != "nf4")
+            dq = bool(cfg.quantized_double_quant) if cfg.quantized == "nf4" else True
+            axes = dataclasses.replace(axes, quant_dtypes=(cfg.quantized,), model_quant=cfg.quantized, double_quant=dq)
         quant, unavailable = quant_bases(cfg, axes, batch, targets)
         return dataclasses.replace(axes, quant=quant, unavailable=unavailable)
 

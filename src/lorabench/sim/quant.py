@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from .tensors import F32, U8, Param, SymTensor
+from .tensors import F32, U8, SymTensor
 
 NF4_BLOCK = 64          # Linear4bit's blocksize (bitsandbytes' default for 4-bit)
 NESTED_BLOCK = 256      # blocksize of the double quantization of the absmax
@@ -69,10 +69,12 @@ def stored_bytes(kind: str, d_out: int, d_in: int, double_quant: bool) -> int:
     return sum(storages(kind, d_out, d_in, double_quant))
 
 
-def linear(sim, x: SymTensor, weight: Param, bias: Param | None, d_out: int, d_in: int, kind: str,
-           double_quant: bool, compute: str, device: str) -> SymTensor:
+def linear(sim, x: SymTensor, d_out: int, d_in: int, kind: str, double_quant: bool, compute: str,
+           device: str) -> SymTensor:
     """bitsandbytes' Linear4bit / Linear8bitLt forward on the simulator (module docstring): x is
-    cast to the compute dtype, the output has it; the node is recorded when x needs grad."""
+    cast to the compute dtype, the output has it; the node is recorded when x needs grad. The
+    frozen weight is a parameter (its bytes are the estimator's) and a frozen bias of the compute
+    dtype is added inside the op, so neither is an argument."""
     xc = sim.to(x, compute)
     rows, n = xc.numel // d_in, d_out * d_in
     rule = _int8_backward if kind == "int8" else _nf4_backward

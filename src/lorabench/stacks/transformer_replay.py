@@ -192,8 +192,8 @@ def project(sim: Sim, x: SymTensor, name: str, params: dict, dims: Dims, d_out: 
     adapter_branch (its parameters are in `params` as "<name>.<parameter>", e.g. "q.lora_A")."""
     weight, bias = params[name], params.get(name + ".bias")
     if weight.tensor.dtype in quant.QUANT_KINDS:  # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)
-        y = quant.linear(sim, x, weight, bias, d_out, weight.tensor.numel // d_out, weight.tensor.dtype,
-                         dims.double_quant, dims.table_dtype, dims.device)
+        y = quant.linear(sim, x, d_out, weight.tensor.numel // d_out, weight.tensor.dtype, dims.double_quant,
+                         dims.table_dtype, dims.device)
     else:
         y = linear(sim, x, weight, bias, d_out)
     own = {k[len(name) + 1:]: p for k, p in params.items() if k.startswith(name + ".") and k != name + ".bias"}
