@@ -49,6 +49,10 @@ def check(ls) -> None:
         get(name, ls.source, f"matrix.adapter[{i}]")
         if "peft" in m.adapter_backend and peft_problem(name) and any(m.lora_rank):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", peft_problem(name))
+        multi = [s for s in m.strategy if s != "none"]
+        if multi and not get(name).multi_rank and any(m.lora_rank):
+            raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name}'s hooks read or rewrite whole "
+                              f"tensors between steps: it does not run on several ranks (strategy {multi[0]}) here")
         quantized = [b for b in m.base_dtype if b in QUANT_DTYPES]
         if quantized and get(name).needs_dense_base and any(m.lora_rank):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name} reads the base weight itself: "
@@ -76,6 +80,8 @@ def projection_problem(cfg, cell: Cell) -> str | None:
     adapter = get(cell.adapter)
     if cell.adapter_backend == "peft" and peft_problem(cell.adapter):
         return peft_problem(cell.adapter)
+    if cell.strategy != "none" and not adapter.multi_rank:
+        return f"adapter {adapter.name} does not run on several ranks (strategy {cell.strategy}) here"
     if cell.is_quantized and adapter.needs_dense_base:
         return f"adapter {adapter.name} reads the base weight itself: it cannot run on a {cell.base_dtype} base"
     shapes = projection_shapes(cfg)

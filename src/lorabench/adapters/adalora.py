@@ -57,6 +57,7 @@ STATE = ("lora_A", "lora_E", "lora_B")
 
 class AdaLoRA(LoRA):
     name = "adalora"
+    multi_rank = False  # its hooks read or rewrite whole tensors between steps
 
     def scaling(self, cell):
         return cell.lora_alpha / (cell.lora_rank + 1e-5)

@@ -31,6 +31,7 @@ STABLE_GAMMA = 16  # PEFT's LoraGAConfig.stable_gamma
 
 class LoRAGA(LoRA):
     name = "lora-ga"
+    multi_rank = False  # its hooks read or rewrite whole tensors between steps
     has_init_stage = True
     needs_dense_base = True  # the gradient of W0 and W0 ← W0 − s·B·A need a float W0
 

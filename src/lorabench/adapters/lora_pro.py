@@ -37,6 +37,7 @@ DELTA = 1e-8  # the authors' regularisation of BᵀB and AAᵀ before the pseudo
 
 class LoRAPro(LoRA):
     name = "lora-pro"
+    multi_rank = False  # its hooks read or rewrite whole tensors between steps
 
     def adjust_gradients(self, layers, grad_scale):
         import torch

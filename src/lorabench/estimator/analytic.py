@@ -68,6 +68,7 @@ from ..spec.config import Cell, ModelConfig, resolve_optimizer_impl
 from ..stacks.base import ITEM_BYTES as ISZ
 from ..stacks.transformer_layout import state_bytes
 from ..stacks import stack_for
+from .parallel import ddp_bucket_bytes, shard, sharded_groups
 from .replay import simulate
 
 PHASES = ("forward", "backward", "optimizer")
@@ -100,6 +101,8 @@ TERMS = {
     "scalars": "4-byte tensors of train_step (previous loss, running total, GradScaler's found_inf)",
     "graph_held": "what the previous loss's autograd graph still keeps (bitsandbytes int8: each projection's input) "
                   "until the next loss replaces it, and the last one through the optimizer step",
+    "ddp_buckets": "ddp: the Reducer's gradient buckets, one copy of the trainable gradients (estimator/parallel.py)",
+    "fsdp_gathered": "fsdp2: one block's parameters gathered whole while it runs (estimator/parallel.py)",
     "cublas_workspace": "CUDA: cuBLAS workspaces in the caching allocator",
     "allocator_rounding": "CUDA: 512-byte rounding of the persistent tensors",
 }
@@ -153,6 +156,21 @@ def optimizer_temporaries(optimizer, groups: list[list], impl: str) -> int:
     return max((optimizer.temporaries(g, impl) for g in groups if g), default=0)
 
 
+def rank_state(cfg: ModelConfig, cell: Cell, sb) -> tuple[int, int, int]:
+    """(parameter bytes, gradient bytes, gathered bytes) one rank holds (estimator/parallel.py):
+    the whole model's with strategy none or ddp; with fsdp2 the shards', and one block's
+    unsharded parameters while it runs."""
+    if cell.strategy != "fsdp2":
+        return sb.param_bytes, sb.grad_bytes, 0
+    from ..stacks.transformer_layout import block_params, model_params
+    n, L = cell.world_size, cfg.n_layers
+    outer, one = model_params(cfg, cell, blocks=range(0)), block_params(cfg, cell, 0)
+    sharded = lambda ps: [shard(p, n) for p in ps]  # noqa: E731
+    params = sum(p.nbytes for p in sharded(outer)) + L * sum(p.nbytes for p in sharded(one))
+    grads = sum(p.nbytes for p in sharded(outer) if p.trainable) + L * sum(p.nbytes for p in sharded(one) if p.trainable)
+    return params, grads, sum(p.nbytes for p in one)
+
+
 def is_hopper(gpu_name: str | None) -> bool:
     """Whether a GPU name is a Hopper part (cuBLAS takes a 32 MiB workspace there)."""
     return bool(gpu_name) and any(h in gpu_name for h in ("H100", "H200", "GH200"))
@@ -200,7 +218,9 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     buffers = 2 * model_cfg.max_seq_len * (model_cfg.head_dim // 2) * buf_isz if model_cfg.style == "llama" else 0
     n_batches = window_steps if n_batches is None else n_batches
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
-    trainable = [p for g in sb.groups for p in g]
+    groups = sharded_groups(sb.groups, cell)  # what this rank steps (fsdp2: its shards)
+    trainable = [p for g in groups for p in g]
+    param_bytes, grad_bytes, gathered = rank_state(model_cfg, cell, sb)
     state_dev = opt.resident_bytes(trainable, impl, device)  # on CUDA less the host (AdamW's `step`) and paged
     state_built = opt.resident_bytes(trainable, impl, device, stepped=False)  # held before the first step
     if opt.scaler_in_step(impl):  # GradScaler hands found_inf to the fused kernel: step() runs, state is made
@@ -210,7 +230,9 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     scaler = 8 if cell.uses_loss_scaler else 0  # GradScaler's _scale (fp32) and _growth_tracker (int32)
 
     res = simulate(model_cfg, cell, device)
-    const = {"params": sb.param_bytes, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
+    const = {"params": param_bytes, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
+    if cell.strategy == "ddp":  # the Reducer's buckets, from the wrap on
+        const["ddp_buckets"] = ddp_bucket_bytes(sb.grad_bytes)
     phases: dict[str, tuple[int, dict]] = {}
     held = res.graph_held_at(micro_b)  # the previous loss's graph: until the next loss replaces it
     for ph in ("forward", "backward"):
@@ -220,22 +242,24 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
             v2, cats2 = res.peak(1, ph, micro_b)
             later = SCALARS_LATER_MICROBATCH[ph]
             prev = held if ph == "forward" else 0
-            if v2 + sb.grad_bytes + later + prev > v:
-                cats = dict(cats2, grads=sb.grad_bytes, scalars=later)
+            if v2 + grad_bytes + later + prev > v:
+                cats = dict(cats2, grads=grad_bytes, scalars=later)
                 if prev:
                     cats["graph_held"] = prev
         terms = dict(const, optimizer_state=state_fb, **cats)
+        if gathered:
+            terms["fsdp_gathered"] = gathered
         if ph == "forward" and window_steps < 2:
             terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's backward
         phases[ph] = (sum(terms.values()), terms)
-    opt_tmp = optimizer_temporaries(opt, sb.groups, impl) if stepped else 0
-    terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=sb.grad_bytes,
+    opt_tmp = optimizer_temporaries(opt, groups, impl) if stepped else 0
+    terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=grad_bytes,
                  optimizer_temporaries=opt_tmp, graph_held=held,
                  scalars=8 + (OPT_SCALARS_FP16["fused" if opt.scaler_in_step(impl) else "other"]
                               if cell.uses_loss_scaler else 0))
     phases["optimizer"] = (sum(terms.values()), terms)
     if cell.uses_loss_scaler:  # GradScaler's unscale_ (fused: its inf check), before step(): state as in forward
-        unscale = dict(const, optimizer_state=state_fb, grads=sb.grad_bytes, scalars=8 + OPT_SCALARS_FP16_UNSCALE)
+        unscale = dict(const, optimizer_state=state_fb, grads=grad_bytes, scalars=8 + OPT_SCALARS_FP16_UNSCALE)
         if sum(unscale.values()) > phases["optimizer"][0]:
             phases["optimizer"] = (sum(unscale.values()), unscale)
 
@@ -253,8 +277,9 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     fl = flops_per_step(model_cfg, cell, batch_size)
     activations = sum(v for k, v in res.saved_at(micro_b).items() if k != "grads")
     return Estimate(
-        est_param_bytes=sb.param_bytes, est_grad_bytes=sb.grad_bytes,
-        est_optimizer_state_bytes=sb.optimizer_state_bytes, est_activation_bytes=int(activations),
+        est_param_bytes=param_bytes, est_grad_bytes=grad_bytes,
+        est_optimizer_state_bytes=opt.state_bytes(trainable) if cell.strategy == "fsdp2" else sb.optimizer_state_bytes,
+        est_activation_bytes=int(activations),
         est_peak_bytes=int(peak), est_peak_phase=peak_phase,
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,

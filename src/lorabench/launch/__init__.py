@@ -2,9 +2,9 @@
 
     rows = launch(jobs, on_start=..., on_row=...)
 
-Today one launcher, `ProcessLauncher` (a fresh forked process per cell, see
-process.py); a multi-rank launcher will be the second, chosen per job by
-`Launcher.accepts`.
+Two launchers, chosen per job by `Launcher.accepts`: `RanksLauncher` (ranks.py:
+world_size fresh processes in one process group, for strategy ddp and fsdp2) and
+`ProcessLauncher` (process.py: a fresh forked process per cell).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ __all__ = ["Launcher", "launch", "launcher_for"]
 
 def launchers() -> list[Launcher]:
     from .process import ProcessLauncher
-    return [ProcessLauncher()]
+    from .ranks import RanksLauncher
+    return [RanksLauncher(), ProcessLauncher()]
 
 
 def launcher_for(job: CellJob, available: Optional[list[Launcher]] = None) -> Launcher:

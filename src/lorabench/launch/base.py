@@ -54,6 +54,8 @@ def would_not_fit(job: CellJob) -> dict | None:
     row = encode(job)
     row.update(estimate_fields(row, job))
     peak = row.get("est_peak_bytes")
+    if peak is not None and job.device != "cuda":  # on CPU every rank's memory is the host's
+        peak *= job.cell.world_size
     if peak is None or peak <= capacity[0]:
         return None
     gib = 2**30

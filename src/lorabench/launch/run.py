@@ -57,6 +57,19 @@ def run_device(requested: str, source: str) -> str:
     return device
 
 
+def check_devices(cells: list[Cell], device: str, source: str) -> None:
+    """On CUDA each rank has a GPU of its own: a cell of more ranks than GPUs visible is one line
+    naming `source` (on CPU ranks are processes sharing the host)."""
+    if device != "cuda":
+        return
+    import torch
+    n = torch.cuda.device_count()
+    for cell in cells:
+        if cell.world_size > n:
+            raise ConfigError(source, "matrix.world_size", f"cell {cell.id} runs on {cell.world_size} ranks, one GPU "
+                              f"each, but {n} GPU{'s' if n != 1 else ''} {'are' if n != 1 else 'is'} visible")
+
+
 @dataclass
 class RunResult:
     """What a run left: every row of its file (earlier ones of a resumed file first)."""
@@ -73,6 +86,7 @@ def run_scenario(ls: LoadedScenario, cells: list[Cell], path: Path, device: str,
     comes, the CSV beside it at the end; KeyboardInterrupt (Ctrl-C, or SIGTERM turned into it
     by the caller) stops the run and keeps every finished row."""
     from . import launch
+    check_devices(cells, device, ls.source)
     with open_results(path, [ls.job(c, device) for c in cells], resume) as (writer, jobs):
         n_before = len(writer.rows)
 

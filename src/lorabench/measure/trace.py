@@ -47,11 +47,13 @@ import torch
 from ..adapters import quant
 from ..estimator.analytic import CUBLAS_HANDLES, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, Estimate, is_hopper
 from ..estimator.flops import flops_per_step
+from ..estimator.parallel import with_ddp_buckets
 from ..optimizers import get as get_optimizer, spec_of
 from ..spec.job import CellJob
 from ..spec.schema import ConfigError
 from ..stacks import stack_for
 from ..stacks.transformer import count_params
+from ..train.parallel import fake_process_group
 from ..train.tokens import MarkovTokens
 from .cuda_kernels import cuda_kernels
 from .trackers import MemoryTracker, state_bytes
@@ -110,13 +112,17 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
 
     job.device says what is predicted: cpu (exact) or cuda (module docstring).
     count_flops: also count the step's FLOPs with torch.utils.flop_counter (slower)."""
+    if job.cell.strategy == "ddp":  # one process's trace and DDP's buckets (estimator/parallel.py)
+        alone = dataclasses.replace(job, cell=dataclasses.replace(job.cell, strategy="none"))
+        est, info = trace(alone, gpu_name, count_flops)
+        return with_ddp_buckets(est, est.est_grad_bytes), info
     cuda = job.device == "cuda"
     t0 = time.perf_counter()
     fake = _counting_fake_mode(round_to=CUDA_BLOCK_BYTES if cuda else 1)
     try:
         get_optimizer(job.cell.optimizer).load()  # real module tensors, outside the fake mode (as in run)
         quant.preload(job.cell, "cpu")  # bitsandbytes' tables, real, as in run (its 8-bit map reads values)
-        with fake:
+        with fake_process_group(job.cell.world_size), fake:
             batches = _batches(job)
             fake.counting = True
             with MemoryTracker("cpu", storages=fake) as mem, \

@@ -28,6 +28,7 @@ from ..row.codec import encode, estimate_fields
 from ..stacks.transformer import count_params
 from ..adapters import quant
 from ..optimizers import get as get_optimizer
+from ..train.parallel import parallelize, rank_and_world
 from ..train.techniques import build_model, make_optimizer, make_scaler, prepare_adapters, train_step
 from ..train.tokens import MarkovTokens
 from .trackers import MemoryTracker, StepTimer, state_bytes
@@ -69,7 +70,7 @@ def run_cell(job: CellJob | dict) -> dict:
 def setup(job: CellJob, device: str, choices_for: str | None = None):
     """The cell's model, optimizer (the cell's, and the implementation that runs) and loss scaler,
     on `device`; the implementation is the one chosen for `choices_for` (default: `device`)."""
-    model = build_model(job.model, job.cell, device, job.seed)
+    model = parallelize(build_model(job.model, job.cell, device, job.seed), job.cell)
     opt, impl = make_optimizer(model, job.train, choices_for or device, job.cell)
     return model, opt, impl, make_scaler(job.cell.precision, device)
 
@@ -124,7 +125,8 @@ def measure(row: dict, job: CellJob) -> None:
     row["tf32"] = train.tf32 if cuda else None
     data = MarkovTokens(model_cfg.vocab_size, model_cfg.seq_len, seed)
     n_steps = train.warmup_steps + train.steps
-    batches_cpu = [data.batch(i, train.batch_size) for i in range(n_steps)]
+    rank, world = rank_and_world()  # each rank its own batches (train.batch_size sequences per rank)
+    batches_cpu = [data.batch(i * world + rank, train.batch_size) for i in range(n_steps)]
 
     t_setup = time.perf_counter()
     get_optimizer(cell.optimizer).load()  # its library imported outside the measured memory
@@ -153,7 +155,7 @@ def measure(row: dict, job: CellJob) -> None:
         timing = timer.summary()
 
     total, trainable = count_params(model)
-    tokens = train.batch_size * model_cfg.seq_len
+    tokens = train.batch_size * model_cfg.seq_len * world  # every rank its own batch_size sequences
     row.update(state_bytes(model, opt))
     row.update(get_optimizer(cell.optimizer).run_fields(opt))  # what ran (paged or not)
     row.update(
@@ -171,6 +173,8 @@ def measure(row: dict, job: CellJob) -> None:
     )
     # what the estimator predicted; then the probes, outside every measured window
     row.update(estimate_fields(row, job))
+    if world > 1:  # the probes read whole tensors (a sharded model's are DTensors): one-process cells only
+        return
     row.update(underflow_fields(model, batches[-1], cell, scaler, enabled=train.underflow_probe))
     # on a fresh model at init (train.alignment_probe turns it off)
     row.update(alignment_fields(job, batches, device, enabled=train.alignment_probe))

@@ -20,6 +20,7 @@ STEP_BYTES = 4  # torch's scalar dtype for `step`: float32
 
 class AdamW(Optimizer):
     name = "adamw"
+    steps_dtensors = True
     implementations = ("forloop", "foreach", "fused")
     description = "torch.optim.AdamW, weight decay 0"
 

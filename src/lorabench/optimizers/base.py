@@ -86,6 +86,8 @@ class Optimizer(ABC):
     """a module it needs beyond torch (bitsandbytes), installed by the extra `extra`"""
     extra: Optional[str] = None
     description: str = ""
+    steps_dtensors: bool = False
+    """it can step FSDP2's sharded parameters (DTensor shards: torch's own element-wise optimizers)"""
 
     # ------------------------------------------------------------------ what it is
     def missing(self) -> Optional[str]:

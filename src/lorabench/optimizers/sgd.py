@@ -17,6 +17,7 @@ MOMENTUM = 0.9
 
 class SGD(Optimizer):
     name = "sgd"
+    steps_dtensors = True
     implementations = ("forloop", "foreach", "fused")
     description = "torch.optim.SGD, momentum 0.9"
 

@@ -63,6 +63,14 @@ class Measured:
 
 
 @dataclass
+class RankFields:
+    """A cell of several ranks (strategy ddp, fsdp2: row/ranks.py); None in one-process cells."""
+    ranks: Optional[list] = None                      # each rank's peak, state bytes and step time
+    peak_allocated_bytes_min: Optional[int] = None    # the least rank's (peak_allocated_bytes: the largest)
+    step_time_ms_median_min: Optional[float] = None
+
+
+@dataclass
 class LoraInit:
     """The adapters at initialisation, before any step (claim C5); None in full fine-tuning."""
     lora_init_delta_abs_max: Optional[float] = None   # max |ΔW| over targets
@@ -125,7 +133,7 @@ ESTIMATE_ROW_FIELDS = [f for f in dataclasses.fields(Estimate) if f.metadata.get
 TECHNIQUE_KEYS = tuple(k for k in keys(Cell) if k != "id")   # the axes a cell varies on
 MODEL_KEYS = ("model", *row_fields(ModelConfig))              # `model` is the model's name
 TRAIN_KEYS = (*row_fields(TrainConfig), "micro_batch_size")
-MEASURED_KEYS = keys(Measured) + keys(LoraInit) + keys(LoraInference)
+MEASURED_KEYS = keys(Measured) + keys(RankFields) + keys(LoraInit) + keys(LoraInference)
 ESTIMATE_KEYS = tuple(f.name for f in ESTIMATE_ROW_FIELDS) + keys(EstimateFields)
 
 
@@ -176,7 +184,7 @@ def _is(value, tp) -> bool:
 def _row_types() -> dict:
     hints = typing.get_type_hints(Estimate)
     out = {"status": str, **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
-    for cls in (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, AlignmentFields,
+    for cls in (Cell, Environment, Measured, RankFields, LoraInit, LoraInference, UnderflowFields, AlignmentFields,
                 EstimateFields):
         for name, tp in typing.get_type_hints(cls).items():
             out["cell" if name == "id" else name] = tp

@@ -74,3 +74,26 @@ def adalora_budget(rank: int, adapter: Optional[str], budget: Optional[int]) -> 
         raise FieldError("adalora_target_rank", f"adalora prunes its initial rank lora_rank={rank} to this budget: "
                                                 f"must be an integer in [1, {rank}], got {budget!r}")
     return budget
+
+
+STRATEGIES = ("none", "ddp", "fsdp2")
+"""how a cell spreads over ranks: none (one process), ddp (every rank holds the whole model and
+all-reduces gradients: torch's composable DDP, `replicate`), fsdp2 (`fully_shard` per block and
+the root: parameters, gradients and optimizer state sharded 1/N)"""
+MAX_WORLD_SIZE = 1024
+
+
+def check_parallel(strategy, world_size, reshard_after_forward) -> tuple[int, Optional[bool]]:
+    """Validate a cell's strategy; returns its (world_size, reshard_after_forward): strategy none
+    runs one process (world_size 1); ddp and fsdp2 need at least 2 ranks; reshard_after_forward
+    is fsdp2's (True by default), None otherwise."""
+    if strategy not in STRATEGIES:
+        raise FieldError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}"[:160])
+    if strategy == "none":
+        return 1, None
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or not 2 <= world_size <= MAX_WORLD_SIZE:
+        raise FieldError("world_size", f"{strategy} runs over several ranks: must be an integer in "
+                                       f"[2, {MAX_WORLD_SIZE}], got {world_size!r}"[:160])
+    if strategy != "fsdp2":
+        return world_size, None
+    return world_size, True if reshard_after_forward is None else bool(reshard_after_forward)

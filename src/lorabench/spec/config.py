@@ -15,7 +15,7 @@ from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, r
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget,
-                         backend_problem, quant_problem)
+                         backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel)
 
 
 @dataclass
@@ -192,12 +192,26 @@ class MatrixSpec:
     attn_implementation: list[Optional[str]] = fld([None], "Hugging Face models: sdpa | eager, transformers' attention "
                                                    "path as an axis; default: the model's (model.attn_implementation)",
                                                    (nonempty,))
+    strategy: list[str] = fld(["none"], "none (one process) | ddp (whole model per rank, gradients all-reduced) | fsdp2 "
+                              "(parameters, gradients and optimizer state sharded over the ranks: fully_shard per "
+                              "block); ddp and fsdp2 run world_size ranks (gloo on CPU, NCCL on GPUs)", (nonempty,))
+    world_size: list[int] = fld([2], "ranks of a ddp or fsdp2 cell, one process each (on CUDA one GPU each); "
+                                "ignored with strategy none", (nonempty,))
+    reshard_after_forward: list[bool] = fld([True], "fsdp2: free each block's gathered parameters after its forward "
+                                            "(gathered again in backward); false keeps them to the backward",
+                                            (nonempty,))
 
 
 LOSSES = ("standard", "chunked")
+
+
+def strategy_problem(value) -> Optional[str]:
+    return None if value in STRATEGIES else f"must be one of {', '.join(STRATEGIES)}, got {value!r}"[:160]
+
 AXIS_CHECKS = {"loss_chunks": (gt(0),), "lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),),
                "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,), "base_dtype": (quant_problem,),
-               "adapter_backend": (backend_problem,), "attn_implementation": (attn_problem,)}
+               "adapter_backend": (backend_problem,), "attn_implementation": (attn_problem,),
+               "strategy": (strategy_problem,), "world_size": (ge(1),)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 
 
@@ -255,12 +269,20 @@ class Cell:
     fine-tuning"""
     attn_implementation: Optional[str] = None
     """a Hugging Face model's attention path (sdpa | eager); None: the model's own"""
+    strategy: str = "none"
+    """none | ddp | fsdp2 (cell_rules.STRATEGIES)"""
+    world_size: int = 1
+    """ranks (processes) the cell runs on: 1 with strategy none, at least 2 otherwise"""
+    reshard_after_forward: Optional[bool] = None
+    """fsdp2: each block's gathered parameters freed after its forward (True by default); None otherwise"""
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once
         if self.precision not in PRECISIONS:
             raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         put("double_quant", check_base(self.base_dtype, self.lora_rank, self.double_quant))
+        ws, reshard = check_parallel(self.strategy, self.world_size, self.reshard_after_forward)
+        put("world_size", ws), put("reshard_after_forward", reshard)
         if unknown_optimizer(self.optimizer):
             raise FieldError("optimizer", unknown_optimizer(self.optimizer))
         int_at_least("lora_rank", self.lora_rank, 0)
@@ -339,15 +361,8 @@ class Cell:
         return batch_size // self.accumulation
 
     def matmul_dtype(self, tf32: Optional[bool] = False) -> str:
-        """The dtype whose peak bounds the cell's matmuls (MFU): autocast's half dtype; in an
-        fp32 adapter cell on a 16-bit base the frozen matmuls run in base_dtype; else fp32/tf32."""
-        if self.autocast_dtype:
-            return self.autocast_dtype
-        if self.param_dtype != "fp32":
-            return self.param_dtype
-        if self.base_float_dtype != "fp32":
-            return self.base_float_dtype
-        return "tf32" if tf32 else "fp32"
+        """The dtype whose peak bounds the cell's matmuls (MFU): matmul_dtype_of."""
+        return matmul_dtype_of(self, tf32)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -361,6 +376,18 @@ class Cell:
         rows written before the `adapter` axis existed are LoRA)."""
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name != "id" and d.get(f.name) is not None}
         return cls(**kw, id=d.get("cell", d.get("id", "")) or "")
+
+
+def matmul_dtype_of(cell: Cell, tf32: Optional[bool] = False) -> str:
+    """autocast's half dtype; in a pure 16-bit cell its dtype; in an fp32 adapter cell on a
+    16-bit base the frozen matmuls run in base_dtype; else fp32 (tf32 when allowed)."""
+    if cell.autocast_dtype:
+        return cell.autocast_dtype
+    if cell.param_dtype != "fp32":
+        return cell.param_dtype
+    if cell.base_float_dtype != "fp32":
+        return cell.base_float_dtype
+    return "tf32" if tf32 else "fp32"
 
 
 def allowed_targets(style: str) -> list[str]:

@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
+from ..optimizers import get as get_optimizer
+from .config import AXES, AXIS_CHECKS, LORA_TARGETS, MAX_WORLD_SIZE, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
 from .hf_config import hf_model_fields
 from .job import CellJob
 from .presets import preset_data
@@ -115,6 +116,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
             if r:
                 raise ConfigError(source, f"matrix.lora_rank[{i}]", "a Hugging Face gpt2 has fused Conv1D "
                                   "projections, which take no per-projection adapter: use lora_rank 0")
+    parallel_checks(matrix, source)
     for i, acc in enumerate(matrix.accumulation):
         if train.batch_size % acc:
             raise ConfigError(source, f"matrix.accumulation[{i}]", f"must divide train.batch_size={train.batch_size}, got {acc}")
@@ -128,6 +130,27 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
                 raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
                                   "(write one exclude entry per value)")
     return LoadedScenario(sc, model, train, matrix, source)
+
+
+def parallel_checks(m: MatrixSpec, source: str) -> None:
+    """ddp and fsdp2 need world_size >= 2 (matrix.world_size[i]); their ranks step the optimizer
+    on their own tensors (fsdp2: DTensor shards), which not every optimizer can; a quantized base
+    is not sharded here (matrix.base_dtype[i])."""
+    multi = [s for s in m.strategy if s != "none"]
+    if not multi:
+        return
+    for i, n in enumerate(m.world_size):
+        if n < 2 or n > MAX_WORLD_SIZE:
+            raise ConfigError(source, f"matrix.world_size[{i}]", f"{multi[0]} runs over several ranks: must be in "
+                              f"[2, {MAX_WORLD_SIZE}], got {n} (strategy none is the one-process run)")
+    for i, name in enumerate(m.optimizer):
+        if "fsdp2" in multi and not get_optimizer(name).steps_dtensors:
+            raise ConfigError(source, f"matrix.optimizer[{i}]", f"{name} cannot step FSDP2's sharded parameters "
+                              "(DTensor) here: use adamw or sgd with strategy fsdp2")
+    for i, b in enumerate(m.base_dtype):
+        if b in QUANT_DTYPES and any(m.lora_rank):
+            raise ConfigError(source, f"matrix.base_dtype[{i}]", f"a {b} base is not run on several ranks here "
+                              f"(strategy {multi[0]}): use a float base_dtype, or strategy none")
 
 
 def quantized_axes(model: ModelConfig, axes: dict, source: str) -> dict:
@@ -250,6 +273,8 @@ def cell_id(cell: Cell, varying: set) -> str:
         parts.append(f"acc{cell.accumulation}")
     if cell.loss == "chunked":
         parts.append(f"chunked{cell.loss_chunks}" if "loss_chunks" in varying else "chunked")
+    if cell.strategy != "none":  # e.g. bf16-full-ckpt-fsdp2-w4, fp32-r8-ddp-w2
+        parts += [cell.strategy, f"w{cell.world_size}"] + (["noreshard"] if cell.reshard_after_forward is False else [])
     return "-".join(parts)
 
 

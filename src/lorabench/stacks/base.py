@@ -76,6 +76,15 @@ class Stack(ABC):
         from contextlib import nullcontext
         return nullcontext()
 
+    @abstractmethod
+    def blocks(self, model) -> list:
+        """The model's repeated blocks (torch modules), in order: FSDP2 shards each one on its own."""
+
+    def sharded_methods(self) -> tuple[str, ...]:
+        """Methods of the root module besides forward that training calls (the chunked loss's
+        `hidden`): FSDP2 gathers the root's parameters around them too."""
+        return ()
+
     def block_of(self, param_name: str) -> str:
         """The block a parameter belongs to, e.g. `blocks.3.attn.q.weight` -> `blocks.3`."""
         return numbered_block(param_name)

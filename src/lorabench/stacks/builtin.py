@@ -28,6 +28,12 @@ class BuiltinStack(Stack):
     def logits(self, model, x):
         return model(x)
 
+    def blocks(self, model):
+        return list(model.blocks)
+
+    def sharded_methods(self):
+        return ("hidden",)
+
     def hidden(self, model, x):
         return model.hidden(x)
 

@@ -106,6 +106,11 @@ class HFStack(Stack):
         cap = getattr(model.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
+    def blocks(self, model):
+        """The decoder layers: `model.layers` (Llama-style), `transformer.h` (gpt2)."""
+        base = model.base_model
+        return list(base.layers if hasattr(base, "layers") else base.h)
+
     def block_of(self, param_name: str) -> str:
         """`model.layers.3.self_attn.q_proj.weight` -> `model.layers.3` (gpt2: `transformer.h.3`)."""
         parts = param_name.split(".")

@@ -14,7 +14,7 @@ import os
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from ...adapters.quant import quant_state_bytes
@@ -78,9 +78,8 @@ class StorageCounter:
         self._add(nbytes)
 
     def track(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":
-            return
-        self.track_storage(t.untyped_storage())
+        for st in storages_of(t):
+            self.track_storage(st)
 
     def track_storage(self, st) -> None:
         key = st._cdata
@@ -111,9 +110,10 @@ class StorageCounter:
         """The timeline serials of these tensors' storages as they are now (untracked ones skipped)."""
         out = []
         for t in tensors:
-            entry = self._live.get(t.untyped_storage()._cdata) if t.device.type != "meta" else None
-            if entry is not None:
-                out.append(entry[1])
+            for st in storages_of(t):
+                entry = self._live.get(st._cdata)
+                if entry is not None:
+                    out.append(entry[1])
         return out
 
     def __enter__(self):
@@ -147,6 +147,17 @@ class StorageCounter:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.track(t)
+
+
+def storages_of(t: torch.Tensor) -> list:
+    """The storages that hold `t`'s data: its own, or those of the tensors inside a wrapper
+    subclass (FSDP2's DTensor: its local shard; the wrapper's own storage has the global size
+    and no data); none for a meta tensor."""
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        inner = [getattr(t, a) for a in attrs]
+        return [st for x in inner if isinstance(x, torch.Tensor) for st in storages_of(x)]
+    return [] if t.device.type == "meta" else [t.untyped_storage()]
 
 
 class _LiveStorages(StorageCounter, TorchDispatchMode):
@@ -302,12 +313,17 @@ def nvml_process_bytes() -> int | None:
 
 
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of parameters, gradients and optimizer state, read from the tensors themselves.
-    A state tensor that several parameters' states share (bitsandbytes' quantisation maps)
-    is counted once; non-tensor state (bitsandbytes' int `step`) holds no tensor memory."""
-    params = list(model.parameters())
+    """Bytes of parameters, gradients and optimizer state this process holds, read from the
+    tensors themselves: of a sharded (FSDP2) tensor its local shard (DTensor.to_local()), not
+    the global numel. A state tensor that several parameters' states share (bitsandbytes'
+    quantisation maps) is counted once; non-tensor state (bitsandbytes' int `step`) holds no
+    tensor memory."""
+    from ...train.parallel import local
+    params = [local(p) for p in model.parameters()]
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
     param_bytes = sum(p.numel() * p.element_size() for p in params) + quant_state_bytes(model)
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    state = {v.untyped_storage()._cdata: v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)}
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+    state = {v.untyped_storage()._cdata: v for s in opt.state.values() for v in map(local, s.values())
+             if torch.is_tensor(v)}
     opt_bytes = sum(v.numel() * v.element_size() for v in state.values())
     return {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_state_bytes": opt_bytes}

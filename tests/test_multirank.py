@@ -1,0 +1,150 @@
+"""Cells over several ranks (strategy ddp, fsdp2): the spec's rules, the per-rank state and
+tracker, the merged row, the estimator's terms, and scenarios/multirank.yaml run for real."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorabench.estimator.parallel import shard
+from lorabench.launch.run import check_devices
+from lorabench.measure.trackers.memory import StorageCounter, storages_of
+from lorabench.row.ranks import merge_rank_rows
+from lorabench.spec.config import Cell
+from lorabench.spec.schema import ConfigError, FieldError
+from lorabench.spec.scenario import cell_id
+from lorabench.stacks.base import ParamSpec
+from lorabench.train.parallel import fake_process_group, local
+from test_reliability import GOOD, assert_one_line_error, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_cell_normalises_its_strategy_once():
+    assert Cell(precision="fp32", strategy="none", world_size=8).world_size == 1
+    fsdp = Cell(precision="fp32", strategy="fsdp2", world_size=4)
+    assert (fsdp.world_size, fsdp.reshard_after_forward) == (4, True)
+    assert Cell(precision="fp32", strategy="ddp", world_size=2, reshard_after_forward=False).reshard_after_forward is None
+    assert cell_id(Cell(precision="bf16", strategy="fsdp2", world_size=4, reshard_after_forward=False,
+                        checkpointing=True), set()) == "bf16-full-ckpt-fsdp2-w4-noreshard"
+    for kw, key in (({"strategy": "fsdp2", "world_size": 1}, "world_size"), ({"strategy": "zero3"}, "strategy"),
+                    ({"strategy": "ddp", "world_size": True}, "world_size")):
+        with pytest.raises(FieldError) as e:
+            Cell(precision="fp32", **kw)
+        assert e.value.key == key
+
+
+@pytest.mark.parametrize("matrix, needles", [
+    ("  strategy: fsdp2\n  world_size: 1\n", ["matrix.world_size[0]", "[2, 1024]"]),
+    ("  strategy: [none, zero3]\n", ["matrix.strategy[1]", "zero3"]),
+    ("  strategy: fsdp2\n  adapter: lora-ga\n", ["matrix.adapter[0]", "lora-ga", "several ranks"]),
+    ("  strategy: fsdp2\n  optimizer: adafactor\n", ["matrix.optimizer[0]", "adafactor", "DTensor"]),
+])
+def test_bad_parallel_input_is_one_line(matrix, needles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(GOOD + matrix)
+    assert_one_line_error(cli("run", "s.yaml", "--list"), "s.yaml", *needles)
+
+
+def test_a_quantized_base_is_not_run_on_several_ranks(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(GOOD.replace("lora_rank: [0, 4]", "lora_rank: 4") + "  base_dtype: nf4\n"
+                                     "  strategy: ddp\n")
+    assert_one_line_error(cli("run", "s.yaml", "--list"), "s.yaml", "matrix.base_dtype[0]", "nf4")
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cells = [Cell(precision="bf16", strategy="fsdp2", world_size=8, id="bf16-full-fsdp2-w8")]
+    with pytest.raises(ConfigError) as e:
+        check_devices(cells, "cuda", "s.yaml")
+    assert "matrix.world_size" in str(e.value) and "8 ranks" in str(e.value) and "2 GPUs" in str(e.value)
+    check_devices(cells, "cpu", "s.yaml")  # on CPU ranks are processes
+
+
+def test_shard_keeps_ceil_rows_of_dim0():
+    p = ParamSpec("w", 0, 10 * 3, "fp32", True, (10, 3))
+    assert (shard(p, 4).numel, shard(p, 4).shape, shard(p, 4).nbytes) == (9, (3, 3), 36)
+    assert shard(p, 2).numel == 15 and shard(ParamSpec("b", 0, 7, "bf16", True, (7,)), 2).nbytes == 8
+
+
+def test_the_tracker_counts_a_dtensor_by_its_local_shard():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    with fake_process_group(4):
+        mesh = init_device_mesh("cpu", (4,))
+        d = distribute_tensor(torch.zeros(8, 16), mesh, [Shard(0)])
+        counter = StorageCounter()
+        counter.track(d)
+        assert counter.current_bytes == 2 * 16 * 4 == local(d).numel() * 4
+        assert [s.nbytes() for s in storages_of(d)] == [2 * 16 * 4]
+
+
+def test_rank_rows_merge_to_the_largest_and_keep_each():
+    a = {"rank": 0, "status": "ok", "peak_allocated_bytes": 100, "step_time_ms_median": 2.0, "tokens_per_s": 50.0,
+         "param_bytes": 10}
+    b = {"rank": 1, "status": "ok", "peak_allocated_bytes": 120, "step_time_ms_median": 1.5, "tokens_per_s": 60.0,
+         "param_bytes": 10}
+    row = merge_rank_rows([a, b])
+    assert (row["peak_allocated_bytes"], row["peak_allocated_bytes_min"]) == (120, 100)
+    assert (row["step_time_ms_median"], row["step_time_ms_median_min"], row["tokens_per_s"]) == (2.0, 1.5, 50.0)
+    assert [r["peak_allocated_bytes"] for r in row["ranks"]] == [100, 120] and "rank" not in row
+    failed = merge_rank_rows([a, dict(b, status="oom", error="OutOfMemoryError: x")])
+    assert failed["status"] == "oom" and failed["error"].startswith("OutOfMemoryError")
+
+
+def run_scenario(tmp_path: Path, text: str) -> list[dict]:
+    (tmp_path / "s.yaml").write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, "-m", "lorabench", "run", "s.yaml", "--out", "r.jsonl"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_multirank_scenario_state_is_one_nth_and_the_estimates_hold(tmp_path):
+    """scenarios/multirank.yaml on 2 CPU ranks: every cell ok; fsdp2's parameters, gradients and
+    AdamW moments are exactly half of the one-process cell's (the 0-d `step` tensors are not
+    sharded); ddp adds exactly one copy of the gradients (its buckets) to the peak; the trace
+    is within 5 % of every multi-rank cell's largest rank, the analytic estimate exact for ddp."""
+    from lorabench.measure.trace import trace
+    from lorabench.row.codec import decode_job
+    from lorabench.stacks.transformer_layout import state_bytes as layout_state_bytes
+    rows = {r["cell"]: r for r in run_scenario(tmp_path, (ROOT / "scenarios/multirank.yaml").read_text())}
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows.values()), \
+        [(r["cell"], r["error"]) for r in rows.values() if r["status"] != "ok"]
+    for cell, r in rows.items():
+        if r["strategy"] == "none":
+            continue
+        alone = rows[cell.replace(f"-{r['strategy']}-w2", "")]
+        assert r["world_size"] == 2 and len(r["ranks"]) == 2
+        if r["strategy"] == "fsdp2":
+            job = decode_job(r)
+            steps = 4 * layout_state_bytes(job.model, job.cell).trainable_tensors  # AdamW's 0-d `step`s
+            assert 2 * r["param_bytes"] == alone["param_bytes"] and 2 * r["grad_bytes"] == alone["grad_bytes"]
+            assert 2 * (r["optimizer_state_bytes"] - steps) == alone["optimizer_state_bytes"] - steps
+        else:
+            assert r["peak_allocated_bytes"] - alone["peak_allocated_bytes"] == alone["grad_bytes"]
+            assert r["est_peak_bytes"] == r["peak_allocated_bytes"]
+        for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
+            assert r[f"est_{k}"] == r[k], (cell, k)
+        est, _ = trace(decode_job(r))
+        assert abs(est.est_peak_bytes - r["peak_allocated_bytes"]) <= 0.05 * r["peak_allocated_bytes"], cell
+
+
+@pytest.mark.slow
+def test_a_rank_past_its_timeout_is_one_row_and_the_matrix_goes_on(tmp_path):
+    text = GOOD.replace("underflow_probe: false", "underflow_probe: false, timeout_s: 0.5").replace(
+        "steps: 2,", "steps: 100000,").replace(
+        "lora_rank: [0, 4]", "lora_rank: 0").replace("precision: [fp32, bf16]", "precision: fp32") \
+        + "  strategy: [fsdp2, none]\n"
+    rows = run_scenario(tmp_path, text)
+    assert [r["cell"] for r in rows] == ["fp32-full-fsdp2-w2", "fp32-full"]
+    assert rows[0]["status"] == "timeout" and "rank" in rows[0]["error"] and rows[1]["status"] == "timeout"
