@@ -45,11 +45,11 @@ def check(ls) -> None:
     initial rank, reported at matrix.adalora_target_rank[i]."""
     from ..spec.schema import FieldError
     m = ls.matrix
+    multi = [s for s in m.strategy if s != "none"]
     for i, name in enumerate(m.adapter):
         get(name, ls.source, f"matrix.adapter[{i}]")
         if "peft" in m.adapter_backend and peft_problem(name) and any(m.lora_rank):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", peft_problem(name))
-        multi = [s for s in m.strategy if s != "none"]
         if multi and not get(name).multi_rank and any(m.lora_rank):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name}'s hooks read or rewrite whole "
                               f"tensors between steps: it does not run on several ranks (strategy {multi[0]}) here")

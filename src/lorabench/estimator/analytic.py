@@ -68,7 +68,7 @@ from ..spec.config import Cell, ModelConfig, resolve_optimizer_impl
 from ..stacks.base import ITEM_BYTES as ISZ
 from ..stacks.transformer_layout import state_bytes
 from ..stacks import stack_for
-from .parallel import ddp_bucket_bytes, shard, sharded_groups
+from .parallel import ddp_bucket_bytes, rank_state, sharded_groups
 from .replay import simulate
 
 PHASES = ("forward", "backward", "optimizer")
@@ -154,21 +154,6 @@ def optimizer_temporaries(optimizer, groups: list[list], impl: str) -> int:
     largest of its parameter groups' (step() calls one update per group, whose temporaries
     die with it). groups: the trainable tensors per group in the order step() visits them."""
     return max((optimizer.temporaries(g, impl) for g in groups if g), default=0)
-
-
-def rank_state(cfg: ModelConfig, cell: Cell, sb) -> tuple[int, int, int]:
-    """(parameter bytes, gradient bytes, gathered bytes) one rank holds (estimator/parallel.py):
-    the whole model's with strategy none or ddp; with fsdp2 the shards', and one block's
-    unsharded parameters while it runs."""
-    if cell.strategy != "fsdp2":
-        return sb.param_bytes, sb.grad_bytes, 0
-    from ..stacks.transformer_layout import block_params, model_params
-    n, L = cell.world_size, cfg.n_layers
-    outer, one = model_params(cfg, cell, blocks=range(0)), block_params(cfg, cell, 0)
-    sharded = lambda ps: [shard(p, n) for p in ps]  # noqa: E731
-    params = sum(p.nbytes for p in sharded(outer)) + L * sum(p.nbytes for p in sharded(one))
-    grads = sum(p.nbytes for p in sharded(outer) if p.trainable) + L * sum(p.nbytes for p in sharded(one) if p.trainable)
-    return params, grads, sum(p.nbytes for p in one)
 
 
 def is_hopper(gpu_name: str | None) -> bool:
@@ -278,8 +263,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     activations = sum(v for k, v in res.saved_at(micro_b).items() if k != "grads")
     return Estimate(
         est_param_bytes=param_bytes, est_grad_bytes=grad_bytes,
-        est_optimizer_state_bytes=opt.state_bytes(trainable) if cell.strategy == "fsdp2" else sb.optimizer_state_bytes,
-        est_activation_bytes=int(activations),
+        est_optimizer_state_bytes=opt.state_bytes(trainable), est_activation_bytes=int(activations),
         est_peak_bytes=int(peak), est_peak_phase=peak_phase,
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,

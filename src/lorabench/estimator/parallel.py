@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..spec.config import Cell
+from ..spec.config import Cell, ModelConfig
 from ..stacks.base import ParamSpec
+from ..stacks.transformer_layout import block_params, model_params
 
 
 def shard(p: ParamSpec, world_size: int) -> ParamSpec:
@@ -32,6 +33,21 @@ def shard(p: ParamSpec, world_size: int) -> ParamSpec:
     rows = -(-d0 // world_size)
     numel = rows * (p.numel // d0) if d0 else 0
     return dataclasses.replace(p, numel=numel, shape=(rows, *p.shape[1:]) if p.shape else None, storages=None)
+
+
+def rank_state(cfg: ModelConfig, cell: Cell, sb) -> tuple[int, int, int]:
+    """(parameter bytes, gradient bytes, gathered bytes) one rank holds, from the one-process
+    StateBytes `sb` (stacks/transformer_layout.state_bytes): the whole model's with strategy none
+    or ddp; with fsdp2 the shards', and one block's unsharded parameters while it runs."""
+    if cell.strategy != "fsdp2":
+        return sb.param_bytes, sb.grad_bytes, 0
+    n, L = cell.world_size, cfg.n_layers
+    one = block_params(cfg, cell, 0)
+    outer = [shard(p, n) for p in model_params(cfg, cell, blocks=range(0))]
+    block = [shard(p, n) for p in one]
+    params = sum(p.nbytes for p in outer) + L * sum(p.nbytes for p in block)
+    grads = sum(p.nbytes for p in outer if p.trainable) + L * sum(p.nbytes for p in block if p.trainable)
+    return params, grads, sum(p.nbytes for p in one)
 
 
 def ddp_bucket_bytes(grad_bytes: int) -> int:

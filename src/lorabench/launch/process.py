@@ -50,14 +50,21 @@ def watch_parent(lifeline) -> None:
     threading.Thread(target=wait, name="lorabench-lifeline", daemon=True).start()
 
 
-def _child(job: dict, plugins: list[str], conn, lifeline) -> None:
+def enter_cell_process(lifeline, plugins: list[str]) -> None:
+    """The start of every process a launcher forks for a cell (or a rank of one): exit with the
+    launcher, leave Ctrl-C to it, die on SIGTERM, and register the adapters of `plugins`
+    (registered outside lorabench) here too."""
     watch_parent(lifeline)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for module in plugins:
+        importlib.import_module(module)
+
+
+def _child(job: dict, plugins: list[str], conn, lifeline) -> None:
+    enter_cell_process(lifeline, plugins)
     from .preload import restore_threads
     restore_threads()
-    for module in plugins:  # adapters registered outside lorabench register here too
-        importlib.import_module(module)
     conn.send(run_cell(CellJob.from_dict(job)))
     conn.close()
 

@@ -13,9 +13,7 @@ to report, then every rank still alive is killed, so no process outlives its cel
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import signal
 import socket
 import time
 from datetime import timedelta
@@ -27,7 +25,7 @@ from ..row.codec import estimate_fields
 from ..row.ranks import merge_rank_rows
 from ..spec.job import CellJob
 from .base import Launcher
-from .process import context, failed_row, watch_parent
+from .process import context, enter_cell_process, failed_row
 
 GRACE_S = 10.0  # after one rank failed or died, how long the others may take to report
 
@@ -40,14 +38,10 @@ def free_port() -> int:
 
 
 def _rank_child(job: dict, plugins: list[str], rank: int, port: int, threads: int, conn, lifeline) -> None:
-    watch_parent(lifeline)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    enter_cell_process(lifeline, plugins)
     import torch
     import torch.distributed as dist
     torch.set_num_threads(threads)
-    for module in plugins:
-        importlib.import_module(module)
     world = job["cell"]["world_size"]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -81,7 +75,7 @@ def run_ranks(job: CellJob, timeout_s: float) -> dict:
     world = job.cell.world_size
     job = dataclasses.replace(job, spawned_at=time.time())
     port, threads = free_port(), max(1, THREADS // world)
-    procs, conns, lifelines = [], {}, []
+    procs, recvs, lifelines = [], [], []
     for rank in range(world):
         recv, send = ctx.Pipe(duplex=False)
         life_r, life_w = ctx.Pipe(duplex=False)
@@ -91,7 +85,7 @@ def run_ranks(job: CellJob, timeout_s: float) -> dict:
         send.close()
         life_r.close()
         procs.append(p)
-        conns[recv] = rank
+        recvs.append(recv)
         lifelines.append(life_w)
     rows: dict[int, dict] = {}
     died: dict[int, int] = {}
@@ -102,11 +96,10 @@ def run_ranks(job: CellJob, timeout_s: float) -> dict:
             until = deadline if grace is None else min(deadline, grace)
             if now >= until:
                 break
-            waiting = [c for c, r in conns.items() if r not in rows and r not in died]
-            sentinels = {procs[r].sentinel: r for r in range(world) if r not in rows and r not in died}
-            for ready in wait(waiting + list(sentinels), timeout=until - now):
-                rank = conns.get(ready, sentinels.get(ready))
-                conn = next(c for c, r in conns.items() if r == rank)
+            pending = [r for r in range(world) if r not in rows and r not in died]
+            of = {**{recvs[r]: r for r in pending}, **{procs[r].sentinel: r for r in pending}}
+            for ready in wait(list(of), timeout=until - now):
+                rank, conn = of[ready], recvs[of[ready]]
                 if rank in rows or rank in died:
                     continue
                 closed = False
@@ -115,7 +108,7 @@ def run_ranks(job: CellJob, timeout_s: float) -> dict:
                         rows[rank] = conn.recv()
                 except (EOFError, OSError):
                     closed = True  # the rank exited without a row
-                if rank not in rows and (closed or ready in sentinels):
+                if rank not in rows and (closed or ready is procs[rank].sentinel):
                     procs[rank].join(timeout=1)
                     died[rank] = procs[rank].exitcode
                 failed = rank in died or rows.get(rank, {}).get("status", "ok") != "ok"
@@ -127,7 +120,7 @@ def run_ranks(job: CellJob, timeout_s: float) -> dict:
                 p.kill()
         for p in procs:
             p.join()
-        for c in list(conns) + lifelines:
+        for c in recvs + lifelines:
             c.close()
     return _cell_row(job, rows, died, timeout_s)
 

@@ -19,12 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from ..optimizers import get as get_optimizer
-from .config import AXES, AXIS_CHECKS, LORA_TARGETS, MAX_WORLD_SIZE, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig, allowed_targets
+from ..optimizers import get as get_optimizer, names as optimizer_names
+from .config import (AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
+                     allowed_targets, check_parallel)
 from .hf_config import hf_model_fields
 from .job import CellJob
 from .presets import preset_data
-from .schema import ConfigError, build, fld, ge, read_yaml, run_checks, short
+from .schema import ConfigError, FieldError, build, fld, ge, read_yaml, run_checks, short
 
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
@@ -140,13 +141,15 @@ def parallel_checks(m: MatrixSpec, source: str) -> None:
     if not multi:
         return
     for i, n in enumerate(m.world_size):
-        if n < 2 or n > MAX_WORLD_SIZE:
-            raise ConfigError(source, f"matrix.world_size[{i}]", f"{multi[0]} runs over several ranks: must be in "
-                              f"[2, {MAX_WORLD_SIZE}], got {n} (strategy none is the one-process run)")
+        try:
+            check_parallel(multi[0], n, None)
+        except FieldError as e:
+            raise ConfigError(source, f"matrix.{e.key}[{i}]", f"{e.message} (strategy none is the one-process run)") from None
     for i, name in enumerate(m.optimizer):
         if "fsdp2" in multi and not get_optimizer(name).steps_dtensors:
+            able = ", ".join(n for n in optimizer_names() if get_optimizer(n).steps_dtensors)
             raise ConfigError(source, f"matrix.optimizer[{i}]", f"{name} cannot step FSDP2's sharded parameters "
-                              "(DTensor) here: use adamw or sgd with strategy fsdp2")
+                              f"(DTensor) here: use {able} with strategy fsdp2")
     for i, b in enumerate(m.base_dtype):
         if b in QUANT_DTYPES and any(m.lora_rank):
             raise ConfigError(source, f"matrix.base_dtype[{i}]", f"a {b} base is not run on several ranks here "

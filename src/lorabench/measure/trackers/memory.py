@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 
 from ...adapters.quant import quant_state_bytes
+from ...train.parallel import local
 
 
 class StorageCounter:
@@ -318,7 +319,6 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
     the global numel. A state tensor that several parameters' states share (bitsandbytes'
     quantisation maps) is counted once; non-tensor state (bitsandbytes' int `step`) holds no
     tensor memory."""
-    from ...train.parallel import local
     params = [local(p) for p in model.parameters()]
     grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
     param_bytes = sum(p.numel() * p.element_size() for p in params) + quant_state_bytes(model)
