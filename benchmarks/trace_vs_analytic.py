@@ -90,13 +90,15 @@ class Config:
     acc: int
     device: str         # cpu: what `run` measures on a CPU (the trace is exact) | cuda: a CUDA prediction
     gpu: str | None = None
+    strategy: str = "none"  # none | fsdp2 (traced on torch's fake process group: one process for any N)
+    world: int = 1          # ranks of an fsdp2 configuration (the estimate is one rank's)
 
     @property
     def cell(self):
         from lorabench.spec.config import Cell
         from lorabench.spec.scenario import cell_id
         c = Cell(precision=self.precision, lora_rank=self.rank, lora_targets=self.targets, checkpointing=self.ckpt,
-                 accumulation=self.acc, base_dtype=self.base)
+                 accumulation=self.acc, base_dtype=self.base, strategy=self.strategy, world_size=self.world)
         cid = cell_id(c, {"lora_targets"}).replace("-t" + "".join(ALL_LINEAR), "-all").replace("-tqv", "-qv")
         return dataclasses.replace(c, id=cid)
 
@@ -115,9 +117,10 @@ class Config:
         return CellJob(scenario="trace-vs-analytic", model=model, train=train, cell=self.cell, device=self.device)
 
 
-def C(model, seq, batch, precision, base, rank, targets, ckpt, acc, device, gpu=None) -> Config:
+def C(model, seq, batch, precision, base, rank, targets, ckpt, acc, device, gpu=None, strategy="none",
+      world=1) -> Config:
     return Config(model, seq, batch, precision, base, rank, targets, ckpt, acc, device,
-                  gpu if gpu or device == "cpu" else A100)
+                  gpu if gpu or device == "cpu" else A100, strategy, world)
 
 
 L2_7, L3_8, M_7, Q_7 = "llama-2-7b", "llama-3-8b", "mistral-7b", "qwen2.5-7b"
@@ -173,6 +176,18 @@ CONFIGS = [
     C(L2_70, 4096, 1, "bf16", "bf16", 64, ALL_LINEAR, True, 1, "cuda", H100),
     C(L2_70, 2048, 2, "fp16", "fp16", 64, QV, True, 1, "cuda"),
     C(L2_70, 1024, 8, "bf16", "bf16", 8, QV, False, 1, "cuda"),
+]
+# One rank of FSDP2 at 70B, N = 8 and 64 (`--fsdp2`, or `--only` with their ids): full fine-tuning in pure bf16 with and
+# without checkpointing, and LoRA; FSDP2's own code runs on the fake process group, the analytic side
+# replays its buffers (sim/fsdp.py). CUDA predictions for an H100, and one CPU configuration (what a CPU
+# rank would measure).
+FSDP2 = [
+    C(L2_70, 4096, 1, "bf16-pure", "bf16", 0, QV, True, 1, "cuda", H100, "fsdp2", 8),
+    C(L2_70, 4096, 1, "bf16-pure", "bf16", 0, QV, False, 1, "cuda", H100, "fsdp2", 8),
+    C(L2_70, 4096, 1, "bf16-pure", "bf16", 0, QV, True, 1, "cuda", H100, "fsdp2", 64),
+    C(L2_70, 4096, 1, "bf16-pure", "bf16", 0, QV, False, 1, "cuda", H100, "fsdp2", 64),
+    C(L2_70, 2048, 2, "bf16", "bf16", 16, QV, True, 1, "cuda", H100, "fsdp2", 8),
+    C(L2_70, 2048, 1, "bf16-pure", "bf16", 0, QV, True, 1, "cpu", None, "fsdp2", 64),
 ]
 QUICK = [
     C(L2_7, 512, 1, "bf16", "bf16", 8, QV, False, 1, "cpu"),
@@ -462,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"{len(QUICK)} configurations (a smoke test), writes "
                     "nothing unless --out")
+    ap.add_argument("--fsdp2", action="store_true", help=f"the {len(FSDP2)} FSDP2 configurations (one rank of N = 8 "
+                    "and 64 at 70B, traced on the fake process group) instead; writes nothing unless --out")
     ap.add_argument("--only", help="comma-separated globs of configuration ids (see --list)")
     ap.add_argument("--list", action="store_true", help="print the configuration ids and exit")
     ap.add_argument("--out", help="the .jsonl to write (the .txt goes beside it); default "
@@ -475,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(one(json.loads(args.one))), flush=True)
         return 0
-    configs = QUICK if args.quick else CONFIGS
+    configs = QUICK if args.quick else FSDP2 if args.fsdp2 else CONFIGS
     if args.only:
         pats = [p.strip() for p in args.only.split(",") if p.strip()]
-        configs = [c for c in CONFIGS + [q for q in QUICK if q not in CONFIGS]
+        configs = [c for c in CONFIGS + [q for q in QUICK + FSDP2 if q not in CONFIGS]
                    if any(fnmatch.fnmatchcase(c.id, p) for p in pats)]
         if not configs:
             print(f"--only: no configuration id matches {args.only!r} (see --list)", file=sys.stderr)
@@ -491,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         c.job()  # every configuration is valid before anything runs (seq <= max_seq_len, acc divides batch)
     if args.out:
         jsonl = Path(args.out)
-    elif args.quick or args.only:
+    elif args.quick or args.only or args.fsdp2:
         jsonl = None
     else:
         jsonl = ROOT / "results" / "benchmarks" / f"trace-vs-analytic-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl"
@@ -507,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     out.print(f"trace vs analytic: {len(configs)} configurations, torch {env['torch_version']}, "
               f"{env['cpu_count']} CPUs, {env['started_utc']}")
     missing = uncovered(configs)
-    if missing and not (args.quick or args.only):
+    if missing and not (args.quick or args.only or args.fsdp2):
         out.print(f"axis values not covered: {', '.join(missing)}")
     out.print()
     measured = None if args.skip_measured else check_measured(out)

@@ -8,14 +8,14 @@ from lorabench.sim.engine import Sim
 from lorabench.sim.ops import binary, elementwise, linear
 from lorabench.sim.peaks import at_batch, decode
 from lorabench.sim.rules import embedding_backward, unary_backward
-from lorabench.sim.tensors import (ACTIVATIONS, BACKWARD_BUFFERS, BF16, F16, F32, GRADS, RECOMPUTE, WEIGHT_CASTS, Param,
-                                   SymTensor)
+from lorabench.sim.tensors import (ACTIVATIONS, BACKWARD_BUFFERS, BF16, CATEGORIES, F16, F32, GRADS, RECOMPUTE,
+                                   WEIGHT_CASTS, Param, SymTensor)
 
 K = 1 << 48  # the symbolic micro-batch
 
 
 def by_category(**nbytes) -> tuple:
-    cats = [0] * 6
+    cats = [0] * len(CATEGORIES)
     for name, n in nbytes.items():
         cats[{"act": ACTIVATIONS, "bwd": BACKWARD_BUFFERS, "grads": GRADS, "recompute": RECOMPUTE,
               "casts": WEIGHT_CASTS}[name]] = n
@@ -36,7 +36,7 @@ def test_new_then_drop_returns_to_zero_and_records_the_peak():
     sim.drop(t)
     assert sim.live == 40  # still held once
     sim.drop(t)
-    assert sim.live == 0 and sim.live_by_category == [0] * 6
+    assert sim.live == 0 and sim.live_by_category == [0] * len(CATEGORIES)
     assert sim.lines(K)[(0, "forward")] == [(40, 0, by_category(act=40))]
 
 

@@ -33,13 +33,9 @@ def test_there_are_committed_cpu_results():
 def test_committed_cpu_results_hold_the_bounds(path):
     rows = [r for r in load_rows(str(path)) if r["status"] == "ok"]
     assert rows
-    # the analytic FSDP2 model is first-order (estimator/parallel.py; the fsdp2 issue is open):
-    # its rows' peaks are held by the trace instead (tests/test_multirank.py); state bytes stay exact
-    first_order = {r["cell"] for r in rows if r.get("strategy") == "fsdp2"}
-    if not first_order:
-        assert validate_file(str(path)).failures(PEAK_BOUND_PCT, PEAK_BOUND_PCT) == []
+    assert validate_file(str(path)).failures(PEAK_BOUND_PCT, PEAK_BOUND_PCT) == []
     for r in rows:
-        assert r["cell"] in first_order or abs(r["peak_error_pct"]) <= PEAK_BOUND_PCT, r["cell"]
+        assert abs(r["peak_error_pct"]) <= PEAK_BOUND_PCT, r["cell"]
         for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
             assert r[f"est_{k}"] == r[k], (r["cell"], k)
 

@@ -71,6 +71,12 @@ def _quantized(lin, cell):
             weight = weight._quantize(device)  # Module.to would swap tensors, which fake tensors refuse
         q.weight = weight
         q.quant_state = weight.quant_state
+        # On a CPU with AVX512-BF16, bitsandbytes repacks the weight for its own CPU kernel at the first
+        # eval forward (lora_checks' inference timing); it assumes in_features divisible by the block
+        # size (64) and fails otherwise (0.50.2: "shape '[64, 2]' is invalid"). The repacking depends on
+        # the CPU, not the cell, so it is off everywhere: every machine runs the dequantize + matmul
+        # path the training step runs.
+        q.support_avx512bf16_for_cpu = False
     else:
         with shell():
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False, threshold=0.0, **kw)

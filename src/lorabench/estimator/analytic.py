@@ -102,7 +102,8 @@ TERMS = {
     "graph_held": "what the previous loss's autograd graph still keeps (bitsandbytes int8: each projection's input) "
                   "until the next loss replaces it, and the last one through the optimizer step",
     "ddp_buckets": "ddp: the Reducer's gradient buckets, one copy of the trainable gradients (estimator/parallel.py)",
-    "fsdp_gathered": "fsdp2: one block's parameters gathered whole while it runs (estimator/parallel.py)",
+    "fsdp_gathered": "fsdp2: unsharded parameters and all-gather outputs live at the peak (sim/fsdp.py)",
+    "fsdp_reduce": "fsdp2: unsharded gradients and the reduce-scatter input in flight at the peak (sim/fsdp.py)",
     "cublas_workspace": "CUDA: cuBLAS workspaces in the caching allocator",
     "allocator_rounding": "CUDA: 512-byte rounding of the persistent tensors",
 }
@@ -205,7 +206,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
     groups = sharded_groups(sb.groups, cell)  # what this rank steps (fsdp2: its shards)
     trainable = [p for g in groups for p in g]
-    param_bytes, grad_bytes, gathered = rank_state(model_cfg, cell, sb)
+    param_bytes, grad_bytes = rank_state(model_cfg, cell, sb)
     state_dev = opt.resident_bytes(trainable, impl, device)  # on CUDA less the host (AdamW's `step`) and paged
     state_built = opt.resident_bytes(trainable, impl, device, stepped=False)  # held before the first step
     if opt.scaler_in_step(impl):  # GradScaler hands found_inf to the fused kernel: step() runs, state is made
@@ -232,8 +233,6 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
                 if prev:
                     cats["graph_held"] = prev
         terms = dict(const, optimizer_state=state_fb, **cats)
-        if gathered:
-            terms["fsdp_gathered"] = gathered
         if ph == "forward" and window_steps < 2:
             terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's backward
         phases[ph] = (sum(terms.values()), terms)
@@ -260,7 +259,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     peak, breakdown = phases[peak_phase]
     breakdown = {k: int(v) for k, v in breakdown.items() if v}
     fl = flops_per_step(model_cfg, cell, batch_size)
-    activations = sum(v for k, v in res.saved_at(micro_b).items() if k != "grads")
+    activations = sum(v for k, v in res.saved_at(micro_b).items() if k not in ("grads", "fsdp_gathered", "fsdp_reduce"))
     return Estimate(
         est_param_bytes=param_bytes, est_grad_bytes=grad_bytes,
         est_optimizer_state_bytes=opt.state_bytes(trainable), est_activation_bytes=int(activations),

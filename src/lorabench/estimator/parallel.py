@@ -8,13 +8,11 @@
     fsdp2    parameters, gradients and optimizer state sharded: each tensor keeps ⌈d0/N⌉ of its
              dim-0 rows (FSDP2 pads dim 0 to a multiple of N; rank 0 holds a full shard), the
              optimizer's formulas applied to the shards (AdamW's `step` stays one 0-d tensor per
-             parameter). While a block runs forward or backward its parameters are gathered
-             whole (FSDP2's all-gather into the unsharded parameters, freed again after the
-             forward with reshard_after_forward, after the backward in any case): one block's
-             unsharded parameters on top of the one-process activations. This first-order model
-             leaves out the all-gather and reduce-scatter staging buffers and the root module's
-             gathered parameters (Zhao et al., VLDB 2023, §3.2; torch's FSDPMemTracker); the
-             trace (measure/trace.py, on torch's fake process group) runs FSDP2 itself.
+             parameter). What FSDP2 gathers and reduces around each module -- the all-gather
+             output, the unsharded parameters, the unsharded gradients, the reduce-scatter
+             input kept in flight -- is replayed at the hooks that make and free it
+             (sim/fsdp.py, from torch's _fully_shard sources; `fsdp_plan` gives the sizes), so
+             it lands on the step's real peak rather than being added to it.
 
 Activations are not sharded: every rank runs its own train.batch_size sequences.
 """
@@ -22,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..sim.fsdp import FsdpPlan, GroupBytes
 from ..spec.config import Cell, ModelConfig
-from ..stacks.base import ParamSpec
+from ..stacks.base import ITEM_BYTES, ParamSpec
 from ..stacks.transformer_layout import block_params, model_params
 
 
@@ -35,19 +34,39 @@ def shard(p: ParamSpec, world_size: int) -> ParamSpec:
     return dataclasses.replace(p, numel=numel, shape=(rows, *p.shape[1:]) if p.shape else None, storages=None)
 
 
-def rank_state(cfg: ModelConfig, cell: Cell, sb) -> tuple[int, int, int]:
-    """(parameter bytes, gradient bytes, gathered bytes) one rank holds, from the one-process
-    StateBytes `sb` (stacks/transformer_layout.state_bytes): the whole model's with strategy none
-    or ddp; with fsdp2 the shards', and one block's unsharded parameters while it runs."""
+def rank_state(cfg: ModelConfig, cell: Cell, sb) -> tuple[int, int]:
+    """(parameter bytes, gradient bytes) one rank holds, from the one-process StateBytes `sb`
+    (stacks/transformer_layout.state_bytes): the whole model's with strategy none or ddp; with
+    fsdp2 the shards'."""
     if cell.strategy != "fsdp2":
-        return sb.param_bytes, sb.grad_bytes, 0
+        return sb.param_bytes, sb.grad_bytes
     n, L = cell.world_size, cfg.n_layers
-    one = block_params(cfg, cell, 0)
     outer = [shard(p, n) for p in model_params(cfg, cell, blocks=range(0))]
-    block = [shard(p, n) for p in one]
+    block = [shard(p, n) for p in block_params(cfg, cell, 0)]
     params = sum(p.nbytes for p in outer) + L * sum(p.nbytes for p in block)
     grads = sum(p.nbytes for p in outer if p.trainable) + L * sum(p.nbytes for p in block if p.trainable)
-    return params, grads, sum(p.nbytes for p in one)
+    return params, grads
+
+
+def group_bytes(params: list[ParamSpec], world_size: int) -> GroupBytes:
+    """One FSDP2 group's buffers on a rank (sim/fsdp.py): the gathered parameters are N shards
+    of each (padded), the reduce-scatter input N shards of each trainable one in its gradient's
+    dtype (the parameter's), its output one shard of each."""
+    shards = [(p, shard(p, world_size)) for p in params]
+    return GroupBytes(gathered=world_size * sum(s.nbytes for _, s in shards),
+                      reduce_input=world_size * sum(s.numel * ITEM_BYTES[p.dtype] for p, s in shards if p.trainable),
+                      reduce_output=sum(s.nbytes for p, s in shards if p.trainable))
+
+
+def fsdp_plan(cfg: ModelConfig, cell: Cell, n_blocks: int) -> FsdpPlan | None:
+    """What FSDP2 allocates around each group of the cell's model (None unless fsdp2): the root
+    (embeddings, final norm, head) and one block (train/parallel.py shards each block alone)."""
+    if cell.strategy != "fsdp2":
+        return None
+    n = cell.world_size
+    return FsdpPlan(root=group_bytes(model_params(cfg, cell, blocks=range(0)), n),
+                    block=group_bytes(block_params(cfg, cell, 0), n), n_blocks=n_blocks,
+                    reshard_after_forward=cell.reshard_after_forward)
 
 
 def ddp_bucket_bytes(grad_bytes: int) -> int:

@@ -19,6 +19,7 @@ from ..sim.rules import unary_backward
 from ..sim.tensors import CATEGORIES, F32
 from ..spec.config import Cell, ModelConfig
 from ..stacks import stack_for
+from .parallel import fsdp_plan
 
 K_SYMBOLIC = 1 << 48  # the micro-batch size the simulation runs with (see sim.peaks)
 
@@ -59,9 +60,11 @@ def replay(cfg: ModelConfig, cell: Cell, device: str, micro_batch: int = K_SYMBO
     """One micro-batch's forward and backward on a fresh Sim, uncached. A concrete
     micro_batch gives lines with B = 0 (A: the bytes at that size)."""
     autocast = DTYPES[cell.autocast_dtype] if cell.autocast_dtype else None
-    sim = Sim(cfg.n_layers, autocast)
+    sim_blocks = min(cfg.n_layers, 3)
+    sim = Sim(cfg.n_layers, autocast, fsdp_plan(cfg, cell, sim_blocks))
     sim.set_phase("forward")
-    loss = stack_for(cfg).replay_forward(sim, cfg, cell, device, micro_batch, n_blocks=min(cfg.n_layers, 3))
+    sim.fsdp_forward_start()
+    loss = stack_for(cfg).replay_forward(sim, cfg, cell, device, micro_batch, n_blocks=sim_blocks)
     sim.set_phase("backward")
     saved = sim.live_with_unsimulated()
     root = sim.hold(loss)
@@ -82,7 +85,8 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     size and accumulation count."""
     # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
     key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
-           cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss_chunks, device)
+           cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss_chunks, device,
+           cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward))
     res = _CACHE.get(key)
     if res is None:
         if len(_CACHE) > 4096:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -122,7 +122,7 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
     try:
         get_optimizer(job.cell.optimizer).load()  # real module tensors, outside the fake mode (as in run)
         quant.preload(job.cell, "cpu")  # bitsandbytes' tables, real, as in run (its 8-bit map reads values)
-        with fake_process_group(job.cell.world_size), fake:
+        with fake_process_group(job.cell.world_size), fake, _sharding_meta_uncounted(fake):
             batches = _batches(job)
             fake.counting = True
             with MemoryTracker("cpu", storages=fake) as mem, \
@@ -171,6 +171,29 @@ def _counting_fake_mode(round_to: int):
                 self.track_output(func, out)
             return out
     return CountingFakeMode()
+
+
+@contextmanager
+def _sharding_meta_uncounted(fake):
+    """DTensor's sharding propagation runs each op once more on fake tensors of the *global*
+    shape to learn its output's metadata, in the active fake mode if there is one, else a
+    fresh one (torch/distributed/tensor/_sharding_prop.py). In a real run those tensors are
+    never allocated; in the trace they would be counted (a full-size copy of the largest
+    parameter at every optimizer op on a shard). Counting pauses while it runs."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def uncounted(self, op_schema):
+        counting, fake.counting = fake.counting, False
+        try:
+            return original(self, op_schema)
+        finally:
+            fake.counting = counting
+    ShardingPropagator._propagate_tensor_meta_non_cached = uncounted
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = original
 
 
 def _window_job(job: CellJob) -> CellJob:

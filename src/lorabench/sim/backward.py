@@ -22,6 +22,11 @@ from .tensors import BACKWARD_BUFFERS, GRADS, INF, RECOMPUTE, Checkpoint, Edge, 
 class Backward(Graph):
     """loss.backward() on the recorded graph: engine order, buffers, AccumulateGrad, recompute."""
 
+    # FSDP2's hooks (sim/fsdp.py; nothing without it)
+    def fsdp_before_node(self, node: Node) -> None: ...
+    def fsdp_backward_end(self) -> None: ...
+    def fsdp_accumulate(self, param, grad: SymTensor) -> bool: return False
+
     def _recompute(self, checkpoint: Checkpoint) -> None:
         """Re-run the block's forward to refill its nodes' saved tensors."""
         self.mode, self.recompute_queue = "recompute", list(reversed(checkpoint.nodes))
@@ -47,6 +52,7 @@ class Backward(Graph):
         tick = 1
         while ready:
             _, _, node = heapq.heappop(ready)
+            self.fsdp_before_node(node)
             self.set_block(node.block)
             if node.seq == INF:
                 self._accumulate_grad(node)
@@ -55,6 +61,7 @@ class Backward(Graph):
                 heapq.heappush(ready, (-nxt.seq, tick, nxt))
                 tick += 1
         self.set_block(None)
+        self.fsdp_backward_end()
         self.drop(seed)
         copies = 1 + self.n_unsimulated
         storages = {id(t.storage): t.storage for t in self.graph_held}.values()
@@ -117,6 +124,8 @@ class Backward(Graph):
         node.input_grads = [None]
         node.pending = 0
         if grad is None:
+            return
+        if self.fsdp_accumulate(param, grad):
             return
         if param.grad is None:
             self.recategorize(grad, GRADS)

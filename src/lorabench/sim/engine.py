@@ -23,16 +23,30 @@ from __future__ import annotations
 
 from .autocast import WeightCasts
 from .backward import Backward
+from .fsdp import FsdpHooks, FsdpPlan, FsdpState
 from .tensors import Checkpoint, Param, SymTensor
 
 
-class Sim(Backward):
-    """The simulator: live bytes + autograd graph + autocast weight casts."""
+class Sim(FsdpHooks, Backward):
+    """The simulator: live bytes + autograd graph + autocast weight casts (+ FSDP2's buffers)."""
 
-    def __init__(self, n_layers: int, autocast: str | None):
+    def __init__(self, n_layers: int, autocast: str | None, fsdp: FsdpPlan | None = None):
         super().__init__(n_layers)
         self.autocast = autocast  # half dtype under autocast, else None
         self.weight_casts = WeightCasts(autocast)
+        self.fsdp = FsdpState(fsdp) if fsdp is not None else None
+
+    def set_block(self, block) -> None:
+        """Enter `block`'s ops; under FSDP2 a block's boundaries are its group's hooks
+        (sim/fsdp.py), run inside the block's window so that its copies repeat them."""
+        if block == self.block:
+            return
+        forward = self.phase == "forward"
+        if self.fsdp is not None and self.block is not None:
+            (self.fsdp_block_forward_end if forward else self.fsdp_post_backward)(self.block)
+        super().set_block(block)
+        if self.fsdp is not None and block is not None and (forward or block not in self.fsdp.done):
+            (self.fsdp_block_forward if forward else self.fsdp_block_backward)(block)
 
     def cast_weight(self, param: Param) -> SymTensor:
         """Autocast's cast of a weight (cached for the region when it is an fp32 leaf requiring grad)."""

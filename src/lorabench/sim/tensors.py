@@ -15,8 +15,9 @@ INF = float("inf")
 
 # Categories of live bytes, reported at the peak (estimator breakdown).
 CATEGORIES = ("activations", "autocast_weight_copies", "logits_loss", "backward_buffers",
-              "grads", "recompute")
-ACTIVATIONS, WEIGHT_CASTS, LOGITS, BACKWARD_BUFFERS, GRADS, RECOMPUTE = range(len(CATEGORIES))
+              "grads", "recompute", "fsdp_gathered", "fsdp_reduce")
+ACTIVATIONS, WEIGHT_CASTS, LOGITS, BACKWARD_BUFFERS, GRADS, RECOMPUTE, FSDP_GATHERED, FSDP_REDUCE = \
+    range(len(CATEGORIES))
 
 
 def promote(a: str, b: str) -> str:

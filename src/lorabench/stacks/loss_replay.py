@@ -29,6 +29,7 @@ def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int) ->
         logits = linear(sim, h, params["head"], None, V)
         sim.drop(h)
         sim.drop(x)  # Transformer.forward's x lives until it returns
+        sim.model_forward_end(sim.seq)  # the model's forward returns the logits
         loss = _cross_entropy(sim, sim.to(logits, F32), N, V)
         sim.end_autocast()  # the autocast region ends with compute_loss
         sim.drop(logits)

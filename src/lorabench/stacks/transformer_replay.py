@@ -352,6 +352,7 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
     h = norm(sim, x, params, "norm_f", dims)
     if dims.loss_chunks:  # Transformer.hidden: the last block's output is released with the norm's return
         sim.drop(x)
+        sim.model_forward_end(sim.seq)
         loss = chunked_loss(sim, h, params, dims.b, dims.s, dims.V, dims.loss_chunks)
         sim.drop(h)
         sim.end_autocast()  # the autocast region ends with compute_loss

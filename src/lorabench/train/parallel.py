@@ -9,8 +9,9 @@ ddp or fsdp2; launch/ranks.py); nothing happens with strategy none.
   copy of the trainable gradients.
 - fsdp2: `fully_shard` on each block, then on the root (embeddings, final norm, head): each
   parameter is a DTensor holding 1/N of dim 0 (padded to a multiple of N), gathered before its
-  module's forward and backward and freed again (`reshard_after_forward`; the root keeps its
-  gathered parameters until the backward ends); gradients are reduce-scattered back to shards,
+  module's forward and backward and freed again (the cell's `reshard_after_forward` is the
+  blocks'; the root takes FSDP2's default and keeps its gathered parameters until the backward
+  ends, which a chunked loss needs: its head runs outside the root's forward); gradients are reduce-scattered back to shards,
   and the optimizer steps the shards (Zhao et al., "PyTorch FSDP", VLDB 2023; torch's FSDP2
   design notes, pytorch/pytorch#114299).
 
@@ -55,7 +56,7 @@ def parallelize(model: torch.nn.Module, cell: Cell) -> torch.nn.Module:
         mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
     for block in stack.blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=cell.reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=cell.reshard_after_forward)
+    fully_shard(model, mesh=mesh)  # the root at FSDP2's default: gathered from its forward to the backward's end
     if cell.loss == "chunked" and "hidden" not in stack.sharded_methods():
         raise RuntimeError(f"the chunked loss calls the {stack.name} model outside its forward: not sharded here")
     for method in stack.sharded_methods():
