@@ -61,8 +61,12 @@ def claims_cmd(results, fmt):
 @click.option("--gpu", default=None,
               help="a GPU name ('RTX 4090', '4090', 'H100 SXM'), a memory size like 24GiB, or auto (this "
                    "machine's, via NVML); default: this machine's GPU, else a table of common 24/40/48/80 GB cards")
+@click.option("--gpus", type=int, default=None,
+              help="GPUs to train on (also '--gpu 8xH100'): above 1, every combination runs as ddp or fsdp2 over "
+                   "them, --batch is each GPU's, and a table says how many GPUs each technique needs  [default: 1]")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
-@click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
+@click.option("--batch", type=int, default=8, show_default=True,
+              help="sequences per optimizer step (per GPU with --gpus)")
 @click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
 @click.option("--margin", type=float, default=0.10, show_default=True,
               help="safety margin: usable = (1 - margin) × GPU memory")
@@ -98,7 +102,7 @@ def claims_cmd(results, fmt):
                    "verdict (column 'traced GiB'). 0: nothing traced")
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def fit_cmd(model, gpu, seq, batch, lora_targets, margin, precision, lora_rank, optimizer, optimizer_impl, loss,
+def fit_cmd(model, gpu, gpus, seq, batch, lora_targets, margin, precision, lora_rank, optimizer, optimizer_impl, loss,
             loss_chunks, lora_dropout, sort, calibrate_path, top, confirm_k, quiet, fmt):
     """Which precision / LoRA / QLoRA / optimizer / loss / checkpointing / micro-batch combinations fit a GPU,
     the fastest first, and the smallest change that would make the others fit; without a GPU here and no
@@ -107,7 +111,7 @@ def fit_cmd(model, gpu, seq, batch, lora_targets, margin, precision, lora_rank, 
     from ..present.fit_table import fit_text
     axes = parse_axes(precision, lora_rank, optimizer, optimizer_impl, loss, loss_chunks, lora_dropout)
     echo(fit_text(model, gpu, seq, batch, lora_targets, margin, calibrate_path=calibrate_path, top=top, fmt=fmt,
-                  confirm_k=confirm_k, quiet=quiet, axes=axes, sort=sort))
+                  confirm_k=confirm_k, quiet=quiet, axes=axes, sort=sort, gpus=gpus))
 
 
 COMMANDS = [report_cmd, compare_cmd, claims_cmd, fit_cmd]

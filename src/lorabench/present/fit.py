@@ -53,6 +53,7 @@ trace's peak their verdict.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
@@ -182,7 +183,7 @@ class FitCombo:
         return {"id": c.id, "precision": c.precision, "lora_rank": c.lora_rank,
                 "base_dtype": c.cell().base_dtype, "checkpointing": c.checkpointing,
                 "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation, "loss": c.loss,
-                "optimizer": c.optimizer,
+                "optimizer": c.optimizer, "strategy": c.strategy, "world_size": c.world_size,
                 "est_peak_bytes": self.est_peak_bytes, "est_needed_bytes": self.est_needed_bytes,
                 "budget_bytes": self.budget_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
                 "supported": self.supported, "est_step_time_s": self.est_step_time_s,
@@ -272,8 +273,9 @@ def _rank_key(c: FitCombo, sort: str = "speed", optimizers: tuple = ()) -> tuple
 
 def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, targets: tuple = DEFAULT_TARGETS,
         optimizer: str | None = None, calibration: Calibration | None = None, rates_from: GPU | None = None,
-        axes: Axes | None = None, sort: str = "speed") -> FitReport:
+        axes: Axes | None = None, sort: str = "speed", gpus: int = 1) -> FitReport:
     """Evaluate the whole grid; ranked (module docstring); suggestions for what does not fit.
+    gpus: over N > 1 GPUs every combination is ddp or fsdp2 and `batch` is each GPU's (fit_gpus.py).
     axes: what to explore (fit_grid.Axes; default every axis at its default); `optimizer`, when
     axes is None, is --optimizer's text (kinds, or an AdamW implementation for compatibility).
     rates_from: a GPU whose peak rates time `gpu` if it has none (module docstring)."""
@@ -283,7 +285,8 @@ def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, 
     cal = calibration or Calibration()
     rates_from = None if has_rates(gpu) else rates_from
     targets = tuple(targets)
-    axes = (axes or parse_axes(optimizer=optimizer)).resolved(cfg, gpu, batch, targets, rates_from)
+    axes = dataclasses.replace(axes or parse_axes(optimizer=optimizer), world_size=gpus)
+    axes = axes.resolved(cfg, gpu, batch, targets, rates_from)
     combos = [evaluate(cfg, gpu, c, margin, targets, axes, cal, rates_from) for c in grid(batch, axes)]
     rep = FitReport(cfg, gpu, batch, margin, targets, axes.optimizer_impl, cal, combos, rates_from, axes=axes,
                     sort=sort)

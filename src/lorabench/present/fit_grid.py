@@ -26,6 +26,9 @@ Axes (`Axes`; every value one `estimator.estimate` on CUDA, nothing run):
   loss        standard, chunked (`--loss-chunks` chunks, default 8).
   checkpointing off, on; micro-batch m in the powers of two dividing the batch B (and B),
               accumulation B / m.
+  strategy    with N > 1 GPUs (`--gpus N`, or `--gpu 8xH100`): ddp and fsdp2 over the N ranks, every
+              other axis as above; B is then each GPU's batch (the optimizer step's is N·B). One GPU:
+              no strategy (none).
 
 The LoRA dropout (`--lora-dropout`, default 0.0) and the targets are the user's values, not axes.
 """
@@ -50,6 +53,7 @@ QUANT_PRECISIONS = {"nf4": ("bf16", "bf16-pure", "fp16"), "int8": ("bf16", "fp16
 OTHER_QUANT_PRECISIONS = ("bf16", "bf16-pure", "fp16")  # a quantized dtype not named above
 DEFAULT_TARGETS = ("q", "v")
 AMP_OPTIMIZERS = 2  # of the default list: AdamW and 8-bit AdamW under autocast (its FP32 master dominates)
+STRATEGIES_OVER_GPUS = ("ddp", "fsdp2")
 
 
 def sixteen_bit(precision: str) -> str:
@@ -84,13 +88,16 @@ class Combo:
     loss: str = "standard"
     optimizer: str = "adamw"
     double_quant: bool = True  # an nf4 base's scales double-quantized (a quantized checkpoint says which)
+    strategy: str = "none"     # none | ddp | fsdp2 (over world_size GPUs)
+    world_size: int = 1
 
     def cell(self, targets: tuple = DEFAULT_TARGETS, dropout: float = 0.0, loss_chunks: int = 8) -> Cell:
         lora = {"lora_targets": tuple(targets), "lora_dropout": dropout} if self.lora_rank else {}
         cell = Cell(precision=self.precision, lora_rank=self.lora_rank, checkpointing=self.checkpointing,
                     accumulation=self.accumulation, base_dtype=self.base_dtype, loss=self.loss,
                     loss_chunks=loss_chunks if self.loss == "chunked" else None, optimizer=self.optimizer,
-                    double_quant=self.double_quant if self.base_dtype == "nf4" else None, **lora)
+                    double_quant=self.double_quant if self.base_dtype == "nf4" else None, strategy=self.strategy,
+                    world_size=self.world_size, **lora)
         return dataclasses.replace(cell, id=cell_id(cell, set()))
 
     @functools.cached_property
@@ -101,13 +108,19 @@ class Combo:
     @property
     def key(self) -> tuple:
         return (self.precision, self.lora_rank, self.base_dtype, self.checkpointing, self.micro_batch_size,
-                self.loss, self.optimizer)
+                self.loss, self.optimizer) + self._over
 
     @property
     def method(self) -> tuple:
         """The technique as one axis: (rank, base, optimizer) of full fine-tuning, (rank, base) of LoRA
-        (whose optimizer is the grid's first: changing to LoRA is one change, not two)."""
-        return (self.lora_rank, self.base_dtype) + (() if self.lora_rank else (self.optimizer,))
+        (whose optimizer is the grid's first: changing to LoRA is one change, not two), and the
+        strategy over several GPUs (ddp to fsdp2 is a change of method too)."""
+        return (self.lora_rank, self.base_dtype) + (() if self.lora_rank else (self.optimizer,)) + self._over
+
+    @property
+    def _over(self) -> tuple:
+        """(strategy,) over several GPUs; () on one (the keys of one GPU's grid stay as they were)."""
+        return (self.strategy,) if self.strategy != "none" else ()
 
     @property
     def axes(self) -> tuple:
@@ -131,6 +144,11 @@ class Axes:
     unavailable: tuple = ()               # (base dtype, why) of quantized bases it does not take yet
     model_quant: str | None = None        # a quantized checkpoint's own base (nf4 | int8): only adapters on it
     double_quant: bool = True             # nf4 combinations' double quantization (the checkpoint's, if quantized)
+    world_size: int = 1                   # GPUs (`--gpus`); above 1 every combination is ddp or fsdp2 over them
+
+    @property
+    def strategies(self) -> tuple:
+        return STRATEGIES_OVER_GPUS if self.world_size > 1 else ("none",)
 
     @property
     def lora_optimizer(self) -> str:
@@ -195,10 +213,14 @@ def grid(batch: int, axes: Axes | None = None) -> list[Combo]:
     out = []
     for p in axes.precisions or AUTO_PRECISIONS:
         for r, base, opt in methods(p, axes):
-            for loss in axes.losses:
-                for ckpt in (False, True):
-                    for m in micro_batches(batch):
-                        out.append(Combo(p, r, base, ckpt, m, batch // m, loss, opt, axes.double_quant))
+            for strategy in axes.strategies:
+                if strategy == "fsdp2" and is_quant(base):  # FSDP2 shards no bitsandbytes weight here
+                    continue
+                for loss in axes.losses:
+                    for ckpt in (False, True):
+                        for m in micro_batches(batch):
+                            out.append(Combo(p, r, base, ckpt, m, batch // m, loss, opt, axes.double_quant,
+                                             strategy, axes.world_size))
     return out
 
 

@@ -40,9 +40,8 @@ from __future__ import annotations
 from ..spec.schema import ConfigError
 from .fit_grid import parse_targets  # noqa: F401 - fit_text's, where it always was
 from .fit_suggest import change_text  # noqa: F401 - the tables' short form of a fix
+from .tables import fitted_table as _table
 
-LEFT = ("GPU", "precision", "technique", "what would fit → GiB")  # text columns (the rest: numbers, never wrapped)
-MIN_WRAP = 16  # the least width a wrapping text column keeps
 LEGEND = ("ckpt: activation checkpointing; chunked: the chunked loss (head and cross-entropy per token chunk); micro×acc: "
           "sequences per forward × accumulation steps; precision: the autocast dtype (fp32: none; -pure: everything "
           "stored in it), 'any' when every precision explored costs the same; a row holds every rank, precision "
@@ -53,14 +52,16 @@ SAME_COST = 0.02  # step times (FLOPs without a time) this close to a choice's b
 def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: int = 8, lora_targets: str = "q,v",
              margin: float = 0.10, optimizer: str | None = None, calibrate_path: str | None = None, top: int = 10,
              fmt: str = "table", width: int | None = None, confirm_k: int = 0, quiet: bool = True,
-             axes=None, sort: str = "speed") -> str:
+             axes=None, sort: str = "speed", gpus: int | None = None) -> str:
     """`lorabench fit`: every combination for `model` on `gpu` (None: this machine's GPU, else the
     common cards), rendered (module docstring). axes: fit_grid.Axes (None: the defaults, with
     `optimizer` as --optimizer's text)."""
     from ..estimator.gpus import local_gpu, lookup, resolve_gpu
     from .fit import DEFAULT_RATES_GPU, calibrate, check_fit_options, fit, fit_model, oom_contradictions
+    from .fit_gpus import gpus_needed, needed_records, render_needed, resolve_count
     from .fit_grid import parse_axes
     from .writer import write
+    gpu, count = resolve_count(gpu, gpus)
     cfg = fit_model(model, seq)
     targets = parse_targets(lora_targets, cfg.style)
     check_fit_options(batch, margin, sort)
@@ -73,13 +74,15 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
 
     def run(g):
         return fit(cfg, g, batch, margin, targets, calibration=calibrate(rows, g) if rows is not None else None,
-                   rates_from=lookup(DEFAULT_RATES_GPU), axes=axes, sort=sort)
+                   rates_from=lookup(DEFAULT_RATES_GPU), axes=axes, sort=sort, gpus=count)
     if gpu is None:
         try:
             g = local_gpu()
         except ConfigError as e:
             if confirm_k:
                 raise ConfigError("--confirm", "", "traces for one GPU: name it with --gpu") from None
+            if count > 1:
+                raise ConfigError("--gpus", "", "name the GPU with --gpu (e.g. --gpu 8xH100)") from None
             return common_text(run, e.message, fmt, width, check)
     else:
         g = resolve_gpu(gpu)
@@ -93,7 +96,13 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
     extra = run_fields(rep, fmt)
     records = [{**c.to_dict(), **(c.trace_dict() if rep.confirmed else {}), **choice_of[id(c)], **extra}
                for c in rep.combos]
-    return write(records, fmt, table=lambda w: render_fit(rep, top, check, w), width=width)
+    if count == 1:
+        return write(records, fmt, table=lambda w: render_fit(rep, top, check, w), width=width)
+    needed = gpus_needed(rep)
+    records = [{"record": "combination", **r} for r in records] + \
+        [{"record": "gpus_needed", **r, **extra} for r in needed_records(needed)]
+    return write(records, fmt, table=lambda w: [*render_fit(rep, top, check, w), render_needed(rep, needed, w)],
+                 width=width)
 
 
 def trace_job(rep, combo):
@@ -156,7 +165,7 @@ def choices(combos: list) -> list[list]:
         base = "-" if not k.lora_rank else "32" if k.base_dtype == "fp32" else "16" if k.base_dtype in ("bf16", "fp16") \
             else k.base_dtype
         full = (k.optimizer, k.precision.endswith("-pure")) if not k.lora_rank else ()
-        same = groups.setdefault((c.fits, c.supported, base, k.checkpointing, k.loss, full), [])
+        same = groups.setdefault((c.fits, c.supported, base, k.checkpointing, k.loss, full, k.strategy), [])
         home = next((g for g in same if abs(_cost(c) - _cost(g[0])) <= SAME_COST * _cost(g[0])), None)
         if home is None:
             same.append([c])
@@ -190,7 +199,8 @@ def choice_label(members: list, axes=None) -> tuple[str, str]:
         base = "16-bit" if len(bases) > 1 else bases.pop()
         span = _span(ranks, axes.ranks if axes is not None else (4, 8, 16, 32, 64))
         tech = f"{'QLoRA' if base == 'nf4' else 'LoRA'} {span}, {base} base"
-    return prec, tech + (", ckpt" if ks[0].checkpointing else "") + (", chunked" if ks[0].loss == "chunked" else "")
+    over = f", {ks[0].strategy}×{ks[0].world_size}" if ks[0].strategy != "none" else ""
+    return prec, tech + over + (", ckpt" if ks[0].checkpointing else "") + (", chunked" if ks[0].loss == "chunked" else "")
 
 
 def needed_span(members: list) -> tuple[int, int]:
@@ -222,8 +232,9 @@ def _mb(c) -> str:
 
 # ---------------------------------------------------------------- the header lines
 def title(rep) -> str:
-    cfg = rep.model
-    return f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}, LoRA on {','.join(rep.targets)}"
+    cfg, n = rep.model, rep.axes.world_size
+    per = f" per GPU × {n} GPUs" if n > 1 else ""
+    return f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}{per}, LoRA on {','.join(rep.targets)}"
 
 
 def assumptions(rep) -> str:
@@ -261,37 +272,6 @@ def explored(axes) -> str:
 
 
 # ---------------------------------------------------------------- the tables
-def _table(caption: str, columns: list[str], rows: list[list], width: int, drop: tuple = ()):
-    """A borderless rich table (a blank line above) as wide as its content, fitted to `width`: the
-    columns named in `drop` left out, first first, while it would be wider; then the text columns
-    (LEFT) wrap, the last of LEFT first: the others stay whole while the wrapping ones keep MIN_WRAP."""
-    from rich import box
-    from rich.cells import cell_len
-    from rich.padding import Padding
-    from rich.table import Table
-    widths = [max([cell_len(x) for x in columns[i].split("\n")] + [cell_len(str(r[i])) for r in rows])
-              for i in range(len(columns))]
-    keep = list(range(len(columns)))
-    for name in drop:
-        if sum(widths[i] for i in keep) + 3 * (len(keep) - 1) > width and name in columns:
-            keep.remove(columns.index(name))
-    text = [i for i in keep if columns[i] in LEFT]
-    whole = set(keep) - set(text)
-    for i in sorted(text, key=lambda i: LEFT.index(columns[i])):
-        wrapping = sum(min(MIN_WRAP, widths[j]) for j in text if j != i and j not in whole)
-        if sum(widths[j] for j in whole | {i}) + wrapping + 3 * (len(keep) - 1) <= width:
-            whole.add(i)
-    t = Table(title=caption, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, show_edge=False,
-              pad_edge=False)  # columns 3 apart: padding, divider, padding
-    for i in keep:
-        left = columns[i] in LEFT or any(not isinstance(r[i], str) for r in rows)  # text, and the bars
-        t.add_column(columns[i], justify="left" if left else "right", overflow="fold", no_wrap=i in whole,
-                     min_width=widths[i] if i in whole else None)
-    for r in rows:
-        t.add_row(*(r[i] for i in keep))
-    return Padding(t, (1, 0, 0, 0))
-
-
 def render_fit(rep, top: int, check: dict | None = None, width: int = 160) -> list:
     """The rich renderables of `lorabench fit` for one GPU (module docstring)."""
     from rich.text import Text
@@ -300,7 +280,7 @@ def render_fit(rep, top: int, check: dict | None = None, width: int = 160) -> li
     g = rep.gpu
     ok, bad = choices(rep.fitting()), choices(rep.not_fitting())
     n = top if top > 0 else len(rep.combos)
-    tokens = rep.batch * rep.model.seq_len
+    tokens = rep.batch * rep.model.seq_len * rep.axes.world_size  # every GPU's
     bar = f"memory (bar = {gib(g.memory_bytes)})"
     out = [Text(f"{title(rep)} → {g.name} ({gib(g.memory_bytes)}, budget {gib(rep.budget_bytes)}): "
                 f"{len(rep.fitting())} of {len(rep.combos)} combinations fit, as {len(ok)} distinct "
