@@ -222,7 +222,7 @@ def test_axes_cover_every_cell_field():
     assert AXES == ["precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
                     "accumulation", "base_dtype", "double_quant", "loss", "loss_chunks", "adapter", "lora_plus_ratio",
                     "optimizer", "adalora_target_rank", "adapter_backend", "attn_implementation", "strategy",
-                    "world_size", "reshard_after_forward"]
+                    "world_size", "reshard_after_forward", "fsdp_param_dtype", "fsdp_reduce_dtype", "cpu_offload"]
     assert set(AXES) == {f.name for f in dataclasses.fields(Cell)} - {"id"}
     c = expand(parse_scenario(scenario(matrix={"lora_rank": 4}), "x"))[0].to_dict()
     assert c["cell"] == "fp32-r4" and c["lora_targets"] == ["q", "v"]

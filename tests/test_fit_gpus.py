@@ -34,7 +34,8 @@ def test_over_several_gpus_every_combination_is_ddp_or_fsdp2_with_its_rank_estim
     """Each combination runs over the 4 GPUs as ddp or fsdp2; ddp needs exactly one more copy of the
     gradients than one GPU alone (its buckets), fsdp2's full fine-tuning less than ddp's."""
     rep = over_four
-    assert {(c.combo.strategy, c.combo.world_size) for c in rep.combos} == {("ddp", 4), ("fsdp2", 4)}
+    assert {(c.combo.strategy, c.combo.world_size) for c in rep.combos} == {("ddp", 4), ("fsdp2", 4),
+                                                                             ("fsdp2-offload", 4)}
     alone = {c.combo.key: c for c in fit(rep.model, rep.gpu, batch=2).combos}  # one GPU: no strategy in the key
     by_key = {c.combo.key: c for c in rep.combos}
     for k, c in by_key.items():
@@ -47,7 +48,12 @@ def test_over_several_gpus_every_combination_is_ddp_or_fsdp2_with_its_rank_estim
             assert c.est_peak_bytes - one.est_peak_bytes == grads, c.combo.id
         if not c.combo.lora_rank and not c.combo.checkpointing:
             assert by_key[k[:-1] + ("fsdp2",)].est_peak_bytes < c.est_peak_bytes
-    assert all(not (c.combo.strategy == "fsdp2" and c.combo.base_dtype in ("nf4", "int8")) for c in rep.combos)
+    assert all(not (c.combo.strategy.startswith("fsdp2") and c.combo.base_dtype in ("nf4", "int8")) for c in rep.combos)
+    for c in rep.combos:  # offloaded: no parameter, gradient or optimizer state on the GPU, all of it on the host
+        if c.combo.strategy == "fsdp2-offload":
+            on_gpu = by_key[c.combo.key[:-1] + ("fsdp2",)]
+            assert c.host_bytes > 0 and c.est_peak_bytes < on_gpu.est_peak_bytes
+            assert c.segments["params"] == c.segments["grads"] == c.segments["optimizer"] == 0
 
 
 def test_the_smallest_gpu_count_fits_and_half_of_it_does_not(over_four):
@@ -86,7 +92,7 @@ def test_cli_gpus_table_and_json():
     records = json.loads(r.output)
     combos = [x for x in records if x["record"] == "combination"]
     needed = [x for x in records if x["record"] == "gpus_needed"]
-    assert combos and all(x["world_size"] == 2 and x["strategy"] in ("ddp", "fsdp2") for x in combos)
+    assert combos and all(x["world_size"] == 2 and x["strategy"] in ("ddp", "fsdp2", "fsdp2-offload") for x in combos)
     assert needed and all(x["fits"] == (x["gpus"] is not None) for x in needed)
 
 

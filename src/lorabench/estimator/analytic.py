@@ -45,6 +45,11 @@ memory window holds a second step) + the simulated peak of the phase; optimizer
 step() when that holds more (an optimizer step without temporaries: SGD, 8-bit AdamW,
 fused). Ties go to the earlier phase, as the tracker's max() does.
 
+Several ranks (estimator/parallel.py): one rank's bytes. fsdp2 shards the persistent terms and
+replays FSDP2's own buffers (sim/fsdp.py); with cpu_offload (FSDP2's CPUOffloadPolicy, GPU cells)
+parameters, gradients, optimizer state and its temporaries are host memory: none of them is in a
+phase's bytes (cuda_overheads["host_offloaded"] says how much the host holds per rank).
+
 CUDA-only lines (Estimate.cuda_overheads, never folded into a tensor term):
   cublas_workspace   2 × 8,519,680 B (":4096:2:16:8"; 32 MiB each on Hopper): one per
                      cuBLAS handle, i.e. the forward thread's and autograd's device
@@ -176,6 +181,8 @@ def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int
     state = opt.resident_bytes(trainable, impl, "cuda", round_to=512) - opt.resident_bytes(trainable, impl, "cuda")
     buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_float_dtype]) \
         if cfg.style == "llama" else 0
+    if cell.cpu_offload:  # the shards, their gradients and the optimizer's state are host memory
+        params = grads = state = 0
     batches = n_batches * 2 * _round512(batch_size * cfg.seq_len * 8)
     return {"cublas_workspace": ws, "allocator_rounding": params + grads + state + buffers + batches,
             "rounding_grads": grads, "rounding_state": state, "cuda_context": CUDA_CONTEXT_BYTES}
@@ -207,8 +214,9 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     groups = sharded_groups(sb.groups, cell)  # what this rank steps (fsdp2: its shards)
     trainable = [p for g in groups for p in g]
     param_bytes, grad_bytes = rank_state(model_cfg, cell, sb)
-    state_dev = opt.resident_bytes(trainable, impl, device)  # on CUDA less the host (AdamW's `step`) and paged
-    state_built = opt.resident_bytes(trainable, impl, device, stepped=False)  # held before the first step
+    on_device = not cell.cpu_offload  # FSDP2's CPUOffloadPolicy: shards, gradients and the step on the host
+    state_dev = opt.resident_bytes(trainable, impl, device) * on_device  # on CUDA less the host (`step`) and paged
+    state_built = opt.resident_bytes(trainable, impl, device, stepped=False) * on_device  # before the first step
     if opt.scaler_in_step(impl):  # GradScaler hands found_inf to the fused kernel: step() runs, state is made
         first_update_step = 1
     state_fb = state_dev if window_steps > first_update_step else state_built
@@ -216,7 +224,8 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     scaler = 8 if cell.uses_loss_scaler else 0  # GradScaler's _scale (fp32) and _growth_tracker (int32)
 
     res = simulate(model_cfg, cell, device)
-    const = {"params": param_bytes, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
+    const = {"params": param_bytes * on_device, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
+    dev_grads = grad_bytes * on_device
     if cell.strategy == "ddp":  # the Reducer's buckets, from the wrap on
         const["ddp_buckets"] = ddp_bucket_bytes(sb.grad_bytes)
     phases: dict[str, tuple[int, dict]] = {}
@@ -228,28 +237,30 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
             v2, cats2 = res.peak(1, ph, micro_b)
             later = SCALARS_LATER_MICROBATCH[ph]
             prev = held if ph == "forward" else 0
-            if v2 + grad_bytes + later + prev > v:
-                cats = dict(cats2, grads=grad_bytes, scalars=later)
+            if v2 + dev_grads + later + prev > v:
+                cats = dict(cats2, grads=dev_grads, scalars=later)
                 if prev:
                     cats["graph_held"] = prev
         terms = dict(const, optimizer_state=state_fb, **cats)
         if ph == "forward" and window_steps < 2:
             terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's backward
         phases[ph] = (sum(terms.values()), terms)
-    opt_tmp = optimizer_temporaries(opt, groups, impl) if stepped else 0
-    terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=grad_bytes,
+    opt_tmp = optimizer_temporaries(opt, groups, impl) * on_device if stepped else 0
+    terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=dev_grads,
                  optimizer_temporaries=opt_tmp, graph_held=held,
                  scalars=8 + (OPT_SCALARS_FP16["fused" if opt.scaler_in_step(impl) else "other"]
                               if cell.uses_loss_scaler else 0))
     phases["optimizer"] = (sum(terms.values()), terms)
     if cell.uses_loss_scaler:  # GradScaler's unscale_ (fused: its inf check), before step(): state as in forward
-        unscale = dict(const, optimizer_state=state_fb, grads=grad_bytes, scalars=8 + OPT_SCALARS_FP16_UNSCALE)
+        unscale = dict(const, optimizer_state=state_fb, grads=dev_grads, scalars=8 + OPT_SCALARS_FP16_UNSCALE)
         if sum(unscale.values()) > phases["optimizer"][0]:
             phases["optimizer"] = (sum(unscale.values()), unscale)
 
     cuda = {}
     if device == "cuda":
         cuda = cuda_overheads(model_cfg, cell, batch_size, n_batches, gpu_name, impl)
+        if cell.cpu_offload:  # reported, never added: what each rank keeps in host memory
+            cuda["host_offloaded"] = param_bytes + grad_bytes + opt.resident_bytes(trainable, impl, device)
         for ph, (v, t) in phases.items():
             extra = {k: cuda[k] for k in ("cublas_workspace", "allocator_rounding")}
             if ph != "optimizer":

@@ -48,14 +48,36 @@ def rank_state(cfg: ModelConfig, cell: Cell, sb) -> tuple[int, int]:
     return params, grads
 
 
-def group_bytes(params: list[ParamSpec], world_size: int) -> GroupBytes:
-    """One FSDP2 group's buffers on a rank (sim/fsdp.py): the gathered parameters are N shards
-    of each (padded), the reduce-scatter input N shards of each trainable one in its gradient's
-    dtype (the parameter's), its output one shard of each."""
-    shards = [(p, shard(p, world_size)) for p in params]
-    return GroupBytes(gathered=world_size * sum(s.nbytes for _, s in shards),
-                      reduce_input=world_size * sum(s.numel * ITEM_BYTES[p.dtype] for p, s in shards if p.trainable),
-                      reduce_output=sum(s.nbytes for p, s in shards if p.trainable))
+def group_bytes(params: list[ParamSpec], cell: Cell) -> GroupBytes:
+    """One FSDP2 group's buffers on a rank (sim/fsdp.py). N shards of each parameter (padded) are
+    gathered, in the mixed-precision param dtype if the cell has one; gradients come in that dtype
+    and are reduce-scattered in the reduce dtype (else their own): N shards of each trainable one
+    in, one out, cast back to the parameter's dtype when it differs. The all-gather input is a
+    copy when the shards are cast (those not already in the param dtype) or, under CPU offload,
+    copied from the host (and then cast: both copies counted)."""
+    n, mp, off = cell.world_size, cell.fsdp_param_dtype, bool(cell.cpu_offload)
+    shards = [(p, shard(p, n)) for p in params]
+    gathered_dt = lambda p: mp or p.dtype  # noqa: E731
+    reduce_dt = lambda p: cell.fsdp_reduce_dtype or gathered_dt(p)  # noqa: E731
+    trained = [(p, s) for p, s in shards if p.trainable]
+    cast = [(p, s) for p, s in shards if mp and p.dtype != mp]
+    return GroupBytes(gathered=n * sum(s.numel * ITEM_BYTES[gathered_dt(p)] for p, s in shards),
+                      reduce_input=n * sum(s.numel * ITEM_BYTES[reduce_dt(p)] for p, s in trained),
+                      reduce_output=sum(s.numel * ITEM_BYTES[reduce_dt(p)] for p, s in trained),
+                      copy_in=sum(s.numel * ITEM_BYTES[mp] for p, s in cast) + off * sum(s.nbytes for _, s in shards),
+                      cast_output=sum(s.nbytes for p, s in trained) if any(reduce_dt(p) != p.dtype for p, _ in trained)
+                      else 0)
+
+
+def compute_cell(cell: Cell) -> Cell:
+    """The cell whose ops the step runs: under FSDP2's mixed precision an fp32 cell computes as the
+    pure 16-bit cell of its param dtype does (parameters, activations and gradients in it; the fp32
+    shards and their optimizer state stay the cell's own)."""
+    if not cell.fsdp_param_dtype:
+        return cell
+    return dataclasses.replace(cell, precision=f"{cell.fsdp_param_dtype}-pure", fsdp_param_dtype=None,
+                               fsdp_reduce_dtype=None, base_dtype=cell.fsdp_param_dtype if not cell.is_quantized
+                               else cell.base_dtype)
 
 
 def fsdp_plan(cfg: ModelConfig, cell: Cell, n_blocks: int) -> FsdpPlan | None:
@@ -63,10 +85,9 @@ def fsdp_plan(cfg: ModelConfig, cell: Cell, n_blocks: int) -> FsdpPlan | None:
     (embeddings, final norm, head) and one block (train/parallel.py shards each block alone)."""
     if cell.strategy != "fsdp2":
         return None
-    n = cell.world_size
-    return FsdpPlan(root=group_bytes(model_params(cfg, cell, blocks=range(0)), n),
-                    block=group_bytes(block_params(cfg, cell, 0), n), n_blocks=n_blocks,
-                    reshard_after_forward=cell.reshard_after_forward)
+    return FsdpPlan(root=group_bytes(model_params(cfg, cell, blocks=range(0)), cell),
+                    block=group_bytes(block_params(cfg, cell, 0), cell), n_blocks=n_blocks,
+                    reshard_after_forward=cell.reshard_after_forward, offload=bool(cell.cpu_offload))
 
 
 def ddp_bucket_bytes(grad_bytes: int) -> int:

@@ -19,7 +19,7 @@ from ..sim.rules import unary_backward
 from ..sim.tensors import CATEGORIES, F32
 from ..spec.config import Cell, ModelConfig
 from ..stacks import stack_for
-from .parallel import fsdp_plan
+from .parallel import compute_cell, fsdp_plan
 
 K_SYMBOLIC = 1 << 48  # the micro-batch size the simulation runs with (see sim.peaks)
 
@@ -59,12 +59,16 @@ def _shape(cfg: ModelConfig) -> tuple:
 def replay(cfg: ModelConfig, cell: Cell, device: str, micro_batch: int = K_SYMBOLIC) -> SimResult:
     """One micro-batch's forward and backward on a fresh Sim, uncached. A concrete
     micro_batch gives lines with B = 0 (A: the bytes at that size)."""
+    plan = fsdp_plan(cfg, cell, min(cfg.n_layers, 3))
+    buffers = cell.base_float_dtype
+    cell = compute_cell(cell)  # FSDP2's mixed precision: the ops run in its param dtype, the buffers stay
     autocast = DTYPES[cell.autocast_dtype] if cell.autocast_dtype else None
     sim_blocks = min(cfg.n_layers, 3)
-    sim = Sim(cfg.n_layers, autocast, fsdp_plan(cfg, cell, sim_blocks))
+    sim = Sim(cfg.n_layers, autocast, plan)
     sim.set_phase("forward")
     sim.fsdp_forward_start()
-    loss = stack_for(cfg).replay_forward(sim, cfg, cell, device, micro_batch, n_blocks=sim_blocks)
+    loss = stack_for(cfg).replay_forward(sim, cfg, cell, device, micro_batch, n_blocks=sim_blocks,
+                                         buffers_dtype=buffers)
     sim.set_phase("backward")
     saved = sim.live_with_unsimulated()
     root = sim.hold(loss)
@@ -86,7 +90,8 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
     key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
            cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss_chunks, device,
-           cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward))
+           cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward, cell.fsdp_param_dtype,
+                                         cell.fsdp_reduce_dtype, cell.cpu_offload))
     res = _CACHE.get(key)
     if res is None:
         if len(_CACHE) > 4096:

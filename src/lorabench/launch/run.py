@@ -59,8 +59,14 @@ def run_device(requested: str, source: str) -> str:
 
 def check_devices(cells: list[Cell], device: str, source: str) -> None:
     """On CUDA each rank has a GPU of its own: a cell of more ranks than GPUs visible is one line
-    naming `source` (on CPU ranks are processes sharing the host)."""
+    naming `source` (on CPU ranks are processes sharing the host). CPU offload moves state off a
+    GPU: a CPU cell has nowhere to move it (`estimate --device cuda` predicts it)."""
     if device != "cuda":
+        for cell in cells:
+            if cell.cpu_offload:
+                raise ConfigError(source, "matrix.cpu_offload", f"cell {cell.id}: CPU offload moves parameters, "
+                                  "gradients and optimizer state from a GPU to the host; on a CPU device there is "
+                                  "no GPU to offload from (estimate it with --device cuda)")
         return
     import torch
     n = torch.cuda.device_count()

@@ -112,6 +112,9 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
 
     job.device says what is predicted: cpu (exact) or cuda (module docstring).
     count_flops: also count the step's FLOPs with torch.utils.flop_counter (slower)."""
+    if job.cell.cpu_offload:
+        raise TraceError(f"cell {job.cell.id or job.cell.precision}", "trace", "CPU offload moves state between the "
+                         "host and a GPU, which fake CPU tensors cannot tell apart; use --method analytic for this cell")
     if job.cell.strategy == "ddp":  # one process's trace and DDP's buckets (estimator/parallel.py)
         alone = dataclasses.replace(job, cell=dataclasses.replace(job.cell, strategy="none"))
         est, info = trace(alone, gpu_name, count_flops)

@@ -160,6 +160,7 @@ class FitCombo:
     trace_s: float | None = None             # time and the analytic verdict; or why the trace failed
     analytic_fits: bool | None = None
     trace_error: str | None = None
+    host_bytes: int = 0                      # CPU offload: what the rank keeps in host memory
 
     @property
     def needed_bytes(self) -> int:
@@ -184,6 +185,7 @@ class FitCombo:
                 "base_dtype": c.cell().base_dtype, "checkpointing": c.checkpointing,
                 "micro_batch_size": c.micro_batch_size, "accumulation": c.accumulation, "loss": c.loss,
                 "optimizer": c.optimizer, "strategy": c.strategy, "world_size": c.world_size,
+                "host_offloaded_bytes": self.host_bytes,
                 "est_peak_bytes": self.est_peak_bytes, "est_needed_bytes": self.est_needed_bytes,
                 "budget_bytes": self.budget_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
                 "supported": self.supported, "est_step_time_s": self.est_step_time_s,
@@ -256,7 +258,8 @@ def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: t
     budget = budget_bytes(gpu.memory_bytes, margin)
     return FitCombo(combo, est.est_peak_bytes, needed, budget, supported and needed <= budget, supported,
                     est.est_peak_phase, est.est_flops_per_step, est.est_hw_flops_per_step, dtype, eff, t,
-                    estimate_segments(est.breakdown, CUDA_CONTEXT_BYTES), est.trainable_params)
+                    estimate_segments(est.breakdown, CUDA_CONTEXT_BYTES), est.trainable_params,
+                    host_bytes=est.cuda_overheads.get("host_offloaded", 0))
 
 
 def _rank_key(c: FitCombo, sort: str = "speed", optimizers: tuple = ()) -> tuple:

@@ -4,9 +4,11 @@
     needed = gpus_needed(report)            # [Needed(family, strategy, n, combo)], smallest N each
 
 Over N > 1 GPUs every combination of the grid runs as ddp (every rank the whole model, plus
-DDP's gradient buckets) or fsdp2 (parameters, gradients and optimizer state 1/N per rank,
+DDP's gradient buckets), fsdp2 (parameters, gradients and optimizer state 1/N per rank,
 FSDP2's gather and reduce buffers replayed where they happen: estimator/parallel.py,
-sim/fsdp.py), each rank with `--batch` sequences per step (N·batch in all). The estimate is
+sim/fsdp.py) or fsdp2-offload (the same with CPUOffloadPolicy: the shards, their gradients and
+the optimizer step in host memory, only the gathered blocks and activations on the GPU; its
+PCIe copies and CPU step are a cost the FLOP time does not see), each rank with `--batch` sequences per step (N·batch in all). The estimate is
 one rank's peak; the time is one rank's FLOPs at the GPU's rates: the collectives (per step,
 fsdp2 moves about 3× the parameter bytes per rank, ddp 2× the gradient bytes) are not timed,
 as if they overlapped the compute entirely, which the table's assumptions line says.
@@ -103,8 +105,8 @@ def gpus_needed(rep) -> list[Needed]:
     families = [f for f in FAMILIES if f in one]
     for fam in families:
         found.append(verdict(fam, "none", 1, one[fam]) or Needed(fam, "none", None, _closest(one[fam])))
-    for strategy, counts in (("ddp", GPU_COUNTS[:1]), ("fsdp2", GPU_COUNTS)):
-        todo = {f: None for f in families if not (strategy == "fsdp2" and f.startswith("QLoRA"))}
+    for strategy, counts in (("ddp", GPU_COUNTS[:1]), ("fsdp2", GPU_COUNTS), ("fsdp2-offload", GPU_COUNTS)):
+        todo = {f: None for f in families if not (strategy.startswith("fsdp2") and f.startswith("QLoRA"))}
         for n in counts:
             if not todo:
                 break
@@ -130,9 +132,9 @@ def needed_text(n: Needed) -> str:
     if c is None:
         return "–"
     what = c.combo.precision + ("" if c.combo.lora_rank else f", {c.combo.optimizer}")
-    gib = f"{c.needed_bytes / 2 ** 30:.1f} GiB"
+    gib = f"{c.needed_bytes / 2 ** 30:.1f} GiB" + (f" (+ {c.host_bytes / 2 ** 30:.0f} GiB host)" if c.host_bytes else "")
     if n.gpus is None:
-        return f"no (at {GPU_COUNTS[-1]}: {gib})" if n.strategy == "fsdp2" else f"no ({gib})"
+        return f"no (at {GPU_COUNTS[-1]}: {gib})" if n.strategy.startswith("fsdp2") else f"no ({gib})"
     return f"{n.gpus} · {what} · {gib}"
 
 
@@ -141,17 +143,20 @@ def needed_records(needed: list[Needed]) -> list[dict]:
     return [{"family": n.family, "strategy": n.strategy, "gpus": n.gpus,
              "id": n.best.combo.id if n.best else None,
              "needed_bytes": n.best.needed_bytes if n.best else None,
+             "host_offloaded_bytes": n.best.host_bytes if n.best else None,
              "fits": n.gpus is not None} for n in needed]
 
 
 def render_needed(rep, needed: list[Needed], width: int):
     """The 'GPUs needed' table: one row per family, one column per strategy."""
     from .tables import fitted_table
-    cols = [("none", "1 GPU"), ("ddp", "ddp (any N)"), ("fsdp2", "fsdp2: smallest N")]
+    cols = [("none", "1 GPU"), ("ddp", "ddp (any N)"), ("fsdp2", "fsdp2: smallest N"),
+            ("fsdp2-offload", "fsdp2 + CPU offload")]
     rows = []
     for fam in dict.fromkeys(n.family for n in needed):
         cells = {n.strategy: needed_text(n) for n in needed if n.family == fam}
         rows.append([fam, *(cells.get(s, "–") for s, _ in cols)])
     return fitted_table(f"GPUs needed on {rep.gpu.name}, {rep.batch} sequence{'s' * (rep.batch != 1)} per GPU: "
-                  "the smallest count that fits · the fastest that fits there · its need per GPU",
+                  "the smallest count that fits · the fastest that fits there · its need per GPU (and, offloaded, "
+                  "per GPU in host memory)",
                   ["technique", *(c for _, c in cols)], rows, width)

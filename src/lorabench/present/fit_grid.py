@@ -26,9 +26,10 @@ Axes (`Axes`; every value one `estimator.estimate` on CUDA, nothing run):
   loss        standard, chunked (`--loss-chunks` chunks, default 8).
   checkpointing off, on; micro-batch m in the powers of two dividing the batch B (and B),
               accumulation B / m.
-  strategy    with N > 1 GPUs (`--gpus N`, or `--gpu 8xH100`): ddp and fsdp2 over the N ranks, every
-              other axis as above; B is then each GPU's batch (the optimizer step's is N·B). One GPU:
-              no strategy (none).
+  strategy    with N > 1 GPUs (`--gpus N`, or `--gpu 8xH100`): ddp, fsdp2 and fsdp2-offload (FSDP2's
+              CPUOffloadPolicy: shards, gradients and the optimizer step on the host) over the N
+              ranks, every other axis as above; B is then each GPU's batch (the optimizer step's is
+              N·B). One GPU: no strategy (none).
 
 The LoRA dropout (`--lora-dropout`, default 0.0) and the targets are the user's values, not axes.
 """
@@ -53,7 +54,7 @@ QUANT_PRECISIONS = {"nf4": ("bf16", "bf16-pure", "fp16"), "int8": ("bf16", "fp16
 OTHER_QUANT_PRECISIONS = ("bf16", "bf16-pure", "fp16")  # a quantized dtype not named above
 DEFAULT_TARGETS = ("q", "v")
 AMP_OPTIMIZERS = 2  # of the default list: AdamW and 8-bit AdamW under autocast (its FP32 master dominates)
-STRATEGIES_OVER_GPUS = ("ddp", "fsdp2")
+STRATEGIES_OVER_GPUS = ("ddp", "fsdp2", "fsdp2-offload")  # fsdp2-offload: FSDP2 with CPUOffloadPolicy
 
 
 def sixteen_bit(precision: str) -> str:
@@ -73,8 +74,9 @@ def is_quant(base_dtype: str) -> bool:
 
 def hidden_cost(combo) -> bool:
     """A cost in time the FLOP count does not see: a quantized base is dequantized in every matmul,
-    a paged optimizer's state may page to host memory."""
-    return is_quant(combo.base_dtype) or combo.optimizer.startswith("paged")
+    a paged optimizer's state may page to host memory, CPU offload copies every shard over PCIe
+    and steps the optimizer on the CPU."""
+    return is_quant(combo.base_dtype) or combo.optimizer.startswith("paged") or combo.strategy.endswith("offload")
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class Combo:
     loss: str = "standard"
     optimizer: str = "adamw"
     double_quant: bool = True  # an nf4 base's scales double-quantized (a quantized checkpoint says which)
-    strategy: str = "none"     # none | ddp | fsdp2 (over world_size GPUs)
+    strategy: str = "none"     # none | ddp | fsdp2 | fsdp2-offload (over world_size GPUs)
     world_size: int = 1
 
     def cell(self, targets: tuple = DEFAULT_TARGETS, dropout: float = 0.0, loss_chunks: int = 8) -> Cell:
@@ -96,8 +98,9 @@ class Combo:
         cell = Cell(precision=self.precision, lora_rank=self.lora_rank, checkpointing=self.checkpointing,
                     accumulation=self.accumulation, base_dtype=self.base_dtype, loss=self.loss,
                     loss_chunks=loss_chunks if self.loss == "chunked" else None, optimizer=self.optimizer,
-                    double_quant=self.double_quant if self.base_dtype == "nf4" else None, strategy=self.strategy,
-                    world_size=self.world_size, **lora)
+                    double_quant=self.double_quant if self.base_dtype == "nf4" else None,
+                    strategy=self.strategy.removesuffix("-offload"), world_size=self.world_size,
+                    cpu_offload=self.strategy.endswith("-offload"), **lora)
         return dataclasses.replace(cell, id=cell_id(cell, set()))
 
     @functools.cached_property
@@ -214,7 +217,7 @@ def grid(batch: int, axes: Axes | None = None) -> list[Combo]:
     for p in axes.precisions or AUTO_PRECISIONS:
         for r, base, opt in methods(p, axes):
             for strategy in axes.strategies:
-                if strategy == "fsdp2" and is_quant(base):  # FSDP2 shards no bitsandbytes weight here
+                if strategy.startswith("fsdp2") and is_quant(base):  # FSDP2 shards no bitsandbytes weight here
                     continue
                 for loss in axes.losses:
                     for ckpt in (False, True):

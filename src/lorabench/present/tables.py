@@ -1,7 +1,8 @@
 """fit's tables: borderless, as wide as their content, fitted to the terminal's width."""
 from __future__ import annotations
 
-LEFT = ("GPU", "precision", "technique", "what would fit → GiB", "1 GPU", "ddp (any N)", "fsdp2: smallest N")  # text columns (the rest: numbers, never wrapped)
+LEFT = ("GPU", "precision", "technique", "what would fit → GiB", "1 GPU", "ddp (any N)", "fsdp2: smallest N",
+        "fsdp2 + CPU offload")  # text columns (the rest: numbers, never wrapped)
 MIN_WRAP = 16  # the least width a wrapping text column keeps
 
 

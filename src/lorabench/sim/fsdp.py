@@ -7,12 +7,16 @@ _fsdp_param_group.py, _fsdp_collectives.py, _fsdp_state.py). Per group, N ranks,
 parameter's ⌈d0/N⌉ rows:
 
   AG     the all-gather output, N·Σ shard bytes (uint8 when the group mixes dtypes: the
-         same bytes); its input is a view into it (`all_gather_copy_in`)
+         same bytes); its input is a view into it (`all_gather_copy_in`), copied from a
+         transient C: the shards cast to MixedPrecisionPolicy's param_dtype (those of another
+         dtype), or copied from the host under CPUOffloadPolicy; without either, views
   U      the unsharded parameters, N·shard bytes per parameter (padded; the parameter is a
          view of its first d0 rows), made by the copy-out
   G      the unsharded gradients autograd makes (the trainable parameters' full size)
-  RS     the reduce-scatter input, N·Σ trainable shard numel in the gradient dtype
-  g      the reduce-scatter output, Σ trainable shard bytes: the sharded .grad (a view of it)
+  RS     the reduce-scatter input, N·Σ trainable shard numel in the reduce dtype
+  g      the reduce-scatter output, Σ trainable shard numel in the reduce dtype: the sharded
+         .grad (a view of it), or cast to the parameters' dtype (a copy, g freed), and under
+         CPU offload copied to the host (nothing stays on the device)
 
   forward   root pre_forward      +AG_root +U_root; AG kept until the next group's copy-out
             block i pre_forward   +AG_i, −AG_prev, +U_i          (implicit-prefetch hold)
@@ -43,8 +47,11 @@ from .tensors import FSDP_GATHERED, FSDP_REDUCE, GRADS, U8
 class GroupBytes:
     """One FSDP2 group's buffer sizes on a rank (bytes)."""
     gathered: int       # U: the unsharded parameters, padded (= the all-gather output AG)
-    reduce_input: int   # RS: N·Σ trainable shard numel, gradient dtype (0: nothing trains)
-    reduce_output: int  # g: Σ trainable shard bytes, the sharded gradients
+    reduce_input: int   # RS: N·Σ trainable shard numel, reduce dtype (0: nothing trains)
+    reduce_output: int  # Σ trainable shard numel in the reduce dtype: the sharded gradients unless cast
+    copy_in: int = 0    # the all-gather input's own copy: the shards cast to the mixed-precision
+    #                     param dtype, or copied to the GPU from the host under CPU offload (else a view)
+    cast_output: int = 0  # the sharded gradients cast back to the parameters' dtype (reduce dtype differs)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class FsdpPlan:
     n_blocks: int                     # blocks the replay simulates (the last one stands for L−1)
     reshard_after_forward: bool       # the blocks'; the root keeps FSDP2's default (no reshard)
     root_reshard_after_forward: bool = False
+    offload: bool = False             # CPUOffloadPolicy: the sharded gradients go to the host
 
 
 @dataclass
@@ -93,18 +101,26 @@ class FsdpHooks:
     def _reshard(self, g) -> None:
         self.drop(self.fsdp.unsharded.pop(g, None))
 
+    def _all_gather(self, g):
+        """Group g's all-gather output, from its input's transient copy (if any)."""
+        size = self._group(g)
+        copy = self._alloc(size.copy_in, FSDP_GATHERED)
+        ag = self._alloc(size.gathered, FSDP_GATHERED)
+        self.drop(copy)
+        return ag
+
     def fsdp_forward_start(self) -> None:
         """The root's pre_forward: all-gather and copy out the root's parameters."""
         if self.fsdp is None:
             return
-        self.fsdp.ag_held = self._alloc(self._group(ROOT).gathered, FSDP_GATHERED)
+        self.fsdp.ag_held = self._all_gather(ROOT)
         self._gather(ROOT)
 
     def fsdp_block_forward(self, i: int) -> None:
         """Block i's pre_forward."""
         if i in self.fsdp.unsharded:  # gathered still (reshard_after_forward False)
             return
-        ag = self._alloc(self._group(i).gathered, FSDP_GATHERED)
+        ag = self._all_gather(i)
         self.drop(self.fsdp.ag_held)
         self.fsdp.ag_held = ag
         self._gather(i)
@@ -126,14 +142,14 @@ class FsdpHooks:
 
     def _prefetch(self, g) -> None:
         if g is not None and g >= 0 and g not in self.fsdp.unsharded and g not in self.fsdp.prefetched:
-            self.fsdp.prefetched[g] = self._alloc(self._group(g).gathered, FSDP_GATHERED)
+            self.fsdp.prefetched[g] = self._all_gather(g)
 
     def _unshard_in_backward(self, g) -> None:
         if g in self.fsdp.unsharded:
             return
         ag = self.fsdp.prefetched.pop(g, None)
         if ag is None:
-            ag = self._alloc(self._group(g).gathered, FSDP_GATHERED)
+            ag = self._all_gather(g)
         self._gather(g)
         self.drop(ag)
 
@@ -167,7 +183,16 @@ class FsdpHooks:
         st.reduce_held = self._alloc(size.reduce_input, FSDP_REDUCE)
         for t in grads:
             self.drop(t)
-        self._alloc(size.reduce_output, GRADS)  # the sharded .grad views it: kept for the step
+        if not size.cast_output and not st.plan.offload:
+            self._alloc(size.reduce_output, GRADS)  # the sharded .grad views it: kept for the step
+            return
+        out = self._alloc(size.reduce_output, FSDP_REDUCE)
+        if size.cast_output:  # cast to the parameters' dtype: the .grad (on the host under offload)
+            cast = self._alloc(size.cast_output, FSDP_REDUCE if st.plan.offload else GRADS)
+            self.drop(out)
+            out = cast
+        if st.plan.offload:
+            self.drop(out)
 
     def fsdp_accumulate(self, param, grad) -> bool:
         """AccumulateGrad on an unsharded parameter: FSDP2 takes the gradient at post_backward.

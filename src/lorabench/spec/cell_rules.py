@@ -83,17 +83,57 @@ the root: parameters, gradients and optimizer state sharded 1/N)"""
 MAX_WORLD_SIZE = 1024
 
 
-def check_parallel(strategy, world_size, reshard_after_forward) -> tuple[int, Optional[bool]]:
-    """Validate a cell's strategy; returns its (world_size, reshard_after_forward): strategy none
-    runs one process (world_size 1); ddp and fsdp2 need at least 2 ranks; reshard_after_forward
-    is fsdp2's (True by default), None otherwise."""
+FSDP_PARAM_DTYPES = ("bf16", "fp16")
+FSDP_REDUCE_DTYPES = ("fp32", "bf16")
+
+
+def check_parallel(strategy, world_size, reshard_after_forward, param_dtype=None, reduce_dtype=None,
+                   cpu_offload=None, precision: str = "fp32") -> dict:
+    """Validate a cell's strategy and FSDP2's options; returns them normalised: strategy none runs
+    one process (world_size 1); ddp and fsdp2 need at least 2 ranks; reshard_after_forward
+    (True by default) and cpu_offload (False by default) are fsdp2's, None otherwise (ignored, as
+    world_size is with strategy none); so are
+    FSDP2's mixed-precision dtypes (`MixedPrecisionPolicy`: parameters gathered and computed in
+    fsdp_param_dtype over fp32 shards, gradients reduced in fsdp_reduce_dtype), which take an
+    fp32 cell: they are its precision, as autocast's dtype is another cell's."""
     if strategy not in STRATEGIES:
         raise FieldError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}"[:160])
-    if strategy == "none":
-        return 1, None
+    out = {"world_size": 1, "reshard_after_forward": None, "fsdp_param_dtype": None, "fsdp_reduce_dtype": None,
+           "cpu_offload": None}
+    if strategy == "none":  # FSDP2's options, like world_size, mean nothing here
+        return out
     if isinstance(world_size, bool) or not isinstance(world_size, int) or not 2 <= world_size <= MAX_WORLD_SIZE:
         raise FieldError("world_size", f"{strategy} runs over several ranks: must be an integer in "
                                        f"[2, {MAX_WORLD_SIZE}], got {world_size!r}"[:160])
+    out["world_size"] = world_size
     if strategy != "fsdp2":
-        return world_size, None
-    return world_size, True if reshard_after_forward is None else bool(reshard_after_forward)
+        return out
+    for key, value, allowed in (("fsdp_param_dtype", param_dtype, FSDP_PARAM_DTYPES),
+                                ("fsdp_reduce_dtype", reduce_dtype, FSDP_REDUCE_DTYPES)):
+        if value is not None and value not in allowed:
+            raise FieldError(key, f"must be one of {', '.join(allowed)}, got {value!r}"[:160])
+    if (param_dtype or reduce_dtype) and precision != "fp32":
+        raise FieldError("fsdp_param_dtype" if param_dtype else "fsdp_reduce_dtype",
+                         f"FSDP2's mixed precision is the cell's precision: it takes precision fp32, got {precision!r}")
+    return dict(out, reshard_after_forward=True if reshard_after_forward is None else bool(reshard_after_forward),
+                fsdp_param_dtype=param_dtype, fsdp_reduce_dtype=reduce_dtype, cpu_offload=bool(cpu_offload))
+
+
+def adapter_fields(adapter, backend, lora_plus_ratio, lora_alpha, lora_dropout, lora_targets) -> dict:
+    """An adapter cell's adapter fields, normalised: the kind (lora by default), the backend
+    (builtin), LoRA+'s ratio (16 for lora-plus, else None), alpha (16), dropout (0) and targets."""
+    adapter = adapter or "lora"
+    backend = backend or "builtin"
+    if backend not in ADAPTER_BACKENDS:
+        raise FieldError("adapter_backend", f"must be one of {', '.join(ADAPTER_BACKENDS)}, got {backend!r}")
+    ratio = (16.0 if lora_plus_ratio is None else float(lora_plus_ratio)) if adapter == "lora-plus" else None
+    if ratio is not None and not ratio > 0:
+        raise FieldError("lora_plus_ratio", f"must be > 0, got {lora_plus_ratio!r}")
+    alpha = 16.0 if lora_alpha is None else float(lora_alpha)
+    dropout = 0.0 if lora_dropout is None else float(lora_dropout)
+    if not alpha > 0:
+        raise FieldError("lora_alpha", f"must be > 0, got {lora_alpha!r}")
+    if not 0 <= dropout < 1:
+        raise FieldError("lora_dropout", f"must be in [0, 1), got {lora_dropout!r}")
+    return {"adapter": adapter, "adapter_backend": backend, "lora_plus_ratio": ratio, "lora_alpha": alpha,
+            "lora_dropout": dropout, "lora_targets": canonical_targets(lora_targets)}

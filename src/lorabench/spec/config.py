@@ -15,7 +15,8 @@ from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, r
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget,
-                         backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel)
+                         backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields,
+                         FSDP_PARAM_DTYPES, FSDP_REDUCE_DTYPES)
 
 
 @dataclass
@@ -200,6 +201,12 @@ class MatrixSpec:
     reshard_after_forward: list[bool] = fld([True], "fsdp2: free each block's gathered parameters after its forward "
                                             "(gathered again in backward); false keeps them to the backward",
                                             (nonempty,))
+    fsdp_param_dtype: list[Optional[str]] = fld([None], "fsdp2 with precision fp32: FSDP2's mixed precision, parameters "
+                                                "gathered and computed in bf16 | fp16 over fp32 shards", (nonempty,))
+    fsdp_reduce_dtype: list[Optional[str]] = fld([None], "fsdp2 with precision fp32: the gradients' reduce-scatter "
+                                                 "dtype, fp32 | bf16", (nonempty,))
+    cpu_offload: list[bool] = fld([False], "fsdp2: FSDP2's CPUOffloadPolicy (parameters, gradients and optimizer "
+                                  "state on the host; GPU cells only)", (nonempty,))
 
 
 LOSSES = ("standard", "chunked")
@@ -275,14 +282,23 @@ class Cell:
     """ranks (processes) the cell runs on: 1 with strategy none, at least 2 otherwise"""
     reshard_after_forward: Optional[bool] = None
     """fsdp2: each block's gathered parameters freed after its forward (True by default); None otherwise"""
+    fsdp_param_dtype: Optional[str] = None
+    """fsdp2, fp32 cells: FSDP2's MixedPrecisionPolicy.param_dtype (bf16 | fp16), the dtype parameters are
+    gathered and computed in over fp32 shards; None: their own"""
+    fsdp_reduce_dtype: Optional[str] = None
+    """fsdp2, fp32 cells: MixedPrecisionPolicy.reduce_dtype (fp32 | bf16) of the reduce-scatter; None: the gradients'"""
+    cpu_offload: Optional[bool] = None
+    """fsdp2: CPUOffloadPolicy, sharded parameters, gradients and optimizer state on the host and the step on
+    the CPU (False by default; GPU cells only); None otherwise"""
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once
         if self.precision not in PRECISIONS:
             raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         put("double_quant", check_base(self.base_dtype, self.lora_rank, self.double_quant))
-        ws, reshard = check_parallel(self.strategy, self.world_size, self.reshard_after_forward)
-        put("world_size", ws), put("reshard_after_forward", reshard)
+        for k, v in check_parallel(self.strategy, self.world_size, self.reshard_after_forward, self.fsdp_param_dtype,
+                                   self.fsdp_reduce_dtype, self.cpu_offload, self.precision).items():
+            put(k, v)
         if unknown_optimizer(self.optimizer):
             raise FieldError("optimizer", unknown_optimizer(self.optimizer))
         int_at_least("lora_rank", self.lora_rank, 0)
@@ -303,21 +319,9 @@ class Cell:
             return
         if self.param_dtype != "fp32" and not self.is_quantized:  # pure 16-bit: the base is stored as everything else is
             put("base_dtype", self.param_dtype)
-        put("adapter", self.adapter or "lora")
-        put("adapter_backend", self.adapter_backend or "builtin")
-        if self.adapter_backend not in ADAPTER_BACKENDS:
-            raise FieldError("adapter_backend", f"must be one of {', '.join(ADAPTER_BACKENDS)}, got {self.adapter_backend!r}")
-        ratio = self.lora_plus_ratio
-        put("lora_plus_ratio", (16.0 if ratio is None else float(ratio)) if self.adapter == "lora-plus" else None)
-        if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
-            raise FieldError("lora_plus_ratio", f"must be > 0, got {ratio!r}")
-        put("lora_alpha", 16.0 if self.lora_alpha is None else float(self.lora_alpha))
-        put("lora_dropout", 0.0 if self.lora_dropout is None else float(self.lora_dropout))
-        put("lora_targets", canonical_targets(self.lora_targets))
-        if not self.lora_alpha > 0:
-            raise FieldError("lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise FieldError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        for k, v in adapter_fields(self.adapter, self.adapter_backend, self.lora_plus_ratio, self.lora_alpha,
+                                   self.lora_dropout, self.lora_targets).items():
+            put(k, v)
 
     @property
     def is_lora(self) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ..optimizers import get as get_optimizer, names as optimizer_names
 from .config import (AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
-                     allowed_targets, check_parallel)
+                     allowed_targets, check_parallel, FSDP_PARAM_DTYPES, FSDP_REDUCE_DTYPES)
 from .hf_config import hf_model_fields
 from .job import CellJob
 from .presets import preset_data
@@ -154,6 +154,15 @@ def parallel_checks(m: MatrixSpec, source: str) -> None:
         if b in QUANT_DTYPES and any(m.lora_rank):
             raise ConfigError(source, f"matrix.base_dtype[{i}]", f"a {b} base is not run on several ranks here "
                               f"(strategy {multi[0]}): use a float base_dtype, or strategy none")
+    if "fsdp2" not in multi:
+        return
+    for key, allowed in (("fsdp_param_dtype", FSDP_PARAM_DTYPES), ("fsdp_reduce_dtype", FSDP_REDUCE_DTYPES)):
+        for i, v in enumerate(getattr(m, key)):
+            if v is not None and v not in allowed:
+                raise ConfigError(source, f"matrix.{key}[{i}]", f"must be one of {', '.join(allowed)}, got {short(v)}")
+            if v is not None and any(p != "fp32" for p in m.precision):
+                raise ConfigError(source, f"matrix.{key}[{i}]", "FSDP2's mixed precision is the cell's precision: "
+                                  f"it takes precision fp32 only, and the matrix has {', '.join(m.precision)}")
 
 
 def quantized_axes(model: ModelConfig, axes: dict, source: str) -> dict:
@@ -217,7 +226,10 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
         kw = dict(zip(AXES, combo))
         if not kw["lora_rank"]:  # a full fine-tuning cell has no frozen base (Cell drops the axis)
             kw["base_dtype"] = "fp32"
-        cell = Cell(**kw)
+        try:
+            cell = Cell(**kw)
+        except FieldError as e:  # a rule between axes that no single axis' check sees
+            raise ConfigError(ls.source, f"matrix.{e.key}", e.message) from None
         if any(_matches(cell, entry) for entry in ls.scenario.exclude):
             continue
         cell = dataclasses.replace(cell, id=cell_id(cell, varying))
@@ -278,6 +290,8 @@ def cell_id(cell: Cell, varying: set) -> str:
         parts.append(f"chunked{cell.loss_chunks}" if "loss_chunks" in varying else "chunked")
     if cell.strategy != "none":  # e.g. bf16-full-ckpt-fsdp2-w4, fp32-r8-ddp-w2
         parts += [cell.strategy, f"w{cell.world_size}"] + (["noreshard"] if cell.reshard_after_forward is False else [])
+        parts += [f"mp{cell.fsdp_param_dtype}"] * bool(cell.fsdp_param_dtype) + \
+            [f"rd{cell.fsdp_reduce_dtype}"] * bool(cell.fsdp_reduce_dtype) + ["offload"] * bool(cell.cpu_offload)
     return "-".join(parts)
 
 

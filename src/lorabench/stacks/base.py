@@ -98,6 +98,9 @@ class Stack(ABC):
         """(name, d_in, d_out, has_bias) of one block's linear layers, in registration order."""
 
     @abstractmethod
-    def replay_forward(self, sim, cfg: ModelConfig, cell: Cell, device: str, micro_batch: int, n_blocks: int):
+    def replay_forward(self, sim, cfg: ModelConfig, cell: Cell, device: str, micro_batch: int, n_blocks: int,
+                       buffers_dtype: str | None = None):
         """The forward pass and the loss of one micro-batch on `sim`, over the first n_blocks
-        blocks (the simulator extrapolates identical blocks); returns the loss tensor."""
+        blocks (the simulator extrapolates identical blocks); returns the loss tensor.
+        buffers_dtype: the model's buffers' dtype when it is not the cell's base float dtype (FSDP2's
+        mixed precision casts parameters, not buffers)."""

@@ -125,5 +125,5 @@ class HFStack(Stack):
     def projections(self, cfg):
         return self._builtin.projections(cfg)
 
-    def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks):
-        return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks)
+    def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None):
+        return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype)

@@ -54,14 +54,25 @@ def parallelize(model: torch.nn.Module, cell: Cell) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     with unset_fake_temporarily():  # the mesh's rank table is real even when the model is fake (trace)
         mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
+    options = fsdp_options(cell)
     for block in stack.blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=cell.reshard_after_forward)
-    fully_shard(model, mesh=mesh)  # the root at FSDP2's default: gathered from its forward to the backward's end
+        fully_shard(block, mesh=mesh, reshard_after_forward=cell.reshard_after_forward, **options)
+    fully_shard(model, mesh=mesh, **options)  # the root at FSDP2's default: gathered to the backward's end
     if cell.loss == "chunked" and "hidden" not in stack.sharded_methods():
         raise RuntimeError(f"the chunked loss calls the {stack.name} model outside its forward: not sharded here")
     for method in stack.sharded_methods():
         register_fsdp_forward_method(model, method)
     return model
+
+
+def fsdp_options(cell: Cell) -> dict:
+    """FSDP2's policies for the cell: MixedPrecisionPolicy (parameters gathered in fsdp_param_dtype,
+    gradients reduced in fsdp_reduce_dtype) and CPUOffloadPolicy (cpu_offload; pinned host memory)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+    dtypes = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=dtypes[cell.fsdp_param_dtype],
+                                              reduce_dtype=dtypes[cell.fsdp_reduce_dtype]),
+            "offload_policy": CPUOffloadPolicy() if cell.cpu_offload else OffloadPolicy()}
 
 
 @contextmanager
