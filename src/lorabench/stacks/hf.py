@@ -23,6 +23,8 @@ fine-tuning (its fused Conv1D qkv takes no per-projection adapter).
 """
 from __future__ import annotations
 
+import types
+
 from .base import Stack, numbered_block
 from .builtin import BuiltinStack
 
@@ -51,7 +53,8 @@ class HFStack(Stack):
                                                      attn_implementation=cell.attn_implementation or cfg.attn_implementation)
         model.train()
         model.stack_name = self.name
-        apply_cell(model, cell, TARGET_NAMES)
+        model.lorabench_hidden = types.MethodType(_hidden_states, model)  # the chunked loss's forward (FSDP2: its
+        apply_cell(model, cell, TARGET_NAMES)                              # root gathers around it too)
         if cell.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -96,7 +99,10 @@ class HFStack(Stack):
         return model(input_ids=x, use_cache=False).logits
 
     def hidden(self, model, x):
-        return model.base_model(input_ids=x, use_cache=False).last_hidden_state
+        return model.lorabench_hidden(x)
+
+    def sharded_methods(self):
+        return ("lorabench_hidden",)
 
     def head_logits(self, model, h):
         """lm_head, then the final soft-capping of the families that have it (Gemma 2:
@@ -127,3 +133,10 @@ class HFStack(Stack):
 
     def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None):
         return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype)
+
+
+def _hidden_states(model, x):
+    """The final hidden states (B, T, C) of a causal LM: its base model's, everything before the
+    head. A method of each model built here (`lorabench_hidden`), so that FSDP2 can register it as
+    a forward of the root and gather the root's parameters around it, as around forward."""
+    return model.base_model(input_ids=x, use_cache=False).last_hidden_state
