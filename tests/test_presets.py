@@ -17,7 +17,7 @@ EXPECTED = {  # totals as the checkpoints report them (model.num_parameters(), t
     "llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496, "mistral-7b": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
     "qwen2.5-14b": 14_770_033_664, "llama-3.1-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400,
-    "llama-3.2-3b": 3_212_749_824, "phi-3-mini": 3_821_079_552,
+    "llama-3.2-3b": 3_212_749_824, "phi-3-mini": 3_821_079_552, "qwen3-8b": 8_190_735_360,
 }
 
 
@@ -47,7 +47,8 @@ def test_parameter_count_is_exact(name):
 def test_qwen_small_models_tie_their_head_and_big_ones_do_not():
     assert load_preset("qwen2.5-0.5b").tie_embeddings and load_preset("qwen2.5-1.5b").tie_embeddings
     assert not load_preset("qwen2.5-7b").tie_embeddings
-    assert all(load_preset(n).qkv_bias for n in MINE if n.startswith("qwen"))
+    assert all(load_preset(n).qkv_bias for n in MINE if n.startswith("qwen2"))
+    assert load_preset("qwen3-8b").qk_norm and not load_preset("qwen3-8b").qkv_bias  # Qwen3: head norms, no bias
 
 
 @pytest.mark.parametrize("spelling, name", [("Llama-2-7B", "llama-2-7b"), ("LLAMA-3-8B", "llama-3-8b"),
@@ -78,5 +79,6 @@ def test_an_unknown_preset_still_lists_the_known_ones():
 def test_every_hub_id_names_one_preset_and_an_unknown_one_lists_them():
     from lorabench.spec.presets import _hub_ids
     assert _hub_ids() and all(len(v) == 1 for v in _hub_ids().values())
-    with pytest.raises(Exception, match="unknown preset 'Qwen/Qwen3-8B'"):
-        load_preset("Qwen/Qwen3-8B")
+    with pytest.raises(Exception, match="unknown preset 'Qwen/Qwen3-4B'"):
+        load_preset("Qwen/Qwen3-4B")
+    assert load_preset("Qwen/Qwen3-8B").name == "qwen3-8b"

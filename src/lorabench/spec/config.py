@@ -35,6 +35,7 @@ class ModelConfig:
     tie_embeddings: Optional[bool] = fld(None, "share the token embedding with the LM head; default True for gpt2, False for llama")
     bias: Optional[bool] = fld(None, "biases on the linear layers; default True for gpt2, False for llama")
     qkv_bias: Optional[bool] = fld(None, "biases on q, k, v only (Qwen2-style); default = bias")
+    qk_norm: bool = fld(False, "RMSNorm over each head's q and k before RoPE (Qwen3); llama style", row=True)
     norm_eps: float = fld(1e-5, "epsilon of the norms", (gt(0),))
     rope_theta: float = fld(10000.0, "RoPE base (llama style)", (gt(0),))
     max_seq_len: Optional[int] = fld(None, "positions the model supports (gpt2's learned table); default seq_len", (gt(0),))
@@ -62,6 +63,8 @@ class ModelConfig:
             self.bias = gpt2
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
+        if self.qk_norm and gpt2:
+            raise FieldError("qk_norm", "is a llama-style (Qwen3) norm: a gpt2 model has none")
         if self.max_seq_len is None:
             self.max_seq_len = self.seq_len
         if self.seq_len > self.max_seq_len:

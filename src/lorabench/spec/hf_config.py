@@ -2,11 +2,12 @@
 
 Supported `model_type`s and the keys read:
 
-  llama, mistral, qwen2   hidden_size, num_hidden_layers, num_attention_heads,
-                          num_key_value_heads (default: heads), intermediate_size,
+  llama, mistral,         hidden_size, num_hidden_layers, num_attention_heads,
+  qwen2, qwen3            num_key_value_heads (default: heads), intermediate_size,
                           vocab_size, max_position_embeddings, rms_norm_eps, rope_theta,
                           tie_word_embeddings (default false); llama: attention_bias and
-                          mlp_bias; qwen2: biases on q, k, v always (o has none)
+                          mlp_bias; qwen2: biases on q, k, v always (o has none);
+                          qwen3: q_norm and k_norm per head (qk_norm), no bias
   gpt2                    n_embd, n_layer, n_head, n_inner (default 4·n_embd), vocab_size,
                           n_positions, layer_norm_epsilon, tie_word_embeddings (default true)
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from .schema import ConfigError
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_SEQ_LEN = 2048
 
 
@@ -123,6 +124,11 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
         raise ConfigError(path, "head_dim", f"{head_dim} != hidden_size / num_attention_heads = {C // H}: not supported")
     if mtype == "qwen2":
         qkv_bias, bias = True, False
+    elif mtype == "qwen3":
+        if _bool(data, "attention_bias", path, False):
+            raise ConfigError(path, "attention_bias", "Qwen3's attention_bias (on q, k, v and o, none on the MLP) is "
+                                                      "not supported: lorabench has one `bias` for o, gate, up, down")
+        qkv_bias = bias = False
     elif mtype == "llama":
         attn = _bool(data, "attention_bias", path, False)
         mlp = _bool(data, "mlp_bias", path, False)
@@ -137,6 +143,7 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
         "max_seq_len": _int(data, "max_position_embeddings", path), "norm_eps": _float(data, "rms_norm_eps", path, 1e-6),
         "rope_theta": _float(data.get("rope_parameters") or data, "rope_theta", path, 10000.0),
         "tie_embeddings": _bool(data, "tie_word_embeddings", path, False), "bias": bias, "qkv_bias": qkv_bias,
+        "qk_norm": mtype == "qwen3",
     }
 
 
@@ -196,5 +203,6 @@ def hf_config_dict(cfg) -> dict:
     data.pop("quantization_config", None)  # lorabench quantizes the base itself, as the cell says
     if family == "llama":
         data.pop("rope_parameters", None)
-        data.pop("head_dim", None)  # hidden_size / heads (the reader refuses any other)
+        data["head_dim"] = cfg.head_dim  # hidden_size / heads (the reader refuses any other); written, not
+        # left to the family's default (Qwen3Config's is 128 whatever the width)
     return data

@@ -51,7 +51,7 @@ class BuiltinStack(Stack):
                     F=cfg.d_ff, V=cfg.vocab_size, style=cfg.style,
                     adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
                     checkpointing=cell.checkpointing, device=device, table_dtype=DTYPES[buffers_dtype or cell.base_float_dtype],
-                    loss_chunks=cell.loss_chunks, double_quant=bool(cell.double_quant))
+                    loss_chunks=cell.loss_chunks, double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm)
         half = cfg.seq_len * (cfg.head_dim // 2)
         tables = (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # RoPE cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)

@@ -57,12 +57,21 @@ class Attention(nn.Module):
         self.k = nn.Linear(C, G * D, bias=cfg.qkv_bias)
         self.v = nn.Linear(C, G * D, bias=cfg.qkv_bias)
         self.o = nn.Linear(H * D, C, bias=cfg.bias)
+        if cfg.qk_norm:  # Qwen3: each head's q and k RMS-normed over D, before RoPE
+            self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, rope):
         B, T, C = x.shape
         H, G, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        q = self.q(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        q = self.q(x).view(B, T, H, D)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(B, T, G, D)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        k = k.transpose(1, 2)  # (B, G, T, D)
         v = self.v(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         if rope is not None:
             cos, sin = rope

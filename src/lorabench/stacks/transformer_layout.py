@@ -57,6 +57,9 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
             out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, base_dt, train_base, (d_out, d_in)))
         if has_bias:
             out.append(ParamSpec(f"blocks.{i}.{name}.bias", i, d_out, base_dt, train_base, (d_out,)))
+        if name == "o" and cfg.qk_norm:  # Qwen3's per-head norms, registered after o
+            out += [ParamSpec(f"blocks.{i}.{n}", i, cfg.head_dim, base_dt, train_base, (cfg.head_dim,))
+                    for n in ("q_norm", "k_norm")]
     return out
 
 

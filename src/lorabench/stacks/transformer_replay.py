@@ -64,6 +64,7 @@ class Dims:
     device: str   # cpu | cuda: SDPA kernel, autocast op lists
     table_dtype: str  # dtype of the RoPE tables (the base dtype in LoRA cells)
     loss_chunks: Optional[int] = None  # the chunked loss's chunks; None: the standard loss
+    qk_norm: bool = False  # Qwen3: q and k RMS-normed per head (over D) right after their projection
     double_quant: bool = False  # an nf4 base's scales quantized too (sim/quant.py)
 
 
@@ -240,8 +241,8 @@ def reshape_heads(sim: Sim, t: SymTensor, clone_grad: bool) -> SymTensor:
 def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTensor:
     H, G, D = dims.H, dims.G, dims.D
     llama = dims.style == "llama"
-    q = project(sim, x, "q", params, dims, H * D)
-    k = project(sim, x, "k", params, dims, G * D)
+    q = head_normed(sim, project(sim, x, "q", params, dims, H * D), params, "q_norm", dims)
+    k = head_normed(sim, project(sim, x, "k", params, dims, G * D), params, "k_norm", dims)
     v = project(sim, x, "v", params, dims, G * D)
     # a transpose(1, 2) of (b, heads, s, D) is still contiguous when heads or s is 1
     qh = reshape_heads(sim, q, llama and H > 1 and dims.s > 1)
@@ -266,6 +267,16 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTe
     for t in (y, q2, k2, v):  # Attention.forward's locals q, k, v, y live until it returns
         sim.drop(t)
     return o
+
+
+def head_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims: Dims) -> SymTensor:
+    """Qwen3's q_norm / k_norm of a projection's output viewed as (b, s, heads, D): an RMSNorm over
+    D; the projection's output is released when the norm returns (unless the norm saved it)."""
+    if not dims.qk_norm:
+        return t
+    out = rmsnorm(sim, t, params[name], dims.D)
+    sim.drop(t)
+    return out
 
 
 def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
