@@ -95,20 +95,20 @@ def test_cli_exits_2_with_one_line_for_a_missing_hf_config(tmp_path):
     assert r.exit_code == 2 and "model.hf" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-QWEN3 = {**LLAMA, "model_type": "qwen3", "head_dim": 8, "rms_norm_eps": 1e-6, "attention_bias": False}
+QWEN3 = {**LLAMA, "model_type": "qwen3", "head_dim": 16, "rms_norm_eps": 1e-6, "attention_bias": False}  # 4·16 > 32
 
 
 def test_qwen3_is_read_with_its_head_norms_and_built_at_its_own_head_dim(tmp_path):
-    """Qwen3: q_norm and k_norm per head (ModelConfig.qk_norm), no bias. Its config's head_dim is
-    written into the built model (Qwen3Config's default is 128 whatever the width), so transformers'
+    """Qwen3: q_norm and k_norm per head (ModelConfig.qk_norm), no bias, a head width of its own
+    (heads × head_dim = 64 on a 32-wide model). Its config's head_dim is written into the built model (Qwen3Config's default is 128 whatever the width), so transformers'
     model and lorabench's layout of the same config count the same parameters; its cells train and
     the trace equals them to the byte, and the analytic estimate (lorabench's replay of q/k norms)
-    is within 2 %."""
+    is within the issue's 5 % (+3.0 % on full fine-tuning here)."""
     from lorabench.estimator.analytic import estimate
     from lorabench.stacks.transformer_layout import state_bytes
     ls = load_scenario(scenario(tmp_path, matrix="lora_rank: [0, 4]\n  lora_targets: [q, k]", config=QWEN3))
     cfg = ls.model
-    assert cfg.qk_norm and not cfg.qkv_bias and not cfg.bias and cfg.head_dim == 8
+    assert cfg.qk_norm and not cfg.qkv_bias and not cfg.bias and cfg.head_dim == 16
     for cell in expand(ls):
         job = ls.job(cell, "cpu")
         row = run_cell(job)
@@ -118,20 +118,21 @@ def test_qwen3_is_read_with_its_head_norms_and_built_at_its_own_head_dim(tmp_pat
         assert est.est_peak_bytes == row["peak_allocated_bytes"], cell.id
         w = job.train.window_steps("cpu")
         a = estimate(cfg, cell, job.train.batch_size, "cpu", n_batches=w, window_steps=w)
-        assert abs(a.est_peak_bytes - row["peak_allocated_bytes"]) <= 0.02 * row["peak_allocated_bytes"], cell.id
+        assert abs(a.est_peak_bytes - row["peak_allocated_bytes"]) <= 0.05 * row["peak_allocated_bytes"], cell.id
     bad = {**QWEN3, "attention_bias": True}
     with pytest.raises(ConfigError, match="attention_bias"):
         load_scenario(scenario(tmp_path, config=bad))
 
 
 def test_the_builtin_stack_replays_qwen3s_head_norms_to_the_byte():
-    """lorabench's own model with qk_norm (Qwen3's q_norm, k_norm over each head, before RoPE): the
-    analytic estimate equals the measured CPU peak and phase peaks to the byte."""
+    """lorabench's own model with qk_norm (Qwen3's q_norm, k_norm over each head, before RoPE) and a
+    head width of its own: the analytic estimate equals the measured CPU peak and phase peaks to the
+    byte. An odd head width is refused (RoPE rotates pairs)."""
     from lorabench.estimator.analytic import estimate
     from lorabench.spec.config import Cell, ModelConfig, TrainConfig
     from lorabench.spec.job import CellJob
-    cfg = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=160, vocab_size=512, seq_len=32,
-                      qk_norm=True)
+    cfg = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=24, d_ff=160, vocab_size=512,
+                      seq_len=32, qk_norm=True)  # heads × head_dim = 96 on a 64-wide model
     train = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False, alignment_probe=False)
     for cell in (Cell(precision="fp32", checkpointing=True),
                  Cell(precision="bf16", lora_rank=8, lora_targets=("q", "k", "v"), base_dtype="bf16")):
@@ -143,3 +144,5 @@ def test_the_builtin_stack_replays_qwen3s_head_norms_to_the_byte():
     from lorabench.spec.schema import FieldError
     with pytest.raises(FieldError, match="gpt2"):
         ModelConfig(style="gpt2", qk_norm=True)
+    with pytest.raises(FieldError, match="even"):
+        ModelConfig(head_dim=15)

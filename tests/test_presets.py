@@ -18,6 +18,7 @@ EXPECTED = {  # totals as the checkpoints report them (model.num_parameters(), t
     "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
     "qwen2.5-14b": 14_770_033_664, "llama-3.1-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400,
     "llama-3.2-3b": 3_212_749_824, "phi-3-mini": 3_821_079_552, "qwen3-8b": 8_190_735_360,
+    "qwen3-4b": 4_022_468_096,
 }
 
 
@@ -79,6 +80,6 @@ def test_an_unknown_preset_still_lists_the_known_ones():
 def test_every_hub_id_names_one_preset_and_an_unknown_one_lists_them():
     from lorabench.spec.presets import _hub_ids
     assert _hub_ids() and all(len(v) == 1 for v in _hub_ids().values())
-    with pytest.raises(Exception, match="unknown preset 'Qwen/Qwen3-4B'"):
-        load_preset("Qwen/Qwen3-4B")
+    with pytest.raises(Exception, match="unknown preset 'Qwen/Qwen3-1.7B'"):
+        load_preset("Qwen/Qwen3-1.7B")
     assert load_preset("Qwen/Qwen3-8B").name == "qwen3-8b"

@@ -29,6 +29,8 @@ class ModelConfig:
     n_layers: int = fld(4, "number of transformer blocks", (gt(0),), row=True)
     n_heads: int = fld(8, "query heads; must divide d_model", (gt(0),), row=True)
     n_kv_heads: Optional[int] = fld(None, "key/value heads (grouped-query attention when < n_heads); default n_heads", (gt(0),), row=True)
+    head_dim: Optional[int] = fld(None, "width of one head (even: RoPE rotates pairs); default d_model / n_heads, which "
+                                  "n_heads must then divide; Qwen3 and others set their own", (gt(0),), row=True)
     d_ff: int = fld(1024, "hidden width of the MLP", (gt(0),), row=True)
     vocab_size: int = fld(4096, "tokens in the vocabulary", (gt(0),), row=True)
     seq_len: int = fld(256, "training sequence length (tokens per sequence)", (gt(0),), row=True)
@@ -52,8 +54,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.d_model % self.n_heads:
-            raise FieldError("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise FieldError("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
+            self.head_dim = self.d_model // self.n_heads
+        if self.style == "llama" and self.head_dim % 2:
+            raise FieldError("head_dim", f"must be even (RoPE rotates pairs of a head's dims), got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise FieldError("n_kv_heads", f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
         gpt2 = self.style == "gpt2"
@@ -78,7 +84,6 @@ class ModelConfig:
             self.attn_implementation = "sdpa"
         if self.quantized is not None and self.quantized not in QUANT_DTYPES:
             raise FieldError("quantized", f"must be one of {', '.join(QUANT_DTYPES)}, got {self.quantized!r}")
-        self.head_dim = self.d_model // self.n_heads  # derived
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -5,7 +5,8 @@ Supported `model_type`s and the keys read:
   llama, mistral,         hidden_size, num_hidden_layers, num_attention_heads,
   qwen2, qwen3            num_key_value_heads (default: heads), intermediate_size,
                           vocab_size, max_position_embeddings, rms_norm_eps, rope_theta,
-                          tie_word_embeddings (default false); llama: attention_bias and
+                          tie_word_embeddings (default false), head_dim (default
+                          hidden_size / heads); llama: attention_bias and
                           mlp_bias; qwen2: biases on q, k, v always (o has none);
                           qwen3: q_norm and k_norm per head (qk_norm), no bias
   gpt2                    n_embd, n_layer, n_head, n_inner (default 4·n_embd), vocab_size,
@@ -14,8 +15,7 @@ Supported `model_type`s and the keys read:
 A bitsandbytes `quantization_config` (load_in_4bit with nf4, or load_in_8bit) is the
 model's `quantized` base: its cells are adapter cells on that base_dtype (QLoRA); any
 other quantization is refused. The training length `seq_len` defaults to min(2048, positions). What lorabench's
-model cannot express is refused rather than approximated: a head_dim other than
-hidden_size / heads, and llama's attention_bias without mlp_bias (lorabench puts
+model cannot express is refused rather than approximated: llama's attention_bias without mlp_bias (lorabench puts
 one `bias` on o, gate, up, down). Mistral's sliding window is ignored (full
 causal attention). Any problem is one ConfigError naming the file and the key.
 """
@@ -115,13 +115,13 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
     C = _int(data, "hidden_size", path)
     H = _int(data, "num_attention_heads", path)
     G = _int(data, "num_key_value_heads", path, default=H)
-    if C % H:
+    head_dim = _int(data, "head_dim", path) if data.get("head_dim") is not None else None
+    if head_dim is None and C % H:
         raise ConfigError(path, "num_attention_heads", f"must divide hidden_size={C}, got {H}")
     if H % G:
         raise ConfigError(path, "num_key_value_heads", f"must divide num_attention_heads={H}, got {G}")
-    head_dim = data.get("head_dim")
-    if head_dim is not None and head_dim != C // H:
-        raise ConfigError(path, "head_dim", f"{head_dim} != hidden_size / num_attention_heads = {C // H}: not supported")
+    if head_dim is not None and head_dim % 2:
+        raise ConfigError(path, "head_dim", f"must be even (RoPE rotates pairs), got {head_dim}")
     if mtype == "qwen2":
         qkv_bias, bias = True, False
     elif mtype == "qwen3":
@@ -143,7 +143,7 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
         "max_seq_len": _int(data, "max_position_embeddings", path), "norm_eps": _float(data, "rms_norm_eps", path, 1e-6),
         "rope_theta": _float(data.get("rope_parameters") or data, "rope_theta", path, 10000.0),
         "tie_embeddings": _bool(data, "tie_word_embeddings", path, False), "bias": bias, "qkv_bias": qkv_bias,
-        "qk_norm": mtype == "qwen3",
+        "qk_norm": mtype == "qwen3", "head_dim": head_dim,
     }
 
 
@@ -203,6 +203,6 @@ def hf_config_dict(cfg) -> dict:
     data.pop("quantization_config", None)  # lorabench quantizes the base itself, as the cell says
     if family == "llama":
         data.pop("rope_parameters", None)
-        data["head_dim"] = cfg.head_dim  # hidden_size / heads (the reader refuses any other); written, not
-        # left to the family's default (Qwen3Config's is 128 whatever the width)
+        data["head_dim"] = cfg.head_dim  # written, not left to the family's default (Qwen3Config's is 128
+        # whatever the width)
     return data
