@@ -66,6 +66,10 @@ def test_cpu_offload_is_refused_on_a_cpu_device_and_by_the_trace(tmp_path, monke
     (tmp_path / "s.yaml").write_text(GOOD + "  strategy: fsdp2\n  cpu_offload: true\n")
     assert_one_line_error(cli("run", "s.yaml", "--out", "r.jsonl"), "s.yaml", "matrix.cpu_offload", "no GPU")
     assert not (tmp_path / "r.jsonl").exists()
+    (tmp_path / "g.yaml").write_text(GOOD.replace("device: cpu", "device: cuda") + "  strategy: fsdp2\n"
+                                     "  cpu_offload: true\n")
+    r = cli("estimate", "g.yaml")  # a GPU scenario is estimated anywhere: the host's share is named
+    assert r.exit_code == 0 and "host memory per rank" in r.output, r.output
     cell = Cell(precision="fp32", strategy="fsdp2", world_size=2, cpu_offload=True, id="off")
     with pytest.raises(TraceError, match="--method analytic"):
         trace(CellJob(scenario="t", model=load_preset("cpu-tiny"), train=TrainConfig(batch_size=2), cell=cell,

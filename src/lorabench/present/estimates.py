@@ -261,6 +261,11 @@ def notes(rows: list[dict]) -> list[str]:
     ctx = next((r["est_cuda_overheads"]["cuda_context"] for r in rows if r.get("est_cuda_overheads")), None)
     if ctx:
         out.append(f"not in the peak: the CUDA context, about {_size(ctx)} outside the allocator (fit adds it)")
+    host = [(r["cell"], r["est_cuda_overheads"]["host_offloaded"]) for r in rows
+            if (r.get("est_cuda_overheads") or {}).get("host_offloaded")]
+    if host:
+        out.append("not on the GPU (CPU offload): host memory per rank, " +
+                   ", ".join(f"{cell} {_size(n)}" for cell, n in host))
     return out
 
 
