@@ -62,8 +62,9 @@ def claims_cmd(results, fmt):
               help="a GPU name ('RTX 4090', '4090', 'H100 SXM'), a memory size like 24GiB, or auto (this "
                    "machine's, via NVML); default: this machine's GPU, else a table of common 24/40/48/80 GB cards")
 @click.option("--gpus", type=int, default=None,
-              help="GPUs to train on (also '--gpu 8xH100'): above 1, every combination runs as ddp or fsdp2 over "
-                   "them, --batch is each GPU's, and a table says how many GPUs each technique needs  [default: 1]")
+              help="GPUs to train on (also '--gpu 8xH100'): above 1, every combination runs as ddp, fsdp2 or fsdp2 "
+                   "with CPU offload over them, --batch is each GPU's, and a table says how many GPUs each "
+                   "technique needs  [default: 1]")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--batch", type=int, default=8, show_default=True,
               help="sequences per optimizer step (per GPU with --gpus)")
