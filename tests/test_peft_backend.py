@@ -82,11 +82,26 @@ def test_peft_on_a_quantized_base():
 def test_variants_peft_cannot_run_are_one_line(tmp_path):
     (tmp_path / "b.yaml").write_text(
         "name: b\nmodel: {d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}\n"
-        "device: cpu\nmatrix:\n  lora_rank: 4\n  adapter: [lora, lora-plus]\n  adapter_backend: peft\n")
+        "device: cpu\nmatrix:\n  lora_rank: 4\n  adapter: [lora, lora-ga]\n  adapter_backend: peft\n")
     r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-    assert "matrix.adapter[1]" in r.stderr and "lora-plus" in r.stderr and "PEFT" in r.stderr
+    assert "matrix.adapter[1]" in r.stderr and "lora-ga" in r.stderr and "PEFT" in r.stderr
     (tmp_path / "b.yaml").write_text((tmp_path / "b.yaml").read_text().replace("adapter_backend: peft",
                                                                                "adapter_backend: pfet"))
     r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
     assert r.exit_code == 2 and "matrix.adapter_backend[0]" in r.stderr and "builtin, peft" in r.stderr
+
+
+def test_lora_plus_through_peft_groups_as_the_builtin_one():
+    """LoRA+ on PEFT's layers: the optimizer's groups are those of PEFT's create_loraplus_optimizer,
+    built by the cell's optimizer: A at the learning rate, B at lora_plus_ratio (16) times it, the
+    same sizes and rates as lorabench's LoRA+ on the same model; the cell trains."""
+    from lorabench.adapters.layer import param_groups
+    ls, cells = loaded(precision="fp32", adapter="lora-plus", adapter_backend=["builtin", "peft"])
+    mine, theirs = (build_model(ls.model, cells[b], "cpu", 0) for b in ("builtin", "peft"))
+    summary = lambda groups: sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in groups)  # noqa: E731
+    lr = ls.train.lr
+    assert summary(param_groups(mine, lr)) == summary(param_groups(theirs, lr))
+    assert {g for g, _ in summary(param_groups(theirs, lr))} == {lr, 16 * lr}
+    row = run_cell(ls.job(cells["peft"], "cpu"))
+    assert row["status"] == "ok" and row["cell"] == "fp32-lora-plus-peft-r8", (row.get("error"), row["cell"])

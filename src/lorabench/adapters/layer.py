@@ -171,7 +171,12 @@ def param_groups(model: nn.Module, lr: float) -> list[dict]:
     """The optimizer's parameter groups: one per distinct learning rate, in the order of their
     first parameter in `model.parameters()`, each group's parameters in that order too. An
     adapter that trains its parameters at other rates (LoRA+) answers them through its
-    `lr_scale`; every other trainable parameter trains at `lr`; callers never switch on its kind."""
+    `lr_scale`; every other trainable parameter trains at `lr`; callers never switch on its kind.
+    A model whose adapters are another library's and group themselves (PEFT's LoRA+:
+    adapters.peft_backend.loraplus_groups) answers `lorabench_param_groups(lr)` instead."""
+    own = getattr(model, "lorabench_param_groups", None)
+    if own is not None:
+        return own(lr)
     scale = {id(getattr(m, n)): m.adapter.lr_scale(n, m.cell) for m in adapted_layers(model) for n in m.adapter_names}
     groups: dict[float, list] = {}
     for p in model.parameters():

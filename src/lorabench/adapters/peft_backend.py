@@ -10,12 +10,14 @@ object, and every stack method on it, stays the same), with the variant's PEFT o
     rslora   use_rslora=True (scaling α/√r)
     dora     use_dora=True
     pissa    init_lora_weights="pissa" (W0 replaced by its residual)
+    lora-plus  LoraConfig defaults; the optimizer's groups are PEFT's `create_loraplus_optimizer`'s
+             (A at the learning rate, B and any 1-D adapter parameter at lora_plus_ratio times it),
+             taken from that factory and built by the cell's optimizer (`param_groups`)
 
 The adapter parameters are then stored in the cell's param_dtype (FP32, or 16 bits in a
 pure precision; adapters.layer.apply_cell casts them), as `get_peft_model` does by default (`autocast_adapter_dtype=True` upcasts
-adapters that PEFT made in a 16-bit base's dtype). Other variants (lora-plus needs PEFT's
-optimizer factory, LoRA-GA its own preprocessing, AdaLoRA a different config, LoRA-Pro has
-none) are refused in one line (`problem`). PEFT's layers are not AdaptedLinear: lorabench's
+adapters that PEFT made in a 16-bit base's dtype). Other variants (LoRA-GA needs its own
+preprocessing, AdaLoRA a different config, LoRA-Pro has none) are refused in one line (`problem`). PEFT's layers are not AdaptedLinear: lorabench's
 own checks of LoRA (ΔW at init, merged inference) are empty for these rows, and the analytic
 estimate replays the built-in adapters' ops, which the row says (est_basis).
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 
 PEFT_OPTIONS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
-                "pissa": {"init_lora_weights": "pissa"}}
+                "pissa": {"init_lora_weights": "pissa"}, "lora-plus": {}}
 
 
 def problem(adapter: str) -> str | None:
@@ -75,3 +77,17 @@ def apply_peft(model, cell, names: list) -> None:
                         target_modules=list(names), bias="none", **PEFT_OPTIONS[cell.adapter])
     with _in_place_on_fake(model):
         inject_adapter_in_model(config, model)
+    if cell.adapter == "lora-plus":  # adapters.layer.param_groups asks the model for PEFT's groups
+        model.lorabench_param_groups = lambda lr: loraplus_groups(model, lr, cell.lora_plus_ratio)
+
+
+def loraplus_groups(model, lr: float, ratio: float) -> list[dict]:
+    """The parameter groups PEFT's `create_loraplus_optimizer` makes (lr, and lr·ratio for B), the
+    empty ones left out: taken from the factory with an "optimizer class" that hands them back, so
+    that the cell's own optimizer (AdamW, 8-bit AdamW, ...) is built over them."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    def groups_only(grouped, **kwargs):
+        return grouped
+    grouped = create_loraplus_optimizer(model, groups_only, lr=lr, loraplus_lr_ratio=ratio)
+    return [{"params": g["params"], "lr": g["lr"]} for g in grouped if g["params"]]
