@@ -59,11 +59,11 @@ def _shape(cfg: ModelConfig) -> tuple:
 def replay(cfg: ModelConfig, cell: Cell, device: str, micro_batch: int = K_SYMBOLIC) -> SimResult:
     """One micro-batch's forward and backward on a fresh Sim, uncached. A concrete
     micro_batch gives lines with B = 0 (A: the bytes at that size)."""
-    plan = fsdp_plan(cfg, cell, min(cfg.n_layers, 3))
+    sim_blocks = min(cfg.n_layers, 3)
+    plan = fsdp_plan(cfg, cell, sim_blocks)
     buffers = cell.base_float_dtype
     cell = compute_cell(cell)  # FSDP2's mixed precision: the ops run in its param dtype, the buffers stay
     autocast = DTYPES[cell.autocast_dtype] if cell.autocast_dtype else None
-    sim_blocks = min(cfg.n_layers, 3)
     sim = Sim(cfg.n_layers, autocast, plan)
     sim.set_phase("forward")
     sim.fsdp_forward_start()

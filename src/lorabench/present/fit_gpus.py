@@ -8,8 +8,8 @@ DDP's gradient buckets), fsdp2 (parameters, gradients and optimizer state 1/N pe
 FSDP2's gather and reduce buffers replayed where they happen: estimator/parallel.py,
 sim/fsdp.py) or fsdp2-offload (the same with CPUOffloadPolicy: the shards, their gradients and
 the optimizer step in host memory, only the gathered blocks and activations on the GPU; its
-PCIe copies and CPU step are a cost the FLOP time does not see), each rank with `--batch` sequences per step (N·batch in all). The estimate is
-one rank's peak; the time is one rank's FLOPs at the GPU's rates: the collectives (per step,
+PCIe copies and CPU step are a cost the FLOP time does not see), each rank with `--batch`
+sequences per step (N·batch in all). The estimate is one rank's peak; the time is one rank's FLOPs at the GPU's rates: the collectives (per step,
 fsdp2 moves about 3× the parameter bytes per rank, ddp 2× the gradient bytes) are not timed,
 as if they overlapped the compute entirely, which the table's assumptions line says.
 
@@ -17,9 +17,9 @@ as if they overlapped the compute entirely, which the table's assumptions line s
 without checkpointing) and strategy, the smallest N among 1 (one GPU, no strategy) and the
 powers of two 2 … MAX_WORLD_SIZE at which some combination of the family fits. A rank's need
 falls as N grows under fsdp2 (each shard is ⌈d0/N⌉ rows) and does not change under ddp, so
-N is searched upward and each family stops at its first fit; only the least-memory variant
-of each combination is evaluated for the search (the smallest micro-batch, the chunked loss
-where explored), which is the one that fits first.
+N is searched upward and each family stops at its first fit; only each combination's smallest
+micro-batch is evaluated for the search (a rank's activations grow with it), under every loss
+explored (the chunked loss usually needs less, not always).
 """
 from __future__ import annotations
 
@@ -67,16 +67,15 @@ def family(combo) -> str:
 class Needed:
     """The smallest GPU count at which a family fits under a strategy (None: not up to the largest tried)."""
     family: str
-    strategy: str            # none (one GPU) | ddp | fsdp2
+    strategy: str            # none (one GPU) | ddp | fsdp2 | fsdp2-offload
     gpus: int | None
     best: object = None      # the FitCombo that fits there (the fastest), else the family's closest miss
 
 
-def _least_memory(combos: list, losses: tuple) -> list:
-    """Each combination's least-memory variant: the smallest micro-batch, the chunked loss if explored."""
-    loss = "chunked" if "chunked" in losses else losses[0]
+def _least_memory(combos: list) -> list:
+    """The combinations at the smallest micro-batch (the least activations), every loss."""
     m = min(c.micro_batch_size for c in combos) if combos else 1
-    return [c for c in combos if c.micro_batch_size == m and c.loss == loss]
+    return [c for c in combos if c.micro_batch_size == m]
 
 
 def gpus_needed(rep) -> list[Needed]:
@@ -87,7 +86,7 @@ def gpus_needed(rep) -> list[Needed]:
 
     def evaluated(n: int, strategy: str) -> dict[str, list]:
         axes = dataclasses.replace(rep.axes, world_size=n)
-        combos = _least_memory([c for c in grid(rep.batch, axes) if c.strategy == strategy], rep.axes.losses)
+        combos = _least_memory([c for c in grid(rep.batch, axes) if c.strategy == strategy])
         out: dict[str, list] = {}
         for c in combos:
             out.setdefault(family(c), []).append(evaluate(rep.model, rep.gpu, c, rep.margin, rep.targets, rep.axes,

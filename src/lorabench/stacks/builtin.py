@@ -50,8 +50,9 @@ class BuiltinStack(Stack):
         dims = Dims(b=micro_batch, s=cfg.seq_len, C=cfg.d_model, H=cfg.n_heads, G=cfg.n_kv_heads, D=cfg.head_dim,
                     F=cfg.d_ff, V=cfg.vocab_size, style=cfg.style,
                     adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
-                    checkpointing=cell.checkpointing, device=device, table_dtype=DTYPES[buffers_dtype or cell.base_float_dtype],
-                    loss_chunks=cell.loss_chunks, double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm)
+                    checkpointing=cell.checkpointing, device=device,
+                    table_dtype=DTYPES[buffers_dtype or cell.base_float_dtype], loss_chunks=cell.loss_chunks,
+                    double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm)
         half = cfg.seq_len * (cfg.head_dim // 2)
         tables = (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # RoPE cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)

@@ -18,7 +18,7 @@ the analytic estimator replays the built-in stack of the same shape (the
 `parameters`, `projections` and `replay_forward` below delegate to it), which
 `analytic_basis` says in every estimate of an HF cell (est_basis).
 
-Families: llama, mistral and qwen2 (Llama-style blocks); gpt2 for full
+Families: llama, mistral, qwen2 and qwen3 (Llama-style blocks; Qwen3's head norms); gpt2 for full
 fine-tuning (its fused Conv1D qkv takes no per-projection adapter).
 """
 from __future__ import annotations
@@ -53,8 +53,9 @@ class HFStack(Stack):
                                                      attn_implementation=cell.attn_implementation or cfg.attn_implementation)
         model.train()
         model.stack_name = self.name
-        model.lorabench_hidden = types.MethodType(_hidden_states, model)  # the chunked loss's forward (FSDP2: its
-        apply_cell(model, cell, TARGET_NAMES)                              # root gathers around it too)
+        # the chunked loss's forward, a method FSDP2 can register (its root gathers around it too)
+        model.lorabench_hidden = types.MethodType(_hidden_states, model)
+        apply_cell(model, cell, TARGET_NAMES)
         if cell.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model

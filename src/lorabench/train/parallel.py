@@ -11,8 +11,8 @@ ddp or fsdp2; launch/ranks.py); nothing happens with strategy none.
   parameter is a DTensor holding 1/N of dim 0 (padded to a multiple of N), gathered before its
   module's forward and backward and freed again (the cell's `reshard_after_forward` is the
   blocks'; the root takes FSDP2's default and keeps its gathered parameters until the backward
-  ends, which a chunked loss needs: its head runs outside the root's forward); gradients are reduce-scattered back to shards,
-  and the optimizer steps the shards (Zhao et al., "PyTorch FSDP", VLDB 2023; torch's FSDP2
+  ends, which a chunked loss needs: its head runs outside the root's forward); gradients are
+  reduce-scattered back to shards, and the optimizer steps the shards (Zhao et al., "PyTorch FSDP", VLDB 2023; torch's FSDP2
   design notes, pytorch/pytorch#114299).
 
 Rank and world come from torch.distributed, initialised by the launcher before the worker runs.
