@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import multiprocessing as mp
 import os
 import signal
@@ -28,13 +29,22 @@ _CTX = None
 EXIT_ORPHANED = 3  # a cell whose launcher died exits with this code
 
 
-def context():
-    """The forkserver context, preloading torch and lorabench in the server."""
+def context(job: CellJob | None = None):
+    """The forkserver context, preloading `preload_modules(job)` in the server (the first job's:
+    the server starts once per process)."""
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "lorabench.measure.worker", "lorabench.launch.preload"])
+        _CTX.set_forkserver_preload(preload_modules(job))
     return _CTX
+
+
+def preload_modules(job: CellJob | None) -> list[str]:
+    """torch and lorabench; transformers too when `job` is a Hugging Face model on CPU
+    (preload_hf.py; a GPU run keeps the server free of anything that might ask CUDA)."""
+    hf = job is not None and job.model.hf is not None and job.device != "cuda" \
+        and importlib.util.find_spec("transformers") is not None
+    return ["torch", "lorabench.measure.worker", "lorabench.launch.preload"] + ["lorabench.launch.preload_hf"] * hf
 
 
 def watch_parent(lifeline) -> None:
@@ -79,7 +89,7 @@ class ProcessLauncher(Launcher):
 
 def run_in_process(job: CellJob, timeout_s: float) -> dict:
     """Run one cell in a fresh process; a dead or hung process still yields a row."""
-    ctx = context()
+    ctx = context(job)
     recv, send = ctx.Pipe(duplex=False)
     job = dataclasses.replace(job, spawned_at=time.time())
     oom_before = oom_kills()

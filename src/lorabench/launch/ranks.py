@@ -71,7 +71,7 @@ class RanksLauncher(Launcher):
 def run_ranks(job: CellJob, timeout_s: float) -> dict:
     """Run the ranks of one cell; their merged row, or one row saying which rank failed how."""
     from .preload import THREADS
-    ctx = context()
+    ctx = context(job)
     world = job.cell.world_size
     job = dataclasses.replace(job, spawned_at=time.time())
     port, threads = free_port(), max(1, THREADS // world)
