@@ -71,12 +71,8 @@ def step_timer(job, seed: int):
     return step
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
 def measure(size: str, precision: str, rank: int, rounds: int) -> dict:
+    from lorabench.base.stats import percentile
     a_job, b_job = jobs_for(size, precision, rank)
     a, b = step_timer(a_job, 0), step_timer(b_job, 0)
     for _ in range(WARMUP):
@@ -91,8 +87,8 @@ def measure(size: str, precision: str, rank: int, rounds: int) -> dict:
     ma, mb = statistics.median(ta), statistics.median(tb)
     return {"size": size, "precision": precision, "lora_rank": rank, "cell": a_job.cell.id or
             ("full" if not rank else f"r{rank}"), "builtin_ms_median": round(1e3 * ma, 2),
-            "hf_ms_median": round(1e3 * mb, 2), "ratio": round(ma / mb, 3), "ratio_p10": round(pct(ratios, 0.1), 3),
-            "ratio_p90": round(pct(ratios, 0.9), 3), "rounds": rounds, "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "hf_ms_median": round(1e3 * mb, 2), "ratio": round(ma / mb, 3),
+            "ratio_p10": round(percentile(ratios, 10), 3), "ratio_p90": round(percentile(ratios, 90), 3), "rounds": rounds, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

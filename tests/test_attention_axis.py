@@ -13,6 +13,7 @@ from lorabench.cli import main  # noqa: E402
 from lorabench.measure.trace import trace  # noqa: E402
 from lorabench.measure.worker import run_cell  # noqa: E402
 from lorabench.spec.scenario import expand, parse_scenario  # noqa: E402
+from test_reliability import assert_one_line_error  # noqa: E402
 
 HF = str(Path(__file__).resolve().parents[1] / "scenarios" / "hf" / "tiny-llama" / "config.json")
 
@@ -41,9 +42,8 @@ def test_the_axis_on_a_built_in_model_is_one_line(tmp_path):
     (tmp_path / "b.yaml").write_text(
         "name: b\nmodel: {d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}\n"
         "device: cpu\nmatrix:\n  attn_implementation: [sdpa, eager]\n")
-    r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
-    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-    assert "matrix.attn_implementation[0]" in r.stderr and "model.hf" in r.stderr
+    assert_one_line_error(CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"]),
+                          "matrix.attn_implementation[0]", "model.hf")
     (tmp_path / "b.yaml").write_text((tmp_path / "b.yaml").read_text().replace("eager", "flash"))
-    r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
-    assert r.exit_code == 2 and "matrix.attn_implementation[1]" in r.stderr and "sdpa, eager" in r.stderr
+    assert_one_line_error(CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"]),
+                          "matrix.attn_implementation[1]", "sdpa, eager")

@@ -17,6 +17,7 @@ from lorabench.measure.trace import trace  # noqa: E402
 from lorabench.measure.worker import run_cell  # noqa: E402
 from lorabench.spec.scenario import expand, parse_scenario  # noqa: E402
 from lorabench.train.techniques import build_model, compute_loss  # noqa: E402
+from test_reliability import assert_one_line_error  # noqa: E402
 
 HF = str(Path(__file__).resolve().parents[1] / "scenarios" / "hf" / "tiny-llama" / "config.json")
 
@@ -83,13 +84,12 @@ def test_variants_peft_cannot_run_are_one_line(tmp_path):
     (tmp_path / "b.yaml").write_text(
         "name: b\nmodel: {d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}\n"
         "device: cpu\nmatrix:\n  lora_rank: 4\n  adapter: [lora, lora-ga]\n  adapter_backend: peft\n")
-    r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
-    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-    assert "matrix.adapter[1]" in r.stderr and "lora-ga" in r.stderr and "PEFT" in r.stderr
+    assert_one_line_error(CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"]),
+                          "matrix.adapter[1]", "lora-ga", "PEFT")
     (tmp_path / "b.yaml").write_text((tmp_path / "b.yaml").read_text().replace("adapter_backend: peft",
                                                                                "adapter_backend: pfet"))
-    r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
-    assert r.exit_code == 2 and "matrix.adapter_backend[0]" in r.stderr and "builtin, peft" in r.stderr
+    assert_one_line_error(CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"]),
+                          "matrix.adapter_backend[0]", "builtin, peft")
 
 
 def test_lora_plus_through_peft_groups_as_the_builtin_one():

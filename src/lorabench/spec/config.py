@@ -15,8 +15,7 @@ from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, r
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget,
-                         backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields,
-                         FSDP_PARAM_DTYPES, FSDP_REDUCE_DTYPES)
+                         backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields)
 
 
 @dataclass

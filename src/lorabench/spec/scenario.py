@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ..optimizers import get as get_optimizer, names as optimizer_names
 from .config import (AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
-                     allowed_targets, check_parallel, FSDP_PARAM_DTYPES, FSDP_REDUCE_DTYPES)
+                     allowed_targets, check_parallel)
 from .hf_config import hf_model_fields
 from .job import CellJob
 from .presets import preset_data
@@ -156,13 +156,13 @@ def parallel_checks(m: MatrixSpec, source: str) -> None:
                               f"(strategy {multi[0]}): use a float base_dtype, or strategy none")
     if "fsdp2" not in multi:
         return
-    for key, allowed in (("fsdp_param_dtype", FSDP_PARAM_DTYPES), ("fsdp_reduce_dtype", FSDP_REDUCE_DTYPES)):
+    for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):  # each value against every precision: Cell's rule
         for i, v in enumerate(getattr(m, key)):
-            if v is not None and v not in allowed:
-                raise ConfigError(source, f"matrix.{key}[{i}]", f"must be one of {', '.join(allowed)}, got {short(v)}")
-            if v is not None and any(p != "fp32" for p in m.precision):
-                raise ConfigError(source, f"matrix.{key}[{i}]", "FSDP2's mixed precision is the cell's precision: "
-                                  f"it takes precision fp32 only, and the matrix has {', '.join(m.precision)}")
+            for p in m.precision:
+                try:
+                    check_parallel("fsdp2", 2, None, precision=p, **{key.removeprefix("fsdp_"): v})
+                except FieldError as e:
+                    raise ConfigError(source, f"matrix.{key}[{i}]", e.message) from None
 
 
 def quantized_axes(model: ModelConfig, axes: dict, source: str) -> dict:

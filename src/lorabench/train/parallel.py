@@ -69,9 +69,9 @@ def fsdp_options(cell: Cell) -> dict:
     """FSDP2's policies for the cell: MixedPrecisionPolicy (parameters gathered in fsdp_param_dtype,
     gradients reduced in fsdp_reduce_dtype) and CPUOffloadPolicy (cpu_offload; pinned host memory)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
-    dtypes = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    return {"mp_policy": MixedPrecisionPolicy(param_dtype=dtypes[cell.fsdp_param_dtype],
-                                              reduce_dtype=dtypes[cell.fsdp_reduce_dtype]),
+    from ..adapters.layer import DTYPES
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=DTYPES.get(cell.fsdp_param_dtype),
+                                              reduce_dtype=DTYPES.get(cell.fsdp_reduce_dtype)),
             "offload_policy": CPUOffloadPolicy() if cell.cpu_offload else OffloadPolicy()}
 
 
