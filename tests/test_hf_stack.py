@@ -43,15 +43,21 @@ def test_a_config_json_is_read_and_the_scenario_overrides_it(tmp_path):
     assert stack_of(model).block_of("lm_head.weight") == "lm_head"
 
 
+def measured_and_traced(job):
+    """The cell's row (status ok) and its trace estimate, which must equal its measured peak."""
+    row = run_cell(job)
+    assert row["status"] == "ok", row.get("error")
+    est, _ = trace(job)
+    assert est.est_peak_bytes == row["peak_allocated_bytes"], job.cell.id
+    return row, est
+
+
 def test_hf_cells_train_and_the_trace_equals_them_to_the_byte(tmp_path):
     ls = load_scenario(scenario(tmp_path, matrix="lora_rank: [0, 4]\n  precision: [fp32, bf16]\n"
                                                "  checkpointing: [false, true]"))
     for cell in expand(ls):
         job = ls.job(cell, "cpu")
-        row = run_cell(job)
-        assert row["status"] == "ok", row.get("error")
-        est, _ = trace(job)
-        assert est.est_peak_bytes == row["peak_allocated_bytes"], cell.id
+        row, est = measured_and_traced(job)
         assert (est.est_param_bytes, est.est_grad_bytes, est.est_optimizer_state_bytes) == \
             (row["param_bytes"], row["grad_bytes"], row["optimizer_state_bytes"])
         if cell.is_lora:  # lorabench's adapters on q_proj, v_proj: (d_in + d_out)·r each

@@ -23,7 +23,7 @@ kept for `unmerge`: W0 = W'·‖·‖/m − s·B·A).
 """
 from __future__ import annotations
 
-from ..sim.ops import binary, linear
+from ..sim.ops import binary, linear, product
 from ..sim.rules import pass_backward, unary_backward
 from ..sim.tensors import Param, promote
 from .base import AdapterParam
@@ -189,13 +189,7 @@ def _replay_lora_weight(sim, A, B, d_in, rank, d_out, dt):
 
 def _mul_row(sim, row, x):
     """row·x, row (1 × d_out) broadcast over x's rows: saves x if row needs grad, row if x does."""
-    node = sim.node([row, x], _mul_row_backward)
-    if node is not None:
-        if x.requires_grad:
-            sim.save(node, row)
-        if row.requires_grad:
-            sim.save(node, x)
-    return sim.out(sim.new(x.numel, promote(row.dtype, x.dtype)), node)
+    return product(sim, row, x, x.numel, promote(row.dtype, x.dtype), _mul_row_backward)
 
 
 def _mul_row_backward(sim, node, grads):

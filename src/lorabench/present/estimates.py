@@ -211,8 +211,8 @@ def count(n: int | None) -> str:
     if n is None:
         return "–"
     for suffix, f in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= f:
-            return f"{n / f:.3g} {suffix}"
+        if float(f"{n:.3g}") >= f:  # rounded first: 999,885,952 is '1 B', never '1e+03 M'
+            return f"{float(f'{n:.3g}') / f:.3g} {suffix}"
     return str(n)
 
 

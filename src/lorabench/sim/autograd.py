@@ -91,12 +91,12 @@ class Graph(LiveBytes):
         """Enter a checkpointed block's forward: its nodes save nothing."""
         self.mode, self.checkpoint_nodes = "discard", []
 
-    def end_checkpoint(self, rerun, inputs: SymTensor) -> None:
-        """Leave it: `rerun()` replays the block's forward; the frame keeps `inputs` until
-        the block's backward ends."""
+    def end_checkpoint(self, rerun, *inputs: SymTensor | None) -> None:
+        """Leave it: `rerun()` replays the block's forward; the frame keeps its tensor `inputs`
+        (None: an argument that is no tensor) until the block's backward ends."""
         nodes, self.mode = self.checkpoint_nodes, "normal"
         if nodes:
             checkpoint = Checkpoint(nodes, rerun)
             for node in nodes:
                 node.checkpoint = checkpoint
-            nodes[0].saved.append(self.hold(inputs))
+            nodes[0].saved.extend(self.hold(t) for t in inputs if t is not None)

@@ -76,16 +76,22 @@ def binary(sim: Sim, a: SymTensor, b: SymTensor, kind: str) -> SymTensor:
     return sim.out(sim.new(max(a.numel, b.numel), promote(a.dtype, b.dtype)), node)
 
 
-def mul_broadcast(sim: Sim, a: SymTensor, b: SymTensor, numel: int, dtype: str) -> SymTensor:
-    """a·b with b broadcast over a (fewer elements; MulBackward0: g·b, then Σ(g·a) reduced to b's
-    size): saves a if b needs grad, b if a does; an output of numel elements of dtype."""
-    node = sim.node([a, b], mul_broadcast_backward)
+def product(sim: Sim, a: SymTensor, b: SymTensor, numel: int, dtype: str, backward) -> SymTensor:
+    """A product of two tensors (a broadcast mul, a batched matmul): saves a if b needs grad, b if a
+    does; an output of numel elements of dtype, whose node's backward is `backward`."""
+    node = sim.node([a, b], backward)
     if node is not None:
         if b.requires_grad:
             sim.save(node, a)
         if a.requires_grad:
             sim.save(node, b)
     return sim.out(sim.new(numel, dtype), node)
+
+
+def mul_broadcast(sim: Sim, a: SymTensor, b: SymTensor, numel: int, dtype: str) -> SymTensor:
+    """a·b with b broadcast over a (fewer elements; MulBackward0: g·b, then Σ(g·a) reduced to b's
+    size): a product (saves a if b needs grad, b if a does)."""
+    return product(sim, a, b, numel, dtype, mul_broadcast_backward)
 
 
 def mul_const(sim: Sim, x: SymTensor, c: SymTensor) -> SymTensor:

@@ -23,6 +23,12 @@ def linear_backward(sim, node, grads):
     return [grad_x, grad_w, grad_b]
 
 
+def bmm_backward(sim, node, grads):
+    """BmmBackward (torch.matmul of batched matrices): grad_a = g·bᵀ, grad_b = aᵀ·g, each its operand's size."""
+    grad = grads[0]
+    return [sim.new(e.numel, grad.dtype) if e else None for e in node.edges]
+
+
 def unary_backward(sim, node, grads):
     """Elementwise backward with one differentiable input (silu, gelu, x·const, mean, clone of a grad)."""
     return [sim.new(node.edges[0].numel, grads[0].dtype)]

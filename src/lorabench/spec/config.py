@@ -13,89 +13,10 @@ from typing import Any, Literal, Optional
 
 from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, run_checks
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
+from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401 (the spec's names)
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget,
                          backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields)
-
-
-@dataclass
-class ModelConfig:
-    """A decoder-only transformer, llama-style or gpt2-style."""
-
-    name: str = fld("custom", "label used in reports")
-    style: Literal["llama", "gpt2"] = fld("llama", "llama: RMSNorm, SwiGLU, RoPE; gpt2: LayerNorm, GELU MLP, learned positions", row=True)
-    d_model: int = fld(256, "residual width", (gt(0),), row=True)
-    n_layers: int = fld(4, "number of transformer blocks", (gt(0),), row=True)
-    n_heads: int = fld(8, "query heads; must divide d_model", (gt(0),), row=True)
-    n_kv_heads: Optional[int] = fld(None, "key/value heads (grouped-query attention when < n_heads); default n_heads", (gt(0),), row=True)
-    head_dim: Optional[int] = fld(None, "width of one head (even: RoPE rotates pairs); default d_model / n_heads, which "
-                                  "n_heads must then divide; Qwen3 and others set their own", (gt(0),), row=True)
-    d_ff: int = fld(1024, "hidden width of the MLP", (gt(0),), row=True)
-    vocab_size: int = fld(4096, "tokens in the vocabulary", (gt(0),), row=True)
-    seq_len: int = fld(256, "training sequence length (tokens per sequence)", (gt(0),), row=True)
-    tie_embeddings: Optional[bool] = fld(None, "share the token embedding with the LM head; default True for gpt2, False for llama")
-    bias: Optional[bool] = fld(None, "biases on the linear layers; default True for gpt2, False for llama")
-    qkv_bias: Optional[bool] = fld(None, "biases on q, k, v only (Qwen2-style); default = bias")
-    qk_norm: bool = fld(False, "RMSNorm over each head's q and k before RoPE (Qwen3); llama style", row=True)
-    norm_eps: float = fld(1e-5, "epsilon of the norms", (gt(0),))
-    rope_theta: float = fld(10000.0, "RoPE base (llama style)", (gt(0),))
-    max_seq_len: Optional[int] = fld(None, "positions the model supports (gpt2's learned table); default seq_len", (gt(0),))
-    source: Optional[str] = fld(None, "where the architecture's numbers come from (presets)")
-    hf: Optional[str] = fld(None, "a Hugging Face config.json (or its directory): the model is built by transformers from it "
-                            "(random weights, offline); the fields above are read from it and override it", row=True)
-    attn_implementation: Optional[str] = fld(None, "hf models: sdpa | eager (transformers' attention path); default sdpa",
-                                             row=True)
-    published_params: Optional[int] = fld(None, "the parameter count its authors publish (presets; tested)", (gt(0),))
-    quantized: Optional[str] = fld(None, "the checkpoint is quantized (a config.json's bitsandbytes quantization_config): "
-                                   "nf4 | int8; its cells train adapters on that base_dtype (QLoRA)")
-    quantized_double_quant: Optional[bool] = fld(None, "quantized nf4: its scales are double-quantized too")
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            if self.d_model % self.n_heads:
-                raise FieldError("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
-            self.head_dim = self.d_model // self.n_heads
-        if self.style == "llama" and self.head_dim % 2:
-            raise FieldError("head_dim", f"must be even (RoPE rotates pairs of a head's dims), got {self.head_dim}")
-        if self.n_heads % self.n_kv_heads:
-            raise FieldError("n_kv_heads", f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
-        gpt2 = self.style == "gpt2"
-        if self.tie_embeddings is None:
-            self.tie_embeddings = gpt2
-        if self.bias is None:
-            self.bias = gpt2
-        if self.qkv_bias is None:
-            self.qkv_bias = self.bias
-        if self.qk_norm and gpt2:
-            raise FieldError("qk_norm", "is a llama-style (Qwen3) norm: a gpt2 model has none")
-        if self.max_seq_len is None:
-            self.max_seq_len = self.seq_len
-        if self.seq_len > self.max_seq_len:
-            raise FieldError("seq_len", f"must be <= max_seq_len={self.max_seq_len}, got {self.seq_len}")
-        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise FieldError("attn_implementation", f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
-                                                    f"got {self.attn_implementation!r}")
-        if self.hf is None and self.attn_implementation is not None:
-            raise FieldError("attn_implementation", "applies to Hugging Face models (model.hf) only")
-        if self.hf is not None and self.attn_implementation is None:
-            self.attn_implementation = "sdpa"
-        if self.quantized is not None and self.quantized not in QUANT_DTYPES:
-            raise FieldError("quantized", f"must be one of {', '.join(QUANT_DTYPES)}, got {self.quantized!r}")
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-def attn_problem(value) -> Optional[str]:
-    """Why `value` is no attention path of transformers' (None: the model's own), else None."""
-    if value is None or value in ATTN_IMPLEMENTATIONS:
-        return None
-    return f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {value!r}"
 
 
 @dataclass

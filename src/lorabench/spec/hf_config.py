@@ -9,6 +9,13 @@ Supported `model_type`s and the keys read:
                           hidden_size / heads); llama: attention_bias and
                           mlp_bias; qwen2: biases on q, k, v always (o has none);
                           qwen3: q_norm and k_norm per head (qk_norm), no bias
+  gemma, gemma2,          as llama, with Gemma's defaults (head_dim 256, tied embeddings,
+  gemma3_text             rms_norm_eps 1e-6) and block: RMSNorm by 1 + w, embeddings × √C,
+                          GeGLU (hidden_activation gelu_pytorch_tanh); gemma2 and gemma3_text:
+                          sandwich norms, query_pre_attn_scalar (default 256); gemma2:
+                          attn_logit_softcapping (default 50) and final_logit_softcapping
+                          (default 30), so its attention is eager; gemma3_text: q_norm and
+                          k_norm (qk_norm), its soft-caps default to none
   gpt2                    n_embd, n_layer, n_head, n_inner (default 4·n_embd), vocab_size,
                           n_positions, layer_norm_epsilon, tie_word_embeddings (default true)
 
@@ -17,7 +24,11 @@ model's `quantized` base: its cells are adapter cells on that base_dtype (QLoRA)
 other quantization is refused. The training length `seq_len` defaults to min(2048, positions). What lorabench's
 model cannot express is refused rather than approximated: llama's attention_bias without mlp_bias (lorabench puts
 one `bias` on o, gate, up, down). Mistral's sliding window is ignored (full
-causal attention). Any problem is one ConfigError naming the file and the key.
+causal attention), and so are Gemma's sliding-window layers (their memory is the same;
+only their scores' values differ past the window) and Gemma 3's second RoPE base for its
+local layers (rope_local_base_freq: values only). A Gemma 3 multimodal config (model_type
+gemma3, the text model under text_config) is refused in one line. Any problem is one
+ConfigError naming the file and the key.
 """
 from __future__ import annotations
 
@@ -27,6 +38,11 @@ from pathlib import Path
 from .schema import ConfigError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+# the soft-caps and the query scalar transformers' Gemma configs default to when a key is absent
+GEMMA_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                             "query_pre_attn_scalar": 256},
+                  "gemma3_text": {"query_pre_attn_scalar": 256}}
 DEFAULT_SEQ_LEN = 2048
 
 
@@ -79,10 +95,16 @@ def hf_config_fields(path: str) -> dict:
     mtype = data.get("model_type")
     if mtype in LLAMA_TYPES:
         fields = _llama(data, path, mtype)
+    elif mtype in GEMMA_TYPES:
+        fields = _gemma(data, path, mtype)
     elif mtype == "gpt2":
         fields = _gpt2(data, path)
+    elif mtype == "gemma3":
+        raise ConfigError(path, "model_type", "a Gemma 3 multimodal config (its vision tower is not modelled): "
+                          "pass its text model's config, text_config with model_type gemma3_text")
     else:
-        raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {', '.join(LLAMA_TYPES + ('gpt2',))})")
+        supported = ", ".join(LLAMA_TYPES + GEMMA_TYPES + ("gpt2",))
+        raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {supported})")
     fields["seq_len"] = min(DEFAULT_SEQ_LEN, fields["max_seq_len"])
     fields.update(_quantization(data.get("quantization_config"), path))
     return {"name": _name(path), **fields, "source": str(path)}
@@ -147,6 +169,31 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
     }
 
 
+def _gemma(data: dict, path: str, mtype: str) -> dict:
+    """Gemma 1, 2, 3 (text): a llama-style block with Gemma's norms, embedding scale and GeGLU."""
+    if _bool(data, "attention_bias", path, False):
+        raise ConfigError(path, "attention_bias", "Gemma's attention_bias is not supported: lorabench has one "
+                                                  "`bias` for o, gate, up, down")
+    act = data.get("hidden_activation") or "gelu_pytorch_tanh"  # transformers' Gemma MLPs read this one (not
+    # hidden_act, which Gemma 1's files set to "gelu")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(path, "hidden_activation", f"{act!r} is not supported (gelu_pytorch_tanh is)")
+    data = {"head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, **GEMMA_DEFAULTS.get(mtype, {}),
+            **{k: v for k, v in data.items() if v is not None or k.endswith("softcapping")}}
+    fields = _llama(data, path, "llama")
+    later = mtype != "gemma"
+    fields.update(activation="gelu_tanh", norm_offset=True, embed_scale=True, sandwich_norm=later,
+                  qk_norm=mtype == "gemma3_text",
+                  query_pre_attn_scalar=_float(data, "query_pre_attn_scalar", path, 0) if later else None,
+                  attn_softcap=_softcap(data, "attn_logit_softcapping", path),
+                  logit_softcap=_softcap(data, "final_logit_softcapping", path))
+    return fields
+
+
+def _softcap(data: dict, key: str, path: str):
+    return None if data.get(key) is None else _float(data, key, path, 0)
+
+
 def _gpt2(data: dict, path: str) -> dict:
     C = _int(data, "n_embd", path)
     H = _int(data, "n_head", path)
@@ -205,4 +252,24 @@ def hf_config_dict(cfg) -> dict:
         data.pop("rope_parameters", None)
         data["head_dim"] = cfg.head_dim  # written, not left to the family's default (Qwen3Config's is 128
         # whatever the width)
+    if data.get("model_type") in GEMMA_TYPES:
+        for name, key in GEMMA_KEYS.items():
+            v = getattr(cfg, name)
+            data[key] = int(v) if key == "query_pre_attn_scalar" and v is not None and v == int(v) else v  # an
+            # int in transformers' Gemma configs
     return data
+
+
+# ModelConfig field -> a Gemma config.json's key, written back as the other keys are
+GEMMA_KEYS = {"query_pre_attn_scalar": "query_pre_attn_scalar", "attn_softcap": "attn_logit_softcapping",
+              "logit_softcap": "final_logit_softcapping"}
+
+
+def fixed_fields(fields: dict) -> dict:
+    """The ModelConfig fields of a config.json's reading (hf_config_fields) that its model_type
+    fixes, which transformers builds whatever a scenario says: all but the keys written back
+    (hf_config_dict) and lorabench's own (seq_len, name, source, the quantized checkpoint's)."""
+    family = "gpt2" if fields.get("style") == "gpt2" else "llama"
+    writable = set(HF_KEYS[family]) | set(GEMMA_KEYS) | {"seq_len", "name", "source", "quantized",
+                                                            "quantized_double_quant", "head_dim"}
+    return {k: v for k, v in fields.items() if k not in writable}

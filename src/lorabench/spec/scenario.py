@@ -22,7 +22,7 @@ from typing import Any, Literal
 from ..optimizers import get as get_optimizer, names as optimizer_names
 from .config import (AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
                      allowed_targets, check_parallel)
-from .hf_config import hf_model_fields
+from .hf_config import fixed_fields, hf_model_fields
 from .job import CellJob
 from .presets import preset_data
 from .schema import ConfigError, FieldError, build, fld, ge, read_yaml, run_checks, short
@@ -90,7 +90,12 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
         if not isinstance(hf, str):
             raise ConfigError(source, "model.hf", f"must be a path to a config.json, got {short(hf)}")
         base = os.path.dirname(source) if os.path.isfile(source) else None
-        mdata = {**hf_model_fields(hf, source, base), **mdata}
+        read = hf_model_fields(hf, source, base)
+        for key, value in fixed_fields(read).items():
+            if key in mdata and mdata[key] != value:
+                raise ConfigError(source, f"model.{key}", f"is {value!r} in {read['hf']} (its model_type fixes it: "
+                                  f"transformers builds it so); got {mdata[key]!r}")
+        mdata = {**read, **mdata}
     model = build(ModelConfig, mdata, "model", source)
     if model.hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError(source, "model.hf", "needs transformers: pip install 'lorabench[hf]'")
@@ -102,6 +107,9 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
     for i, attn in enumerate(matrix.attn_implementation):
         if attn is not None and not model.hf:
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", "applies to Hugging Face models (model.hf) only")
+        if attn == "sdpa" and model.attn_softcap:
+            raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
+                              "(attn_softcap, Gemma 2): transformers runs this model eagerly (eager)")
     if model.hf:  # the model's own path where the axis leaves it open: every cell says which it ran
         matrix.attn_implementation = [a or model.attn_implementation for a in matrix.attn_implementation]
     for i, targets in enumerate(matrix.lora_targets):

@@ -6,6 +6,7 @@ from ..adapters import get as get_adapter
 from ..sim.ops import DTYPES
 from ..sim.tensors import Param, untracked
 from ..spec.config import Cell, ModelConfig
+from ..spec.model import eager_attention_of
 from . import transformer_layout as layout
 from .base import Stack
 from .transformer_replay import Dims, forward_loss
@@ -38,7 +39,7 @@ class BuiltinStack(Stack):
         return model.hidden(x)
 
     def head_logits(self, model, h):
-        return model.head(h)
+        return model.logits(h)
 
     def parameters(self, cfg, cell, blocks=None):
         return layout.model_params(cfg, cell, blocks)
@@ -52,7 +53,10 @@ class BuiltinStack(Stack):
                     adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
                     checkpointing=cell.checkpointing, device=device,
                     table_dtype=DTYPES[buffers_dtype or cell.base_float_dtype], loss_chunks=cell.loss_chunks,
-                    double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm)
+                    double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm, norm_offset=cfg.norm_offset,
+                    sandwich=cfg.sandwich_norm, embed_scale=cfg.embed_scale,
+                    eager=eager_attention_of(cfg, cell.attn_implementation), attn_softcap=bool(cfg.attn_softcap),
+                    logit_softcap=bool(cfg.logit_softcap))
         half = cfg.seq_len * (cfg.head_dim // 2)
         tables = (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # RoPE cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)

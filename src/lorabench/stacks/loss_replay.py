@@ -16,17 +16,17 @@ chunked   h (N·C) flattened and split into chunks of b·⌈s/n⌉ tokens (conti
 from __future__ import annotations
 
 from ..sim.engine import Sim
-from ..sim.ops import binary, linear
+from ..sim.ops import binary, elementwise, linear
 from ..sim.rules import log_softmax_backward, nll_loss_backward, pass_backward, split_backward, unary_backward
 from ..sim.tensors import F32, LOGITS, SymTensor
 
 
-def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int) -> SymTensor:
-    """F.cross_entropy(logits.float().view(-1, V), y) with logits = head(h); `x` (the last
-    block's output, Transformer.forward's local) is released once the head has run."""
+def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, softcap: bool = False) -> SymTensor:
+    """F.cross_entropy(logits.float().view(-1, V), y) with logits = head(h) (soft-capped: Gemma 2);
+    `x` (the last block's output, Transformer.forward's local) is released once the head has run."""
     N = h.numel // (params["head"].tensor.numel // V)
     with sim.allocating_as(LOGITS):
-        logits = linear(sim, h, params["head"], None, V)
+        logits = head(sim, h, params, V, softcap)
         sim.drop(h)
         sim.drop(x)  # Transformer.forward's x lives until it returns
         sim.model_forward_end(sim.seq)  # the model's forward returns the logits
@@ -34,6 +34,23 @@ def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int) ->
         sim.end_autocast()  # the autocast region ends with compute_loss
         sim.drop(logits)
     return loss
+
+
+def head(sim: Sim, h: SymTensor, params: dict, V: int, softcap: bool) -> SymTensor:
+    """Transformer.logits: head(h), soft-capped (Gemma 2) as cap·tanh(logits/cap): /cap (a copy,
+    the logits freed), tanh (its output saved), ·cap (a copy)."""
+    logits = linear(sim, h, params["head"], None, V)
+    if not softcap:
+        return logits
+    t = elementwise(sim, logits, unary_backward, save_input=False)
+    sim.drop(logits)
+    node = sim.node([t], unary_backward)
+    th = sim.out(sim.new(t.numel, t.dtype), node)
+    sim.save(node, th)
+    sim.drop(t)
+    out = elementwise(sim, th, unary_backward, save_input=False)
+    sim.drop(th)
+    return out
 
 
 def _cross_entropy(sim: Sim, lf: SymTensor, N: int, V: int) -> SymTensor:
@@ -57,7 +74,8 @@ def chunk_positions(s: int, n: int) -> list[int]:
     return [min(c, s - i) for i in range(0, s, c)]
 
 
-def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n: int) -> SymTensor:
+def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n: int,
+                 softcap: bool = False) -> SymTensor:
     """chunked_cross_entropy(stack, model, h, y, n): Σ_chunks checkpoint(head + CE, sum) / N;
     `h` (the final norm's output) is the caller's, released by it."""
     C = params["head"].tensor.numel // V
@@ -69,8 +87,8 @@ def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n
     with sim.allocating_as(LOGITS):
         for hc, m in zip(chunks, sizes):
             sim.begin_checkpoint()
-            new = _chunk(sim, hc, params, m, V)
-            sim.end_checkpoint(lambda hc=hc, m=m: _chunk(sim, hc, params, m, V), hc)
+            new = _chunk(sim, hc, params, m, V, softcap)
+            sim.end_checkpoint(lambda hc=hc, m=m: _chunk(sim, hc, params, m, V, softcap), hc)
             sim.drop(part)  # `part` is rebound once the next chunk has run
             part = new
             if total is None:
@@ -85,10 +103,10 @@ def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n
     return loss
 
 
-def _chunk(sim: Sim, hc: SymTensor, params: dict, m: int, V: int) -> SymTensor:
+def _chunk(sim: Sim, hc: SymTensor, params: dict, m: int, V: int, softcap: bool) -> SymTensor:
     """F.cross_entropy(head(hc).float(), yc, reduction="sum") for m tokens: the logits are
     released as soon as their FP32 copy exists."""
-    logits = linear(sim, hc, params["head"], None, V)
+    logits = head(sim, hc, params, V, softcap)
     lf = sim.to(logits, F32)
     sim.drop(logits)
     return _cross_entropy(sim, lf, m, V)

@@ -7,7 +7,7 @@ parameters.
 
 Counts (C d_model, H/G heads, D head_dim, F d_ff, V vocab, T_max positions):
   tok_emb V·C; pos_emb T_max·C (gpt2); per block: norm1, norm2 C each (+C bias
-  for LayerNorm); q H·D·C, k and v G·D·C each (+H·D, G·D with qkv_bias); o C·H·D
+  for LayerNorm; sandwich norms: attn_out_norm after o, mlp_out_norm after down); q H·D·C, k and v G·D·C each (+H·D, G·D with qkv_bias); o C·H·D
   (+C with bias); gate (llama) and up F·C (+F); down C·F (+C); norm_f; head V·C
   unless tied to tok_emb. A target adds its adapter's parameters (LoRA: A r·d_in and
   B d_out·r) just before its base weight (the adapted layer's own parameters precede
@@ -60,6 +60,8 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
         if name == "o" and cfg.qk_norm:  # Qwen3's per-head norms, registered after o
             out += [ParamSpec(f"blocks.{i}.{n}", i, cfg.head_dim, base_dt, train_base, (cfg.head_dim,))
                     for n in ("q_norm", "k_norm")]
+        if cfg.sandwich_norm and name in ("o", "down"):  # Gemma's norms of the attention's and MLP's outputs
+            out += norm("attn_out_norm" if name == "o" else "mlp_out_norm")
     return out
 
 

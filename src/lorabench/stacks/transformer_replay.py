@@ -38,6 +38,7 @@ from ..adapters.base import Adapter
 
 from ..sim import quant
 from ..sim.engine import Sim
+from .eager_replay import causal_mask, eager_attention
 from .loss_replay import chunked_loss, standard_loss
 from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, linear, mul_broadcast, mul_const
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, log_softmax_backward,
@@ -66,11 +67,18 @@ class Dims:
     loss_chunks: Optional[int] = None  # the chunked loss's chunks; None: the standard loss
     qk_norm: bool = False  # Qwen3: q and k RMS-normed per head (over D) right after their projection
     double_quant: bool = False  # an nf4 base's scales quantized too (sim/quant.py)
+    norm_offset: bool = False   # Gemma: RMSNorm scales by 1 + w (one more C-sized FP32 tensor, saved)
+    sandwich: bool = False      # Gemma 2, 3: the attention's and MLP's outputs RMS-normed before the residual
+    embed_scale: bool = False   # Gemma: embeddings · sqrt(C) (a copy, nothing saved)
+    eager: bool = False         # attention op by op (eager_replay.py), not SDPA
+    attn_softcap: bool = False  # Gemma 2: the eager scores soft-capped
+    logit_softcap: bool = False  # Gemma 2: the logits soft-capped (loss_replay.py)
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
-def rmsnorm(sim: Sim, x: SymTensor, weight: Param, C: int) -> SymTensor:
-    """RMSNorm in fp32, cast back: xf = x.float(); y = xf·rsqrt(mean(xf²)+eps); (y·w.float()).to(x.dtype)."""
+def rmsnorm(sim: Sim, x: SymTensor, weight: Param, C: int, offset: bool = False) -> SymTensor:
+    """RMSNorm in fp32, cast back: xf = x.float(); y = xf·rsqrt(mean(xf²)+eps); (y·w.float()).to(x.dtype);
+    with `offset` (Gemma) y·(1 + w.float()), the sum a C-sized FP32 tensor that the product saves."""
     N = x.numel // C
     xf = sim.to(x, F32)
     node = sim.node([xf], pow2_backward)
@@ -87,6 +95,10 @@ def rmsnorm(sim: Sim, x: SymTensor, weight: Param, C: int) -> SymTensor:
     y = mul_broadcast(sim, xf, r, N * C, F32)
     sim.drop(r)
     wf = sim.to(weight.tensor, F32)
+    if offset:  # 1.0 + w.float(): a new tensor (its gradient passes through)
+        w1 = sim.out(sim.new(C, F32), sim.node([wf], pass_backward))
+        sim.drop(wf)
+        wf = w1
     z = mul_broadcast(sim, y, wf, N * C, F32)
     sim.drop(wf)
     out = sim.to(z, x.dtype)
@@ -238,12 +250,16 @@ def reshape_heads(sim: Sim, t: SymTensor, clone_grad: bool) -> SymTensor:
     return sim.out(sim.view(t), node)
 
 
-def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTensor:
+def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -> SymTensor:
     H, G, D = dims.H, dims.G, dims.D
     llama = dims.style == "llama"
     q = head_normed(sim, project(sim, x, "q", params, dims, H * D), params, "q_norm", dims)
     k = head_normed(sim, project(sim, x, "k", params, dims, G * D), params, "k_norm", dims)
     v = project(sim, x, "v", params, dims, G * D)
+    if dims.eager:  # the bmm's gradient of v is (b, G, s, D)-contiguous: its view as (b, s, G·D) copies
+        v2 = reshape_heads(sim, v, G > 1 and dims.s > 1)
+        sim.drop(v)
+        v = v2
     # a transpose(1, 2) of (b, heads, s, D) is still contiguous when heads or s is 1
     qh = reshape_heads(sim, q, llama and H > 1 and dims.s > 1)
     kh = reshape_heads(sim, k, llama and G > 1 and dims.s > 1)
@@ -255,10 +271,10 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTe
         sim.drop(kh)
     else:
         q2, k2 = qh, kh
-    y = sdpa(sim, q2, k2, v, dims)
+    y = eager_attention(sim, q2, k2, v, dims, mask, dims.attn_softcap) if dims.eager else sdpa(sim, q2, k2, v, dims)
     # out is laid out like q, (B,H,T,D)-contiguous after RoPE, so transpose(1,2).reshape copies;
     # CUDA's memory-efficient kernel lays its out as (B,T,H,D): the reshape is a view
-    efficient = sdpa_kernel(dims, sim.autocast or q2.dtype) == "efficient"
+    efficient = not dims.eager and sdpa_kernel(dims, sim.autocast or q2.dtype) == "efficient"
     if llama and H > 1 and dims.s > 1 and not efficient:
         y2 = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         sim.drop(y)
@@ -274,7 +290,7 @@ def head_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims: Dims) -> 
     D; the projection's output is released when the norm returns (unless the norm saved it)."""
     if not dims.qk_norm:
         return t
-    out = rmsnorm(sim, t, params[name], dims.D)
+    out = rmsnorm(sim, t, params[name], dims.D, dims.norm_offset)
     sim.drop(t)
     return out
 
@@ -282,7 +298,7 @@ def head_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims: Dims) -> 
 def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
     if dims.style == "llama":
         gate = project(sim, x, "gate", params, dims, dims.F)
-        silu = elementwise(sim, gate, unary_backward)
+        silu = elementwise(sim, gate, unary_backward)  # silu or gelu_tanh: both save their input
         sim.drop(gate)
         up = project(sim, x, "up", params, dims, dims.F)
         h = binary(sim, silu, up, "mul")
@@ -299,31 +315,44 @@ def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
 
 def norm(sim: Sim, x: SymTensor, params: dict, name: str, dims: Dims) -> SymTensor:
     if dims.style == "llama":
-        return rmsnorm(sim, x, params[name], dims.C)
+        return rmsnorm(sim, x, params[name], dims.C, dims.norm_offset)
     return layernorm(sim, x, params[name], params[name + ".bias"], dims)
 
 
-def block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTensor:
-    """x + attn(norm1(x)), then x + mlp(norm2(x)); a sum of two dtypes is fp32."""
+def block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -> SymTensor:
+    """x + attn(norm1(x)), then x + mlp(norm2(x)), with sandwich norms x + norm(attn(norm1(x))), ...;
+    a sum of two dtypes is fp32."""
     h = norm(sim, x, params, "norm1", dims)
-    a = attention(sim, h, params, dims, tables)
+    a = attention(sim, h, params, dims, tables, mask)
     sim.drop(h)
+    a = _out_normed(sim, a, params, "attn_out_norm", dims)
     x2 = binary(sim, x, a, "add")
     sim.drop(a)
     h = norm(sim, x2, params, "norm2", dims)
     m = mlp(sim, h, params, dims)
     sim.drop(h)
+    m = _out_normed(sim, m, params, "mlp_out_norm", dims)
     x3 = binary(sim, x2, m, "add")
     sim.drop(m)
     sim.drop(x2)
     return x3
 
 
-def checkpointed_block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables) -> SymTensor:
-    """torch.utils.checkpoint (non-reentrant): forward saves nothing but keeps the block input."""
+def _out_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims: Dims) -> SymTensor:
+    """Gemma's norm of a sublayer's output (sandwich norms), which it releases; t itself without them."""
+    if not dims.sandwich:
+        return t
+    out = norm(sim, t, params, name, dims)
+    sim.drop(t)
+    return out
+
+
+def checkpointed_block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -> SymTensor:
+    """torch.utils.checkpoint (non-reentrant): forward saves nothing but keeps the block's inputs
+    (x, and eager attention's mask) to its backward."""
     sim.begin_checkpoint()
-    out = block(sim, x, params, dims, tables)
-    sim.end_checkpoint(lambda: block(sim, x, params, dims, tables), x)
+    out = block(sim, x, params, dims, tables, mask)
+    sim.end_checkpoint(lambda: block(sim, x, params, dims, tables, mask), x, mask)
     return out
 
 
@@ -333,6 +362,10 @@ def embed(sim: Sim, params: dict, dims: Dims) -> SymTensor:
     N = dims.b * dims.s
     tok = params["tok_emb"].tensor
     x = sim.out(sim.new(N * dims.C, tok.dtype), sim.node([tok], embedding_backward))
+    if dims.embed_scale:  # x · sqrt(C): a copy, nothing saved
+        x2 = elementwise(sim, x, unary_backward, save_input=False)
+        sim.drop(x)
+        x = x2
     if dims.style != "gpt2":
         return x
     pos_w = params["pos_emb"].tensor
@@ -353,22 +386,24 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
     N = dims.b * dims.s
     sim.set_block(None)
     x = embed(sim, params, dims)
+    mask = causal_mask(sim, dims.s, x.dtype) if dims.eager else None  # Transformer.blocks_out's local
     for i in range(n_blocks):
         sim.set_block(i)
         run = checkpointed_block if dims.checkpointing else block
-        xn = run(sim, x, params["blocks"][i], dims, tables)
+        xn = run(sim, x, params["blocks"][i], dims, tables, mask)
         sim.drop(x)
         x = xn
     sim.set_block(None)
+    sim.drop(mask)
     h = norm(sim, x, params, "norm_f", dims)
     if dims.loss_chunks:  # Transformer.hidden: the last block's output is released with the norm's return
         sim.drop(x)
         sim.model_forward_end(sim.seq)
-        loss = chunked_loss(sim, h, params, dims.b, dims.s, dims.V, dims.loss_chunks)
+        loss = chunked_loss(sim, h, params, dims.b, dims.s, dims.V, dims.loss_chunks, dims.logit_softcap)
         sim.drop(h)
         sim.end_autocast()  # the autocast region ends with compute_loss
     else:
-        loss = standard_loss(sim, x, h, params, dims.V)
+        loss = standard_loss(sim, x, h, params, dims.V, dims.logit_softcap)
     out = sim.out(sim.new(1, F32), sim.node([loss], unary_backward))  # loss / accumulation
     sim.drop(loss)
     return out

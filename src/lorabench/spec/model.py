@@ -1,0 +1,131 @@
+"""The model of a scenario: a decoder-only transformer's architecture (ModelConfig).
+
+One dataclass, validated by `schema.build`, one docstring per field; the derived
+values (n_kv_heads, head_dim, tie_embeddings, bias, activation, attention path)
+are settled once in `__post_init__`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .cell_rules import QUANT_DTYPES
+from .schema import FieldError, fld, gt
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer, llama-style or gpt2-style."""
+
+    name: str = fld("custom", "label used in reports")
+    style: Literal["llama", "gpt2"] = fld("llama", "llama: RMSNorm, SwiGLU, RoPE; gpt2: LayerNorm, GELU MLP, learned positions", row=True)
+    d_model: int = fld(256, "residual width", (gt(0),), row=True)
+    n_layers: int = fld(4, "number of transformer blocks", (gt(0),), row=True)
+    n_heads: int = fld(8, "query heads; must divide d_model", (gt(0),), row=True)
+    n_kv_heads: Optional[int] = fld(None, "key/value heads (grouped-query attention when < n_heads); default n_heads", (gt(0),), row=True)
+    head_dim: Optional[int] = fld(None, "width of one head (even: RoPE rotates pairs); default d_model / n_heads, which "
+                                  "n_heads must then divide; Qwen3 and others set their own", (gt(0),), row=True)
+    d_ff: int = fld(1024, "hidden width of the MLP", (gt(0),), row=True)
+    vocab_size: int = fld(4096, "tokens in the vocabulary", (gt(0),), row=True)
+    seq_len: int = fld(256, "training sequence length (tokens per sequence)", (gt(0),), row=True)
+    tie_embeddings: Optional[bool] = fld(None, "share the token embedding with the LM head; default True for gpt2, False for llama")
+    bias: Optional[bool] = fld(None, "biases on the linear layers; default True for gpt2, False for llama")
+    qkv_bias: Optional[bool] = fld(None, "biases on q, k, v only (Qwen2-style); default = bias")
+    qk_norm: bool = fld(False, "RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3); llama style", row=True)
+    activation: Optional[Literal["silu", "gelu_tanh"]] = fld(
+        None, "the MLP's activation: silu (llama's SwiGLU) | gelu_tanh (GELU's tanh form: Gemma's GeGLU, gpt2's "
+        "MLP); default silu for llama style, gelu_tanh for gpt2", row=True)
+    norm_offset: bool = fld(False, "Gemma: RMSNorm scales by 1 + w, w initialised to 0 (instead of w, from 1); "
+                                   "llama style", row=True)
+    sandwich_norm: bool = fld(False, "Gemma 2 and 3: the attention's and the MLP's outputs are RMS-normed too, before "
+                                     "each residual add (four norms per block); llama style", row=True)
+    embed_scale: bool = fld(False, "Gemma: the token embeddings multiplied by sqrt(d_model); llama style", row=True)
+    query_pre_attn_scalar: Optional[float] = fld(None, "attention scores scaled by its -1/2 power (Gemma); default "
+                                                       "head_dim", (gt(0),))
+    attn_softcap: Optional[float] = fld(None, "Gemma 2: attention scores soft-capped, cap·tanh(scores/cap), before the "
+                                        "softmax; SDPA cannot, so attention is computed eagerly (transformers' eager "
+                                        "path: the b·H·s² scores materialised and saved); llama style", (gt(0),),
+                                        row=True)
+    logit_softcap: Optional[float] = fld(None, "Gemma 2: the final logits soft-capped, cap·tanh(logits/cap) (three "
+                                         "more logits-sized tensors)", (gt(0),), row=True)
+    norm_eps: float = fld(1e-5, "epsilon of the norms", (gt(0),))
+    rope_theta: float = fld(10000.0, "RoPE base (llama style)", (gt(0),))
+    max_seq_len: Optional[int] = fld(None, "positions the model supports (gpt2's learned table); default seq_len", (gt(0),))
+    source: Optional[str] = fld(None, "where the architecture's numbers come from (presets)")
+    hf: Optional[str] = fld(None, "a Hugging Face config.json (or its directory): the model is built by transformers from it "
+                            "(random weights, offline); the fields above are read from it and override it", row=True)
+    attn_implementation: Optional[str] = fld(None, "hf models: sdpa | eager (transformers' attention path); default sdpa",
+                                             row=True)
+    published_params: Optional[int] = fld(None, "the parameter count its authors publish (presets; tested)", (gt(0),))
+    quantized: Optional[str] = fld(None, "the checkpoint is quantized (a config.json's bitsandbytes quantization_config): "
+                                   "nf4 | int8; its cells train adapters on that base_dtype (QLoRA)")
+    quantized_double_quant: Optional[bool] = fld(None, "quantized nf4: its scales are double-quantized too")
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise FieldError("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
+            self.head_dim = self.d_model // self.n_heads
+        if self.style == "llama" and self.head_dim % 2:
+            raise FieldError("head_dim", f"must be even (RoPE rotates pairs of a head's dims), got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise FieldError("n_kv_heads", f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
+        gpt2 = self.style == "gpt2"
+        if self.tie_embeddings is None:
+            self.tie_embeddings = gpt2
+        if self.bias is None:
+            self.bias = gpt2
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        if self.activation is None:
+            self.activation = "gelu_tanh" if gpt2 else "silu"
+        if gpt2:
+            for name in ("qk_norm", "norm_offset", "sandwich_norm", "embed_scale", "attn_softcap"):
+                if getattr(self, name):
+                    raise FieldError(name, "is a llama-style (Qwen3, Gemma) option: a gpt2 model has none")
+            if self.activation != "gelu_tanh":
+                raise FieldError("activation", f"a gpt2 model's MLP is gelu_tanh, got {self.activation!r}")
+        if self.max_seq_len is None:
+            self.max_seq_len = self.seq_len
+        if self.seq_len > self.max_seq_len:
+            raise FieldError("seq_len", f"must be <= max_seq_len={self.max_seq_len}, got {self.seq_len}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise FieldError("attn_implementation", f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                                                    f"got {self.attn_implementation!r}")
+        if self.hf is None and self.attn_implementation is not None:
+            raise FieldError("attn_implementation", "applies to Hugging Face models (model.hf) only")
+        if self.hf is not None and self.attn_implementation is None:
+            self.attn_implementation = "eager" if self.attn_softcap else "sdpa"
+        if self.attn_softcap and self.attn_implementation == "sdpa":
+            raise FieldError("attn_implementation", "sdpa cannot soft-cap attention scores (attn_softcap, Gemma 2): "
+                                                    "transformers runs such a model eagerly (eager)")
+        if self.quantized is not None and self.quantized not in QUANT_DTYPES:
+            raise FieldError("quantized", f"must be one of {', '.join(QUANT_DTYPES)}, got {self.quantized!r}")
+
+    @property
+    def eager_attention(self) -> bool:
+        """Attention computed op by op (scores, softmax, a second matmul), not by SDPA: a soft-capped
+        model's always, a Hugging Face model's on its eager path (Cell.attn_implementation overrides
+        it per cell: eager_attention_of)."""
+        return eager_attention_of(self, None)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def eager_attention_of(cfg: ModelConfig, attn_implementation: Optional[str]) -> bool:
+    """Whether attention is eager in a cell of `cfg` whose attn_implementation is this (None: the model's)."""
+    return bool(cfg.attn_softcap) or (attn_implementation or cfg.attn_implementation) == "eager"
+
+
+def attn_problem(value) -> Optional[str]:
+    """Why `value` is no attention path of transformers' (None: the model's own), else None."""
+    if value is None or value in ATTN_IMPLEMENTATIONS:
+        return None
+    return f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {value!r}"

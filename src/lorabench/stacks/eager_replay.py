@@ -1,0 +1,93 @@
+"""Eager attention replayed on `sim.Sim`: Attention.eager, which is op for op transformers'
+eager_attention_forward (the path of `attn_implementation: eager`, and the only one of a
+model whose attention scores are soft-capped: Gemma 2).
+
+Shapes: b micro-batch, s sequence, H query and G key/value heads (rep = H/G), D head dim,
+S = b·H·s² scores; a = bytes per element of q's dtype.
+
+forward   repeat_kv (rep > 1): k and v copied to H heads (b·H·s·D·a each, no saves); without
+          repeats, matmul copies v (a transposed view) for its bmm, which saves the copy;
+          scores = q·kᵀ (bmm, S·a; saves q and k, views), · scale (S·a, the bmm's freed);
+          soft-cap (Gemma 2): /cap, tanh (saves its output, S·a), ·cap; + mask (the (s, s)
+          mask in the model's dtype: the sum is promoted to it); softmax in FP32 (a cast
+          first when the sum is not FP32; saves its output, S·4); .to(q's dtype) (S·a when it
+          casts); probabilities·v (bmm, b·H·s·D; saves both).
+backward  the output's gradient arrives transposed: its reshape copies (b·H·s·D) before
+          the second bmm's gradients (S and b·H·s·D); every elementwise op allocates an S-sized
+          gradient; the first bmm's gradients; repeat_kv sums each head group (b·G·s·D).
+"""
+from __future__ import annotations
+
+from ..sim.engine import Sim
+from ..sim.ops import binary, elementwise, product
+from ..sim.rules import bmm_backward, pass_backward, unary_backward
+from ..sim.tensors import F32, SymTensor
+
+
+def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, mask: SymTensor,
+                    softcap: bool) -> SymTensor:
+    """softmax(softcap(q·kᵀ·scale) + mask, FP32).to(q's dtype)·v; q (b·H·s·D), k and v (b·G·s·D)
+    are the caller's; returns the output (b·H·s·D, laid out (b, H, s, D))."""
+    rep = dims.H // dims.G
+    k2 = _repeat_kv(sim, k, rep, True)
+    v2 = _repeat_kv(sim, v, rep, True) if rep > 1 else None
+    S = dims.b * dims.H * dims.s * dims.s
+    scores = bmm(sim, q, k2, S)
+    w = _scalar_op(sim, scores)  # · scale
+    if softcap:
+        t = _scalar_op(sim, w)  # / cap
+        node = sim.node([t], unary_backward)  # tanh saves its result
+        th = sim.out(sim.new(S, t.dtype), node)
+        sim.save(node, th)
+        sim.drop(t)
+        w = _scalar_op(sim, th)  # · cap
+    masked = binary(sim, w, mask, "add")  # a broadcast add: the mask needs no gradient
+    sim.drop(w)
+    wf = sim.to(masked, F32)  # softmax(dtype=float32) casts its input first
+    node = sim.node([wf], unary_backward)  # _softmax_backward_data: an S·4 gradient
+    p = sim.out(sim.new(S, F32), node)
+    sim.save(node, p)
+    sim.drop(wf)
+    p2 = sim.to(p, q.dtype)
+    sim.drop(p)
+    sim.drop(masked)  # `w = softmax(w, ...).to(...)`: the sum is released when the statement ends
+    if v2 is None:  # v, a transposed view of its projection, is copied by this matmul's reshape
+        v2 = _repeat_kv(sim, v, 1, dims.G == 1 or dims.s == 1)
+    out = bmm(sim, p2, v2, dims.b * dims.H * dims.s * dims.D)
+    # the caller's transpose(1, 2).reshape meets a (b, H, s, D) gradient laid out (b, s, H, D):
+    # bmm's output view reshapes it, a copy
+    out_view = sim.out(sim.view(out), sim.node([out], unary_backward))
+    sim.drop(out)
+    for t in (p2, k2, v2):
+        sim.drop(t)
+    return out_view
+
+
+def bmm(sim: Sim, a: SymTensor, b: SymTensor, numel: int) -> SymTensor:
+    """torch.matmul of two 4-D tensors (a batched bmm): saves each operand the other's gradient
+    needs (views of live tensors); its gradients are one of each operand's size."""
+    return product(sim, a, b, numel, a.dtype, bmm_backward)
+
+
+def _scalar_op(sim: Sim, x: SymTensor) -> SymTensor:
+    """x · c or x / c for a Python number c: a new tensor, nothing saved, consumes x."""
+    out = elementwise(sim, x, unary_backward, save_input=False)
+    sim.drop(x)
+    return out
+
+
+def _repeat_kv(sim: Sim, t: SymTensor, rep: int, contiguous: bool) -> SymTensor:
+    """t[:, :, None].expand(b, G, rep, s, D).reshape(b, H, s, D): a copy when rep > 1, whose
+    gradient is summed over the copies (a new b·G·s·D tensor). Without repeats, matmul's own
+    reshape copies a non-contiguous t (v, a transposed view) and its bmm saves the copy."""
+    if rep > 1:
+        return sim.out(sim.new(t.numel * rep, t.dtype), sim.node([t], unary_backward))
+    if contiguous:
+        return sim.hold(t)
+    return sim.out(sim.new(t.numel, t.dtype), sim.node([t], pass_backward))
+
+
+def causal_mask(sim: Sim, s: int, dtype: str) -> SymTensor:
+    """causal_mask(T, dtype): the (s, s) additive mask, made once per forward."""
+    return sim.new(s * s, dtype)
+
