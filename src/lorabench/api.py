@@ -68,7 +68,7 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
         from .measure.trace import trace
         return trace(ls.job(cell, device), gpu_name)[0]
     window = ls.train.window_steps(device)
-    return analytic(ls.model, cell, batch_size, device=device, optimizer_impl=optimizer_impl, n_batches=window,
+    return analytic(ls.model_of(cell), cell, batch_size, device=device, optimizer_impl=optimizer_impl, n_batches=window,
                     window_steps=window, gpu_name=gpu_name)
 
 

@@ -68,9 +68,10 @@ def check(ls) -> None:
                 index = {"adalora_target_rank": k, "lora_rank": j}.get(e.key)
                 raise ConfigError(ls.source, f"matrix.{e.key}" + ("" if index is None else f"[{index}]"),
                                   e.message) from None
-            problem = projection_problem(ls.model, cell)
-            if problem:
-                raise ConfigError(ls.source, f"matrix.lora_rank[{j}]", problem)
+            for model in ls.models.values() or (ls.model,):  # every model the matrix trains
+                problem = projection_problem(model, cell)
+                if problem:
+                    raise ConfigError(ls.source, f"matrix.lora_rank[{j}]", problem)
 
 
 def projection_problem(cfg, cell: Cell) -> str | None:

@@ -88,7 +88,8 @@ def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, q
             if row.get("status") != "ok":
                 step.console.print(f"[red]{escape(job.cell.id)}: {row['status']}[/]: {escape(str(row.get('error')))}")
         res = run_scenario(ls, todo, path, dev, resume, force, on_start=lambda job: step(job.cell.id), on_row=on_row)
-    show(res.rows, fmt, title=f"{ls.name}: {ls.model.name} on {res.rows[0]['device'] if res.rows else dev}")
+    names = ", ".join(ls.models) or ls.model.name
+    show(res.rows, fmt, title=f"{ls.name}: {names} on {res.rows[0]['device'] if res.rows else dev}")
     n_ok = sum(r.get("status") == "ok" for r in res.rows)
     click.echo(f"{len(res.rows)} rows ({n_ok} ok) in {path}" + (f" and {res.csv_path}" if res.csv_path else ""), err=True)
     if res.rows and fmt == "table":

@@ -52,11 +52,11 @@ def estimates_for(ls: LoadedScenario, device: str | None = None, method: str = "
     rows = []
     for i, cell in enumerate(cells):
         est = traced[i][0] if method == "trace" else \
-            estimate(ls.model, cell, train.batch_size, device=dev, optimizer_impl=train.optimizer,
+            estimate(ls.model_of(cell), cell, train.batch_size, device=dev, optimizer_impl=train.optimizer,
                      n_batches=window, window_steps=window)
         row = cell.to_dict()
-        row.update(scenario=ls.name, model=ls.model.name, device=dev, batch_size=train.batch_size,
-                   micro_batch_size=cell.micro_batch(train.batch_size), seq_len=ls.model.seq_len,
+        row.update(scenario=ls.name, model=ls.model_of(cell).name, device=dev, batch_size=train.batch_size,
+                   micro_batch_size=cell.micro_batch(train.batch_size), seq_len=ls.model_of(cell).seq_len,
                    total_params=est.total_params, trainable_params=est.trainable_params, **est.fields(),
                    est_method=est.method, est_phase_peak_bytes=est.phase_peak_bytes, est_breakdown=est.breakdown,
                    est_cuda_overheads=est.cuda_overheads or None)

@@ -62,8 +62,7 @@ def underflow(r: dict) -> str:
 def run_table(rows: Iterable[dict], title: str = ""):
     """A rich Table of run rows (see the module docstring for the columns)."""
     from rich.table import Table
-    rows = list(rows)
-    base = baseline(rows)
+    rows = with_baseline(list(rows))  # each against its own scenario's (and model's) full-FP32 cell
     t = Table(title=title or None, header_style="bold")
     for name, just in [("cell", "left"), ("status", "left"), ("peak MiB", "right"), ("vs fp32-full", "right"),
                        ("step ms median (p10–p90)", "right"), ("tokens/s", "right"), ("trainable %", "right"),
@@ -74,7 +73,7 @@ def run_table(rows: Iterable[dict], title: str = ""):
         t.add_row(
             r.get("cell", "?"), f"[{STATUS_STYLE.get(st, 'white')}]{st}[/]",
             mib(r.get("peak_allocated_bytes")),
-            ratio(r.get("peak_allocated_bytes"), base and base.get("peak_allocated_bytes")),
+            "–" if r.get("peak_vs_baseline") is None else f"{r['peak_vs_baseline']:.2f}×",
             step_time(r), "–" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
             pct(r.get("trainable_pct")),
             "–" if r.get("peak_error_pct") is None else f"{r['peak_error_pct']:+.2f}",
@@ -208,10 +207,10 @@ def sort_rows(rows: list[dict], key: str | None, source: str = "--sort") -> list
 
 
 def by_scenario(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows grouped by (scenario, device name), in first-seen order."""
+    """Rows grouped by (scenario, model of several, device name), in first-seen order."""
     out: dict[str, list[dict]] = {}
     for r in rows:
-        name = r.get("scenario") or "results"
+        name = (r.get("scenario") or "results") + (f" / {r['arch']}" if r.get("arch") else "")
         dev = r.get("device_name") or r.get("device")
         out.setdefault(f"{name} on {dev}" if dev else name, []).append(r)
     return out

@@ -70,7 +70,7 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
     if steps is not None and steps < 0:
         raise ConfigError("command line", "--steps", f"must be >= 0, got {steps}")
     n = ls.train.warmup_steps + ls.train.steps if steps is None else steps
-    device, seed, cfg = resolve_device(ls.scenario.device), ls.scenario.seed, ls.model
+    device, seed, cfg = resolve_device(ls.scenario.device), ls.scenario.seed, ls.model_of(cell)
     data = MarkovTokens(cfg.vocab_size, cfg.seq_len, seed)
     batches = [data.batch(i, ls.train.batch_size) for i in range(max(n, 1))]
     batches = [(x.to(device), y.to(device)) for x, y in batches]

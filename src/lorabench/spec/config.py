@@ -89,6 +89,9 @@ def memory_window(warmup_steps: int, steps: int, device: str) -> int:
 class MatrixSpec:
     """Axes of the technique matrix. A scalar applies to every cell; a list is an axis."""
 
+    arch: list[Optional[str]] = fld([None], "which of the scenario's `models` a cell trains, by its name; default: every "
+                                   "one (a scenario with one `model` has no choice to make)", (nonempty,))
+    # (first: the slowest axis, so that a model's cells run together)
     precision: list[Precision] = fld(["fp32"], "fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler) | "
                                      "bf16-pure, fp16-pure (weights, gradients and optimizer state in 16 bits, no "
                                      "autocast, no FP32 master copy, no loss scaling)", (nonempty,))
@@ -218,6 +221,8 @@ class Cell:
     cpu_offload: Optional[bool] = None
     """fsdp2: CPUOffloadPolicy, sharded parameters, gradients and optimizer state on the host and the step on
     the CPU (False by default; GPU cells only); None otherwise"""
+    arch: Optional[str] = None
+    """the scenario's `models` entry the cell trains (its name); None: the scenario's one `model`"""
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once

@@ -226,15 +226,15 @@ def config_path(path: str) -> str:
     return str(p / "config.json") if p.is_dir() else str(p)
 
 
-def hf_model_fields(path: str, source: str, base_dir: str | None = None) -> dict:
-    """ModelConfig fields of a scenario's `model.hf` (relative to the scenario's directory),
-    `hf` set to the config.json's absolute path."""
+def hf_model_fields(path: str, source: str, base_dir: str | None = None, key: str = "model.hf") -> dict:
+    """ModelConfig fields of a scenario's `model.hf` (relative to the scenario's directory; `key`
+    names it in an error), `hf` set to the config.json's absolute path."""
     p = Path(path)
     if base_dir is not None and not p.is_absolute():
         p = Path(base_dir) / p
     file = config_path(str(p))
     if not Path(file).is_file():
-        raise ConfigError(source, "model.hf", f"no config.json at {path!r}")
+        raise ConfigError(source, key, f"no config.json at {path!r}")
     fields = hf_config_fields(file)
     fields["hf"] = str(Path(file).resolve())
     return fields

@@ -45,7 +45,10 @@ class Scenario:
 
     name: str = fld(doc="scenario name, a label of letters, digits, '.', '_' and '-' (at most 64, not starting "
                         "with '.' or '-'); results go to results/<name>-<UTC time>.jsonl", checks=(safe_name,))
-    model: dict = fld(doc="a preset (preset: NAME, other keys override it) or explicit ModelConfig fields")
+    model: dict = fld({}, "a preset (preset: NAME, other keys override it), a Hugging Face config.json (hf: PATH) or "
+                          "explicit ModelConfig fields; with `models`, the keys every one of them shares")
+    models: dict = fld({}, "several models by name, each written as `model` is (over `model`'s keys): the matrix "
+                           "axis `arch` picks among them, every one by default, and the cell ids start with the name")
     description: str = fld("", "free text")
     device: Literal["auto", "cpu", "cuda"] = fld("auto", "auto picks cuda when available")
     seed: int = fld(0, "seeds weights, LoRA init and data", (ge(0),))
@@ -57,10 +60,15 @@ class Scenario:
 @dataclass
 class LoadedScenario:
     scenario: Scenario
-    model: ModelConfig
+    model: ModelConfig   # the one model, or the first of `models`
     train: TrainConfig
     matrix: MatrixSpec
     source: str
+    models: dict = dataclasses.field(default_factory=dict)  # name -> ModelConfig (the scenario's `models`)
+
+    def model_of(self, cell: Cell) -> ModelConfig:
+        """The model `cell` trains: its `arch` among the scenario's models, else the one model."""
+        return self.models[cell.arch] if cell.arch is not None else self.model
 
     @property
     def name(self) -> str:
@@ -68,7 +76,7 @@ class LoadedScenario:
 
     def job(self, cell: Cell, device: str) -> CellJob:
         """What a worker needs to run `cell` on `device` (resolved: cpu or cuda)."""
-        return CellJob(scenario=self.name, model=self.model, train=self.train, cell=cell, device=device,
+        return CellJob(scenario=self.name, model=self.model_of(cell), train=self.train, cell=cell, device=device,
                        seed=self.scenario.seed)
 
 
@@ -77,54 +85,67 @@ def load_scenario(path: str) -> LoadedScenario:
     return parse_scenario(read_yaml(path), path)
 
 
-def parse_scenario(data: Any, source: str) -> LoadedScenario:
-    sc = build(Scenario, data, "", source)
-    mdata = dict(sc.model)
+def model_config(mdata: dict, source: str, path: str = "model") -> ModelConfig:
+    """A scenario's model entry (`model`, or `models.NAME` over it) as a ModelConfig: a preset's or a
+    config.json's fields under the entry's own keys, which must not contradict what the config.json's
+    model_type fixes."""
+    mdata = dict(mdata)
     if "preset" in mdata:
         preset = mdata.pop("preset")
         if not isinstance(preset, str):
-            raise ConfigError(source, "model.preset", f"must be a string, got {short(preset)}")
-        mdata = {**preset_data(preset, source), **mdata}
+            raise ConfigError(source, f"{path}.preset", f"must be a string, got {short(preset)}")
+        mdata = {**preset_data(preset, source, f"{path}.preset"), **mdata}
     if mdata.get("hf") is not None:  # (ModelConfig.to_dict() gives hf: None for a built-in model)
         hf = mdata.pop("hf")
         if not isinstance(hf, str):
-            raise ConfigError(source, "model.hf", f"must be a path to a config.json, got {short(hf)}")
+            raise ConfigError(source, f"{path}.hf", f"must be a path to a config.json, got {short(hf)}")
         base = os.path.dirname(source) if os.path.isfile(source) else None
-        read = hf_model_fields(hf, source, base)
+        read = hf_model_fields(hf, source, base, f"{path}.hf")
         for key, value in fixed_fields(read).items():
             if key in mdata and mdata[key] != value:
-                raise ConfigError(source, f"model.{key}", f"is {value!r} in {read['hf']} (its model_type fixes it: "
-                                  f"transformers builds it so); got {mdata[key]!r}")
+                raise ConfigError(source, f"{path}.{key}", f"is {value!r} in {read['hf']} (its model_type fixes "
+                                  f"it: transformers builds it so); got {mdata[key]!r}")
         mdata = {**read, **mdata}
-    model = build(ModelConfig, mdata, "model", source)
+    model = build(ModelConfig, mdata, path, source)
     if model.hf and importlib.util.find_spec("transformers") is None:
-        raise ConfigError(source, "model.hf", "needs transformers: pip install 'lorabench[hf]'")
+        raise ConfigError(source, f"{path}.hf", "needs transformers: pip install 'lorabench[hf]'")
+    return model
+
+
+def scenario_models(sc: Scenario, source: str) -> dict[str, ModelConfig]:
+    """`models` by name, each over `model`'s shared keys, named by its key; {} without `models`."""
+    out = {}
+    for name, entry in sc.models.items():
+        problem = safe_name(str(name))
+        if problem:
+            raise ConfigError(source, f"models.{short(name)}", f"a model's name {problem.removeprefix('must be ')}")
+        if not isinstance(entry, dict):
+            raise ConfigError(source, f"models.{name}", f"must be a mapping of model keys, got {short(entry)}")
+        model = model_config({**sc.model, **entry}, source, f"models.{name}")
+        if model.quantized:
+            raise ConfigError(source, f"models.{name}", "a quantized checkpoint sets its cells' base_dtype: give it a "
+                                                        "scenario of its own")
+        out[str(name)] = dataclasses.replace(model, name=str(name))
+    return out
+
+
+def parse_scenario(data: Any, source: str) -> LoadedScenario:
+    sc = build(Scenario, data, "", source)
+    models = scenario_models(sc, source)
+    if not models and not sc.model:
+        raise ConfigError(source, "model", "missing required key (or give several under `models`)")
+    model = next(iter(models.values())) if models else model_config(sc.model, source)
     train = build(TrainConfig, sc.train, "train", source)
     matrix = build(MatrixSpec, quantized_axes(model, normalize_axes(sc.matrix, source), source), "matrix", source)
+    arch_axis(matrix, models, source)
     for axis, checks in AXIS_CHECKS.items():
         for i, v in enumerate(getattr(matrix, axis)):
             run_checks(v, checks, f"matrix.{axis}[{i}]", source)
-    for i, attn in enumerate(matrix.attn_implementation):
-        if attn is not None and not model.hf:
-            raise ConfigError(source, f"matrix.attn_implementation[{i}]", "applies to Hugging Face models (model.hf) only")
-        if attn == "sdpa" and model.attn_softcap:
-            raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
-                              "(attn_softcap, Gemma 2): transformers runs this model eagerly (eager)")
-    if model.hf:  # the model's own path where the axis leaves it open: every cell says which it ran
+    for m in models.values() or (model,):
+        model_checks(m, matrix, source)
+    if model.hf and not models:  # the model's own path where the axis leaves it open: every cell says which
+        # it ran (with several models, expand fills in each cell's model's)
         matrix.attn_implementation = [a or model.attn_implementation for a in matrix.attn_implementation]
-    for i, targets in enumerate(matrix.lora_targets):
-        allowed = allowed_targets(model.style)
-        for j, t in enumerate(targets):
-            if t not in allowed:
-                raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]",
-                                  f"unknown target {short(t)} for a {model.style} model (allowed: {', '.join(allowed)})")
-        if not targets:
-            raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
-    if model.hf and model.style == "gpt2":
-        for i, r in enumerate(matrix.lora_rank):
-            if r:
-                raise ConfigError(source, f"matrix.lora_rank[{i}]", "a Hugging Face gpt2 has fused Conv1D "
-                                  "projections, which take no per-projection adapter: use lora_rank 0")
     parallel_checks(matrix, source)
     for i, acc in enumerate(matrix.accumulation):
         if train.batch_size % acc:
@@ -138,7 +159,45 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
             if isinstance(value, (list, dict)) and key != "lora_targets":
                 raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
                                   "(write one exclude entry per value)")
-    return LoadedScenario(sc, model, train, matrix, source)
+    return LoadedScenario(sc, model, train, matrix, source, models)
+
+
+def arch_axis(matrix: MatrixSpec, models: dict, source: str) -> None:
+    """The `arch` axis names the scenario's models (every one by default); without `models` it is empty."""
+    if not models:
+        for i, a in enumerate(matrix.arch):
+            if a is not None:
+                raise ConfigError(source, f"matrix.arch[{i}]", "names one of the scenario's `models`, and it has none")
+        return
+    if matrix.arch == [None]:
+        matrix.arch = list(models)
+    for i, a in enumerate(matrix.arch):
+        if a not in models:
+            raise ConfigError(source, f"matrix.arch[{i}]", f"unknown model {short(a)} (models: {', '.join(models)})")
+
+
+def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str) -> None:
+    """The matrix's values that `model` cannot take: an attention path of a built-in model, SDPA for
+    soft-capped scores, a target the model lacks, adapters on a Hugging Face gpt2's fused Conv1D."""
+    for i, attn in enumerate(matrix.attn_implementation):
+        if attn is not None and not model.hf:
+            raise ConfigError(source, f"matrix.attn_implementation[{i}]", "applies to Hugging Face models (model.hf) only")
+        if attn == "sdpa" and model.attn_softcap:
+            raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
+                              f"(attn_softcap, Gemma 2): transformers runs {model.name} eagerly (eager)")
+    for i, targets in enumerate(matrix.lora_targets):
+        allowed = allowed_targets(model.style)
+        for j, t in enumerate(targets):
+            if t not in allowed:
+                raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]",
+                                  f"unknown target {short(t)} for a {model.style} model (allowed: {', '.join(allowed)})")
+        if not targets:
+            raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
+    if model.hf and model.style == "gpt2":
+        for i, r in enumerate(matrix.lora_rank):
+            if r:
+                raise ConfigError(source, f"matrix.lora_rank[{i}]", "a Hugging Face gpt2 has fused Conv1D "
+                                  "projections, which take no per-projection adapter: use lora_rank 0")
 
 
 def parallel_checks(m: MatrixSpec, source: str) -> None:
@@ -234,6 +293,8 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
         kw = dict(zip(AXES, combo))
         if not kw["lora_rank"]:  # a full fine-tuning cell has no frozen base (Cell drops the axis)
             kw["base_dtype"] = "fp32"
+        if kw["arch"] is not None and kw["attn_implementation"] is None:  # its model's own attention path
+            kw["attn_implementation"] = ls.models[kw["arch"]].attn_implementation
         try:
             cell = Cell(**kw)
         except FieldError as e:  # a rule between axes that no single axis' check sees
@@ -262,8 +323,10 @@ def _matches(cell: Cell, entry: dict) -> bool:
 
 
 def cell_id(cell: Cell, varying: set) -> str:
-    """Stable readable id, e.g. `bf16-r8-bf16base-ckpt-acc4` (an adapter other than lora: `bf16-dora-r8`)."""
-    parts = [cell.precision]
+    """Stable readable id, e.g. `bf16-r8-bf16base-ckpt-acc4` (an adapter other than lora: `bf16-dora-r8`;
+    one of several models: `gemma2-bf16-r8`)."""
+    parts = [cell.arch] if "arch" in varying else []
+    parts.append(cell.precision)
     if cell.is_lora:
         if cell.adapter != "lora":
             parts.append(cell.adapter)
