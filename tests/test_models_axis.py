@@ -56,14 +56,15 @@ def test_a_models_mistake_is_one_line_naming_the_key(change, where):
     assert where in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_the_shipped_hf_tiny_runs_four_families_each_on_its_own_attention_path():
+def test_the_shipped_hf_tiny_runs_five_families_each_on_its_own_attention_path():
     pytest.importorskip("transformers")
     from lorabench.spec.scenario import load_scenario
     ls = load_scenario("scenarios/hf-tiny.yaml")
-    assert set(ls.models) >= {"llama", "qwen2", "gemma2", "gemma3"}
+    assert set(ls.models) >= {"llama", "qwen2", "gemma2", "gemma3", "mixtral"}
     cells = expand(ls)
     assert {c.arch: c.attn_implementation for c in cells} == {"llama": "sdpa", "qwen2": "sdpa", "gemma2": "eager",
-                                                              "gemma3": "sdpa"}
+                                                              "gemma3": "sdpa", "mixtral": "sdpa"}
+    assert ls.models["mixtral"].n_experts == 4
     assert all(c.id.startswith(c.arch + "-") for c in cells)
 
 

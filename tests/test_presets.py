@@ -20,7 +20,7 @@ EXPECTED = {  # totals as the checkpoints report them (model.num_parameters(), t
     "llama-3.2-3b": 3_212_749_824, "phi-3-mini": 3_821_079_552, "qwen3-8b": 8_190_735_360,
     "qwen3-4b": 4_022_468_096, "gemma-2b": 2_506_172_416, "gemma-7b": 8_537_680_896, "gemma-2-2b": 2_614_341_888,
     "gemma-2-9b": 9_241_705_984, "gemma-2-27b": 27_227_128_320, "gemma-3-1b": 999_885_952,
-    "gemma-3-270m": 268_098_176,
+    "gemma-3-270m": 268_098_176, "mixtral-8x7b": 46_702_792_704,
 }
 
 

@@ -24,6 +24,9 @@ their adapters' A always; o's too when none of q, k, v has an adapter (block 0's
 attention then has no backward at all); gate's and up's when o has none either;
 down's when nothing before it has one. Subtracted exactly.
 
+A mixture of experts (Mixtral) counts, per token, the router and its k experts' weights
+(k·3·F·C), not all E experts'.
+
 Hardware FLOPs add what checkpointing recomputes: one more forward of every
 block (not of the head), minus the last matmul that torch.utils.checkpoint's
 early stop skips (down, or down's adapter B). The chunked loss recomputes every
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 from ..adapters import get as get_adapter
 from ..spec.config import Cell, ModelConfig
 from ..stacks import stack_for
+from ..stacks.transformer_layout import active_expert_weights
 
 
 @dataclass
@@ -70,7 +74,8 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     # an adapter's matmuls: one multiply-add per element of each of its matrices and token
     shapes = {n: get_adapter(cell.adapter).params(d_in, d_out, cell) for n, d_in, d_out, _ in projections(cfg)
               if n in targets}
-    block_w = sum(d_in * d_out for _, d_in, d_out, _ in projections(cfg))
+    # a mixture of experts multiplies each token by its k experts' weights only (layout.active_expert_weights)
+    block_w = sum(d_in * d_out for _, d_in, d_out, _ in projections(cfg)) + active_expert_weights(cfg)
     adapters = sum(p.numel for ps in shapes.values() for p in ps)
     head_w = cfg.d_model * cfg.vocab_size
     attn_fwd_seq = 2 * cfg.n_heads * cfg.head_dim * s * s  # per layer, per sequence (causal)
@@ -94,6 +99,8 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     # matmul, or with an adapter on down, its B matmul (base and A have run)
     d_ff, C = cfg.d_ff, cfg.d_model
     last = shapes["down"][-1].numel if "down" in targets else d_ff * C
+    if cfg.n_experts:  # the last expert's down for its share of the tokens (the even split's)
+        last = d_ff * C * cfg.experts_per_token // cfg.n_experts
     recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) if cell.checkpointing else 0
     if cell.loss_chunks:
         recompute += tokens * 2 * head_w

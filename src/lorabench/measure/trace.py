@@ -115,6 +115,10 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
     if job.cell.cpu_offload:
         raise TraceError(f"cell {job.cell.id or job.cell.precision}", "trace", "CPU offload moves state between the "
                          "host and a GPU, which fake CPU tensors cannot tell apart; use --method analytic for this cell")
+    problem = stack_for(job.model).trace_problem(job.model, job.cell)
+    if problem:
+        raise TraceError(f"cell {job.cell.id or job.cell.precision}", "trace", f"{problem}; use --method analytic "
+                         "for this cell")
     if job.cell.strategy == "ddp":  # one process's trace and DDP's buckets (estimator/parallel.py)
         alone = dataclasses.replace(job, cell=dataclasses.replace(job.cell, strategy="none"))
         est, info = trace(alone, gpu_name, count_flops)

@@ -228,10 +228,11 @@ def grid(batch: int, axes: Axes | None = None) -> list[Combo]:
 
 
 # ---------------------------------------------------------------- the options
-def parse_targets(text: str, style: str) -> tuple:
-    """--lora-targets as a tuple of projections of a `style` model; ConfigError naming the option."""
+def parse_targets(text: str, model) -> tuple:
+    """--lora-targets as a tuple of projections of `model` (a ModelConfig); ConfigError naming the option."""
     from ..spec.config import allowed_targets, split_targets
-    allowed = allowed_targets(style)
+    allowed = allowed_targets(model)
+    style = "mixture-of-experts" if model.n_experts else model.style
     targets = tuple(split_targets(text))
     if not targets:
         raise ConfigError("--lora-targets", "", "must name at least one projection")

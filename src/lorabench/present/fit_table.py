@@ -63,7 +63,7 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
     from .writer import write
     gpu, count = resolve_count(gpu, gpus)
     cfg = fit_model(model, seq)
-    targets = parse_targets(lora_targets, cfg.style)
+    targets = parse_targets(lora_targets, cfg)
     check_fit_options(batch, margin, sort)
     axes = axes or parse_axes(optimizer=optimizer)
     rows = None

@@ -55,13 +55,19 @@ def mul_backward(sim, node, grads):
 
 
 def mul_broadcast_backward(sim, node, grads):
-    """a·b with b broadcast (fewer elements): grad_a = g·b; grad_b = Σ(g·a) over the broadcast dims."""
+    """a·b with b broadcast (fewer elements): grad_a = g·b; grad_b = Σ(g·a) over the broadcast dims.
+    The engine's validate_outputs reduces grad_b (and casts each gradient to its input's dtype) in
+    input order, so a cast of grad_a is made while the unreduced g·a is alive."""
     grad = grads[0]
     edge_a, edge_b = node.edges
     grad_a = sim.new(edge_a.numel, grad.dtype) if edge_a else None
     grad_b = None
     if edge_b:
         product = sim.new(grad.numel, grad.dtype)  # g·a, then reduced
+        if grad_a is not None and edge_a.dtype != grad.dtype:
+            cast = sim.new(edge_a.numel, edge_a.dtype)
+            sim.drop(grad_a)
+            grad_a = cast
         grad_b = sim.new(edge_b.numel, grad.dtype)
         sim.drop(product)
     return [grad_a, grad_b]

@@ -327,9 +327,12 @@ def matmul_dtype_of(cell: Cell, tf32: Optional[bool] = False) -> str:
     return "tf32" if tf32 else "fp32"
 
 
-def allowed_targets(style: str) -> list[str]:
-    """The projections LoRA can wrap in a `style` model (gpt2's MLP has no gate)."""
-    return [t for t in LORA_TARGETS if not (style == "gpt2" and t == "gate")]
+def allowed_targets(model: ModelConfig) -> list[str]:
+    """The projections LoRA can wrap in `model`: gpt2's MLP has no gate, and a mixture of experts'
+    MLP is 3-D expert weights behind a router (no linear layer to wrap): attention only."""
+    if model.n_experts:
+        return ["q", "k", "v", "o"]
+    return [t for t in LORA_TARGETS if not (model.style == "gpt2" and t == "gate")]
 
 
 def split_targets(text: str) -> list[str]:

@@ -16,6 +16,10 @@ Supported `model_type`s and the keys read:
                           attn_logit_softcapping (default 50) and final_logit_softcapping
                           (default 30), so its attention is eager; gemma3_text: q_norm and
                           k_norm (qk_norm), its soft-caps default to none
+  mixtral                 as llama, and num_local_experts, num_experts_per_tok (default 2):
+                          a mixture of experts (ModelConfig.n_experts); router_jitter_noise
+                          must be 0; the router's auxiliary loss is transformers' only with
+                          labels, which lorabench's loss does not pass
   gpt2                    n_embd, n_layer, n_head, n_inner (default 4·n_embd), vocab_size,
                           n_positions, layer_norm_epsilon, tie_word_embeddings (default true)
 
@@ -37,7 +41,7 @@ from pathlib import Path
 
 from .schema import ConfigError
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 # the soft-caps and the query scalar transformers' Gemma configs default to when a key is absent
 GEMMA_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
@@ -159,7 +163,14 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
         qkv_bias = bias = attn
     else:
         qkv_bias = bias = False
+    moe = {}
+    if mtype == "mixtral":
+        moe = {"n_experts": _int(data, "num_local_experts", path),
+               "experts_per_token": _int(data, "num_experts_per_tok", path, default=2)}
+        if data.get("router_jitter_noise"):
+            raise ConfigError(path, "router_jitter_noise", "must be 0: lorabench's stack has no router noise")
     return {
+        **moe,
         "style": "llama", "d_model": C, "n_layers": _int(data, "num_hidden_layers", path), "n_heads": H,
         "n_kv_heads": G, "d_ff": _int(data, "intermediate_size", path), "vocab_size": _int(data, "vocab_size", path),
         "max_seq_len": _int(data, "max_position_embeddings", path), "norm_eps": _float(data, "rms_norm_eps", path, 1e-6),
@@ -252,6 +263,9 @@ def hf_config_dict(cfg) -> dict:
         data.pop("rope_parameters", None)
         data["head_dim"] = cfg.head_dim  # written, not left to the family's default (Qwen3Config's is 128
         # whatever the width)
+    if data.get("model_type") == "mixtral":
+        for name, key in MOE_KEYS.items():
+            data[key] = getattr(cfg, name)
     if data.get("model_type") in GEMMA_TYPES:
         for name, key in GEMMA_KEYS.items():
             v = getattr(cfg, name)
@@ -260,6 +274,8 @@ def hf_config_dict(cfg) -> dict:
     return data
 
 
+# ModelConfig field -> a Mixtral config.json's key, written back as the other keys are
+MOE_KEYS = {"n_experts": "num_local_experts", "experts_per_token": "num_experts_per_tok"}
 # ModelConfig field -> a Gemma config.json's key, written back as the other keys are
 GEMMA_KEYS = {"query_pre_attn_scalar": "query_pre_attn_scalar", "attn_softcap": "attn_logit_softcapping",
               "logit_softcap": "final_logit_softcapping"}
@@ -270,6 +286,6 @@ def fixed_fields(fields: dict) -> dict:
     fixes, which transformers builds whatever a scenario says: all but the keys written back
     (hf_config_dict) and lorabench's own (seq_len, name, source, the quantized checkpoint's)."""
     family = "gpt2" if fields.get("style") == "gpt2" else "llama"
-    writable = set(HF_KEYS[family]) | set(GEMMA_KEYS) | {"seq_len", "name", "source", "quantized",
+    writable = set(HF_KEYS[family]) | set(GEMMA_KEYS) | set(MOE_KEYS) | {"seq_len", "name", "source", "quantized",
                                                             "quantized_double_quant", "head_dim"}
     return {k: v for k, v in fields.items() if k not in writable}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .cell_rules import QUANT_DTYPES
-from .schema import FieldError, fld, gt
+from .schema import FieldError, fld, ge, gt
 
 
 @dataclass
@@ -43,6 +43,13 @@ class ModelConfig:
     embed_scale: bool = fld(False, "Gemma: the token embeddings multiplied by sqrt(d_model); llama style", row=True)
     query_pre_attn_scalar: Optional[float] = fld(None, "attention scores scaled by its -1/2 power (Gemma); default "
                                                        "head_dim", (gt(0),))
+    n_experts: int = fld(0, "a mixture of experts (Mixtral): experts per block, each a SwiGLU MLP of width d_ff, "
+                            "behind a router; 0: one dense MLP; llama style", (ge(0),), row=True)
+    experts_per_token: Optional[int] = fld(None, "a mixture of experts: the top-k experts each token is routed to "
+                                                 "(default 2)", (gt(0),), row=True)
+    experts_implementation: Optional[Literal["grouped_mm", "eager"]] = fld(
+        None, "a mixture of experts: grouped_mm (transformers 5's default: every (token, expert) pair sorted by "
+        "expert, two grouped matmuls) | eager (a loop over the experts hit); default grouped_mm", row=True)
     attn_softcap: Optional[float] = fld(None, "Gemma 2: attention scores soft-capped, cap·tanh(scores/cap), before the "
                                         "softmax; SDPA cannot, so attention is computed eagerly (transformers' eager "
                                         "path: the b·H·s² scores materialised and saved); llama style", (gt(0),),
@@ -80,6 +87,18 @@ class ModelConfig:
             self.bias = gpt2
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
+        if self.n_experts:
+            if gpt2:
+                raise FieldError("n_experts", "a mixture of experts is llama style: a gpt2 model has none")
+            self.experts_per_token = self.experts_per_token or 2
+            self.experts_implementation = self.experts_implementation or "grouped_mm"
+            if self.experts_per_token > self.n_experts:
+                raise FieldError("experts_per_token", f"must be <= n_experts={self.n_experts}, "
+                                                      f"got {self.experts_per_token}")
+        else:
+            for name in ("experts_per_token", "experts_implementation"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, "applies to a mixture of experts (n_experts > 0)")
         if self.activation is None:
             self.activation = "gelu_tanh" if gpt2 else "silu"
         if gpt2:

@@ -186,13 +186,19 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str) -> None:
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
                               f"(attn_softcap, Gemma 2): transformers runs {model.name} eagerly (eager)")
     for i, targets in enumerate(matrix.lora_targets):
-        allowed = allowed_targets(model.style)
+        allowed = allowed_targets(model)
+        kind = "mixture-of-experts" if model.n_experts else model.style
         for j, t in enumerate(targets):
             if t not in allowed:
                 raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]",
-                                  f"unknown target {short(t)} for a {model.style} model (allowed: {', '.join(allowed)})")
+                                  f"unknown target {short(t)} for a {kind} model (allowed: {', '.join(allowed)})")
         if not targets:
             raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
+    if model.n_experts:
+        for i, b in enumerate(matrix.base_dtype):
+            if b in QUANT_DTYPES and any(matrix.lora_rank):
+                raise ConfigError(source, f"matrix.base_dtype[{i}]", f"{b}: bitsandbytes quantizes linear layers, and "
+                                  "a mixture of experts keeps its experts as 3-D weights: use a float base_dtype")
     if model.hf and model.style == "gpt2":
         for i, r in enumerate(matrix.lora_rank):
             if r:

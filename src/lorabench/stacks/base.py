@@ -76,6 +76,18 @@ class Stack(ABC):
         from contextlib import nullcontext
         return nullcontext()
 
+    def trace_problem(self, cfg: ModelConfig, cell: Cell) -> Optional[str]:
+        """Why the cell's step cannot run on fake tensors (measure/trace.py), or None: a mixture of
+        experts routes by value on its eager path, and torch's _grouped_mm has no shape function
+        for FP32 experts."""
+        if not cfg.n_experts:
+            return None
+        if cfg.experts_implementation == "eager":
+            return "the eager experts loop routes tokens by the router's values, which fake tensors do not have"
+        if cell.base_float_dtype == "fp32":  # the experts' dtype (a full fine-tuning cell's is its param dtype)
+            return "torch's _grouped_mm has no fake-tensor (meta) rule for FP32 experts"
+        return None
+
     @abstractmethod
     def blocks(self, model) -> list:
         """The model's repeated blocks (torch modules), in order: FSDP2 shards each one on its own."""

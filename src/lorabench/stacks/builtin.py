@@ -56,7 +56,8 @@ class BuiltinStack(Stack):
                     double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm, norm_offset=cfg.norm_offset,
                     sandwich=cfg.sandwich_norm, embed_scale=cfg.embed_scale,
                     eager=eager_attention_of(cfg, cell.attn_implementation), attn_softcap=bool(cfg.attn_softcap),
-                    logit_softcap=bool(cfg.logit_softcap))
+                    logit_softcap=bool(cfg.logit_softcap), n_experts=cfg.n_experts,
+                    top_k=cfg.experts_per_token or 0, grouped_experts=cfg.experts_implementation != "eager")
         half = cfg.seq_len * (cfg.head_dim // 2)
         tables = (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # RoPE cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)

@@ -20,7 +20,8 @@ the analytic estimator replays the built-in stack of the same shape (the
 
 Families: llama, mistral, qwen2 and qwen3 (Llama-style blocks; Qwen3's head norms), gemma,
 gemma2 and gemma3_text (Gemma's norms by 1 + w, scaled embeddings, GeGLU, sandwich norms; Gemma 2's
-soft-caps, which transformers computes on its eager path only); gpt2 for full fine-tuning (its
+soft-caps, which transformers computes on its eager path only), mixtral (a mixture of experts, on the
+cell's model's experts_implementation); gpt2 for full fine-tuning (its
 fused Conv1D qkv takes no per-projection adapter). The replay models transformers' eager
 attention op for op (stacks/eager_replay.py) wherever a cell runs it.
 """
@@ -51,9 +52,11 @@ class HFStack(Stack):
         config = AutoConfig.for_model(data.pop("model_type"), **data)
         config.use_cache = False
         torch.manual_seed(seed)
+        experts = {"experts_implementation": cfg.experts_implementation} if cfg.n_experts else {}
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                     attn_implementation=cell.attn_implementation or cfg.attn_implementation)
+                                                     attn_implementation=cell.attn_implementation or cfg.attn_implementation,
+                                                     **experts)
         model.train()
         model.stack_name = self.name
         # the chunked loss's forward, a method FSDP2 can register (its root gathers around it too)

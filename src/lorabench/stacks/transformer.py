@@ -6,7 +6,8 @@ Two styles share one skeleton:
   Its options cover Qwen and Gemma: q/k head norms (qk_norm), GeGLU (activation
   gelu_tanh), RMSNorm by 1 + w (norm_offset), sandwich norms, embeddings × √C,
   and Gemma 2's soft-capped attention scores and logits (cap·tanh(x/cap)), whose
-  attention is computed eagerly as transformers' eager path computes it.
+  attention is computed eagerly as transformers' eager path computes it; and
+  Mixtral's mixture of experts in place of the MLP (n_experts: moe.py).
 - gpt2: LayerNorm, learned position embeddings, GELU MLP (up, down), tied LM
   head, biases.
 The projections are separate `nn.Linear` modules named q, k, v, o, gate, up,
@@ -24,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters.quant import logical_numel
 from ..spec.config import ModelConfig
+from .moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -150,7 +152,7 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         if cfg.sandwich_norm:
             self.attn_out_norm = make_norm(cfg)
-        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.norm2, self.mlp = make_norm(cfg), (MoE(cfg) if cfg.n_experts else MLP(cfg))
         if cfg.sandwich_norm:
             self.mlp_out_norm = make_norm(cfg)
         self.sandwich = cfg.sandwich_norm

@@ -8,7 +8,8 @@ parameters.
 Counts (C d_model, H/G heads, D head_dim, F d_ff, V vocab, T_max positions):
   tok_emb V·C; pos_emb T_max·C (gpt2); per block: norm1, norm2 C each (+C bias
   for LayerNorm; sandwich norms: attn_out_norm after o, mlp_out_norm after down); q H·D·C, k and v G·D·C each (+H·D, G·D with qkv_bias); o C·H·D
-  (+C with bias); gate (llama) and up F·C (+F); down C·F (+C); norm_f; head V·C
+  (+C with bias); gate (llama) and up F·C (+F); down C·F (+C), or with E experts (Mixtral) the
+  router E·C and the experts' gate_up E·2F·C and down E·C·F; norm_f; head V·C
   unless tied to tok_emb. A target adds its adapter's parameters (LoRA: A r·d_in and
   B d_out·r) just before its base weight (the adapted layer's own parameters precede
   its `base` submodule's). A quantized base (nf4, int8) stores each block projection's
@@ -28,6 +29,8 @@ def projections(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
     """(name, d_in, d_out, has_bias) of a block's linear layers, in registration order."""
     C, HD, GD, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
     out = [("q", C, HD, cfg.qkv_bias), ("k", C, GD, cfg.qkv_bias), ("v", C, GD, cfg.qkv_bias), ("o", HD, C, cfg.bias)]
+    if cfg.n_experts:  # the router is the MLP's one linear layer; the experts are 3-D weights (expert_params)
+        return out + [("router", C, cfg.n_experts, False)]
     if cfg.style == "llama":
         out.append(("gate", C, F, cfg.bias))
     out += [("up", C, F, cfg.bias), ("down", F, C, cfg.bias)]
@@ -37,6 +40,9 @@ def projections(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
 def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
     """Block i: norm1, q, k, v, o, norm2, (gate), up, down -- each linear's weight, bias, then A, B."""
     base_dt, train_base = cell.base_float_dtype, not cell.is_lora
+    if cell.is_quantized and cfg.n_experts:
+        raise ValueError("bitsandbytes quantizes linear layers, and a mixture of experts keeps its experts as "
+                         "3-D weights")
     targets = set(cell.lora_targets or ())
     adapter = get_adapter(cell.adapter) if cell.is_lora else None
     norm_parts = [("", cfg.d_model)] + ([(".bias", cfg.d_model)] if cfg.style == "gpt2" else [])
@@ -46,7 +52,7 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
 
     out = norm("norm1")
     for name, d_in, d_out, has_bias in projections(cfg):
-        if name == "gate" or (name == "up" and cfg.style == "gpt2"):
+        if name in ("gate", "router") or (name == "up" and cfg.style == "gpt2"):
             out += norm("norm2")
         if name in targets:  # the adapter's own parameters come before its `base` submodule's
             out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell)]
@@ -62,7 +68,22 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
                     for n in ("q_norm", "k_norm")]
         if cfg.sandwich_norm and name in ("o", "down"):  # Gemma's norms of the attention's and MLP's outputs
             out += norm("attn_out_norm" if name == "o" else "mlp_out_norm")
+        if name == "router":
+            out += expert_params(cfg, i, base_dt, train_base)
     return out
+
+
+def expert_params(cfg: ModelConfig, i: int, dtype: str, trainable: bool) -> list[ParamSpec]:
+    """Block i's experts (stacks/moe.py): gate_up (E, 2F, C) and down (E, C, F), after the router."""
+    E, C, F = cfg.n_experts, cfg.d_model, cfg.d_ff
+    return [ParamSpec(f"blocks.{i}.experts_gate_up", i, E * 2 * F * C, dtype, trainable, (E, 2 * F, C)),
+            ParamSpec(f"blocks.{i}.experts_down", i, E * C * F, dtype, trainable, (E, C, F))]
+
+
+def active_expert_weights(cfg: ModelConfig) -> int:
+    """The expert weights one token's forward multiplies by: k experts' gate_up and down, 3·F·C each
+    (0 without experts). The FLOPs of a mixture of experts count these, not all E experts'."""
+    return cfg.experts_per_token * 3 * cfg.d_ff * cfg.d_model if cfg.n_experts else 0
 
 
 def model_params(cfg: ModelConfig, cell: Cell, blocks: range | None = None) -> list[ParamSpec]:

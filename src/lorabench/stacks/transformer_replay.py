@@ -40,6 +40,7 @@ from ..sim import quant
 from ..sim.engine import Sim
 from .eager_replay import causal_mask, eager_attention
 from .loss_replay import chunked_loss, standard_loss
+from .moe_replay import moe
 from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, linear, mul_broadcast, mul_const
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, log_softmax_backward,
                          math_attention_backward, mul_broadcast_backward, nll_loss_backward, pass_and_new_backward,
@@ -73,6 +74,9 @@ class Dims:
     eager: bool = False         # attention op by op (eager_replay.py), not SDPA
     attn_softcap: bool = False  # Gemma 2: the eager scores soft-capped
     logit_softcap: bool = False  # Gemma 2: the logits soft-capped (loss_replay.py)
+    n_experts: int = 0          # Mixtral: the MLP is a mixture of E experts (moe_replay.py)
+    top_k: int = 0              # its experts per token
+    grouped_experts: bool = True  # experts_implementation grouped_mm (else the eager loop)
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
@@ -296,6 +300,8 @@ def head_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims: Dims) -> 
 
 
 def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
+    if dims.n_experts:
+        return moe(sim, x, params, dims.b, dims.s, dims.C, dims.F, dims.n_experts, dims.top_k, dims.grouped_experts)
     if dims.style == "llama":
         gate = project(sim, x, "gate", params, dims, dims.F)
         silu = elementwise(sim, gate, unary_backward)  # silu or gelu_tanh: both save their input
