@@ -1,9 +1,11 @@
 """A mixture of experts (Mixtral): lorabench's stack computes transformers' Mixtral on both of its
 experts paths, the replay equals the CPU measurement to the byte (grouped_mm always; the eager loop
 with the tokens per expert the run routed), the even split that an estimate assumes stays close,
-transformers' own Mixtral is estimated within 2 % and traced exactly, and what cannot run is one line."""
+transformers' own Mixtral is estimated within 2 % and traced exactly (the eager loop's trace refused in
+one line: it routes by value), and what cannot run is one line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,6 +92,22 @@ def test_the_even_split_covers_every_choice_and_stays_within_a_few_percent_of_re
             assert abs(even.peak(0, ph, 2)[0] - measured[ph]) <= 0.03 * measured[ph], (cell, ph)
 
 
+def test_the_trace_of_lorabenchs_own_experts_is_exact_in_fp32_and_bf16():
+    """FP32 grouped matmuls have no fake-tensor rule in torch: the trace runs moe.ShapeGroupedMM, the
+    same allocations, and equals the measured peak."""
+    from lorabench.measure.trace import trace
+    from lorabench.measure.worker import run_cell
+    from lorabench.spec.config import TrainConfig
+    from lorabench.spec.job import CellJob
+    train = TrainConfig(batch_size=2, steps=1, warmup_steps=2, underflow_probe=False, alignment_probe=False)
+    for cell in (Cell(precision="fp32"), Cell(precision="bf16", lora_rank=2, lora_targets=("q", "v")),
+                 Cell(precision="bf16-pure", checkpointing=True)):
+        job = CellJob(scenario="m", model=ModelConfig(**MOE), train=train, cell=cell, device="cpu")
+        row = run_cell(job)
+        assert row["status"] == "ok", row.get("error")
+        assert trace(job)[0].est_peak_bytes == row["peak_allocated_bytes"], cell
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 def test_the_builtin_mixture_of_experts_computes_transformers_mixtral(impl):
     """With transformers' weights copied in, lorabench's model gives Mixtral's logits on either path."""
@@ -137,25 +155,28 @@ def test_transformers_mixtral_is_estimated_within_two_percent_and_traced_exactly
     from lorabench.measure.worker import run_cell
     data = {"name": "m", "device": "cpu", "model": {"hf": "scenarios/hf/tiny-mixtral/config.json", "seq_len": 32},
             "train": {"batch_size": 4, "steps": 1, "warmup_steps": 2, "alignment_probe": False},
-            "matrix": {"precision": ["fp32", "bf16-pure"], "lora_rank": [0, 8], "base_dtype": "bf16",
+            "matrix": {"precision": ["fp32", "bf16-pure"], "lora_rank": [0, 8], "base_dtype": ["fp32", "bf16"],
                        "adapter_backend": ["builtin", "peft"]},
-            "exclude": [{"precision": "fp32", "lora_rank": 0}]}
+            "exclude": [{"precision": "fp32", "lora_rank": 8, "base_dtype": "fp32", "adapter_backend": "peft"},
+                        {"precision": "bf16-pure", "lora_rank": 8, "adapter_backend": "builtin"}]}
     ls = parse_scenario(data, "m.yaml")
     assert (ls.model.n_experts, ls.model.experts_per_token, ls.model.experts_implementation) == (4, 2, "grouped_mm")
-    for cell in expand(ls):
+    cells = expand(ls)
+    assert {c.base_float_dtype for c in cells} == {"fp32", "bf16"}  # FP32 experts too (traced as shapes)
+    for cell in cells:
         job = ls.job(cell, "cpu")
         row = run_cell(job)
         assert row["status"] == "ok", row.get("error")
         a = estimate(ls.model, cell, 4, "cpu", n_batches=2, window_steps=2)
         assert a.total_params == row["total_params"]
         assert abs(a.est_peak_bytes - row["peak_allocated_bytes"]) <= 0.02 * row["peak_allocated_bytes"], cell.id
-        if cell.base_float_dtype != "fp32":  # bf16 experts: transformers' grouped path on fake tensors (but for
-            # the 144-byte constant PEFT makes once per process: README, adapter_backend)
-            peft = 144 if cell.adapter_backend == "peft" else 0
-            assert 0 <= row["peak_allocated_bytes"] - trace(job)[0].est_peak_bytes <= peft, cell.id
-        else:
-            with pytest.raises(TraceError, match="FP32 experts"):
-                trace(job)
+        # transformers' grouped path on fake tensors (FP32 experts through moe.ShapeGroupedMM), but for the
+        # 144-byte constant PEFT makes once per process (README, adapter_backend)
+        peft = 144 if cell.adapter_backend == "peft" else 0
+        assert 0 <= row["peak_allocated_bytes"] - trace(job)[0].est_peak_bytes <= peft, cell.id
+    eager = dataclasses.replace(ls.model, experts_implementation="eager")
+    with pytest.raises(TraceError, match="routes tokens"):
+        trace(dataclasses.replace(ls.job(expand(ls)[0], "cpu"), model=eager))
 
 
 def _mixtral(tmp_path, **extra) -> str:

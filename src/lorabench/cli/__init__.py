@@ -7,6 +7,7 @@ that `--help` is instant.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -57,6 +58,8 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="override the scenario's device")
 @click.option("--cells", default=None, help="comma-separated cell ids or globs to run (e.g. 'bf16-*,fp32-full')")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="override the scenario's seed (weights, adapters, data): one run per seed gives `claims` its spread")
 @click.option("--resume", is_flag=True, help="append to an existing --out, skipping cells already in it")
 @click.option("--list", "list_only", is_flag=True, help="list the cells and exit, running nothing")
 @click.option("--max-cells", type=click.IntRange(min=1), default=None,
@@ -65,11 +68,13 @@ def main():
 @click.option("--quiet", is_flag=True, help="no progress bar (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="table for people; json or csv rows on stdout for programs")
-def run_cmd(scenario, out, device, cells, resume, list_only, max_cells, force, quiet, fmt):
+def run_cmd(scenario, out, device, cells, seed, resume, list_only, max_cells, force, quiet, fmt):
     """Train every cell of SCENARIO.yaml, each in a fresh process, and measure it."""
     from ..adapters import check
     from ..spec.scenario import MAX_CELLS, default_out, expand, load_scenario, select_cells
     ls = load_scenario(scenario)
+    if seed is not None:
+        ls = dataclasses.replace(ls, scenario=dataclasses.replace(ls.scenario, seed=seed))
     check(ls)
     todo = select_cells(expand(ls, max_cells or MAX_CELLS), cells, scenario)
     if list_only:

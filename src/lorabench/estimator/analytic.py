@@ -280,4 +280,6 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device,
         est_basis=stack_for(model_cfg).analytic_basis + ("; PEFT's adapter layers replayed as lorabench's "
                                                          "(--method trace runs PEFT's)"
-                                                         if cell.adapter_backend == "peft" else ""))
+                                                         if cell.adapter_backend == "peft" else "")
+        + (f"; transformers' {model_cfg.approximates} read as the Llama-style block of its widths (its parameter "
+           "count)" if model_cfg.approximates else ""))

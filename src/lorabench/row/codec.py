@@ -4,7 +4,7 @@ its measurements into a row and decodes a row back into a spec.
 A row is one flat JSON object:
 
   spec       `scenario`; the Cell's fields (its id as `cell`); `config_hash`; `status`, `error`,
-             `device`; the model's name as `model` and the ModelConfig fields marked
+             `device`, `seed`; the model's name as `model` and the ModelConfig fields marked
              row=True; the TrainConfig fields marked row=True; `micro_batch_size`
   measured   the fields of Measured, LoraInit and LoraInference: None until measured,
              and None in a failed row (other measured keys appear in ok rows only)
@@ -183,7 +183,7 @@ def _is(value, tp) -> bool:
 
 def _row_types() -> dict:
     hints = typing.get_type_hints(Estimate)
-    out = {"status": str, **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
+    out = {"status": str, "seed": Optional[int], **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
     for cls in (Cell, Environment, Measured, RankFields, LoraInit, LoraInference, UnderflowFields, AlignmentFields,
                 EstimateFields):
         for name, tp in typing.get_type_hints(cls).items():
@@ -205,7 +205,7 @@ def encode(job: CellJob) -> dict:
     """The row every cell has whatever its status: spec keys filled, measured keys None."""
     model, train, cell = job.model, job.train, job.cell
     row = {"scenario": job.scenario, **cell.to_dict(), "config_hash": config_hash(job), "status": "ok", "error": None,
-           "device": job.device,
+           "device": job.device, "seed": job.seed,
            "model": model.name, **{k: getattr(model, k) for k in MODEL_KEYS[1:]},
            **{k: getattr(train, k) for k in TRAIN_KEYS[:-1]}, "micro_batch_size": cell.micro_batch(train.batch_size)}
     row.update(dict.fromkeys(MEASURED_KEYS))
@@ -239,7 +239,7 @@ def decode_train(row: dict) -> TrainConfig:
 
 def decode_job(row: dict) -> CellJob:
     return CellJob(scenario=str(row.get("scenario")), model=decode_model(row), train=decode_train(row),
-                   cell=decode_cell(row), device=row.get("device") or "cpu")
+                   cell=decode_cell(row), device=row.get("device") or "cpu", seed=row.get("seed") or 0)
 
 
 # ---------------------------------------------------------------- row adapters of the estimator

@@ -31,8 +31,9 @@ one `bias` on o, gate, up, down). Mistral's sliding window is ignored (full
 causal attention), and so are Gemma's sliding-window layers (their memory is the same;
 only their scores' values differ past the window) and Gemma 3's second RoPE base for its
 local layers (rope_local_base_freq: values only). A Gemma 3 multimodal config (model_type
-gemma3, the text model under text_config) is refused in one line. Any problem is one
-ConfigError naming the file and the key.
+gemma3, the text model under text_config) is refused in one line. Any other model_type is
+transformers' to read (hf_generic.py): estimated as a Llama-style block when its parameter
+count is one's. Any problem is one ConfigError naming the file and the key.
 """
 from __future__ import annotations
 
@@ -106,9 +107,11 @@ def hf_config_fields(path: str) -> dict:
     elif mtype == "gemma3":
         raise ConfigError(path, "model_type", "a Gemma 3 multimodal config (its vision tower is not modelled): "
                           "pass its text model's config, text_config with model_type gemma3_text")
+    elif isinstance(mtype, str) and mtype:  # transformers reads it; estimated Llama-style if the count agrees
+        from .hf_generic import generic_fields
+        fields = generic_fields(data, path, mtype, ", ".join(LLAMA_TYPES + GEMMA_TYPES + ("gpt2",)))
     else:
-        supported = ", ".join(LLAMA_TYPES + GEMMA_TYPES + ("gpt2",))
-        raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {supported})")
+        raise ConfigError(path, "model_type", f"must name the model's family, got {mtype!r}")
     fields["seq_len"] = min(DEFAULT_SEQ_LEN, fields["max_seq_len"])
     fields.update(_quantization(data.get("quantization_config"), path))
     return {"name": _name(path), **fields, "source": str(path)}

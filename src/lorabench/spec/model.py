@@ -64,6 +64,9 @@ class ModelConfig:
                             "(random weights, offline); the fields above are read from it and override it", row=True)
     attn_implementation: Optional[str] = fld(None, "hf models: sdpa | eager (transformers' attention path); default sdpa",
                                              row=True)
+    approximates: Optional[str] = fld(None, "a family lorabench does not model itself (a config.json's model_type, e.g. "
+                                            "phi3), estimated as the Llama-style block of its widths, whose parameter "
+                                            "count is transformers' (spec/hf_generic.py)", row=True)
     published_params: Optional[int] = fld(None, "the parameter count its authors publish (presets; tested)", (gt(0),))
     quantized: Optional[str] = fld(None, "the checkpoint is quantized (a config.json's bitsandbytes quantization_config): "
                                    "nf4 | int8; its cells train adapters on that base_dtype (QLoRA)")

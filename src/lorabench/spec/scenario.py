@@ -199,6 +199,12 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str) -> None:
             if b in QUANT_DTYPES and any(matrix.lora_rank):
                 raise ConfigError(source, f"matrix.base_dtype[{i}]", f"{b}: bitsandbytes quantizes linear layers, and "
                                   "a mixture of experts keeps its experts as 3-D weights: use a float base_dtype")
+    if model.hf and model.approximates:
+        for i, r in enumerate(matrix.lora_rank):
+            if r:
+                raise ConfigError(source, f"matrix.lora_rank[{i}]", f"transformers' {model.approximates} has projections "
+                                  "of its own names (lorabench's adapters wrap q_proj ... down_proj): use lora_rank 0, "
+                                  "or estimate its adapters with `estimate --model` (a Llama-style reading)")
     if model.hf and model.style == "gpt2":
         for i, r in enumerate(matrix.lora_rank):
             if r:

@@ -78,14 +78,11 @@ class Stack(ABC):
 
     def trace_problem(self, cfg: ModelConfig, cell: Cell) -> Optional[str]:
         """Why the cell's step cannot run on fake tensors (measure/trace.py), or None: a mixture of
-        experts routes by value on its eager path, and torch's _grouped_mm has no shape function
-        for FP32 experts."""
+        experts routes by value on its eager path."""
         if not cfg.n_experts:
             return None
         if cfg.experts_implementation == "eager":
             return "the eager experts loop routes tokens by the router's values, which fake tensors do not have"
-        if cell.base_float_dtype == "fp32":  # the experts' dtype (a full fine-tuning cell's is its param dtype)
-            return "torch's _grouped_mm has no fake-tensor (meta) rule for FP32 experts"
         return None
 
     @abstractmethod

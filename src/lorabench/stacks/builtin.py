@@ -29,6 +29,11 @@ class BuiltinStack(Stack):
     def logits(self, model, x):
         return model(x)
 
+    def trace_context(self):
+        """FP32 experts' grouped matmuls as shapes (moe.ShapeGroupedMM: fake tensors have no rule for them)."""
+        from .moe import shapes_only_grouped_mm
+        return shapes_only_grouped_mm()
+
     def blocks(self, model):
         return list(model.blocks)
 

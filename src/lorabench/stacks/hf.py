@@ -95,9 +95,11 @@ class HFStack(Stack):
 
         @contextmanager
         def real_path():
+            from .moe import shapes_only_grouped_mm
             import_utils.is_fake_tensor, masking_utils.find_packed_sequence_indices = real, unpacked
             try:
-                yield
+                with shapes_only_grouped_mm(patch_transformers=True):  # FP32 experts: moe.ShapeGroupedMM
+                    yield
             finally:
                 import_utils.is_fake_tensor, masking_utils.find_packed_sequence_indices = is_fake, find_packed
         return real_path()

@@ -19,6 +19,7 @@ the analytic replay of this module (moe_replay.py) also stands for transformers'
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -85,10 +86,52 @@ class Experts(nn.Module):
 
 def _grouped_mm(x, w, offsets):
     """Rows of x (sorted by expert) times their expert's w (E, d_in, d_out), as transformers calls it."""
+    if _shapes_only and w.dtype == torch.float32:
+        return ShapeGroupedMM.apply(x.to(w.dtype), w, offsets)
     mm = getattr(F, "grouped_mm", None)
     if mm is not None:
         return mm(x.to(w.dtype), w, offs=offsets)
     return torch._grouped_mm(x.to(w.dtype), w, offs=offsets)
+
+
+_shapes_only = False  # set by shapes_only_grouped_mm (the trace of FP32 experts)
+
+
+class ShapeGroupedMM(torch.autograd.Function):
+    """torch._grouped_mm's allocations without its kernel, for fake tensors: torch 2.13 has no
+    fake-tensor (meta) rule for FP32 operands. Its output, what it saves (each operand the other's
+    gradient needs, and the offsets) and its gradients (W's first, then x's) are the op's own."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None, offsets)
+        ctx.layouts = [(t.shape, t.stride(), t.dtype, t.device) for t in (x, w)]
+        return x.new_empty(x.size(0), w.size(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (xs, xst, xd, dev), (ws, wst, wd, _) = ctx.layouts
+        gw = torch.empty_strided(ws, wst, dtype=wd, device=dev) if ctx.needs_input_grad[1] else None
+        gx = torch.empty_strided(xs, xst, dtype=xd, device=dev) if ctx.needs_input_grad[0] else None
+        return gx, gw, None
+
+
+@contextmanager
+def shapes_only_grouped_mm(patch_transformers: bool = False):
+    """Within it, FP32 grouped matmuls run as ShapeGroupedMM: lorabench's, and with
+    `patch_transformers` transformers' (integrations.moe._grouped_mm) too. For the trace only."""
+    global _shapes_only
+    _shapes_only, restore = True, None
+    if patch_transformers:
+        from transformers.integrations import moe as hf_moe
+        restore = hf_moe._grouped_mm
+        hf_moe._grouped_mm = lambda x, w, offs: _grouped_mm(x, w, offs)
+    try:
+        yield
+    finally:
+        _shapes_only = False
+        if restore is not None:
+            hf_moe._grouped_mm = restore
 
 
 class MoE(nn.Module):

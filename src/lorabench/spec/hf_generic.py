@@ -1,0 +1,77 @@
+"""config.json files of families lorabench does not read itself (phi3, olmo, granite, ...).
+
+With transformers installed, transformers reads the file (its class's defaults fill the
+missing keys), builds the model on the meta device (no memory, no weights) and counts its
+parameters. lorabench then estimates the Llama-style block of the same widths -- RMSNorm,
+RoPE, separate q, k, v, o, a SwiGLU MLP, no biases -- when, and only when, that block has
+exactly transformers' parameter count (phi3's fused qkv_proj and gate_up_proj hold the same
+weights as q, k, v and gate, up). The model's `approximates` names the family, and every
+estimate says that it reads the family so. Anything else is one ConfigError line: a family
+transformers does not know, or one whose count differs (biases, other norms, another MLP),
+which lorabench does not model yet.
+"""
+from __future__ import annotations
+
+from .schema import ConfigError
+
+# ModelConfig field -> the standard config attribute it is read from (transformers' PretrainedConfig names)
+KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+        "d_ff": "intermediate_size", "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings"}
+
+
+def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
+    """ModelConfig fields of a config.json whose model_type lorabench does not read itself (module
+    docstring); `known`: the families it does read, for the error line."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {known}; with transformers, "
+                          "pip install 'lorabench[hf]', any family it knows whose parameters a Llama-style block "
+                          "has)") from None
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.for_model(mtype, **{k: v for k, v in data.items() if k != "model_type"})
+    except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
+        raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {known}, and the "
+                          f"families transformers knows: {' '.join(str(e).split())[:120]})") from None
+    fields = {}
+    for name, key in KEYS.items():
+        v = getattr(config, key, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(path, key, f"transformers' {mtype} config has no positive integer {key} (got {v!r}): "
+                              "lorabench reads a family through these keys")
+        fields[name] = v
+    H = fields["n_heads"]
+    G = getattr(config, "num_key_value_heads", None) or H
+    D = getattr(config, "head_dim", None) or fields["d_model"] // H
+    eps = next((v for v in (getattr(config, k, None) for k in ("rms_norm_eps", "layer_norm_eps", "norm_eps"))
+                if isinstance(v, (int, float)) and v > 0), 1e-6)
+    rope = getattr(config, "rope_parameters", None) or {}
+    fields.update(style="llama", n_kv_heads=G, head_dim=D, norm_eps=float(eps),
+                  tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)), bias=False, qkv_bias=False,
+                  rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)) or 10000.0),
+                  approximates=mtype)
+    theirs, ours = _transformers_count(config), llama_param_count(fields)
+    if theirs != ours:
+        raise ConfigError(path, "model_type", f"{mtype} is not a family lorabench models: transformers counts "
+                          f"{theirs:,} parameters, a Llama-style block of its widths {ours:,}")
+    return fields
+
+
+def _transformers_count(config) -> int:
+    """Parameters of transformers' causal LM of `config`, built on the meta device (tied tensors once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def llama_param_count(f: dict) -> int:
+    """The parameters of the Llama-style block of these widths (transformer_layout's count, which
+    tests/test_hf_generic.py holds this to): embeddings, per layer two norms, q, k, v, o, gate, up,
+    down; the final norm; the head unless tied."""
+    C, L, V, F = f["d_model"], f["n_layers"], f["vocab_size"], f["d_ff"]
+    HD, GD = f["n_heads"] * f["head_dim"], f["n_kv_heads"] * f["head_dim"]
+    block = 2 * C + C * HD + 2 * C * GD + HD * C + 3 * C * F
+    return V * C * (1 if f["tie_embeddings"] else 2) + L * block + C

@@ -1,0 +1,83 @@
+"""Families lorabench does not read itself (spec/hf_generic.py): transformers reads the config.json
+and counts its parameters; lorabench estimates the Llama-style block of its widths when the counts
+agree, says so in every estimate, and refuses in one line otherwise."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorabench.spec.config import Cell, ModelConfig
+from lorabench.spec.hf_config import hf_config_fields
+from lorabench.spec.hf_generic import llama_param_count
+from lorabench.spec.schema import ConfigError
+from lorabench.stacks.transformer_layout import state_bytes
+
+pytest.importorskip("transformers")
+
+PHI3 = {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _write(tmp_path, data) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    return str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("kw", [dict(d_model=64, n_heads=4, n_kv_heads=2, d_ff=160, vocab_size=128, n_layers=3),
+                                dict(d_model=48, n_heads=4, head_dim=20, d_ff=96, vocab_size=100, n_layers=2,
+                                     tie_embeddings=True)])
+def test_the_llama_count_is_the_layouts(kw):
+    cfg = ModelConfig(**kw)
+    fields = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                                           "vocab_size", "tie_embeddings")}
+    assert llama_param_count(fields) == state_bytes(cfg, Cell(precision="fp32")).total_params
+
+
+def test_phi3_is_read_through_transformers_as_the_llama_block_of_its_widths(tmp_path):
+    """Phi-3's fused qkv_proj and gate_up_proj hold q, k, v's and gate, up's weights: the same count;
+    the published Phi-3-mini (3,821,079,552) is counted so too."""
+    f = hf_config_fields(_write(tmp_path, PHI3))
+    assert f["approximates"] == "phi3" and (f["d_model"], f["n_kv_heads"], f["d_ff"]) == (64, 2, 160)
+    mini = {**PHI3, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096}
+    assert llama_param_count(hf_config_fields(_write(tmp_path, mini))) == 3_821_079_552
+    from lorabench.estimator.analytic import estimate
+    est = estimate(ModelConfig(**{k: v for k, v in f.items()}), Cell(precision="bf16"), 2, "cpu")
+    assert "phi3 read as the Llama-style block" in est.est_basis
+
+
+@pytest.mark.parametrize("data,key,why", [
+    ({**PHI3, "model_type": "no-such-family"}, "model_type", "unsupported model_type"),
+    ({"model_type": "starcoder2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}, "model_type", "not a family"),
+    ({**PHI3, "model_type": 7}, "model_type", "must name"),
+])
+def test_a_family_lorabench_cannot_read_is_one_line(tmp_path, data, key, why):
+    with pytest.raises(ConfigError) as e:
+        hf_config_fields(_write(tmp_path, data))
+    assert key in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_transformers_phi3_trains_in_full_its_trace_is_exact_and_adapters_are_refused(tmp_path):
+    from lorabench.estimator.analytic import estimate
+    from lorabench.measure.trace import trace
+    from lorabench.measure.worker import run_cell
+    from lorabench.spec.scenario import expand, parse_scenario
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(PHI3))
+    data = {"name": "p", "device": "cpu", "model": {"hf": str(tmp_path / "m"), "seq_len": 16},
+            "train": {"batch_size": 2, "steps": 1, "warmup_steps": 2, "alignment_probe": False},
+            "matrix": {"precision": ["fp32", "bf16"]}}
+    ls = parse_scenario(data, "p.yaml")
+    for cell in expand(ls):
+        job = ls.job(cell, "cpu")
+        row = run_cell(job)
+        assert row["status"] == "ok", row.get("error")
+        assert trace(job)[0].est_peak_bytes == row["peak_allocated_bytes"]
+        a = estimate(ls.model, cell, 2, "cpu", n_batches=2, window_steps=2)
+        assert a.total_params == row["total_params"]
+        assert abs(a.est_peak_bytes - row["peak_allocated_bytes"]) <= 0.05 * row["peak_allocated_bytes"]
+    with pytest.raises(ConfigError, match=r"matrix.lora_rank\[0\]"):
+        parse_scenario({**data, "matrix": {"lora_rank": 4}}, "p.yaml")
