@@ -81,3 +81,14 @@ def test_transformers_phi3_trains_in_full_its_trace_is_exact_and_adapters_are_re
         assert abs(a.est_peak_bytes - row["peak_allocated_bytes"]) <= 0.05 * row["peak_allocated_bytes"]
     with pytest.raises(ConfigError, match=r"matrix.lora_rank\[0\]"):
         parse_scenario({**data, "matrix": {"lora_rank": 4}}, "p.yaml")
+
+
+def test_a_hub_id_says_how_to_pass_a_local_config_json():
+    from lorabench.spec.presets import load_preset
+    from lorabench.spec.scenario import parse_scenario
+    with pytest.raises(ConfigError) as e:
+        parse_scenario({"name": "x", "model": {"hf": "someorg/Some-7B"}}, "s.yaml")
+    assert "model.hf" in str(e.value) and "huggingface-cli download someorg/Some-7B config.json" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_preset("someorg/Some-7B")
+    assert "reads no hub" in str(e.value) and "\n" not in str(e.value)

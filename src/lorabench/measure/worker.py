@@ -30,7 +30,7 @@ from ..adapters import quant
 from ..optimizers import get as get_optimizer
 from ..train.parallel import parallelize, rank_and_world
 from ..train.techniques import build_model, make_optimizer, make_scaler, prepare_adapters, train_step
-from ..train.tokens import MarkovTokens
+from ..train.pretrain import data_for, pretrained
 from .trackers import MemoryTracker, StepTimer, state_bytes
 from .underflow import cell_fields as underflow_fields
 from .alignment import cell_fields as alignment_fields
@@ -51,7 +51,8 @@ def run_cell(job: CellJob | dict) -> dict:
         if device == "cuda" and cell.precision == "bf16" and not torch.cuda.is_bf16_supported():
             row.update(status="skipped", error="bf16 is not supported on this GPU")
             return row
-        measure(row, job)
+        with pretrained(job):  # the cell's base: a pretrained one (train.pretrain_steps) for every model built
+            measure(row, job)
     except torch.OutOfMemoryError as e:
         row.update(status="oom", error=one_line(e))
     except RuntimeError as e:
@@ -117,13 +118,13 @@ def one_line(e: BaseException) -> str:
 
 
 def measure(row: dict, job: CellJob) -> None:
-    model_cfg, train, cell, device, seed = job.model, job.train, job.cell, job.device, job.seed
+    model_cfg, train, cell, device = job.model, job.train, job.cell, job.device
     cuda = device == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = train.tf32
         torch.backends.cudnn.allow_tf32 = train.tf32
     row["tf32"] = train.tf32 if cuda else None
-    data = MarkovTokens(model_cfg.vocab_size, model_cfg.seq_len, seed)
+    data = data_for(job)
     n_steps = train.warmup_steps + train.steps
     rank, world = rank_and_world()  # each rank its own batches (train.batch_size sequences per rank)
     batches_cpu = [data.batch(i * world + rank, train.batch_size) for i in range(n_steps)]

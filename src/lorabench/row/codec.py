@@ -231,7 +231,9 @@ def decode_model(row: dict) -> ModelConfig:
 
 def decode_train(row: dict) -> TrainConfig:
     """The row's train config: its stored fields, the AdamW implementation it ran with."""
-    data = {k: row[k] for k in TRAIN_KEYS[:-1]}  # a row without them cannot be re-estimated: KeyError
+    data = {k: row[k] for k in ("batch_size", "steps", "warmup_steps")}  # a row without these cannot be
+    # re-estimated: KeyError; a field added later (pretrain_steps, ...) is its default in an older row
+    data.update({k: row[k] for k in TRAIN_KEYS[:-1] if row.get(k) is not None})
     if row.get("optimizer_impl"):
         data["optimizer"] = row["optimizer_impl"]
     return TrainConfig(**data)

@@ -28,6 +28,12 @@ class TrainConfig:
     warmup_steps: int = fld(2, "steps before timing; they contain the first optimizer step, so the memory window covers Adam's state creation", (ge(1),), row=True)
     lr: float = fld(1e-3, "AdamW learning rate", (gt(0),), row=True)
     optimizer: Literal["auto", "fused", "foreach", "forloop"] = fld("auto", "AdamW implementation; auto = torch's default (foreach on CUDA, for-loop on CPU). fused lowers step time and its temporaries")
+    pretrain_steps: int = fld(0, "optimisation studies: first train the base in full (FP32 AdamW at lr, batch_size) "
+                                 "for this many steps on another Markov chain, then fine-tune every cell on the chain that "
+                                 "re-draws pretrain_shift of its successors; the base is cached per model, seed and steps "
+                                 "(train/pretrain.py). 0: a randomly initialised base", (ge(0),), row=True)
+    pretrain_shift: float = fld(0.25, "the share of the pretraining chain's successors the cells' chain draws again "
+                                      "(pretrain_steps > 0), at most 1", (gt(0), lt(1.000001)), row=True)
     tf32: bool = fld(False, "allow TF32 matmuls in fp32 cells on Ampere+ (True is faster, less exact); recorded in every row")
     underflow_probe: bool = fld(True, "run the FP16/BF16 underflow probes after the timed steps (fp16 and bf16 cells)")
     alignment_probe: bool = fld(True, "adapter cells: after the timed steps, compare the adapter's updates with full "

@@ -248,7 +248,10 @@ def hf_model_fields(path: str, source: str, base_dir: str | None = None, key: st
         p = Path(base_dir) / p
     file = config_path(str(p))
     if not Path(file).is_file():
-        raise ConfigError(source, key, f"no config.json at {path!r}")
+        hub = path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith(".json")
+        raise ConfigError(source, key, f"no config.json at {path!r}" + (
+            " (lorabench reads no hub: download the repository's config.json, e.g. `huggingface-cli download "
+            f"{path} config.json --local-dir DIR`, and give DIR)" if hub else ""))
     fields = hf_config_fields(file)
     fields["hf"] = str(Path(file).resolve())
     return fields

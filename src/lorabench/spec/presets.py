@@ -45,7 +45,9 @@ def preset_name(name: str, source: str = "preset", path: str = "model.preset") -
         return name
     hits = [n for n in names if _key(n) == _key(name)] or _hub_ids().get(_key(name), [])
     if len(hits) != 1:
-        raise ConfigError(source, path, f"unknown preset {name!r} (known: {', '.join(names)})")
+        hub = "" if name.count("/") != 1 else (": a hub id no preset lists (lorabench reads no hub: download the "
+                                               "repository's config.json and give its path)")
+        raise ConfigError(source, path, f"unknown preset {name!r}{hub} (known: {', '.join(names)})")
     return hits[0]
 
 

@@ -54,9 +54,10 @@ class Stack(ABC):
     """what the analytic estimate of this stack's cells models (every estimate row says: est_basis)"""
 
     @abstractmethod
-    def build(self, cfg: ModelConfig, cell: Cell, device: str, seed: int):
-        """The cell's model on `device` (torch.nn.Module): seeded base weights, then its
-        adapters (seeded), checkpointing set as the cell says."""
+    def build(self, cfg: ModelConfig, cell: Cell, device: str, seed: int, base_state: Optional[dict] = None):
+        """The cell's model on `device` (torch.nn.Module): seeded base weights (base_state's, a
+        state dict of the bare model, when given), then its adapters (seeded), checkpointing set
+        as the cell says."""
 
     @abstractmethod
     def logits(self, model, x):

@@ -15,13 +15,15 @@ from .transformer_replay import Dims, forward_loss
 class BuiltinStack(Stack):
     name = "builtin"
 
-    def build(self, cfg, cell, device, seed):
+    def build(self, cfg, cell, device, seed, base_state=None):
         import torch
         from ..adapters.layer import apply_cell
         from .transformer import Transformer
         torch.manual_seed(seed)
         with torch.device(device):
             model = Transformer(cfg)
+            if base_state is not None:
+                model.load_state_dict(base_state)
             apply_cell(model, cell)
         model.checkpointing = cell.checkpointing
         return model

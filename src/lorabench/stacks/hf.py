@@ -43,7 +43,7 @@ class HFStack(Stack):
     def __init__(self):
         self._builtin = BuiltinStack()
 
-    def build(self, cfg, cell, device, seed):
+    def build(self, cfg, cell, device, seed, base_state=None):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
         from ..adapters.layer import apply_cell
@@ -57,6 +57,8 @@ class HFStack(Stack):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                      attn_implementation=cell.attn_implementation or cfg.attn_implementation,
                                                      **experts)
+        if base_state is not None:
+            model.load_state_dict(base_state)
         model.train()
         model.stack_name = self.name
         # the chunked loss's forward, a method FSDP2 can register (its root gathers around it too)

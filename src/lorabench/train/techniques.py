@@ -27,10 +27,14 @@ from ..stacks import stack_for, stack_of
 from ..stacks.loss_replay import chunk_positions
 
 
+_base_state: dict | None = None  # a pretrained base's state dict, while train.pretrain.pretrained is active
+
+
 def build_model(cfg: ModelConfig, cell: Cell, device: str, seed: int) -> torch.nn.Module:
-    """The cell's model on `device`, built by its stack: seeded base weights, then its adapters
-    (seeded), if any, and checkpointing as the cell says."""
-    return stack_for(cfg).build(cfg, cell, device, seed)
+    """The cell's model on `device`, built by its stack: seeded base weights (a pretrained base's
+    while train.pretrain.pretrained is active), then its adapters (seeded), if any, and
+    checkpointing as the cell says."""
+    return stack_for(cfg).build(cfg, cell, device, seed, base_state=_base_state)
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: str,

@@ -11,10 +11,19 @@ import torch
 
 
 class MarkovTokens:
-    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, p_follow: float = 0.8):
+    """table_seed: the seed of the successor table (default: seed, which always seeds the batches);
+    redraw: the share of the table's successors drawn again from `seed` -- a second distribution
+    that a model trained on the first must partly relearn (train/pretrain.py)."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, p_follow: float = 0.8,
+                 table_seed: int | None = None, redraw: float = 0.0):
         self.V, self.T, self.seed, self.p = vocab_size, seq_len, seed, p_follow
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed if table_seed is None else table_seed)
         self.succ = torch.randperm(vocab_size, generator=g)
+        if redraw:
+            g = torch.Generator().manual_seed(seed + 1)
+            moved = torch.randperm(vocab_size, generator=g)[: round(redraw * vocab_size)]
+            self.succ[moved] = torch.randint(0, vocab_size, (len(moved),), generator=g)
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (batch_size, seq_len) int64; targets are inputs shifted by one."""
