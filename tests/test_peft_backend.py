@@ -83,9 +83,9 @@ def test_peft_on_a_quantized_base():
 def test_variants_peft_cannot_run_are_one_line(tmp_path):
     (tmp_path / "b.yaml").write_text(
         "name: b\nmodel: {d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}\n"
-        "device: cpu\nmatrix:\n  lora_rank: 4\n  adapter: [lora, lora-ga]\n  adapter_backend: peft\n")
+        "device: cpu\nmatrix:\n  lora_rank: 4\n  adapter: [lora, lora-pro]\n  adapter_backend: peft\n")
     assert_one_line_error(CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"]),
-                          "matrix.adapter[1]", "lora-ga", "PEFT")
+                          "matrix.adapter[1]", "lora-pro", "PEFT")
     (tmp_path / "b.yaml").write_text((tmp_path / "b.yaml").read_text().replace("adapter_backend: peft",
                                                                                "adapter_backend: pfet"))
     assert_one_line_error(CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"]),
@@ -105,3 +105,25 @@ def test_lora_plus_through_peft_groups_as_the_builtin_one():
     assert {g for g, _ in summary(param_groups(theirs, lr))} == {lr, 16 * lr}
     row = run_cell(ls.job(cells["peft"], "cpu"))
     assert row["status"] == "ok" and row["cell"] == "fp32-lora-plus-peft-r8", (row.get("error"), row["cell"])
+
+
+def test_lora_ga_through_peft_initialises_from_the_gradient_and_leaves_the_output_unchanged():
+    """PEFT's own LoRA-GA (lora_ga_init on each injected layer, after one backward on the first batch):
+    A and B are set from the gradient (B no longer zero) and W0 is offset, so the first loss is the base
+    model's, which is lorabench's LoRA-GA cell's too; the init stage is measured (init_s, init_peak_bytes)."""
+    ls, cells = loaded(adapter="lora-ga", adapter_backend=["builtin", "peft"], lora_rank=4)
+    rows = {b: run_cell(ls.job(c, "cpu")) for b, c in cells.items()}
+    for b, row in rows.items():
+        assert row["status"] == "ok", row.get("error")
+        assert row["init_s"] is not None and row["init_peak_bytes"] > 0, b
+    assert rows["peft"]["trainable_params"] == rows["builtin"]["trainable_params"]
+    assert abs(rows["peft"]["loss_first"] - rows["builtin"]["loss_first"]) < 1e-4
+    from lorabench.train.techniques import prepare_adapters
+    job = ls.job(cells["peft"], "cpu")
+    model = build_model(job.model, job.cell, "cpu", job.seed)
+    x = torch.randint(0, job.model.vocab_size, (2, 16))
+    before = compute_loss(model, x, x, "fp32").item()
+    assert prepare_adapters(model, x, x, job.cell, 3)
+    b_weights = [m.weight for n, m in model.named_modules() if n.endswith("lora_B.default")]
+    assert b_weights and all(w.abs().max() > 0 for w in b_weights)  # B from the gradient, not zero
+    assert abs(compute_loss(model, x, x, "fp32").item() - before) < 1e-4  # W0 offset: the output unchanged

@@ -13,11 +13,15 @@ object, and every stack method on it, stays the same), with the variant's PEFT o
     lora-plus  LoraConfig defaults; the optimizer's groups are PEFT's `create_loraplus_optimizer`'s
              (A at the learning rate, B and any 1-D adapter parameter at lora_plus_ratio times it),
              taken from that factory and built by the cell's optimizer (`param_groups`)
+    lora-ga  LoraConfig defaults at injection; then, before the memory window, on the first batch,
+             PEFT's own LoRA-GA initialisation: each target's W0 gradient from one backward (only
+             the W0 of the targets require grad, as PEFT's estimate_gradients), handed to each
+             layer's `lora_ga_init` with LoraGAConfig's defaults (`loraga_prepare`)
 
 The adapter parameters are then stored in the cell's param_dtype (FP32, or 16 bits in a
 pure precision; adapters.layer.apply_cell casts them), as `get_peft_model` does by default (`autocast_adapter_dtype=True` upcasts
-adapters that PEFT made in a 16-bit base's dtype). Other variants (LoRA-GA needs its own
-preprocessing, AdaLoRA a different config, LoRA-Pro has none) are refused in one line (`problem`). PEFT's layers are not AdaptedLinear: lorabench's
+adapters that PEFT made in a 16-bit base's dtype). Other variants (AdaLoRA needs a different config
+and PEFT's allocator, LoRA-Pro has none) are refused in one line (`problem`). PEFT's layers are not AdaptedLinear: lorabench's
 own checks of LoRA (ΔW at init, merged inference) are empty for these rows, and the analytic
 estimate replays the built-in adapters' ops, which the row says (est_basis).
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 import contextlib
 
 PEFT_OPTIONS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
-                "pissa": {"init_lora_weights": "pissa"}, "lora-plus": {}}
+                "pissa": {"init_lora_weights": "pissa"}, "lora-plus": {}, "lora-ga": {}}
 
 
 def problem(adapter: str) -> str | None:
@@ -79,6 +83,37 @@ def apply_peft(model, cell, names: list) -> None:
         inject_adapter_in_model(config, model)
     if cell.adapter == "lora-plus":  # adapters.layer.param_groups asks the model for PEFT's groups
         model.lorabench_param_groups = lambda lr: loraplus_groups(model, lr, cell.lora_plus_ratio)
+    if cell.adapter == "lora-ga":  # train.techniques.prepare_adapters runs it on the first batch
+        model.lorabench_prepare = lambda backward: loraga_prepare(model, backward)
+
+
+def loraga_prepare(model, backward) -> None:
+    """PEFT's LoRA-GA on its injected layers: one backward with only the targets' W0 requiring grad
+    (B = 0, so the model is the base), each gradient handed to the layer's `lora_ga_init` (A, B from
+    its SVD, W0 offset so that the output is unchanged), as after PEFT's `preprocess_loraga`."""
+    import torch
+    from peft import LoraGAConfig
+    from peft.tuners.lora import LoraLayer
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    trained = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in trained:
+        p.requires_grad_(False)
+    for layer in layers:
+        layer.get_base_layer().weight.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            backward()
+        config = LoraGAConfig()
+        for layer in layers:
+            base = layer.get_base_layer()
+            base._peft_loraga_grad, base.weight.grad = base.weight.grad, None
+            with torch.no_grad():
+                for name in layer.lora_A:
+                    layer.lora_ga_init(name, config)
+    finally:
+        for p, req in trained:
+            p.requires_grad_(req)
+            p.grad = None
 
 
 def loraplus_groups(model, lr: float, ratio: float) -> list[dict]:

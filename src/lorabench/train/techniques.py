@@ -101,14 +101,17 @@ def prepare_adapters(model, x, y, cell: Cell, total_steps: int) -> bool:
     """The adapter's `prepare` (adapters/base.py) on every adapted layer of `model`, with a
     closure that runs the loss of the first micro-batch of (x, y) backward under the cell's
     precision; returns whether it ran a data-dependent initialisation (`has_init_stage`)."""
+    def backward():
+        xm, ym = x.chunk(cell.accumulation)[0], y.chunk(cell.accumulation)[0]
+        compute_loss(model, xm, ym, cell.precision, cell.loss_chunks).backward()
+    hook = getattr(model, "lorabench_prepare", None)  # another backend's own initialisation (PEFT's LoRA-GA)
+    if hook is not None:
+        hook(backward)
+        return True
     layers = adapted_layers(model)
     if not layers:
         return False
     adapter = layers[0].adapter
-
-    def backward():
-        xm, ym = x.chunk(cell.accumulation)[0], y.chunk(cell.accumulation)[0]
-        compute_loss(model, xm, ym, cell.precision, cell.loss_chunks).backward()
     adapter.prepare(layers, backward, cell, total_steps)
     return adapter.has_init_stage
 
