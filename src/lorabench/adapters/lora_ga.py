@@ -38,24 +38,9 @@ class LoRAGA(LoRA):
     def prepare(self, layers, backward, cell, total_steps):
         """Every target's gradient from one backward (only the W0 of the targets require grad,
         as PEFT's estimate_gradients), then `init_from_gradient` per layer."""
-        import torch
-        trained = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
-        for p, _ in trained:
-            p.requires_grad_(False)
-        for layer in layers:
-            layer.base.weight.requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                backward()
-            for layer in layers:
-                grad, layer.base.weight.grad = layer.base.weight.grad, None
-                with torch.no_grad():
-                    self.init_from_gradient(layer, grad)
-                del grad
-        finally:
-            for p, req in trained:
-                p.requires_grad_(req)
-                p.grad = None
+        by_weight = {id(layer.base.weight): layer for layer in layers}
+        each_w0_gradient([layer.base.weight for layer in layers], [p for layer in layers for p in layer.parameters()],
+                         backward, lambda w, grad: self.init_from_gradient(by_weight[id(w)], grad))
 
     def init_from_gradient(self, layer, grad) -> None:
         """A, B and W0's offset from the gradient `grad` of W0 (module docstring), in place."""
@@ -77,3 +62,28 @@ class LoRAGA(LoRA):
             return (f"lora-ga takes 2r singular directions of the gradient: rank {cell.lora_rank} needs "
                     f"2r <= min(d_in, d_out) = {min(d_in, d_out)} of {where}")
         return None
+
+
+def each_w0_gradient(weights, params, backward, use) -> None:
+    """LoRA-GA's gradient estimate (PEFT's estimate_gradients): one backward() in which only
+    `weights` require grad (every one of `params` is frozen for it), then use(w, its gradient) for
+    each weight in turn, under no_grad, each gradient released once used; `params`' requires_grad
+    restored and their .grad cleared afterwards. lorabench's LoRA-GA and PEFT's (peft_backend) share it."""
+    import torch
+    trained = [(p, p.requires_grad) for p in params]
+    for p, _ in trained:
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            backward()
+        for w in weights:
+            grad, w.grad = w.grad, None
+            with torch.no_grad():
+                use(w, grad)
+            del grad
+    finally:
+        for p, req in trained:
+            p.requires_grad_(req)
+            p.grad = None

@@ -91,29 +91,18 @@ def loraga_prepare(model, backward) -> None:
     """PEFT's LoRA-GA on its injected layers: one backward with only the targets' W0 requiring grad
     (B = 0, so the model is the base), each gradient handed to the layer's `lora_ga_init` (A, B from
     its SVD, W0 offset so that the output is unchanged), as after PEFT's `preprocess_loraga`."""
-    import torch
     from peft import LoraGAConfig
     from peft.tuners.lora import LoraLayer
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    trained = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in trained:
-        p.requires_grad_(False)
-    for layer in layers:
-        layer.get_base_layer().weight.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            backward()
-        config = LoraGAConfig()
-        for layer in layers:
-            base = layer.get_base_layer()
-            base._peft_loraga_grad, base.weight.grad = base.weight.grad, None
-            with torch.no_grad():
-                for name in layer.lora_A:
-                    layer.lora_ga_init(name, config)
-    finally:
-        for p, req in trained:
-            p.requires_grad_(req)
-            p.grad = None
+    from .lora_ga import each_w0_gradient
+    layers = {id(m.get_base_layer().weight): m for m in model.modules() if isinstance(m, LoraLayer)}
+    config = LoraGAConfig()
+
+    def init(w, grad):
+        layer = layers[id(w)]
+        layer.get_base_layer()._peft_loraga_grad = grad  # what preprocess_loraga leaves; lora_ga_init deletes it
+        for name in layer.lora_A:
+            layer.lora_ga_init(name, config)
+    each_w0_gradient([m.get_base_layer().weight for m in layers.values()], list(model.parameters()), backward, init)
 
 
 def loraplus_groups(model, lr: float, ratio: float) -> list[dict]:

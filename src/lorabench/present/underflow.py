@@ -1,8 +1,8 @@
 """`lorabench underflow SCENARIO --cell ID`: train one cell a few steps in this
 process, probe its gradients (see underflow.py) and render the result.
 
-The model, data and steps are the cell's own (techniques.build_model,
-MarkovTokens with the scenario's seed, techniques.train_step), so with the
+The model, data and steps are the cell's own (techniques.build_model on the
+run's base, pretrain.data_for's batches, techniques.train_step), so with the
 default `--steps` (warm-up + timed steps) the probe sees the weights and the
 batch the cell's row was probed on. The detailed tables are at the cell's
 current loss scale (fp16: the scaler's scale after those steps; bf16: 1, no
@@ -54,7 +54,7 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
     `step(description, advance)` follows the work (present/progress.py): one unit per step, one for the sweep."""
     from ..base.env import resolve_device
     from ..train.techniques import build_model, make_optimizer, make_scaler, train_step
-    from ..train.tokens import MarkovTokens
+    from ..train.pretrain import data_for, pretrained
 
     ls = load_scenario(path)
     check_adapters(ls)
@@ -70,11 +70,14 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
     if steps is not None and steps < 0:
         raise ConfigError("command line", "--steps", f"must be >= 0, got {steps}")
     n = ls.train.warmup_steps + ls.train.steps if steps is None else steps
-    device, seed, cfg = resolve_device(ls.scenario.device), ls.scenario.seed, ls.model_of(cell)
-    data = MarkovTokens(cfg.vocab_size, cfg.seq_len, seed)
+    device = resolve_device(ls.scenario.device)
+    job = ls.job(cell, device)
+    cfg = job.model
+    data = data_for(job)  # the run's batches (a pretrained base's shifted chain too)
     batches = [data.batch(i, ls.train.batch_size) for i in range(max(n, 1))]
     batches = [(x.to(device), y.to(device)) for x, y in batches]
-    model = build_model(cfg, cell, device, seed)
+    with pretrained(job):  # the run's base
+        model = build_model(cfg, cell, device, job.seed)
     opt, _ = make_optimizer(model, ls.train, device, cell)
     scaler = make_scaler(cell.precision, device)
     step(total=n + 1)

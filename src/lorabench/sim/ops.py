@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .engine import Sim
 from .rules import (linear_backward, mul_backward, mul_broadcast_backward, pass_and_new_backward, pass_backward,
-                    unary_backward)
+                    split_backward, unary_backward)
 from .tensors import BF16, F16, F32, Param, SymTensor, promote
 
 DTYPES = {"fp32": F32, "bf16": BF16, "fp16": F16, "nf4": "nf4", "int8": "int8"}  # the spec's dtype names -> the
@@ -92,6 +92,34 @@ def mul_broadcast(sim: Sim, a: SymTensor, b: SymTensor, numel: int, dtype: str) 
     """a·b with b broadcast over a (fewer elements; MulBackward0: g·b, then Σ(g·a) reduced to b's
     size): a product (saves a if b needs grad, b if a does)."""
     return product(sim, a, b, numel, dtype, mul_broadcast_backward)
+
+
+def scalar_op(sim: Sim, x: SymTensor) -> SymTensor:
+    """x · c or x / c for a Python number c, consuming x (its name rebound): a new tensor, nothing saved."""
+    out = elementwise(sim, x, unary_backward, save_input=False)
+    sim.drop(x)
+    return out
+
+
+def softcap(sim: Sim, x: SymTensor) -> SymTensor:
+    """cap · tanh(x / cap), each step rebinding x (Gemma 2's scores and logits), consuming x: /cap,
+    tanh (its output saved), ·cap, one x-sized copy alive at a time besides tanh's."""
+    t = scalar_op(sim, x)
+    node = sim.node([t], unary_backward)
+    th = sim.out(sim.new(t.numel, t.dtype), node)
+    sim.save(node, th)
+    sim.drop(t)
+    return scalar_op(sim, th)
+
+
+def halves(sim: Sim, t: SymTensor) -> tuple[SymTensor, SymTensor]:
+    """t.chunk(2, dim=-1): two views, their gradients concatenated in backward."""
+    node = sim.node([t], split_backward, n_outputs=2)
+    a, b = sim.view(t, t.numel // 2), sim.view(t, t.numel // 2)
+    if node is not None:
+        sim.out(a, node, 0)
+        sim.out(b, node, 1)
+    return a, b
 
 
 def mul_const(sim: Sim, x: SymTensor, c: SymTensor) -> SymTensor:

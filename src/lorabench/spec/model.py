@@ -127,13 +127,6 @@ class ModelConfig:
         if self.quantized is not None and self.quantized not in QUANT_DTYPES:
             raise FieldError("quantized", f"must be one of {', '.join(QUANT_DTYPES)}, got {self.quantized!r}")
 
-    @property
-    def eager_attention(self) -> bool:
-        """Attention computed op by op (scores, softmax, a second matmul), not by SDPA: a soft-capped
-        model's always, a Hugging Face model's on its eager path (Cell.attn_implementation overrides
-        it per cell: eager_attention_of)."""
-        return eager_attention_of(self, None)
-
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

@@ -19,7 +19,7 @@ backward  the output's gradient arrives transposed: its reshape copies (b·H·s�
 from __future__ import annotations
 
 from ..sim.engine import Sim
-from ..sim.ops import binary, elementwise, product
+from ..sim.ops import binary, product, scalar_op, softcap as soft_cap
 from ..sim.rules import bmm_backward, pass_backward, unary_backward
 from ..sim.tensors import F32, SymTensor
 
@@ -33,14 +33,9 @@ def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, ma
     v2 = _repeat_kv(sim, v, rep, True) if rep > 1 else None
     S = dims.b * dims.H * dims.s * dims.s
     scores = bmm(sim, q, k2, S)
-    w = _scalar_op(sim, scores)  # · scale
+    w = scalar_op(sim, scores)  # · scale
     if softcap:
-        t = _scalar_op(sim, w)  # / cap
-        node = sim.node([t], unary_backward)  # tanh saves its result
-        th = sim.out(sim.new(S, t.dtype), node)
-        sim.save(node, th)
-        sim.drop(t)
-        w = _scalar_op(sim, th)  # · cap
+        w = soft_cap(sim, w)
     masked = binary(sim, w, mask, "add")  # a broadcast add: the mask needs no gradient
     sim.drop(w)
     wf = sim.to(masked, F32)  # softmax(dtype=float32) casts its input first
@@ -67,13 +62,6 @@ def bmm(sim: Sim, a: SymTensor, b: SymTensor, numel: int) -> SymTensor:
     """torch.matmul of two 4-D tensors (a batched bmm): saves each operand the other's gradient
     needs (views of live tensors); its gradients are one of each operand's size."""
     return product(sim, a, b, numel, a.dtype, bmm_backward)
-
-
-def _scalar_op(sim: Sim, x: SymTensor) -> SymTensor:
-    """x · c or x / c for a Python number c: a new tensor, nothing saved, consumes x."""
-    out = elementwise(sim, x, unary_backward, save_input=False)
-    sim.drop(x)
-    return out
 
 
 def _repeat_kv(sim: Sim, t: SymTensor, rep: int, contiguous: bool) -> SymTensor:

@@ -16,7 +16,7 @@ chunked   h (N·C) flattened and split into chunks of b·⌈s/n⌉ tokens (conti
 from __future__ import annotations
 
 from ..sim.engine import Sim
-from ..sim.ops import binary, elementwise, linear
+from ..sim.ops import binary, linear, softcap as soft_cap
 from ..sim.rules import log_softmax_backward, nll_loss_backward, pass_backward, split_backward, unary_backward
 from ..sim.tensors import F32, LOGITS, SymTensor
 
@@ -40,17 +40,7 @@ def head(sim: Sim, h: SymTensor, params: dict, V: int, softcap: bool) -> SymTens
     """Transformer.logits: head(h), soft-capped (Gemma 2) as cap·tanh(logits/cap): /cap (a copy,
     the logits freed), tanh (its output saved), ·cap (a copy)."""
     logits = linear(sim, h, params["head"], None, V)
-    if not softcap:
-        return logits
-    t = elementwise(sim, logits, unary_backward, save_input=False)
-    sim.drop(logits)
-    node = sim.node([t], unary_backward)
-    th = sim.out(sim.new(t.numel, t.dtype), node)
-    sim.save(node, th)
-    sim.drop(t)
-    out = elementwise(sim, th, unary_backward, save_input=False)
-    sim.drop(th)
-    return out
+    return soft_cap(sim, logits) if softcap else logits
 
 
 def _cross_entropy(sim: Sim, lf: SymTensor, N: int, V: int) -> SymTensor:

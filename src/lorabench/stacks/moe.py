@@ -29,6 +29,11 @@ import torch.nn.functional as F
 from ..spec.config import ModelConfig
 
 
+def activation(cfg: ModelConfig):
+    """The MLP's activation (transformer.MLP's and each expert's): silu, or GELU's tanh form."""
+    return F.silu if cfg.activation == "silu" else partial(F.gelu, approximate="tanh")
+
+
 class Experts(nn.Module):
     """E SwiGLU MLPs as two 3-D weights, run on the tokens routed to each."""
 
@@ -39,7 +44,7 @@ class Experts(nn.Module):
         self.grouped = cfg.experts_implementation == "grouped_mm"
         self.gate_up = nn.Parameter(torch.empty(E, 2 * Fd, C))
         self.down = nn.Parameter(torch.empty(E, C, Fd))
-        self.act = F.silu if cfg.activation == "silu" else partial(F.gelu, approximate="tanh")
+        self.act = activation(cfg)
         nn.init.normal_(self.gate_up, std=0.02)
         nn.init.normal_(self.down, std=0.02)
 

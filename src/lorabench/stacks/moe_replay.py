@@ -28,9 +28,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ..sim.engine import Sim
-from ..sim.ops import binary, elementwise, linear, mul_broadcast, product
-from ..sim.rules import bmm_backward, pass_backward, split_backward, unary_backward
-from ..sim.tensors import F32, I64, U8, Param, SymTensor
+from ..sim.ops import binary, elementwise, halves, linear, mul_broadcast, product
+from ..sim.rules import bmm_backward, pass_backward, unary_backward
+from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote
 
 
 def routing(s: int, k: int, E: int) -> list[int]:
@@ -68,7 +68,8 @@ def moe(sim: Sim, x: SymTensor, params: dict, b: int, s: int, C: int, F: int, E:
     probs = sim.out(sim.new(N * E, F32), node)
     sim.save(node, probs)
     sim.drop(lf)
-    node = sim.node([probs], _full_backward)  # topk: values, indices; saves the indices
+    node = sim.node([probs], unary_backward)  # topk: values, indices, saves the indices; its gradient: zeros
+    # of the input's size, scattered into
     values, index = sim.out(sim.new(N * k, F32), node), sim.new(N * k, I64)
     sim.save(node, index)
     total = sim.out(sim.new(N, F32), sim.node([values], pass_backward))  # sum(-1): its backward expands
@@ -92,26 +93,26 @@ def _experts_grouped(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTenso
     S = index.numel
     ids_sorted, perm = sim.new(S, I64), sim.new(S, I64)  # torch.sort
     rows = sim.new(S, I64)  # perm // k
-    selected = _index(sim, h, rows, S * C, N * C)
+    selected = _index(sim, h, rows, S * C)
     sim.drop(rows)  # (saved by the gather)
-    wsel = _index(sim, weights, perm, S, S)  # sample_weights[perm]
+    wsel = _index(sim, weights, perm, S)  # sample_weights[perm]
     idf = sim.new(S, F32)  # expert_ids_g.float() for histc
     hist = sim.new(E, F32)
     sim.drop(idf)
     offsets = sim.new(E, F32)  # cumsum, int32 (hist, tokens_per_expert, stays bound to the return)
     gu = _grouped_mm(sim, selected, params["experts_gate_up"], offsets, S, 2 * F)
-    gate, up = _halves(sim, gu)
+    gate, up = halves(sim, gu)
     act = elementwise(sim, gate, unary_backward)
     hidden = binary(sim, act, up, "mul")
     sim.drop(act)
     out = _grouped_mm(sim, hidden, params["experts_down"], offsets, S, C)
     sim.drop(hidden)
-    weighted = mul_broadcast(sim, out, wsel, S * C, F32 if F32 in (out.dtype, wsel.dtype) else out.dtype)
+    weighted = mul_broadcast(sim, out, wsel, S * C, promote(out.dtype, wsel.dtype))
     inv = sim.new(S, I64)  # empty_like(perm), filled in place from an arange
     sim.drop(sim.new(S, I64))
-    unsorted = _index(sim, weighted, inv, S * C, S * C)
+    unsorted = _index(sim, weighted, inv, S * C)
     sim.drop(weighted)
-    node = sim.node([unsorted], _reshape_copy_backward)  # .view(N, k, C).sum(1): its gradient expands, and the
+    node = sim.node([unsorted], unary_backward)  # .view(N, k, C).sum(1): its gradient expands, and the
     total = sim.out(sim.new(N * C, unsorted.dtype), node)  # view's backward reshapes the expanded one: a copy
     res = sim.to(total, h.dtype)
     for t in (total, unsorted, inv, offsets, hist, ids_sorted, perm, wsel, selected, gate, up, gu, out):
@@ -130,27 +131,14 @@ def _grouped_mm(sim: Sim, x: SymTensor, param: Param, offsets: SymTensor, S: int
     return y
 
 
-def _halves(sim: Sim, t: SymTensor) -> tuple[SymTensor, SymTensor]:
-    """t.chunk(2, dim=-1): two views, their gradients concatenated in backward."""
-    node = sim.node([t], split_backward, n_outputs=2)
-    a, b = sim.view(t, t.numel // 2), sim.view(t, t.numel // 2)
-    if node is not None:
-        sim.out(a, node, 0)
-        sim.out(b, node, 1)
-    return a, b
-
-
 def _grouped_mm_backward(sim, node, grads):
+    """_grouped_mm's backward: W's whole gradient first (all E experts), then x's (bmm_backward's
+    order reversed)."""
     grad = grads[0]
     edge_x, edge_w = node.edges
     gw = sim.new(edge_w.numel, grad.dtype) if edge_w else None
     gx = sim.new(edge_x.numel, grad.dtype) if edge_x else None
     return [gx, gw]
-
-
-def _reshape_copy_backward(sim, node, grads):
-    """sum(dim=1) of a view: the expanded gradient reshaped back, a copy of the input's size."""
-    return [sim.new(node.edges[0].numel, grads[0].dtype)]
 
 
 def _experts(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTensor, counts: list[int], params: dict,
@@ -174,18 +162,18 @@ def _experts(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTensor, count
         sim.drop(sim.new(1, U8))  # expert_idx == E
         nz = sim.new(n * 2, I64)  # torch.where: (n, 2) int64, two views
         _release(sim, prev, 0)
-        current = _index(sim, h, nz, n * C, N * C)
+        current = _index(sim, h, nz, n * C)
         _release(sim, prev, 1)
         gu = _expert_linear(sim, current, params["experts_gate_up"], n, C, 2 * F)
-        gate, up = _halves(sim, gu)
+        gate, up = halves(sim, gu)
         _release(sim, prev, 2)
         act = elementwise(sim, gate, unary_backward)
         hidden = binary(sim, act, up, "mul")
         sim.drop(act)
         y = _expert_linear(sim, hidden, params["experts_down"], n, F, C)
         sim.drop(hidden)
-        w = _index(sim, weights, nz, n, N * k)  # weights[token_idx, top_k_pos, None]
-        y2 = mul_broadcast(sim, y, w, n * C, F32 if F32 in (y.dtype, w.dtype) else y.dtype)
+        w = _index(sim, weights, nz, n)  # weights[token_idx, top_k_pos, None]
+        y2 = mul_broadcast(sim, y, w, n * C, promote(y.dtype, w.dtype))
         sim.drop(w)
         sim.drop(y)
         _release(sim, prev, 3)
@@ -208,7 +196,7 @@ def _release(sim: Sim, prev: list, i: int) -> None:
         sim.drop(prev[i])
 
 
-def _index(sim: Sim, src: SymTensor, idx: SymTensor, numel: int, full: int) -> SymTensor:
+def _index(sim: Sim, src: SymTensor, idx: SymTensor, numel: int) -> SymTensor:
     """src[idx] (advanced indexing): a copy; IndexBackward saves the indices and scatters the
     gradient into a zero tensor of src's size."""
     node = sim.node([src], _index_backward)
@@ -220,18 +208,13 @@ def _expert_linear(sim: Sim, x: SymTensor, param: Param, n: int, d_in: int, d_ou
     """F.linear(x, W[e]) with W[e] a slice (select: a view) of a 3-D expert weight: under autocast
     the slice is cast for each call (no leaf, so never cached) and the cast saved."""
     w = param.tensor
-    wv = sim.out(sim.view(w, d_in * d_out), sim.node([w], _full_backward))  # its gradient: E slices wide
+    wv = sim.out(sim.view(w, d_in * d_out), sim.node([w], unary_backward))  # select: its gradient E slices wide
     wc = sim.to(wv, sim.autocast) if sim.autocast else sim.hold(wv)
     xc = sim.to(x, sim.autocast) if sim.autocast else sim.hold(x)
     y = product(sim, xc, wc, n * d_out, xc.dtype, bmm_backward)
     for t in (xc, wc, wv):
         sim.drop(t)
     return y
-
-
-def _full_backward(sim, node, grads):
-    """A backward that writes the gradient into zeros of the input's full size (select, topk)."""
-    return [sim.new(node.edges[0].numel, grads[0].dtype)]
 
 
 def _index_backward(sim, node, grads):

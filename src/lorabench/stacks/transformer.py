@@ -16,8 +16,6 @@ d_model, H query heads, G key/value heads, D head_dim, F d_ff, V vocab.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapters.quant import logical_numel
 from ..spec.config import ModelConfig
-from .moe import MoE
+from .moe import MoE, activation
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +123,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.style == "llama"
-        self.act = F.silu if cfg.activation == "silu" else partial(F.gelu, approximate="tanh")
+        self.act = activation(cfg)
         if self.swiglu:
             self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)

@@ -41,11 +41,11 @@ from ..sim.engine import Sim
 from .eager_replay import causal_mask, eager_attention
 from .loss_replay import chunked_loss, standard_loss
 from .moe_replay import moe
-from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, linear, mul_broadcast, mul_const
-from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, log_softmax_backward,
-                         math_attention_backward, mul_broadcast_backward, nll_loss_backward, pass_and_new_backward,
-                         pass_backward, pow2_backward, rsqrt_backward, sdpa_backward, split_backward, unary_backward)
-from ..sim.tensors import F32, I64, LOGITS, Param, SymTensor, promote
+from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, halves, linear, mul_broadcast, mul_const, scalar_op
+from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, math_attention_backward,
+                         pass_and_new_backward, pass_backward, pow2_backward, rsqrt_backward, sdpa_backward,
+                         unary_backward)
+from ..sim.tensors import F32, I64, Param, SymTensor, promote
 
 
 @dataclass
@@ -130,12 +130,7 @@ def layernorm(sim: Sim, x: SymTensor, weight: Param, bias: Param, dims: Dims) ->
 def rope(sim: Sim, x: SymTensor, tables: tuple[SymTensor, SymTensor]) -> SymTensor:
     """apply_rope: casts cos/sin to x's dtype, x1·cos - x2·sin, x1·sin + x2·cos, cat (half-size temporaries)."""
     cos, sin = (sim.to(t, x.dtype) for t in tables)
-    half = x.numel // 2
-    node = sim.node([x], split_backward, n_outputs=2)
-    x1, x2 = sim.view(x, half), sim.view(x, half)
-    if node is not None:
-        sim.out(x1, node, 0)
-        sim.out(x2, node, 1)
+    x1, x2 = halves(sim, x)
     t1, t2 = mul_const(sim, x1, cos), mul_const(sim, x2, sin)
     a = binary(sim, t1, t2, "sub")
     sim.drop(t1)
@@ -369,9 +364,7 @@ def embed(sim: Sim, params: dict, dims: Dims) -> SymTensor:
     tok = params["tok_emb"].tensor
     x = sim.out(sim.new(N * dims.C, tok.dtype), sim.node([tok], embedding_backward))
     if dims.embed_scale:  # x · sqrt(C): a copy, nothing saved
-        x2 = elementwise(sim, x, unary_backward, save_input=False)
-        sim.drop(x)
-        x = x2
+        x = scalar_op(sim, x)
     if dims.style != "gpt2":
         return x
     pos_w = params["pos_emb"].tensor
