@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from .schema import ConfigError, FieldError, build, fld, ge, gt, lt, nonempty, run_checks
+from .schema import ConfigError, FieldError, build, fld, ge, gt, le, lt, nonempty, run_checks
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401 (the spec's names)
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
@@ -33,7 +33,7 @@ class TrainConfig:
                                  "re-draws pretrain_shift of its successors; the base is cached per model, seed and steps "
                                  "(train/pretrain.py). 0: a randomly initialised base", (ge(0),), row=True)
     pretrain_shift: float = fld(0.25, "the share of the pretraining chain's successors the cells' chain draws again "
-                                      "(pretrain_steps > 0), at most 1", (gt(0), lt(1.000001)), row=True)
+                                      "(pretrain_steps > 0), at most 1", (gt(0), le(1)), row=True)
     tf32: bool = fld(False, "allow TF32 matmuls in fp32 cells on Ampere+ (True is faster, less exact); recorded in every row")
     underflow_probe: bool = fld(True, "run the FP16/BF16 underflow probes after the timed steps (fp16 and bf16 cells)")
     alignment_probe: bool = fld(True, "adapter cells: after the timed steps, compare the adapter's updates with full "

@@ -67,6 +67,10 @@ def lt(hi: float) -> Check:
     return lambda v: None if v < hi else f"must be < {hi}, got {short(v)}"
 
 
+def le(hi: float) -> Check:
+    return lambda v: None if v <= hi else f"must be <= {hi}, got {short(v)}"
+
+
 def nonempty(v: Any) -> Optional[str]:
     return None if len(v) > 0 else "must not be empty"
 
