@@ -31,6 +31,7 @@ not tuned to this table; where the gaps come from is in each run's `assumed` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -59,8 +60,9 @@ def model_of(run: dict):
     from lorabench.spec.schema import build
     m = run["model"]
     if isinstance(m, str):
-        return fit_model(m, run.get("seq"))
-    data = dict(m["shape"])
+        cfg = fit_model(m, run.get("seq"))
+        return dataclasses.replace(cfg, fused_qkv=True) if run.get("fused_qkv") else cfg
+    data = dict(m["shape"], **({"fused_qkv": True} if run.get("fused_qkv") else {}))
     if run.get("seq") is not None:
         data["seq_len"] = run["seq"]
     return build(ModelConfig, data, "model", run["id"])
@@ -77,7 +79,8 @@ def cell_of(run: dict):
     if lora:
         kw.update(lora_rank=int(run["lora_rank"]), lora_alpha=float(run.get("lora_alpha", 16)),
                   lora_targets=tuple(run["lora_targets"]), lora_dropout=float(run.get("lora_dropout", 0.0)),
-                  base_dtype=run["base_dtype"])
+                  base_dtype=run["base_dtype"], adapter=run.get("adapter", "lora"),
+                  merged_qkv_enable=run.get("merged_qkv_enable"))
     cell = Cell(**kw)
     if lora and cell.base_dtype != run["base_dtype"]:
         raise ValueError(f"a {run['precision']} cell stores its base in {cell.base_dtype}, not {run['base_dtype']}")
@@ -133,6 +136,11 @@ def summarize(rows: list[dict]) -> dict:
            "verdict_disagreements": [r["id"] for r in done if not r["verdict_agrees"]], "goal": GOAL}
     out["meets_goal"] = bool(errs) and out["median_abs_error_pct"] <= GOAL["median_pct"] and \
         out["p95_abs_error_pct"] <= GOAL["p95_pct"] and not out["verdict_disagreements"]
+    out["by_metric"] = {}  # the same statistics per kind of figure read (what the goal judges is all of them)
+    for metric in sorted({r.get("metric") or "unspecified" for r in done}):
+        e = [abs(r["error_pct"]) for r in done if (r.get("metric") or "unspecified") == metric]
+        out["by_metric"][metric] = {"runs": len(e), "median_abs_error_pct": percentile(e, 50),
+                                    "p95_abs_error_pct": percentile(e, 95)}
     return out
 
 
@@ -161,6 +169,9 @@ def render(rows: list[dict], summary: dict) -> str:
         lines.append(f"|error| median {s['median_abs_error_pct']:.1f} %, p95 {s['p95_abs_error_pct']:.1f} %, "
                      f"max {s['max_abs_error_pct']:.1f} %; mean signed error {s['mean_error_pct']:+.1f} % "
                      f"(goal: median ≤ {GOAL['median_pct']:g} %, p95 ≤ {GOAL['p95_pct']:g} %)")
+        for metric, m in s["by_metric"].items():
+            lines.append(f"  metric {metric}: {m['runs']} runs, |error| median {m['median_abs_error_pct']:.1f} %, "
+                         f"p95 {m['p95_abs_error_pct']:.1f} %")
         dis = s["verdict_disagreements"]
         lines.append(f"fit verdict (peak + 0.5 GiB context ≤ 90 % of the GPU) vs what ran: {len(dis)} disagreement"
                      f"{'s' * (len(dis) != 1)}" + (f": {', '.join(dis)}" if dis else ""))

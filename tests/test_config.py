@@ -221,7 +221,7 @@ def test_unknown_preset_lists_known_ones():
 def test_axes_cover_every_cell_field():
     assert AXES == ["arch", "precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
                     "accumulation", "base_dtype", "double_quant", "loss", "loss_chunks", "adapter", "lora_plus_ratio",
-                    "optimizer", "adalora_target_rank", "adapter_backend", "attn_implementation", "strategy",
+                    "optimizer", "merged_qkv_enable", "adalora_target_rank", "adapter_backend", "attn_implementation", "strategy",
                     "world_size", "reshard_after_forward", "fsdp_param_dtype", "fsdp_reduce_dtype", "cpu_offload"]
     assert set(AXES) == {f.name for f in dataclasses.fields(Cell)} - {"id"}
     c = expand(parse_scenario(scenario(matrix={"lora_rank": 4}), "x"))[0].to_dict()
@@ -239,3 +239,16 @@ def test_cell_from_dict_inverts_to_dict_and_reads_rows():
     assert Cell.from_dict(row) == c
     full = Cell(precision="fp32", lora_rank=0, id="fp32-full")
     assert Cell.from_dict({**full.to_dict(), "base_dtype": None}) == full
+
+
+def test_config_hash_leaves_default_fields_out_so_new_fields_keep_old_digests():
+    """A field at its default is not part of the digest: a Cell or ModelConfig field added later with a
+    default leaves the digests of rows written before it unchanged; any set field changes it."""
+    from lorabench.row.codec import _set_fields, config_hash
+    from lorabench.spec.config import Cell, ModelConfig, TrainConfig
+    from lorabench.spec.job import CellJob
+    assert _set_fields(Cell(precision="fp32")) == {"precision": "fp32"}
+    assert "fused_qkv" not in _set_fields(ModelConfig()) and _set_fields(ModelConfig(fused_qkv=True))["fused_qkv"]
+    job = lambda **kw: CellJob(scenario="s", model=ModelConfig(**kw), train=TrainConfig(), cell=Cell(precision="fp32"),  # noqa: E731
+                               device="cpu")
+    assert config_hash(job()) == config_hash(job(fused_qkv=False)) != config_hash(job(fused_qkv=True))

@@ -1,6 +1,7 @@
 """Adapters on frozen linear layers: LoRA (lora.py) and its variants, each one more file:
 rsLoRA (rslora.py), LoRA+ (lora_plus.py), DoRA (dora.py), PiSSA (pissa.py), LoRA-GA
-(lora_ga.py), AdaLoRA (adalora.py), LoRA-Pro (lora_pro.py).
+(lora_ga.py), AdaLoRA (adalora.py), LoRA-Pro (lora_pro.py), loralib's MergedLinear on a fused
+qkv (merged_qkv.py).
 
     adapter = get(cell.adapter)       # an Adapter (base.py)
     layers = layer.apply_cell(model, cell)
@@ -60,7 +61,8 @@ def check(ls) -> None:
     for name, (j, rank), alpha, targets, ratio, base, (k, budget) in itertools.product(
             m.adapter, enumerate(m.lora_rank), m.lora_alpha, m.lora_targets, m.lora_plus_ratio, m.base_dtype,
             enumerate(m.adalora_target_rank)):
-        if rank > 0:
+        archs = [a for a in (ls.models or [None]) if not ls.excluded(arch=a, adapter=name, lora_targets=targets)]
+        if rank > 0 and archs:  # a combination the scenario excludes for every model is not judged
             try:
                 cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets),
                             adapter=name, lora_plus_ratio=ratio, base_dtype=base, adalora_target_rank=budget)
@@ -68,8 +70,8 @@ def check(ls) -> None:
                 index = {"adalora_target_rank": k, "lora_rank": j}.get(e.key)
                 raise ConfigError(ls.source, f"matrix.{e.key}" + ("" if index is None else f"[{index}]"),
                                   e.message) from None
-            for model in ls.models.values() or (ls.model,):  # every model the matrix trains
-                problem = projection_problem(model, cell)
+            for arch in archs:  # every model the matrix trains it on
+                problem = projection_problem(ls.models[arch] if arch else ls.model, cell)
                 if problem:
                     raise ConfigError(ls.source, f"matrix.lora_rank[{j}]", problem)
 
@@ -88,7 +90,7 @@ def projection_problem(cfg, cell: Cell) -> str | None:
     shapes = projection_shapes(cfg)
     for t in cell.lora_targets:
         if t in shapes:
-            problem = adapter.check_projection(t, *shapes[t], cell)
+            problem = adapter.check_projection(t, *shapes[t], cell, cfg.qkv_widths if t == "qkv" else None)
             if problem:
                 return problem
     return None
@@ -100,6 +102,9 @@ def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
     import (layer order), computed from the same fields (tests/test_adapter_variants.py)."""
     C, HD, GD, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
     shapes = {"q": (C, HD), "k": (C, GD), "v": (C, GD), "o": (HD, C), "gate": (C, F), "up": (C, F), "down": (F, C)}
+    if cfg.fused_qkv:
+        del shapes["q"], shapes["k"], shapes["v"]
+        shapes["qkv"] = (C, HD + 2 * GD)
     if cfg.style != "llama":
         del shapes["gate"]
     return shapes
@@ -121,8 +126,9 @@ from .lora import LoRA  # noqa: E402
 from .lora_ga import LoRAGA  # noqa: E402
 from .lora_plus import LoRAPlus  # noqa: E402
 from .lora_pro import LoRAPro  # noqa: E402
+from .merged_qkv import MergedQKV  # noqa: E402
 from .pissa import PiSSA  # noqa: E402
 from .rslora import RsLoRA  # noqa: E402
 
-for _adapter in (LoRA(), RsLoRA(), LoRAPlus(), DoRA(), PiSSA(), LoRAGA(), AdaLoRA(), LoRAPro()):
+for _adapter in (LoRA(), RsLoRA(), LoRAPlus(), DoRA(), PiSSA(), LoRAGA(), AdaLoRA(), LoRAPro(), MergedQKV()):
     register(_adapter)

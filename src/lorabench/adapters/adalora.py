@@ -62,7 +62,7 @@ class AdaLoRA(LoRA):
     def scaling(self, cell):
         return cell.lora_alpha / (cell.lora_rank + 1e-5)
 
-    def params(self, d_in, d_out, cell):
+    def params(self, d_in, d_out, cell, splits=None):
         r = cell.lora_rank
         shapes = {"lora_A": (r, d_in), "lora_E": (r,), "lora_B": (d_out, r)}
         return [AdapterParam(n, shapes[n]) for n in STATE] + \
@@ -152,7 +152,7 @@ class AdaLoRA(LoRA):
             for i, layer in enumerate(layers):
                 layer.lora_E.masked_fill_(~keep[i * r:(i + 1) * r], 0.0)
 
-    def check_projection(self, name, d_in, d_out, cell):
+    def check_projection(self, name, d_in, d_out, cell, splits=None):
         return None
 
 

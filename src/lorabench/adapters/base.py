@@ -68,9 +68,10 @@ class Adapter(ABC):
         return cell.lora_alpha / cell.lora_rank
 
     @abstractmethod
-    def params(self, d_in: int, d_out: int, cell: Cell) -> list[AdapterParam]:
+    def params(self, d_in: int, d_out: int, cell: Cell, splits: tuple[int, ...] | None = None) -> list[AdapterParam]:
         """The parameters it adds to one d_in → d_out layer, in registration order; the first
-        one multiplies the layer's input, the last one produces its output."""
+        one multiplies the layer's input, the last one produces its output. `splits`: the widths
+        of a fused projection's output slices (qkv: q, k, v), None for any other layer."""
 
     @abstractmethod
     def init(self, layer) -> None:
@@ -126,7 +127,8 @@ class Adapter(ABC):
         """The learning rate of the adapter parameter `param_name` as a multiple of the optimizer's."""
         return 1.0
 
-    def check_projection(self, name: str, d_in: int, d_out: int, cell: Cell) -> str | None:
+    def check_projection(self, name: str, d_in: int, d_out: int, cell: Cell,
+                         splits: tuple[int, ...] | None = None) -> str | None:
         """Why this adapter cannot wrap projection `name` (d_in → d_out) in `cell`; None if it can."""
         return None
 

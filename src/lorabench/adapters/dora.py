@@ -34,7 +34,7 @@ class DoRA(LoRA):
     name = "dora"
     needs_dense_base = True
 
-    def params(self, d_in, d_out, cell):
+    def params(self, d_in, d_out, cell, splits=None):
         return super().params(d_in, d_out, cell) + [AdapterParam("lora_magnitude", (d_out,))]
 
     def init(self, layer):

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..spec.config import LORA_TARGETS, Cell
+from ..spec.schema import FieldError
 from . import get
 from .base import Adapter
 from .peft_backend import apply_peft
@@ -22,22 +23,29 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Linear, adapter: Adapter | str, rank: int, alpha: float, dropout: float = 0.0,
-                 lora_plus_ratio: float | None = None):
+                 lora_plus_ratio: float | None = None, splits: tuple[int, ...] | None = None,
+                 merged_qkv_enable: tuple[str, ...] | None = None):
+        """splits: the output's slices when `base` is a fused qkv projection (q, k, v widths);
+        merged_qkv_enable: the slices adapter merged-qkv adapts (default q, v)."""
         super().__init__()
         if rank <= 0:
             raise ValueError(f"adapter rank must be > 0, got {rank}")
         self.adapter = get(adapter) if isinstance(adapter, str) else adapter
-        cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout, adapter=self.adapter.name,
-                    lora_plus_ratio=lora_plus_ratio)
-        problem = self.adapter.check_projection("", base.in_features, base.out_features, cell)
+        try:
+            cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        adapter=self.adapter.name, lora_plus_ratio=lora_plus_ratio,
+                        lora_targets=("qkv",) if splits else None, merged_qkv_enable=merged_qkv_enable)
+        except FieldError as e:
+            raise ValueError(f"{e.key}: {e.message}") from None
+        problem = self.adapter.check_projection("", base.in_features, base.out_features, cell, splits)
         if problem:
             raise ValueError(problem)
-        self.cell = cell  # what the adapter is asked with (scaling, lr_scale)
-        self.base = base
+        self.cell = cell  # what the adapter is asked with (scaling, lr_scale, merged_qkv_enable)
+        self.base, self.splits = base, splits
         self.rank, self.alpha = rank, alpha
         self.scaling = self.adapter.scaling(cell)
         self.adapter_names = []
-        for p in self.adapter.params(base.in_features, base.out_features, cell):
+        for p in self.adapter.params(base.in_features, base.out_features, cell, splits):
             setattr(self, p.name, nn.Parameter(torch.empty(p.shape, device=base.weight.device), requires_grad=p.trainable))
             self.adapter_names.append(p.name)
         with torch.no_grad():
@@ -80,18 +88,21 @@ class AdaptedLinear(nn.Module):
 
 def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0,
                   base_dtype: str = "fp32", adapter: str = "lora",
-                  lora_plus_ratio: float | None = None, quantize: tuple[Cell, list] | None = None) -> list[AdaptedLinear]:
+                  lora_plus_ratio: float | None = None, quantize: tuple[Cell, list] | None = None,
+                  merged_qkv_enable: tuple[str, ...] | None = None) -> list[AdaptedLinear]:
     """Freeze every parameter, store them in `base_dtype`, and wrap each targeted
-    projection (module names q, k, v, o, gate, up, down) in an AdaptedLinear.
+    projection (module names q, k, v, qkv, o, gate, up, down) in an AdaptedLinear.
     Only the adapters (FP32) train. quantize = (cell, projection names): those projections
-    quantized first, as the cell's base_dtype says (adapters/quant.py: QLoRA)."""
+    quantized first, as the cell's base_dtype says (adapters/quant.py: QLoRA). A fused
+    projection's parent names its output slices `<name>_splits` (stacks/transformer.py's qkv)."""
     freeze_base(model, base_dtype, quantize)
     wrapped = []
     for parent in list(model.modules()):
         for name in targets:
             child = getattr(parent, name, None)
             if isinstance(child, nn.Linear):
-                layer = AdaptedLinear(child, adapter, rank, alpha, dropout, lora_plus_ratio)
+                layer = AdaptedLinear(child, adapter, rank, alpha, dropout, lora_plus_ratio,
+                                      getattr(parent, f"{name}_splits", None), merged_qkv_enable)
                 setattr(parent, name, layer)
                 wrapped.append(layer)
     if not wrapped:
@@ -147,7 +158,8 @@ def apply_cell(model: nn.Module, cell: Cell, target_names: dict | None = None) -
         cast_floating(model, DTYPES[cell.param_dtype], trainable_only=True)  # get_peft_model's upcast
         return []
     layers = apply_adapter(model, names, cell.lora_rank, cell.lora_alpha, cell.dropout, cell.base_float_dtype,
-                           cell.adapter, cell.lora_plus_ratio, (cell, projections) if cell.is_quantized else None)
+                           cell.adapter, cell.lora_plus_ratio, (cell, projections) if cell.is_quantized else None,
+                           cell.merged_qkv_enable)
     if cell.param_dtype != "fp32":  # a pure precision: base_dtype == param_dtype, so only the adapters change
         cast_floating(model, DTYPES[cell.param_dtype])
     return layers

@@ -56,7 +56,7 @@ class LoRAGA(LoRA):
         A, B = layer.lora_A.float(), layer.lora_B.float()
         weight.copy_((weight.to(torch.float32) - s * (B @ A)).to(weight.dtype))
 
-    def check_projection(self, name, d_in, d_out, cell):
+    def check_projection(self, name, d_in, d_out, cell, splits=None):
         if 2 * cell.lora_rank > min(d_in, d_out):
             where = f"projection {name} ({d_in} -> {d_out})" if name else f"a {d_in} -> {d_out} projection"
             return (f"lora-ga takes 2r singular directions of the gradient: rank {cell.lora_rank} needs "

@@ -38,7 +38,7 @@ class PiSSA(LoRA):
         layer.lora_B.copy_(B)
         weight.copy_((w - s * B @ A).to(weight.dtype))
 
-    def check_projection(self, name, d_in, d_out, cell):
+    def check_projection(self, name, d_in, d_out, cell, splits=None):
         if cell.lora_rank > min(d_in, d_out):
             where = f"projection {name} ({d_in} -> {d_out})" if name else f"a {d_in} -> {d_out} projection"
             return (f"pissa takes the top r singular triplets of W0: rank {cell.lora_rank} exceeds "

@@ -1,7 +1,6 @@
 """`lorabench claims RESULTS`: each claim of data/claims.md (C1–C20) against numbers.
 
-C14–C19 (the LoRA variants) are checked in present/claims_variants.py; C20 (a fused qkv) has no
-stack to measure yet: "not measured". The shared evidence rules (verdict words, pairs, timing
+C14–C20 (the LoRA variants, loralib's MergedLinear) are checked in present/claims_variants.py. The shared evidence rules (verdict words, pairs, timing
 against the spread) are in present/claims_evidence.py.
 
     verdicts = check_claims(load_rows("results/x.jsonl"))
@@ -316,7 +315,7 @@ def not_measured(why):
 
 # claim id -> f(rows) -> (verdict, measured text, source)
 CHECKS = {f"C{i}": f for i, f in enumerate((c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13), 1)}
-CHECKS.update(VARIANT_CHECKS)  # C14–C19: the LoRA variants (present/claims_variants.py)
+CHECKS.update(VARIANT_CHECKS)  # C14–C20: the LoRA variants (present/claims_variants.py)
 
 
 def check_claims(rows: list[dict]) -> list[Verdict]:

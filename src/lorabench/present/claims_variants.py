@@ -1,4 +1,4 @@
-"""The LoRA variants' claims (C14–C19 of data/claims.md) against result rows; present/claims.py
+"""The LoRA variants' claims (C14–C20 of data/claims.md) against result rows; present/claims.py
 dispatches to `CHECKS`. Each variant is compared with plain LoRA in pairs of ok rows that differ
 only on the adapter (claims_evidence.pairs), so per precision and base dtype. Thresholds and the
 claim's wording they read:
@@ -19,6 +19,10 @@ claim's wording they read:
   C19 LoRA-Pro "whole trajectory"    update_cosine_steps: LoRA-GA's mean after the first step falls ≥ 0.1
                                      below its first, and LoRA-Pro's mean after the first step is above
                                      LoRA's and LoRA-GA's, in every precision (needs ≥ 2 steps)
+  C20 MergedLinear "same result"     merged-qkv on a fused qkv vs LoRA on the same slices of separate q,
+                                     k, v (same shape, seed, techniques): the same trainable count and
+                                     loss_first, loss_last within 1e-4 relative in every fp32 pair; its
+                                     peak and step time reported, not judged
 """
 from __future__ import annotations
 
@@ -235,5 +239,46 @@ def c19(rows):
             f"({cells})", "measured")
 
 
-# claim id -> f(rows) -> (verdict, measured text, source); C20 (a fused qkv) has no stack yet
-CHECKS = {"C14": c14, "C15": c15, "C16": c16, "C17": c17, "C18": c18, "C19": c19}
+SHAPE = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "style")
+SAME_LOSS_REL = 1e-4  # fp32: the fused and separate matmuls sum in other orders, nothing more
+
+
+def _g6(x) -> str:
+    return "–" if x is None else f"{x:.6g}"
+
+
+def merged_pairs(rows):
+    """(separate LoRA row, merged-qkv row) pairs: the same shape, seed and every technique axis but the
+    adapter's, the separate row's targets being exactly the slices the merged row enables."""
+    axes = ("adapter", "lora_targets", "merged_qkv_enable", "arch")
+    ps = pairs(rows, axes, lambda r: adapter_of(r) == "lora" and not r.get("fused_qkv"),
+               lambda r: adapter_of(r) == "merged-qkv")
+    return [(a, b) for a, b in ps if set(a.get("lora_targets") or ()) == set(b.get("merged_qkv_enable") or ())
+            and all(a.get(k) == b.get(k) for k in SHAPE + ("seed",))]
+
+
+def c20(rows):
+    ps = merged_pairs(rows)
+    if not ps:
+        return NOT_MEASURED, "no merged-qkv row beside LoRA on the same slices of a separate-q,k,v model", "measured"
+    same = [(a, b) for a, b in ps if a["trainable_params"] == b["trainable_params"]
+            and all(abs(a[k] - b[k]) <= SAME_LOSS_REL * abs(a[k]) for k in ("loss_first", "loss_last")
+                    if a.get(k) is not None and b.get(k) is not None)]
+    losses = "; ".join(f"{_label(b)} vs {_label(a)}: trainable {b['trainable_params']:,} vs {a['trainable_params']:,}, "
+                       f"loss {_g6(b.get('loss_first'))} → {_g6(b.get('loss_last'))} vs {_g6(a.get('loss_first'))} → "
+                       f"{_g6(a.get('loss_last'))}, peak {_pct(b['peak_allocated_bytes'] / a['peak_allocated_bytes'] - 1)}"
+                       for a, b in ps[:3])
+    tps = [(a, b) for a, b in ps if a.get(STEP) and b.get(STEP)]
+    verdict, t, ev = timed([(b[STEP] / a[STEP] - 1, timing(a), timing(b), f"{_label(b)} vs {_label(a)}")
+                            for a, b in tps], "fused/separate pairs") if tps else (NOT_ENOUGH, None, "no step times")
+    time_text = f"step time {_pct(t)} ({ev})" if t is not None else f"step time: {ev}"
+    fp32 = [(a, b) for a, b in ps if a.get("precision") == "fp32"]
+    ok = bool(fp32) and all(pair in same for pair in fp32)
+    return (HOLDS if ok else FAILS if fp32 else NOT_ENOUGH,
+            f"{len(same)} of {len(ps)} pairs train alike (same trainable count, losses within "
+            f"{SAME_LOSS_REL:g} relative; judged on the fp32 pairs): {losses}; {time_text} (reported, not judged)",
+            "measured")
+
+
+# claim id -> f(rows) -> (verdict, measured text, source)
+CHECKS = {"C14": c14, "C15": c15, "C16": c16, "C17": c17, "C18": c18, "C19": c19, "C20": c20}

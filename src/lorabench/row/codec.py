@@ -140,12 +140,25 @@ ESTIMATE_KEYS = tuple(f.name for f in ESTIMATE_ROW_FIELDS) + keys(EstimateFields
 def config_hash(job: CellJob) -> str:
     """A digest of everything that shapes the cell's numbers: model, train set-up (not its
     timeout), cell, seed and device. Rows of one file with one id and two digests were
-    made by two configurations: `run --resume` refuses to mix them."""
-    train = dataclasses.asdict(job.train)
-    train.pop("timeout_s")
-    spec = {"model": job.model.to_dict(), "train": train, "cell": job.cell.to_dict(), "seed": job.seed,
+    made by two configurations: `run --resume` refuses to mix them. A field at its default
+    value is left out, so a field added later (with a default that keeps today's behaviour)
+    leaves the digests of earlier configurations as they were."""
+    train = _set_fields(job.train)
+    train.pop("timeout_s", None)
+    spec = {"model": _set_fields(job.model), "train": train, "cell": _set_fields(job.cell), "seed": job.seed,
             "device": job.device}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _set_fields(obj) -> dict:
+    """A dataclass's fields whose value differs from the field's default (tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING and v == f.default:
+            continue
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 REQUIRED_KEYS = ("cell", "status", *(f.name for f in dataclasses.fields(Cell)  # Cell's fields without a default

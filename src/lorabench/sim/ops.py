@@ -114,12 +114,19 @@ def softcap(sim: Sim, x: SymTensor) -> SymTensor:
 
 def halves(sim: Sim, t: SymTensor) -> tuple[SymTensor, SymTensor]:
     """t.chunk(2, dim=-1): two views, their gradients concatenated in backward."""
-    node = sim.node([t], split_backward, n_outputs=2)
-    a, b = sim.view(t, t.numel // 2), sim.view(t, t.numel // 2)
-    if node is not None:
-        sim.out(a, node, 0)
-        sim.out(b, node, 1)
+    a, b = split(sim, t, [t.numel // 2] * 2)
     return a, b
+
+
+def split(sim: Sim, t: SymTensor, numels: list[int]) -> list[SymTensor]:
+    """t.split(...) / t.chunk(...): views of t's storage (alive while any is) of these sizes; in
+    backward their gradients are concatenated into a new t-sized tensor."""
+    node = sim.node([t], split_backward, n_outputs=len(numels))
+    views = [sim.view(t, n) for n in numels]
+    if node is not None:
+        for i, v in enumerate(views):
+            sim.out(v, node, i)
+    return views
 
 
 def mul_const(sim: Sim, x: SymTensor, c: SymTensor) -> SymTensor:

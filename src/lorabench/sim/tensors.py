@@ -84,10 +84,11 @@ class Node:
 
 class Param:
     """A parameter: its (untracked) tensor, its AccumulateGrad node when it trains, its .grad."""
-    __slots__ = ("tensor", "grad_acc", "grad", "block")
+    __slots__ = ("tensor", "grad_acc", "grad", "block", "shape")
 
-    def __init__(self, numel: int, dtype: str, trainable: bool, block):
+    def __init__(self, numel: int, dtype: str, trainable: bool, block, shape: tuple | None = None):
         self.tensor = untracked(numel, dtype, trainable)
+        self.shape = shape  # where an op needs more than numel (an adapter's per-slice parameters)
         self.grad: SymTensor | None = None
         self.block = block
         self.grad_acc = None

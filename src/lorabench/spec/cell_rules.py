@@ -7,7 +7,10 @@ from typing import Literal, Optional
 
 from .schema import FieldError
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+"""what adapters can wrap; qkv is the one fused q, k, v projection of a model with fused_qkv"""
+QKV_SLICES = ("q", "k", "v")
+"""the slices of a fused qkv projection, in the order of its output's rows"""
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
 Precision = Literal["fp32", "fp16", "bf16", "bf16-pure", "fp16-pure"]
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -61,6 +64,22 @@ def backend_problem(backend) -> Optional[str]:
     if backend == "peft" and importlib.util.find_spec("peft") is None:
         return "adapter_backend peft needs PEFT: pip install 'lorabench[hf]'"
     return None
+
+
+def merged_qkv_enable(rank: int, adapter: Optional[str], enable, targets: Optional[tuple]) -> Optional[tuple]:
+    """A cell's merged_qkv_enable: None unless the adapter is merged-qkv (rank > 0); the slices of the
+    fused qkv projection that get an adapter, a non-empty subset of q, k, v in that order (default q, v:
+    loralib's enable_lora=[True, False, True]). merged-qkv adapts the fused projection only: its
+    targets must be [qkv] (FieldError otherwise)."""
+    if rank == 0 or adapter != "merged-qkv":
+        return None
+    if targets != ("qkv",):
+        raise FieldError("lora_targets", "adapter merged-qkv adapts one fused qkv projection (loralib's MergedLinear): "
+                                         f"lora_targets must be [qkv], got {list(targets or ())}")
+    enable = ("q", "v") if enable is None else tuple(enable) if isinstance(enable, list) else enable
+    if isinstance(enable, str) or not enable or any(e not in QKV_SLICES for e in enable) or len(set(enable)) < len(enable):
+        raise FieldError("merged_qkv_enable", f"must be a non-empty list of distinct slices of q, k, v, got {enable!r}"[:160])
+    return tuple(sorted(enable, key=QKV_SLICES.index))
 
 
 def adalora_budget(rank: int, adapter: Optional[str], budget: Optional[int]) -> Optional[int]:

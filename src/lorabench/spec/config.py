@@ -15,7 +15,7 @@ from .schema import ConfigError, FieldError, build, fld, ge, gt, le, lt, nonempt
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401 (the spec's names)
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
-                         DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget,
+                         DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget, merged_qkv_enable,
                          backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields)
 
 
@@ -121,6 +121,9 @@ class MatrixSpec:
     optimizer: list[str] = fld([DEFAULT_OPTIMIZER], "adamw | sgd (momentum 0.9) | adafactor | adamw-8bit | paged-adamw-8bit "
                                "(bitsandbytes: pip install 'lorabench[quant]'), or another registered optimizer "
                                "(lorabench.optimizers); full fine-tuning and adapter cells alike", (nonempty,))
+    merged_qkv_enable: list[Optional[list[str]]] = fld([None], "merged-qkv (adapter merged-qkv on a fused_qkv model's "
+                                                       "qkv): the slices that get an adapter, a subset of q, k, v "
+                                                       "(loralib's enable_lora); default [q, v]", (nonempty,))
     adalora_target_rank: list[Optional[int]] = fld([None], "AdaLoRA (adapter adalora): the average rank per adapted matrix "
                                                   "that importance pruning reaches at the run's last step, from lora_rank; "
                                                   "default lora_rank // 2 (at least 1)", (nonempty,))
@@ -202,15 +205,13 @@ class Cell:
     lora_plus_ratio: Optional[float] = None
     """LoRA+: B's learning rate over A's (16.0 by default); None unless adapter is lora-plus"""
     optimizer: str = DEFAULT_OPTIMIZER
-    """the optimizer (optimizers/ registry: adamw, sgd, adafactor, adamw-8bit, ...); TrainConfig.optimizer
-    is AdamW's (and SGD's, Adafactor's) implementation"""
+    """the optimizer (optimizers/ registry); TrainConfig.optimizer is its implementation"""
     id: str = ""
     """readable id, e.g. bf16-r8-bf16base-ckpt-acc4 (scenario.cell_id)"""
     adalora_target_rank: Optional[int] = None
     """AdaLoRA: the rank per adapted matrix at the run's end (adalora_budget); None for other adapters"""
     adapter_backend: Optional[str] = None
-    """whose adapter layers: builtin (adapters/) or peft (PEFT's, adapters/peft_backend.py); None in full
-    fine-tuning"""
+    """whose adapter layers: builtin (adapters/) or peft (adapters/peft_backend.py); None in full FT"""
     attn_implementation: Optional[str] = None
     """a Hugging Face model's attention path (sdpa | eager); None: the model's own"""
     strategy: str = "none"
@@ -218,15 +219,15 @@ class Cell:
     world_size: int = 1
     """ranks (processes) the cell runs on: 1 with strategy none, at least 2 otherwise"""
     reshard_after_forward: Optional[bool] = None
-    """fsdp2: each block's gathered parameters freed after its forward (True by default); None otherwise"""
+    """fsdp2: each block's gathered parameters freed after its forward (default True)"""
     fsdp_param_dtype: Optional[str] = None
-    """fsdp2, fp32 cells: FSDP2's MixedPrecisionPolicy.param_dtype (bf16 | fp16), the dtype parameters are
-    gathered and computed in over fp32 shards; None: their own"""
+    """fsdp2, fp32 cells: the dtype (bf16 | fp16) parameters are gathered and computed in; None: their own"""
     fsdp_reduce_dtype: Optional[str] = None
-    """fsdp2, fp32 cells: MixedPrecisionPolicy.reduce_dtype (fp32 | bf16) of the reduce-scatter; None: the gradients'"""
+    """fsdp2, fp32 cells: the reduce-scatter's dtype (fp32 | bf16); None: the gradients'"""
     cpu_offload: Optional[bool] = None
-    """fsdp2: CPUOffloadPolicy, sharded parameters, gradients and optimizer state on the host and the step on
-    the CPU (False by default; GPU cells only); None otherwise"""
+    """fsdp2: CPUOffloadPolicy (sharded state and the step on the host; GPU cells only)"""
+    merged_qkv_enable: Optional[tuple] = None
+    """merged-qkv: the fused qkv's slices adapted (q, k, v order; default q, v); None for other adapters"""
     arch: Optional[str] = None
     """the scenario's `models` entry the cell trains (its name); None: the scenario's one `model`"""
 
@@ -252,7 +253,8 @@ class Cell:
             int_at_least("loss_chunks", self.loss_chunks, 1)
         put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank))
         if self.lora_rank == 0:
-            for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter", "lora_plus_ratio", "adapter_backend"):
+            for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter", "lora_plus_ratio", "adapter_backend",
+                      "merged_qkv_enable"):
                 put(k, None)
             put("base_dtype", self.param_dtype)
             return
@@ -261,6 +263,7 @@ class Cell:
         for k, v in adapter_fields(self.adapter, self.adapter_backend, self.lora_plus_ratio, self.lora_alpha,
                                    self.lora_dropout, self.lora_targets).items():
             put(k, v)
+        put("merged_qkv_enable", merged_qkv_enable(self.lora_rank, self.adapter, self.merged_qkv_enable, self.lora_targets))
 
     @property
     def is_lora(self) -> bool:
@@ -310,6 +313,7 @@ class Cell:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
+        d["merged_qkv_enable"] = list(self.merged_qkv_enable) if self.merged_qkv_enable else None
         d["cell"] = d.pop("id")
         return d
 
@@ -334,11 +338,13 @@ def matmul_dtype_of(cell: Cell, tf32: Optional[bool] = False) -> str:
 
 
 def allowed_targets(model: ModelConfig) -> list[str]:
-    """The projections LoRA can wrap in `model`: gpt2's MLP has no gate, and a mixture of experts'
-    MLP is 3-D expert weights behind a router (no linear layer to wrap): attention only."""
+    """The projections LoRA can wrap in `model`: q, k, v, or their fused qkv (fused_qkv); gpt2's MLP
+    has no gate, and a mixture of experts' MLP is 3-D expert weights behind a router (no linear layer
+    to wrap): attention only."""
+    attention = ["qkv", "o"] if model.fused_qkv else ["q", "k", "v", "o"]
     if model.n_experts:
-        return ["q", "k", "v", "o"]
-    return [t for t in LORA_TARGETS if not (model.style == "gpt2" and t == "gate")]
+        return attention
+    return attention + ["gate"] * (model.style == "llama") + ["up", "down"]
 
 
 def split_targets(text: str) -> list[str]:

@@ -32,6 +32,9 @@ class ModelConfig:
     tie_embeddings: Optional[bool] = fld(None, "share the token embedding with the LM head; default True for gpt2, False for llama")
     bias: Optional[bool] = fld(None, "biases on the linear layers; default True for gpt2, False for llama")
     qkv_bias: Optional[bool] = fld(None, "biases on q, k, v only (Qwen2-style); default = bias")
+    fused_qkv: bool = fld(False, "q, k and v as one projection `qkv` (d_model -> (n_heads + 2·n_kv_heads)·head_dim), "
+                                 "its output split in three: GPT-2's c_attn, Qwen-1, Phi-3, litgpt; LoRA targets qkv "
+                                 "(the whole matrix) or, with adapter merged-qkv, a subset of its slices", row=True)
     qk_norm: bool = fld(False, "RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3); llama style", row=True)
     activation: Optional[Literal["silu", "gelu_tanh"]] = fld(
         None, "the MLP's activation: silu (llama's SwiGLU) | gelu_tanh (GELU's tanh form: Gemma's GeGLU, gpt2's "
@@ -124,11 +127,19 @@ class ModelConfig:
         if self.attn_softcap and self.attn_implementation == "sdpa":
             raise FieldError("attn_implementation", "sdpa cannot soft-cap attention scores (attn_softcap, Gemma 2): "
                                                     "transformers runs such a model eagerly (eager)")
+        if self.fused_qkv and self.hf is not None:
+            raise FieldError("fused_qkv", "applies to lorabench's own stack: a Hugging Face model's projections are "
+                                          "those of its config.json")
         if self.quantized is not None and self.quantized not in QUANT_DTYPES:
             raise FieldError("quantized", f"must be one of {', '.join(QUANT_DTYPES)}, got {self.quantized!r}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def qkv_widths(self) -> tuple[int, int, int]:
+        """The widths of q, k and v (H·D, G·D, G·D): the slices of a fused qkv projection's output."""
+        return self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")

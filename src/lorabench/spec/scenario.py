@@ -74,6 +74,10 @@ class LoadedScenario:
     def name(self) -> str:
         return self.scenario.name
 
+    def excluded(self, **values) -> bool:
+        """Whether an `exclude` entry drops every cell with these axis values (excluded_by)."""
+        return excluded_by(self.scenario.exclude, values)
+
     def job(self, cell: Cell, device: str) -> CellJob:
         """What a worker needs to run `cell` on `device` (resolved: cpu or cuda)."""
         return CellJob(scenario=self.name, model=self.model_of(cell), train=self.train, cell=cell, device=device,
@@ -141,8 +145,8 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
     for axis, checks in AXIS_CHECKS.items():
         for i, v in enumerate(getattr(matrix, axis)):
             run_checks(v, checks, f"matrix.{axis}[{i}]", source)
-    for m in models.values() or (model,):
-        model_checks(m, matrix, source)
+    for arch, m in (models or {None: model}).items():
+        model_checks(m, matrix, source, lambda **v: excluded_by(sc.exclude, dict(v, arch=arch)))
     if model.hf and not models:  # the model's own path where the axis leaves it open: every cell says which
         # it ran (with several models, expand fills in each cell's model's)
         matrix.attn_implementation = [a or model.attn_implementation for a in matrix.attn_implementation]
@@ -156,7 +160,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
         for key, value in entry.items():
             if key not in AXES:
                 raise ConfigError(source, f"exclude[{i}].{key}", f"unknown matrix key (allowed: {', '.join(AXES)})")
-            if isinstance(value, (list, dict)) and key != "lora_targets":
+            if isinstance(value, (list, dict)) and key not in ("lora_targets", "merged_qkv_enable"):
                 raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
                                   "(write one exclude entry per value)")
     return LoadedScenario(sc, model, train, matrix, source, models)
@@ -176,18 +180,25 @@ def arch_axis(matrix: MatrixSpec, models: dict, source: str) -> None:
             raise ConfigError(source, f"matrix.arch[{i}]", f"unknown model {short(a)} (models: {', '.join(models)})")
 
 
-def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str) -> None:
+def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=lambda **v: False) -> None:
     """The matrix's values that `model` cannot take: an attention path of a built-in model, SDPA for
-    soft-capped scores, a target the model lacks, adapters on a Hugging Face gpt2's fused Conv1D."""
+    soft-capped scores, a target the model lacks, merged-qkv on separate q, k, v, adapters on a
+    Hugging Face gpt2's fused Conv1D. `excluded(**axis values)`: whether the scenario's `exclude`
+    drops every cell of this model with those values (they are not judged)."""
     for i, attn in enumerate(matrix.attn_implementation):
         if attn is not None and not model.hf:
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", "applies to Hugging Face models (model.hf) only")
         if attn == "sdpa" and model.attn_softcap:
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
                               f"(attn_softcap, Gemma 2): transformers runs {model.name} eagerly (eager)")
+    if not model.fused_qkv and any(matrix.lora_rank) and "merged-qkv" in matrix.adapter and not excluded(adapter="merged-qkv"):
+        raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
+                          f"fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v")
     for i, targets in enumerate(matrix.lora_targets):
+        if excluded(lora_targets=targets):
+            continue
         allowed = allowed_targets(model)
-        kind = "mixture-of-experts" if model.n_experts else model.style
+        kind = ("mixture-of-experts" if model.n_experts else model.style) + " fused-qkv" * model.fused_qkv
         for j, t in enumerate(targets):
             if t not in allowed:
                 raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]",
@@ -276,7 +287,7 @@ def normalize_axes(matrix: dict, source: str) -> dict:
     """Scalars become one-value axes; lora_targets [q, v] is one value, [[q, v], [q]] an axis."""
     out = {}
     for key, value in (matrix or {}).items():
-        if key == "lora_targets":
+        if key in ("lora_targets", "merged_qkv_enable"):  # each value itself a list
             if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
                 out[key] = value
             else:
@@ -310,6 +321,8 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
         try:
             cell = Cell(**kw)
         except FieldError as e:  # a rule between axes that no single axis' check sees
+            if excluded_by(ls.scenario.exclude, kw):  # unless the scenario drops the combination
+                continue
             raise ConfigError(ls.source, f"matrix.{e.key}", e.message) from None
         if any(_matches(cell, entry) for entry in ls.scenario.exclude):
             continue
@@ -328,6 +341,13 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
 
 def _hashable(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
+
+
+def excluded_by(entries: list[dict], values: dict) -> bool:
+    """Whether one of the `exclude` entries names only keys of `values` and matches them all (the
+    axis values of a combination not yet a Cell; lora_targets compared as sets)."""
+    same = lambda k, a, b: set(a) == set(b) if k == "lora_targets" else _hashable(a) == _hashable(b)  # noqa: E731
+    return any(e and all(k in values and same(k, values[k], v) for k, v in e.items()) for e in entries)
 
 
 def _matches(cell: Cell, entry: dict) -> bool:
@@ -357,6 +377,8 @@ def cell_id(cell: Cell, varying: set) -> str:
             parts.append(f"d{cell.lora_dropout:g}")
         if cell.lora_plus_ratio is not None and "lora_plus_ratio" in varying:
             parts.append(f"x{cell.lora_plus_ratio:g}")  # LoRA+: B's learning rate over A's
+        if cell.merged_qkv_enable is not None and "merged_qkv_enable" in varying:
+            parts.append("e" + "".join(cell.merged_qkv_enable))  # merged-qkv: the fused qkv's slices adapted
         if cell.adalora_target_rank is not None and "adalora_target_rank" in varying:
             parts.append(f"b{cell.adalora_target_rank}")  # AdaLoRA: the rank budget it prunes to
     else:

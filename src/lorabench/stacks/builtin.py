@@ -75,7 +75,7 @@ def sim_params(cfg: ModelConfig, cell: Cell, n_blocks: int) -> dict:
     the model's by name ("tok_emb", "head", ...), block i's in params["blocks"][i] ("q", "q.lora_A", ...)."""
     params: dict = {"blocks": [dict() for _ in range(n_blocks)]}
     for p in layout.model_params(cfg, cell, blocks=range(n_blocks)):
-        param = Param(p.numel, DTYPES[p.dtype], p.trainable, p.block)
+        param = Param(p.numel, DTYPES[p.dtype], p.trainable, p.block, p.shape)
         if p.block is None:
             params[p.name] = param
         else:

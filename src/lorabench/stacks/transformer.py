@@ -11,7 +11,8 @@ Two styles share one skeleton:
 - gpt2: LayerNorm, learned position embeddings, GELU MLP (up, down), tied LM
   head, biases.
 The projections are separate `nn.Linear` modules named q, k, v, o, gate, up,
-down, so that LoRA can address each one. Shapes: B batch, T sequence, C
+down, so that LoRA can address each one; with fused_qkv, q, k and v are one
+`qkv` (GPT-2's c_attn, litgpt) whose output is split. Shapes: B batch, T sequence, C
 d_model, H query heads, G key/value heads, D head_dim, F d_ff, V vocab.
 """
 from __future__ import annotations
@@ -68,9 +69,14 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         C, H, G, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q = nn.Linear(C, H * D, bias=cfg.qkv_bias)
-        self.k = nn.Linear(C, G * D, bias=cfg.qkv_bias)
-        self.v = nn.Linear(C, G * D, bias=cfg.qkv_bias)
+        self.fused = cfg.fused_qkv
+        if self.fused:  # one matmul for q, k, v; its output rows are q's, then k's, then v's
+            self.qkv = nn.Linear(C, (H + 2 * G) * D, bias=cfg.qkv_bias)
+            self.qkv_splits = self.qkv.out_splits = cfg.qkv_widths  # the slices, for forward, init and adapters
+        else:
+            self.q = nn.Linear(C, H * D, bias=cfg.qkv_bias)
+            self.k = nn.Linear(C, G * D, bias=cfg.qkv_bias)
+            self.v = nn.Linear(C, G * D, bias=cfg.qkv_bias)
         self.o = nn.Linear(H * D, C, bias=cfg.bias)
         if cfg.qk_norm:  # Qwen3, Gemma 3: each head's q and k RMS-normed over D, before RoPE
             self.q_norm, self.k_norm = (RMSNorm(D, cfg.norm_eps, cfg.norm_offset) for _ in range(2))
@@ -80,15 +86,19 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask=None):
         B, T, C = x.shape
         H, G, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        q = self.q(x).view(B, T, H, D)
+        if self.fused:  # three views of one (B, T, (H + 2G)·D) output: while v is saved, all of it is
+            q, k, v = self.qkv(x).split(self.qkv_splits, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, H, D)
         if self.qk_norm:
             q = self.q_norm(q)
         q = q.transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, G, D)
+        k = k.view(B, T, G, D)
         if self.qk_norm:
             k = self.k_norm(k)
         k = k.transpose(1, 2)  # (B, G, T, D)
-        v = self.v(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        v = v.view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
@@ -185,9 +195,11 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        """GPT-2 init: normal(0, 0.02) weights, zero biases."""
+        """GPT-2 init: normal(0, 0.02) weights, zero biases. A fused qkv is drawn slice by slice, q, k,
+        then v, so that it holds exactly the weights of the separate q, k, v of the same seed."""
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            for w in m.weight.split(getattr(m, "out_splits", None) or [m.weight.shape[0]]):
+                nn.init.normal_(w, mean=0.0, std=0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 

@@ -7,7 +7,7 @@ parameters.
 
 Counts (C d_model, H/G heads, D head_dim, F d_ff, V vocab, T_max positions):
   tok_emb V·C; pos_emb T_max·C (gpt2); per block: norm1, norm2 C each (+C bias
-  for LayerNorm; sandwich norms: attn_out_norm after o, mlp_out_norm after down); q H·D·C, k and v G·D·C each (+H·D, G·D with qkv_bias); o C·H·D
+  for LayerNorm; sandwich norms: attn_out_norm after o, mlp_out_norm after down); q H·D·C, k and v G·D·C each (+H·D, G·D with qkv_bias; fused_qkv: one qkv of their rows); o C·H·D
   (+C with bias); gate (llama) and up F·C (+F); down C·F (+C), or with E experts (Mixtral) the
   router E·C and the experts' gate_up E·2F·C and down E·C·F; norm_f; head V·C
   unless tied to tok_emb. A target adds its adapter's parameters (LoRA: A r·d_in and
@@ -28,13 +28,20 @@ from ..spec.config import Cell, ModelConfig
 def projections(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
     """(name, d_in, d_out, has_bias) of a block's linear layers, in registration order."""
     C, HD, GD, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
-    out = [("q", C, HD, cfg.qkv_bias), ("k", C, GD, cfg.qkv_bias), ("v", C, GD, cfg.qkv_bias), ("o", HD, C, cfg.bias)]
+    out = [("qkv", C, HD + 2 * GD, cfg.qkv_bias)] if cfg.fused_qkv else \
+        [("q", C, HD, cfg.qkv_bias), ("k", C, GD, cfg.qkv_bias), ("v", C, GD, cfg.qkv_bias)]
+    out.append(("o", HD, C, cfg.bias))
     if cfg.n_experts:  # the router is the MLP's one linear layer; the experts are 3-D weights (expert_params)
         return out + [("router", C, cfg.n_experts, False)]
     if cfg.style == "llama":
         out.append(("gate", C, F, cfg.bias))
     out += [("up", C, F, cfg.bias), ("down", F, C, cfg.bias)]
     return out
+
+
+def splits_of(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """The widths of a fused projection's output slices (qkv: q, k, v), None for any other."""
+    return cfg.qkv_widths if name == "qkv" else None
 
 
 def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
@@ -55,7 +62,7 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
         if name in ("gate", "router") or (name == "up" and cfg.style == "gpt2"):
             out += norm("norm2")
         if name in targets:  # the adapter's own parameters come before its `base` submodule's
-            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell)]
+            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell, splits_of(cfg, name))]
         if cell.is_quantized:  # bitsandbytes quantizes every block projection; its bias stays a float
             out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, cell.base_dtype, False, (d_out, d_in),
                                  quant.storages(cell.base_dtype, d_out, d_in, cell.double_quant)))

@@ -41,7 +41,8 @@ from ..sim.engine import Sim
 from .eager_replay import causal_mask, eager_attention
 from .loss_replay import chunked_loss, standard_loss
 from .moe_replay import moe
-from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, halves, linear, mul_broadcast, mul_const, scalar_op
+from ..sim.ops import (binary, cuda_sdpa_kernel, elementwise, halves, linear, mul_broadcast, mul_const, scalar_op,
+                       split)
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, math_attention_backward,
                          pass_and_new_backward, pass_backward, pow2_backward, rsqrt_backward, sdpa_backward,
                          unary_backward)
@@ -252,9 +253,14 @@ def reshape_heads(sim: Sim, t: SymTensor, clone_grad: bool) -> SymTensor:
 def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -> SymTensor:
     H, G, D = dims.H, dims.G, dims.D
     llama = dims.style == "llama"
-    q = head_normed(sim, project(sim, x, "q", params, dims, H * D), params, "q_norm", dims)
-    k = head_normed(sim, project(sim, x, "k", params, dims, G * D), params, "k_norm", dims)
-    v = project(sim, x, "v", params, dims, G * D)
+    if "qkv" in params:  # fused: three views of one output (qkv.split), whose storage lives while one does
+        qkv = project(sim, x, "qkv", params, dims, (H + 2 * G) * D)
+        q, k, v = split(sim, qkv, [qkv.numel // (H + 2 * G) * n for n in (H, G, G)])
+        sim.drop(qkv)
+    else:
+        q, k, v = (project(sim, x, n, params, dims, w) for n, w in (("q", H * D), ("k", G * D), ("v", G * D)))
+    q = head_normed(sim, q, params, "q_norm", dims)
+    k = head_normed(sim, k, params, "k_norm", dims)
     if dims.eager:  # the bmm's gradient of v is (b, G, s, D)-contiguous: its view as (b, s, G·D) copies
         v2 = reshape_heads(sim, v, G > 1 and dims.s > 1)
         sim.drop(v)
