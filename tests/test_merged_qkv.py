@@ -133,6 +133,19 @@ def test_the_analytic_estimate_replays_a_fused_qkv_to_the_byte(cfg, cell):
         assert trace(job)[0].est_peak_bytes == a.est_peak_bytes
 
 
+@pytest.mark.parametrize("cell", [
+    Cell(precision="bf16", lora_rank=4, lora_targets=("qkv",), adapter="merged-qkv", base_dtype="nf4"),
+    Cell(precision="bf16", lora_rank=4, lora_targets=("qkv", "o"), base_dtype="int8")], ids=["nf4-merged", "int8-lora"])
+def test_a_quantized_fused_qkv_is_replayed_to_the_byte(cell):
+    """QLoRA on a fused model: the one qkv is quantized as one projection, the merged adapter beside it."""
+    pytest.importorskip("bitsandbytes")
+    row = run_cell(CellJob(scenario="f", model=FUSED, train=TRAIN, cell=cell, device="cpu"))
+    assert row["status"] == "ok", row.get("error")
+    w = TRAIN.window_steps("cpu")
+    a = estimate(FUSED, cell, TRAIN.batch_size, "cpu", n_batches=w, window_steps=w)
+    assert a.phase_peak_bytes == row["phase_peak_bytes"] and a.trainable_params == row["trainable_params"]
+
+
 def test_c20_reads_merged_and_separate_rows():
     base = dict(status="ok", scenario="m", device_name="cpu", batch_size=4, seq_len=12, precision="fp32",
                 lora_rank=8, lora_alpha=16.0, seed=0, trainable_params=100, loss_first=5.0, loss_last=4.0,

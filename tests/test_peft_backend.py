@@ -127,3 +127,52 @@ def test_lora_ga_through_peft_initialises_from_the_gradient_and_leaves_the_outpu
     b_weights = [m.weight for n, m in model.named_modules() if n.endswith("lora_B.default")]
     assert b_weights and all(w.abs().max() > 0 for w in b_weights)  # B from the gradient, not zero
     assert abs(compute_loss(model, x, x, "fp32").item() - before) < 1e-4  # W0 offset: the output unchanged
+
+
+def test_adalora_through_peft_trains_as_the_builtin_one_and_prunes_to_the_budget():
+    """PEFT's AdaLoraModel (its RankAllocator after every step, its orthogonality regulariser) and
+    lorabench's AdaLoRA, from the same P, Λ, Q, train alike step for step: the same losses, the same
+    Λ, and at the last step the same triplets kept, their total the budget (target_r per matrix)."""
+    from lorabench.adapters.layer import param_groups
+    from lorabench.train.techniques import make_scaler, prepare_adapters, train_step
+    ls, cells = loaded(precision="fp32", adapter="adalora", adapter_backend=["builtin", "peft"], lora_rank=4,
+                       adalora_target_rank=2)
+    mine, theirs = (build_model(ls.model, cells[b], "cpu", 0) for b in ("builtin", "peft"))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(mine) == count(theirs) > 0
+    peft_layers = [m for m in theirs.modules() if hasattr(m, "lora_E") and "default" in getattr(m, "lora_E", {})]
+    assert len(peft_layers) == len(adapted_layers(mine)) == 2 * 4
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for a, p in zip(adapted_layers(mine), peft_layers):
+            for n in ("lora_A", "lora_B"):
+                getattr(p, n)["default"].copy_(getattr(a, n))
+            a.lora_E.copy_(torch.rand(a.lora_E.shape, generator=gen))  # Λ ≠ 0: the branch counts
+            p.lora_E["default"].copy_(a.lora_E.view(-1, 1))
+    T, losses = 4, {}
+    for name, model in (("builtin", mine), ("peft", theirs)):
+        opt = torch.optim.SGD(param_groups(model, 0.05)[0]["params"], lr=0.05)
+        scaler = make_scaler("fp32", "cpu")
+        x = torch.randint(0, ls.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        assert not prepare_adapters(model, x, x, cells[name], T)  # no init stage
+        losses[name] = [train_step(model, opt, scaler, x, x, cells[name]).loss for _ in range(T)]
+    assert losses["builtin"] == pytest.approx(losses["peft"], rel=1e-5)
+    kept = [(a.lora_E != 0).sum().item() for a in adapted_layers(mine)]
+    assert kept == [(p.lora_E["default"] != 0).sum().item() for p in peft_layers]
+    assert sum(kept) == 2 * len(kept)  # the budget: target_r per adapted matrix
+    for a, p in zip(adapted_layers(mine), peft_layers):
+        torch.testing.assert_close(a.lora_E, p.lora_E["default"].view(-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision,base,tolerance", [("fp32", "fp32", 0), ("bf16", "bf16", 0.02)])
+def test_an_adalora_peft_cell_runs_and_traces(precision, base, tolerance):
+    """The trace runs PEFT's AdaLoRA (its importance state after each step; the masking, which reads
+    values, left out on fake tensors): the CPU peak to the byte in FP32; under bf16 autocast 49 KB
+    (1.6 %) below it at this size, a difference not yet explained (noted)."""
+    ls, cells = loaded(precision=precision, base_dtype=base, adapter="adalora", adapter_backend="peft", lora_rank=4)
+    job = ls.job(cells["peft"], "cpu")
+    row = run_cell(job)
+    assert row["status"] == "ok" and row["cell"] == f"{precision}-adalora-peft-r4" + "-bf16base" * (base == "bf16"), \
+        (row.get("error"), row["cell"])
+    traced, _ = trace(job)
+    assert abs(traced.est_peak_bytes - row["peak_allocated_bytes"]) <= tolerance * row["peak_allocated_bytes"]

@@ -17,11 +17,20 @@ object, and every stack method on it, stays the same), with the variant's PEFT o
              PEFT's own LoRA-GA initialisation: each target's W0 gradient from one backward (only
              the W0 of the targets require grad, as PEFT's estimate_gradients), handed to each
              layer's `lora_ga_init` with LoraGAConfig's defaults (`loraga_prepare`)
+    adalora  AdaLoraConfig(init_r = lora_rank, target_r = adalora_target_rank, tinit = tfinal = 0,
+             deltaT = 1, total_step = the run's optimizer steps) through PEFT's AdaLoraModel, whose
+             RankAllocator prunes after every optimizer step (`update_and_allocate(t)`, t = 1 .. T,
+             as its docstring asks: after step(), before zero_grad()); the orthogonality
+             regulariser PEFT adds to `outputs.loss` in AdaLoraModel.forward (a model that returns
+             logits has no such loss) is computed as PEFT computes it and run backward after the
+             step's last backward (`adalora_regulariser`): the same gradients
 
 The adapter parameters are then stored in the cell's param_dtype (FP32, or 16 bits in a
 pure precision; adapters.layer.apply_cell casts them), as `get_peft_model` does by default (`autocast_adapter_dtype=True` upcasts
-adapters that PEFT made in a 16-bit base's dtype). Other variants (AdaLoRA needs a different config
-and PEFT's allocator, LoRA-Pro has none) are refused in one line (`problem`). PEFT's layers are not AdaptedLinear: lorabench's
+adapters that PEFT made in a 16-bit base's dtype). Other variants (LoRA-Pro and merged-qkv have no
+PEFT counterpart) are refused in one line (`problem`). The training flow asks the model for a
+backend's hooks: `lorabench_prepare(backward, cell, total_steps)` (returns whether it ran an
+init stage), `lorabench_adjust_gradients(grad_scale)`, `lorabench_after_step()`. PEFT's layers are not AdaptedLinear: lorabench's
 own checks of LoRA (ΔW at init, merged inference) are empty for these rows, and the analytic
 estimate replays the built-in adapters' ops, which the row says (est_basis).
 """
@@ -30,7 +39,7 @@ from __future__ import annotations
 import contextlib
 
 PEFT_OPTIONS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
-                "pissa": {"init_lora_weights": "pissa"}, "lora-plus": {}, "lora-ga": {}}
+                "pissa": {"init_lora_weights": "pissa"}, "lora-plus": {}, "lora-ga": {}, "adalora": {}}
 
 
 def problem(adapter: str) -> str | None:
@@ -77,6 +86,8 @@ def apply_peft(model, cell, names: list) -> None:
     why = problem(cell.adapter)
     if why:
         raise ValueError(why)
+    if cell.adapter == "adalora":
+        return apply_adalora(model, cell, names)
     config = LoraConfig(r=cell.lora_rank, lora_alpha=cell.lora_alpha, lora_dropout=cell.dropout,
                         target_modules=list(names), bias="none", **PEFT_OPTIONS[cell.adapter])
     with _in_place_on_fake(model):
@@ -84,7 +95,54 @@ def apply_peft(model, cell, names: list) -> None:
     if cell.adapter == "lora-plus":  # adapters.layer.param_groups asks the model for PEFT's groups
         model.lorabench_param_groups = lambda lr: loraplus_groups(model, lr, cell.lora_plus_ratio)
     if cell.adapter == "lora-ga":  # train.techniques.prepare_adapters runs it on the first batch
-        model.lorabench_prepare = lambda backward: loraga_prepare(model, backward)
+        model.lorabench_prepare = lambda backward, cell, total_steps: loraga_prepare(model, backward) or True
+
+
+def apply_adalora(model, cell, names: list) -> None:
+    """PEFT's AdaLoRA (module docstring): AdaLoraModel injects its SVD-form layers into `model` in
+    place and keeps the RankAllocator; the hooks reach it through closures (an attribute would make
+    the tuner, which holds `model`, a submodule of it)."""
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora import AdaLoraModel
+    config = AdaLoraConfig(init_r=cell.lora_rank, target_r=cell.adalora_target_rank, lora_alpha=cell.lora_alpha,
+                           lora_dropout=cell.dropout, target_modules=list(names), bias="none", tinit=0, tfinal=0,
+                           deltaT=1, total_step=1)  # the run's steps are set by the prepare hook
+    with _in_place_on_fake(model):
+        tuner = AdaLoraModel(model, config, "default")
+    steps = {"t": 0}
+
+    def prepare(backward, cell, total_steps):
+        tuner.peft_config["default"].total_step = total_steps
+        return False  # no data-dependent init stage
+
+    def after_step():
+        from torch._subclasses.fake_tensor import is_fake
+        steps["t"] += 1
+        t, total = steps["t"], tuner.peft_config["default"].total_step
+        if t > total:
+            return
+        if any(is_fake(p) for p in model.parameters()):  # the trace: the importance state it keeps, not the
+            if t < total:  # masking, which reads values (.item())
+                tuner.rankallocator.update_ipt(model)
+            return
+        tuner.update_and_allocate(t)
+    model.lorabench_prepare, model.lorabench_after_step = prepare, after_step
+    model.lorabench_adjust_gradients = lambda grad_scale: adalora_regulariser(model, config, grad_scale)
+
+
+def adalora_regulariser(model, config, grad_scale) -> None:
+    """PEFT's orthogonality regulariser (AdaLoraModel.forward), w·mean over the 2n matrices of
+    ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F, run backward into the adapters' .grad (times the loss scale)."""
+    import torch
+    regu, n = 0, 0
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and "default" in name and p.requires_grad:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            regu, n = regu + torch.norm(cov - eye, p="fro"), n + 1
+    if n:
+        loss = config.orth_reg_weight * regu / n
+        (loss * grad_scale if grad_scale is not None else loss).backward()
 
 
 def loraga_prepare(model, backward) -> None:

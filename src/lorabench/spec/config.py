@@ -128,7 +128,7 @@ class MatrixSpec:
                                                   "that importance pruning reaches at the run's last step, from lora_rank; "
                                                   "default lora_rank // 2 (at least 1)", (nonempty,))
     adapter_backend: list[str] = fld(["builtin"], "adapter cells: builtin (lorabench's adapters/) | peft (PEFT's LoRA layers "
-                                     "injected into the same model: adapters lora, rslora, dora, pissa, lora-plus, lora-ga; "
+                                     "injected into the same model: adapters lora, rslora, dora, pissa, lora-plus, lora-ga, adalora; "
                                      "pip install 'lorabench[hf]')", (nonempty,))
     attn_implementation: list[Optional[str]] = fld([None], "Hugging Face models: sdpa | eager, transformers' attention "
                                                    "path as an axis; default: the model's (model.attn_implementation)",
