@@ -62,6 +62,9 @@ def test_estimate_by_options_table_and_csv():
     (["--model", "llama-2-7b", "--batch", "6", "--accumulation", "4"], "--accumulation"),
     (["missing.yaml"], "missing.yaml"),
     ([], "--model"),
+    (["--model", "llama-2-7b", "--lora-rank", "8", "--adapter", "dorra"], "--adapter"),
+    (["--model", "llama-2-7b", "--lora-rank", "8", "--adapter", "merged-qkv"], "--adapter"),
+    (["--model", "llama-2-7b", "--lora-rank", "5000", "--adapter", "pissa"], "--lora-rank"),
 ])
 def test_estimate_bad_input_is_one_line_exit_2(args, message):
     r = cli("estimate", *args)
@@ -158,3 +161,18 @@ def test_estimate_zero_or_negative_options_are_one_line_exit_2(args, option):
     r = cli("estimate", "--model", "gpt2", *args)
     assert r.exit_code == 2, r.output
     assert option in r.output and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+
+def test_estimate_by_options_takes_the_adapter():
+    """--adapter prices the variant: DoRA's magnitude vectors and its kept outputs, AdaLoRA's Λ and importance
+    state over LoRA's, each the cell a scenario with that adapter gives."""
+    import json
+    rows = {a: json.loads(cli("estimate", "--model", "llama-3.2-1b", "--lora-rank", "8", "--precision", "bf16",
+                              "--base-dtype", "bf16", "--seq", "512", "--batch", "2", "--adapter", a,
+                              "--format", "json").output)[0] for a in ("lora", "dora", "adalora")}
+    assert rows["dora"]["cell"] == "bf16-dora-r8-bf16base"
+    assert rows["dora"]["est_peak_bytes"] > rows["lora"]["est_peak_bytes"]
+    assert rows["adalora"]["est_param_bytes"] > rows["lora"]["est_param_bytes"]
+    assert rows["dora"]["trainable_params"] > rows["lora"]["trainable_params"] == rows["adalora"]["trainable_params"] - \
+        16 * 8 * 2  # AdaLoRA adds Λ (r) per adapted matrix: q and v of 16 layers

@@ -299,3 +299,20 @@ def test_api_takes_the_same_parameters():
     assert {r["optimizer"] for r in rows} == {"adamw", "sgd"} and {r["loss"] for r in rows} == {"chunked"}
     with pytest.raises(lorabench.ConfigError, match="optimizer"):
         lorabench.fit("gpt2", gpu="4090", optimizer="lion")
+
+
+def test_fit_prices_the_adapter_and_refuses_what_it_cannot_take():
+    """--adapter: every LoRA combination is that adapter's (DoRA costs more than LoRA in each, and takes
+    no quantized base); an adapter the model or the GPUs cannot take is one line naming --adapter."""
+    cfg, gpu = fit_model("llama-3-8b", 2048), lookup("RTX 4090")
+    lora = {c.combo.key: c.est_peak_bytes for c in fit(cfg, gpu, 2, axes=parse_axes(precision="bf16")).combos}
+    rep = fit(cfg, gpu, 2, axes=parse_axes(precision="bf16", adapter="dora"))
+    dora = [c for c in rep.combos if c.combo.lora_rank]
+    assert dora and all(c.combo.base_dtype not in ("nf4", "int8") for c in dora)
+    assert all(c.est_peak_bytes > lora[c.combo.key] for c in dora)
+    assert "adapter dora" in cli("fit", "--model", "llama-3-8b", "--gpu", "4090", "--adapter", "dora").output
+    for args, words in ((["--adapter", "dorra"], "unknown adapter"), (["--adapter", "merged-qkv"], "fused qkv"),
+                        (["--adapter", "adalora", "--gpus", "2", "--gpu", "A100 80GB"], "several ranks")):
+        r = cli("fit", "--model", "llama-3-8b", *(["--gpu", "4090"] if "--gpus" not in args else []), *args)
+        assert r.exit_code == 2 and "--adapter" in r.output and words in r.output, r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1

@@ -30,7 +30,7 @@ def loaded(**matrix):
     return ls, {c.adapter_backend: c for c in expand(ls)}
 
 
-@pytest.mark.parametrize("adapter", ["lora", "dora"])
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "dora"])
 def test_peft_and_builtin_adapters_compute_the_same(adapter):
     """Same trainable count; with PEFT's A, B (and DoRA's magnitude) copied into the built-in
     layers, the same loss and the same adapter gradients to float tolerance."""

@@ -21,6 +21,10 @@ g_B − B·(P⁺·(Bᵀ·g_B)), without the d_out × d_out matrices of the origi
 equation (both sides symmetric) is solved with two real eigendecompositions,
 X = U·[(Uᵀ·C·V) / (λ_i + μ_j)]·Vᵀ for BᵀB = U·diag(λ)·Uᵀ, AAᵀ = V·diag(μ)·Vᵀ, instead of
 complex `eig`. At LoRA's init (B = 0) this gives X = 0, g_A = 0, g_B = (1/s²)·g_B·Q⁺.
+The authors' optimizer has a second, "full" mode (`step_full`; their DeepSpeed 0.15.1 fork's
+`lorapro_full_adjustment` runs it, with the trainer's optimizer set to plain SGD): Adam's moments
+are kept for the d_out × d_in equivalent gradient itself (two bf16 matrices the size of W per
+target) and their update is projected back onto A and B. It is not built here.
 
 Forward, parameters, activations and FLOPs are LoRA's (`replay` is LoRA's). The adjustment
 runs in `adjust_gradients`, at the end of the backward phase, in FP32: per target r × r

@@ -27,6 +27,8 @@ IMPLS = ("auto", "foreach", "fused", "forloop")
 @click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True,
               help="dropout on the adapters' input (a saved mask per distinct input)")
+@click.option("--adapter", default="lora", show_default=True,
+              help="the adapter of a --lora-rank cell: lora, rslora, lora-plus, dora, pissa, lora-ga, adalora, lora-pro")
 @click.option("--checkpointing/--no-checkpointing", default=False, show_default=True)
 @click.option("--accumulation", type=int, default=1, show_default=True)
 @click.option("--base-dtype", type=DTYPES, default=None,
@@ -50,7 +52,7 @@ IMPLS = ("auto", "foreach", "fused", "forloop")
                    "CPU, seconds per cell, imports torch) or both (side by side, with their peak difference)")
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, lora_dropout, checkpointing, accumulation,
+def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, lora_dropout, adapter, checkpointing, accumulation,
                  base_dtype, optimizer, optimizer_impl, loss, loss_chunks, batch, seq, device, method, quiet, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
     from ..present.estimates import estimate_text
@@ -62,7 +64,7 @@ def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, lora_dropo
         optimizer, optimizer_impl = "adamw", optimizer
     echo(estimate_text(scenario, model, fmt, precision, lora_rank, lora_targets, checkpointing, accumulation,
                        base_dtype, batch, seq, device, method, quiet, lora_dropout=lora_dropout, optimizer=optimizer,
-                       optimizer_impl=optimizer_impl or "auto", loss=loss, loss_chunks=loss_chunks))
+                       optimizer_impl=optimizer_impl or "auto", loss=loss, loss_chunks=loss_chunks, adapter=adapter))
 
 
 @click.command("validate")

@@ -31,7 +31,8 @@ Axes (`Axes`; every value one `estimator.estimate` on CUDA, nothing run):
               ranks, every other axis as above; B is then each GPU's batch (the optimizer step's is
               N·B). One GPU: no strategy (none).
 
-The LoRA dropout (`--lora-dropout`, default 0.0) and the targets are the user's values, not axes.
+The LoRA dropout (`--lora-dropout`, default 0.0), the targets and the adapter (`--adapter`, default lora;
+an adapter that reads W0 takes no quantized base) are the user's values, not axes.
 """
 from __future__ import annotations
 
@@ -93,8 +94,9 @@ class Combo:
     strategy: str = "none"     # none | ddp | fsdp2 | fsdp2-offload (over world_size GPUs)
     world_size: int = 1
 
-    def cell(self, targets: tuple = DEFAULT_TARGETS, dropout: float = 0.0, loss_chunks: int = 8) -> Cell:
-        lora = {"lora_targets": tuple(targets), "lora_dropout": dropout} if self.lora_rank else {}
+    def cell(self, targets: tuple = DEFAULT_TARGETS, dropout: float = 0.0, loss_chunks: int = 8,
+             adapter: str = "lora") -> Cell:
+        lora = {"lora_targets": tuple(targets), "lora_dropout": dropout, "adapter": adapter} if self.lora_rank else {}
         cell = Cell(precision=self.precision, lora_rank=self.lora_rank, checkpointing=self.checkpointing,
                     accumulation=self.accumulation, base_dtype=self.base_dtype, loss=self.loss,
                     loss_chunks=loss_chunks if self.loss == "chunked" else None, optimizer=self.optimizer,
@@ -148,6 +150,7 @@ class Axes:
     model_quant: str | None = None        # a quantized checkpoint's own base (nf4 | int8): only adapters on it
     double_quant: bool = True             # nf4 combinations' double quantization (the checkpoint's, if quantized)
     world_size: int = 1                   # GPUs (`--gpus`); above 1 every combination is ddp or fsdp2 over them
+    adapter: str = "lora"                 # the adapter of every LoRA combination (`--adapter`)
 
     @property
     def strategies(self) -> tuple:
@@ -169,6 +172,17 @@ class Axes:
         if cfg.quantized:  # its weights are quantized already: QLoRA on that base is all it trains
             dq = bool(cfg.quantized_double_quant) if cfg.quantized == "nf4" else True
             axes = dataclasses.replace(axes, quant_dtypes=(cfg.quantized,), model_quant=cfg.quantized, double_quant=dq)
+        from ..adapters import get as get_adapter, projection_problem
+        from ..spec.schema import FieldError
+        try:
+            problem = projection_problem(cfg, Combo(axes.precisions[0], axes.ranks[-1], "fp32", False, batch, 1).cell(
+                targets, axes.lora_dropout, axes.loss_chunks, axes.adapter))
+        except FieldError as e:  # a rule between the adapter and the targets (merged-qkv's)
+            problem = e.message
+        if not problem and axes.world_size > 1 and not get_adapter(axes.adapter).multi_rank:
+            problem = f"adapter {axes.adapter} does not run on several ranks (--gpus {axes.world_size}) here"
+        if problem:
+            raise ConfigError("--adapter" if axes.adapter != "lora" else "--lora-rank", "", problem)
         quant, unavailable = quant_bases(cfg, axes, batch, targets)
         return dataclasses.replace(axes, quant=quant, unavailable=unavailable)
 
@@ -177,13 +191,16 @@ def quant_bases(cfg, axes: Axes, batch: int, targets: tuple) -> tuple[tuple, tup
     """((precision, dtype) pairs whose LoRA cells the analytic estimator takes, (dtype, why) of those
     it does not): one estimate per pair, of a combination the grid holds anyway (its replay is reused).
     Any error is a "not yet": the dtype is left out, and the assumptions line says why."""
+    from ..adapters import get as get_adapter
     from ..estimator.analytic import estimate
     ok, why = [], {}
+    if get_adapter(axes.adapter).needs_dense_base:
+        return (), tuple((q, f"adapter {axes.adapter} reads W0 itself: no quantized base") for q in axes.quant_dtypes)
     for q in (d for d in BASE_DTYPES if d in QUANT_DTYPES and d in axes.quant_dtypes):
         for p in (p for p in axes.precisions if p in QUANT_PRECISIONS.get(q, OTHER_QUANT_PRECISIONS)):
             combo = Combo(p, axes.ranks[0], q, False, batch, 1, axes.losses[0], axes.lora_optimizer, axes.double_quant)
             try:
-                cell = combo.cell(targets, axes.lora_dropout, axes.loss_chunks)
+                cell = combo.cell(targets, axes.lora_dropout, axes.loss_chunks, axes.adapter)
                 if cell.base_dtype != q:
                     raise ValueError(f"a {p} cell stores its base in {cell.base_dtype}")
                 estimate(cfg, cell, batch, device="cuda", optimizer_impl=axes.optimizer_impl, n_batches=1,
@@ -274,7 +291,7 @@ def parse_optimizers(text: str | None, impl: str | None = None) -> tuple[tuple, 
 
 def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, optimizer: str | None = None,
                optimizer_impl: str | None = None, loss: str | None = None, loss_chunks: int = 8,
-               lora_dropout: float = 0.0) -> Axes:
+               lora_dropout: float = 0.0, adapter: str = "lora") -> Axes:
     """The Axes of fit's options; bad input: ConfigError naming the option."""
     precs = None
     if precision not in (None, "auto"):
@@ -301,5 +318,7 @@ def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, opt
         raise ConfigError("--lora-dropout", "", f"must be in [0, 1), got {lora_dropout!r}")
     kinds, impl = parse_optimizers(optimizer, optimizer_impl)
     named = any(t not in IMPLEMENTATIONS and t != "all" for t in _items(optimizer or ""))
+    from ..adapters import get as get_adapter
+    get_adapter(adapter, "--adapter", "")  # one line for an unknown adapter
     return Axes(precs, ranks, kinds, losses, loss_chunks, float(lora_dropout), impl,
-                None if named else AMP_OPTIMIZERS)
+                None if named else AMP_OPTIMIZERS, adapter=adapter)

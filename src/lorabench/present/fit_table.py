@@ -110,7 +110,7 @@ def trace_job(rep, combo):
     from ..spec.config import TrainConfig
     from ..spec.job import CellJob
     train = TrainConfig(batch_size=rep.batch, warmup_steps=1, steps=1, optimizer=rep.optimizer, underflow_probe=False)
-    cell = combo.cell(rep.targets, rep.axes.lora_dropout, rep.axes.loss_chunks)
+    cell = combo.cell(rep.targets, rep.axes.lora_dropout, rep.axes.loss_chunks, rep.axes.adapter)
     return CellJob(scenario="fit", model=rep.model, train=train, cell=cell, device="cuda")
 
 
@@ -234,7 +234,8 @@ def _mb(c) -> str:
 def title(rep) -> str:
     cfg, n = rep.model, rep.axes.world_size
     per = f" per GPU × {n} GPUs" if n > 1 else ""
-    return f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}{per}, LoRA on {','.join(rep.targets)}"
+    adapter = "LoRA" if rep.axes.adapter == "lora" else f"adapter {rep.axes.adapter} (its rows' LoRA)"
+    return f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}{per}, {adapter} on {','.join(rep.targets)}"
 
 
 def assumptions(rep) -> str:
