@@ -234,8 +234,9 @@ def _mb(c) -> str:
 def title(rep) -> str:
     cfg, n = rep.model, rep.axes.world_size
     per = f" per GPU × {n} GPUs" if n > 1 else ""
-    adapter = "LoRA" if rep.axes.adapter == "lora" else f"adapter {rep.axes.adapter} (its rows' LoRA)"
-    return f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}{per}, {adapter} on {','.join(rep.targets)}"
+    a, targets = rep.axes.adapter, ",".join(rep.targets)
+    adapter = f"LoRA on {targets}" if a == "lora" else f"adapter {a} on {targets} (every LoRA row below is {a})"
+    return f"{cfg.name}, seq {cfg.seq_len}, batch {rep.batch}{per}, {adapter}"
 
 
 def assumptions(rep) -> str:
