@@ -252,3 +252,10 @@ def test_config_hash_leaves_default_fields_out_so_new_fields_keep_old_digests():
     job = lambda **kw: CellJob(scenario="s", model=ModelConfig(**kw), train=TrainConfig(), cell=Cell(precision="fp32"),  # noqa: E731
                                device="cpu")
     assert config_hash(job()) == config_hash(job(fused_qkv=False)) != config_hash(job(fused_qkv=True))
+
+
+def test_an_exclude_entrys_targets_match_in_any_order():
+    """exclude's lora_targets is a set, as the matrix's: [v, q] drops the cells that train q and v."""
+    ls = parse_scenario(scenario(matrix={"lora_rank": 4, "lora_targets": [["q", "v"], ["q"]]},
+                                 exclude=[{"lora_targets": ["v", "q"]}]), "x")
+    assert [c.lora_targets for c in expand(ls)] == [("q",)]

@@ -90,7 +90,7 @@ def projection_problem(cfg, cell: Cell) -> str | None:
     shapes = projection_shapes(cfg)
     for t in cell.lora_targets:
         if t in shapes:
-            problem = adapter.check_projection(t, *shapes[t], cell, cfg.qkv_widths if t == "qkv" else None)
+            problem = adapter.check_projection(t, *shapes[t], cell, cfg.out_splits(t))
             if problem:
                 return problem
     return None

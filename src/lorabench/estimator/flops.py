@@ -72,7 +72,7 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     lora = cell.is_lora
     targets = set(cell.lora_targets or ())
     # an adapter's matmuls: one multiply-add per element of each of its matrices and token
-    shapes = {n: get_adapter(cell.adapter).params(d_in, d_out, cell, cfg.qkv_widths if n == "qkv" else None)
+    shapes = {n: get_adapter(cell.adapter).params(d_in, d_out, cell, cfg.out_splits(n))
               for n, d_in, d_out, _ in projections(cfg)
               if n in targets}
     # a mixture of experts multiplies each token by its k experts' weights only (layout.active_expert_weights)

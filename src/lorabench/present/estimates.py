@@ -163,12 +163,10 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
                        "adapter": adapter}
             | ({"base_dtype": base_dtype} if base_dtype is not None else {})}  # default: fp32, or the model's
     try:
-        ls = parse_scenario(data, "options")
-        check_adapters(ls)  # an unknown adapter, a rank it cannot take
+        return estimates_for(parse_scenario(data, "options"), device, method, quiet)  # its adapter check too
     except ConfigError as e:
         flag = next((f for k, f in OPTION_KEYS.items() if e.path.startswith(k)), e.path)
         raise ConfigError(e.source, flag, e.message) from None
-    return estimates_for(ls, device, method, quiet)
 
 
 def _size(n: int | None) -> str:

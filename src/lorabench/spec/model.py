@@ -141,6 +141,11 @@ class ModelConfig:
         """The widths of q, k and v (H·D, G·D, G·D): the slices of a fused qkv projection's output."""
         return self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim
 
+    def out_splits(self, projection: str) -> tuple[int, ...] | None:
+        """The widths of a fused projection's output slices (qkv: q, k, v), None for any other: what an
+        adapter's `params` and `check_projection` are told as `splits`."""
+        return self.qkv_widths if projection == "qkv" else None
+
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 

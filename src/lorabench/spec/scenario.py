@@ -324,7 +324,7 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
             if excluded_by(ls.scenario.exclude, kw):  # unless the scenario drops the combination
                 continue
             raise ConfigError(ls.source, f"matrix.{e.key}", e.message) from None
-        if any(_matches(cell, entry) for entry in ls.scenario.exclude):
+        if excluded_by(ls.scenario.exclude, dataclasses.asdict(cell)):  # (the entries' keys are axes)
             continue
         cell = dataclasses.replace(cell, id=cell_id(cell, varying))
         if cell.id in seen:
@@ -343,15 +343,16 @@ def _hashable(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+def _same(key: str, a: Any, b: Any) -> bool:
+    """An axis value against an `exclude` entry's; lora_targets as sets ([v, q] is [q, v])."""
+    both = key == "lora_targets" and a is not None and b is not None
+    return set(a) == set(b) if both else _hashable(a) == _hashable(b)
+
+
 def excluded_by(entries: list[dict], values: dict) -> bool:
-    """Whether one of the `exclude` entries names only keys of `values` and matches them all (the
-    axis values of a combination not yet a Cell; lora_targets compared as sets)."""
-    same = lambda k, a, b: set(a) == set(b) if k == "lora_targets" else _hashable(a) == _hashable(b)  # noqa: E731
-    return any(e and all(k in values and same(k, values[k], v) for k, v in e.items()) for e in entries)
+    """Whether an `exclude` entry names only keys of `values` (a combination not yet a Cell), all equal."""
+    return any(e and all(k in values and _same(k, values[k], v) for k, v in e.items()) for e in entries)
 
-
-def _matches(cell: Cell, entry: dict) -> bool:
-    return all(_hashable(getattr(cell, k)) == _hashable(v) for k, v in entry.items())
 
 
 def cell_id(cell: Cell, varying: set) -> str:

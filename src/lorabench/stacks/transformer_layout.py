@@ -39,11 +39,6 @@ def projections(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
     return out
 
 
-def splits_of(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
-    """The widths of a fused projection's output slices (qkv: q, k, v), None for any other."""
-    return cfg.qkv_widths if name == "qkv" else None
-
-
 def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
     """Block i: norm1, q, k, v, o, norm2, (gate), up, down -- each linear's weight, bias, then A, B."""
     base_dt, train_base = cell.base_float_dtype, not cell.is_lora
@@ -62,7 +57,7 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
         if name in ("gate", "router") or (name == "up" and cfg.style == "gpt2"):
             out += norm("norm2")
         if name in targets:  # the adapter's own parameters come before its `base` submodule's
-            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell, splits_of(cfg, name))]
+            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell, cfg.out_splits(name))]
         if cell.is_quantized:  # bitsandbytes quantizes every block projection; its bias stays a float
             out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, cell.base_dtype, False, (d_out, d_in),
                                  quant.storages(cell.base_dtype, d_out, d_in, cell.double_quant)))

@@ -104,7 +104,7 @@ def prepare_adapters(model, x, y, cell: Cell, total_steps: int) -> bool:
     def backward():
         xm, ym = x.chunk(cell.accumulation)[0], y.chunk(cell.accumulation)[0]
         compute_loss(model, xm, ym, cell.precision, cell.loss_chunks).backward()
-    hook = getattr(model, "lorabench_prepare", None)  # another backend's own (PEFT's LoRA-GA, AdaLoRA)
+    hook = _hook(model, "prepare")  # another backend's own (PEFT's LoRA-GA, AdaLoRA)
     if hook is not None:
         return bool(hook(backward, cell, total_steps))
     layers = adapted_layers(model)
@@ -141,19 +141,21 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, re
         mark("backward")
         scaler.scale(loss).backward()
         total += loss.detach()
-    scale = scaler._get_scale_async() if scaler.is_enabled() and (layers or _hook(model, "adjust_gradients")) else None
+    adjust = _hook(model, "adjust_gradients")  # another backend's (PEFT's AdaLoRA regulariser)
+    scale = scaler._get_scale_async() if scaler.is_enabled() and (layers or adjust) else None
     if layers:  # still the backward phase: LoRA-Pro's adjustment, AdaLoRA's regulariser
         layers[0].adapter.adjust_gradients(layers, scale)
-    elif _hook(model, "adjust_gradients"):  # another backend's (PEFT's AdaLoRA regulariser)
-        _hook(model, "adjust_gradients")(scale)
+    elif adjust:
+        adjust(scale)
     scale_before = scaler.get_scale() if read and scaler.is_enabled() else None
     mark("optimizer")
     scaler.step(opt)
     scaler.update()
+    after = _hook(model, "after_step")  # PEFT's AdaLoRA: its RankAllocator
     if layers:  # AdaLoRA's rank allocation
         layers[0].adapter.after_step(layers)
-    elif _hook(model, "after_step"):  # PEFT's AdaLoRA: its RankAllocator
-        _hook(model, "after_step")()
+    elif after:
+        after()
     if not read:
         return StepResult(None, None, None)
     scale_after = scaler.get_scale() if scaler.is_enabled() else None
