@@ -59,9 +59,9 @@ def model_of(run: dict):
     from lorabench.spec.config import ModelConfig
     from lorabench.spec.schema import build
     m = run["model"]
-    if isinstance(m, str):
+    if isinstance(m, str):  # a preset, with the source's differences from it (model_overrides)
         cfg = fit_model(m, run.get("seq"))
-        return dataclasses.replace(cfg, fused_qkv=True) if run.get("fused_qkv") else cfg
+        return dataclasses.replace(cfg, **run.get("model_overrides", {}), **({"fused_qkv": True} if run.get("fused_qkv") else {}))
     data = dict(m["shape"], **({"fused_qkv": True} if run.get("fused_qkv") else {}))
     if run.get("seq") is not None:
         data["seq_len"] = run["seq"]
@@ -95,8 +95,9 @@ def predict(run: dict) -> dict:
     out = {k: run.get(k) for k in ("id", "method", "precision", "gpu", "seq", "measured", "unit", "metric", "ran",
                                    "source", "assumed", "notes")}
     out["model"] = run["model"] if isinstance(run["model"], str) else run["model"]["shape"]["name"]
-    measured = float(run["measured"]) * UNITS[run.get("unit", "GiB")]
-    out["measured_bytes"] = int(measured)
+    # a run that ran out of memory has no figure (measured: null): only its verdict is judged
+    measured = None if run.get("measured") is None else float(run["measured"]) * UNITS[run.get("unit", "GiB")]
+    out["measured_bytes"] = None if measured is None else int(measured)
     if run.get("not_expressible"):
         return {**out, "expressible": False, "reason": run["not_expressible"]}
     try:
@@ -115,7 +116,7 @@ def predict(run: dict) -> dict:
     fits = fits_budget(est.est_peak_bytes, gpu.memory_bytes, DEFAULT_MARGIN)
     return {**out, "expressible": True, "cell": cell.id or None, "micro_batch": int(run["micro_batch"]),
             "est_peak_bytes": est.est_peak_bytes, "predicted_bytes": predicted, "est_peak_phase": est.est_peak_phase,
-            "error_pct": error_pct(predicted, measured), "fits": fits, "verdict_agrees": fits == bool(run["ran"]),
+            "error_pct": None if measured is None else error_pct(predicted, measured), "fits": fits, "verdict_agrees": fits == bool(run["ran"]),
             "breakdown": est.breakdown}
 
 
@@ -127,21 +128,26 @@ def summarize(rows: list[dict]) -> dict:
     """Median and p95 of |error| over the expressible runs, the verdict disagreements, what was left out."""
     from lorabench.base.stats import percentile
     done = [r for r in rows if r["expressible"]]
-    errs = [abs(r["error_pct"]) for r in done]
-    out = {"runs": len(rows), "expressible": len(done), "not_expressible": len(rows) - len(done),
+    measured = [r for r in done if r["error_pct"] is not None]  # an out-of-memory run: its verdict only
+    errs = [abs(r["error_pct"]) for r in measured]
+    out = {"runs": len(rows), "expressible": len(done), "not_expressible": len(rows) - len(done), "measured": len(measured),
            "median_abs_error_pct": percentile(errs, 50) if errs else None,
            "p95_abs_error_pct": percentile(errs, 95) if errs else None,
            "max_abs_error_pct": max(errs) if errs else None,
-           "mean_error_pct": sum(r["error_pct"] for r in done) / len(done) if done else None,
+           "mean_error_pct": sum(r["error_pct"] for r in measured) / len(measured) if measured else None,
            "verdict_disagreements": [r["id"] for r in done if not r["verdict_agrees"]], "goal": GOAL}
     out["meets_goal"] = bool(errs) and out["median_abs_error_pct"] <= GOAL["median_pct"] and \
         out["p95_abs_error_pct"] <= GOAL["p95_pct"] and not out["verdict_disagreements"]
     out["by_metric"] = {}  # the same statistics per kind of figure read (what the goal judges is all of them)
-    for metric in sorted({r.get("metric") or "unspecified" for r in done}):
-        e = [abs(r["error_pct"]) for r in done if (r.get("metric") or "unspecified") == metric]
+    for metric in sorted({r.get("metric") or "unspecified" for r in measured}):
+        e = [abs(r["error_pct"]) for r in measured if (r.get("metric") or "unspecified") == metric]
         out["by_metric"][metric] = {"runs": len(e), "median_abs_error_pct": percentile(e, 50),
                                     "p95_abs_error_pct": percentile(e, 95)}
     return out
+
+
+def _pct(e) -> str:
+    return "–" if e is None else f"{e:+.1f}"
 
 
 def _gib(n) -> str:
@@ -154,17 +160,18 @@ def render(rows: list[dict], summary: dict) -> str:
     lines = ["published GPU fine-tuning runs vs lorabench's analytic estimate (GiB; measured as published)", "",
              head, "-" * len(head)]
     for r in rows:
-        meas = f"{r['measured']} {r['unit']}"
+        meas = f"{r['measured']} {r['unit']}" if r["measured"] is not None else "OOM"
         if not r["expressible"]:
             lines.append(f"{r['id']:36} {r['model']:11} {r['method']:6} {str(r['gpu'] or '–'):9} "
                          f"{str(r['seq'] or '–'):>5} {meas:>13}   not expressible: {r['reason']}")
             continue
         flag = "" if r["verdict_agrees"] else "  VERDICT DISAGREES"
         lines.append(f"{r['id']:36} {r['model']:11} {r['method']:6} {r['gpu']:9} {r['seq']:>5} {meas:>13} "
-                     f"{_gib(r['predicted_bytes']):>9} {r['error_pct']:>+8.1f} {'yes' if r['fits'] else 'no':>5} "
+                     f"{_gib(r['predicted_bytes']):>9} {_pct(r['error_pct']):>8} {'yes' if r['fits'] else 'no':>5} "
                      f"{'yes' if r['ran'] else 'OOM':>4}{flag}")
     s = summary
-    lines += ["", f"{s['expressible']} of {s['runs']} runs expressible ({s['not_expressible']} not, listed above)"]
+    lines += ["", f"{s['expressible']} of {s['runs']} runs expressible ({s['not_expressible']} not, listed above); "
+                  f"{s['measured']} with a figure, the rest out of memory (their verdict only)"]
     if s["expressible"]:
         lines.append(f"|error| median {s['median_abs_error_pct']:.1f} %, p95 {s['p95_abs_error_pct']:.1f} %, "
                      f"max {s['max_abs_error_pct']:.1f} %; mean signed error {s['mean_error_pct']:+.1f} % "

@@ -240,7 +240,9 @@ def test_pissa_rank_above_the_projection_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=lambda c: c.style)
 def test_projection_shapes_are_the_stacks(cfg):
-    assert projection_shapes(cfg) == {n: (d_in, d_out) for n, d_in, d_out, _ in projections(cfg)}
+    """A block's projections as the stack lays them out, and the head (C -> V)."""
+    assert projection_shapes(cfg) == {**{n: (d_in, d_out) for n, d_in, d_out, _ in projections(cfg)},
+                                      "head": (cfg.d_model, cfg.vocab_size)}
 
 
 # ---------------------------------------------------------------- the estimators against the measurement

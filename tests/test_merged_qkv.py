@@ -167,12 +167,18 @@ def test_c20_reads_merged_and_separate_rows():
      "allowed: qkv, o"),
     ("{preset: cpu-tiny, fused_qkv: true}", "{lora_rank: 4, adapter: merged-qkv, lora_targets: [qkv], "
      "merged_qkv_enable: [q, x]}", "matrix.merged_qkv_enable", "slices of q, k, v"),
-    ("{preset: cpu-tiny, fused_qkv: true}", "{lora_rank: 4, adapter: merged-qkv, lora_targets: [qkv, o]}",
-     "matrix.lora_targets", "must be [qkv]"),
+    ("{preset: cpu-tiny, fused_qkv: true}", "{lora_rank: 4, adapter: merged-qkv, lora_targets: [o, up]}",
+     "matrix.lora_targets", "must include qkv"),
     ("{preset: cpu-tiny, fused_qkv: true}", "{lora_rank: 4, adapter: merged-qkv, lora_targets: [qkv], "
      "adapter_backend: peft}", "matrix.adapter[0]", "no PEFT counterpart"),
 ])
 def test_what_a_fused_qkv_cannot_take_is_refused_in_one_line(tmp_path, model, matrix, key, words):
+    estimate_refuses(tmp_path, model, matrix, key, words)
+
+
+def estimate_refuses(tmp_path, model: str, matrix: str, key: str, words: str) -> None:
+    """`estimate` of a scenario with this model and matrix (YAML flow mappings): exit 2, one line
+    naming the file and `key`, with `words` in it."""
     path = tmp_path / "s.yaml"
     path.write_text(f"name: s\ndevice: cpu\nmodel: {model}\nmatrix: {matrix}\n")
     res = CliRunner().invoke(main, ["estimate", str(path)])
@@ -181,8 +187,14 @@ def test_what_a_fused_qkv_cannot_take_is_refused_in_one_line(tmp_path, model, ma
     assert "\n" not in line and "Traceback" not in line and f"{path}: {key}" in line and words in line, line
 
 
-def test_a_merged_adapter_needs_a_fused_projection():
-    with pytest.raises(ValueError, match="fused qkv"):
-        AdaptedLinear(torch.nn.Linear(8, 24), "merged-qkv", 2, 4.0)
+def test_a_merged_adapter_is_lora_on_a_layer_without_slices():
+    """Beside the fused qkv (litgpt's lora_projection, lora_mlp, lora_head), merged-qkv is plain LoRA;
+    the estimator's qkv without slices is refused."""
+    from lorabench.adapters import get
+    layer = AdaptedLinear(torch.nn.Linear(8, 24), "merged-qkv", 2, 4.0)
+    assert layer.adapter_names == ["lora_A", "lora_B"] and layer.lora_B.shape == (24, 2)
+    assert layer.adapter.delta_abs_max(layer) == 0.0
+    cell = Cell(precision="fp32", lora_rank=2, lora_targets=("qkv",), adapter="merged-qkv")
+    assert "no slices" in get("merged-qkv").check_projection("qkv", 8, 24, cell, None)
     with pytest.raises(FieldError, match="own stack"):
         ModelConfig(hf="x/config.json", fused_qkv=True)

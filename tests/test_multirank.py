@@ -219,13 +219,15 @@ def both_estimates(axes: str, batch_size: int):
     "precision: bf16\n  lora_rank: 4\n  lora_targets: [q, v, up]\n  world_size: 4\n  checkpointing: true",
     "precision: fp32\n  lora_rank: 0\n  world_size: 2\n  reshard_after_forward: false\n  accumulation: 2",
     "precision: bf16-pure\n  lora_rank: 4\n  world_size: 3\n  loss: chunked\n  loss_chunks: 3",
+    "precision: bf16\n  lora_rank: 4\n  lora_targets: [q, v, head]\n  world_size: 3\n  checkpointing: true",
 ])
 def test_fsdp2_analytic_replays_fsdp2s_buffers_as_the_trace_runs_them(axes):
     """The analytic FSDP2 model (sim/fsdp.py: all-gather outputs, unsharded parameters and
     gradients, the reduce-scatter input in flight, at the hooks that make and free them) gives
     the same phase peaks, to the byte, as FSDP2 itself traced on the fake process group: a deep
     model (its middle blocks extrapolated), uneven shards (N = 3, 4 padding dim 0), checkpointing,
-    no reshard after forward with accumulation, pure bf16 and the chunked loss."""
+    no reshard after forward with accumulation, pure bf16 and the chunked loss, an adapted head (in the
+    root's parameter group)."""
     est, traced = both_estimates(axes, batch_size=4)
     assert est.phase_peak_bytes == traced.phase_peak_bytes, axes
     assert est.breakdown.get("fsdp_gathered", 0) > 0 or est.breakdown.get("fsdp_reduce", 0) > 0 \

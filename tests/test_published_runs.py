@@ -136,8 +136,8 @@ def test_the_shipped_table_is_sourced_and_every_run_accounted_for(bench):
     runs = bench.load()
     assert len(runs) >= 10
     for r in runs:
-        assert r["source"].startswith("https://") and r["measured"] > 0 and r.get("unit") in bench.UNITS, r["id"]
-        assert isinstance(r["ran"], bool)
+        assert r["source"].startswith("https://") and r.get("unit") in bench.UNITS, r["id"]
+        assert isinstance(r["ran"], bool) and (r["measured"] > 0 if r["measured"] is not None else not r["ran"]), r["id"]
     rows = [bench.predict(r) for r in runs]
     done = [r for r in rows if r["expressible"]]
     assert len(done) >= 10 and sum(r["model"] in ("qwen-7b", "llama-3-8b") for r in done) >= 8
@@ -154,3 +154,31 @@ def test_table_and_json_output(bench, fixture, capsys):
     text = capsys.readouterr().out
     assert "not expressible: a reason given in the data" in text and "VERDICT DISAGREES" in text
     assert "|error| median" in text and "1 disagreement: device" in text
+
+
+def test_a_preset_with_the_sources_differences(bench):
+    """model_overrides: the preset's fields the source's model differs in (litgpt keeps an untied
+    lm_head for Llama 3.2, whose checkpoint ties it), applied with fused_qkv at the run's length."""
+    from lorabench.present.fit import fit_model
+    from lorabench.spec.config import Cell
+    from lorabench.stacks.transformer_layout import model_params
+    run = {"id": "x", "model": "llama-3.2-1b", "model_overrides": {"tie_embeddings": False}, "fused_qkv": True,
+           "seq": 512}
+    cfg, preset = bench.model_of(run), fit_model("llama-3.2-1b", 512)
+    assert preset.tie_embeddings and not cfg.tie_embeddings and cfg.fused_qkv and cfg.seq_len == 512
+    numel = lambda c: sum(p.numel for p in model_params(c, Cell(precision="bf16-pure")))  # noqa: E731
+    assert numel(cfg) - numel(preset) == cfg.vocab_size * cfg.d_model  # the head's own matrix
+    assert bench.model_of({"id": "y", "model": "llama-3.2-1b", "seq": 512}) == preset
+
+
+def test_a_run_that_ran_out_of_memory_is_judged_by_its_verdict_only(bench):
+    """measured: null with ran: false (a table's "OOM"): no error enters the statistics, the verdict
+    does: a model far too big for the card agrees, a tiny one disagrees."""
+    run = {"source": "https://example.org/oom", "method": "full", "precision": "bf16-pure", "micro_batch": 1,
+           "seq": 512, "gpu": "T4", "unit": "GB", "measured": None, "ran": False}
+    big, tiny = (bench.predict(dict(run, id=i, model=m)) for i, m in (("big", "llama-2-13b"), ("tiny", "gpt2")))
+    assert big["expressible"] and big["error_pct"] is None and big["measured_bytes"] is None
+    assert big["verdict_agrees"] and not tiny["verdict_agrees"]
+    s = bench.summarize([big, tiny, {"id": "e", "expressible": True, "error_pct": -2.0, "verdict_agrees": True}])
+    assert s["measured"] == 1 and s["median_abs_error_pct"] == pytest.approx(2.0) and s["verdict_disagreements"] == ["tiny"]
+    assert "OOM" in bench.render([big, tiny], s)

@@ -87,6 +87,9 @@ def projection_problem(cfg, cell: Cell) -> str | None:
         return f"adapter {adapter.name} does not run on several ranks (strategy {cell.strategy}) here"
     if cell.is_quantized and adapter.needs_dense_base:
         return f"adapter {adapter.name} reads the base weight itself: it cannot run on a {cell.base_dtype} base"
+    if "head" in cell.lora_targets and cfg.tie_embeddings and adapter.rewrites_base:
+        return (f"adapter {adapter.name} rewrites W0 when it initialises, and a tied head's W0 is the embedding too: "
+                "untie it (model.tie_embeddings: false) or leave head out of lora_targets")
     shapes = projection_shapes(cfg)
     for t in cell.lora_targets:
         if t in shapes:
@@ -98,10 +101,11 @@ def projection_problem(cfg, cell: Cell) -> str | None:
 
 def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of each projection an adapter can target in a decoder of `cfg` (C d_model,
-    H·D query, G·D key/value width, F d_ff): the stacks' `projections`, which adapters cannot
+    H·D query, G·D key/value width, F d_ff, V vocab: the head): the stacks' `projections`, which adapters cannot
     import (layer order), computed from the same fields (tests/test_adapter_variants.py)."""
     C, HD, GD, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
-    shapes = {"q": (C, HD), "k": (C, GD), "v": (C, GD), "o": (HD, C), "gate": (C, F), "up": (C, F), "down": (F, C)}
+    shapes = {"q": (C, HD), "k": (C, GD), "v": (C, GD), "o": (HD, C), "gate": (C, F), "up": (C, F), "down": (F, C),
+              "head": (C, cfg.vocab_size)}
     if cfg.fused_qkv:
         del shapes["q"], shapes["k"], shapes["v"]
         shapes["qkv"] = (C, HD + 2 * GD)

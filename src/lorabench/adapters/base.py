@@ -59,6 +59,9 @@ class Adapter(ABC):
     needs_dense_base: bool = False
     """it reads or rewrites W0 itself (DoRA's column norms, PiSSA's SVD), so it cannot run on a
     quantized base (nf4, int8) here"""
+    rewrites_base: bool = False
+    """it writes W0 when it initialises (PiSSA's residual, LoRA-GA's offset): not on a tied head,
+    whose W0 is the embedding too"""
     multi_rank: bool = True
     """it runs on several ranks (strategy ddp, fsdp2): False for an adapter whose hooks read or
     rewrite whole tensors between steps (prepare, adjust_gradients, after_step)"""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..spec.config import LORA_TARGETS, Cell
+from ..spec.config import BLOCK_TARGETS, Cell
 from ..spec.schema import FieldError
 from . import get
 from .base import Adapter
@@ -34,7 +34,7 @@ class AdaptedLinear(nn.Module):
         try:
             cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
                         adapter=self.adapter.name, lora_plus_ratio=lora_plus_ratio,
-                        lora_targets=("qkv",) if splits else None, merged_qkv_enable=merged_qkv_enable)
+                        lora_targets=("qkv",), merged_qkv_enable=merged_qkv_enable)  # a target set any adapter takes
         except FieldError as e:
             raise ValueError(f"{e.key}: {e.message}") from None
         problem = self.adapter.check_projection("", base.in_features, base.out_features, cell, splits)
@@ -91,7 +91,7 @@ def apply_adapter(model: nn.Module, targets, rank: int, alpha: float, dropout: f
                   lora_plus_ratio: float | None = None, quantize: tuple[Cell, list] | None = None,
                   merged_qkv_enable: tuple[str, ...] | None = None) -> list[AdaptedLinear]:
     """Freeze every parameter, store them in `base_dtype`, and wrap each targeted
-    projection (module names q, k, v, qkv, o, gate, up, down) in an AdaptedLinear.
+    projection (module names q, k, v, qkv, o, gate, up, down, head) in an AdaptedLinear.
     Only the adapters (FP32) train. quantize = (cell, projection names): those projections
     quantized first, as the cell's base_dtype says (adapters/quant.py: QLoRA). A fused
     projection's parent names its output slices `<name>_splits` (stacks/transformer.py's qkv)."""
@@ -151,7 +151,8 @@ def apply_cell(model: nn.Module, cell: Cell, target_names: dict | None = None) -
         cast_floating(model, DTYPES[cell.param_dtype])
         return []
     names = [target_names[t] for t in cell.lora_targets] if target_names else list(cell.lora_targets)
-    projections = list(target_names.values()) if target_names else list(LORA_TARGETS)
+    blocks = [t for t in BLOCK_TARGETS if not target_names or t in target_names]  # QLoRA never quantizes the head
+    projections = [target_names[t] for t in blocks] if target_names else blocks
     if cell.adapter_backend == "peft":  # PEFT's own layers (adapters/peft_backend.py)
         freeze_base(model, cell.base_float_dtype, (cell, projections) if cell.is_quantized else None)
         apply_peft(model, cell, names)

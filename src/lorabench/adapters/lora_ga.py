@@ -34,6 +34,7 @@ class LoRAGA(LoRA):
     multi_rank = False  # its hooks read or rewrite whole tensors between steps
     has_init_stage = True
     needs_dense_base = True  # the gradient of W0 and W0 ← W0 − s·B·A need a float W0
+    rewrites_base = True
 
     def prepare(self, layers, backward, cell, total_steps):
         """Every target's gradient from one backward (only the W0 of the targets require grad,

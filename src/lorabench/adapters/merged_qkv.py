@@ -17,9 +17,10 @@ rows are what separate A_q, A_v of the same seed draw, in turn), every B_j zero.
 loralib keeps one B (Σ_j w_j × r) and applies it as a grouped conv1d, then scatters the result
 into a zero (N × d_out) tensor (`zero_pad`); here each B_j is a parameter of its own
 (lora_B_q, ...) and the zero slices are concatenated: the same numbers, one zero block per
-disabled slice (N·w) instead of one N·d_out zero tensor. Only a fused projection has slices:
-on any other layer the adapter refuses (check_projection), and the cell's `merged_qkv_enable`
-chooses the slices (default q, v).
+disabled slice (N·w) instead of one N·d_out zero tensor. Only a fused projection has slices,
+and the cell's `merged_qkv_enable` chooses them (default q, v). Every other target (o, the MLP,
+the head) gets plain LoRA, as loralib's `lora.Linear` beside `MergedLinear` and litgpt's
+lora_projection / lora_mlp / lora_head do: `MergedQKV` is `LoRA` wherever a layer has no slices.
 """
 from __future__ import annotations
 
@@ -28,22 +29,24 @@ import math
 from ..sim.ops import elementwise, linear, split
 from ..sim.rules import cat_backward, unary_backward
 from ..spec.cell_rules import QKV_SLICES
-from .base import Adapter, AdapterParam
+from .base import AdapterParam
+from .lora import LoRA
 
 
-class MergedQKV(Adapter):
+class MergedQKV(LoRA):
     name = "merged-qkv"
 
     def params(self, d_in, d_out, cell, splits=None):
+        if not splits:  # a projection without slices: plain LoRA
+            return super().params(d_in, d_out, cell)
         enabled = _enabled(cell, splits)
         r = cell.lora_rank
         return [AdapterParam("lora_A", (len(enabled) * r, d_in))] + \
             [AdapterParam(f"lora_B_{s}", (w, r)) for s, w in enabled]
 
     def check_projection(self, name, d_in, d_out, cell, splits=None):
-        if not splits:
-            where = f"projection {name}" if name else f"a {d_in} -> {d_out} projection"
-            return f"adapter merged-qkv adapts a fused qkv projection (model.fused_qkv): {where} is not one"
+        if name == "qkv" and not splits:
+            return "adapter merged-qkv adapts a fused qkv projection (model.fused_qkv): this qkv has no slices"
         return None
 
     def init(self, layer):
@@ -55,6 +58,8 @@ class MergedQKV(Adapter):
     def branch(self, layer, h):
         import torch
         import torch.nn.functional as F
+        if not layer.splits:
+            return super().branch(layer, h)
         a = F.linear(h, layer.lora_A)  # (..., n·r): every enabled slice's A in one matmul
         parts = iter(a.split(layer.rank, dim=-1))
         outs = []
@@ -67,6 +72,8 @@ class MergedQKV(Adapter):
 
     def delta_weight(self, layer, on_host=False):
         import torch
+        if not layer.splits:
+            return super().delta_weight(layer, on_host)
         A = layer.lora_A.detach().float()
         A = A.cpu() if on_host else A
         rows, j = [], 0
@@ -81,13 +88,18 @@ class MergedQKV(Adapter):
 
     def delta_abs_max(self, layer):
         """Every B_j = 0 gives exactly 0 without the d_out × d_in product."""
+        if not layer.splits:
+            return super().delta_abs_max(layer)
         if not any(getattr(layer, n).detach().any() for n in layer.adapter_names[1:]):
             return 0.0
         return super().delta_abs_max(layer)
 
     def replay(self, sim, h, params, d_out):
         """A's output (N·n·r, saved by each B_j's matmul through its slice view), each enabled slice's
-        B_j output (N·w_j), a zero block per disabled slice, their cat (N·d_out), the scaled copy."""
+        B_j output (N·w_j), a zero block per disabled slice, their cat (N·d_out), the scaled copy;
+        LoRA's on a projection without slices (one lora_B)."""
+        if "lora_B" in params:
+            return super().replay(sim, h, params, d_out)
         A = params["lora_A"]
         n_r = A.shape[0]
         bs = [params[k] for k in params if k.startswith("lora_B_")]

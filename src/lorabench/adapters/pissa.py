@@ -23,6 +23,7 @@ from .lora import LoRA
 class PiSSA(LoRA):
     name = "pissa"
     needs_dense_base = True
+    rewrites_base = True  # W0 <- W_res
 
     def init(self, layer):
         """A, B from W0's top-r singular triplets; W0 ← W_res in place (same dtype, shape, storage)."""

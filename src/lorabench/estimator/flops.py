@@ -27,6 +27,11 @@ down's when nothing before it has one. Subtracted exactly.
 A mixture of experts (Mixtral) counts, per token, the router and its k experts' weights
 (k·3·F·C), not all E experts'.
 
+An adapter on the head (target head) adds its matrices to the head's forward, input-gradient
+and weight-gradient terms; adapted alone, nothing below the head needs a gradient: the
+backward is the head adapter's weight gradients and B's input gradient, and no block is
+recomputed.
+
 Hardware FLOPs add what checkpointing recomputes: one more forward of every
 block (not of the head), minus the last matmul that torch.utils.checkpoint's
 early stop skips (down, or down's adapter B). The chunked loss recomputes every
@@ -79,13 +84,19 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     block_w = sum(d_in * d_out for _, d_in, d_out, _ in projections(cfg)) + active_expert_weights(cfg)
     adapters = sum(p.numel for ps in shapes.values() for p in ps)
     head_w = cfg.d_model * cfg.vocab_size
+    # target head: its adapter's matrices (A multiplies the final hidden states)
+    head_ad = get_adapter(cell.adapter).params(cfg.d_model, cfg.vocab_size, cell) if lora and "head" in targets else []
+    head_a = sum(p.numel for p in head_ad)
     attn_fwd_seq = 2 * cfg.n_heads * cfg.head_dim * s * s  # per layer, per sequence (causal)
     fwd_block_tok = 2 * (block_w + adapters)
-    fwd = tokens * (L * fwd_block_tok + 2 * head_w) + batch_size * L * attn_fwd_seq
-    # input gradients: every matmul except, in LoRA cells, block 0's whose input needs none
-    bwd_in_tok = 2 * (L * (block_w + adapters) + head_w)
-    attn_bwd_layers = L
-    if lora:
+    fwd = tokens * (L * fwd_block_tok + 2 * (head_w + head_a)) + batch_size * L * attn_fwd_seq
+    # input gradients: every matmul except, in LoRA cells, block 0's whose input needs none; with
+    # only the head adapted nothing below it needs one: the backward ends in the head's adapter
+    # (B's input gradient, for A's weight gradient)
+    upstream = not lora or bool(shapes)
+    bwd_in_tok = 2 * (L * (block_w + adapters) + head_w + head_a) if upstream else 2 * (head_a - head_ad[0].numel)
+    attn_bwd_layers = L if upstream else 0
+    if lora and upstream:
         first = {n: d_in * d_out for n, d_in, d_out, _ in projections(cfg)}
         cold = _no_grad_inputs(set(first), set(shapes))
         # the base matmul's input gradient, and the adapter's first matmul (A·x): x needs no grad
@@ -93,7 +104,7 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
         bwd_in_tok -= 2 * skip
         if not set(shapes) & {"q", "k", "v"}:
             attn_bwd_layers -= 1  # block 0's attention gets no backward at all
-    trainable_w = L * adapters if lora else L * block_w + head_w
+    trainable_w = L * adapters + head_a if lora else L * block_w + head_w
     bwd = tokens * (bwd_in_tok + 2 * trainable_w) + batch_size * attn_bwd_layers * 2 * attn_fwd_seq
     # the recomputation stops early (non-reentrant checkpoint): once the last saved tensor
     # is packed -- the down projection's input -- the op that saves it is not run: down's
@@ -102,9 +113,10 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
     last = shapes["down"][-1].numel if "down" in targets else d_ff * C
     if cfg.n_experts:  # the last expert's down for its share of the tokens (the even split's)
         last = d_ff * C * cfg.experts_per_token // cfg.n_experts
-    recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) if cell.checkpointing else 0
+    recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) \
+        if cell.checkpointing and upstream else 0
     if cell.loss_chunks:
-        recompute += tokens * 2 * head_w
+        recompute += tokens * 2 * (head_w + head_a)
     return Flops(model=fwd + bwd, hardware=fwd + bwd + recompute, forward=fwd, backward=bwd, recompute=recompute)
 
 

@@ -14,9 +14,10 @@ from typing import Any, Literal, Optional
 from .schema import ConfigError, FieldError, build, fld, ge, gt, le, lt, nonempty, run_checks
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401 (the spec's names)
-from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
+from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, BLOCK_TARGETS, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget, merged_qkv_enable,
-                         backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields)
+                         backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields,
+                         check_head_only)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class MatrixSpec:
                                      "autocast, no FP32 master copy, no loss scaling)", (nonempty,))
     lora_rank: list[int] = fld([0], "0 = full fine-tuning; > 0 trains only LoRA adapters", (nonempty,))
     lora_alpha: list[float] = fld([16.0], "LoRA scaling numerator: output scaled by alpha / rank", (nonempty,))
-    lora_targets: list[list[str]] = fld([["q", "v"]], "projections that get adapters: q, k, v, o, gate, up, down", (nonempty,))
+    lora_targets: list[list[str]] = fld([["q", "v"]], "projections that get adapters: q, k, v (or a fused model's qkv), o, gate, up, down, head (the output head)", (nonempty,))
     lora_dropout: list[float] = fld([0.0], "dropout on the LoRA input (adds a saved mask per target)", (nonempty,))
     checkpointing: list[bool] = fld([False], "recompute each block in backward: True reduces activation memory, costs a forward", (nonempty,))
     accumulation: list[int] = fld([1], "micro-batches per optimizer step: micro-batch = batch_size / accumulation", (nonempty,))
@@ -246,10 +247,8 @@ class Cell:
         put("checkpointing", bool(self.checkpointing))
         if self.loss not in LOSSES:
             raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.loss == "standard":
-            put("loss_chunks", None)
-        else:
-            put("loss_chunks", 8 if self.loss_chunks is None else self.loss_chunks)
+        put("loss_chunks", None if self.loss == "standard" else 8 if self.loss_chunks is None else self.loss_chunks)
+        if self.loss_chunks is not None:  # the chunked loss's (the standard one has none)
             int_at_least("loss_chunks", self.loss_chunks, 1)
         put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank))
         if self.lora_rank == 0:
@@ -264,6 +263,7 @@ class Cell:
                                    self.lora_dropout, self.lora_targets).items():
             put(k, v)
         put("merged_qkv_enable", merged_qkv_enable(self.lora_rank, self.adapter, self.merged_qkv_enable, self.lora_targets))
+        check_head_only(self.strategy, self.loss, self.lora_targets)
 
     @property
     def is_lora(self) -> bool:
@@ -340,11 +340,11 @@ def matmul_dtype_of(cell: Cell, tf32: Optional[bool] = False) -> str:
 def allowed_targets(model: ModelConfig) -> list[str]:
     """The projections LoRA can wrap in `model`: q, k, v, or their fused qkv (fused_qkv); gpt2's MLP
     has no gate, and a mixture of experts' MLP is 3-D expert weights behind a router (no linear layer
-    to wrap): attention only."""
+    to wrap): attention only; and the output head."""
     attention = ["qkv", "o"] if model.fused_qkv else ["q", "k", "v", "o"]
     if model.n_experts:
-        return attention
-    return attention + ["gate"] * (model.style == "llama") + ["up", "down"]
+        return attention + ["head"]
+    return attention + ["gate"] * (model.style == "llama") + ["up", "down", "head"]
 
 
 def split_targets(text: str) -> list[str]:

@@ -6,7 +6,7 @@
 offline (nothing is downloaded), in FP32 on the cell's device; the scenario's
 ModelConfig fields are written over the file's keys first (spec/hf_config.py).
 Then, as for the built-in stack: the frozen base in `base_dtype` with the cell's
-adapters on the mapped projections (q -> q_proj, ..., down -> down_proj), and
+adapters on the mapped projections (q -> q_proj, ..., down -> down_proj, head -> lm_head), and
 checkpointing through transformers' own `gradient_checkpointing_enable`
 (non-reentrant, as torch.utils.checkpoint in the built-in stack).
 
@@ -33,7 +33,7 @@ from .base import Stack, numbered_block
 from .builtin import BuiltinStack
 
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+                "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "head": "lm_head"}
 
 
 class HFStack(Stack):

@@ -15,18 +15,24 @@ chunked   h (N·C) flattened and split into chunks of b·⌈s/n⌉ tokens (conti
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 from ..sim.engine import Sim
 from ..sim.ops import binary, linear, softcap as soft_cap
 from ..sim.rules import log_softmax_backward, nll_loss_backward, pass_backward, split_backward, unary_backward
 from ..sim.tensors import F32, LOGITS, SymTensor
 
+Project = Callable[[Sim, SymTensor], SymTensor]
+"""the head's projection of hidden states to logits, adapter included (transformer_replay.project)"""
 
-def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, softcap: bool = False) -> SymTensor:
+
+def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, softcap: bool = False,
+                  project: Optional[Project] = None) -> SymTensor:
     """F.cross_entropy(logits.float().view(-1, V), y) with logits = head(h) (soft-capped: Gemma 2);
     `x` (the last block's output, Transformer.forward's local) is released once the head has run."""
     N = h.numel // (params["head"].tensor.numel // V)
     with sim.allocating_as(LOGITS):
-        logits = head(sim, h, params, V, softcap)
+        logits = head(sim, h, params, V, softcap, project)
         sim.drop(h)
         sim.drop(x)  # Transformer.forward's x lives until it returns
         sim.model_forward_end(sim.seq)  # the model's forward returns the logits
@@ -36,10 +42,11 @@ def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, so
     return loss
 
 
-def head(sim: Sim, h: SymTensor, params: dict, V: int, softcap: bool) -> SymTensor:
+def head(sim: Sim, h: SymTensor, params: dict, V: int, softcap: bool, project: Optional[Project] = None) -> SymTensor:
     """Transformer.logits: head(h), soft-capped (Gemma 2) as cap·tanh(logits/cap): /cap (a copy,
-    the logits freed), tanh (its output saved), ·cap (a copy)."""
-    logits = linear(sim, h, params["head"], None, V)
+    the logits freed), tanh (its output saved), ·cap (a copy). `project(sim, h)`: the head's
+    projection when it is adapted (target head: base + the adapter's branch), else its matmul."""
+    logits = project(sim, h) if project else linear(sim, h, params["head"], None, V)
     return soft_cap(sim, logits) if softcap else logits
 
 
@@ -65,7 +72,7 @@ def chunk_positions(s: int, n: int) -> list[int]:
 
 
 def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n: int,
-                 softcap: bool = False) -> SymTensor:
+                 softcap: bool = False, project: Optional[Project] = None) -> SymTensor:
     """chunked_cross_entropy(stack, model, h, y, n): Σ_chunks checkpoint(head + CE, sum) / N;
     `h` (the final norm's output) is the caller's, released by it."""
     C = params["head"].tensor.numel // V
@@ -77,8 +84,8 @@ def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n
     with sim.allocating_as(LOGITS):
         for hc, m in zip(chunks, sizes):
             sim.begin_checkpoint()
-            new = _chunk(sim, hc, params, m, V, softcap)
-            sim.end_checkpoint(lambda hc=hc, m=m: _chunk(sim, hc, params, m, V, softcap), hc)
+            new = _chunk(sim, hc, params, m, V, softcap, project)
+            sim.end_checkpoint(lambda hc=hc, m=m: _chunk(sim, hc, params, m, V, softcap, project), hc)
             sim.drop(part)  # `part` is rebound once the next chunk has run
             part = new
             if total is None:
@@ -93,10 +100,11 @@ def chunked_loss(sim: Sim, h: SymTensor, params: dict, b: int, s: int, V: int, n
     return loss
 
 
-def _chunk(sim: Sim, hc: SymTensor, params: dict, m: int, V: int, softcap: bool) -> SymTensor:
+def _chunk(sim: Sim, hc: SymTensor, params: dict, m: int, V: int, softcap: bool,
+           project: Optional[Project] = None) -> SymTensor:
     """F.cross_entropy(head(hc).float(), yc, reduction="sum") for m tokens: the logits are
     released as soon as their FP32 copy exists."""
-    logits = head(sim, hc, params, V, softcap)
+    logits = head(sim, hc, params, V, softcap, project)
     lf = sim.to(logits, F32)
     sim.drop(logits)
     return _cross_entropy(sim, lf, m, V)

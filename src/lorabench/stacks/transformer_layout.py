@@ -12,7 +12,8 @@ Counts (C d_model, H/G heads, D head_dim, F d_ff, V vocab, T_max positions):
   router E·C and the experts' gate_up E·2F·C and down E·C·F; norm_f; head V·C
   unless tied to tok_emb. A target adds its adapter's parameters (LoRA: A r·d_in and
   B d_out·r) just before its base weight (the adapted layer's own parameters precede
-  its `base` submodule's). A quantized base (nf4, int8) stores each block projection's
+  its `base` submodule's); the head's (target head: d_in C, d_out V) come after norm_f,
+  before the head's weight or, tied, where it would be. A quantized base (nf4, int8) stores each block projection's
   weight as bitsandbytes does (sim/quant.py); everything else in base_float_dtype.
 """
 from __future__ import annotations
@@ -100,6 +101,9 @@ def model_params(cfg: ModelConfig, cell: Cell, blocks: range | None = None) -> l
     out.append(ParamSpec("norm_f", None, C, base_dt, train, (C,)))
     if cfg.style == "gpt2":
         out.append(ParamSpec("norm_f.bias", None, C, base_dt, train, (C,)))
+    if cell.is_lora and "head" in cell.lora_targets:  # the head's adapter precedes its `base` (tied or not)
+        out += [ParamSpec(f"head.{a.name}", None, a.numel, cell.param_dtype, a.trainable, a.shape)
+                for a in get_adapter(cell.adapter).params(C, cfg.vocab_size, cell)]
     if not cfg.tie_embeddings:
         out.append(ParamSpec("head", None, cfg.vocab_size * C, base_dt, train, (cfg.vocab_size, C)))
     return out

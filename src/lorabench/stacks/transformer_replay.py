@@ -401,14 +401,17 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
     sim.set_block(None)
     sim.drop(mask)
     h = norm(sim, x, params, "norm_f", dims)
+
+    def head(sim_: Sim, t: SymTensor) -> SymTensor:  # the head, adapted or not (target head)
+        return project(sim_, t, "head", params, dims, dims.V)
     if dims.loss_chunks:  # Transformer.hidden: the last block's output is released with the norm's return
         sim.drop(x)
         sim.model_forward_end(sim.seq)
-        loss = chunked_loss(sim, h, params, dims.b, dims.s, dims.V, dims.loss_chunks, dims.logit_softcap)
+        loss = chunked_loss(sim, h, params, dims.b, dims.s, dims.V, dims.loss_chunks, dims.logit_softcap, head)
         sim.drop(h)
         sim.end_autocast()  # the autocast region ends with compute_loss
     else:
-        loss = standard_loss(sim, x, h, params, dims.V, dims.logit_softcap)
+        loss = standard_loss(sim, x, h, params, dims.V, dims.logit_softcap, head)
     out = sim.out(sim.new(1, F32), sim.node([loss], unary_backward))  # loss / accumulation
     sim.drop(loss)
     return out
