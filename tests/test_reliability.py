@@ -172,6 +172,15 @@ def bad_results(d: Path) -> dict[str, tuple[Path, list[str]]]:
                              ["line 2", "lora_rank"]),
         "bool_for_number": (put(d / "bn.jsonl", json.dumps(dict(ROW, step_time_ms_median=True)) + "\n"),
                             ["step_time_ms_median"]),
+        "negative": (put(d / "neg.jsonl", json.dumps(dict(ROW, peak_allocated_bytes=-5)) + "\n"),
+                     ["line 1", "peak_allocated_bytes", ">= 0"]),
+        "infinite": (put(d / "inf.jsonl", json.dumps(dict(ROW, step_time_ms_median=float("inf"))) + "\n"),
+                     ["line 1", "step_time_ms_median", "finite"]),
+        "huge": (put(d / "huge.jsonl", json.dumps(dict(ROW, peak_allocated_bytes=10**40)) + "\n"),
+                 ["line 1", "peak_allocated_bytes", "2^63"]),
+        "twice": (put(d / "twice.jsonl", json.dumps(ROW)[:-1] + ', "cell": "other"}\n'), ["line 1", "'cell' given twice"]),
+        "cut_csv": (put(d / "cut.csv", ",".join(ROW) + "\n" + ",".join(str(v) for v in list(ROW.values())[:3]) + "\n"),
+                    ["line 2", "fewer values"]),
         "empty": (put(d / "empty.jsonl", ""), ["no result rows"]),
         "missing": (d / "nope.jsonl", ["no such file"]),
     }
@@ -179,7 +188,8 @@ def bad_results(d: Path) -> dict[str, tuple[Path, list[str]]]:
 
 @pytest.mark.parametrize("command", ["report", "claims", "validate", "compare-a", "compare-b", "fit-calibrate"])
 @pytest.mark.parametrize("case", ["binary", "not_json", "array", "missing_status", "wrong_type", "wrong_type_line2",
-                                  "bool_for_number", "empty", "missing"])
+                                  "bool_for_number", "negative", "infinite", "huge", "twice", "cut_csv", "empty",
+                                  "missing"])
 def test_bad_result_files(command, case, tmp_path):
     path, needles = bad_results(tmp_path)[case]
     good = tmp_path / "good.jsonl"

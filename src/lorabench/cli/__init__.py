@@ -58,7 +58,7 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="override the scenario's device")
 @click.option("--cells", default=None, help="comma-separated cell ids or globs to run (e.g. 'bf16-*,fp32-full')")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="override the scenario's seed (weights, adapters, data): one run per seed gives `claims` its spread")
 @click.option("--resume", is_flag=True, help="append to an existing --out, skipping cells already in it")
 @click.option("--list", "list_only", is_flag=True, help="list the cells and exit, running nothing")

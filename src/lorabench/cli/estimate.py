@@ -14,8 +14,28 @@ from ..spec.config import BASE_DTYPES, LOSSES, PRECISIONS
 from .reports import echo
 
 PRECISION = click.Choice(list(PRECISIONS))
+
+
+class Percent(click.ParamType):
+    """A bound in percent: a finite number >= 0 (nan, inf or a negative bound would never or always fail)."""
+    name = "percent"
+
+    def convert(self, value, param, ctx):
+        import math
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or v < 0:
+            self.fail(f"must be a finite percentage >= 0, got {value!r}", param, ctx)
+        return v
+
+
+PERCENT = Percent()
 DTYPES = click.Choice(list(BASE_DTYPES))
 IMPLS = ("auto", "foreach", "fused", "forloop")
+SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
+"""estimate's parameters that apply to a scenario file; the others shape the one cell of --model"""
 
 
 @click.command("estimate")
@@ -52,10 +72,19 @@ IMPLS = ("auto", "foreach", "fused", "forloop")
                    "CPU, seconds per cell, imports torch) or both (side by side, with their peak difference)")
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, lora_dropout, adapter, checkpointing, accumulation,
-                 base_dtype, optimizer, optimizer_impl, loss, loss_chunks, batch, seq, device, method, quiet, fmt):
+@click.pass_context
+def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_dropout, adapter, checkpointing,
+                 accumulation, base_dtype, optimizer, optimizer_impl, loss, loss_chunks, batch, seq, device, method,
+                 quiet, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
     from ..present.estimates import estimate_text
+    from ..spec.schema import ConfigError
+    if scenario:  # a scenario's cells come from its matrix: an option that shapes a cell would be ignored
+        given = [p for p in ctx.command.params if p.name not in SCENARIO_OPTIONS
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise ConfigError("options", given[0].opts[-1], "shapes the one cell of --model; a scenario's cells "
+                              "come from its matrix (edit it, or give --model instead of the scenario)")
     if optimizer in IMPLS:  # the old meaning: AdamW's implementation
         if optimizer_impl not in (None, optimizer):
             from ..spec.schema import ConfigError
@@ -69,8 +98,8 @@ def estimate_cmd(scenario, model, precision, lora_rank, lora_targets, lora_dropo
 
 @click.command("validate")
 @click.argument("results")
-@click.option("--max-median-pct", type=float, default=None, help="fail if median |peak error| exceeds this")
-@click.option("--max-p95-pct", type=float, default=None, help="fail if p95 |peak error| exceeds this")
+@click.option("--max-median-pct", type=PERCENT, default=None, help="fail if median |peak error| exceeds this")
+@click.option("--max-p95-pct", type=PERCENT, default=None, help="fail if p95 |peak error| exceeds this")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def validate_cmd(results, max_median_pct, max_p95_pct, fmt):
     """Estimate vs measurement for every measured row of RESULTS (.jsonl or a folder of them)."""

@@ -301,8 +301,9 @@ def c9(rows):
         return NOT_MEASURED, "no LoRA row with merged/unmerged inference times", "–"
     verdict, ratio, ev = timed([(r["infer_ms_unmerged"] / r["infer_ms_merged"], timing(r, "infer_ms_merged"),
                                  timing(r, "infer_ms_unmerged"), _label(r)) for r in lora], "LoRA cells")
-    diff = max(r["merge_max_abs_diff"] for r in lora)
-    rest = f"merged logits within {diff:.2g} of unmerged; which targets work best (quality) is not measured"
+    diffs = [r["merge_max_abs_diff"] for r in lora if r.get("merge_max_abs_diff") is not None]  # none: a quantized W0
+    rest = (f"merged logits within {max(diffs):.2g} of unmerged" if diffs else "no merged-logits difference recorded") + \
+        "; which targets work best (quality) is not measured"
     if ratio is None:
         return verdict, f"forward time: {ev}; {rest}", "measured"
     return (verdict or (HOLDS if ratio > 1 else FAILS),

@@ -166,7 +166,10 @@ def html_page(names: list[str], data: dict, title: str) -> bytes:
 def write_whole(out: str, data: bytes) -> None:
     """Write `data` to `out` through a temporary file beside it, renamed into place."""
     p = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as e:  # a folder that takes no file (/proc, read-only)
+        raise ConfigError("--output", "", f"cannot write {out!r}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 import typing
 from typing import Optional, Union
@@ -30,6 +31,11 @@ from ..spec.config import Cell, ModelConfig, TrainConfig
 from ..spec.job import CellJob
 from ..spec.presets import preset_data, preset_names
 from ..spec.schema import build, row_fields, short, type_name
+
+def signed():
+    """A numeric row field that can be negative (a cosine, an error); every other number is a count,
+    a size, a time or a fraction, >= 0 (row_problem)."""
+    return dataclasses.field(default=None, metadata={"signed": True})
 
 
 def keys(cls: type) -> tuple[str, ...]:
@@ -110,8 +116,8 @@ class UnderflowFields:
 class AlignmentFields:
     """The alignment probe's row fields (measure/alignment.py; claims C17–C19): the adapter's equivalent
     update against full fine-tuning's; None in full fine-tuning cells, on a quantized base, or failed."""
-    first_update_cosine: Optional[float] = None         # cosine of the first ΔW_eq to −∂L/∂W0, all targets
-    first_update_cosine_rank_r: Optional[float] = None  # the same for the best rank-r update (g's top-r SVD)
+    first_update_cosine: Optional[float] = signed()       # cosine of the first ΔW_eq to −∂L/∂W0, all targets
+    first_update_cosine_rank_r: Optional[float] = signed()  # the same for the best rank-r update (g's top-r SVD)
     update_cosine_steps: Optional[list] = None          # that cosine at each of train.steps probe steps from init
     init_weight_rel_err: Optional[float] = None         # max |W0' + ΔW − W| / max |W| at init (PiSSA's W_res)
     alignment_probe_s: Optional[float] = None
@@ -122,7 +128,7 @@ class AlignmentFields:
 class EstimateFields:
     """The estimate held against the row: its error and MFU. The predicted fields themselves are
     the Estimate fields declared row=True (estimator/analytic.py), None when it failed."""
-    peak_error_pct: Optional[float] = None        # 100·(est − measured)/measured
+    peak_error_pct: Optional[float] = signed()      # 100·(est − measured)/measured
     mfu: Optional[float] = None                   # CUDA rows of a known GPU
     hfu: Optional[float] = None
 
@@ -175,8 +181,16 @@ def row_problem(row: dict) -> Optional[str]:
     if missing:
         return f"not a lorabench result row (no {missing[0]!r} key)"
     for key, tp in _ROW_TYPES.items():
-        if key in row and not _is(row[key], tp):
-            return f"field {key!r} must be {type_name(tp)}, got {short(row[key])}"
+        if key not in row:
+            continue
+        value = row[key]
+        if not _is(value, tp):
+            return f"field {key!r} must be {type_name(tp)}, got {short(value)}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value) or abs(value) >= 2**63:
+                return f"field {key!r} must be a finite number below 2^63, got {short(value)}"
+            if value < 0 and key not in _SIGNED:
+                return f"field {key!r} must be >= 0, got {short(value)}"
     return None
 
 
@@ -197,6 +211,10 @@ def _is(value, tp) -> bool:
 def _row_types() -> dict:
     hints = typing.get_type_hints(Estimate)
     out = {"status": str, "seed": Optional[int], **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
+    for cls in (ModelConfig, TrainConfig):  # their numbers (sizes, counts, rates); decode_model judges the rest
+        spec = typing.get_type_hints(cls)
+        out.update({n: Optional[spec[n]] for n in row_fields(cls)
+                    if set(typing.get_args(spec[n]) or (spec[n],)) - {type(None)} <= {int, float}})
     for cls in (Cell, Environment, Measured, RankFields, LoraInit, LoraInference, UnderflowFields, AlignmentFields,
                 EstimateFields):
         for name, tp in typing.get_type_hints(cls).items():
@@ -205,6 +223,14 @@ def _row_types() -> dict:
 
 
 _ROW_TYPES = _row_types()
+_SIGNED = {f.name for cls in (Measured, AlignmentFields, EstimateFields) for f in dataclasses.fields(cls)
+           if f.metadata.get("signed")}
+
+
+def is_int_field(key: str) -> bool:
+    """Whether the row schema types `key` as an integer (a count, a size in bytes)."""
+    tp = _ROW_TYPES.get(key)
+    return tp is int or (tp is not None and int in typing.get_args(tp) and float not in typing.get_args(tp))
 
 
 def is_text_field(key: str) -> bool:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from ..spec.schema import ConfigError
-from .codec import is_text_field, row_problem
+from .codec import is_int_field, is_text_field, row_problem
 
 
 def jsonable(v):
@@ -101,15 +101,15 @@ class ResultWriter:
             return None
         csv_path = self.path.with_suffix(".csv")
         tmp = csv_path.with_suffix(".csv.tmp")
-        to_frame(self.rows).to_csv(tmp, index=False)
+        to_frame(self.rows, dtype=object).to_csv(tmp, index=False)  # object: an int column with gaps stays int
         os.replace(tmp, csv_path)  # atomic: never a half-written CSV
         return csv_path
 
 
-def to_frame(rows: list[dict]):
+def to_frame(rows: list[dict], dtype=None):
     import pandas as pd
     flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]
-    return pd.DataFrame(flat)
+    return pd.DataFrame(flat, dtype=dtype)
 
 
 def load_rows(path: str) -> list[dict]:
@@ -136,9 +136,11 @@ def load_rows(path: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys)
         except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(path, f"line {i}", f"not a JSON object: {getattr(e, 'msg', 'nested too deep')}") from None
+        except KeyError as e:
+            raise ConfigError(path, f"line {i}", f"key {e.args[0]!r} given twice") from None
         problem = row_problem(row)
         if problem:
             raise ConfigError(path, f"line {i}", problem)
@@ -148,16 +150,29 @@ def load_rows(path: str) -> list[dict]:
     return rows
 
 
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: KeyError for a key given twice (json would keep the last silently)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise KeyError(k)
+        out[k] = v
+    return out
+
+
 def csv_rows(text: str, path: str) -> list[dict]:
     """The rows of a CSV that `write_csv` made: empty cells are None, nested values and numbers
     are JSON text, pandas writes booleans as True/False; fields the row schema types as text
     stay text."""
     rows = []
-    reader = csv.DictReader(io.StringIO(text))
+    short_row = object()  # DictReader's filler for a row with fewer values than the header
+    reader = csv.DictReader(io.StringIO(text), restval=short_row)
     try:
         for line, record in enumerate(reader, 2):
             if None in record:
                 raise ConfigError(path, f"line {line}", "more values than the header has columns")
+            if any(v is short_row for v in record.values()):
+                raise ConfigError(path, f"line {line}", "fewer values than the header has columns (a cut row)")
             row = {k: csv_value(k, v) for k, v in record.items()}
             problem = row_problem(row)
             if problem:
@@ -178,6 +193,8 @@ def csv_value(key: str, text: str | None):
     if is_text_field(key):
         return text
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
         return text
+    # pandas wrote an integer column with empty cells as floats (8.0) before write_csv kept them whole
+    return int(value) if isinstance(value, float) and value.is_integer() and is_int_field(key) else value

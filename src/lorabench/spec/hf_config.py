@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .schema import ConfigError
+from .schema import ConfigError, short
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -56,22 +56,38 @@ def _read(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(path, "", "no such file")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys(path))
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not a text file") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(path, "", f"not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "not valid JSON: nested too deep") from None
     if not isinstance(data, dict):
         raise ConfigError(path, "", "must be a JSON object")
     return data
+
+
+def _unique_keys(path: str):
+    """json's object_pairs_hook: a key given twice is refused (transformers would keep the last)."""
+    def build(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ConfigError(path, k, "given twice")
+            seen.add(k)
+        return dict(pairs)
+    return build
 
 
 def _int(data: dict, key: str, path: str, default=None) -> int:
     v = data.get(key, default)
     if v is None:
         raise ConfigError(path, key, "missing required key")
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(path, key, f"must be a positive integer, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31:
+        raise ConfigError(path, key, f"must be a positive integer below 2^31, got {short(v)}")
     return v
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from ..optimizers import get as get_optimizer, names as optimizer_names
 from .config import (AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
                      allowed_targets, check_parallel)
+from .exclude import LIST_VALUED, check_exclude, excluded_by, hashable
 from .hf_config import fixed_fields, hf_model_fields
 from .job import CellJob
 from .presets import preset_data
@@ -154,15 +155,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
     for i, acc in enumerate(matrix.accumulation):
         if train.batch_size % acc:
             raise ConfigError(source, f"matrix.accumulation[{i}]", f"must divide train.batch_size={train.batch_size}, got {acc}")
-    for i, entry in enumerate(sc.exclude):
-        if not entry:
-            raise ConfigError(source, f"exclude[{i}]", "an empty entry would exclude every cell")
-        for key, value in entry.items():
-            if key not in AXES:
-                raise ConfigError(source, f"exclude[{i}].{key}", f"unknown matrix key (allowed: {', '.join(AXES)})")
-            if isinstance(value, (list, dict)) and key not in ("lora_targets", "merged_qkv_enable"):
-                raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
-                                  "(write one exclude entry per value)")
+    check_exclude(sc.exclude, matrix, AXES, source)
     return LoadedScenario(sc, model, train, matrix, source, models)
 
 
@@ -287,7 +280,7 @@ def normalize_axes(matrix: dict, source: str) -> dict:
     """Scalars become one-value axes; lora_targets [q, v] is one value, [[q, v], [q]] an axis."""
     out = {}
     for key, value in (matrix or {}).items():
-        if key in ("lora_targets", "merged_qkv_enable"):  # each value itself a list
+        if key in LIST_VALUED:  # each value itself a list
             if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
                 out[key] = value
             else:
@@ -306,7 +299,7 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
         raise ConfigError(ls.source, "matrix", f"{n} combinations exceed the limit of {max_cells} cells "
                           "(run fewer axis values, or raise it with --max-cells)")
     m = ls.matrix
-    varying = {a for a in AXES if len({_hashable(v) for v in getattr(m, a)}) > 1}
+    varying = {a for a in AXES if len({hashable(v) for v in getattr(m, a)}) > 1}
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
     if not any(m.lora_rank) and any(b in QUANT_DTYPES for b in m.base_dtype):
@@ -337,21 +330,6 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
     if not cells:
         raise ConfigError(ls.source, "exclude", "excludes every cell of the matrix")
     return cells
-
-
-def _hashable(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
-
-
-def _same(key: str, a: Any, b: Any) -> bool:
-    """An axis value against an `exclude` entry's; lora_targets as sets ([v, q] is [q, v])."""
-    both = key == "lora_targets" and a is not None and b is not None
-    return set(a) == set(b) if both else _hashable(a) == _hashable(b)
-
-
-def excluded_by(entries: list[dict], values: dict) -> bool:
-    """Whether an `exclude` entry names only keys of `values` (a combination not yet a Cell), all equal."""
-    return any(e and all(k in values and _same(k, values[k], v) for k, v in e.items()) for e in entries)
 
 
 
@@ -403,10 +381,13 @@ def cell_id(cell: Cell, varying: set) -> str:
 
 def select_cells(cells: list[Cell], patterns: str | None, source: str) -> list[Cell]:
     """Keep the cells whose id matches one of the comma-separated ids or globs (`--cells`)."""
-    if not patterns:
+    if patterns is None:
         return cells
+    names = [p.strip() for p in patterns.split(",") if p.strip()]
+    if not names:
+        raise ConfigError(source, "--cells", f"names no cell: give ids or globs, got {short(patterns)}")
     keep = []
-    for pat in (p.strip() for p in patterns.split(",") if p.strip()):
+    for pat in names:
         hit = [c for c in cells if fnmatch.fnmatchcase(c.id, pat)]
         if not hit:
             raise ConfigError(source, "--cells", f"no cell matches {short(pat)} (cells: {', '.join(c.id for c in cells)})")

@@ -1,0 +1,45 @@
+"""A scenario's `exclude` entries: each names matrix axes and one value of each, and drops every
+combination that has all of them. An entry is checked once against the matrix it filters (a key
+that is not an axis, a list where one value goes, a value the axis does not have: each would
+exclude nothing, silently); `excluded_by` then matches combinations."""
+from __future__ import annotations
+
+from typing import Any
+
+from .schema import ConfigError, short
+
+LIST_VALUED = ("lora_targets", "merged_qkv_enable")
+"""axes whose one value is itself a list"""
+
+
+def check_exclude(entries: list[dict], matrix, axes: tuple, source: str) -> None:
+    """ConfigError naming `exclude[i].key` for an entry that could exclude nothing."""
+    for i, entry in enumerate(entries):
+        if not entry:
+            raise ConfigError(source, f"exclude[{i}]", "an empty entry would exclude every cell")
+        for key, value in entry.items():
+            if key not in axes:
+                raise ConfigError(source, f"exclude[{i}].{key}", f"unknown matrix key (allowed: {', '.join(axes)})")
+            if isinstance(value, (list, dict)) and key not in LIST_VALUED:
+                raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
+                                  "(write one exclude entry per value)")
+            values = getattr(matrix, key)
+            if not any(_same(key, a, value) for a in values):
+                raise ConfigError(source, f"exclude[{i}].{key}", f"{short(value)} is not a value of matrix.{key} "
+                                  f"({', '.join(short(a) for a in values)}): it would exclude nothing")
+
+
+def hashable(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    """An axis value against an `exclude` entry's; lora_targets as sets ([v, q] is [q, v])."""
+    both = key == "lora_targets" and a is not None and b is not None and isinstance(a, (list, tuple)) \
+        and isinstance(b, (list, tuple))
+    return set(a) == set(b) if both else hashable(a) == hashable(b)
+
+
+def excluded_by(entries: list[dict], values: dict) -> bool:
+    """Whether an `exclude` entry names only keys of `values` (a combination not yet a Cell), all equal."""
+    return any(e and all(k in values and _same(k, values[k], v) for k, v in e.items()) for e in entries)

@@ -1,0 +1,118 @@
+"""Hostile inputs found by fuzzing the commands: each gets one line naming the file, key or
+option, exit status 2, and no traceback; and the project's own result files read back."""
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lorabench.cli import main
+from lorabench.row.results import ResultWriter, load_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(args, *needles):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    out = res.output.strip()
+    assert res.exit_code == 2, (res.exit_code, out)
+    assert "\n" not in out and "Traceback" not in out, out
+    for n in needles:
+        assert n in out, (n, out)
+    return out
+
+
+def test_every_shipped_result_file_reads_back_and_claims_reads_them():
+    """The CSVs pandas wrote with an integer column holding gaps (8.0) read as integers; claims takes
+    a row whose merged-logits difference is empty (NaN in a 16-bit merge) without failing."""
+    files = [f for f in glob.glob(str(ROOT / "results" / "**" / "*.*"), recursive=True)
+             if f.endswith((".jsonl", ".csv")) and "/benchmarks/" not in f]
+    assert len(files) >= 10
+    for f in files:
+        rows = load_rows(f)
+        assert rows and all(isinstance(r.get("loss_chunks"), (int, type(None))) for r in rows), f
+    res = CliRunner().invoke(main, ["claims", str(ROOT / "results" / "realworld-2026-12-02.jsonl")])
+    assert res.exit_code == 0 and "C9" in res.output, res.output
+
+
+def test_the_csv_keeps_an_integer_column_with_gaps_whole(tmp_path):
+    base = {"scenario": "s", "status": "ok", "precision": "fp32", "lora_rank": 0, "checkpointing": False,
+            "accumulation": 1, "base_dtype": "fp32"}
+    with ResultWriter(tmp_path / "r.jsonl") as w:
+        w.append(dict(base, cell="a", loss_chunks=8, peak_allocated_bytes=123))
+        w.append(dict(base, cell="b", loss_chunks=None, peak_allocated_bytes=456))
+        csv_path = w.write_csv()
+    text = csv_path.read_text()
+    assert ",8," in text or ",8\n" in text or text.count("8.0") == 0
+    rows = load_rows(str(csv_path))
+    assert [r["loss_chunks"] for r in rows] == [8, None] and rows[1]["peak_allocated_bytes"] == 456
+
+
+def test_config_json_problems(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 1000 + "]" * 1000)
+    one_line_error(["estimate", "--model", deep], str(deep), "nested too deep")
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"model_type": "llama", "hidden_size": 32, "hidden_size": 64}')
+    one_line_error(["estimate", "--model", twice], str(twice), "hidden_size", "given twice")
+    huge = tmp_path / "huge" / "config.json"
+    huge.parent.mkdir()
+    huge.write_text(json.dumps({"model_type": "llama", "hidden_size": 10**30, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 100}))
+    one_line_error(["estimate", "--model", huge], str(huge), "hidden_size", "below 2^31")
+    one_line_error(["fit", "--model", huge.parent, "--gpu", "24GiB"], str(huge), "hidden_size")  # a folder: its config.json
+
+
+def test_a_folder_holding_a_config_json_is_a_model():
+    res = CliRunner().invoke(main, ["estimate", "--model", str(ROOT / "scenarios" / "hf" / "tiny-llama"),
+                                    "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)[0]["est_peak_bytes"] > 0
+
+
+def test_options_a_scenario_would_ignore_are_refused():
+    quick = ROOT / "scenarios" / "quick.yaml"
+    one_line_error(["estimate", quick, "--seq", "0"], "--seq", "--model")
+    one_line_error(["estimate", quick, "--lora-rank", "4"], "--lora-rank")
+    res = CliRunner().invoke(main, ["estimate", str(quick), "--device", "cpu", "--format", "json"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["run", "scenarios/quick.yaml", "--cells", ",,", "--list"], ["--cells", "names no cell"]),
+    (["run", "scenarios/quick.yaml", "--seed", str(10**23), "--list"], ["--seed"]),
+    (["validate", "results/realworld-2026-12-02.jsonl", "--max-median-pct", "nan"], ["--max-median-pct", "finite"]),
+    (["validate", "results/realworld-2026-12-02.jsonl", "--max-p95-pct=-1"], ["--max-p95-pct", ">= 0"]),
+])
+def test_bad_option_values(args, needles, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    one_line_error(args, *needles)
+
+
+@pytest.mark.parametrize("exclude,needles", [
+    ("[{precision: fp64}]", ["exclude[0].precision", "'fp64' is not a value of matrix.precision"]),
+    ("[{lora_rank: -5}]", ["exclude[0].lora_rank", "exclude nothing"]),
+    ("[{precision: fp32}, {lora_targets: [q, k]}]", ["exclude[1].lora_targets"]),
+])
+def test_an_exclude_value_the_matrix_does_not_have_is_refused(exclude, needles, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndevice: cpu\nmodel: {preset: cpu-tiny}\nmatrix: {precision: [fp32, bf16], "
+                    f"lora_rank: [0, 4], lora_targets: [[q, v]]}}\nexclude: {exclude}\n")
+    one_line_error(["run", path, "--list"], str(path), *needles)
+
+
+def test_an_exclude_entry_on_the_matrix_still_drops_its_cells(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndevice: cpu\nmodel: {preset: cpu-tiny}\nmatrix: {precision: [fp32, bf16], "
+                    "lora_rank: [0, 4], lora_targets: [[q, v]]}\nexclude: [{precision: bf16, lora_targets: [v, q]}]\n")
+    res = CliRunner().invoke(main, ["run", str(path), "--list"])
+    assert res.exit_code == 0 and res.output.split() == ["fp32-full", "fp32-r4", "bf16-full"], res.output
+
+
+def test_plot_into_a_folder_that_takes_no_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    one_line_error(["plot", ROOT / "results" / "realworld-2026-12-02.jsonl", "-o", "/proc/lorabench-x.svg"],
+                   "--output", "cannot write")
