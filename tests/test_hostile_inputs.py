@@ -116,3 +116,23 @@ def test_plot_into_a_folder_that_takes_no_file(tmp_path):
     pytest.importorskip("matplotlib")
     one_line_error(["plot", ROOT / "results" / "realworld-2026-12-02.jsonl", "-o", "/proc/lorabench-x.svg"],
                    "--output", "cannot write")
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("model: {preset: cpu-tiny}\ntrain: {lr: 1e-3}\n", ["train.lr", "write it with a dot, e.g. 0.001"]),
+    ("model: {preset: cpu-tiny, hf: hf/tiny-llama}\n", ["model.hf", "not both"]),
+])
+def test_scenario_entries_that_would_be_misread(text, needles, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndevice: cpu\n" + text.replace("hf/tiny-llama", str(ROOT / "scenarios" / "hf" / "tiny-llama")))
+    one_line_error(["run", path, "--list"], str(path), *needles)
+
+
+def test_the_cell_list_is_machine_readable():
+    quick = str(ROOT / "scenarios" / "quick.yaml")
+    ids = CliRunner().invoke(main, ["run", quick, "--list"]).output.split()
+    res = CliRunner().invoke(main, ["run", quick, "--list", "--format", "json"])
+    assert res.exit_code == 0 and [c["cell"] for c in json.loads(res.output)] == ids
+    assert json.loads(res.output)[0]["precision"] in ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
+    csv_out = CliRunner().invoke(main, ["run", quick, "--list", "--format", "csv"]).output.splitlines()
+    assert len(csv_out) == len(ids) + 1 and "precision" in csv_out[0]

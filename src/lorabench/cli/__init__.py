@@ -77,9 +77,12 @@ def run_cmd(scenario, out, device, cells, seed, resume, list_only, max_cells, fo
         ls = dataclasses.replace(ls, scenario=dataclasses.replace(ls.scenario, seed=seed))
     check(ls)
     todo = select_cells(expand(ls, max_cells or MAX_CELLS), cells, scenario)
-    if list_only:
-        for c in todo:
-            click.echo(c.id)
+    if list_only:  # the cell ids (table), or each cell's id and spec (json, csv)
+        if fmt == "table":
+            click.echo("\n".join(c.id for c in todo))
+        else:
+            from ..present.writer import write
+            click.echo(write([dict(c.to_dict(), cell=c.id) for c in todo], fmt, table=None), nl=False)
         return
     from ..launch.run import run_device, run_scenario
     from rich.markup import escape

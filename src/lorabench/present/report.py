@@ -165,7 +165,10 @@ def parse_where(exprs, source: str = "--where") -> list[tuple]:
         m = WHERE.match(e)
         if not m:
             raise ConfigError(source, "", f"{e!r} is not KEY=VALUE (or !=, >, <, >=, <=)")
-        out.append((m.group(1), m.group(2), _value(m.group(3)), e))
+        value = _value(m.group(3))
+        if m.group(2) in (">", "<", ">=", "<=") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ConfigError(source, "", f"{e!r}: {m.group(2)} compares numbers, and {m.group(3)!r} is not one")
+        out.append((m.group(1), m.group(2), value, e))
     return out
 
 

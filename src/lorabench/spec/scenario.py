@@ -95,6 +95,8 @@ def model_config(mdata: dict, source: str, path: str = "model") -> ModelConfig:
     config.json's fields under the entry's own keys, which must not contradict what the config.json's
     model_type fixes."""
     mdata = dict(mdata)
+    if "preset" in mdata and mdata.get("hf") is not None:  # the config.json's fields would replace the preset's
+        raise ConfigError(source, f"{path}.hf", "give a preset or an hf config.json, not both")
     if "preset" in mdata:
         preset = mdata.pop("preset")
         if not isinstance(preset, str):

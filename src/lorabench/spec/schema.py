@@ -98,10 +98,21 @@ def type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def _yaml_hint(value: Any, tp: Any) -> str:
+    """YAML 1.1 reads 1e-3 (no dot) as text: say so where a number was wanted."""
+    if not isinstance(value, str) or float not in (tp, *typing.get_args(tp)):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return f" (YAML reads {value} as text: write it with a dot, e.g. {float(value)!r})"
+
+
 def coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it in canonical form."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(source, path, f"must be {type_name(tp)}, got {short(value)}")
+    bad = ConfigError(source, path, f"must be {type_name(tp)}, got {short(value)}{_yaml_hint(value, tp)}")
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
