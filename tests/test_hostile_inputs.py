@@ -136,3 +136,36 @@ def test_the_cell_list_is_machine_readable():
     assert json.loads(res.output)[0]["precision"] in ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
     csv_out = CliRunner().invoke(main, ["run", quick, "--list", "--format", "csv"]).output.splitlines()
     assert len(csv_out) == len(ids) + 1 and "precision" in csv_out[0]
+
+
+def test_a_device_is_not_a_missing_file_and_a_key_shows_its_spaces(tmp_path):
+    one_line_error(["report", "/dev/null"], "/dev/null", "not a regular file")
+    one_line_error(["run", "/dev/null", "--list"], "/dev/null", "not a regular file")
+    one_line_error(["report", tmp_path / "none.jsonl"], "no such file")
+    path = tmp_path / "s.yaml"
+    path.write_text('name: s\ndevice: cpu\nmodel: {preset: cpu-tiny, "d_ff ": 3}\n')
+    one_line_error(["run", path, "--list"], "model.'d_ff ': unknown key", "did you mean 'd_ff'")
+
+
+def test_a_config_json_value_is_named_by_its_own_key(tmp_path):
+    """estimate --model config.json: a value lorabench's model refuses is named as the file's key."""
+    base = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 128}
+    nan = tmp_path / "nan.json"
+    nan.write_text(json.dumps(dict(base, rope_theta=float("nan"))))
+    one_line_error(["estimate", "--model", nan], f"{nan}: rope_theta:", "finite")
+    moe = tmp_path / "moe.json"
+    moe.write_text(json.dumps(dict(base, model_type="mixtral", num_local_experts=4, num_experts_per_tok=8)))
+    one_line_error(["estimate", "--model", moe], f"{moe}: num_experts_per_tok:")
+    one_line_error(["estimate", "--model", moe, "--seq", "0"], "--seq")
+
+
+def test_a_byte_order_mark_is_read_past_as_in_yaml(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: the JSON readers take it as the YAML one does."""
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(b"\xef\xbb\xbf" + (ROOT / "results" / "realworld-2026-12-02.jsonl").read_bytes())
+    assert len(load_rows(str(rows))) == 28
+    cfg = tmp_path / "config.json"
+    cfg.write_bytes(b"\xef\xbb\xbf" + (ROOT / "scenarios" / "hf" / "tiny-llama" / "config.json").read_bytes())
+    res = CliRunner().invoke(main, ["estimate", "--model", str(cfg), "--format", "json"])
+    assert res.exit_code == 0, res.output

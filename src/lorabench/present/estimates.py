@@ -165,8 +165,13 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
     try:
         return estimates_for(parse_scenario(data, "options"), device, method, quiet)  # its adapter check too
     except ConfigError as e:
-        flag = next((f for k, f in OPTION_KEYS.items() if e.path.startswith(k)), e.path)
-        raise ConfigError(e.source, flag, e.message) from None
+        flag = next((f for k, f in OPTION_KEYS.items() if e.path.startswith(k)), None)
+        if flag is None and e.path.startswith("model.") and e.source == "options":  # a config.json's value
+            from ..spec.hf_config import config_key
+            named = config_key(model, e.path.removeprefix("model."))
+            if named:
+                raise ConfigError(*named, e.message) from None
+        raise ConfigError(e.source, flag or e.path, e.message) from None
 
 
 def _size(n: int | None) -> str:

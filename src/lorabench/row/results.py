@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from ..spec.schema import ConfigError
+from ..spec.schema import ConfigError, missing_file
 from .codec import is_int_field, is_text_field, row_problem
 
 
@@ -122,9 +122,9 @@ def load_rows(path: str) -> list[dict]:
             raise ConfigError(path, "", "no .jsonl result files in this folder")
         return [r for f in files for r in load_rows(str(f))]
     if not p.is_file():
-        raise ConfigError(path, "", "no such file")
+        raise ConfigError(path, "", missing_file(p))
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not a text file (a .jsonl of result rows is expected)") from None
     except OSError as e:

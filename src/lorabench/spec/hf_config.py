@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .schema import ConfigError, short
+from .schema import ConfigError, missing_file, short
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -54,9 +54,9 @@ DEFAULT_SEQ_LEN = 2048
 def _read(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(path, "", "no such file")
+        raise ConfigError(path, "", missing_file(p))
     try:
-        data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys(path))
+        data = json.loads(p.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys(path))
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not a text file") from None
     except OSError as e:
@@ -301,6 +301,15 @@ MOE_KEYS = {"n_experts": "num_local_experts", "experts_per_token": "num_experts_
 # ModelConfig field -> a Gemma config.json's key, written back as the other keys are
 GEMMA_KEYS = {"query_pre_attn_scalar": "query_pre_attn_scalar", "attn_softcap": "attn_logit_softcapping",
               "logit_softcap": "final_logit_softcapping"}
+
+
+def config_key(model: str, field: str) -> tuple[str, str] | None:
+    """(config.json path, its key) that a ModelConfig field of --model `model` was read from, when
+    `model` is a config.json or a folder holding one; None for a preset."""
+    if not (model.endswith(".json") or Path(model).is_dir()):
+        return None
+    keys = {**HF_KEYS["llama"], **MOE_KEYS, **GEMMA_KEYS}
+    return config_path(model), keys.get(field, field)
 
 
 def fixed_fields(fields: dict) -> dict:

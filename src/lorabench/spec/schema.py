@@ -185,7 +185,8 @@ def build(cls: type, data: Any, path: str, source: str) -> Any:
             allowed = ", ".join(fields)
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(source, join(path, str(key)), f"unknown key ({hint}allowed: {allowed})")
+            shown = str(key) if str(key).strip() == str(key) and str(key) else repr(str(key))  # 'd_ff ' shows its space
+            raise ConfigError(source, join(path, shown), f"unknown key ({hint}allowed: {allowed})")
     kwargs = {}
     for name, f in fields.items():
         sub = join(path, name)
@@ -239,12 +240,18 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def missing_file(p: Path) -> str:
+    """Why `p`, which is not a regular file, cannot be read: it does not exist, or it is something
+    else (a device such as /dev/null, a pipe, a socket)."""
+    return "not a regular file (a device, a pipe or a socket)" if p.exists() else "no such file"
+
+
 def read_yaml(path: str) -> Any:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(path, "", "is a directory, not a YAML file")
     if not p.is_file():
-        raise ConfigError(path, "", "no such file")
+        raise ConfigError(path, "", missing_file(p))
     try:
         return yaml.load(p.read_text(), Loader=StrictLoader)
     except yaml.YAMLError as e:
