@@ -104,7 +104,8 @@ class MatrixSpec:
                                      "autocast, no FP32 master copy, no loss scaling)", (nonempty,))
     lora_rank: list[int] = fld([0], "0 = full fine-tuning; > 0 trains only LoRA adapters", (nonempty,))
     lora_alpha: list[float] = fld([16.0], "LoRA scaling numerator: output scaled by alpha / rank", (nonempty,))
-    lora_targets: list[list[str]] = fld([["q", "v"]], "projections that get adapters: q, k, v (or a fused model's qkv), o, gate, up, down, head (the output head)", (nonempty,))
+    lora_targets: list[list[str]] = fld([["q", "v"]], "projections that get adapters: q, k, v (or a fused model's "
+                                        "qkv), o, gate, up, down, head (the output head)", (nonempty,))
     lora_dropout: list[float] = fld([0.0], "dropout on the LoRA input (adds a saved mask per target)", (nonempty,))
     checkpointing: list[bool] = fld([False], "recompute each block in backward: True reduces activation memory, costs a forward", (nonempty,))
     accumulation: list[int] = fld([1], "micro-batches per optimizer step: micro-batch = batch_size / accumulation", (nonempty,))

@@ -13,8 +13,9 @@ Counts (C d_model, H/G heads, D head_dim, F d_ff, V vocab, T_max positions):
   unless tied to tok_emb. A target adds its adapter's parameters (LoRA: A r·d_in and
   B d_out·r) just before its base weight (the adapted layer's own parameters precede
   its `base` submodule's); the head's (target head: d_in C, d_out V) come after norm_f,
-  before the head's weight or, tied, where it would be. A quantized base (nf4, int8) stores each block projection's
-  weight as bitsandbytes does (sim/quant.py); everything else in base_float_dtype.
+  before the head's weight or, tied, where it would be. A quantized base (nf4, int8)
+  stores each block projection's weight as bitsandbytes does (sim/quant.py); everything
+  else in base_float_dtype.
 """
 from __future__ import annotations
 
