@@ -125,6 +125,7 @@ def test_max_cells_and_cells_options(tmp_path, monkeypatch):
     (lambda d: put(d / "plain.txt", "x") / "r.jsonl", ["--out", "cannot write"]),
     (lambda d: Path("/proc/lorabench-test/r.jsonl"), ["--out", "cannot write"]),
     (lambda d: put(d / "old.jsonl", json.dumps(ROW) + "\n"), ["--out", "--resume"]),
+    (lambda d: d / "r.txt", ["--out", "must end in .jsonl"]),
 ])
 def test_bad_output_fails_before_any_cell(out, needles, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -233,17 +233,18 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     for ph in ("forward", "backward"):
         v, cats = res.peak(0, ph, micro_b)
         cats["scalars"] = 0
+        first = True  # the phase peaks in the step's first micro-batch
         if cell.accumulation > 1:
             v2, cats2 = res.peak(1, ph, micro_b)
             later = SCALARS_LATER_MICROBATCH[ph]
             prev = held if ph == "forward" else 0
-            if v2 + dev_grads + later + prev > v:
-                cats = dict(cats2, grads=dev_grads, scalars=later)
+            if v2 + dev_grads + later + prev + (scaler if window_steps < 2 else 0) > v:
+                cats, first = dict(cats2, grads=dev_grads, scalars=later), False
                 if prev:
                     cats["graph_held"] = prev
         terms = dict(const, optimizer_state=state_fb, **cats)
-        if ph == "forward" and window_steps < 2:
-            terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's backward
+        if ph == "forward" and window_steps < 2 and first:
+            terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's first backward
         phases[ph] = (sum(terms.values()), terms)
     opt_tmp = optimizer_temporaries(opt, groups, impl) * on_device if stepped else 0
     terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=dev_grads,

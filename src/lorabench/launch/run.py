@@ -25,6 +25,8 @@ def open_results(path: Path, jobs: list[CellJob], resume: bool):
     """Yields (writer, jobs still to run). The file is locked first, so a second run on it
     gets one line before it reads or writes anything; an existing file needs `resume`, and
     every row of it whose cell is in `jobs` must carry that job's config_hash."""
+    if path.suffix not in ("", ".jsonl"):  # r.csv, r.txt: a folder's readers take *.jsonl; the CSV goes beside
+        raise ConfigError(str(path), "--out", "must end in .jsonl (JSON lines; the CSV is written beside it)")
     writer = ResultWriter(path)
     try:
         if path.stat().st_size and not resume:

@@ -101,16 +101,20 @@ def check_head_only(strategy: str, loss: str, targets: Optional[tuple]) -> None:
                                          "or use loss standard)")
 
 
-def adalora_budget(rank: int, adapter: Optional[str], budget: Optional[int]) -> Optional[int]:
+def adalora_budget(rank: int, adapter: Optional[str], budget: Optional[int], backend: Optional[str] = None) -> Optional[int]:
     """A cell's adalora_target_rank: None unless the adapter is adalora (rank > 0); lora_rank // 2
-    (at least 1) by default; an integer in [1, lora_rank] (FieldError otherwise)."""
+    (at least 1) by default; an integer in [1, lora_rank] (FieldError otherwise), below lora_rank
+    through PEFT, whose RankAllocator takes the k-th smallest score with k = init_r - target_r
+    (torch's kthvalue refuses k = 0)."""
     if rank == 0 or adapter != "adalora":
         return None
-    if budget is None:
-        return max(1, rank // 2)
+    budget = max(1, rank // 2) if budget is None else budget
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= rank:
         raise FieldError("adalora_target_rank", f"adalora prunes its initial rank lora_rank={rank} to this budget: "
                                                 f"must be an integer in [1, {rank}], got {budget!r}")
+    if backend == "peft" and budget == rank:
+        raise FieldError("adalora_target_rank", f"PEFT's AdaLoRA prunes at least one triplet: its budget must be below "
+                                                f"lora_rank={rank}, got {budget}" + " (lora_rank 1 leaves none)" * (rank == 1))
     return budget
 
 

@@ -251,7 +251,8 @@ class Cell:
         put("loss_chunks", None if self.loss == "standard" else 8 if self.loss_chunks is None else self.loss_chunks)
         if self.loss_chunks is not None:  # the chunked loss's (the standard one has none)
             int_at_least("loss_chunks", self.loss_chunks, 1)
-        put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank))
+        put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank,
+                                                  self.adapter_backend))
         if self.lora_rank == 0:
             for k in ("lora_alpha", "lora_targets", "lora_dropout", "adapter", "lora_plus_ratio", "adapter_backend",
                       "merged_qkv_enable"):

@@ -101,6 +101,9 @@ class ModelConfig:
             if self.experts_per_token > self.n_experts:
                 raise FieldError("experts_per_token", f"must be <= n_experts={self.n_experts}, "
                                                       f"got {self.experts_per_token}")
+            if self.experts_implementation == "grouped_mm" and (self.d_model % 8 or self.d_ff % 8):
+                raise FieldError("experts_implementation", "grouped_mm needs rows of 16 bytes (d_model and d_ff "
+                                 f"multiples of 8), got d_model={self.d_model}, d_ff={self.d_ff}: use eager")
         else:
             for name in ("experts_per_token", "experts_implementation"):
                 if getattr(self, name) is not None:

@@ -200,6 +200,11 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
                                   f"unknown target {short(t)} for a {kind} model (allowed: {', '.join(allowed)})")
         if not targets:
             raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
+    for (i, b), p in itertools.product(enumerate(matrix.base_dtype), matrix.precision):
+        if model.style == "gpt2" and {p, b} == {"bf16", "fp16"} and any(matrix.lora_rank) and \
+                not excluded(precision=p, base_dtype=b):  # torch's layer_norm: no fp16 weight for a bf16 input
+            raise ConfigError(source, f"matrix.base_dtype[{i}]", f"a gpt2 model's LayerNorm under {p} autocast takes "
+                              f"its weights in {p} or fp32, not {b} (torch refuses the mix): use base_dtype {p}")
     if model.n_experts:
         for i, b in enumerate(matrix.base_dtype):
             if b in QUANT_DTYPES and any(matrix.lora_rank):

@@ -70,10 +70,10 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
         if name == "o" and cfg.qk_norm:  # Qwen3's per-head norms, registered after o
             out += [ParamSpec(f"blocks.{i}.{n}", i, cfg.head_dim, base_dt, train_base, (cfg.head_dim,))
                     for n in ("q_norm", "k_norm")]
-        if cfg.sandwich_norm and name in ("o", "down"):  # Gemma's norms of the attention's and MLP's outputs
-            out += norm("attn_out_norm" if name == "o" else "mlp_out_norm")
         if name == "router":
             out += expert_params(cfg, i, base_dt, train_base)
+        if cfg.sandwich_norm and name in ("o", "down", "router"):  # the norms of attention's and the MLP's
+            out += norm("attn_out_norm" if name == "o" else "mlp_out_norm")  # outputs (Gemma), after each
     return out
 
 
