@@ -67,3 +67,22 @@ def test_peft_adalora_needs_a_budget_below_its_rank():
 def test_a_gpt2_layernorm_does_not_take_the_other_16_bit_type(tmp_path, precision, base):
     estimate_refuses(tmp_path, "{preset: gpt2}", f"{{precision: {precision}, lora_rank: 4, base_dtype: {base}}}",
                      "matrix.base_dtype[0]", f"LayerNorm under {precision} autocast")
+
+
+def test_full_fine_tuning_of_a_fused_model_loads_without_targets(tmp_path):
+    """The default lora_targets [q, v] is not judged when every cell trains in full (nothing is wrapped)."""
+    from click.testing import CliRunner
+    from lorabench.cli import main
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ndevice: cpu\nmodel: {preset: cpu-tiny, fused_qkv: true}\nmatrix: {precision: [fp32, bf16]}\n")
+    res = CliRunner().invoke(main, ["run", str(path), "--list"])
+    assert res.exit_code == 0 and res.output.split() == ["fp32-full", "bf16-full"], res.output
+
+
+@pytest.mark.parametrize("cell", [Cell(precision="fp16-pure"), Cell(precision="fp16"),
+                                  Cell(precision="fp32", lora_rank=1, lora_targets=("q",), base_dtype="fp16")],
+                         ids=["fp16-pure", "fp16", "fp16-base"])
+def test_fp16_experts_are_traced(cell):
+    """torch's fake grouped_mm takes bf16 only: fp16 experts are traced as shapes, as fp32 ones are."""
+    exact(ModelConfig(d_model=16, n_heads=2, d_ff=16, vocab_size=31, seq_len=8, n_experts=2, experts_per_token=1,
+                      n_layers=1), cell, batch_size=2)

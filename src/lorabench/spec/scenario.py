@@ -190,8 +190,8 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
         raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
                           f"fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v")
     for i, targets in enumerate(matrix.lora_targets):
-        if excluded(lora_targets=targets):
-            continue
+        if excluded(lora_targets=targets) or (not any(matrix.lora_rank) and targets == ["q", "v"]):
+            continue  # the default targets, which full fine-tuning never wraps (a fused model has no q, v)
         allowed = allowed_targets(model)
         kind = ("mixture-of-experts" if model.n_experts else model.style) + " fused-qkv" * model.fused_qkv
         for j, t in enumerate(targets):

@@ -91,7 +91,7 @@ class Experts(nn.Module):
 
 def _grouped_mm(x, w, offsets):
     """Rows of x (sorted by expert) times their expert's w (E, d_in, d_out), as transformers calls it."""
-    if _shapes_only and w.dtype == torch.float32:
+    if _shapes_only and w.dtype != torch.bfloat16:  # fake tensors: torch's meta rule takes bf16 only
         return ShapeGroupedMM.apply(x.to(w.dtype), w, offsets)
     mm = getattr(F, "grouped_mm", None)
     if mm is not None:
@@ -99,12 +99,12 @@ def _grouped_mm(x, w, offsets):
     return torch._grouped_mm(x.to(w.dtype), w, offs=offsets)
 
 
-_shapes_only = False  # set by shapes_only_grouped_mm (the trace of FP32 experts)
+_shapes_only = False  # set by shapes_only_grouped_mm (the trace of FP32 and FP16 experts)
 
 
 class ShapeGroupedMM(torch.autograd.Function):
     """torch._grouped_mm's allocations without its kernel, for fake tensors: torch 2.13 has no
-    fake-tensor (meta) rule for FP32 operands. Its output, what it saves (each operand the other's
+    fake-tensor (meta) rule for FP32 or FP16 operands. Its output, what it saves (each operand the other's
     gradient needs, and the offsets) and its gradients (W's first, then x's) are the op's own."""
 
     @staticmethod
