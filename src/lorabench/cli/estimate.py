@@ -44,7 +44,7 @@ SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
 @click.option("--precision", type=PRECISION, default="fp32", show_default=True,
               help="fp32; fp16/bf16 (autocast); bf16-pure/fp16-pure (everything stored in 16 bits)")
 @click.option("--lora-rank", type=int, default=0, show_default=True, help="0 = full fine-tuning")
-@click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
+@click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v (or a fused model's qkv),o,gate,up,down,head")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True,
               help="dropout on the adapters' input (a saved mask per distinct input)")
 @click.option("--adapter", default="lora", show_default=True,

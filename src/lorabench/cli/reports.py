@@ -68,7 +68,7 @@ def claims_cmd(results, fmt):
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--batch", type=int, default=8, show_default=True,
               help="sequences per optimizer step (per GPU with --gpus)")
-@click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v,o,gate,up,down")
+@click.option("--lora-targets", default="q,v", show_default=True, help="comma-separated: q,k,v (or a fused model's qkv),o,gate,up,down,head")
 @click.option("--margin", type=float, default=0.10, show_default=True,
               help="safety margin: usable = (1 - margin) × GPU memory")
 @click.option("--precision", default="auto", show_default=True,

@@ -41,7 +41,7 @@ import functools
 from dataclasses import dataclass
 
 from ..optimizers import names as optimizer_names
-from ..spec.config import BASE_DTYPES, LOSSES, QUANT_DTYPES, Cell
+from ..spec.config import BASE_DTYPES, DEFAULT_TARGETS, LOSSES, QUANT_DTYPES, Cell
 from ..spec.scenario import cell_id
 from ..spec.schema import ConfigError
 
@@ -53,7 +53,6 @@ OPTIMIZER_ORDER = ("adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd"
 IMPLEMENTATIONS = ("auto", "foreach", "fused", "forloop")  # AdamW's (TrainConfig.optimizer)
 QUANT_PRECISIONS = {"nf4": ("bf16", "bf16-pure", "fp16"), "int8": ("bf16", "fp16")}  # where each is tried
 OTHER_QUANT_PRECISIONS = ("bf16", "bf16-pure", "fp16")  # a quantized dtype not named above
-DEFAULT_TARGETS = ("q", "v")
 AMP_OPTIMIZERS = 2  # of the default list: AdamW and 8-bit AdamW under autocast (its FP32 master dominates)
 STRATEGIES_OVER_GPUS = ("ddp", "fsdp2", "fsdp2-offload")  # fsdp2-offload: FSDP2 with CPUOffloadPolicy
 

@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from ..spec.schema import ConfigError, missing_file
+from ..spec.schema import ConfigError, DuplicateKey, missing_file, unique_keys
 from .codec import is_int_field, is_text_field, row_problem
 
 
@@ -136,11 +136,11 @@ def load_rows(path: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line, object_pairs_hook=_unique_keys)
+            row = json.loads(line, object_pairs_hook=unique_keys)
+        except DuplicateKey as e:
+            raise ConfigError(path, f"line {i}", f"key {e.key!r} given twice") from None
         except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(path, f"line {i}", f"not a JSON object: {getattr(e, 'msg', 'nested too deep')}") from None
-        except KeyError as e:
-            raise ConfigError(path, f"line {i}", f"key {e.args[0]!r} given twice") from None
         problem = row_problem(row)
         if problem:
             raise ConfigError(path, f"line {i}", problem)
@@ -148,16 +148,6 @@ def load_rows(path: str) -> list[dict]:
     if not rows:
         raise ConfigError(path, "", "no result rows in this file")
     return rows
-
-
-def _unique_keys(pairs: list) -> dict:
-    """json's object_pairs_hook: KeyError for a key given twice (json would keep the last silently)."""
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise KeyError(k)
-        out[k] = v
-    return out
 
 
 def csv_rows(text: str, path: str) -> list[dict]:

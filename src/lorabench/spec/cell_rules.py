@@ -14,6 +14,8 @@ LORA_TARGETS = BLOCK_TARGETS + ("head",)
 """what adapters can wrap: the block projections and the output head (the LM head, V x C; litgpt's
 lora_head, PEFT's "lm_head" target). On a tied head the adapter's branch is the head's alone: the
 embedding's lookup is unchanged"""
+DEFAULT_TARGETS = ("q", "v")
+"""the targets of an adapter cell that names none (the LoRA paper's choice)"""
 QKV_SLICES = ("q", "k", "v")
 """the slices of a fused qkv projection, in the order of its output's rows"""
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure", "fp16-pure")
@@ -36,7 +38,7 @@ def quant_problem(base_dtype) -> Optional[str]:
 
 def canonical_targets(targets) -> tuple:
     """An adapter cell's targets: known names, each once, in LORA_TARGETS' order (default q, v)."""
-    targets = tuple(targets or ("q", "v"))
+    targets = tuple(targets or DEFAULT_TARGETS)
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown:
         raise FieldError("lora_targets", f"unknown target {unknown[0]!r} (allowed: {', '.join(LORA_TARGETS)})")

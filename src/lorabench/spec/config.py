@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 from .schema import ConfigError, FieldError, build, fld, ge, gt, le, lt, nonempty, run_checks
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401 (the spec's names)
-from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, BLOCK_TARGETS, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
+from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, BLOCK_TARGETS, DEFAULT_TARGETS, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget, merged_qkv_enable,
                          backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields,
                          check_head_only)
@@ -104,7 +104,7 @@ class MatrixSpec:
                                      "autocast, no FP32 master copy, no loss scaling)", (nonempty,))
     lora_rank: list[int] = fld([0], "0 = full fine-tuning; > 0 trains only LoRA adapters", (nonempty,))
     lora_alpha: list[float] = fld([16.0], "LoRA scaling numerator: output scaled by alpha / rank", (nonempty,))
-    lora_targets: list[list[str]] = fld([["q", "v"]], "projections that get adapters: q, k, v (or a fused model's "
+    lora_targets: list[list[str]] = fld([list(DEFAULT_TARGETS)], "projections that get adapters: q, k, v (or a fused model's "
                                         "qkv), o, gate, up, down, head (the output head)", (nonempty,))
     lora_dropout: list[float] = fld([0.0], "dropout on the LoRA input (adds a saved mask per target)", (nonempty,))
     checkpointing: list[bool] = fld([False], "recompute each block in backward: True reduces activation memory, costs a forward", (nonempty,))

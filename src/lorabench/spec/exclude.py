@@ -35,8 +35,7 @@ def hashable(v: Any) -> Any:
 
 def _same(key: str, a: Any, b: Any) -> bool:
     """An axis value against an `exclude` entry's; lora_targets as sets ([v, q] is [q, v])."""
-    both = key == "lora_targets" and a is not None and b is not None and isinstance(a, (list, tuple)) \
-        and isinstance(b, (list, tuple))
+    both = key == "lora_targets" and isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
     return set(a) == set(b) if both else hashable(a) == hashable(b)
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .schema import ConfigError, missing_file, short
+from .schema import ConfigError, DuplicateKey, missing_file, short, unique_keys
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -56,7 +56,9 @@ def _read(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(path, "", missing_file(p))
     try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys(path))
+        data = json.loads(p.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+    except DuplicateKey as e:  # (a ValueError, as JSONDecodeError: caught first)
+        raise ConfigError(path, e.key, "given twice") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not a text file") from None
     except OSError as e:
@@ -68,18 +70,6 @@ def _read(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(path, "", "must be a JSON object")
     return data
-
-
-def _unique_keys(path: str):
-    """json's object_pairs_hook: a key given twice is refused (transformers would keep the last)."""
-    def build(pairs):
-        seen = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise ConfigError(path, k, "given twice")
-            seen.add(k)
-        return dict(pairs)
-    return build
 
 
 def _int(data: dict, key: str, path: str, default=None) -> int:
@@ -250,6 +240,11 @@ HF_KEYS = {
 }
 
 
+def is_config(name: str) -> bool:
+    """Whether --model / a preset name `name` is a config.json path or a folder holding one (else a preset)."""
+    return name.endswith(".json") or Path(name).is_dir()
+
+
 def config_path(path: str) -> str:
     """A config.json path, or a directory holding one, as the config.json's path."""
     p = Path(path)
@@ -306,7 +301,7 @@ GEMMA_KEYS = {"query_pre_attn_scalar": "query_pre_attn_scalar", "attn_softcap": 
 def config_key(model: str, field: str) -> tuple[str, str] | None:
     """(config.json path, its key) that a ModelConfig field of --model `model` was read from, when
     `model` is a config.json or a folder holding one; None for a preset."""
-    if not (model.endswith(".json") or Path(model).is_dir()):
+    if not is_config(model):
         return None
     keys = {**HF_KEYS["llama"], **MOE_KEYS, **GEMMA_KEYS}
     return config_path(model), keys.get(field, field)

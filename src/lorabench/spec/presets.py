@@ -19,8 +19,8 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 def preset_data(name: str, source: str = "preset", path: str = "model.preset") -> dict:
     """The raw fields of preset `presets/NAME.yaml`, or of a Hugging Face config.json path."""
-    if name.endswith(".json") or Path(name).is_dir():  # a folder: its config.json, as a scenario's model.hf
-        from .hf_config import config_path, hf_config_fields
+    from .hf_config import config_path, hf_config_fields, is_config
+    if is_config(name):  # a folder: its config.json, as a scenario's model.hf
         return hf_config_fields(config_path(name))
     name = preset_name(name, source, path)
     data = read_yaml(str(PRESET_DIR / f"{name}.yaml"))
@@ -30,8 +30,8 @@ def preset_data(name: str, source: str = "preset", path: str = "model.preset") -
 
 def load_preset(name: str, source: str = "preset", path: str = "model.preset") -> ModelConfig:
     """A validated ModelConfig from a preset name or a config.json path."""
-    file = name if name.endswith(".json") or Path(name).is_dir() else \
-        str(PRESET_DIR / f"{preset_name(name, source, path)}.yaml")
+    from .hf_config import is_config
+    file = name if is_config(name) else str(PRESET_DIR / f"{preset_name(name, source, path)}.yaml")
     return build(ModelConfig, preset_data(name, source, path), "", file)
 
 

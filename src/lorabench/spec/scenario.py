@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..optimizers import get as get_optimizer, names as optimizer_names
-from .config import (AXES, AXIS_CHECKS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
+from .config import (AXES, AXIS_CHECKS, DEFAULT_TARGETS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
                      allowed_targets, check_parallel)
 from .exclude import LIST_VALUED, check_exclude, excluded_by, hashable
 from .hf_config import fixed_fields, hf_model_fields
@@ -190,7 +190,7 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
         raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
                           f"fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v")
     for i, targets in enumerate(matrix.lora_targets):
-        if excluded(lora_targets=targets) or (not any(matrix.lora_rank) and targets == ["q", "v"]):
+        if excluded(lora_targets=targets) or (not any(matrix.lora_rank) and targets == list(DEFAULT_TARGETS)):
             continue  # the default targets, which full fine-tuning never wraps (a fused model has no q, v)
         allowed = allowed_targets(model)
         kind = ("mixture-of-experts" if model.n_experts else model.style) + " fused-qkv" * model.fused_qkv

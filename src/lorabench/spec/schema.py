@@ -207,6 +207,25 @@ def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+class DuplicateKey(ValueError):
+    """A JSON object gives `key` twice (unique_keys)."""
+
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: DuplicateKey for a key given twice (json would keep the last
+    silently), as StrictLoader refuses one in YAML."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 class StrictLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses aliases (a few hundred bytes of nested aliases expand
     without bound), nesting deeper than `max_depth` and duplicate keys (YAML silently keeps
