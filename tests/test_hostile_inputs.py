@@ -158,6 +158,10 @@ def test_a_config_json_value_is_named_by_its_own_key(tmp_path):
     moe.write_text(json.dumps(dict(base, model_type="mixtral", num_local_experts=4, num_experts_per_tok=8)))
     one_line_error(["estimate", "--model", moe], f"{moe}: num_experts_per_tok:")
     one_line_error(["estimate", "--model", moe, "--seq", "0"], "--seq")
+    gpt2 = tmp_path / "gpt2.json"  # gpt2's own key names
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100,
+                                "n_positions": 128, "layer_norm_epsilon": float("nan")}))
+    one_line_error(["estimate", "--model", gpt2], f"{gpt2}: layer_norm_epsilon:", "finite")
 
 
 def test_a_byte_order_mark_is_read_past_as_in_yaml(tmp_path):

@@ -303,8 +303,10 @@ def config_key(model: str, field: str) -> tuple[str, str] | None:
     `model` is a config.json or a folder holding one; None for a preset."""
     if not is_config(model):
         return None
-    keys = {**HF_KEYS["llama"], **MOE_KEYS, **GEMMA_KEYS}
-    return config_path(model), keys.get(field, field)
+    file = config_path(model)
+    family = "gpt2" if _read(file).get("model_type") == "gpt2" else "llama"  # as hf_config_dict reads it
+    keys = {**HF_KEYS[family], **MOE_KEYS, **GEMMA_KEYS}
+    return file, keys.get(field, field)
 
 
 def fixed_fields(fields: dict) -> dict:
