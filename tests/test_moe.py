@@ -49,7 +49,7 @@ def measure(cfg: ModelConfig, cell: Cell, b: int = 2):
             base = mem.current_bytes
             mem.start_window()
             mem.phase("forward0")
-            loss = compute_loss(model, x, y, cell.precision, cell.loss_chunks) / cell.accumulation
+            loss = compute_loss(model, x, y, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks) / cell.accumulation
             mem.phase("backward0")
             scaler.scale(loss).backward()
             del loss

@@ -56,6 +56,8 @@ def test_the_chunked_loss_is_normalised_and_named_in_the_cell_id():
     assert c.loss_chunks == 8 and Cell(precision="fp32", loss_chunks=4).loss_chunks is None
     assert cell_id(c, set()) == "fp32-full-chunked"
     assert cell_id(dataclasses.replace(c, loss_chunks=4), {"loss_chunks"}) == "fp32-full-chunked4"
+    native = Cell(precision="bf16-pure", loss="native", loss_chunks=4)  # chunks belong to the chunked loss
+    assert native.loss_chunks is None and cell_id(native, {"loss_chunks"}) == "bf16-pure-full-native"
     plus = Cell(precision="fp32", lora_rank=4, adapter="lora-plus", lora_plus_ratio=4)
     assert cell_id(plus, {"lora_plus_ratio"}) == "fp32-lora-plus-r4-x4" and cell_id(plus, set()) == "fp32-lora-plus-r4"
     with pytest.raises(FieldError) as e:
@@ -107,7 +109,7 @@ def test_the_chunked_loss_equals_the_standard_loss_and_its_gradients(model, prec
     out = {}
     for chunks in (None, 3):
         net = build_model(model, Cell(precision=precision, lora_rank=rank), "cpu", 0)
-        loss = compute_loss(net, x, y, precision, chunks)
+        loss = compute_loss(net, x, y, precision, loss="chunked" if chunks else "standard", loss_chunks=chunks)
         loss.backward()
         out[chunks] = loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     (l0, g0), (l1, g1) = out[None], out[3]
@@ -116,6 +118,34 @@ def test_the_chunked_loss_equals_the_standard_loss_and_its_gradients(model, prec
     assert g0.keys() == g1.keys() and g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], **tol)
+
+
+@pytest.mark.parametrize("precision,base", [("bf16-pure", "bf16"), ("fp16-pure", "fp16"), ("bf16", "bf16"),
+                                            ("fp32", "bf16"), ("fp32", "fp32")])
+def test_the_native_loss_is_the_standard_loss_in_the_logits_dtype(precision, base):
+    """native: the cross-entropy of the logits as they come, 16-bit where no autocast runs (a pure
+    precision, or an fp32 cell's 16-bit base); under autocast torch's cross_entropy upcasts them."""
+    x, y = batch(DEEP)
+    net = build_model(DEEP, Cell(precision=precision, lora_rank=4, base_dtype=base), "cpu", 0)
+    std, native = (compute_loss(net, x, y, precision, loss=loss) for loss in ("standard", "native"))
+    assert std.dtype == torch.float32
+    assert native.dtype == (torch.float32 if precision == "bf16" else getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[base]))
+    tol = dict(rtol=2e-2, atol=0) if native.dtype != torch.float32 else dict(rtol=0, atol=0)
+    torch.testing.assert_close(native.float(), std, **tol)
+    assert native.grad_fn.next_functions[0][0].name().startswith("LogSoftmax")
+
+
+def test_the_native_loss_lowers_the_peak_only_where_the_logits_stay_16_bit():
+    wide = dataclasses.replace(LLAMA, vocab_size=4096)
+    for precision, base, lower in (("bf16-pure", "bf16", True), ("fp16-pure", "fp16", True), ("fp32", "bf16", True),
+                                   ("bf16", "bf16", False), ("fp32", "fp32", False)):
+        std, native = (estimate(wide, Cell(precision=precision, lora_rank=4, base_dtype=base, loss=loss), 4)
+                       for loss in ("standard", "native"))
+        assert (native.est_peak_bytes < std.est_peak_bytes) is lower, precision
+        if lower:  # backward's log-softmax and two gradients, 4 B each per logit, become 2 B ones
+            assert native.breakdown["logits_loss"] * 2 == std.breakdown["logits_loss"] == 12 * 4 * LLAMA.seq_len * 4096
+        else:
+            assert native.est_peak_bytes == std.est_peak_bytes
 
 
 def test_the_chunked_loss_recomputes_the_head_in_hardware_flops_only():
@@ -135,6 +165,11 @@ CELLS = [
     (DEEP, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", loss="chunked", loss_chunks=5)),
     (GPT2, Cell(precision="fp16", accumulation=2, loss="chunked")),
     (DEEP, Cell(precision="bf16-pure", lora_rank=4, checkpointing=True, loss="chunked", loss_chunks=4)),
+    (DEEP, Cell(precision="bf16-pure", loss="native")),
+    (GPT2, Cell(precision="fp16-pure", lora_rank=4, checkpointing=True, accumulation=2, loss="native")),
+    (LLAMA, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", loss="native")),  # autocast upcasts it
+    (LLAMA, Cell(precision="fp32", loss="native")),
+    (DEEP, Cell(precision="fp32", lora_rank=4, base_dtype="bf16", loss="native")),  # the bf16 head's logits
 ]
 
 
@@ -168,12 +203,16 @@ def test_hf_cells_run_pure_and_chunked_and_the_trace_equals_them(tmp_path):
     model = ModelConfig(name="hf", hf=str(tmp_path / "config.json"), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                         d_ff=64, vocab_size=96, seq_len=16, attn_implementation="sdpa")
     assert stack_for(model).name == "hf"
-    for cell in (Cell(precision="bf16-pure", lora_rank=4), Cell(precision="fp32", loss="chunked", loss_chunks=3)):
+    for cell in (Cell(precision="bf16-pure", lora_rank=4), Cell(precision="fp32", loss="chunked", loss_chunks=3),
+                 Cell(precision="bf16-pure", lora_rank=4, loss="native")):
         j = job(model, cell)
         row = run_cell(j)
         assert row["status"] == "ok", row.get("error")
         t, _ = trace(j)
-        assert t.est_peak_bytes == row["peak_allocated_bytes"]
+        a = estimate(model, cell, TRAIN.batch_size, device="cpu", window_steps=TRAIN.warmup_steps)
+        assert t.est_peak_bytes == row["peak_allocated_bytes"], cell
+        # an HF cell's analytic estimate is the built-in stack's: the issue's 5 % (test_hf_stack.py)
+        assert abs(a.est_peak_bytes - row["peak_allocated_bytes"]) <= 0.05 * row["peak_allocated_bytes"], cell
 
 
 def test_estimate_takes_the_pure_precisions_and_lora_dropout_from_the_command_line():

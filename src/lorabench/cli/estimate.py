@@ -60,8 +60,9 @@ SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
 @click.option("--optimizer-impl", "optimizer_impl", type=click.Choice(list(IMPLS)), default=None,
               help="the optimizer's implementation (auto = foreach on CUDA, for-loop on CPU)  [default: auto]")
 @click.option("--loss", type=click.Choice(list(LOSSES)), default="standard", show_default=True,
-              help="standard (the whole (N, V) FP32 logits at once) or chunked (head and cross-entropy per token "
-                   "chunk, recomputed in backward)")
+              help="standard (the whole (N, V) FP32 logits at once), chunked (head and cross-entropy per token "
+                   "chunk, recomputed in backward) or native (the whole logits, the cross-entropy in their own "
+                   "dtype: litgpt's; differs from standard in bf16-pure, fp16-pure only)")
 @click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
               help="token chunks of the chunked loss")
 @click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")

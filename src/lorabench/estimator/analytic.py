@@ -80,10 +80,11 @@ PHASES = ("forward", "backward", "optimizer")
 CUBLAS_WORKSPACE_BYTES = {"default": 4096 * 1024 * 2 + 16 * 1024 * 8, "hopper": 32 * 1024 * 1024}
 CUBLAS_HANDLES = 2            # the Python thread's and autograd's CUDA device thread's
 CUDA_CONTEXT_BYTES = 500 * 1024 ** 2  # typical; depends on driver, CUDA version, lazy loading
-# 4-byte tensors of train_step: a later micro-batch's forward still holds the previous
-# `loss` and the running `total` (backward: `total`); the optimizer step holds both,
-# and with fp16 GradScaler's found_inf and inv_scale.
-SCALARS_LATER_MICROBATCH = {"forward": 8, "backward": 4}
+# Scalars of train_step: a later micro-batch's forward still holds the previous `loss` and
+# the running `total` (backward: `total`), each in the loss's dtype (4 B, or 2 B for the
+# native loss of 16-bit logits); the optimizer step holds both, and with fp16 GradScaler's
+# 4-byte found_inf and inv_scale.
+LOSS_SCALARS_LATER_MICROBATCH = {"forward": 2, "backward": 1}
 OPT_SCALARS_FP16 = {"other": 4, "fused": 12}  # found_inf; fused also its sum and grad_scale
 # fp16, before step(): unscale_ holds the scale as a double and its reciprocal (8 + 8 B), then
 # inv_scale, found_inf and a copy of each (4 B each); the fused path's check of the gradients
@@ -103,7 +104,7 @@ TERMS = {
     "logits_loss": "logits (N·V·a), fp32 copy and log-softmax (N·V·4 each), their gradients",
     "backward_buffers": "gradients in flight, branch sums, dtype casts during backward",
     "recompute": "checkpointing: one block's recomputed saved tensors and temporaries",
-    "scalars": "4-byte tensors of train_step (previous loss, running total, GradScaler's found_inf)",
+    "scalars": "scalar tensors of train_step (previous loss, running total, GradScaler's found_inf)",
     "graph_held": "what the previous loss's autograd graph still keeps (bitsandbytes int8: each projection's input) "
                   "until the next loss replaces it, and the last one through the optimizer step",
     "ddp_buckets": "ddp: the Reducer's gradient buckets, one copy of the trainable gradients (estimator/parallel.py)",
@@ -236,7 +237,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         first = True  # the phase peaks in the step's first micro-batch
         if cell.accumulation > 1:
             v2, cats2 = res.peak(1, ph, micro_b)
-            later = SCALARS_LATER_MICROBATCH[ph]
+            later = LOSS_SCALARS_LATER_MICROBATCH[ph] * res.loss_itemsize
             prev = held if ph == "forward" else 0
             if v2 + dev_grads + later + prev + (scaler if window_steps < 2 else 0) > v:
                 cats, first = dict(cats2, grads=dev_grads, scalars=later), False
@@ -249,7 +250,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     opt_tmp = optimizer_temporaries(opt, groups, impl) * on_device if stepped else 0
     terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=dev_grads,
                  optimizer_temporaries=opt_tmp, graph_held=held,
-                 scalars=8 + (OPT_SCALARS_FP16["fused" if opt.scaler_in_step(impl) else "other"]
+                 scalars=2 * res.loss_itemsize + (OPT_SCALARS_FP16["fused" if opt.scaler_in_step(impl) else "other"]
                               if cell.uses_loss_scaler else 0))
     phases["optimizer"] = (sum(terms.values()), terms)
     if cell.uses_loss_scaler:  # GradScaler's unscale_ (fused: its inf check), before step(): state as in forward

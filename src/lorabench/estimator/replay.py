@@ -16,7 +16,7 @@ from ..sim.engine import Sim
 from ..sim.ops import DTYPES
 from ..sim.peaks import at_batch
 from ..sim.rules import unary_backward
-from ..sim.tensors import CATEGORIES, F32
+from ..sim.tensors import CATEGORIES, F32, ITEM_BYTES
 from ..spec.config import Cell, ModelConfig
 from ..stacks import stack_for
 from .parallel import compute_cell, fsdp_plan
@@ -34,6 +34,7 @@ class SimResult:
     lines: dict
     saved: tuple
     graph_held: int = 0  # bytes the autograd graph keeps after backward (ctx attributes), A + B·K
+    loss_itemsize: int = 4  # bytes of the loss scalar: 4, or 2 for the native loss of 16-bit logits
 
     def peak(self, reading: int, phase: str, b: int) -> tuple[int, dict]:
         best = max(self.lines[(reading, phase)], key=lambda ln: ln[0] + ln[1] * b)
@@ -77,7 +78,7 @@ def replay(cfg: ModelConfig, cell: Cell, device: str, micro_batch: int = K_SYMBO
     sim.run_backward(root)
     sim.drop(root)
     sim.drop(loss)
-    return SimResult(sim.lines(K_SYMBOLIC), saved, sim.graph_held_bytes)
+    return SimResult(sim.lines(K_SYMBOLIC), saved, sim.graph_held_bytes, ITEM_BYTES[loss.dtype])
 
 
 def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
@@ -89,7 +90,7 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     size and accumulation count."""
     # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
     key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
-           cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss_chunks, cell.attn_implementation, device,
+           cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss, cell.loss_chunks, cell.attn_implementation, device,
            cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward, cell.fsdp_param_dtype,
                                          cell.fsdp_reduce_dtype, cell.cpu_offload))
     res = _CACHE.get(key)

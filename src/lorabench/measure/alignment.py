@@ -120,7 +120,7 @@ def _backward(model, layers, x, y, cell: Cell) -> list:
         layer.base.weight.grad = None
     scale = FP16_SCALE if cell.uses_loss_scaler else 1.0
     with torch.enable_grad():
-        (compute_loss(model, x, y, cell.precision, cell.loss_chunks) * scale).backward()
+        (compute_loss(model, x, y, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks) * scale).backward()
     grads = []
     for layer in layers:
         w = layer.base.weight

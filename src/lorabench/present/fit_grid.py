@@ -23,7 +23,8 @@ Axes (`Axes`; every value one `estimator.estimate` on CUDA, nothing run):
               weights and gradients outweigh any optimizer's state, the first two of the default
               list (AMP_OPTIMIZERS: AdamW, 8-bit AdamW; every one named when --optimizer is
               given); an adapter cell (MiB of state) uses the first listed.
-  loss        standard, chunked (`--loss-chunks` chunks, default 8).
+  loss        standard, chunked (`--loss-chunks` chunks, default 8); native (litgpt's cross-entropy
+              in the logits' dtype) when named, or with `--loss all`.
   checkpointing off, on; micro-batch m in the powers of two dividing the batch B (and B),
               accumulation B / m.
   strategy    with N > 1 GPUs (`--gpus N`, or `--gpu 8xH100`): ddp, fsdp2 and fsdp2-offload (FSDP2's
@@ -138,7 +139,7 @@ class Axes:
     precisions: tuple | None = None       # None: AUTO_PRECISIONS (+ fp16 where no bf16 path)
     ranks: tuple = RANKS
     optimizers: tuple = OPTIMIZER_ORDER   # in order of preference; adapter cells use the first
-    losses: tuple = LOSSES
+    losses: tuple = ("standard", "chunked")  # native only when named (--loss native, all)
     loss_chunks: int = 8
     lora_dropout: float = 0.0
     optimizer_impl: str = "auto"
@@ -308,7 +309,7 @@ def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, opt
             raise ConfigError("--lora-rank", "", f"must be a comma list of integers > 0, got {lora_rank!r}") from None
         if not ranks or ranks[0] < 1:
             raise ConfigError("--lora-rank", "", f"must be a comma list of integers > 0, got {lora_rank!r}")
-    losses = LOSSES if loss in (None, "all") else tuple(dict.fromkeys(_items(loss)))
+    losses = LOSSES if loss == "all" else Axes.losses if loss is None else tuple(dict.fromkeys(_items(loss)))
     if not losses or any(x not in LOSSES for x in losses):
         raise ConfigError("--loss", "", f"must be a comma list of {', '.join(LOSSES)}, got {loss!r}")
     if isinstance(loss_chunks, bool) or not isinstance(loss_chunks, int) or loss_chunks < 1:

@@ -86,7 +86,7 @@ def describe(a, b) -> str:
     if b.micro_batch_size != a.micro_batch_size:
         out.append(f"micro-batch {b.micro_batch_size} (accumulation {b.accumulation})")
     if b.loss != a.loss:
-        out.append("chunked loss" if b.loss == "chunked" else "standard loss")
+        out.append(f"{b.loss} loss")
     return " + ".join(out)
 
 

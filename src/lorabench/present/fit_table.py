@@ -42,7 +42,8 @@ from .fit_grid import parse_targets  # noqa: F401 - fit_text's, where it always 
 from .fit_suggest import change_text  # noqa: F401 - the tables' short form of a fix
 from .tables import fitted_table as _table
 
-LEGEND = ("ckpt: activation checkpointing; chunked: the chunked loss (head and cross-entropy per token chunk); micro×acc: "
+LEGEND = ("ckpt: activation checkpointing; chunked: the chunked loss (head and cross-entropy per token chunk); native: "
+          "the cross-entropy in the logits' own 16-bit dtype (litgpt's); micro×acc: "
           "sequences per forward × accumulation steps; precision: the autocast dtype (fp32: none; -pure: everything "
           "stored in it), 'any' when every precision explored costs the same; a row holds every rank, precision "
           "and micro-batch of equal cost (time within 2 %)")
@@ -200,7 +201,7 @@ def choice_label(members: list, axes=None) -> tuple[str, str]:
         span = _span(ranks, axes.ranks if axes is not None else (4, 8, 16, 32, 64))
         tech = f"{'QLoRA' if base == 'nf4' else 'LoRA'} {span}, {base} base"
     over = f", {ks[0].strategy}×{ks[0].world_size}" if ks[0].strategy != "none" else ""
-    return prec, tech + over + (", ckpt" if ks[0].checkpointing else "") + (", chunked" if ks[0].loss == "chunked" else "")
+    return prec, tech + over + (", ckpt" if ks[0].checkpointing else "") + (f", {ks[0].loss}" if ks[0].loss != "standard" else "")
 
 
 def needed_span(members: list) -> tuple[int, int]:

@@ -126,13 +126,16 @@ def math_attention_backward(sim, node, grads):
 
 
 def nll_loss_backward(sim, node, grads):
-    """nll_loss_backward: a zero-filled N·V·4 gradient with -1/N at the targets."""
-    return [sim.new(node.edges[0].numel, F32, LOGITS)]
+    """nll_loss_backward: a zero-filled N·V gradient with -1/N at the targets, in the
+    log-softmax's dtype (FP32 but in the native loss of a 16-bit precision)."""
+    e = node.edges[0]
+    return [sim.new(e.numel, e.dtype, LOGITS)]
 
 
 def log_softmax_backward(sim, node, grads):
-    """_log_softmax_backward_data: N·V·4."""
-    return [sim.new(node.edges[0].numel, F32, LOGITS)]
+    """_log_softmax_backward_data: N·V in the logits' dtype (as nll_loss_backward's)."""
+    e = node.edges[0]
+    return [sim.new(e.numel, e.dtype, LOGITS)]
 
 
 def embedding_backward(sim, node, grads):

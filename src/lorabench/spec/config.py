@@ -114,8 +114,10 @@ class MatrixSpec:
                                 "projections: QLoRA; pip install 'lorabench[quant]')", (nonempty,))
     double_quant: list[bool] = fld([True], "nf4 bases: quantize the quantization scales too (QLoRA's double quantization)",
                                    (nonempty,))
-    loss: list[Literal["standard", "chunked"]] = fld(["standard"], "standard (the whole (N, V) FP32 logits at once) | chunked (head and "
-                          "cross-entropy over token chunks, each recomputed in backward: one chunk of logits alive)",
+    loss: list[Literal["standard", "chunked", "native"]] = fld(["standard"], "standard (the whole (N, V) FP32 logits at once) | "
+                          "chunked (head and cross-entropy over token chunks, each recomputed in backward: one chunk of "
+                          "logits alive) | native (the whole logits, cross-entropy in their own dtype: litgpt's; under "
+                          "autocast torch upcasts anyway, so it differs from standard only in bf16-pure, fp16-pure)",
                           (nonempty,))
     loss_chunks: list[int] = fld([8], "token chunks of the chunked loss (torchtune's default 8)", (nonempty,))
     adapter: list[str] = fld(["lora"], "adapter kind in cells with lora_rank > 0: lora, or another registered adapter (lorabench.adapters)", (nonempty,))
@@ -151,7 +153,7 @@ class MatrixSpec:
                                   "state on the host; GPU cells only)", (nonempty,))
 
 
-LOSSES = ("standard", "chunked")
+LOSSES = ("standard", "chunked", "native")
 
 
 def strategy_problem(value) -> Optional[str]:
@@ -200,10 +202,10 @@ class Cell:
     adapter: Optional[str] = None
     """the adapter kind (adapters/ registry: lora, ...); None in full fine-tuning"""
     loss: str = "standard"
-    """standard: logits of every token at once; chunked: the head and cross-entropy per token chunk,
-    recomputed in backward (train.techniques.chunked_cross_entropy)"""
+    """standard (every token's logits at once, upcast to FP32) | chunked (the head and cross-entropy
+    per token chunk, recomputed in backward) | native (no upcast): train.techniques.compute_loss"""
     loss_chunks: Optional[int] = None
-    """token chunks of the chunked loss (8 by default); None with the standard loss"""
+    """token chunks of the chunked loss (8 by default); None with the others"""
     lora_plus_ratio: Optional[float] = None
     """LoRA+: B's learning rate over A's (16.0 by default); None unless adapter is lora-plus"""
     optimizer: str = DEFAULT_OPTIMIZER
@@ -248,7 +250,7 @@ class Cell:
         put("checkpointing", bool(self.checkpointing))
         if self.loss not in LOSSES:
             raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        put("loss_chunks", None if self.loss == "standard" else 8 if self.loss_chunks is None else self.loss_chunks)
+        put("loss_chunks", None if self.loss != "chunked" else 8 if self.loss_chunks is None else self.loss_chunks)
         if self.loss_chunks is not None:  # the chunked loss's (the standard one has none)
             int_at_least("loss_chunks", self.loss_chunks, 1)
         put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank,

@@ -5,6 +5,10 @@ Shapes: N = b·s tokens, C d_model, V vocab; a = bytes per element of the logits
 
 standard  logits (N·V·a) live until compute_loss returns; their FP32 copy (N·V·4) and
           log-softmax (N·V·4, saved) during the loss; backward: two N·V·4 gradients.
+native    as standard without the FP32 copy where no autocast runs (bf16-pure, fp16-pure):
+          log-softmax (N·V·a, saved) of the logits themselves, two N·V·a gradients; under
+          autocast torch's cross_entropy upcasts (the standard loss's tensors), and in fp32
+          a = 4 (nothing to copy)
 chunked   h (N·C) flattened and split into chunks of b·⌈s/n⌉ tokens (contiguous views);
           each chunk's head and cross-entropy run checkpointed: the forward keeps only the
           chunk's input (a view of h) and a 4-byte partial sum, and the backward recomputes
@@ -27,8 +31,9 @@ Project = Callable[[Sim, SymTensor], SymTensor]
 
 
 def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, softcap: bool = False,
-                  project: Optional[Project] = None) -> SymTensor:
-    """F.cross_entropy(logits.float().view(-1, V), y) with logits = head(h) (soft-capped: Gemma 2);
+                  project: Optional[Project] = None, native: bool = False) -> SymTensor:
+    """F.cross_entropy(logits.float().view(-1, V), y) with logits = head(h) (soft-capped: Gemma 2),
+    or with `native` F.cross_entropy(logits.view(-1, V), y) (upcast by autocast when it runs);
     `x` (the last block's output, Transformer.forward's local) is released once the head has run."""
     N = h.numel // (params["head"].tensor.numel // V)
     with sim.allocating_as(LOGITS):
@@ -36,7 +41,7 @@ def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, so
         sim.drop(h)
         sim.drop(x)  # Transformer.forward's x lives until it returns
         sim.model_forward_end(sim.seq)  # the model's forward returns the logits
-        loss = _cross_entropy(sim, sim.to(logits, F32), N, V)
+        loss = _cross_entropy(sim, sim.hold(logits) if native and not sim.autocast else sim.to(logits, F32), N, V)
         sim.end_autocast()  # the autocast region ends with compute_loss
         sim.drop(logits)
     return loss
@@ -51,14 +56,14 @@ def head(sim: Sim, h: SymTensor, params: dict, V: int, softcap: bool, project: O
 
 
 def _cross_entropy(sim: Sim, lf: SymTensor, N: int, V: int) -> SymTensor:
-    """log_softmax (saved) and nll_loss (saves it and total_weight) of the FP32 logits `lf`,
-    which the caller hands over (released when cross_entropy returns)."""
+    """log_softmax (saved) and nll_loss (saves it and total_weight) of the logits `lf` (FP32 but in
+    the native loss), which the caller hands over (released when cross_entropy returns)."""
     node = sim.node([lf], log_softmax_backward)
-    lsm = sim.out(sim.new(N * V, F32), node)
+    lsm = sim.out(sim.new(N * V, lf.dtype), node)
     sim.save(node, lsm)
     node = sim.node([lsm], nll_loss_backward)  # nll_loss_forward: (loss, total_weight)
-    loss = sim.out(sim.new(1, F32), node)
-    total_weight = sim.new(1, F32)
+    loss = sim.out(sim.new(1, lf.dtype), node)
+    total_weight = sim.new(1, lf.dtype)
     sim.save(node, lsm, total_weight)
     for t in (total_weight, lsm, lf):
         sim.drop(t)

@@ -60,15 +60,20 @@ def make_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device_type, enabled=scales_loss(precision))
 
 
-def compute_loss(model, x, y, precision: str, loss_chunks: int | None = None):
-    """Mean cross-entropy of the logits in FP32 (b·s·V floats: often the largest tensor);
-    with loss_chunks, the chunked loss (chunked_cross_entropy)."""
+def compute_loss(model, x, y, precision: str, *, loss: str = "standard", loss_chunks: int | None = None):
+    """Mean cross-entropy of the logits (b·s·V of them: often the largest tensor).
+
+    standard  of the logits upcast to FP32 (HF's and torchtune's)
+    native    of the logits in their own dtype (litgpt's): in bf16-pure, fp16-pure the
+              log-softmax is 16-bit too; under autocast torch upcasts them itself (its
+              cross_entropy runs in FP32), so it is the standard loss there
+    chunked   the chunked loss (chunked_cross_entropy), over `loss_chunks` token chunks"""
     stack = stack_of(model)
     with autocast(precision, x.device.type):
-        if loss_chunks:
+        if loss == "chunked":
             return chunked_cross_entropy(stack, model, stack.hidden(model, x), y, loss_chunks)
         logits = stack.logits(model, x)  # (B, T, V)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        return F.cross_entropy((logits if loss == "native" else logits.float()).view(-1, logits.size(-1)), y.view(-1))
 
 
 def chunked_cross_entropy(stack, model, h, y, n_chunks: int):
@@ -103,7 +108,7 @@ def prepare_adapters(model, x, y, cell: Cell, total_steps: int) -> bool:
     precision; returns whether it ran a data-dependent initialisation (`has_init_stage`)."""
     def backward():
         xm, ym = x.chunk(cell.accumulation)[0], y.chunk(cell.accumulation)[0]
-        compute_loss(model, xm, ym, cell.precision, cell.loss_chunks).backward()
+        compute_loss(model, xm, ym, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks).backward()
     hook = _hook(model, "prepare")  # another backend's own (PEFT's LoRA-GA, AdaLoRA)
     if hook is not None:
         return bool(hook(backward, cell, total_steps))
@@ -137,7 +142,7 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, re
     total = 0.0
     for xm, ym in zip(x.chunk(cell.accumulation), y.chunk(cell.accumulation)):
         mark("forward")
-        loss = compute_loss(model, xm, ym, cell.precision, cell.loss_chunks) / cell.accumulation
+        loss = compute_loss(model, xm, ym, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks) / cell.accumulation
         mark("backward")
         scaler.scale(loss).backward()
         total += loss.detach()
