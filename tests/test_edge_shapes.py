@@ -23,7 +23,7 @@ def exact(cfg: ModelConfig, cell: Cell, **train) -> None:
     assert row["status"] == "ok", row.get("error")
     w = tc.window_steps("cpu")
     a = estimate(cfg, cell, tc.batch_size, "cpu", n_batches=w, window_steps=w)
-    assert a.phase_peak_bytes == row["phase_peak_bytes"] and a.est_param_bytes == row["param_bytes"]
+    assert a.phase_peak_bytes == row["phase_peak_bytes"] and a.est_param_bytes == row["param_bytes"], (a.phase_peak_bytes, row["phase_peak_bytes"], a.est_param_bytes, row["param_bytes"])
     assert trace(job)[0].phase_peak_bytes == row["phase_peak_bytes"]
 
 
