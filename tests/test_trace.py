@@ -83,6 +83,26 @@ def test_cuda_trace_adds_the_cuda_terms_and_meets_the_analytic_cuda_estimate():
     assert abs(cuda.est_peak_bytes - a.est_peak_bytes) <= 0.005 * a.est_peak_bytes
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "bf16-pure"])
+def test_the_analytic_cuda_estimate_keeps_dropouts_one_byte_mask_as_the_trace_does(precision):
+    """On CUDA F.dropout is native_dropout: its output and a bool mask (1 B per element) are what
+    backward keeps, not CPU's mask in the input's dtype; the analytic replay (transformer_replay.
+    adapter_branch) and the CUDA trace agree on the adapter's dropout to within the trace's
+    small CUDA terms (0.6-1.6 % apart before, at this shape)."""
+    gpu, w = "NVIDIA A100-SXM4-80GB", TRAIN.window_steps("cuda")
+    peaks = {}
+    for p in (0.0, 0.1):
+        cell = Cell(precision=precision, lora_rank=4, lora_targets=("q", "k", "v", "o"), lora_dropout=p,
+                    base_dtype="bf16")
+        t, _ = trace(job(cell, device="cuda"), gpu_name=gpu)
+        a = estimate(TINY, cell, TRAIN.batch_size, "cuda", n_batches=TRAIN.warmup_steps + TRAIN.steps,
+                     window_steps=w, gpu_name=gpu)
+        peaks[p] = t.est_peak_bytes, a.est_peak_bytes
+    (t0, a0), (t1, a1) = peaks[0.0], peaks[0.1]
+    assert t1 > t0 and abs((a1 - a0) - (t1 - t0)) <= 0.0005 * t1
+    assert abs(a1 - t1) <= 0.001 * t1
+
+
 def _saved_bytes(fn, *shape, dtype=torch.float32, cuda=False, requires_grad=True):
     """Bytes live after fn(x) on a fake x (what the op keeps for backward, plus its output)."""
     with FakeTensorMode():

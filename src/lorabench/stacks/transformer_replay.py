@@ -46,7 +46,7 @@ from ..sim.ops import (binary, cuda_sdpa_kernel, elementwise, halves, linear, mu
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, math_attention_backward,
                          pass_and_new_backward, pass_backward, pow2_backward, rsqrt_backward, sdpa_backward,
                          unary_backward)
-from ..sim.tensors import F32, I64, Param, SymTensor, promote
+from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote
 
 
 @dataclass
@@ -224,8 +224,8 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
     sum replaces it), leaves x to the caller. Saves the adapter's input (or the dropout
     output and mask); what the branch itself saves is the adapter's replay."""
     h = sim.hold(x)
-    if dims.dropout > 0:  # CPU/CUDA native dropout: a float mask of x's shape, then x·mask
-        mask = sim.new(x.numel, x.dtype)
+    if dims.dropout > 0:  # CPU: a mask in x's dtype, then x·mask; CUDA: native_dropout's bool mask
+        mask = sim.new(x.numel, U8 if dims.device == "cuda" else x.dtype)
         h2 = mul_const(sim, x, mask)
         sim.drop(mask)
         sim.drop(h)
