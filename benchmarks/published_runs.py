@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/published_runs.py                 # the table and the summary
     .venv/bin/python benchmarks/published_runs.py --format json
     .venv/bin/python benchmarks/published_runs.py --data other.yaml
+    .venv/bin/python benchmarks/published_runs.py --reserved      # reserve figures traced (slower)
 
 Each run of benchmarks/published_runs.yaml (a measured peak read from a public source: a
 library's resource table, a README's profiling table, a tutorial; its set-up from that source
@@ -13,8 +14,10 @@ steady state: window_steps = 2), one batch resident, the GPU's cuBLAS workspace.
   predicted   est_peak_bytes (what max_memory_allocated would read); + the CUDA context
               (CUDA_CONTEXT_BYTES, 500 MiB) when the source measured the device's memory
               (metric: device, e.g. nvidia-smi). For `allocated`, `reserved` and `unspecified`
-              (a torch figure, tool not named) the allocator's peak: fragmentation, the
-              difference between reserved and allocated, is not modelled
+              (a torch figure, tool not named) the allocator's peak. With --reserved, a
+              `reserved` run is predicted by the trace's replay of the caching allocator
+              (est_reserved_bytes, at an accumulation of at most 2; it takes a trace of the
+              model's step: seconds to a minute per run)
   error %     100 · (predicted − measured) / measured, per run; the summary: median and p95
               (linear, base.stats.percentile) of |error| over the runs lorabench expresses
   verdict     fit's predicate (fit.fits_budget: peak + context ≤ 90 % of the GPU's memory)
@@ -87,8 +90,23 @@ def cell_of(run: dict):
     return cell
 
 
-def predict(run: dict) -> dict:
-    """One run's prediction, error and verdict (module docstring), or why it cannot be expressed."""
+def traced_reserve(run: dict, cfg, cell, gpu_name: str) -> int:
+    """max_memory_reserved as the trace predicts it (measure/trace._allocator: the caching
+    allocator replayed over the step's storages), at an accumulation of at most 2: from the
+    second micro-batch on, the allocator sees the same requests again."""
+    from lorabench.measure.trace import trace
+    from lorabench.spec.config import TrainConfig
+    from lorabench.spec.job import CellJob
+    c = dataclasses.replace(cell, accumulation=min(cell.accumulation, 2), id=run["id"])
+    train = TrainConfig(batch_size=int(run["micro_batch"]) * c.accumulation, steps=1, warmup_steps=2,
+                        optimizer=run.get("optimizer_impl", "auto"), underflow_probe=False, alignment_probe=False)
+    est, _ = trace(CellJob(scenario="published", model=cfg, train=train, cell=c, device="cuda"), gpu_name=gpu_name)
+    return est.est_reserved_bytes
+
+
+def predict(run: dict, reserved: bool = False) -> dict:
+    """One run's prediction, error and verdict (module docstring), or why it cannot be expressed;
+    reserved: a run whose figure is the allocator's reserve is predicted by traced_reserve."""
     from lorabench.estimator.analytic import CUDA_CONTEXT_BYTES, estimate
     from lorabench.estimator.gpus import lookup
     from lorabench.present.fit import DEFAULT_MARGIN, fits_budget
@@ -113,8 +131,12 @@ def predict(run: dict) -> dict:
         why = " ".join(str(getattr(e, "message", e)).split())
         return {**out, "expressible": False, "reason": f"{where}: {why}" if where else why}
     predicted = est.est_peak_bytes + (CUDA_CONTEXT_BYTES if run.get("metric") == "device" else 0)
+    basis = "allocated"
+    if reserved and run.get("metric") == "reserved":
+        predicted, basis = traced_reserve(run, cfg, cell, gpu.name), "reserved (trace)"
     fits = fits_budget(est.est_peak_bytes, gpu.memory_bytes, DEFAULT_MARGIN)
     return {**out, "expressible": True, "cell": cell.id or None, "micro_batch": int(run["micro_batch"]),
+            "predicted_basis": basis,
             "est_peak_bytes": est.est_peak_bytes, "predicted_bytes": predicted, "est_peak_phase": est.est_peak_phase,
             "error_pct": None if measured is None else error_pct(predicted, measured), "fits": fits, "verdict_agrees": fits == bool(run["ran"]),
             "breakdown": est.breakdown}
@@ -165,7 +187,8 @@ def render(rows: list[dict], summary: dict) -> str:
             lines.append(f"{r['id']:36} {r['model']:11} {r['method']:6} {str(r['gpu'] or '–'):9} "
                          f"{str(r['seq'] or '–'):>5} {meas:>13}   not expressible: {r['reason']}")
             continue
-        flag = "" if r["verdict_agrees"] else "  VERDICT DISAGREES"
+        flag = ("" if r["verdict_agrees"] else "  VERDICT DISAGREES") + \
+            ("  (reserve traced)" if r.get("predicted_basis", "allocated") != "allocated" else "")
         lines.append(f"{r['id']:36} {r['model']:11} {r['method']:6} {r['gpu']:9} {r['seq']:>5} {meas:>13} "
                      f"{_gib(r['predicted_bytes']):>9} {_pct(r['error_pct']):>8} {'yes' if r['fits'] else 'no':>5} "
                      f"{'yes' if r['ran'] else 'OOM':>4}{flag}")
@@ -194,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA, help="the runs (default: published_runs.yaml beside this)")
     ap.add_argument("--format", choices=["table", "json"], default="table")
+    ap.add_argument("--reserved", action="store_true", help="predict the runs that published the allocator's "
+                    "reserve (metric: reserved) by tracing their step on CUDA (est_reserved_bytes; slower)")
     args = ap.parse_args(argv)
-    rows = [predict(r) for r in load(args.data)]
+    rows = [predict(r, args.reserved) for r in load(args.data)]
     summary = summarize(rows)
     if args.format == "json":
         print(json.dumps({"summary": summary, "runs": rows}, indent=2))

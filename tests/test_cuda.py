@@ -181,3 +181,22 @@ def test_an_oversized_cell_is_oom_and_the_next_cell_runs(tmp_path):
     assert small["micro_batch_size"] == 4
     assert small["peak_allocated_bytes"] > 2**30  # at least one micro-batch's FP32 logits
     assert small["peak_reserved_bytes"] >= small["peak_allocated_bytes"]
+
+
+def test_the_traced_reserve_meets_max_memory_reserved():
+    """measure/trace._allocator (the caching allocator replayed over a CUDA trace) against what
+    the run reads from torch.cuda.max_memory_reserved, window started with empty_cache on both."""
+    from lorabench.measure.trace import trace
+    from lorabench.measure.worker import run_cell
+    from lorabench.spec.job import CellJob
+    cfg = ModelConfig(d_model=512, n_layers=4, n_heads=8, d_ff=1408, vocab_size=8192, seq_len=256)
+    train = TrainConfig(batch_size=4, steps=2, warmup_steps=2, underflow_probe=False, alignment_probe=False)
+    for cell in (Cell(precision="fp32", id="fp32-full"), Cell(precision="bf16", lora_rank=8, base_dtype="bf16", id="r8"),
+                 Cell(precision="bf16-pure", checkpointing=True, id="pure-ckpt")):
+        job = CellJob(scenario="reserve", model=cfg, train=train, cell=cell, device="cuda")
+        row = run_cell(job)
+        assert row["status"] == "ok", row.get("error")
+        est, _ = trace(job, gpu_name=torch.cuda.get_device_name(0))
+        err = (est.est_reserved_bytes - row["peak_reserved_bytes"]) / row["peak_reserved_bytes"]
+        print(cell.id, row["peak_reserved_bytes"], est.est_reserved_bytes, f"{100 * err:+.1f} %")
+        assert abs(err) <= 0.10, (cell.id, row["peak_reserved_bytes"], est.est_reserved_bytes)

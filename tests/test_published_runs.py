@@ -182,3 +182,15 @@ def test_a_run_that_ran_out_of_memory_is_judged_by_its_verdict_only(bench):
     s = bench.summarize([big, tiny, {"id": "e", "expressible": True, "error_pct": -2.0, "verdict_agrees": True}])
     assert s["measured"] == 1 and s["median_abs_error_pct"] == pytest.approx(2.0) and s["verdict_disagreements"] == ["tiny"]
     assert "OOM" in bench.render([big, tiny], s)
+
+
+def test_a_reserve_figure_is_predicted_by_the_traced_allocator_when_asked(bench, fixture):
+    """--reserved: a run that published max_memory_reserved is predicted by the CUDA trace's replay of
+    the caching allocator (whole segments, above the allocated peak); other runs keep the analytic peak."""
+    runs = {r["id"]: r for r in bench.load(fixture)}
+    run = dict(runs["exact"], metric="reserved", seq=128, micro_batch=1, accumulation=1)
+    plain, traced = bench.predict(run), bench.predict(run, reserved=True)
+    assert plain["predicted_basis"] == "allocated" and plain["predicted_bytes"] == plain["est_peak_bytes"]
+    assert traced["predicted_basis"] == "reserved (trace)" and traced["predicted_bytes"] % (2 << 20) == 0
+    assert traced["predicted_bytes"] > traced["est_peak_bytes"]
+    assert bench.predict(runs["exact"], reserved=True)["predicted_basis"] == "allocated"  # metric: allocated

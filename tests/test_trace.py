@@ -20,8 +20,10 @@ from lorabench.measure.trackers.memory import _LiveStorages
 from lorabench.measure.worker import run_cell
 from lorabench.spec.config import Cell, ModelConfig, TrainConfig
 from lorabench.spec.job import CellJob
+from lorabench.stacks.transformer_layout import model_params
 
 TINY = ModelConfig(name="t", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=96, seq_len=16)
+SMALL = ModelConfig(name="s", d_model=256, n_layers=2, n_heads=4, d_ff=704, vocab_size=4096, seq_len=128)
 GPT2 = ModelConfig(name="g", d_model=32, n_layers=2, n_heads=4, d_ff=64, vocab_size=96, seq_len=16, style="gpt2")
 TRAIN = TrainConfig(batch_size=4, steps=1, warmup_steps=2, underflow_probe=False)
 
@@ -101,6 +103,47 @@ def test_the_analytic_cuda_estimate_keeps_dropouts_one_byte_mask_as_the_trace_do
     (t0, a0), (t1, a1) = peaks[0.0], peaks[0.1]
     assert t1 > t0 and abs((a1 - a0) - (t1 - t0)) <= 0.0005 * t1
     assert abs(a1 - t1) <= 0.001 * t1
+
+
+def test_a_cuda_trace_replays_the_caching_allocator_for_the_reserve():
+    """measure/trace._allocator: the trace's storages, in order, through sim/caching_allocator.py.
+    Its allocated peak is the trace's own (the replay misses no storage; the allocator counts an
+    unsplit block whole, so at most a few blocks over), its reserve is whole segments (2 MiB
+    multiples) above that; a CPU trace has no reserve. An FP32 model cast to bf16 leaves its
+    FP32 segments cached until the window's empty_cache: the reserve is training's."""
+    import lorabench.measure.trace as tr
+    seen = {}
+    original = tr._allocator
+
+    def spy(*args, **kwargs):
+        seen["a"] = original(*args, **kwargs)
+        return seen["a"]
+    gpu = "NVIDIA A100-SXM4-80GB"
+    for cell in (Cell(precision="fp32"), Cell(precision="bf16-pure", lora_rank=4, checkpointing=True),
+                 Cell(precision="bf16", lora_rank=4, base_dtype="bf16", accumulation=2)):
+        tr._allocator = spy
+        try:
+            est, _ = trace(job(cell, model=SMALL, device="cuda"), gpu_name=gpu)
+        finally:
+            tr._allocator = original
+        a = seen["a"]
+        assert 0 <= a.peak_allocated_bytes - est.est_peak_bytes <= 0.01 * est.est_peak_bytes, cell
+        assert est.est_reserved_bytes == a.peak_reserved_bytes and est.est_reserved_bytes % (2 << 20) == 0
+        assert est.est_peak_bytes < est.est_reserved_bytes < est.est_peak_bytes + 40 * (20 << 20), cell  # < 40 segments of 20 MiB
+    assert trace(job(Cell(precision="fp32"), model=SMALL))[0].est_reserved_bytes is None
+    # without the window's empty_cache the FP32 model's segments, cast to bf16, would stay reserved
+    from lorabench.sim.caching_allocator import CachingAllocator
+    wide = ModelConfig(name="w", d_model=512, n_layers=4, n_heads=8, d_ff=2048, vocab_size=8192, seq_len=16)
+    pure = job(Cell(precision="bf16-pure", lora_rank=4), model=wide, device="cuda")  # weights dominate
+    emptied = trace(pure, gpu_name=gpu)[0].est_reserved_bytes
+    keep = CachingAllocator.empty_cache
+    CachingAllocator.empty_cache = lambda self: None
+    try:
+        kept = trace(pure, gpu_name=gpu)[0].est_reserved_bytes
+    finally:
+        CachingAllocator.empty_cache = keep
+    fp32_weights = 4 * sum(p.numel for p in model_params(wide, Cell(precision="fp32")))
+    assert kept - emptied >= fp32_weights // 2
 
 
 def _saved_bytes(fn, *shape, dtype=torch.float32, cuda=False, requires_grad=True):

@@ -138,6 +138,7 @@ class Estimate:
     device: str = "cpu"
     method: str = "analytic"  # analytic (this module) | trace (measure/trace.py)
     est_basis: str = field(default="", metadata={'row': True})  # what was modelled (Stack.analytic_basis; trace)
+    est_reserved_bytes: int | None = None  # CUDA traces: the caching allocator's peak reserve (sim/caching_allocator)
 
     def fields(self) -> dict:
         """The fields a result row stores (declared with metadata row=True; see row/codec.py)."""

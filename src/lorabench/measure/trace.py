@@ -49,6 +49,8 @@ from ..estimator.analytic import CUBLAS_HANDLES, CUBLAS_WORKSPACE_BYTES, CUDA_CO
 from ..estimator.flops import flops_per_step
 from ..estimator.parallel import with_ddp_buckets
 from ..optimizers import get as get_optimizer, spec_of
+from ..optimizers.base import DEVICE
+from ..sim.caching_allocator import CachingAllocator
 from ..spec.job import CellJob
 from ..spec.schema import ConfigError
 from ..stacks import stack_for
@@ -62,6 +64,7 @@ from .worker import setup, warm_up
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block and rounding step
 TRACE_BASIS = "the step's own code on fake tensors (trace)"
+WINDOW = object()  # _allocator's event: the memory window starts
 
 
 class TraceError(ConfigError):
@@ -149,6 +152,8 @@ def trace(job: CellJob, gpu_name: str | None = None, count_flops: bool = False) 
     except Exception as e:  # noqa: BLE001 -- every failure of a fake op becomes one line
         raise _trace_error(e, job, fake.last_op) from None
     est = _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name)
+    if cuda:
+        est.est_reserved_bytes = _allocator(job, mem, tagger, opt, impl, gpu_name).peak_reserved_bytes
     info = TraceInfo(wall_s=round(time.perf_counter() - t0, 3), ops=mem.storages.ops,
                      counted_flops=flops.counts() if count_flops else {})
     return est, info
@@ -302,6 +307,42 @@ def _estimate(job, mem, tagger, sb, total, trainable, impl, opt, gpu_name) -> Es
         phase_peak_bytes={k: int(v) for k, v in phases.items()},
         breakdown={k: int(v) for k, v in breakdown.items() if v}, cuda_overheads=cuda,
         total_params=total, trainable_params=trainable, device=job.device, method="trace", est_basis=TRACE_BASIS)
+
+
+def _allocator(job: CellJob, mem, tagger, opt, impl: str, gpu_name: str | None) -> CachingAllocator:
+    """The CUDA caching allocator replayed over the trace's storages in the order they were made
+    and freed (sim/caching_allocator.py), setup included: its peak reserve in the window is what
+    max_memory_reserved reads there. The window starts as the worker's does on CUDA (MemoryTracker.
+    start_window): empty_cache, then the peaks reset. cuBLAS takes its workspaces from the
+    allocator at the first matmul of each thread: here where the first forward (the caller's
+    handle) and the first backward (autograd's) begin. What CUDA keeps off the allocator (AdamW's
+    host `step`, paged state: the optimizers' slot places) is left out."""
+    tl = mem.storages._timeline
+    spec = get_optimizer(job.cell.optimizer)
+    off = [st[s.key] for p, st in opt.state.items() for s in spec.slots(spec_of(p), impl, "cuda")
+           if s.place != DEVICE and s.in_state and torch.is_tensor(st.get(s.key))]
+    skip = set(mem.storages.serials(off))
+    events = []
+    for s, (born, n) in enumerate(zip(tl.born_at, tl.nbytes)):
+        if n and s not in skip:
+            events.append((born, s, n))
+            if s in tl.died_at:
+                events.append((tl.died_at[s], s, None))
+    events.append((tagger.window_at + 0.25, WINDOW, 0))
+    ws = CUBLAS_WORKSPACE_BYTES["hopper" if is_hopper(gpu_name) else "default"]
+    for i, at in enumerate((tagger.window_at, tagger.first_backward_at)[:CUBLAS_HANDLES]):
+        if at is not None:
+            events.append((at + 0.5, ("cublas", i), ws))
+    a = CachingAllocator()
+    for _, key, n in sorted(events, key=lambda e: e[0]):
+        if key is WINDOW:
+            a.empty_cache()
+            a.reset_peaks()
+        elif n is None:
+            a.free(key)
+        else:
+            a.malloc(key, n)
+    return a
 
 
 def _off_device_state(job: CellJob, opt, impl: str) -> int:

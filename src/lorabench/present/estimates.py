@@ -60,6 +60,8 @@ def estimates_for(ls: LoadedScenario, device: str | None = None, method: str = "
                    total_params=est.total_params, trainable_params=est.trainable_params, **est.fields(),
                    est_method=est.method, est_phase_peak_bytes=est.phase_peak_bytes, est_breakdown=est.breakdown,
                    est_cuda_overheads=est.cuda_overheads or None)
+        if est.est_reserved_bytes is not None:  # a CUDA trace: the caching allocator's reserve
+            row["est_reserved_bytes"] = est.est_reserved_bytes
         if method == "trace":
             row["trace_s"] = traced[i][1]
         elif method == "both":
@@ -80,7 +82,8 @@ def trace_fields(analytic, traced, trace_s: float) -> dict:
     return {**{f"trace_{k}": v for k, v in traced.fields().items() if "flops" not in k},
             "peak_diff_bytes": diff, "peak_diff_pct": round(100 * diff / analytic.est_peak_bytes, 4)
             if analytic.est_peak_bytes else None, "trace_s": trace_s,
-            "trace_est_phase_peak_bytes": traced.phase_peak_bytes, "trace_est_breakdown": traced.breakdown}
+            "trace_est_phase_peak_bytes": traced.phase_peak_bytes, "trace_est_breakdown": traced.breakdown,
+            **({"trace_est_reserved_bytes": traced.est_reserved_bytes} if traced.est_reserved_bytes is not None else {})}
 
 
 def run_traces(jobs: list, gpu_name: str | None = None, quiet: bool = True, title: str = "trace",
@@ -265,6 +268,7 @@ def notes(rows: list[dict]) -> list[str]:
         out.append(f"estimates model {basis}")
     if any(r.get("est_method") == "trace" for r in rows):
         out.append(f"traced: activations hold every temporary (logits/loss included); {trace_time(rows)}")
+    out += reserved_lines(rows)
     ctx = next((r["est_cuda_overheads"]["cuda_context"] for r in rows if r.get("est_cuda_overheads")), None)
     if ctx:
         out.append(f"not in the peak: the CUDA context, about {_size(ctx)} outside the allocator (fit adds it)")
@@ -274,6 +278,15 @@ def notes(rows: list[dict]) -> list[str]:
         out.append("not on the GPU (CPU offload): host memory per rank, " +
                    ", ".join(f"{cell} {_size(n)}" for cell, n in host))
     return out
+
+
+def reserved_lines(rows: list[dict]) -> list[str]:
+    """What a CUDA trace predicts max_memory_reserved reads (measure/trace._allocator), beside its peak."""
+    pairs = [(r["cell"], *((r["est_reserved_bytes"], r["est_peak_bytes"]) if "est_reserved_bytes" in r else
+                           (r.get("trace_est_reserved_bytes"), r.get("trace_est_peak_bytes")))) for r in rows]
+    pairs = [(cell, n, peak) for cell, n, peak in pairs if n and peak]
+    return ["reserved (the caching allocator replayed over the trace: max_memory_reserved): " + ", ".join(
+        f"{cell} {_size(n)} ({100 * (n / peak - 1):+.1f} % over the traced peak)" for cell, n, peak in pairs)] if pairs else []
 
 
 def trace_time(rows: list[dict]) -> str:
@@ -315,7 +328,7 @@ def render_estimates(rows: list[dict], fmt: str = "table") -> str:
     both = any("trace_est_peak_bytes" in r for r in rows)
     return write(flat, fmt, payload=rows, indent=2, end="", newline="\r\n",
                  columns=list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict))),
-                 table=lambda _: [comparison_table(rows), Line(trace_time(rows))] if both else
+                 table=lambda _: [comparison_table(rows), Line(trace_time(rows)), *map(Line, reserved_lines(rows))] if both else
                  [estimates_table(rows), *map(Line, notes(rows))],
                  min_width=170 + max([len(str(r.get("cell", ""))) - 22 for r in rows] + [0]))  # long ids: wider
 
