@@ -131,6 +131,10 @@ def test_a_cuda_trace_replays_the_caching_allocator_for_the_reserve():
         assert est.est_reserved_bytes == a.peak_reserved_bytes and est.est_reserved_bytes % (2 << 20) == 0
         assert est.est_peak_bytes < est.est_reserved_bytes < est.est_peak_bytes + 40 * (20 << 20), cell  # < 40 segments of 20 MiB
     assert trace(job(Cell(precision="fp32"), model=SMALL))[0].est_reserved_bytes is None
+    alone = trace(job(Cell(precision="fp32"), model=SMALL, device="cuda"), gpu_name=gpu)[0]
+    ddp = trace(job(Cell(precision="fp32", strategy="ddp", world_size=2), model=SMALL, device="cuda"), gpu_name=gpu)[0]
+    bucket = ddp.breakdown["ddp_buckets"]
+    assert bucket > 0 and ddp.est_reserved_bytes == alone.est_reserved_bytes + bucket  # DDP's buckets reserved too
     # without the window's empty_cache the FP32 model's segments, cast to bf16, would stay reserved
     from lorabench.sim.caching_allocator import CachingAllocator
     wide = ModelConfig(name="w", d_model=512, n_layers=4, n_heads=8, d_ff=2048, vocab_size=8192, seq_len=16)

@@ -104,8 +104,10 @@ def sharded_groups(groups: list[list[ParamSpec]], cell: Cell) -> list[list[Param
 
 def with_ddp_buckets(est, grad_bytes: int):
     """A one-process Estimate (the trace of the same cell without DDP: its Reducer is C++ that
-    fake tensors cannot run) with DDP's buckets added to every phase."""
+    fake tensors cannot run) with DDP's buckets added to every phase, and to the reserve (made
+    at the wrap: their bytes, the segments' rounding left out)."""
     bucket = ddp_bucket_bytes(grad_bytes)
     phases = {k: v + bucket for k, v in est.phase_peak_bytes.items()}
+    reserved = None if est.est_reserved_bytes is None else est.est_reserved_bytes + bucket
     return dataclasses.replace(est, phase_peak_bytes=phases, est_peak_bytes=est.est_peak_bytes + bucket,
-                               breakdown=dict(est.breakdown, ddp_buckets=bucket))
+                               breakdown=dict(est.breakdown, ddp_buckets=bucket), est_reserved_bytes=reserved)
