@@ -96,6 +96,17 @@ def test_trace_table_says_traced():
     assert "traced (the real step on fake tensors)" in text and "1 cell traced in" in text
 
 
+def test_a_cuda_trace_says_the_reserve_in_its_table_and_json():
+    """estimate --method trace --device cuda: est_reserved_bytes (the caching allocator replayed) in JSON,
+    a line under the table; a CPU trace has no reserve."""
+    base = ["estimate", "--model", "cpu-tiny", "--precision", "bf16", "--lora-rank", "4", "--method", "trace"]
+    row = json.loads(cli(*base, "--device", "cuda", "--format", "json").output)[0]
+    assert row["est_reserved_bytes"] % (2 << 20) == 0 and row["est_reserved_bytes"] > row["est_peak_bytes"]
+    table = cli(*base, "--device", "cuda").output
+    assert "reserved (the caching allocator replayed over the trace" in table and "over the traced peak" in table
+    assert "est_reserved_bytes" not in json.loads(cli(*base, "--format", "json").output)[0]
+
+
 def test_a_bad_method_is_one_line_exit_2():
     r = cli("estimate", "--model", "cpu-tiny", "--method", "exact")
     assert r.exit_code == 2 and "--method" in r.output and len(r.output.strip().splitlines()) == 1
