@@ -164,8 +164,10 @@ def test_confirm_traces_the_best_choices_and_the_combinations_near_the_limit(bou
         if r["traced"]:
             assert r["trace_est_peak_bytes"] > 0 and r["trace_needed_bytes"] > r["trace_est_peak_bytes"]
             assert r["fits"] == (r["trace_needed_bytes"] <= budget) and r["analytic_fits"] == was[r["id"]]["fits"]
+            assert r["trace_est_reserved_bytes"] > r["trace_est_peak_bytes"]  # the replayed allocator's reserve
         else:
             assert r["trace_est_peak_bytes"] is None and r["fits"] == was[r["id"]]["fits"]
+            assert r["trace_est_reserved_bytes"] is None
     flipped = [r for r in rows if r["id"] in near]
     assert not flipped[0]["fits"] and flipped[0]["over_bytes"] > 0  # the trace's verdict: over by a few KiB
     assert rows[-1]["id"] in near  # re-ranked: it no longer fits

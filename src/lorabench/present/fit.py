@@ -160,6 +160,7 @@ class FitCombo:
     trace_s: float | None = None             # time and the analytic verdict; or why the trace failed
     analytic_fits: bool | None = None
     trace_error: str | None = None
+    trace_est_reserved_bytes: int | None = None  # the traced reserve (the caching allocator replayed)
     host_bytes: int = 0                      # CPU offload: what the rank keeps in host memory
 
     @property
@@ -177,7 +178,7 @@ class FitCombo:
         t = self.trace_est_peak_bytes
         return {"traced": t is not None, "trace_est_peak_bytes": t, "trace_needed_bytes": t and self.needed_bytes,
                 "analytic_fits": self.fits if t is None else self.analytic_fits, "trace_s": self.trace_s,
-                "trace_error": self.trace_error}
+                "trace_error": self.trace_error, "trace_est_reserved_bytes": self.trace_est_reserved_bytes}
 
     def to_dict(self) -> dict:
         c = self.combo
@@ -323,6 +324,7 @@ def apply_traces(rep: FitReport, picked: list[FitCombo], results: list[tuple]) -
             c.trace_error = "trace failed: " + (msg.split()[1] if msg.startswith("operator ") else msg)
         else:
             c.analytic_fits, c.trace_est_peak_bytes, c.trace_s = c.fits, est.est_peak_bytes, secs
+            c.trace_est_reserved_bytes = est.est_reserved_bytes
             c.fits = c.supported and c.needed_bytes <= c.budget_bytes
     rank(rep)
 

@@ -133,9 +133,12 @@ def confirm_line(rep) -> str:
     done = [x for x in rep.combos if x.trace_est_peak_bytes is not None]
     failed = [f"{x.combo.id} ({x.trace_error})" for x in rep.combos if x.trace_error]
     changed = sum(x.analytic_fits != x.fits for x in done)
+    over = [x.trace_est_reserved_bytes / x.trace_est_peak_bytes - 1 for x in done if x.trace_est_reserved_bytes]
     return (f"traced (--confirm): {len(done)} of {c['best'] + c['near']} combinations, the {c['best']} best choices "
             f"and {c['near']} more within ±{100 * rep.margin:g} % of the budget, in {c['s']:,.0f} s; their verdict is "
-            f"the trace's ({changed} changed)" + (f"; failed: {', '.join(failed)}" if failed else ""))
+            f"the trace's ({changed} changed)" + (f"; failed: {', '.join(failed)}" if failed else "") +
+            (f"; the caching allocator's reserve, replayed: {100 * min(over):+.0f} to {100 * max(over):+.0f} % over "
+             "their traced peaks" if over else ""))
 
 
 def _traced(c) -> str:
