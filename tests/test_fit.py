@@ -205,7 +205,7 @@ def test_a_traced_peak_decides_the_verdict_and_the_report_is_reranked():
     from lorabench.spec.schema import ConfigError
     rep = fit(fit_model("llama-2-7b", 2048), lookup("RTX 4090"), batch=1)
     best, second = rep.fitting()[:2]
-    over = types.SimpleNamespace(est_peak_bytes=rep.budget_bytes)  # + the CUDA context: over the budget
+    over = types.SimpleNamespace(est_peak_bytes=rep.budget_bytes, est_reserved_bytes=None)  # + the CUDA context: over the budget
     failed = ConfigError("cell c", "trace", "operator aten.nonzero.default reads tensor values")
     apply_traces(rep, [best, second], [(over, 1.0), (failed, None)])
     assert not best.fits and best.analytic_fits and best.over_bytes == CUDA_CONTEXT_BYTES
