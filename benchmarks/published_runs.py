@@ -133,7 +133,11 @@ def predict(run: dict, reserved: bool = False) -> dict:
     predicted = est.est_peak_bytes + (CUDA_CONTEXT_BYTES if run.get("metric") == "device" else 0)
     basis = "allocated"
     if reserved and run.get("metric") == "reserved":
-        predicted, basis = traced_reserve(run, cfg, cell, gpu.name), "reserved (trace)"
+        from lorabench.measure.trace import TraceError
+        try:
+            predicted, basis = traced_reserve(run, cfg, cell, gpu.name), "reserved (trace)"
+        except TraceError as e:  # a step fake tensors cannot run: the allocated peak, and why
+            basis = f"allocated (the trace failed: {' '.join(e.message.split())})"
     fits = fits_budget(est.est_peak_bytes, gpu.memory_bytes, DEFAULT_MARGIN)
     return {**out, "expressible": True, "cell": cell.id or None, "micro_batch": int(run["micro_batch"]),
             "predicted_basis": basis,
@@ -188,7 +192,8 @@ def render(rows: list[dict], summary: dict) -> str:
                          f"{str(r['seq'] or '–'):>5} {meas:>13}   not expressible: {r['reason']}")
             continue
         flag = ("" if r["verdict_agrees"] else "  VERDICT DISAGREES") + \
-            ("  (reserve traced)" if r.get("predicted_basis", "allocated") != "allocated" else "")
+            ("  (reserve traced)" if r.get("predicted_basis", "").startswith("reserved") else
+             f"  ({r['predicted_basis']})" if r.get("predicted_basis", "allocated") != "allocated" else "")
         lines.append(f"{r['id']:36} {r['model']:11} {r['method']:6} {r['gpu']:9} {r['seq']:>5} {meas:>13} "
                      f"{_gib(r['predicted_bytes']):>9} {_pct(r['error_pct']):>8} {'yes' if r['fits'] else 'no':>5} "
                      f"{'yes' if r['ran'] else 'OOM':>4}{flag}")

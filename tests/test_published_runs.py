@@ -194,3 +194,14 @@ def test_a_reserve_figure_is_predicted_by_the_traced_allocator_when_asked(bench,
     assert traced["predicted_basis"] == "reserved (trace)" and traced["predicted_bytes"] % (2 << 20) == 0
     assert traced["predicted_bytes"] > traced["est_peak_bytes"]
     assert bench.predict(runs["exact"], reserved=True)["predicted_basis"] == "allocated"  # metric: allocated
+    from lorabench.measure.trace import TraceError
+
+    def cannot(*args):
+        raise TraceError("cell x", "trace", "operator aten.nonzero.default reads tensor values")
+    bench.traced_reserve, keep = cannot, bench.traced_reserve
+    try:
+        failed = bench.predict(run, reserved=True)  # the allocated peak, and why: the table goes on
+    finally:
+        bench.traced_reserve = keep
+    assert failed["predicted_bytes"] == plain["predicted_bytes"] and "the trace failed" in failed["predicted_basis"]
+    assert "(allocated (the trace failed" in bench.render([failed], bench.summarize([failed]))
