@@ -148,6 +148,27 @@ def test_the_native_loss_lowers_the_peak_only_where_the_logits_stay_16_bit():
             assert native.est_peak_bytes == std.est_peak_bytes
 
 
+def test_kept_logits_stay_through_backward_and_the_optimizer_step():
+    """keep_logits: the loop holds each micro-batch's logits until the next ones exist (`logits =
+    model(x)`): the backward and optimizer peaks rise by the logits' bytes (fp32: 4·N·V), and with
+    accumulation a later micro-batch's forward holds its predecessor's too."""
+    wide = dataclasses.replace(LLAMA, vocab_size=4096)
+    logits = 4 * 4 * wide.seq_len * wide.vocab_size
+    freed, kept = (estimate(wide, Cell(precision="fp32", keep_logits=k), 4, window_steps=2) for k in (False, True))
+    assert kept.phase_peak_bytes["backward"] - freed.phase_peak_bytes["backward"] == logits
+    assert kept.phase_peak_bytes["optimizer"] - freed.phase_peak_bytes["optimizer"] == logits
+    x, y = batch(wide)
+    held = []
+    net = build_model(wide, Cell(precision="fp32"), "cpu", 0)
+    compute_loss(net, x, y, "fp32", loss="native", keep=held)
+    assert len(held) == 1 and held[0].shape == (4, wide.seq_len, wide.vocab_size)
+    with pytest.raises(FieldError, match="no whole logits to keep"):
+        Cell(precision="fp32", loss="chunked", keep_logits=True)
+    with pytest.raises(FieldError, match="true or false"):
+        Cell(precision="fp32", keep_logits="yes")
+    assert cell_id(Cell(precision="bf16-pure", loss="native", keep_logits=True), set()) == "bf16-pure-full-native-keeplogits"
+
+
 def test_the_chunked_loss_recomputes_the_head_in_hardware_flops_only():
     std, chunked = Cell(precision="fp32"), Cell(precision="fp32", loss="chunked")
     a, b = flops_per_step(LLAMA, std, 4), flops_per_step(LLAMA, chunked, 4)
@@ -170,10 +191,14 @@ CELLS = [
     (LLAMA, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", loss="native")),  # autocast upcasts it
     (LLAMA, Cell(precision="fp32", loss="native")),
     (DEEP, Cell(precision="fp32", lora_rank=4, base_dtype="bf16", loss="native")),  # the bf16 head's logits
+    (LLAMA, Cell(precision="fp32", keep_logits=True)),
+    (DEEP, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", accumulation=2, keep_logits=True)),
+    (GPT2, Cell(precision="bf16-pure", loss="native", accumulation=2, keep_logits=True)),
 ]
 
 
-@pytest.mark.parametrize("model,cell", CELLS, ids=[f"{m.name}-{c.precision}-r{c.lora_rank}-{c.loss}" for m, c in CELLS])
+@pytest.mark.parametrize("model,cell", CELLS, ids=[f"{m.name}-{c.precision}-r{c.lora_rank}-{c.loss}"
+                                                   f"{'-keep' if c.keep_logits else ''}" for m, c in CELLS])
 def test_measured_analytic_and_trace_agree_to_the_byte(model, cell):
     j = job(model, cell)
     row = run_cell(j)
@@ -204,7 +229,8 @@ def test_hf_cells_run_pure_and_chunked_and_the_trace_equals_them(tmp_path):
                         d_ff=64, vocab_size=96, seq_len=16, attn_implementation="sdpa")
     assert stack_for(model).name == "hf"
     for cell in (Cell(precision="bf16-pure", lora_rank=4), Cell(precision="fp32", loss="chunked", loss_chunks=3),
-                 Cell(precision="bf16-pure", lora_rank=4, loss="native")):
+                 Cell(precision="bf16-pure", lora_rank=4, loss="native"),
+                 Cell(precision="bf16-pure", lora_rank=4, loss="native", keep_logits=True)):
         j = job(model, cell)
         row = run_cell(j)
         assert row["status"] == "ok", row.get("error")

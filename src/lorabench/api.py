@@ -32,14 +32,15 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
              adapter: str = "lora", checkpointing: bool = False, accumulation: int = 1, batch_size: int = 1,
              seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "adamw",
              optimizer_impl: Optional[str] = None, loss: str = "standard", loss_chunks: int = 8,
-             gpu: Optional[str] = None, method: str = "analytic"):
+             keep_logits: bool = False, gpu: Optional[str] = None, method: str = "analytic"):
     """The predicted memory (bytes) and FLOPs of one training set-up; nothing runs. `model`: a
     preset name (`lorabench.spec.presets.preset_names()`), a Hugging Face config.json path or a
     ModelConfig; `base_dtype`: fp32, fp16, bf16, or nf4 / int8 (a quantized base: QLoRA; default fp32,
     or the model's own quantization when its config.json has a bitsandbytes quantization_config);
     `optimizer`: adamw, adamw-8bit, paged-adamw-8bit, adafactor, sgd (`lorabench.optimizers`;
     auto, foreach, fused, forloop, what it meant before, are AdamW with that `optimizer_impl`);
-    `loss`: standard or chunked (`loss_chunks` chunks); `gpu`: a GPU name for its CUDA-only terms
+    `loss`: standard, chunked (`loss_chunks` chunks) or native; `keep_logits`: the training loop keeps
+    each micro-batch's logits until the next ones exist; `gpu`: a GPU name for its CUDA-only terms
     (`fit`'s names). `method`: analytic (arithmetic; torch is not imported) or trace (the set-up's
     real training step on fake tensors, seconds; a step it cannot run raises TraceError, a
     ConfigError). Returns an `Estimate` (est_peak_bytes, est_peak_phase, breakdown, method, ...)."""
@@ -51,7 +52,8 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
     matrix = {"precision": precision, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": lora_targets,
               "lora_dropout": lora_dropout, "adapter": adapter,
               "checkpointing": checkpointing, "accumulation": accumulation, "optimizer": optimizer, "loss": loss,
-              "loss_chunks": loss_chunks} | ({"base_dtype": base_dtype} if base_dtype is not None else {})
+              "loss_chunks": loss_chunks, "keep_logits": keep_logits} | \
+        ({"base_dtype": base_dtype} if base_dtype is not None else {})
     for key, value in matrix.items():  # one set-up: a list would be a matrix axis (lora_targets excepted)
         if isinstance(value, (list, tuple, set)) and key != "lora_targets":
             raise ConfigError("lorabench.estimate", key, f"takes one value, got {short(value)}")

@@ -65,6 +65,9 @@ SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
                    "dtype: litgpt's; differs from standard in bf16-pure, fp16-pure only)")
 @click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
               help="token chunks of the chunked loss")
+@click.option("--keep-logits/--no-keep-logits", "keep_logits", default=False, show_default=True,
+              help="the training loop keeps each micro-batch's logits until the next ones exist (`logits = "
+                   "model(x)` in a hand-written loop: nanoGPT's, litgpt's); off: freed before backward (HF's Trainer)")
 @click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scenario's, else cpu")
@@ -75,8 +78,8 @@ SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.pass_context
 def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_dropout, adapter, checkpointing,
-                 accumulation, base_dtype, optimizer, optimizer_impl, loss, loss_chunks, batch, seq, device, method,
-                 quiet, fmt):
+                 accumulation, base_dtype, optimizer, optimizer_impl, loss, loss_chunks, keep_logits, batch, seq, device,
+                 method, quiet, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
     from ..present.estimates import estimate_text
     from ..spec.schema import ConfigError
@@ -94,7 +97,8 @@ def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_
         optimizer, optimizer_impl = "adamw", optimizer
     echo(estimate_text(scenario, model, fmt, precision, lora_rank, lora_targets, checkpointing, accumulation,
                        base_dtype, batch, seq, device, method, quiet, lora_dropout=lora_dropout, optimizer=optimizer,
-                       optimizer_impl=optimizer_impl or "auto", loss=loss, loss_chunks=loss_chunks, adapter=adapter))
+                       optimizer_impl=optimizer_impl or "auto", loss=loss, loss_chunks=loss_chunks, adapter=adapter,
+                       keep_logits=keep_logits))
 
 
 @click.command("validate")

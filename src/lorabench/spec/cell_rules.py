@@ -90,6 +90,16 @@ def merged_qkv_enable(rank: int, adapter: Optional[str], enable, targets: Option
     return tuple(sorted(enable, key=QKV_SLICES.index))
 
 
+def check_keep_logits(keep, loss: str) -> bool:
+    """keep_logits as a bool; FieldError with the chunked loss, which makes no whole logits to keep
+    (each chunk's are recomputed in backward)."""
+    if not isinstance(keep, bool):
+        raise FieldError("keep_logits", f"must be true or false, got {keep!r}")
+    if keep and loss == "chunked":
+        raise FieldError("keep_logits", "the chunked loss makes no whole logits to keep: use loss standard or native")
+    return keep
+
+
 def check_head_only(strategy: str, loss: str, targets: Optional[tuple]) -> None:
     """FieldError for an adapter on the head alone under fsdp2 with the chunked loss. The chunked
     loss runs the head outside the root's registered forward (`hidden`), and with nothing below

@@ -17,7 +17,7 @@ from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, BLOCK_TARGETS, DEFAULT_TARGETS, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget, merged_qkv_enable,
                          backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields,
-                         check_head_only)
+                         check_head_only, check_keep_logits)
 
 
 @dataclass
@@ -120,6 +120,10 @@ class MatrixSpec:
                           "autocast torch upcasts anyway, so it differs from standard only in bf16-pure, fp16-pure)",
                           (nonempty,))
     loss_chunks: list[int] = fld([8], "token chunks of the chunked loss (torchtune's default 8)", (nonempty,))
+    keep_logits: list[bool] = fld([False], "the training loop keeps each micro-batch's logits until the next ones "
+                                  "exist, as `logits = model(x)` in a hand-written loop (nanoGPT's, litgpt's) does; "
+                                  "false: they go before backward, as in HF's Trainer (standard and native loss)",
+                                  (nonempty,))
     adapter: list[str] = fld(["lora"], "adapter kind in cells with lora_rank > 0: lora, or another registered adapter (lorabench.adapters)", (nonempty,))
     lora_plus_ratio: list[float] = fld([16.0], "LoRA+ (adapter lora-plus): B's learning rate over A's (Hayou et al. 2024)", (nonempty,))
     optimizer: list[str] = fld([DEFAULT_OPTIMIZER], "adamw | sgd (momentum 0.9) | adafactor | adamw-8bit | paged-adamw-8bit "
@@ -170,12 +174,10 @@ AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 class Cell:
     """One point of the matrix: the techniques one training run uses.
 
-    Normalised once, here: a full fine-tuning cell (lora_rank 0) has no adapter
-    fields and an fp32 base; an adapter cell's targets are a tuple in the
-    canonical order of LORA_TARGETS, so [v, q] and [q, v] are one cell. The
-    derived facts (`is_lora`, `autocast_dtype`, `uses_loss_scaler`,
-    `micro_batch`, `matmul_dtype`) are asked of the cell, never re-derived.
-    """
+    Normalised once, here: a full fine-tuning cell (lora_rank 0) has no adapter fields and an fp32
+    base; an adapter cell's targets are a tuple in the canonical order of LORA_TARGETS, so [v, q] and
+    [q, v] are one cell. The derived facts (`is_lora`, `autocast_dtype`, `uses_loss_scaler`,
+    `micro_batch`, `matmul_dtype`) are asked of the cell, never re-derived."""
 
     precision: str
     """fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler) | bf16-pure, fp16-pure
@@ -202,10 +204,11 @@ class Cell:
     adapter: Optional[str] = None
     """the adapter kind (adapters/ registry: lora, ...); None in full fine-tuning"""
     loss: str = "standard"
-    """standard (every token's logits at once, upcast to FP32) | chunked (the head and cross-entropy
-    per token chunk, recomputed in backward) | native (no upcast): train.techniques.compute_loss"""
+    """standard (FP32 logits) | chunked (per token chunk) | native (no upcast): techniques.compute_loss"""
     loss_chunks: Optional[int] = None
     """token chunks of the chunked loss (8 by default); None with the others"""
+    keep_logits: bool = False
+    """the loop keeps each micro-batch's logits until the next ones exist (`logits = model(x)`)"""
     lora_plus_ratio: Optional[float] = None
     """LoRA+: B's learning rate over A's (16.0 by default); None unless adapter is lora-plus"""
     optimizer: str = DEFAULT_OPTIMIZER
@@ -253,6 +256,7 @@ class Cell:
         put("loss_chunks", None if self.loss != "chunked" else 8 if self.loss_chunks is None else self.loss_chunks)
         if self.loss_chunks is not None:  # the chunked loss's (the standard one has none)
             int_at_least("loss_chunks", self.loss_chunks, 1)
+        put("keep_logits", check_keep_logits(self.keep_logits, self.loss))
         put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank,
                                                   self.adapter_backend))
         if self.lora_rank == 0:

@@ -31,10 +31,12 @@ Project = Callable[[Sim, SymTensor], SymTensor]
 
 
 def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, softcap: bool = False,
-                  project: Optional[Project] = None, native: bool = False) -> SymTensor:
+                  project: Optional[Project] = None, native: bool = False, keep: bool = False) -> SymTensor:
     """F.cross_entropy(logits.float().view(-1, V), y) with logits = head(h) (soft-capped: Gemma 2),
     or with `native` F.cross_entropy(logits.view(-1, V), y) (upcast by autocast when it runs);
-    `x` (the last block's output, Transformer.forward's local) is released once the head has run."""
+    `x` (the last block's output, Transformer.forward's local) is released once the head has run;
+    `keep` (Cell.keep_logits): the loop keeps the logits, through backward and, with the loss's
+    graph (sim.keep_with_graph: the estimator's graph_held), until the next micro-batch's exist."""
     N = h.numel // (params["head"].tensor.numel // V)
     with sim.allocating_as(LOGITS):
         logits = head(sim, h, params, V, softcap, project)
@@ -43,6 +45,8 @@ def standard_loss(sim: Sim, x: SymTensor, h: SymTensor, params: dict, V: int, so
         sim.model_forward_end(sim.seq)  # the model's forward returns the logits
         loss = _cross_entropy(sim, sim.hold(logits) if native and not sim.autocast else sim.to(logits, F32), N, V)
         sim.end_autocast()  # the autocast region ends with compute_loss
+        if keep:
+            sim.keep_with_graph(logits)
         sim.drop(logits)
     return loss
 

@@ -68,6 +68,7 @@ class Dims:
     table_dtype: str  # dtype of the RoPE tables (the base dtype in LoRA cells)
     loss_chunks: Optional[int] = None  # the chunked loss's chunks; None: the standard (or native) loss
     native_loss: bool = False  # the cross-entropy in the logits' dtype (loss native; loss_replay.py)
+    keep_logits: bool = False  # the loop keeps the logits (Cell.keep_logits; loss_replay.py)
     qk_norm: bool = False  # Qwen3: q and k RMS-normed per head (over D) right after their projection
     double_quant: bool = False  # an nf4 base's scales quantized too (sim/quant.py)
     norm_offset: bool = False   # Gemma: RMSNorm scales by 1 + w (one more C-sized FP32 tensor, saved)
@@ -412,7 +413,7 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
         sim.drop(h)
         sim.end_autocast()  # the autocast region ends with compute_loss
     else:
-        loss = standard_loss(sim, x, h, params, dims.V, dims.logit_softcap, head, dims.native_loss)
+        loss = standard_loss(sim, x, h, params, dims.V, dims.logit_softcap, head, dims.native_loss, dims.keep_logits)
     out = sim.out(sim.new(1, loss.dtype), sim.node([loss], unary_backward))  # loss / accumulation
     sim.drop(loss)
     return out

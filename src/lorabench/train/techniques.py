@@ -60,19 +60,23 @@ def make_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device_type, enabled=scales_loss(precision))
 
 
-def compute_loss(model, x, y, precision: str, *, loss: str = "standard", loss_chunks: int | None = None):
+def compute_loss(model, x, y, precision: str, *, loss: str = "standard", loss_chunks: int | None = None,
+                 keep: list | None = None):
     """Mean cross-entropy of the logits (b·s·V of them: often the largest tensor).
 
     standard  of the logits upcast to FP32 (HF's and torchtune's)
     native    of the logits in their own dtype (litgpt's): in bf16-pure, fp16-pure the
               log-softmax is 16-bit too; under autocast torch upcasts them itself (its
               cross_entropy runs in FP32), so it is the standard loss there
-    chunked   the chunked loss (chunked_cross_entropy), over `loss_chunks` token chunks"""
+    chunked   the chunked loss (chunked_cross_entropy), over `loss_chunks` token chunks
+    keep: a list the logits are appended to (the caller keeps them: Cell.keep_logits)"""
     stack = stack_of(model)
     with autocast(precision, x.device.type):
         if loss == "chunked":
             return chunked_cross_entropy(stack, model, stack.hidden(model, x), y, loss_chunks)
         logits = stack.logits(model, x)  # (B, T, V)
+        if keep is not None:
+            keep.append(logits)
         return F.cross_entropy((logits if loss == "native" else logits.float()).view(-1, logits.size(-1)), y.view(-1))
 
 
@@ -140,9 +144,13 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, re
     opt.zero_grad(set_to_none=True)
     layers = adapted_layers(model)
     total = 0.0
+    kept = None  # keep_logits: the last micro-batch's logits, until the next ones exist (`logits = model(x)`)
     for xm, ym in zip(x.chunk(cell.accumulation), y.chunk(cell.accumulation)):
         mark("forward")
-        loss = compute_loss(model, xm, ym, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks) / cell.accumulation
+        hold = [] if cell.keep_logits else None
+        loss = compute_loss(model, xm, ym, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks,
+                            keep=hold) / cell.accumulation
+        kept = hold  # noqa: F841 - held, not read: its logits live until the next micro-batch's replace them
         mark("backward")
         scaler.scale(loss).backward()
         total += loss.detach()
