@@ -316,3 +316,19 @@ def test_fit_prices_the_adapter_and_refuses_what_it_cannot_take():
         r = cli("fit", "--model", "llama-3-8b", *(["--gpu", "4090"] if "--gpus" not in args else []), *args)
         assert r.exit_code == 2 and "--adapter" in r.output and words in r.output, r.output
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_fit_keeps_the_logits_where_the_loss_has_them():
+    """--keep-logits: the user's loop holds the logits through backward (Cell.keep_logits): every
+    standard-loss combination needs more, a chunked one (no whole logits) the same; records say so."""
+    base = ["fit", "--model", "gpt2", "--gpu", "24GiB", "--batch", 4, "--seq", 1024, "--precision", "bf16-pure",
+            "--lora-rank", 16, "--loss", "standard,chunked", "--format", "json"]
+    freed, kept = (json.loads(cli(*base, *extra).output) for extra in ([], ["--keep-logits"]))
+    need = {r["id"]: r["est_needed_bytes"] for r in freed}
+    assert {r["id"] for r in kept} == set(need) and all(r["keep_logits"] for r in kept)
+    for r in kept:
+        assert (r["est_needed_bytes"] > need[r["id"]]) == (r["loss"] == "standard"), r["id"]
+        assert r["est_needed_bytes"] >= need[r["id"]]
+    assert parse_axes(keep_logits=True).keep_logits and not parse_axes().keep_logits
+    with pytest.raises(ConfigError, match="true or false"):
+        parse_axes(keep_logits="yes")

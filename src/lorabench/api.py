@@ -107,13 +107,13 @@ def _scenario(source: str, model, seq_len, device: str, train: dict, matrix: dic
 def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: Optional[float] = None,
         lora_targets: Sequence[str] = ("q", "v"), optimizer="all", optimizer_impl: Optional[str] = None,
         precision="auto", lora_rank=16, loss="standard,chunked", loss_chunks: int = 8, lora_dropout: float = 0.0,
-        sort: str = "speed", confirm: int = 0) -> list[dict]:
+        keep_logits: bool = False, sort: str = "speed", confirm: int = 0) -> list[dict]:
     """Every technique combination for `model` on `gpu` (a name, "24GiB", ...), fitting ones
     first and ranked by `sort` (speed: fastest first; headroom); one dict per combination (the rows of
     `lorabench fit --format json`). `model`: a preset name, a config.json path or a ModelConfig.
     The axes as `fit`'s options: `precision`, `lora_rank`, `optimizer` (kinds in order of preference,
     "all"; auto, foreach, fused, forloop, what it meant before, set `optimizer_impl`), `loss`, each a
-    comma string or a list; `loss_chunks` and `lora_dropout` are values. `confirm`: `fit --confirm`,
+    comma string or a list; `loss_chunks`, `lora_dropout` and `keep_logits` are values. `confirm`: `fit --confirm`,
     the best `confirm` choices and the combinations near the limit traced (their rows say `traced`)."""
     from .estimator.gpus import lookup, resolve_gpu
     from .present.fit import DEFAULT_MARGIN, DEFAULT_RATES_GPU, fit as fit_grid
@@ -124,7 +124,8 @@ def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: O
     joined = [",".join(map(str, v)) if isinstance(v, (list, tuple)) else (None if v is None else str(v))
               for v in (precision, lora_rank, optimizer, loss)]
     try:
-        axes = parse_axes(joined[0], joined[1], joined[2], optimizer_impl, joined[3], loss_chunks, lora_dropout)
+        axes = parse_axes(joined[0], joined[1], joined[2], optimizer_impl, joined[3], loss_chunks, lora_dropout,
+                          keep_logits=keep_logits)
     except ConfigError as e:
         raise ConfigError("lorabench.fit", e.source.lstrip("-").replace("-", "_"), e.message) from None
     ls = _scenario("lorabench.fit", model, seq, "cuda", {"batch_size": batch, "optimizer": axes.optimizer_impl},

@@ -91,6 +91,9 @@ def claims_cmd(results, fmt):
               help="dropout on the adapters' input (a saved mask per adapted input)")
 @click.option("--adapter", default="lora", show_default=True,
               help="the adapter of every LoRA combination: lora, rslora, lora-plus, dora, pissa, lora-ga, adalora, lora-pro")
+@click.option("--keep-logits/--no-keep-logits", "keep_logits", default=False, show_default=True,
+              help="your training loop keeps each micro-batch's logits until the next ones exist (`logits = "
+                   "model(x)`: nanoGPT's, litgpt's); off: freed before backward (HF's Trainer)")
 @click.option("--sort", "sort", type=click.Choice(["speed", "headroom"]), default="speed", show_default=True,
               help="speed: the fastest first, equally fast ones by most headroom; headroom: the most headroom "
                    "first, then the fastest")
@@ -106,13 +109,14 @@ def claims_cmd(results, fmt):
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def fit_cmd(model, gpu, gpus, seq, batch, lora_targets, margin, precision, lora_rank, optimizer, optimizer_impl, loss,
-            loss_chunks, lora_dropout, adapter, sort, calibrate_path, top, confirm_k, quiet, fmt):
+            loss_chunks, lora_dropout, adapter, keep_logits, sort, calibrate_path, top, confirm_k, quiet, fmt):
     """Which precision / LoRA / QLoRA / optimizer / loss / checkpointing / micro-batch combinations fit a GPU,
     the fastest first, and the smallest change that would make the others fit; without a GPU here and no
     --gpu, the best choice on common cards."""
     from ..present.fit_grid import parse_axes
     from ..present.fit_table import fit_text
-    axes = parse_axes(precision, lora_rank, optimizer, optimizer_impl, loss, loss_chunks, lora_dropout, adapter)
+    axes = parse_axes(precision, lora_rank, optimizer, optimizer_impl, loss, loss_chunks, lora_dropout, adapter,
+                      keep_logits)
     echo(fit_text(model, gpu, seq, batch, lora_targets, margin, calibrate_path=calibrate_path, top=top, fmt=fmt,
                   confirm_k=confirm_k, quiet=quiet, axes=axes, sort=sort, gpus=gpus))
 

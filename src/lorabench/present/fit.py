@@ -246,7 +246,7 @@ def has_rates(gpu: GPU) -> bool:
 
 def evaluate(cfg: ModelConfig, gpu: GPU, combo: Combo, margin: float, targets: tuple, axes: Axes,
              calibration: Calibration, rates_from: GPU | None = None) -> FitCombo:
-    cell = combo.cell(targets, axes.lora_dropout, axes.loss_chunks, axes.adapter)
+    cell = combo.cell(targets, axes)
     est = estimate(cfg, cell, combo.micro_batch_size * combo.accumulation, device="cuda",
                    optimizer_impl=axes.optimizer_impl, n_batches=1, window_steps=2, gpu_name=gpu.name)
     dtype = cell.matmul_dtype(False)

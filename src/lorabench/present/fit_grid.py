@@ -94,12 +94,16 @@ class Combo:
     strategy: str = "none"     # none | ddp | fsdp2 | fsdp2-offload (over world_size GPUs)
     world_size: int = 1
 
-    def cell(self, targets: tuple = DEFAULT_TARGETS, dropout: float = 0.0, loss_chunks: int = 8,
-             adapter: str = "lora") -> Cell:
-        lora = {"lora_targets": tuple(targets), "lora_dropout": dropout, "adapter": adapter} if self.lora_rank else {}
+    def cell(self, targets: tuple = DEFAULT_TARGETS, axes: "Axes | None" = None) -> Cell:
+        """The combination as a Cell, with the user's values of `axes` (its dropout, loss chunks,
+        adapter and kept logits: the chunked loss keeps none)."""
+        a = axes or Axes()
+        lora = {"lora_targets": tuple(targets), "lora_dropout": a.lora_dropout, "adapter": a.adapter} \
+            if self.lora_rank else {}
         cell = Cell(precision=self.precision, lora_rank=self.lora_rank, checkpointing=self.checkpointing,
                     accumulation=self.accumulation, base_dtype=self.base_dtype, loss=self.loss,
-                    loss_chunks=loss_chunks if self.loss == "chunked" else None, optimizer=self.optimizer,
+                    loss_chunks=a.loss_chunks if self.loss == "chunked" else None, optimizer=self.optimizer,
+                    keep_logits=a.keep_logits and self.loss != "chunked",
                     double_quant=self.double_quant if self.base_dtype == "nf4" else None,
                     strategy=self.strategy.removesuffix("-offload"), world_size=self.world_size,
                     cpu_offload=self.strategy.endswith("-offload"), **lora)
@@ -151,6 +155,7 @@ class Axes:
     double_quant: bool = True             # nf4 combinations' double quantization (the checkpoint's, if quantized)
     world_size: int = 1                   # GPUs (`--gpus`); above 1 every combination is ddp or fsdp2 over them
     adapter: str = "lora"                 # the adapter of every LoRA combination (`--adapter`)
+    keep_logits: bool = False             # the user's loop keeps the logits (Cell.keep_logits; not the chunked loss)
 
     @property
     def strategies(self) -> tuple:
@@ -176,7 +181,7 @@ class Axes:
         from ..spec.schema import FieldError
         try:
             problem = projection_problem(cfg, Combo(axes.precisions[0], axes.ranks[-1], "fp32", False, batch, 1).cell(
-                targets, axes.lora_dropout, axes.loss_chunks, axes.adapter))
+                targets, axes))
         except FieldError as e:  # a rule between the adapter and the targets (merged-qkv's)
             problem = e.message
         if not problem and axes.world_size > 1 and not get_adapter(axes.adapter).multi_rank:
@@ -200,7 +205,7 @@ def quant_bases(cfg, axes: Axes, batch: int, targets: tuple) -> tuple[tuple, tup
         for p in (p for p in axes.precisions if p in QUANT_PRECISIONS.get(q, OTHER_QUANT_PRECISIONS)):
             combo = Combo(p, axes.ranks[0], q, False, batch, 1, axes.losses[0], axes.lora_optimizer, axes.double_quant)
             try:
-                cell = combo.cell(targets, axes.lora_dropout, axes.loss_chunks, axes.adapter)
+                cell = combo.cell(targets, axes)
                 if cell.base_dtype != q:
                     raise ValueError(f"a {p} cell stores its base in {cell.base_dtype}")
                 estimate(cfg, cell, batch, device="cuda", optimizer_impl=axes.optimizer_impl, n_batches=1,
@@ -291,7 +296,7 @@ def parse_optimizers(text: str | None, impl: str | None = None) -> tuple[tuple, 
 
 def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, optimizer: str | None = None,
                optimizer_impl: str | None = None, loss: str | None = None, loss_chunks: int = 8,
-               lora_dropout: float = 0.0, adapter: str = "lora") -> Axes:
+               lora_dropout: float = 0.0, adapter: str = "lora", keep_logits: bool = False) -> Axes:
     """The Axes of fit's options; bad input: ConfigError naming the option."""
     precs = None
     if precision not in (None, "auto"):
@@ -316,9 +321,11 @@ def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, opt
         raise ConfigError("--loss-chunks", "", f"must be an integer >= 1, got {loss_chunks!r}")
     if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
         raise ConfigError("--lora-dropout", "", f"must be in [0, 1), got {lora_dropout!r}")
+    if not isinstance(keep_logits, bool):
+        raise ConfigError("--keep-logits", "", f"must be true or false, got {keep_logits!r}")
     kinds, impl = parse_optimizers(optimizer, optimizer_impl)
     named = any(t not in IMPLEMENTATIONS and t != "all" for t in _items(optimizer or ""))
     from ..adapters import get as get_adapter
     get_adapter(adapter, "--adapter", "")  # one line for an unknown adapter
     return Axes(precs, ranks, kinds, losses, loss_chunks, float(lora_dropout), impl,
-                None if named else AMP_OPTIMIZERS, adapter=adapter)
+                None if named else AMP_OPTIMIZERS, adapter=adapter, keep_logits=keep_logits)

@@ -111,7 +111,7 @@ def trace_job(rep, combo):
     from ..spec.config import TrainConfig
     from ..spec.job import CellJob
     train = TrainConfig(batch_size=rep.batch, warmup_steps=1, steps=1, optimizer=rep.optimizer, underflow_probe=False)
-    cell = combo.cell(rep.targets, rep.axes.lora_dropout, rep.axes.loss_chunks, rep.axes.adapter)
+    cell = combo.cell(rep.targets, rep.axes)
     return CellJob(scenario="fit", model=rep.model, train=train, cell=cell, device="cuda")
 
 
@@ -150,6 +150,7 @@ def run_fields(rep, fmt: str) -> dict:
     return {"model": rep.model.name, "seq_len": rep.model.seq_len, "batch_size": rep.batch, "gpu": rep.gpu.name,
             "gpu_memory_bytes": rep.gpu.memory_bytes, "margin": rep.margin, "sort": rep.sort,
             "lora_dropout": rep.axes.lora_dropout, "loss_chunks": rep.axes.loss_chunks,
+            "keep_logits": rep.axes.keep_logits,
             "optimizer_impl": rep.optimizer,
             "lora_targets": ",".join(rep.targets) if fmt == "csv" else list(rep.targets),
             "peak_rates_from": rep.rates_from.name if rep.rates_from else rep.gpu.name}
@@ -273,7 +274,8 @@ def explored(axes) -> str:
            f"{axes.lora_optimizer}{', dropout %g' % axes.lora_dropout if axes.lora_dropout else ''}"
            f"{' on ' + '/'.join(quant) + ' bases too' if quant else ''}; full fine-tuning with "
            f"{', '.join(axes.optimizers)}; {' and '.join(axes.losses)} loss"
-           f"{' (%d chunks)' % axes.loss_chunks if 'chunked' in axes.losses else ''}")
+           f"{' (%d chunks)' % axes.loss_chunks if 'chunked' in axes.losses else ''}"
+           f"{'; the logits kept through backward' if axes.keep_logits else ''}")
     return out + "".join(f"; no {q} base: {why}" for q, why in axes.unavailable)
 
 
