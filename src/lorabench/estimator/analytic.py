@@ -101,7 +101,8 @@ TERMS = {
     "optimizer_temporaries": "the optimizer step's temporaries, e.g. AdamW for-loop: max (2·n_i + n_(i-1))·a; foreach: Σ n_i·a; fused: 0",
     "activations": "tensors saved for backward and live forward temporaries (the stack's replayed ops)",
     "autocast_weight_copies": "half copies of fp32 weights made by autocast (cached when trainable)",
-    "logits_loss": "logits (N·V·a), fp32 copy and log-softmax (N·V·4 each), their gradients",
+    "logits_loss": "logits (N·V·a, kept through backward with keep_logits), fp32 copy and log-softmax (N·V·4 each; "
+                   "the native loss: none, N·V·a), their gradients",
     "backward_buffers": "gradients in flight, branch sums, dtype casts during backward",
     "recompute": "checkpointing: one block's recomputed saved tensors and temporaries",
     "scalars": "scalar tensors of train_step (previous loss, running total, GradScaler's found_inf)",
