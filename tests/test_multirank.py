@@ -133,11 +133,15 @@ def run_scenario(tmp_path: Path, text: str) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
 
 
+SCALAR_SLACK = 8  # bytes: a scalar a rank's DDP peak holds in about one run in five (measured: 4 B, 3 runs of 17)
+
+
 @pytest.mark.slow
 def test_multirank_scenario_state_is_one_nth_and_the_estimates_hold(tmp_path):
     """scenarios/multirank.yaml on 2 CPU ranks: every cell ok; fsdp2's parameters, gradients and
     AdamW moments are exactly half of the one-process cell's (the 0-d `step` tensors are not
-    sharded); ddp adds exactly one copy of the gradients (its buckets) to the peak; the analytic
+    sharded); ddp adds exactly one copy of the gradients (its buckets) to the peak (+4 B in some
+    runs: SCALAR_SLACK); the analytic
     estimate and the trace are each within 5 % of every multi-rank cell's largest rank (measured:
     exact for ddp, 8 B under for fsdp2), and agree with each other to 0.1 %."""
     from lorabench.measure.trace import trace
@@ -156,9 +160,9 @@ def test_multirank_scenario_state_is_one_nth_and_the_estimates_hold(tmp_path):
             steps = 4 * layout_state_bytes(job.model, job.cell).trainable_tensors  # AdamW's 0-d `step`s
             assert 2 * r["param_bytes"] == alone["param_bytes"] and 2 * r["grad_bytes"] == alone["grad_bytes"]
             assert 2 * (r["optimizer_state_bytes"] - steps) == alone["optimizer_state_bytes"] - steps
-        else:
-            assert r["peak_allocated_bytes"] - alone["peak_allocated_bytes"] == alone["grad_bytes"]
-            assert r["est_peak_bytes"] == r["peak_allocated_bytes"]
+        else:  # exact, but that in some runs a rank's peak also holds a 4-byte scalar (gloo's thread timing)
+            assert 0 <= r["peak_allocated_bytes"] - alone["peak_allocated_bytes"] - alone["grad_bytes"] <= SCALAR_SLACK
+            assert 0 <= r["peak_allocated_bytes"] - r["est_peak_bytes"] <= SCALAR_SLACK
         for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
             assert r[f"est_{k}"] == r[k], (cell, k)
         est, _ = trace(decode_job(r))
