@@ -84,7 +84,8 @@ def claims_cmd(results, fmt):
 @click.option("--optimizer-impl", "optimizer_impl", type=click.Choice(["auto", "foreach", "fused", "forloop"]),
               default=None, help="AdamW's implementation (auto = foreach on CUDA)  [default: auto]")
 @click.option("--loss", default="standard,chunked", show_default=True,
-              help="losses to explore: standard, chunked (head and cross-entropy per token chunk), native (the cross-entropy in the logits' 16-bit dtype: litgpt's), all")
+              help="losses to explore: standard, chunked (head and cross-entropy per token chunk), native (the "
+                   "cross-entropy in the logits' 16-bit dtype: litgpt's), all")
 @click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
               help="token chunks of the chunked loss")
 @click.option("--lora-dropout", "lora_dropout", type=float, default=0.0, show_default=True,
