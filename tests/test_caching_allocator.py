@@ -89,3 +89,10 @@ def test_peaks_reset_and_a_double_malloc_is_refused():
     assert (a.peak_allocated_bytes, a.peak_reserved_bytes) == (4 * MiB, 40 * MiB)
     with pytest.raises(KeyError):
         a.malloc("b", 1)
+
+
+def test_a_window_event_empties_the_cache_and_restarts_the_peaks():
+    from lorabench.sim.caching_allocator import WINDOW
+    a = replay([("a", 30 * MiB), ("b", 12 * MiB), ("a", None), (WINDOW, None), ("c", 4 * MiB)])
+    assert a.segments == 2 and a.reserved_bytes == 32 * MiB   # a's 30 MiB went back; c opened 20 MiB
+    assert a.peak_reserved_bytes == 32 * MiB and a.peak_allocated_bytes == 16 * MiB

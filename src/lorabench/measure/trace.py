@@ -50,7 +50,7 @@ from ..estimator.flops import flops_per_step
 from ..estimator.parallel import with_ddp_buckets
 from ..optimizers import get as get_optimizer, spec_of
 from ..optimizers.base import DEVICE
-from ..sim.caching_allocator import CachingAllocator
+from ..sim.caching_allocator import WINDOW, CachingAllocator, replay
 from ..spec.job import CellJob
 from ..spec.schema import ConfigError
 from ..stacks import stack_for
@@ -64,7 +64,6 @@ from .worker import setup, warm_up
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block and rounding step
 TRACE_BASIS = "the step's own code on fake tensors (trace)"
-WINDOW = object()  # _allocator's event: the memory window starts
 
 
 class TraceError(ConfigError):
@@ -328,21 +327,12 @@ def _allocator(job: CellJob, mem, tagger, opt, impl: str, gpu_name: str | None) 
             events.append((born, s, n))
             if s in tl.died_at:
                 events.append((tl.died_at[s], s, None))
-    events.append((tagger.window_at + 0.25, WINDOW, 0))
+    events.append((tagger.window_at + 0.25, WINDOW, None))
     ws = CUBLAS_WORKSPACE_BYTES["hopper" if is_hopper(gpu_name) else "default"]
     for i, at in enumerate((tagger.window_at, tagger.first_backward_at)[:CUBLAS_HANDLES]):
         if at is not None:
             events.append((at + 0.5, ("cublas", i), ws))
-    a = CachingAllocator()
-    for _, key, n in sorted(events, key=lambda e: e[0]):
-        if key is WINDOW:
-            a.empty_cache()
-            a.reset_peaks()
-        elif n is None:
-            a.free(key)
-        else:
-            a.malloc(key, n)
-    return a
+    return replay((key, n) for _, key, n in sorted(events, key=lambda e: e[0]))
 
 
 def _off_device_state(job: CellJob, opt, impl: str) -> int:

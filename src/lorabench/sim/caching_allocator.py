@@ -169,11 +169,19 @@ class CachingAllocator:
         return len(self._segments)
 
 
+WINDOW = object()
+"""replay's event (WINDOW, None): a measured window starts, as the worker starts one on CUDA:
+torch.cuda.empty_cache, then reset_peak_memory_stats."""
+
+
 def replay(events: Iterable[tuple[object, Optional[int]]], capacity: Optional[int] = None) -> CachingAllocator:
-    """Run (key, nbytes) allocations and (key, None) frees through a fresh allocator."""
+    """Run (key, nbytes) allocations, (key, None) frees and (WINDOW, None) through a fresh allocator."""
     a = CachingAllocator(capacity)
     for key, nbytes in events:
-        if nbytes is None:
+        if key is WINDOW:
+            a.empty_cache()
+            a.reset_peaks()
+        elif nbytes is None:
             a.free(key)
         else:
             a.malloc(key, nbytes)
