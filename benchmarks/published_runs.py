@@ -76,7 +76,8 @@ def cell_of(run: dict):
     lora = run["method"] in ("lora", "qlora")
     kw = dict(precision=run["precision"], checkpointing=bool(run.get("checkpointing")),
               accumulation=int(run.get("accumulation", 1)), loss=run.get("loss", "standard"),
-              optimizer=run.get("optimizer", "adamw"), keep_logits=bool(run.get("keep_logits", False)))
+              optimizer=run.get("optimizer", "adamw"), keep_logits=bool(run.get("keep_logits", False)),
+              upcast_logits=bool(run.get("upcast_logits", False)))
     if kw["loss"] == "chunked":
         kw["loss_chunks"] = int(run.get("loss_chunks", 8))
     if lora:

@@ -1,21 +1,14 @@
 """benchmarks/builtin_vs_hf.py: both stacks from one ModelConfig, interleaved, as a ratio."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(benchmark):
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("builtin_vs_hf", ROOT / "benchmarks" / "builtin_vs_hf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark("builtin_vs_hf")
 
 
 def test_both_stacks_are_the_same_model_built_two_ways(bench):

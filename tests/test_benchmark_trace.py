@@ -3,9 +3,7 @@ runs in a child that reports its own RSS, the CPU-row check counts exact rows, t
 what is over 3 % with both breakdowns. Tiny models only; the benchmark itself runs for minutes."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("trace_vs_analytic", ROOT / "benchmarks" / "trace_vs_analytic.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def bench(benchmark):
+    return benchmark("trace_vs_analytic")
 
 
 def test_the_configurations_cover_every_axis_value_the_issue_names(bench):

@@ -220,7 +220,8 @@ def test_unknown_preset_lists_known_ones():
 
 def test_axes_cover_every_cell_field():
     assert AXES == ["arch", "precision", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "checkpointing",
-                    "accumulation", "base_dtype", "double_quant", "loss", "loss_chunks", "keep_logits", "adapter", "lora_plus_ratio",
+                    "accumulation", "base_dtype", "double_quant", "loss", "loss_chunks", "keep_logits", "upcast_logits", "adapter",
+                    "lora_plus_ratio",
                     "optimizer", "merged_qkv_enable", "adalora_target_rank", "adapter_backend", "attn_implementation", "strategy",
                     "world_size", "reshard_after_forward", "fsdp_param_dtype", "fsdp_reduce_dtype", "cpu_offload"]
     assert set(AXES) == {f.name for f in dataclasses.fields(Cell)} - {"id"}

@@ -88,6 +88,7 @@ def test_gemma_norms_start_at_one_and_the_cap_bounds_the_logits():
 CELLS = [Cell(precision="fp32"), Cell(precision="bf16", checkpointing=True), Cell(precision="fp16", accumulation=2),
          Cell(precision="bf16-pure", loss="chunked", loss_chunks=3, checkpointing=True),
          Cell(precision="fp32", lora_rank=2, lora_targets=("q", "k"), loss="chunked", loss_chunks=2),
+         Cell(precision="bf16-pure", lora_rank=2, loss="chunked-output", loss_chunks=3, upcast_logits=True, keep_logits=True),
          Cell(precision="bf16", lora_rank=4, lora_targets=("q", "v", "o", "gate", "down"), base_dtype="bf16",
               lora_dropout=0.1)]
 

@@ -223,6 +223,8 @@ def both_estimates(axes: str, batch_size: int):
     "precision: bf16\n  lora_rank: 4\n  lora_targets: [q, v, up]\n  world_size: 4\n  checkpointing: true",
     "precision: fp32\n  lora_rank: 0\n  world_size: 2\n  reshard_after_forward: false\n  accumulation: 2",
     "precision: bf16-pure\n  lora_rank: 4\n  world_size: 3\n  loss: chunked\n  loss_chunks: 3",
+    "precision: bf16-pure\n  lora_rank: 4\n  world_size: 2\n  loss: chunked-output\n  loss_chunks: 3\n"
+    "  upcast_logits: true\n  keep_logits: true",
     "precision: bf16\n  lora_rank: 4\n  lora_targets: [q, v, head]\n  world_size: 3\n  checkpointing: true",
 ])
 def test_fsdp2_analytic_replays_fsdp2s_buffers_as_the_trace_runs_them(axes):

@@ -102,16 +102,17 @@ def test_pure_bf16_trains_with_bf16_weights_grads_and_adamw_state(rank):
         assert all(layer.param_dtype == torch.bfloat16 for layer in adapted_layers(model))
 
 
+@pytest.mark.parametrize("loss", ["chunked", "chunked-output"])
 @pytest.mark.parametrize("precision,rank", [("fp32", 0), ("bf16", 4), ("fp32", 4)])
 @pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_the_chunked_loss_equals_the_standard_loss_and_its_gradients(model, precision, rank):
+def test_the_chunked_losses_equal_the_standard_loss_and_its_gradients(model, precision, rank, loss):
     x, y = batch(model)
     out = {}
     for chunks in (None, 3):
         net = build_model(model, Cell(precision=precision, lora_rank=rank), "cpu", 0)
-        loss = compute_loss(net, x, y, precision, loss="chunked" if chunks else "standard", loss_chunks=chunks)
-        loss.backward()
-        out[chunks] = loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        value = compute_loss(net, x, y, precision, loss=loss if chunks else "standard", loss_chunks=chunks)
+        value.backward()
+        out[chunks] = value.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     (l0, g0), (l1, g1) = out[None], out[3]
     tol = dict(rtol=1e-2, atol=1e-3) if precision == "bf16" else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(l1, l0, **tol)
@@ -169,11 +170,63 @@ def test_kept_logits_stay_through_backward_and_the_optimizer_step():
     assert cell_id(Cell(precision="bf16-pure", loss="native", keep_logits=True), set()) == "bf16-pure-full-native-keeplogits"
 
 
+def test_upcast_logits_are_fp32_as_they_leave_the_model_and_kept_so():
+    """upcast_logits: the model's 16-bit logits cast to FP32 as they are handed over (Lightning
+    Fabric's bf16-true output; transformers 4.36-4.45's `logits.float()`): the loss equals the
+    standard one to the bit, the kept logits are FP32, and the 16-bit ones are gone. Against the
+    standard loss with the logits kept (16-bit): the backward and optimizer peaks hold 2 B per
+    logit more (the FP32 copy kept instead of the 16-bit logits); the native loss on upcast logits
+    is the standard one (nothing is 16-bit left); in fp32 there is nothing to cast."""
+    x, y = batch(DEEP)
+    net = build_model(DEEP, Cell(precision="bf16-pure", lora_rank=4), "cpu", 0)
+    held_std, held_up = [], []
+    std = compute_loss(net, x, y, "bf16-pure", keep=held_std)
+    up = compute_loss(net, x, y, "bf16-pure", loss="native", keep=held_up, upcast=True)
+    assert held_std[0].dtype == torch.bfloat16 and held_up[0].dtype == torch.float32
+    torch.testing.assert_close(up, std, rtol=0, atol=0)
+    assert held_up[0].grad_fn.name().startswith("ToCopy")  # the bf16 logits: only the cast's input, freed
+    wide = dataclasses.replace(LLAMA, vocab_size=4096)
+    logits = 4 * wide.seq_len * wide.vocab_size  # N·V at batch 4
+    est = {(loss, up): estimate(wide, Cell(precision="bf16-pure", lora_rank=4, loss=loss, keep_logits=True,
+                                           upcast_logits=up), 4, window_steps=2)
+           for loss in ("standard", "native") for up in (False, True)}
+    for ph in ("backward", "optimizer"):
+        assert est["standard", True].phase_peak_bytes[ph] - est["standard", False].phase_peak_bytes[ph] == 2 * logits
+    assert est["native", True].phase_peak_bytes == est["standard", True].phase_peak_bytes
+    fp32 = {up: estimate(wide, Cell(precision="fp32", keep_logits=True, upcast_logits=up), 4).est_peak_bytes
+            for up in (False, True)}
+    assert fp32[False] == fp32[True]
+    assert cell_id(Cell(precision="bf16-pure", keep_logits=True, upcast_logits=True), set()) == \
+        "bf16-pure-full-keeplogits-upcast"
+    with pytest.raises(FieldError, match="no whole logits to keep or cast") as e:
+        Cell(precision="bf16-pure", loss="chunked", upcast_logits=True)
+    assert e.value.key == "upcast_logits"
+
+
 def test_the_chunked_loss_recomputes_the_head_in_hardware_flops_only():
     std, chunked = Cell(precision="fp32"), Cell(precision="fp32", loss="chunked")
     a, b = flops_per_step(LLAMA, std, 4), flops_per_step(LLAMA, chunked, 4)
     assert b.model == a.model
     assert b.hardware - a.hardware == 4 * LLAMA.seq_len * 2 * LLAMA.d_model * LLAMA.vocab_size
+    assert flops_per_step(LLAMA, Cell(precision="fp32", loss="chunked-output"), 4) == a  # nothing recomputed
+
+
+def test_chunked_output_keeps_every_chunks_logits_and_upcasts_one_chunk_at_a_time():
+    """chunked-output (torchtune's CEWithChunkedOutputLoss, litgpt's lm_head_chunk_size): the
+    forward keeps every chunk's 16-bit logits (N·V·2) and the FP32 log-softmax (N·V·4), where the
+    standard loss keeps the log-softmax alone; its backward takes the loss gradients one chunk at a
+    time (2·N·V·4/n transient) where the standard one holds two whole N·V·4 gradients: at a
+    dominating vocabulary it sits between the chunked (recomputed) loss and the standard one."""
+    wide = dataclasses.replace(LLAMA, vocab_size=4096)
+    N, V = 4 * wide.seq_len, wide.vocab_size
+    est = {loss: estimate(wide, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", loss=loss, loss_chunks=8), 4)
+           for loss in ("standard", "chunked", "chunked-output")}
+    assert est["chunked"].est_peak_bytes < est["chunked-output"].est_peak_bytes < est["standard"].est_peak_bytes
+    out = est["chunked-output"]
+    assert out.breakdown["logits_loss"] >= N * V * (2 + 4)  # the kept chunks and their log-softmax
+    assert out.breakdown["logits_loss"] <= N * V * (2 + 4) + 2 * (N // 8) * V * 4 + N * V * 2
+    assert cell_id(Cell(precision="bf16-pure", loss="chunked-output", loss_chunks=4), {"loss_chunks"}) == \
+        "bf16-pure-full-chunked-output4"
 
 
 # ---------------------------------------------------------------- measured = analytic = trace
@@ -194,6 +247,19 @@ CELLS = [
     (LLAMA, Cell(precision="fp32", keep_logits=True)),
     (DEEP, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", accumulation=2, keep_logits=True)),
     (GPT2, Cell(precision="bf16-pure", loss="native", accumulation=2, keep_logits=True)),
+    (DEEP, Cell(precision="bf16-pure", lora_rank=4, upcast_logits=True)),
+    (LLAMA, Cell(precision="bf16-pure", loss="chunked-output", loss_chunks=3)),
+    (DEEP, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", accumulation=2, loss="chunked-output")),
+    (GPT2, Cell(precision="fp32", lora_rank=4, checkpointing=True, loss="chunked-output", loss_chunks=5,
+                keep_logits=True)),
+    (DEEP, Cell(precision="bf16-pure", lora_rank=4, lora_dropout=0.1, accumulation=2, loss="chunked-output",
+                loss_chunks=4, upcast_logits=True, keep_logits=True)),
+    (LLAMA, Cell(precision="fp16-pure", lora_rank=4, lora_targets=("q", "v", "head"), loss="chunked-output",
+                 loss_chunks=2, upcast_logits=True)),
+    (LLAMA, Cell(precision="bf16-pure", lora_rank=4, lora_dropout=0.1, accumulation=2, upcast_logits=True, keep_logits=True)),
+    (GPT2, Cell(precision="fp16-pure", checkpointing=True, upcast_logits=True, keep_logits=True)),
+    (DEEP, Cell(precision="bf16", lora_rank=4, base_dtype="bf16", accumulation=2, upcast_logits=True, keep_logits=True)),
+    (LLAMA, Cell(precision="fp32", lora_rank=4, base_dtype="bf16", upcast_logits=True, keep_logits=True)),
 ]
 
 
@@ -230,7 +296,9 @@ def test_hf_cells_run_pure_and_chunked_and_the_trace_equals_them(tmp_path):
     assert stack_for(model).name == "hf"
     for cell in (Cell(precision="bf16-pure", lora_rank=4), Cell(precision="fp32", loss="chunked", loss_chunks=3),
                  Cell(precision="bf16-pure", lora_rank=4, loss="native"),
-                 Cell(precision="bf16-pure", lora_rank=4, loss="native", keep_logits=True)):
+                 Cell(precision="bf16-pure", lora_rank=4, loss="native", keep_logits=True),
+                 Cell(precision="bf16-pure", lora_rank=4, upcast_logits=True, keep_logits=True),
+                 Cell(precision="bf16-pure", lora_rank=4, loss="chunked-output", loss_chunks=3, keep_logits=True)):
         j = job(model, cell)
         row = run_cell(j)
         assert row["status"] == "ok", row.get("error")
@@ -249,3 +317,26 @@ def test_estimate_takes_the_pure_precisions_and_lora_dropout_from_the_command_li
     assert row["precision"] == "bf16-pure" and row["lora_dropout"] == 0.05 and row["base_dtype"] == "bf16"
     bad = CliRunner().invoke(main, ["estimate", "--model", "cpu-tiny", "--lora-rank", "4", "--lora-dropout", "1"])
     assert bad.exit_code == 2 and "--lora-dropout" in bad.output
+
+
+def test_estimate_and_fit_take_the_logits_options_from_the_command_line():
+    """--loss chunked-output and --upcast-logits reach the cell (estimate) and the grid (fit); the
+    chunked loss with --upcast-logits is one line naming the option, exit 2."""
+    base = ["estimate", "--model", "cpu-tiny", "--precision", "bf16-pure", "--lora-rank", "4", "--format", "json"]
+    rows = {}
+    for extra in ([], ["--keep-logits", "--upcast-logits"], ["--loss", "chunked-output", "--loss-chunks", "2"]):
+        r = CliRunner().invoke(main, base + extra)
+        assert r.exit_code == 0, r.output
+        rows[" ".join(extra)] = json.loads(r.output)[0]
+    up = rows["--keep-logits --upcast-logits"]
+    assert up["upcast_logits"] is True and up["keep_logits"] is True and up["cell"].endswith("-keeplogits-upcast")
+    assert up["est_peak_bytes"] > rows[""]["est_peak_bytes"]
+    assert rows["--loss chunked-output --loss-chunks 2"]["loss"] == "chunked-output"
+    bad = CliRunner().invoke(main, ["estimate", "--model", "cpu-tiny", "--loss", "chunked", "--upcast-logits"])
+    assert bad.exit_code == 2 and "--upcast-logits" in bad.output and len(bad.output.strip().splitlines()) == 1
+    fit = CliRunner().invoke(main, ["fit", "--model", "gpt2", "--gpu", "4090", "--batch", "2", "--lora-rank", "16",
+                                    "--loss", "standard,chunked-output", "--upcast-logits", "--keep-logits",
+                                    "--format", "json"])
+    assert fit.exit_code == 0, fit.output
+    recs = json.loads(fit.output)
+    assert {r["loss"] for r in recs} == {"standard", "chunked-output"} and all(r["upcast_logits"] for r in recs)

@@ -32,15 +32,17 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
              adapter: str = "lora", checkpointing: bool = False, accumulation: int = 1, batch_size: int = 1,
              seq_len: Optional[int] = None, device: str = "cuda", optimizer: str = "adamw",
              optimizer_impl: Optional[str] = None, loss: str = "standard", loss_chunks: int = 8,
-             keep_logits: bool = False, gpu: Optional[str] = None, method: str = "analytic"):
+             keep_logits: bool = False, upcast_logits: bool = False, gpu: Optional[str] = None,
+             method: str = "analytic"):
     """The predicted memory (bytes) and FLOPs of one training set-up; nothing runs. `model`: a
     preset name (`lorabench.spec.presets.preset_names()`), a Hugging Face config.json path or a
     ModelConfig; `base_dtype`: fp32, fp16, bf16, or nf4 / int8 (a quantized base: QLoRA; default fp32,
     or the model's own quantization when its config.json has a bitsandbytes quantization_config);
     `optimizer`: adamw, adamw-8bit, paged-adamw-8bit, adafactor, sgd (`lorabench.optimizers`;
     auto, foreach, fused, forloop, what it meant before, are AdamW with that `optimizer_impl`);
-    `loss`: standard, chunked (`loss_chunks` chunks) or native; `keep_logits`: the training loop keeps
-    each micro-batch's logits until the next ones exist; `gpu`: a GPU name for its CUDA-only terms
+    `loss`: standard, chunked, chunked-output (`loss_chunks` chunks) or native; `keep_logits`: the loop keeps
+    each micro-batch's logits until the next ones exist; `upcast_logits`: the model hands over FP32
+    logits (Lightning Fabric's bf16-true); `gpu`: a GPU name for its CUDA-only terms
     (`fit`'s names). `method`: analytic (arithmetic; torch is not imported) or trace (the set-up's
     real training step on fake tensors, seconds; a step it cannot run raises TraceError, a
     ConfigError). Returns an `Estimate` (est_peak_bytes, est_peak_phase, breakdown, method, ...)."""
@@ -52,7 +54,7 @@ def estimate(model, *, precision: str = "fp32", lora_rank: int = 0, lora_alpha: 
     matrix = {"precision": precision, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": lora_targets,
               "lora_dropout": lora_dropout, "adapter": adapter,
               "checkpointing": checkpointing, "accumulation": accumulation, "optimizer": optimizer, "loss": loss,
-              "loss_chunks": loss_chunks, "keep_logits": keep_logits} | \
+              "loss_chunks": loss_chunks, "keep_logits": keep_logits, "upcast_logits": upcast_logits} | \
         ({"base_dtype": base_dtype} if base_dtype is not None else {})
     for key, value in matrix.items():  # one set-up: a list would be a matrix axis (lora_targets excepted)
         if isinstance(value, (list, tuple, set)) and key != "lora_targets":
@@ -107,13 +109,14 @@ def _scenario(source: str, model, seq_len, device: str, train: dict, matrix: dic
 def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: Optional[float] = None,
         lora_targets: Sequence[str] = ("q", "v"), optimizer="all", optimizer_impl: Optional[str] = None,
         precision="auto", lora_rank=16, loss="standard,chunked", loss_chunks: int = 8, lora_dropout: float = 0.0,
-        keep_logits: bool = False, sort: str = "speed", confirm: int = 0) -> list[dict]:
+        keep_logits: bool = False, upcast_logits: bool = False, sort: str = "speed", confirm: int = 0) -> list[dict]:
     """Every technique combination for `model` on `gpu` (a name, "24GiB", ...), fitting ones
     first and ranked by `sort` (speed: fastest first; headroom); one dict per combination (the rows of
     `lorabench fit --format json`). `model`: a preset name, a config.json path or a ModelConfig.
     The axes as `fit`'s options: `precision`, `lora_rank`, `optimizer` (kinds in order of preference,
     "all"; auto, foreach, fused, forloop, what it meant before, set `optimizer_impl`), `loss`, each a
-    comma string or a list; `loss_chunks`, `lora_dropout` and `keep_logits` are values. `confirm`: `fit --confirm`,
+    comma string or a list; `loss_chunks`, `lora_dropout`, `keep_logits` and `upcast_logits` are values.
+    `confirm`: `fit --confirm`,
     the best `confirm` choices and the combinations near the limit traced (their rows say `traced`)."""
     from .estimator.gpus import lookup, resolve_gpu
     from .present.fit import DEFAULT_MARGIN, DEFAULT_RATES_GPU, fit as fit_grid
@@ -125,7 +128,7 @@ def fit(model, *, gpu: str, seq: Optional[int] = None, batch: int = 1, margin: O
               for v in (precision, lora_rank, optimizer, loss)]
     try:
         axes = parse_axes(joined[0], joined[1], joined[2], optimizer_impl, joined[3], loss_chunks, lora_dropout,
-                          keep_logits=keep_logits)
+                          keep_logits=keep_logits, upcast_logits=upcast_logits)
     except ConfigError as e:
         raise ConfigError("lorabench.fit", e.source.lstrip("-").replace("-", "_"), e.message) from None
     ls = _scenario("lorabench.fit", model, seq, "cuda", {"batch_size": batch, "optimizer": axes.optimizer_impl},

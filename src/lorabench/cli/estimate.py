@@ -61,13 +61,18 @@ SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
               help="the optimizer's implementation (auto = foreach on CUDA, for-loop on CPU)  [default: auto]")
 @click.option("--loss", type=click.Choice(list(LOSSES)), default="standard", show_default=True,
               help="standard (the whole (N, V) FP32 logits at once), chunked (head and cross-entropy per token "
-                   "chunk, recomputed in backward) or native (the whole logits, the cross-entropy in their own "
-                   "dtype: litgpt's; differs from standard in bf16-pure, fp16-pure only)")
+                   "chunk, recomputed in backward), native (the whole logits, the cross-entropy in their own "
+                   "dtype; differs from standard in bf16-pure, fp16-pure only) or chunked-output (the head per token "
+                   "chunk, every chunk's logits kept, the FP32 cross-entropy chunk by chunk: torchtune's "
+                   "CEWithChunkedOutputLoss, litgpt's lm_head_chunk_size)")
 @click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
-              help="token chunks of the chunked loss")
+              help="token chunks of the chunked and chunked-output losses")
 @click.option("--keep-logits/--no-keep-logits", "keep_logits", default=False, show_default=True,
               help="the training loop keeps each micro-batch's logits until the next ones exist (`logits = "
                    "model(x)` in a hand-written loop: nanoGPT's, litgpt's); off: freed before backward (HF's Trainer)")
+@click.option("--upcast-logits/--no-upcast-logits", "upcast_logits", default=False, show_default=True,
+              help="the model hands over its logits cast to FP32, the 16-bit ones gone at once (Lightning Fabric's "
+                   "bf16-true / 16-true output: litgpt's; transformers 4.36-4.45's `logits.float()`)")
 @click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scenario's, else cpu")
@@ -78,8 +83,8 @@ SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.pass_context
 def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_dropout, adapter, checkpointing,
-                 accumulation, base_dtype, optimizer, optimizer_impl, loss, loss_chunks, keep_logits, batch, seq, device,
-                 method, quiet, fmt):
+                 accumulation, base_dtype, optimizer, optimizer_impl, loss, loss_chunks, keep_logits, upcast_logits,
+                 batch, seq, device, method, quiet, fmt):
     """Predict each cell's memory and FLOPs without running anything (SCENARIO.yaml, or one cell by options)."""
     from ..present.estimates import estimate_text
     from ..spec.schema import ConfigError
@@ -98,7 +103,7 @@ def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_
     echo(estimate_text(scenario, model, fmt, precision, lora_rank, lora_targets, checkpointing, accumulation,
                        base_dtype, batch, seq, device, method, quiet, lora_dropout=lora_dropout, optimizer=optimizer,
                        optimizer_impl=optimizer_impl or "auto", loss=loss, loss_chunks=loss_chunks, adapter=adapter,
-                       keep_logits=keep_logits))
+                       keep_logits=keep_logits, upcast_logits=upcast_logits))
 
 
 @click.command("validate")

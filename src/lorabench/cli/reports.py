@@ -85,7 +85,8 @@ def claims_cmd(results, fmt):
               default=None, help="AdamW's implementation (auto = foreach on CUDA)  [default: auto]")
 @click.option("--loss", default="standard,chunked", show_default=True,
               help="losses to explore: standard, chunked (head and cross-entropy per token chunk), native (the "
-                   "cross-entropy in the logits' 16-bit dtype: litgpt's), all")
+                   "cross-entropy in the logits' 16-bit dtype), chunked-output (every chunk's logits kept: torchtune's, "
+                   "litgpt's), all")
 @click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
               help="token chunks of the chunked loss")
 @click.option("--lora-dropout", "lora_dropout", type=float, default=0.0, show_default=True,
@@ -95,6 +96,9 @@ def claims_cmd(results, fmt):
 @click.option("--keep-logits/--no-keep-logits", "keep_logits", default=False, show_default=True,
               help="your training loop keeps each micro-batch's logits until the next ones exist (`logits = "
                    "model(x)`: nanoGPT's, litgpt's); off: freed before backward (HF's Trainer)")
+@click.option("--upcast-logits/--no-upcast-logits", "upcast_logits", default=False, show_default=True,
+              help="your model hands over FP32 logits, its 16-bit ones gone (Lightning Fabric's bf16-true: litgpt's; "
+                   "transformers 4.36-4.45's `logits.float()`)")
 @click.option("--sort", "sort", type=click.Choice(["speed", "headroom"]), default="speed", show_default=True,
               help="speed: the fastest first, equally fast ones by most headroom; headroom: the most headroom "
                    "first, then the fastest")
@@ -110,14 +114,15 @@ def claims_cmd(results, fmt):
 @click.option("--quiet", is_flag=True, help="no progress display while tracing (it is shown on a terminal only)")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def fit_cmd(model, gpu, gpus, seq, batch, lora_targets, margin, precision, lora_rank, optimizer, optimizer_impl, loss,
-            loss_chunks, lora_dropout, adapter, keep_logits, sort, calibrate_path, top, confirm_k, quiet, fmt):
+            loss_chunks, lora_dropout, adapter, keep_logits, upcast_logits, sort, calibrate_path, top, confirm_k, quiet,
+            fmt):
     """Which precision / LoRA / QLoRA / optimizer / loss / checkpointing / micro-batch combinations fit a GPU,
     the fastest first, and the smallest change that would make the others fit; without a GPU here and no
     --gpu, the best choice on common cards."""
     from ..present.fit_grid import parse_axes
     from ..present.fit_table import fit_text
     axes = parse_axes(precision, lora_rank, optimizer, optimizer_impl, loss, loss_chunks, lora_dropout, adapter,
-                      keep_logits)
+                      keep_logits, upcast_logits)
     echo(fit_text(model, gpu, seq, batch, lora_targets, margin, calibrate_path=calibrate_path, top=top, fmt=fmt,
                   confirm_k=confirm_k, quiet=quiet, axes=axes, sort=sort, gpus=gpus))
 

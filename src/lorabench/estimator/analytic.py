@@ -102,7 +102,7 @@ TERMS = {
     "activations": "tensors saved for backward and live forward temporaries (the stack's replayed ops)",
     "autocast_weight_copies": "half copies of fp32 weights made by autocast (cached when trainable)",
     "logits_loss": "logits (N·V·a, kept through backward with keep_logits), fp32 copy and log-softmax (N·V·4 each; "
-                   "the native loss: none, N·V·a), their gradients",
+                   "the native loss: none, N·V·a; upcast_logits: the fp32 copy replaces the logits), their gradients",
     "backward_buffers": "gradients in flight, branch sums, dtype casts during backward",
     "recompute": "checkpointing: one block's recomputed saved tensors and temporaries",
     "scalars": "scalar tensors of train_step (previous loss, running total, GradScaler's found_inf)",

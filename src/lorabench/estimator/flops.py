@@ -115,7 +115,7 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
         last = d_ff * C * cfg.experts_per_token // cfg.n_experts
     recompute = (tokens * L * (fwd_block_tok - 2 * last) + batch_size * L * attn_fwd_seq) \
         if cell.checkpointing and upstream else 0
-    if cell.loss_chunks:
+    if cell.loss == "chunked":  # its head recomputed per chunk (chunked-output keeps the logits: none)
         recompute += tokens * 2 * (head_w + head_a)
     return Flops(model=fwd + bwd, hardware=fwd + bwd + recompute, forward=fwd, backward=bwd, recompute=recompute)
 

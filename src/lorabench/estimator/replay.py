@@ -91,7 +91,7 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
     key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
            cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss, cell.loss_chunks, cell.keep_logits,
-           cell.attn_implementation, device,
+           cell.upcast_logits, cell.attn_implementation, device,
            cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward, cell.fsdp_param_dtype,
                                          cell.fsdp_reduce_dtype, cell.cpu_offload))
     res = _CACHE.get(key)

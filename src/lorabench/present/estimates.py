@@ -36,7 +36,7 @@ OPTION_KEYS = {"matrix.precision": "--precision", "matrix.lora_rank": "--lora-ra
                "matrix.optimizer": "--optimizer", "matrix.loss_chunks": "--loss-chunks", "matrix.loss": "--loss",
                "train.optimizer": "--optimizer-impl", "train.batch_size": "--batch", "model.seq_len": "--seq",
                "model.preset": "--model", "device": "--device", "matrix.adapter": "--adapter",
-               "matrix.keep_logits": "--keep-logits"}
+               "matrix.keep_logits": "--keep-logits", "matrix.upcast_logits": "--upcast-logits"}
 
 
 def estimates_for(ls: LoadedScenario, device: str | None = None, method: str = "analytic",
@@ -155,7 +155,7 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
                      seq: int | None = None, device: str = "cpu", method: str = "analytic",
                      quiet: bool = True, lora_dropout: float = 0.0, optimizer: str = "adamw",
                      optimizer_impl: str = "auto", loss: str = "standard", loss_chunks: int = 8,
-                     adapter: str = "lora", keep_logits: bool = False) -> list[dict]:
+                     adapter: str = "lora", keep_logits: bool = False, upcast_logits: bool = False) -> list[dict]:
     """One cell given by command-line options, validated like a scenario (errors name the option)."""
     model_data = {"preset": model} | ({"seq_len": seq} if seq is not None else {})  # --seq 0 is an error
     data = {"name": "estimate", "model": model_data, "device": device,
@@ -164,7 +164,7 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
                        "lora_targets": split_targets(lora_targets),
                        "checkpointing": checkpointing, "accumulation": accumulation,
                        "lora_dropout": lora_dropout, "optimizer": optimizer, "loss": loss, "loss_chunks": loss_chunks,
-                       "adapter": adapter, "keep_logits": keep_logits}
+                       "adapter": adapter, "keep_logits": keep_logits, "upcast_logits": upcast_logits}
             | ({"base_dtype": base_dtype} if base_dtype is not None else {})}  # default: fp32, or the model's
     try:
         return estimates_for(parse_scenario(data, "options"), device, method, quiet)  # its adapter check too
@@ -189,7 +189,7 @@ def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: 
                   base_dtype: str | None = None, batch: int = 8, seq: int | None = None, device: str | None = None,
                   method: str = "analytic", quiet: bool = True, lora_dropout: float = 0.0, optimizer: str = "adamw",
                   optimizer_impl: str = "auto", loss: str = "standard", loss_chunks: int = 8,
-                  adapter: str = "lora", keep_logits: bool = False) -> str:
+                  adapter: str = "lora", keep_logits: bool = False, upcast_logits: bool = False) -> str:
     """`lorabench estimate`: the cells of SCENARIO, or the one cell the options give, rendered."""
     check_method(method)
     if scenario and model:
@@ -199,7 +199,7 @@ def estimate_text(scenario: str | None, model: str | None, fmt: str, precision: 
     elif model:
         rows = option_estimates(model, precision, lora_rank, lora_targets, checkpointing, accumulation, base_dtype,
                                 batch, seq, device or "cpu", method, quiet, lora_dropout, optimizer, optimizer_impl,
-                                loss, loss_chunks, adapter, keep_logits)
+                                loss, loss_chunks, adapter, keep_logits, upcast_logits)
     else:
         raise ConfigError("options", "--model", "give a scenario file or --model PRESET|config.json")
     return render_estimates(rows, fmt)

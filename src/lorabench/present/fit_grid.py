@@ -23,8 +23,10 @@ Axes (`Axes`; every value one `estimator.estimate` on CUDA, nothing run):
               weights and gradients outweigh any optimizer's state, the first two of the default
               list (AMP_OPTIMIZERS: AdamW, 8-bit AdamW; every one named when --optimizer is
               given); an adapter cell (MiB of state) uses the first listed.
-  loss        standard, chunked (`--loss-chunks` chunks, default 8); native (litgpt's cross-entropy
-              in the logits' dtype) when named, or with `--loss all`.
+  loss        standard, chunked (`--loss-chunks` chunks, default 8); native (the cross-entropy in the
+              logits' dtype) and chunked-output (torchtune's, litgpt's: every chunk's logits kept)
+              when named, or with `--loss all`. `--upcast-logits`, `--keep-logits`:
+              what the user's model hands over and their loop keeps (Cell.upcast_logits, keep_logits).
   checkpointing off, on; micro-batch m in the powers of two dividing the batch B (and B),
               accumulation B / m.
   strategy    with N > 1 GPUs (`--gpus N`, or `--gpu 8xH100`): ddp, fsdp2 and fsdp2-offload (FSDP2's
@@ -42,7 +44,7 @@ import functools
 from dataclasses import dataclass
 
 from ..optimizers import names as optimizer_names
-from ..spec.config import BASE_DTYPES, DEFAULT_TARGETS, LOSSES, QUANT_DTYPES, Cell
+from ..spec.config import BASE_DTYPES, CHUNKED_LOSSES, DEFAULT_TARGETS, LOSSES, QUANT_DTYPES, Cell
 from ..spec.scenario import cell_id
 from ..spec.schema import ConfigError
 
@@ -96,14 +98,15 @@ class Combo:
 
     def cell(self, targets: tuple = DEFAULT_TARGETS, axes: "Axes | None" = None) -> Cell:
         """The combination as a Cell, with the user's values of `axes` (its dropout, loss chunks,
-        adapter and kept logits: the chunked loss keeps none)."""
+        adapter, kept and upcast logits: the chunked loss hands over none)."""
         a = axes or Axes()
         lora = {"lora_targets": tuple(targets), "lora_dropout": a.lora_dropout, "adapter": a.adapter} \
             if self.lora_rank else {}
         cell = Cell(precision=self.precision, lora_rank=self.lora_rank, checkpointing=self.checkpointing,
                     accumulation=self.accumulation, base_dtype=self.base_dtype, loss=self.loss,
-                    loss_chunks=a.loss_chunks if self.loss == "chunked" else None, optimizer=self.optimizer,
+                    loss_chunks=a.loss_chunks if self.loss in CHUNKED_LOSSES else None, optimizer=self.optimizer,
                     keep_logits=a.keep_logits and self.loss != "chunked",
+                    upcast_logits=a.upcast_logits and self.loss != "chunked",
                     double_quant=self.double_quant if self.base_dtype == "nf4" else None,
                     strategy=self.strategy.removesuffix("-offload"), world_size=self.world_size,
                     cpu_offload=self.strategy.endswith("-offload"), **lora)
@@ -156,6 +159,7 @@ class Axes:
     world_size: int = 1                   # GPUs (`--gpus`); above 1 every combination is ddp or fsdp2 over them
     adapter: str = "lora"                 # the adapter of every LoRA combination (`--adapter`)
     keep_logits: bool = False             # the user's loop keeps the logits (Cell.keep_logits; not the chunked loss)
+    upcast_logits: bool = False           # the user's model hands over FP32 logits (Cell.upcast_logits; likewise)
 
     @property
     def strategies(self) -> tuple:
@@ -296,7 +300,8 @@ def parse_optimizers(text: str | None, impl: str | None = None) -> tuple[tuple, 
 
 def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, optimizer: str | None = None,
                optimizer_impl: str | None = None, loss: str | None = None, loss_chunks: int = 8,
-               lora_dropout: float = 0.0, adapter: str = "lora", keep_logits: bool = False) -> Axes:
+               lora_dropout: float = 0.0, adapter: str = "lora", keep_logits: bool = False,
+               upcast_logits: bool = False) -> Axes:
     """The Axes of fit's options; bad input: ConfigError naming the option."""
     precs = None
     if precision not in (None, "auto"):
@@ -321,11 +326,12 @@ def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, opt
         raise ConfigError("--loss-chunks", "", f"must be an integer >= 1, got {loss_chunks!r}")
     if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
         raise ConfigError("--lora-dropout", "", f"must be in [0, 1), got {lora_dropout!r}")
-    if not isinstance(keep_logits, bool):
-        raise ConfigError("--keep-logits", "", f"must be true or false, got {keep_logits!r}")
+    for flag, value in (("--keep-logits", keep_logits), ("--upcast-logits", upcast_logits)):
+        if not isinstance(value, bool):
+            raise ConfigError(flag, "", f"must be true or false, got {value!r}")
     kinds, impl = parse_optimizers(optimizer, optimizer_impl)
     named = any(t not in IMPLEMENTATIONS and t != "all" for t in _items(optimizer or ""))
     from ..adapters import get as get_adapter
     get_adapter(adapter, "--adapter", "")  # one line for an unknown adapter
     return Axes(precs, ranks, kinds, losses, loss_chunks, float(lora_dropout), impl,
-                None if named else AMP_OPTIMIZERS, adapter=adapter, keep_logits=keep_logits)
+                None if named else AMP_OPTIMIZERS, adapter=adapter, keep_logits=keep_logits, upcast_logits=upcast_logits)

@@ -43,7 +43,8 @@ from .fit_suggest import change_text  # noqa: F401 - the tables' short form of a
 from .tables import fitted_table as _table
 
 LEGEND = ("ckpt: activation checkpointing; chunked: the chunked loss (head and cross-entropy per token chunk); native: "
-          "the cross-entropy in the logits' own 16-bit dtype (litgpt's); micro×acc: "
+          "the cross-entropy in the logits' own 16-bit dtype; chunked-output: the head per token chunk, every chunk's "
+          "logits kept (torchtune's, litgpt's); micro×acc: "
           "sequences per forward × accumulation steps; precision: the autocast dtype (fp32: none; -pure: everything "
           "stored in it), 'any' when every precision explored costs the same; a row holds every rank, precision "
           "and micro-batch of equal cost (time within 2 %)")
@@ -150,7 +151,7 @@ def run_fields(rep, fmt: str) -> dict:
     return {"model": rep.model.name, "seq_len": rep.model.seq_len, "batch_size": rep.batch, "gpu": rep.gpu.name,
             "gpu_memory_bytes": rep.gpu.memory_bytes, "margin": rep.margin, "sort": rep.sort,
             "lora_dropout": rep.axes.lora_dropout, "loss_chunks": rep.axes.loss_chunks,
-            "keep_logits": rep.axes.keep_logits,
+            "keep_logits": rep.axes.keep_logits, "upcast_logits": rep.axes.upcast_logits,
             "optimizer_impl": rep.optimizer,
             "lora_targets": ",".join(rep.targets) if fmt == "csv" else list(rep.targets),
             "peak_rates_from": rep.rates_from.name if rep.rates_from else rep.gpu.name}
@@ -274,7 +275,8 @@ def explored(axes) -> str:
            f"{axes.lora_optimizer}{', dropout %g' % axes.lora_dropout if axes.lora_dropout else ''}"
            f"{' on ' + '/'.join(quant) + ' bases too' if quant else ''}; full fine-tuning with "
            f"{', '.join(axes.optimizers)}; {' and '.join(axes.losses)} loss"
-           f"{' (%d chunks)' % axes.loss_chunks if 'chunked' in axes.losses else ''}"
+           f"{' (%d chunks)' % axes.loss_chunks if any(x.startswith('chunked') for x in axes.losses) else ''}"
+           f"{'; the logits upcast to FP32 by the model' if axes.upcast_logits else ''}"
            f"{'; the logits kept through backward' if axes.keep_logits else ''}")
     return out + "".join(f"; no {q} base: {why}" for q, why in axes.unavailable)
 

@@ -90,25 +90,25 @@ def merged_qkv_enable(rank: int, adapter: Optional[str], enable, targets: Option
     return tuple(sorted(enable, key=QKV_SLICES.index))
 
 
-def check_keep_logits(keep, loss: str) -> bool:
-    """keep_logits as a bool; FieldError with the chunked loss, which makes no whole logits to keep
-    (each chunk's are recomputed in backward)."""
-    if not isinstance(keep, bool):
-        raise FieldError("keep_logits", f"must be true or false, got {keep!r}")
-    if keep and loss == "chunked":
-        raise FieldError("keep_logits", "the chunked loss makes no whole logits to keep: use loss standard or native")
-    return keep
+def check_logits_flag(key: str, on, loss: str) -> bool:
+    """keep_logits or upcast_logits as a bool; FieldError with the chunked loss, whose model hands
+    over no logits (each chunk's are made inside the loss and recomputed in backward)."""
+    if not isinstance(on, bool):
+        raise FieldError(key, f"must be true or false, got {on!r}")
+    if on and loss == "chunked":
+        raise FieldError(key, "the chunked loss makes no whole logits to keep or cast: use loss standard or native")
+    return on
 
 
 def check_head_only(strategy: str, loss: str, targets: Optional[tuple]) -> None:
-    """FieldError for an adapter on the head alone under fsdp2 with the chunked loss. The chunked
-    loss runs the head outside the root's registered forward (`hidden`), and with nothing below
+    """FieldError for an adapter on the head alone under fsdp2 with a chunked loss. The chunked
+    losses run the head outside the root's registered forward (`hidden`), and with nothing below
     the head trainable nothing that forward returns needs a gradient: FSDP2's root post-backward
     never fires, so the root stays unsharded through the optimizer step and its gradients are
     never reduce-scattered (measured on 2 CPU ranks, a 3-layer model: 62,872 B more in the step
     than with the standard loss, and after 3 steps a loss of 5.841 against its 5.833)."""
-    if strategy == "fsdp2" and loss == "chunked" and targets == ("head",):
-        raise FieldError("lora_targets", "fsdp2 with loss chunked needs a trainable projection below the head: "
+    if strategy == "fsdp2" and loss in ("chunked", "chunked-output") and targets == ("head",):
+        raise FieldError("lora_targets", f"fsdp2 with loss {loss} needs a trainable projection below the head: "
                                          "with head alone FSDP2 never reduces its gradients (add a block target, "
                                          "or use loss standard)")
 

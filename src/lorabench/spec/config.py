@@ -17,7 +17,7 @@ from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, BLOCK_TARGETS, DEFAULT_TARGETS, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
                          DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget, merged_qkv_enable,
                          backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields,
-                         check_head_only, check_keep_logits)
+                         check_head_only, check_logits_flag)
 
 
 @dataclass
@@ -114,16 +114,23 @@ class MatrixSpec:
                                 "projections: QLoRA; pip install 'lorabench[quant]')", (nonempty,))
     double_quant: list[bool] = fld([True], "nf4 bases: quantize the quantization scales too (QLoRA's double quantization)",
                                    (nonempty,))
-    loss: list[Literal["standard", "chunked", "native"]] = fld(["standard"], "standard (the whole (N, V) FP32 logits at once) | "
-                          "chunked (head and cross-entropy over token chunks, each recomputed in backward: one chunk of "
-                          "logits alive) | native (the whole logits, cross-entropy in their own dtype: litgpt's; under "
-                          "autocast torch upcasts anyway, so it differs from standard only in bf16-pure, fp16-pure)",
-                          (nonempty,))
-    loss_chunks: list[int] = fld([8], "token chunks of the chunked loss (torchtune's default 8)", (nonempty,))
+    loss: list[Literal["standard", "chunked", "native", "chunked-output"]] = fld(["standard"], "standard (the whole (N, V) "
+                          "FP32 logits at once) | chunked (head and cross-entropy over token chunks, each recomputed in "
+                          "backward: one chunk of logits alive) | native (the whole logits, cross-entropy in their own "
+                          "dtype; under autocast torch upcasts anyway, so it differs from standard only in bf16-pure, "
+                          "fp16-pure) | chunked-output (the head over token chunks, every chunk's logits kept, the FP32 "
+                          "cross-entropy one chunk at a time: torchtune's CEWithChunkedOutputLoss, litgpt's "
+                          "lm_head_chunk_size)", (nonempty,))
+    loss_chunks: list[int] = fld([8], "token chunks of the chunked and chunked-output losses (torchtune's default 8)",
+                                 (nonempty,))
     keep_logits: list[bool] = fld([False], "the training loop keeps each micro-batch's logits until the next ones "
                                   "exist, as `logits = model(x)` in a hand-written loop (nanoGPT's, litgpt's) does; "
                                   "false: they go before backward, as in HF's Trainer (standard and native loss)",
                                   (nonempty,))
+    upcast_logits: list[bool] = fld([False], "the model hands over its logits cast to FP32, the 16-bit ones gone at once: "
+                                    "Lightning Fabric's bf16-true / 16-true cast a module's output to the default dtype "
+                                    "(litgpt), transformers 4.36-4.45's causal-LM heads return `logits.float()`; the loss "
+                                    "reads them, and keep_logits keeps them", (nonempty,))
     adapter: list[str] = fld(["lora"], "adapter kind in cells with lora_rank > 0: lora, or another registered adapter (lorabench.adapters)", (nonempty,))
     lora_plus_ratio: list[float] = fld([16.0], "LoRA+ (adapter lora-plus): B's learning rate over A's (Hayou et al. 2024)", (nonempty,))
     optimizer: list[str] = fld([DEFAULT_OPTIMIZER], "adamw | sgd (momentum 0.9) | adafactor | adamw-8bit | paged-adamw-8bit "
@@ -157,7 +164,8 @@ class MatrixSpec:
                                   "state on the host; GPU cells only)", (nonempty,))
 
 
-LOSSES = ("standard", "chunked", "native")
+LOSSES = ("standard", "chunked", "native", "chunked-output")
+CHUNKED_LOSSES = ("chunked", "chunked-output")  # the head over `loss_chunks` token chunks, outside the model's forward
 
 
 def strategy_problem(value) -> Optional[str]:
@@ -180,8 +188,7 @@ class Cell:
     `micro_batch`, `matmul_dtype`) are asked of the cell, never re-derived."""
 
     precision: str
-    """fp32 | fp16 (autocast + GradScaler) | bf16 (autocast, no scaler) | bf16-pure, fp16-pure
-    (everything that trains stored in 16 bits; no autocast, master copy or loss scaling)"""
+    """fp32 | fp16 (autocast + GradScaler) | bf16 (autocast) | bf16-pure, fp16-pure (all that trains in 16 bits)"""
     lora_rank: int = 0
     """0 = full fine-tuning; > 0 trains only the adapters"""
     lora_alpha: Optional[float] = None
@@ -195,20 +202,20 @@ class Cell:
     accumulation: int = 1
     """micro-batches per optimizer step"""
     base_dtype: str = "fp32"
-    """storage of the frozen weights in adapter cells: a float dtype, or nf4 / int8 (the block
-    projections quantized by bitsandbytes: QLoRA; the rest in `base_float_dtype`); in full
-    fine-tuning, and for a float base in a pure 16-bit precision, the trained parameters' dtype"""
+    """the frozen weights' storage in adapter cells: a float dtype, or nf4 / int8 (bitsandbytes-quantized projections:
+    QLoRA; the rest in `base_float_dtype`); in full FT, and a float base in pure 16 bits, the trained params' dtype"""
     double_quant: Optional[bool] = None
-    """nf4: the absmax scales quantized too (QLoRA's double quantization, True by default); None
-    for every other base"""
+    """nf4: the absmax scales quantized too (QLoRA's double quantization, True by default); None otherwise"""
     adapter: Optional[str] = None
     """the adapter kind (adapters/ registry: lora, ...); None in full fine-tuning"""
     loss: str = "standard"
-    """standard (FP32 logits) | chunked (per token chunk) | native (no upcast): techniques.compute_loss"""
+    """standard (FP32 logits) | chunked (per token chunk) | native (no upcast) | chunked-output: compute_loss"""
     loss_chunks: Optional[int] = None
-    """token chunks of the chunked loss (8 by default); None with the others"""
+    """token chunks of the chunked losses (8 by default); None with the others"""
     keep_logits: bool = False
     """the loop keeps each micro-batch's logits until the next ones exist (`logits = model(x)`)"""
+    upcast_logits: bool = False
+    """the model hands over FP32 logits (Fabric's bf16-true output, `logits.float()` in forward)"""
     lora_plus_ratio: Optional[float] = None
     """LoRA+: B's learning rate over A's (16.0 by default); None unless adapter is lora-plus"""
     optimizer: str = DEFAULT_OPTIMIZER
@@ -253,10 +260,11 @@ class Cell:
         put("checkpointing", bool(self.checkpointing))
         if self.loss not in LOSSES:
             raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        put("loss_chunks", None if self.loss != "chunked" else 8 if self.loss_chunks is None else self.loss_chunks)
+        put("loss_chunks", None if self.loss not in CHUNKED_LOSSES else 8 if self.loss_chunks is None else self.loss_chunks)
         if self.loss_chunks is not None:  # the chunked loss's (the standard one has none)
             int_at_least("loss_chunks", self.loss_chunks, 1)
-        put("keep_logits", check_keep_logits(self.keep_logits, self.loss))
+        for k in ("keep_logits", "upcast_logits"):
+            put(k, check_logits_flag(k, getattr(self, k), self.loss))
         put("adalora_target_rank", adalora_budget(self.lora_rank, self.adapter, self.adalora_target_rank,
                                                   self.adapter_backend))
         if self.lora_rank == 0:

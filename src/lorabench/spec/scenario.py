@@ -378,9 +378,11 @@ def cell_id(cell: Cell, varying: set) -> str:
     if cell.accumulation > 1:
         parts.append(f"acc{cell.accumulation}")
     if cell.loss != "standard":  # e.g. bf16-pure-r8-native, fp32-full-chunked
-        parts.append(f"chunked{cell.loss_chunks}" if cell.loss == "chunked" and "loss_chunks" in varying else cell.loss)
+        parts.append(f"{cell.loss}{cell.loss_chunks}" if cell.loss_chunks and "loss_chunks" in varying else cell.loss)
     if cell.keep_logits:
         parts.append("keeplogits")
+    if cell.upcast_logits:
+        parts.append("upcast")
     if cell.strategy != "none":  # e.g. bf16-full-ckpt-fsdp2-w4, fp32-r8-ddp-w2
         parts += [cell.strategy, f"w{cell.world_size}"] + (["noreshard"] if cell.reshard_after_forward is False else [])
         parts += [f"mp{cell.fsdp_param_dtype}"] * bool(cell.fsdp_param_dtype) + \

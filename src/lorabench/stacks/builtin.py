@@ -60,7 +60,7 @@ class BuiltinStack(Stack):
                     adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
                     checkpointing=cell.checkpointing, device=device,
                     table_dtype=DTYPES[buffers_dtype or cell.base_float_dtype], loss_chunks=cell.loss_chunks,
-                    native_loss=cell.loss == "native", keep_logits=cell.keep_logits,
+                    loss=cell.loss, keep_logits=cell.keep_logits, upcast_logits=cell.upcast_logits,
                     double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm,
                     norm_offset=cfg.norm_offset,
                     sandwich=cfg.sandwich_norm, embed_scale=cfg.embed_scale,

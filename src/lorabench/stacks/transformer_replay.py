@@ -26,8 +26,7 @@ Per-op saved bytes (all ×a of the tensor that is saved):
   GELU MLP: up out (N·F), gelu out (N·F).
 - LoRA per target: its input (or dropout output and the dropout mask, N·d_in each),
   A's output (N·r); under autocast the half copies of A and B.
-- loss: the fp32 log-softmax (N·V·4); during the loss also the logits (N·V·a) and
-  their fp32 copy (N·V·4); backward adds its gradient twice (nll, log-softmax).
+- loss (loss_replay.py): logits N·V·a, their fp32 copy, log-softmax (saved), two gradients (N·V·4 each).
 """
 from __future__ import annotations
 
@@ -35,11 +34,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..adapters.base import Adapter
-
 from ..sim import quant
 from ..sim.engine import Sim
 from .eager_replay import causal_mask, eager_attention
-from .loss_replay import chunked_loss, standard_loss
+from .loss_replay import replay_loss
 from .moe_replay import moe
 from ..sim.ops import (binary, cuda_sdpa_kernel, elementwise, halves, linear, mul_broadcast, mul_const, scalar_op,
                        split)
@@ -66,8 +64,9 @@ class Dims:
     checkpointing: bool
     device: str   # cpu | cuda: SDPA kernel, autocast op lists
     table_dtype: str  # dtype of the RoPE tables (the base dtype in LoRA cells)
-    loss_chunks: Optional[int] = None  # the chunked loss's chunks; None: the standard (or native) loss
-    native_loss: bool = False  # the cross-entropy in the logits' dtype (loss native; loss_replay.py)
+    loss_chunks: Optional[int] = None  # the chunked losses' chunks (loss_replay.py)
+    loss: str = "standard"  # Cell.loss
+    upcast_logits: bool = False  # the logits cast to FP32 as the model returns them (loss_replay.py)
     keep_logits: bool = False  # the loop keeps the logits (Cell.keep_logits; loss_replay.py)
     qk_norm: bool = False  # Qwen3: q and k RMS-normed per head (over D) right after their projection
     double_quant: bool = False  # an nf4 base's scales quantized too (sim/quant.py)
@@ -390,7 +389,6 @@ def embed(sim: Sim, params: dict, dims: Dims) -> SymTensor:
 
 def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> SymTensor:
     """compute_loss(model, x, y) / accumulation: embeddings, blocks, final norm, head, CE."""
-    N = dims.b * dims.s
     sim.set_block(None)
     x = embed(sim, params, dims)
     mask = causal_mask(sim, dims.s, x.dtype) if dims.eager else None  # Transformer.blocks_out's local
@@ -406,14 +404,8 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
 
     def head(sim_: Sim, t: SymTensor) -> SymTensor:  # the head, adapted or not (target head)
         return project(sim_, t, "head", params, dims, dims.V)
-    if dims.loss_chunks:  # Transformer.hidden: the last block's output is released with the norm's return
-        sim.drop(x)
-        sim.model_forward_end(sim.seq)
-        loss = chunked_loss(sim, h, params, dims.b, dims.s, dims.V, dims.loss_chunks, dims.logit_softcap, head)
-        sim.drop(h)
-        sim.end_autocast()  # the autocast region ends with compute_loss
-    else:
-        loss = standard_loss(sim, x, h, params, dims.V, dims.logit_softcap, head, dims.native_loss, dims.keep_logits)
+    loss = replay_loss(sim, x, h, params, dims.b, dims.s, dims.V, dims.loss, dims.loss_chunks, dims.logit_softcap, head,
+                       dims.keep_logits, dims.upcast_logits)
     out = sim.out(sim.new(1, loss.dtype), sim.node([loss], unary_backward))  # loss / accumulation
     sim.drop(loss)
     return out

@@ -58,8 +58,8 @@ def parallelize(model: torch.nn.Module, cell: Cell) -> torch.nn.Module:
     for block in stack.blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=cell.reshard_after_forward, **options)
     fully_shard(model, mesh=mesh, **options)  # the root at FSDP2's default: gathered to the backward's end
-    if cell.loss == "chunked" and not stack.sharded_methods():
-        raise RuntimeError(f"the chunked loss calls the {stack.name} model outside its forward: not sharded here")
+    if cell.loss_chunks and not stack.sharded_methods():  # a chunked loss
+        raise RuntimeError(f"the {cell.loss} loss calls the {stack.name} model outside its forward: not sharded here")
     for method in stack.sharded_methods():
         register_fsdp_forward_method(model, method)
     return model

@@ -61,20 +61,30 @@ def make_scaler(precision: str, device_type: str) -> torch.amp.GradScaler:
 
 
 def compute_loss(model, x, y, precision: str, *, loss: str = "standard", loss_chunks: int | None = None,
-                 keep: list | None = None):
+                 keep: list | None = None, upcast: bool = False):
     """Mean cross-entropy of the logits (b·s·V of them: often the largest tensor).
 
     standard  of the logits upcast to FP32 (HF's and torchtune's)
-    native    of the logits in their own dtype (litgpt's): in bf16-pure, fp16-pure the
-              log-softmax is 16-bit too; under autocast torch upcasts them itself (its
-              cross_entropy runs in FP32), so it is the standard loss there
+    native    of the logits in their own dtype: in bf16-pure, fp16-pure the log-softmax is
+              16-bit too; under autocast torch upcasts them itself (its cross_entropy runs
+              in FP32), so it is the standard loss there
+    upcast: the logits cast to FP32 as the model hands them over (Cell.upcast_logits: Lightning
+    Fabric's bf16-true/16-true convert a module's output to the default dtype; transformers
+    4.36-4.45's causal-LM heads return `logits.float()`): the 16-bit logits die at once, and the
+    FP32 ones are what the loss reads and `keep` holds
     chunked   the chunked loss (chunked_cross_entropy), over `loss_chunks` token chunks
+    chunked-output  the head in `loss_chunks` token chunks, every chunk's logits kept for
+              backward, the cross-entropy per chunk (chunked_output_cross_entropy)
     keep: a list the logits are appended to (the caller keeps them: Cell.keep_logits)"""
     stack = stack_of(model)
     with autocast(precision, x.device.type):
         if loss == "chunked":
             return chunked_cross_entropy(stack, model, stack.hidden(model, x), y, loss_chunks)
+        if loss == "chunked-output":
+            return chunked_output_cross_entropy(stack, model, stack.hidden(model, x), y, loss_chunks, keep, upcast)
         logits = stack.logits(model, x)  # (B, T, V)
+        if upcast:
+            logits = logits.float()  # the 16-bit logits go with their last reference
         if keep is not None:
             keep.append(logits)
         return F.cross_entropy((logits if loss == "native" else logits.float()).view(-1, logits.size(-1)), y.view(-1))
@@ -101,6 +111,34 @@ def chunked_cross_entropy(stack, model, h, y, n_chunks: int):
     return total / y.numel()
 
 
+def chunked_output_cross_entropy(stack, model, h, y, n_chunks: int, keep: list | None = None,
+                                 upcast: bool = False):
+    """The same mean cross-entropy with the head's output in chunks that all stay alive, as
+    torchtune's CEWithChunkedOutputLoss (the model's `num_output_chunks`) and litgpt's
+    `lm_head_chunk_size` with its chunked_cross_entropy compute it:
+
+        logits = [head(h_c) for c in chunks]          # every chunk's logits, kept for backward
+        loss   = (1/N) · Σ_c CE(logits_c.float(), y_c)  # one chunk's FP32 copy at a time
+
+    Nothing is recomputed: the forward keeps every chunk's logits (N·V·a in all) where the
+    standard loss frees them; what it saves is the FP32 copy, made and freed one chunk at a
+    time, and in backward the log-softmax gradients run chunk by chunk. Chunks as the chunked
+    loss's (chunk_positions: contiguous views of B·⌈T/n⌉ tokens). `upcast`: the list cast to
+    FP32 as the model hands it over (Cell.upcast_logits); `keep`: the list the loop keeps."""
+    sizes = [h.size(0) * c for c in chunk_positions(h.size(1), n_chunks)]
+    hs, ys = h.flatten(0, 1).split(sizes), y.flatten().split(sizes)
+    logits = [stack.head_logits(model, hc) for hc in hs]
+    if upcast:
+        logits = [t.float() for t in logits]
+    if keep is not None:
+        keep.append(logits)
+    total = None
+    for lc, yc in zip(logits, ys):
+        part = F.cross_entropy(lc.float(), yc, reduction="sum")
+        total = part if total is None else total + part
+    return total / y.numel()
+
+
 def _chunk_loss(stack, model, hc, yc):
     """Σ over one chunk's tokens of the FP32 cross-entropy of their logits."""
     return F.cross_entropy(stack.head_logits(model, hc).float(), yc, reduction="sum")
@@ -112,7 +150,8 @@ def prepare_adapters(model, x, y, cell: Cell, total_steps: int) -> bool:
     precision; returns whether it ran a data-dependent initialisation (`has_init_stage`)."""
     def backward():
         xm, ym = x.chunk(cell.accumulation)[0], y.chunk(cell.accumulation)[0]
-        compute_loss(model, xm, ym, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks).backward()
+        compute_loss(model, xm, ym, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks,
+                     upcast=cell.upcast_logits).backward()
     hook = _hook(model, "prepare")  # another backend's own (PEFT's LoRA-GA, AdaLoRA)
     if hook is not None:
         return bool(hook(backward, cell, total_steps))
@@ -149,7 +188,7 @@ def train_step(model, opt, scaler, x, y, cell: Cell, mark=lambda phase: None, re
         mark("forward")
         hold = [] if cell.keep_logits else None
         loss = compute_loss(model, xm, ym, cell.precision, loss=cell.loss, loss_chunks=cell.loss_chunks,
-                            keep=hold) / cell.accumulation
+                            keep=hold, upcast=cell.upcast_logits) / cell.accumulation
         kept = hold  # noqa: F841 - held, not read: its logits live until the next micro-batch's replace them
         mark("backward")
         scaler.scale(loss).backward()
