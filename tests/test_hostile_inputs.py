@@ -173,3 +173,87 @@ def test_a_byte_order_mark_is_read_past_as_in_yaml(tmp_path):
     cfg.write_bytes(b"\xef\xbb\xbf" + (ROOT / "scenarios" / "hf" / "tiny-llama" / "config.json").read_bytes())
     res = CliRunner().invoke(main, ["estimate", "--model", str(cfg), "--format", "json"])
     assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------- a second fuzzing round (session 10)
+TINY = ("name: t\ndevice: cpu\nmodel: {d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}\n"
+        "train: {batch_size: 2, steps: 1, warmup_steps: 1}\nmatrix: {precision: [fp16, fp16-pure]}\n")
+
+
+def quick_rows() -> list[dict]:
+    return [json.loads(x) for x in (ROOT / "results" / "cpu-quick-2026-11-29.jsonl").read_text().splitlines()]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ("train: {batch_size: 2, steps: 1, warmup_steps: 1, timeout_s: 3000000}", "train.timeout_s: must be <="),
+    ("model: {d_model: 32, n_layers: 5000, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}", "model.n_layers: must be <="),
+    ("model: {d_model: " + "9" * 5000 + ", n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, seq_len: 8}",
+     "a number too long to read"),
+])
+def test_values_python_or_the_runner_cannot_take_are_one_line(tmp_path, edit, needle):
+    """A timeout past what a pipe's poll takes, a depth that would take minutes to build, an
+    integer past Python's 4300-digit int() limit."""
+    key = edit.split(":")[0]
+    lines = [edit if line.startswith(key + ":") else line for line in TINY.splitlines()]
+    path = tmp_path / "s.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    one_line_error(["estimate", path], str(path), needle)
+
+
+def test_long_numbers_and_long_paths_in_result_files_and_configs(tmp_path):
+    rows = quick_rows()
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps(rows[0]).replace('"peak_allocated_bytes":', '"peak_allocated_bytes": ' + "9" * 5000 + ', "x":')
+                   + "\n")
+    one_line_error(["report", big], "line 1", "a number too long to read")
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}")
+    one_line_error(["estimate", "--model", cfg], str(cfg), "a number too long to read")
+    long = tmp_path / ("r" * 300 + ".jsonl")  # one path part past the file system's 255 bytes
+    one_line_error(["report", long], "File name too long")
+
+
+def test_claims_reads_a_multi_seed_folder_and_degenerate_rows(tmp_path):
+    """Two seeds of one matrix (equal peaks tie in C7's largest reduction), rows whose peaks are
+    0 or missing, and an adapter row whose target is no projection: verdicts, never a crash; a
+    row's bad model names the file."""
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    for seed in (0, 1):
+        write_rows(seeds / f"s{seed}.jsonl", [dict(r, seed=seed) for r in quick_rows()])
+    res = CliRunner().invoke(main, ["claims", str(seeds)])
+    assert res.exit_code == 0 and "C7" in res.output, res.output
+    for edit in ({"peak_allocated_bytes": 0}, {"peak_allocated_bytes": None, "param_bytes": None},
+                 {"lora_targets": ["zz"]}, {"loss_scale_trajectory": ["a"]}):
+        f = write_rows(tmp_path / "d.jsonl", [dict(r, **edit) for r in quick_rows()])
+        res = CliRunner().invoke(main, ["claims", str(f)])
+        assert res.exit_code == 0 and "Traceback" not in res.output, (edit, res.output)
+    f = write_rows(tmp_path / "h.jsonl", [dict(r, n_heads=0) for r in quick_rows()])
+    one_line_error(["claims", f], str(f), "n_heads")
+
+
+def test_report_validate_underflow_run_and_fit_refuse_in_one_line(tmp_path):
+    f = write_rows(tmp_path / "s.jsonl", [dict(r, scenario=3) for r in quick_rows()])
+    one_line_error(["report", f], "field 'scenario' must be a string")
+    quick = ROOT / "results" / "cpu-quick-2026-11-29.jsonl"
+    one_line_error(["report", quick, "--sort", "phase_peak_bytes"], "--sort", "not a sortable column")
+    errors = write_rows(tmp_path / "e.jsonl", [dict(r, status="error") for r in quick_rows()])
+    csv_out = CliRunner().invoke(main, ["validate", str(errors), "--format", "csv"])
+    assert csv_out.exit_code == 0 and csv_out.output.startswith("cell,"), csv_out.output  # a header, no rows
+    gate = CliRunner().invoke(main, ["validate", str(errors), "--max-median-pct", "1"])
+    assert gate.exit_code == 1 and "no measured cell" in gate.output, gate.output
+    scen = tmp_path / "t.yaml"
+    scen.write_text(TINY)
+    one_line_error(["underflow", scen, "--cell", "fp16-full", "--steps", 2**63], "--steps", "must be in [0, 100000]")
+    one_line_error(["underflow", scen, "--cell", "fp16-pure-full"], "trains in fp16-pure", "(AMP)")
+    one_line_error(["run", scen, "--out", ""], "--out", "must name a file")
+    one_line_error(["fit", "--model", "gpt2", "--gpu", "4090", "--batch", 2**70], "--batch", "2^63")
+    one_line_error(["fit", "--model", "gpt2", "--gpu", "8xH100"], "ambiguous GPU", "H100 SXM")
+    res = CliRunner().invoke(main, ["fit", "--model", "gpt2", "--gpu", "8xH100-SXM", "--batch", "8", "--quiet",
+                                    "--format", "json"])
+    assert res.exit_code == 0, res.output

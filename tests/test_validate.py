@@ -97,7 +97,10 @@ def test_failed_rows_are_excluded(rows):
     assert rep.excluded == len(failed) and [c.cell for c in rep.checks] == ["fp32-full", "bf16-r4"]
     empty = validate_rows(failed).summary()
     assert empty["cells"] == 0 and empty["median_abs_peak_error_pct"] is None
-    assert validate_rows(failed).failures(0.0, 0.0) == []
+    assert validate_rows(failed).failures(None, None) == []  # nothing asked, nothing fails
+    # bounds asked of no measured cell fail: a CI gate must not pass on zero cells checked
+    assert validate_rows(failed).failures(0.0, 0.0) == ["no measured cell to hold to the bounds (--max-median-pct, "
+                                                         "--max-p95-pct)"]
 
 
 def test_a_measured_row_without_a_spec_key_is_an_error(rows):

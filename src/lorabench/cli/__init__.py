@@ -42,6 +42,10 @@ class Group(click.Group):
         except click.Abort:
             click.echo("lorabench: interrupted", err=True)
             sys.exit(130)
+        except OSError as e:  # a path the system refuses (too long, a permission, a full disk): one line
+            where = e.filename if e.filename is not None else "lorabench"
+            click.echo(f"lorabench: error: {where}: {e.strerror or e}", err=True)
+            sys.exit(2)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -88,6 +92,8 @@ def run_cmd(scenario, out, device, cells, seed, resume, list_only, max_cells, fo
     from rich.markup import escape
     from ..present.progress import progress
     dev = run_device(device or ls.scenario.device, scenario)
+    if out is not None and not out.strip():
+        raise ConfigError("options", "--out", "must name a file (omit it for results/<name>-<time>.jsonl)")
     path = Path(out) if out else default_out(ls.name)
     signal.signal(signal.SIGTERM, _terminate)  # `kill` / `timeout`: stop like Ctrl-C, keep every row
     with progress(ls.name, total=len(todo), quiet=quiet) as step:

@@ -62,7 +62,7 @@ def claims_cmd(results, fmt):
               help="a GPU name ('RTX 4090', '4090', 'H100 SXM'), a memory size like 24GiB, or auto (this "
                    "machine's, via NVML); default: this machine's GPU, else a table of common 24/40/48/80 GB cards")
 @click.option("--gpus", type=int, default=None,
-              help="GPUs to train on (also '--gpu 8xH100'): above 1, every combination runs as ddp, fsdp2 or fsdp2 "
+              help="GPUs to train on (also '--gpu 8xH100-SXM'): above 1, every combination runs as ddp, fsdp2 or fsdp2 "
                    "with CPU offload over them, --batch is each GPU's, and a table says how many GPUs each "
                    "technique needs  [default: 1]")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")

@@ -118,7 +118,7 @@ def c3(rows):
         return NOT_MEASURED, "no fp16 or bf16 row", "measured"
     good, skipped, steps, traced = True, 0, 0, []
     for r in fp16:
-        traj = [x for x in (r.get("loss_scale_trajectory") or []) if x is not None]
+        traj = [x for x in (r.get("loss_scale_trajectory") or []) if isinstance(x, (int, float)) and x > 0]
         if not traj:
             continue
         traced.append(r)
@@ -149,14 +149,18 @@ def c3(rows):
 def c4(rows):
     ps = pairs(rows, ("precision",), lambda r: r.get("precision") == "fp32" and not r.get("lora_rank"),
                lambda r: r.get("precision") in ("fp16", "bf16") and not r.get("lora_rank"))
-    ps = [(a, b) for a, b in ps if a.get("param_bytes") and b.get("param_bytes")]
+    ps = [(a, b) for a, b in ps if a.get("param_bytes") and b.get("param_bytes") and a.get("grad_bytes") is not None
+          and b.get("grad_bytes") is not None]
     if not ps:
         return NOT_MEASURED, "no full fine-tuning pair fp32 vs fp16/bf16", "measured"
     m, (_, a, b) = _median_pair(ps, lambda a, b: (b["param_bytes"] + b["grad_bytes"]) / (a["param_bytes"] + a["grad_bytes"]))
-    peak = b["peak_allocated_bytes"] / a["peak_allocated_bytes"]
+    if m is None:
+        return NOT_MEASURED, "no full fine-tuning pair fp32 vs fp16/bf16 with model and gradient bytes", "measured"
+    peaks = a.get("peak_allocated_bytes"), b.get("peak_allocated_bytes")
+    peak = f"{peaks[1] / peaks[0]:.2f}×" if all(isinstance(x, (int, float)) and x > 0 for x in peaks) else "–"
     return (HOLDS if m <= 0.6 else FAILS,
             f"model + gradients AMP/FP32 = {m:.2f}× (median of {len(ps)} pairs: {_pairs(ps)}; bytes, exact); "
-            f"peak {peak:.2f}× ({_label(b)} vs {_label(a)})", "measured")
+            f"peak {peak} ({_label(b)} vs {_label(a)})", "measured")
 
 
 def c6(rows):
@@ -175,6 +179,9 @@ def c6(rows):
         per = [r["lora_rank"] * (di + do) / (di * do) for n, di, do, _ in projections(cfg) if n in t]
         parts.append((r, per))
     r, per = parts[0]
+    if not per:
+        return FAILS, f"{_label(r)}: no target of {sorted(r.get('lora_targets') or ())} is a projection of its model", \
+            "measured"
     return (HOLDS if exact else FAILS,
             f"{_label(r)}: {100 * r['trainable_params'] / r['total_params']:.3g} % of {r['total_params']:,} parameters train; per target matrix "
             f"(d + k)·r/(d·k) = {100 * max(per):.3g} %; formula exact in {'all' if exact else 'NOT all'} "
@@ -190,7 +197,8 @@ def c7(rows):
     ps = [(a, b) for a, b in _full_lora_pairs(rows) if a.get("peak_allocated_bytes") and b.get("peak_allocated_bytes")]
     if not ps:
         return NOT_MEASURED, "no full vs LoRA pair", "measured"
-    red, a, b = max((1 - b["peak_allocated_bytes"] / a["peak_allocated_bytes"], a, b) for a, b in ps)
+    red, a, b = max(((1 - b["peak_allocated_bytes"] / a["peak_allocated_bytes"], a, b) for a, b in ps),
+                    key=lambda t: t[0])  # the first of equal reductions (rows are not ordered)
     size = (b.get("trainable_params") or 0) * 4
     extra = f"; adapter {human(size)} vs {human(a['param_bytes'])} of weights" if size else ""
     return (HOLDS if red >= 0.6 else FAILS,
@@ -356,4 +364,9 @@ def render(verdicts: list[Verdict], fmt: str, width: int = 160) -> str:
 def render_file(results: str, fmt: str) -> str:
     """`lorabench claims RESULTS`: every claim's verdict on the rows of RESULTS."""
     from ..row.results import load_rows
-    return render(check_claims(load_rows(results)), fmt)
+    from ..spec.schema import ConfigError
+    rows = load_rows(results)
+    try:
+        return render(check_claims(rows), fmt)
+    except ConfigError as e:  # a row's model the claims rebuild (decode_model): name the file
+        raise ConfigError(results, e.path or e.source, e.message) from None

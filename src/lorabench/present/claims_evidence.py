@@ -28,11 +28,16 @@ def pairs(rows: list[dict], axes: tuple, is_a, is_b) -> list[tuple[dict, dict]]:
     ok = [r for r in rows if r.get("status") == "ok"]
 
     def key(r):
-        return (r.get("scenario"), r.get("device_name"), r.get("batch_size"), r.get("seq_len"),
-                *(json.dumps(r.get(k)) for k in TECH if k not in axes))
+        return tuple(json.dumps(r.get(k)) for k in ("scenario", "device_name", "batch_size", "seq_len")) + \
+            tuple(json.dumps(r.get(k)) for k in TECH if k not in axes)
+    keys = [key(r) for r in ok]  # once per row: pairs are looked up by key, not by scanning every row
+    groups: dict[tuple, list[dict]] = {}
+    for r, k in zip(ok, keys):
+        groups.setdefault(k, []).append(r)
     out = []
-    for a in (r for r in ok if is_a(r)):
-        out += [(a, b) for b in ok if b is not a and is_b(b) and key(b) == key(a)]
+    for a, k in zip(ok, keys):
+        if is_a(a):
+            out += [(a, b) for b in groups[k] if b is not a and is_b(b)]
     return out
 
 

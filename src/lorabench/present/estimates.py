@@ -367,8 +367,11 @@ def render_validation(report, fmt: str = "table") -> str:
     """json: summary and cells; csv: one line per checked cell; table: 150 columns with the summary line."""
     from .writer import write
     summary = report.summary()
+    import dataclasses
+    from ..row.validate import CellCheck
     cells = [c.__dict__ for c in report.checks]
-    return write(cells, fmt, payload={"summary": summary, "cells": cells}, indent=2, end="",
+    columns = [f.name for f in dataclasses.fields(CellCheck)] if not cells and fmt == "csv" else None  # a header
+    return write(cells, fmt, payload={"summary": summary, "cells": cells}, indent=2, end="", columns=columns,
                  table=lambda _: [validation_table(report), summary_line(summary)], width=150)
 
 

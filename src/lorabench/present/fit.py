@@ -227,8 +227,8 @@ class FitReport:
 
 def check_fit_options(batch: int, margin: float, sort: str = "speed") -> None:
     """One line naming the option for a batch, margin or sort `fit` cannot use."""
-    if batch <= 0:
-        raise ConfigError("--batch", "", f"must be > 0, got {batch}")
+    if not 0 < batch < 2**63:  # a scenario's bound (estimate's --batch)
+        raise ConfigError("--batch", "", f"must be in [1, 2^63), got {batch}")
     if not 0 <= margin < 1:
         raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
     if sort not in SORTS:

@@ -1,4 +1,4 @@
-"""`fit --gpus N` (or `--gpu 8xH100`): the grid over N GPUs, and how many GPUs each technique needs.
+"""`fit --gpus N` (or `--gpu 8xH100-SXM`): the grid over N GPUs, and how many GPUs each technique needs.
 
     n, name = split_gpu_count("8xH100")     # (8, "H100")
     needed = gpus_needed(report)            # [Needed(family, strategy, n, combo)], smallest N each

@@ -29,7 +29,7 @@ Axes (`Axes`; every value one `estimator.estimate` on CUDA, nothing run):
               what the user's model hands over and their loop keeps (Cell.upcast_logits, keep_logits).
   checkpointing off, on; micro-batch m in the powers of two dividing the batch B (and B),
               accumulation B / m.
-  strategy    with N > 1 GPUs (`--gpus N`, or `--gpu 8xH100`): ddp, fsdp2 and fsdp2-offload (FSDP2's
+  strategy    with N > 1 GPUs (`--gpus N`, or `--gpu 8xH100-SXM`): ddp, fsdp2 and fsdp2-offload (FSDP2's
               CPUOffloadPolicy: shards, gradients and the optimizer step on the host) over the N
               ranks, every other axis as above; B is then each GPU's batch (the optimizer step's is
               N·B). One GPU: no strategy (none).
@@ -317,13 +317,13 @@ def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, opt
             ranks = tuple(sorted({int(r) for r in _items(lora_rank)}))
         except ValueError:
             raise ConfigError("--lora-rank", "", f"must be a comma list of integers > 0, got {lora_rank!r}") from None
-        if not ranks or ranks[0] < 1:
-            raise ConfigError("--lora-rank", "", f"must be a comma list of integers > 0, got {lora_rank!r}")
+        if not ranks or ranks[0] < 1 or ranks[-1] >= 2**63:
+            raise ConfigError("--lora-rank", "", f"must be a comma list of integers in [1, 2^63), got {lora_rank!r}")
     losses = LOSSES if loss == "all" else Axes.losses if loss is None else tuple(dict.fromkeys(_items(loss)))
     if not losses or any(x not in LOSSES for x in losses):
         raise ConfigError("--loss", "", f"must be a comma list of {', '.join(LOSSES)}, got {loss!r}")
-    if isinstance(loss_chunks, bool) or not isinstance(loss_chunks, int) or loss_chunks < 1:
-        raise ConfigError("--loss-chunks", "", f"must be an integer >= 1, got {loss_chunks!r}")
+    if isinstance(loss_chunks, bool) or not isinstance(loss_chunks, int) or not 1 <= loss_chunks < 2**63:
+        raise ConfigError("--loss-chunks", "", f"must be an integer in [1, 2^63), got {loss_chunks!r}")
     if not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
         raise ConfigError("--lora-dropout", "", f"must be in [0, 1), got {lora_dropout!r}")
     for flag, value in (("--keep-logits", keep_logits), ("--upcast-logits", upcast_logits)):

@@ -84,7 +84,7 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
             if confirm_k:
                 raise ConfigError("--confirm", "", "traces for one GPU: name it with --gpu") from None
             if count > 1:
-                raise ConfigError("--gpus", "", "name the GPU with --gpu (e.g. --gpu 8xH100)") from None
+                raise ConfigError("--gpus", "", "name the GPU with --gpu (e.g. --gpu 8xH100-SXM)") from None
             return common_text(run, e.message, fmt, width, check)
     else:
         g = resolve_gpu(gpu)

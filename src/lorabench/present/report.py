@@ -206,6 +206,9 @@ def sort_rows(rows: list[dict], key: str | None, source: str = "--sort") -> list
     if rows and not any(k in r for r in rows):
         raise ConfigError(source, k, "no row has this key")
     have = [r for r in rows if r.get(k) is not None]
+    numbers = all(isinstance(r[k], (int, float)) for r in have)  # booleans too
+    if not numbers and not all(isinstance(r[k], str) for r in have):
+        raise ConfigError(source, k, "is not a sortable column (its values are not all numbers or all text)")
     return sorted(have, key=lambda r: r[k], reverse=desc) + [r for r in rows if r.get(k) is None]
 
 

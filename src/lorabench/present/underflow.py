@@ -48,6 +48,9 @@ class UnderflowReport:
         return d
 
 
+MAX_STEPS = 100_000  # optimizer steps before the probe: a cell's own run is warm-up + timed steps
+
+
 def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps: Optional[int] = None,
                step=lambda description=None, advance=0, total=None: None) -> UnderflowReport:
     """Build the cell's model, train `steps` steps (default warm-up + timed), probe. Bad input raises ConfigError.
@@ -63,12 +66,14 @@ def probe_cell(path: str, cell_id: str, loss_scales: Sequence[float] = (), steps
         raise ConfigError(path, "--cell", f"unknown cell {cell_id!r} (cells: {', '.join(cells)})")
     cell = cells[cell_id]
     if cell.precision not in FORMATS:
-        raise ConfigError(path, "--cell", f"cell {cell_id!r} trains in fp32: no half-precision gradients to probe; pick an fp16 or bf16 cell")
+        why = "trains in fp32: no half-precision gradients to probe" if cell.precision == "fp32" else \
+            f"trains in {cell.precision}: the probe compares AMP's half-precision gradients with the same step in FP32"
+        raise ConfigError(path, "--cell", f"cell {cell_id!r} {why}; pick an fp16 or bf16 (AMP) cell")
     for s in loss_scales:
         if not (0 < s < math.inf):
             raise ConfigError("command line", "--loss-scale", f"must be a positive finite number, got {s!r}")
-    if steps is not None and steps < 0:
-        raise ConfigError("command line", "--steps", f"must be >= 0, got {steps}")
+    if steps is not None and not 0 <= steps <= MAX_STEPS:
+        raise ConfigError("command line", "--steps", f"must be in [0, {MAX_STEPS}], got {steps}")
     n = ls.train.warmup_steps + ls.train.steps if steps is None else steps
     device = resolve_device(ls.scenario.device)
     job = ls.job(cell, device)

@@ -210,7 +210,8 @@ def _is(value, tp) -> bool:
 
 def _row_types() -> dict:
     hints = typing.get_type_hints(Estimate)
-    out = {"status": str, "seed": Optional[int], **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
+    out = {"status": str, "seed": Optional[int], "scenario": Optional[str],
+           **{f.name: Optional[hints[f.name]] for f in ESTIMATE_ROW_FIELDS}}
     for cls in (ModelConfig, TrainConfig):  # their numbers (sizes, counts, rates); decode_model judges the rest
         spec = typing.get_type_hints(cls)
         out.update({n: Optional[spec[n]] for n in row_fields(cls)

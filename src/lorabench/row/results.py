@@ -141,6 +141,8 @@ def load_rows(path: str) -> list[dict]:
             raise ConfigError(path, f"line {i}", f"key {e.key!r} given twice") from None
         except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(path, f"line {i}", f"not a JSON object: {getattr(e, 'msg', 'nested too deep')}") from None
+        except ValueError:  # json's int() of a literal past sys.get_int_max_str_digits()
+            raise ConfigError(path, f"line {i}", "a number too long to read (Python reads integers of at most 4300 digits)") from None
         problem = row_problem(row)
         if problem:
             raise ConfigError(path, f"line {i}", problem)

@@ -57,6 +57,8 @@ class Report:
     def failures(self, max_median_pct: float | None, max_p95_pct: float | None) -> list[str]:
         s = self.summary()
         out = [f"{n} differs from the estimate in {k} cell(s)" for n, k in s["component_mismatches"].items() if k]
+        if (max_median_pct is not None or max_p95_pct is not None) and not self.checks:
+            out.append("no measured cell to hold to the bounds (--max-median-pct, --max-p95-pct)")
         if max_median_pct is not None and s["median_abs_peak_error_pct"] is not None and s["median_abs_peak_error_pct"] > max_median_pct:
             out.append(f"median |peak error| {s['median_abs_peak_error_pct']:.2f} % > {max_median_pct} %")
         if max_p95_pct is not None and s["p95_abs_peak_error_pct"] is not None and s["p95_abs_peak_error_pct"] > max_p95_pct:

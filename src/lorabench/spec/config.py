@@ -39,7 +39,8 @@ class TrainConfig:
     underflow_probe: bool = fld(True, "run the FP16/BF16 underflow probes after the timed steps (fp16 and bf16 cells)")
     alignment_probe: bool = fld(True, "adapter cells: after the timed steps, compare the adapter's updates with full "
                                       "fine-tuning's on a fresh model (measure/alignment.py: claims C18, C19)")
-    timeout_s: float = fld(900.0, "a cell running longer is killed and recorded as timeout", (gt(0),))
+    timeout_s: float = fld(900.0, "a cell running longer is killed and recorded as timeout (at most 30 days)",
+                           (gt(0), le(30 * 86400)))
 
     def optimizer_impl(self, device: str) -> str:
         """AdamW's implementation: `auto` is torch's own default, foreach when every parameter is on CUDA."""

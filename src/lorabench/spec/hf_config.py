@@ -67,6 +67,8 @@ def _read(path: str) -> dict:
         raise ConfigError(path, "", f"not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise ConfigError(path, "", "not valid JSON: nested too deep") from None
+    except ValueError:  # json's int() of a literal past sys.get_int_max_str_digits()
+        raise ConfigError(path, "", "a number too long to read (Python reads integers of at most 4300 digits)") from None
     if not isinstance(data, dict):
         raise ConfigError(path, "", "must be a JSON object")
     return data

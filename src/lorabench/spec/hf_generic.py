@@ -62,8 +62,14 @@ def _transformers_count(config) -> int:
     """Parameters of transformers' causal LM of `config`, built on the meta device (tied tensors once)."""
     import torch
     from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a probe: its advice (BERT's "add is_decoder=True") is not the user's
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return sum(p.numel() for p in model.parameters())
 
 

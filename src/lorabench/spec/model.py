@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .cell_rules import QUANT_DTYPES
-from .schema import FieldError, fld, ge, gt
+from .schema import FieldError, fld, ge, gt, le
 
 
 @dataclass
@@ -21,7 +21,8 @@ class ModelConfig:
     name: str = fld("custom", "label used in reports")
     style: Literal["llama", "gpt2"] = fld("llama", "llama: RMSNorm, SwiGLU, RoPE; gpt2: LayerNorm, GELU MLP, learned positions", row=True)
     d_model: int = fld(256, "residual width", (gt(0),), row=True)
-    n_layers: int = fld(4, "number of transformer blocks", (gt(0),), row=True)
+    n_layers: int = fld(4, "number of transformer blocks (at most 1024: the deepest published LLMs have under 200)",
+                        (gt(0), le(1024)), row=True)
     n_heads: int = fld(8, "query heads; must divide d_model", (gt(0),), row=True)
     n_kv_heads: Optional[int] = fld(None, "key/value heads (grouped-query attention when < n_heads); default n_heads", (gt(0),), row=True)
     head_dim: Optional[int] = fld(None, "width of one head (even: RoPE rotates pairs); default d_model / n_heads, which "

@@ -282,6 +282,8 @@ def read_yaml(path: str) -> Any:
         raise ConfigError(path, "", "not a text file") from None
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    except ValueError:  # yaml's int() of a literal past sys.get_int_max_str_digits()
+        raise ConfigError(path, "", "a number too long to read (Python reads integers of at most 4300 digits)") from None
 
 
 def row_fields(cls: type) -> list[str]:
