@@ -6,10 +6,12 @@ import json
 import pytest
 
 from lorabench.present.compare import colour, compare, records, time_noise, warnings
+from lorabench.spec.cell_rules import PRECISIONS
 
 
 def row(cell, peak, t, spread=0.05, status="ok", scenario="s"):
-    return {"scenario": scenario, "cell": cell, "status": status, "precision": cell.split("-")[0], "peak_allocated_bytes": peak,
+    prec = cell.split("-")[0] if cell.split("-")[0] in PRECISIONS else "fp32"  # ids like "only", "x": a real precision
+    return {"scenario": scenario, "cell": cell, "status": status, "precision": prec, "peak_allocated_bytes": peak,
             "step_time_ms_median": t, "step_time_ms_p10": t * (1 - spread), "step_time_ms_p90": t * (1 + spread),
             "tokens_per_s": 1000.0 / t}
 

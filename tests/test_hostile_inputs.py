@@ -257,3 +257,26 @@ def test_report_validate_underflow_run_and_fit_refuse_in_one_line(tmp_path):
     res = CliRunner().invoke(main, ["fit", "--model", "gpt2", "--gpu", "8xH100-SXM", "--batch", "8", "--quiet",
                                     "--format", "json"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("edit,needle", [({"n_heads": 0}, "field 'n_heads' must be > 0"),
+                                         ({"precision": "fp99"}, "field 'precision' must be one of"),
+                                         ({"loss": "fancy"}, "field 'loss' must be one of"),
+                                         ({"optimizer": "lion"}, "field 'optimizer'"),
+                                         ({"strategy": "zero3"}, "field 'strategy' must be one of"),
+                                         ({"style": "bert"}, "field 'style' must be one of")])
+@pytest.mark.parametrize("command", ["report", "validate", "claims"])
+def test_every_command_refuses_the_same_nonsense_in_a_result_row(tmp_path, edit, needle, command):
+    f = write_rows(tmp_path / "r.jsonl", [dict(r, **edit) for r in quick_rows()])
+    one_line_error([command, f], str(f), "line 1", needle)
+
+
+@pytest.mark.parametrize("axis,value,needle", [("adalora_target_rank", -1, "must be >= 1"),
+                                               ("fsdp_param_dtype", "fp64", "must be one of bf16, fp16"),
+                                               ("fsdp_reduce_dtype", "fp8", "must be one of fp32, bf16")])
+def test_an_axis_value_is_checked_where_it_does_not_apply_too(tmp_path, axis, value, needle):
+    """Plain LoRA on one rank drops these axes, but a bad value is still bad input."""
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY.replace("matrix: {precision: [fp16, fp16-pure]}",
+                                 f"matrix: {{precision: [fp32], lora_rank: [4], {axis}: [{value}]}}"))
+    one_line_error(["estimate", path], f"matrix.{axis}[0]", needle)

@@ -173,8 +173,9 @@ REQUIRED_KEYS = ("cell", "status", *(f.name for f in dataclasses.fields(Cell)  #
 
 def row_problem(row: dict) -> Optional[str]:
     """What is wrong with a row read from a file, judged by the row schema's field types
-    (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, AlignmentFields, EstimateFields);
-    None if nothing."""
+    (Cell, Environment, Measured, LoraInit, LoraInference, UnderflowFields, AlignmentFields, EstimateFields)
+    and the values a cell, its model and its training set-up can take (_ROW_CHECKS: what every
+    command reading the row then agrees on); None if nothing."""
     if not isinstance(row, dict):
         return "not a JSON object"
     missing = [k for k in REQUIRED_KEYS if k not in row]
@@ -191,7 +192,39 @@ def row_problem(row: dict) -> Optional[str]:
                 return f"field {key!r} must be a finite number below 2^63, got {short(value)}"
             if value < 0 and key not in _SIGNED:
                 return f"field {key!r} must be >= 0, got {short(value)}"
+    for key, checks in _ROW_CHECKS.items():
+        if row.get(key) is not None:
+            msg = next((m for m in (check(row[key]) for check in checks) if m), None)
+            if msg:
+                return f"field {key!r} {msg}"
     return None
+
+
+def _one_of(*allowed):
+    return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}, got {short(v)}"
+
+
+def _row_checks() -> dict:
+    """The value checks of a row's fields: the model's and training set-up's own (fld checks: sizes
+    > 0, ...; a Literal's values), and the cell's named values (precision, loss, optimizer, ...)."""
+    from ..optimizers import unknown as unknown_optimizer
+    from ..spec.cell_rules import BASE_DTYPES, PRECISIONS, STRATEGIES
+    from ..spec.config import LOSSES
+    out = {}
+    for cls in (ModelConfig, TrainConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("row"):
+                continue
+            tp = hints[f.name]
+            members = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+            lits = [a for a in members if typing.get_origin(a) is typing.Literal]
+            checks = tuple(f.metadata.get("checks") or ()) + tuple(_one_of(*typing.get_args(a)) for a in lits)
+            if checks:
+                out[f.name] = checks
+    out.update(precision=(_one_of(*PRECISIONS),), loss=(_one_of(*LOSSES),), base_dtype=(_one_of(*BASE_DTYPES),),
+               strategy=(_one_of(*STRATEGIES),), optimizer=(unknown_optimizer,), device=(_one_of("cpu", "cuda"),))
+    return out
 
 
 def _is(value, tp) -> bool:
@@ -224,6 +257,7 @@ def _row_types() -> dict:
 
 
 _ROW_TYPES = _row_types()
+_ROW_CHECKS = _row_checks()
 _SIGNED = {f.name for cls in (Measured, AlignmentFields, EstimateFields) for f in dataclasses.fields(cls)
            if f.metadata.get("signed")}
 
