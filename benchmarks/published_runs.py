@@ -170,6 +170,10 @@ def summarize(rows: list[dict]) -> dict:
         e = [abs(r["error_pct"]) for r in measured if (r.get("metric") or "unspecified") == metric]
         out["by_metric"][metric] = {"runs": len(e), "median_abs_error_pct": percentile(e, 50),
                                     "p95_abs_error_pct": percentile(e, 95)}
+    stated = [abs(r["error_pct"]) for r in measured if (r.get("metric") or "unspecified") != "unspecified"]
+    out["metric_stated"] = {"runs": len(stated),  # the runs whose source says what its figure is
+                            "median_abs_error_pct": percentile(stated, 50) if stated else None,
+                            "p95_abs_error_pct": percentile(stated, 95) if stated else None}
     return out
 
 
@@ -208,6 +212,10 @@ def render(rows: list[dict], summary: dict) -> str:
         for metric, m in s["by_metric"].items():
             lines.append(f"  metric {metric}: {m['runs']} runs, |error| median {m['median_abs_error_pct']:.1f} %, "
                          f"p95 {m['p95_abs_error_pct']:.1f} %")
+        st = s["metric_stated"]
+        if st["runs"]:
+            lines.append(f"  the runs whose source says what it measured (not 'unspecified'): {st['runs']} runs, "
+                         f"|error| median {st['median_abs_error_pct']:.1f} %, p95 {st['p95_abs_error_pct']:.1f} %")
         dis = s["verdict_disagreements"]
         lines.append(f"fit verdict (peak + 0.5 GiB context ≤ 90 % of the GPU) vs what ran: {len(dis)} disagreement"
                      f"{'s' * (len(dis) != 1)}" + (f": {', '.join(dis)}" if dis else ""))

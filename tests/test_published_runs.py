@@ -120,6 +120,9 @@ def test_summary_statistics_on_known_errors(bench):
     assert s["verdict_disagreements"] == [] and not s["meets_goal"]
     ok = bench.summarize([{"id": "a", "expressible": True, "error_pct": 2.0, "verdict_agrees": True}])
     assert ok["meets_goal"]
+    metrics = bench.summarize([dict(r, metric=m) for r, m in zip(rows, ["allocated", "reserved", None, "unspecified"])])
+    assert metrics["metric_stated"]["runs"] == 2 and metrics["metric_stated"]["median_abs_error_pct"] == pytest.approx(1.5)
+    assert metrics["by_metric"]["unspecified"]["runs"] == 2  # no metric is an unspecified one
     assert bench.error_pct(110, 100) == pytest.approx(10.0)
 
 

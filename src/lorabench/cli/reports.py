@@ -88,7 +88,7 @@ def claims_cmd(results, fmt):
                    "cross-entropy in the logits' 16-bit dtype), chunked-output (every chunk's logits kept: torchtune's, "
                    "litgpt's), all")
 @click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
-              help="token chunks of the chunked loss")
+              help="token chunks of the chunked and chunked-output losses")
 @click.option("--lora-dropout", "lora_dropout", type=float, default=0.0, show_default=True,
               help="dropout on the adapters' input (a saved mask per adapted input)")
 @click.option("--adapter", default="lora", show_default=True,

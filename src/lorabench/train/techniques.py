@@ -68,14 +68,14 @@ def compute_loss(model, x, y, precision: str, *, loss: str = "standard", loss_ch
     native    of the logits in their own dtype: in bf16-pure, fp16-pure the log-softmax is
               16-bit too; under autocast torch upcasts them itself (its cross_entropy runs
               in FP32), so it is the standard loss there
-    upcast: the logits cast to FP32 as the model hands them over (Cell.upcast_logits: Lightning
-    Fabric's bf16-true/16-true convert a module's output to the default dtype; transformers
-    4.36-4.45's causal-LM heads return `logits.float()`): the 16-bit logits die at once, and the
-    FP32 ones are what the loss reads and `keep` holds
     chunked   the chunked loss (chunked_cross_entropy), over `loss_chunks` token chunks
     chunked-output  the head in `loss_chunks` token chunks, every chunk's logits kept for
               backward, the cross-entropy per chunk (chunked_output_cross_entropy)
-    keep: a list the logits are appended to (the caller keeps them: Cell.keep_logits)"""
+    keep: a list the logits are appended to (the caller keeps them: Cell.keep_logits).
+    upcast: the logits cast to FP32 as the model hands them over (Cell.upcast_logits: Lightning
+    Fabric's bf16-true/16-true convert a module's output to the default dtype; transformers
+    4.36-4.45's causal-LM heads return `logits.float()`): the 16-bit logits die at once, and the
+    FP32 ones are what the loss reads and `keep` holds."""
     stack = stack_of(model)
     with autocast(precision, x.device.type):
         if loss == "chunked":
