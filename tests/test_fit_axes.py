@@ -332,3 +332,25 @@ def test_fit_keeps_the_logits_where_the_loss_has_them():
     assert parse_axes(keep_logits=True).keep_logits and not parse_axes().keep_logits
     with pytest.raises(ConfigError, match="true or false"):
         parse_axes(keep_logits="yes")
+
+
+
+def test_a_miss_by_the_kept_logits_is_fixed_in_the_loop():
+    """With --keep-logits --upcast-logits, the leanest combination of the grid, on a GPU whose budget
+    lies between its need and its need without those logits, has no fix in the grid: it is told to
+    `del logits` before backward (or to leave them in 16 bits), at the need the estimate gives so."""
+    cfg = fit_model("llama-3.2-1b", 2048)
+    kw = dict(precision="bf16-pure", lora_rank="16", loss="standard")
+    kept, plain = parse_axes(**kw, keep_logits=True, upcast_logits=True), parse_axes(**kw)
+    big = resolve_gpu("80GiB")
+    lean = min(fit(cfg, big, 4, axes=kept).combos, key=lambda c: c.needed_bytes)
+    same = next(c for c in fit(cfg, big, 4, axes=plain).combos if c.combo.key == lean.combo.key)
+    assert same.needed_bytes < lean.needed_bytes  # the kept FP32 logits
+    budget = (same.needed_bytes + lean.needed_bytes) / 2
+    rep = fit(cfg, resolve_gpu(f"{budget / 0.9 / 2**30:.6f}GiB"), 4, axes=kept)
+    miss = next(c for c in rep.combos if c.combo.key == lean.combo.key)
+    assert not miss.fits and miss.fix_combo is None
+    assert miss.fix in ("`del logits` before backward", "no FP32 cast of the model's logits",
+                        "`del logits` before backward, no FP32 cast of the model's logits"), miss.suggestion
+    assert miss.fix_needed_bytes <= miss.budget_bytes and miss.fix in miss.suggestion
+    assert not any(c.fits for c in rep.combos)  # nothing in the grid: the loop is the fix

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from .bars import SEGMENTS, estimate_segments
 from .fit_grid import (DEFAULT_TARGETS, PRECISION_PREFERENCE, RANKS, Axes, Combo, grid, hidden_cost,  # noqa: F401
                        micro_batches, parse_axes, sixteen_bit)
-from .fit_suggest import seq_fixes, suggest_all
+from .fit_suggest import loop_fixes, seq_fixes, suggest_all
 from ..spec.config import ModelConfig
 from ..spec.presets import preset_data
 from ..estimator.analytic import CUDA_CONTEXT_BYTES, estimate
@@ -295,6 +295,9 @@ def fit(cfg: ModelConfig, gpu: GPU, batch: int, margin: float = DEFAULT_MARGIN, 
     rep = FitReport(cfg, gpu, batch, margin, targets, axes.optimizer_impl, cal, combos, rates_from, axes=axes,
                     sort=sort)
     rank(rep)
+    loop_fixes(rep, lambda combo, keep, upcast: evaluate(
+        cfg, gpu, combo, margin, targets, dataclasses.replace(axes, keep_logits=keep, upcast_logits=upcast), cal,
+        rates_from))
     seq_fixes(rep, lambda c2, combo: evaluate(c2, gpu, combo, margin, targets, axes, cal, rates_from))
     return rep
 

@@ -15,8 +15,12 @@ Of the fixes one axis away (else two), one without a cost the FLOP count does no
 (fit_grid.hidden_cost: QLoRA's dequantization, paging) is preferred when there is one:
 QLoRA is suggested where checkpointing, a smaller micro-batch or the chunked loss do not do.
 
-When the grid has no such fix, a shorter sequence is tried on the same combination
-(`seq_fixes`: halving, down to MIN_SEQ, for the SEQ_FIX_MAX closest misses).
+With `--keep-logits` or `--upcast-logits` (the user's loop keeps the logits, the model hands
+them over in FP32), the closest misses are tried with the loop changed instead (`loop_fixes`):
+`del logits` before backward, the logits left in 16 bits, or both; where the grid has no fix
+that is the fix, else an alternative named in the suggestion. When neither fixes it, a shorter
+sequence is tried on the same combination (`seq_fixes`: halving, down to MIN_SEQ, for the
+SEQ_FIX_MAX closest misses).
 """
 from __future__ import annotations
 
@@ -142,11 +146,42 @@ def suggest(c, index: dict, gpu, rank_key, labels: dict) -> str:
     return f"{head(c)}: {labels[term]} {_gib(c.segments[term])}; {c.fix} (→ {_gib(best.needed_bytes)})"
 
 
+LOOP_CHANGES = (("`del logits` before backward", False, None), ("no FP32 cast of the model's logits", None, False),
+                ("`del logits` before backward, no FP32 cast of the model's logits", False, False))
+
+
+def loop_fixes(rep, evaluate_with) -> None:
+    """For the SEQ_FIX_MAX closest misses (not the chunked loss: it hands over no logits), the
+    first change of the user's loop (LOOP_CHANGES: keep_logits, upcast_logits set off; None: as
+    given) that makes the same combination fit; `evaluate_with(combo, keep, upcast)` gives its
+    FitCombo. Without a fix from the grid it is the fix; else '; or, in the loop, ...' is added."""
+    axes = rep.axes
+    if not (axes.keep_logits or axes.upcast_logits):
+        return
+    todo = [c for c in rep.not_fitting() if c.supported and c.combo.loss != "chunked"][:SEQ_FIX_MAX]
+    for c in todo:
+        tried = {(axes.keep_logits, axes.upcast_logits)}  # the loop as given
+        for text, keep, upcast in LOOP_CHANGES:
+            keep = axes.keep_logits if keep is None else keep
+            upcast = axes.upcast_logits if upcast is None else upcast
+            if (keep, upcast) in tried:
+                continue
+            tried.add((keep, upcast))
+            f = evaluate_with(c.combo, keep, upcast)
+            if f.fits:
+                if c.fix is None:
+                    c.fix, c.fix_needed_bytes = text, f.needed_bytes
+                    c.suggestion += f"; {text}: it fits (→ {_gib(f.needed_bytes)})"
+                else:
+                    c.suggestion += f"; or, in the loop, {text} (→ {_gib(f.needed_bytes)})"
+                break
+
+
 def seq_fixes(rep, evaluate_at) -> None:
     """For the SEQ_FIX_MAX closest misses without a fix in the grid: the longest sequence (the
     current one halved, down to MIN_SEQ) at which the same combination fits; `evaluate_at(cfg,
     combo)` gives its FitCombo. Appends '; at sequence N it fits (→ X GiB)' to the suggestion."""
-    todo = [c for c in rep.not_fitting() if c.supported and c.fix_combo is None][:SEQ_FIX_MAX]
+    todo = [c for c in rep.not_fitting() if c.supported and c.fix is None][:SEQ_FIX_MAX]
     for c in todo:
         seq = rep.model.seq_len // 2
         while seq >= MIN_SEQ:
