@@ -254,6 +254,10 @@ def test_report_validate_underflow_run_and_fit_refuse_in_one_line(tmp_path):
     one_line_error(["run", scen, "--out", ""], "--out", "must name a file")
     one_line_error(["fit", "--model", "gpt2", "--gpu", "4090", "--batch", 2**70], "--batch", "2^63")
     one_line_error(["fit", "--model", "gpt2", "--gpu", "8xH100"], "ambiguous GPU", "H100 SXM")
+    for args, option in ((["fit", "--model", "gpt2", "--gpu", "4090", "--optimizer", ""], "--optimizer"),
+                         (["fit", "--model", "gpt2", "--gpu", "4090", "--calibrate", " "], "--calibrate"),
+                         (["report", quick, "--sort", ""], "--sort")):  # an empty value is no default
+        one_line_error(args, option, "empty value")
     res = CliRunner().invoke(main, ["fit", "--model", "gpt2", "--gpu", "8xH100-SXM", "--batch", "8", "--quiet",
                                     "--format", "json"])
     assert res.exit_code == 0, res.output

@@ -276,6 +276,8 @@ def parse_optimizers(text: str | None, impl: str | None = None) -> tuple[tuple, 
     """(--optimizer's kinds, AdamW's implementation). `--optimizer` takes optimizer kinds (comma list;
     None or "all": every registered one, OPTIMIZER_ORDER first); for compatibility an implementation
     (auto, foreach, fused, forloop: what --optimizer meant before) given there sets --optimizer-impl."""
+    if text is not None and not _items(text):
+        raise ConfigError("--optimizer", "", "must name optimizers (a comma list, or all), got an empty value")
     kinds, impls = [], []
     for t in _items(text or "all"):
         if t in IMPLEMENTATIONS:

@@ -69,6 +69,8 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
     check_fit_options(batch, margin, sort)
     axes = axes or parse_axes(optimizer=optimizer)
     rows = None
+    if calibrate_path is not None and not calibrate_path.strip():
+        raise ConfigError("--calibrate", "", "must name a result file or folder, got an empty value")
     if calibrate_path:
         from ..row.results import load_rows
         rows = load_rows(calibrate_path)

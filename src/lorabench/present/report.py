@@ -199,6 +199,8 @@ def filter_rows(rows: list[dict], where, source: str = "--where") -> list[dict]:
 def sort_rows(rows: list[dict], key: str | None, source: str = "--sort") -> list[dict]:
     """Sorted by a row key (`-key` descending); rows without the key last."""
     from ..spec.schema import ConfigError
+    if key is not None and not key.strip("- "):
+        raise ConfigError(source, "", "must name a column, got an empty value")
     if not key:
         return rows
     desc = key.startswith("-")
