@@ -80,7 +80,10 @@ def export(repo: Path, commit: str, dest: Path) -> str:
     pkg = "litgpt" if "litgpt" in names else "lit_gpt"
     blob = subprocess.run(["git", "-C", str(repo), "archive", commit, pkg], check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        tar.extractall(dest, filter="data")
+        try:
+            tar.extractall(dest, filter="data")  # Python >= 3.11.4 (and 3.12): refuse links out of dest
+        except TypeError:
+            tar.extractall(dest)  # git archive of a commit: the package's own files
     return pkg
 
 
@@ -244,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             and (args.only is None or args.only in r["id"])]
     rows = []
     for run in runs:
-        rows.append(compare(run, args.litgpt, bench))
+        try:
+            rows.append(compare(run, args.litgpt, bench))
+        except subprocess.CalledProcessError as e:  # not a git clone, or one without the run's commit
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""
+            raise SystemExit(f"{args.litgpt}: {' '.join(e.cmd[3:])}: {err.strip() or e}")
         print(f"{run['id']}: traced", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
