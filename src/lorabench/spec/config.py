@@ -126,7 +126,7 @@ class MatrixSpec:
                                  (nonempty,))
     keep_logits: list[bool] = fld([False], "the training loop keeps each micro-batch's logits until the next ones "
                                   "exist, as `logits = model(x)` in a hand-written loop (nanoGPT's, litgpt's) does; "
-                                  "false: they go before backward, as in HF's Trainer (standard and native loss)",
+                                  "false: they go before backward, as in HF's Trainer (every loss but chunked, which has none)",
                                   (nonempty,))
     upcast_logits: list[bool] = fld([False], "the model hands over its logits cast to FP32, the 16-bit ones gone at once: "
                                     "Lightning Fabric's bf16-true / 16-true cast a module's output to the default dtype "
