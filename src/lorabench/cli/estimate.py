@@ -11,7 +11,7 @@ import click
 
 from ..optimizers import names as optimizer_names
 from ..spec.config import BASE_DTYPES, LOSSES, PRECISIONS
-from .reports import echo
+from .reports import echo, logits_options
 
 PRECISION = click.Choice(list(PRECISIONS))
 
@@ -67,12 +67,7 @@ SCENARIO_OPTIONS = ("scenario", "model", "device", "method", "quiet", "fmt")
                    "CEWithChunkedOutputLoss, litgpt's lm_head_chunk_size)")
 @click.option("--loss-chunks", "loss_chunks", type=int, default=8, show_default=True,
               help="token chunks of the chunked and chunked-output losses")
-@click.option("--keep-logits/--no-keep-logits", "keep_logits", default=False, show_default=True,
-              help="the training loop keeps each micro-batch's logits until the next ones exist (`logits = "
-                   "model(x)` in a hand-written loop: nanoGPT's, litgpt's); off: freed before backward (HF's Trainer)")
-@click.option("--upcast-logits/--no-upcast-logits", "upcast_logits", default=False, show_default=True,
-              help="the model hands over its logits cast to FP32, the 16-bit ones gone at once (Lightning Fabric's "
-                   "bf16-true / 16-true output: litgpt's; transformers 4.36-4.45's `logits.float()`)")
+@logits_options("the")
 @click.option("--batch", type=int, default=8, show_default=True, help="sequences per optimizer step")
 @click.option("--seq", type=int, default=None, help="sequence length (default: the model's)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="default: the scenario's, else cpu")

@@ -16,6 +16,20 @@ def echo(text: str) -> None:
     click.echo(text, nl=False, color=True)
 
 
+def logits_options(whose: str):
+    """--keep-logits and --upcast-logits (Cell.keep_logits, upcast_logits): what `whose` ("the" for
+    estimate's one cell, "your" for fit's) training loop and model do with the logits."""
+    keep = click.option("--keep-logits/--no-keep-logits", "keep_logits", default=False, show_default=True,
+                        help=f"{whose} training loop keeps each micro-batch's logits until the next ones exist "
+                             "(`logits = model(x)` in a hand-written loop: nanoGPT's, litgpt's); off: freed before "
+                             "backward (HF's Trainer)")
+    upcast = click.option("--upcast-logits/--no-upcast-logits", "upcast_logits", default=False, show_default=True,
+                          help=f"{whose} model hands over its logits cast to FP32, the 16-bit ones gone at once "
+                               "(Lightning Fabric's bf16-true / 16-true output: litgpt's; transformers 4.36-4.45's "
+                               "`logits.float()`)")
+    return lambda f: keep(upcast(f))
+
+
 @click.command("report")
 @click.argument("results")
 @click.option("--sort", "sort_key", default=None, help="row key to sort by, '-key' for descending (e.g. -tokens_per_s)")
@@ -93,12 +107,7 @@ def claims_cmd(results, fmt):
               help="dropout on the adapters' input (a saved mask per adapted input)")
 @click.option("--adapter", default="lora", show_default=True,
               help="the adapter of every LoRA combination: lora, rslora, lora-plus, dora, pissa, lora-ga, adalora, lora-pro")
-@click.option("--keep-logits/--no-keep-logits", "keep_logits", default=False, show_default=True,
-              help="your training loop keeps each micro-batch's logits until the next ones exist (`logits = "
-                   "model(x)`: nanoGPT's, litgpt's); off: freed before backward (HF's Trainer)")
-@click.option("--upcast-logits/--no-upcast-logits", "upcast_logits", default=False, show_default=True,
-              help="your model hands over FP32 logits, its 16-bit ones gone (Lightning Fabric's bf16-true: litgpt's; "
-                   "transformers 4.36-4.45's `logits.float()`)")
+@logits_options("your")
 @click.option("--sort", "sort", type=click.Choice(["speed", "headroom"]), default="speed", show_default=True,
               help="speed: the fastest first, equally fast ones by most headroom; headroom: the most headroom "
                    "first, then the fastest")

@@ -146,27 +146,26 @@ def suggest(c, index: dict, gpu, rank_key, labels: dict) -> str:
     return f"{head(c)}: {labels[term]} {_gib(c.segments[term])}; {c.fix} (→ {_gib(best.needed_bytes)})"
 
 
-LOOP_CHANGES = (("`del logits` before backward", False, None), ("no FP32 cast of the model's logits", None, False),
-                ("`del logits` before backward, no FP32 cast of the model's logits", False, False))
+DEL_LOGITS, NO_CAST = "`del logits` before backward", "no FP32 cast of the model's logits"
+
+
+def loop_changes(keep: bool, upcast: bool) -> list[tuple[str, bool, bool]]:
+    """The changes of the user's loop worth trying, cheapest first, as (text, keep_logits, upcast_logits):
+    each of the two turned off, then both."""
+    out = [(DEL_LOGITS, False, upcast)] * keep + [(NO_CAST, keep, False)] * upcast
+    return out + [(f"{DEL_LOGITS}, {NO_CAST}", False, False)] * (keep and upcast)
 
 
 def loop_fixes(rep, evaluate_with) -> None:
     """For the SEQ_FIX_MAX closest misses (not the chunked loss: it hands over no logits), the
-    first change of the user's loop (LOOP_CHANGES: keep_logits, upcast_logits set off; None: as
-    given) that makes the same combination fit; `evaluate_with(combo, keep, upcast)` gives its
-    FitCombo. Without a fix from the grid it is the fix; else '; or, in the loop, ...' is added."""
-    axes = rep.axes
-    if not (axes.keep_logits or axes.upcast_logits):
+    first of loop_changes that makes the same combination fit; `evaluate_with(combo, keep, upcast)`
+    gives its FitCombo. Without a fix from the grid it is the fix; else '; or, in the loop, ...' is added."""
+    changes = loop_changes(rep.axes.keep_logits, rep.axes.upcast_logits)
+    if not changes:
         return
     todo = [c for c in rep.not_fitting() if c.supported and c.combo.loss != "chunked"][:SEQ_FIX_MAX]
     for c in todo:
-        tried = {(axes.keep_logits, axes.upcast_logits)}  # the loop as given
-        for text, keep, upcast in LOOP_CHANGES:
-            keep = axes.keep_logits if keep is None else keep
-            upcast = axes.upcast_logits if upcast is None else upcast
-            if (keep, upcast) in tried:
-                continue
-            tried.add((keep, upcast))
+        for text, keep, upcast in changes:
             f = evaluate_with(c.combo, keep, upcast)
             if f.fits:
                 if c.fix is None:

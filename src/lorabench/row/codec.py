@@ -30,7 +30,7 @@ from ..estimator.analytic import Estimate
 from ..spec.config import Cell, ModelConfig, TrainConfig
 from ..spec.job import CellJob
 from ..spec.presets import preset_data, preset_names
-from ..spec.schema import build, row_fields, short, type_name
+from ..spec.schema import build, one_of, row_fields, short, type_name
 
 def signed():
     """A numeric row field that can be negative (a cosine, an error); every other number is a count,
@@ -200,10 +200,6 @@ def row_problem(row: dict) -> Optional[str]:
     return None
 
 
-def _one_of(*allowed):
-    return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}, got {short(v)}"
-
-
 def _row_checks() -> dict:
     """The value checks of a row's fields: the model's and training set-up's own (fld checks: sizes
     > 0, ...; a Literal's values), and the cell's named values (precision, loss, optimizer, ...)."""
@@ -219,11 +215,11 @@ def _row_checks() -> dict:
             tp = hints[f.name]
             members = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
             lits = [a for a in members if typing.get_origin(a) is typing.Literal]
-            checks = tuple(f.metadata.get("checks") or ()) + tuple(_one_of(*typing.get_args(a)) for a in lits)
+            checks = tuple(f.metadata.get("checks") or ()) + tuple(one_of(*typing.get_args(a)) for a in lits)
             if checks:
                 out[f.name] = checks
-    out.update(precision=(_one_of(*PRECISIONS),), loss=(_one_of(*LOSSES),), base_dtype=(_one_of(*BASE_DTYPES),),
-               strategy=(_one_of(*STRATEGIES),), optimizer=(unknown_optimizer,), device=(_one_of("cpu", "cuda"),))
+    out.update(precision=(one_of(*PRECISIONS),), loss=(one_of(*LOSSES),), base_dtype=(one_of(*BASE_DTYPES),),
+               strategy=(one_of(*STRATEGIES),), optimizer=(unknown_optimizer,), device=(one_of("cpu", "cuda"),))
     return out
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from .schema import ConfigError, FieldError, build, fld, ge, gt, le, lt, nonempty, run_checks
+from .schema import ConfigError, FieldError, build, fld, ge, gt, le, lt, nonempty, one_of, run_checks
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401 (the spec's names)
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, BLOCK_TARGETS, DEFAULT_TARGETS, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
@@ -169,20 +169,13 @@ LOSSES = ("standard", "chunked", "native", "chunked-output")
 CHUNKED_LOSSES = ("chunked", "chunked-output")  # the head over `loss_chunks` token chunks, outside the model's forward
 
 
-def dtype_of(*allowed: str):
-    return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}, got {v!r}"[:160]
-
-
-def strategy_problem(value) -> Optional[str]:
-    return None if value in STRATEGIES else f"must be one of {', '.join(STRATEGIES)}, got {value!r}"[:160]
-
 AXIS_CHECKS = {"loss_chunks": (gt(0),), "lora_rank": (ge(0),), "lora_alpha": (gt(0),), "lora_dropout": (ge(0), lt(1)), "accumulation": (gt(0),),
                "lora_plus_ratio": (gt(0),), "optimizer": (optimizer_problem,), "base_dtype": (quant_problem,),
                "adapter_backend": (backend_problem,), "attn_implementation": (attn_problem,),
-               "strategy": (strategy_problem,), "world_size": (ge(1),),
+               "strategy": (one_of(*STRATEGIES),), "world_size": (ge(1),),
                # checked whatever the other axes say (a cell they do not apply to drops them)
-               "adalora_target_rank": (ge(1),), "fsdp_param_dtype": (dtype_of("bf16", "fp16"),),
-               "fsdp_reduce_dtype": (dtype_of("fp32", "bf16"),)}
+               "adalora_target_rank": (ge(1),), "fsdp_param_dtype": (one_of("bf16", "fp16"),),
+               "fsdp_reduce_dtype": (one_of("fp32", "bf16"),)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 
 

@@ -71,6 +71,10 @@ def le(hi: float) -> Check:
     return lambda v: None if v <= hi else f"must be <= {hi}, got {short(v)}"
 
 
+def one_of(*allowed: Any) -> Check:
+    return lambda v: None if v in allowed else f"must be one of {', '.join(map(str, allowed))}, got {short(v)}"
+
+
 def nonempty(v: Any) -> Optional[str]:
     return None if len(v) > 0 else "must not be empty"
 
