@@ -27,7 +27,7 @@ from ..spec.config import split_targets
 from ..base.env import resolve_device
 from ..estimator.analytic import estimate
 from ..stacks import BUILTIN
-from ..spec.schema import ConfigError
+from ..spec.schema import ConfigError, one_of
 
 METHODS = ("analytic", "trace", "both")
 PARALLEL_MIN_LAYERS = 8  # traces of smaller models (about a second each) run in this process
@@ -73,7 +73,7 @@ def estimates_for(ls: LoadedScenario, device: str | None = None, method: str = "
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise ConfigError("options", "--method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+        raise ConfigError("options", "--method", one_of(*METHODS)(method))
 
 
 def trace_fields(analytic, traced, trace_s: float) -> dict:

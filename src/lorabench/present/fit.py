@@ -66,7 +66,7 @@ from ..spec.presets import preset_data
 from ..estimator.analytic import CUDA_CONTEXT_BYTES, estimate
 from ..row.codec import decode_cell, estimate_fields
 from ..estimator.gpus import GPU, lookup
-from ..spec.schema import ConfigError, build
+from ..spec.schema import ConfigError, build, one_of
 
 SORTS = ("speed", "headroom")
 DEFAULT_EFFICIENCY = 0.40
@@ -232,7 +232,7 @@ def check_fit_options(batch: int, margin: float, sort: str = "speed") -> None:
     if not 0 <= margin < 1:
         raise ConfigError("--margin", "", f"must be in [0, 1), got {margin}")
     if sort not in SORTS:
-        raise ConfigError("--sort", "", f"must be one of {', '.join(SORTS)}, got {sort!r}")
+        raise ConfigError("--sort", "", one_of(*SORTS)(sort))
 
 
 def fits_budget(est_peak_bytes: int, memory_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:

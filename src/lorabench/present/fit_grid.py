@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from ..optimizers import names as optimizer_names
 from ..spec.config import BASE_DTYPES, CHUNKED_LOSSES, DEFAULT_TARGETS, LOSSES, QUANT_DTYPES, Cell
 from ..spec.scenario import cell_id
-from ..spec.schema import ConfigError
+from ..spec.schema import ConfigError, one_of
 
 AUTO_PRECISIONS = ("fp32", "bf16", "bf16-pure")   # + fp16 where the GPU has no bf16 path
 GRID_PRECISIONS = ("fp32", "fp16", "bf16", "bf16-pure")  # what --precision may list
@@ -296,7 +296,7 @@ def parse_optimizers(text: str | None, impl: str | None = None) -> tuple[tuple, 
         kinds = [o for o in OPTIMIZER_ORDER if o in optimizer_names()]
     resolved = impls[0] if impls else (impl or "auto")
     if resolved not in IMPLEMENTATIONS:
-        raise ConfigError("--optimizer-impl", "", f"must be one of {', '.join(IMPLEMENTATIONS)}, got {resolved!r}")
+        raise ConfigError("--optimizer-impl", "", one_of(*IMPLEMENTATIONS)(resolved))
     return tuple(dict.fromkeys(kinds)), resolved
 
 

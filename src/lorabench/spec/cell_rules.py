@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from .schema import FieldError
+from .schema import FieldError, one_of
 
 BLOCK_TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 """a block's projections an adapter can wrap; qkv is the one fused q, k, v projection of a model
@@ -53,7 +53,7 @@ def int_at_least(field: str, value, minimum: int) -> None:
 def check_base(base_dtype: str, lora_rank, double_quant) -> Optional[bool]:
     """Validate a cell's base_dtype; returns its double_quant (True by default for nf4, else None)."""
     if base_dtype not in BASE_DTYPES:
-        raise FieldError("base_dtype", f"must be one of {', '.join(BASE_DTYPES)}, got {base_dtype!r}")
+        raise FieldError("base_dtype", one_of(*BASE_DTYPES)(base_dtype))
     if base_dtype in QUANT_DTYPES and lora_rank == 0:
         raise FieldError("base_dtype", f"{base_dtype} quantizes a frozen base: it needs an adapter cell "
                                        "(lora_rank > 0); full fine-tuning trains every weight")
@@ -67,7 +67,7 @@ def backend_problem(backend) -> Optional[str]:
     """Why `backend` cannot run adapters here (unknown, or PEFT not installed), else None."""
     import importlib.util
     if backend not in ADAPTER_BACKENDS:
-        return f"must be one of {', '.join(ADAPTER_BACKENDS)}, got {backend!r}"
+        return one_of(*ADAPTER_BACKENDS)(backend)
     if backend == "peft" and importlib.util.find_spec("peft") is None:
         return "adapter_backend peft needs PEFT: pip install 'lorabench[hf]'"
     return None
@@ -151,7 +151,7 @@ def check_parallel(strategy, world_size, reshard_after_forward, param_dtype=None
     fsdp_param_dtype over fp32 shards, gradients reduced in fsdp_reduce_dtype), which take an
     fp32 cell: they are its precision, as autocast's dtype is another cell's."""
     if strategy not in STRATEGIES:
-        raise FieldError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}"[:160])
+        raise FieldError("strategy", one_of(*STRATEGIES)(strategy))
     out = {"world_size": 1, "reshard_after_forward": None, "fsdp_param_dtype": None, "fsdp_reduce_dtype": None,
            "cpu_offload": None}
     if strategy == "none":  # FSDP2's options, like world_size, mean nothing here
@@ -165,7 +165,7 @@ def check_parallel(strategy, world_size, reshard_after_forward, param_dtype=None
     for key, value, allowed in (("fsdp_param_dtype", param_dtype, FSDP_PARAM_DTYPES),
                                 ("fsdp_reduce_dtype", reduce_dtype, FSDP_REDUCE_DTYPES)):
         if value is not None and value not in allowed:
-            raise FieldError(key, f"must be one of {', '.join(allowed)}, got {value!r}"[:160])
+            raise FieldError(key, one_of(*allowed)(value))
     if (param_dtype or reduce_dtype) and precision != "fp32":
         raise FieldError("fsdp_param_dtype" if param_dtype else "fsdp_reduce_dtype",
                          f"FSDP2's mixed precision is the cell's precision: it takes precision fp32, got {precision!r}")
@@ -179,7 +179,7 @@ def adapter_fields(adapter, backend, lora_plus_ratio, lora_alpha, lora_dropout, 
     adapter = adapter or "lora"
     backend = backend or "builtin"
     if backend not in ADAPTER_BACKENDS:
-        raise FieldError("adapter_backend", f"must be one of {', '.join(ADAPTER_BACKENDS)}, got {backend!r}")
+        raise FieldError("adapter_backend", one_of(*ADAPTER_BACKENDS)(backend))
     ratio = (16.0 if lora_plus_ratio is None else float(lora_plus_ratio)) if adapter == "lora-plus" else None
     if ratio is not None and not ratio > 0:
         raise FieldError("lora_plus_ratio", f"must be > 0, got {lora_plus_ratio!r}")

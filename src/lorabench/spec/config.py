@@ -249,7 +249,7 @@ class Cell:
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen: normalise once
         if self.precision not in PRECISIONS:
-            raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise FieldError("precision", one_of(*PRECISIONS)(self.precision))
         put("double_quant", check_base(self.base_dtype, self.lora_rank, self.double_quant))
         for k, v in check_parallel(self.strategy, self.world_size, self.reshard_after_forward, self.fsdp_param_dtype,
                                    self.fsdp_reduce_dtype, self.cpu_offload, self.precision).items():
@@ -260,7 +260,7 @@ class Cell:
         int_at_least("accumulation", self.accumulation, 1)
         put("checkpointing", bool(self.checkpointing))
         if self.loss not in LOSSES:
-            raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise FieldError("loss", one_of(*LOSSES)(self.loss))
         put("loss_chunks", None if self.loss not in CHUNKED_LOSSES else 8 if self.loss_chunks is None else self.loss_chunks)
         if self.loss_chunks is not None:  # the chunked loss's (the standard one has none)
             int_at_least("loss_chunks", self.loss_chunks, 1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from .cell_rules import QUANT_DTYPES
-from .schema import FieldError, fld, ge, gt, le
+from .schema import FieldError, fld, ge, gt, le, one_of
 
 
 @dataclass
@@ -122,8 +122,7 @@ class ModelConfig:
         if self.seq_len > self.max_seq_len:
             raise FieldError("seq_len", f"must be <= max_seq_len={self.max_seq_len}, got {self.seq_len}")
         if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise FieldError("attn_implementation", f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
-                                                    f"got {self.attn_implementation!r}")
+            raise FieldError("attn_implementation", one_of(*ATTN_IMPLEMENTATIONS)(self.attn_implementation))
         if self.hf is None and self.attn_implementation is not None:
             raise FieldError("attn_implementation", "applies to Hugging Face models (model.hf) only")
         if self.hf is not None and self.attn_implementation is None:
@@ -135,7 +134,7 @@ class ModelConfig:
             raise FieldError("fused_qkv", "applies to lorabench's own stack: a Hugging Face model's projections are "
                                           "those of its config.json")
         if self.quantized is not None and self.quantized not in QUANT_DTYPES:
-            raise FieldError("quantized", f"must be one of {', '.join(QUANT_DTYPES)}, got {self.quantized!r}")
+            raise FieldError("quantized", one_of(*QUANT_DTYPES)(self.quantized))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -163,4 +162,4 @@ def attn_problem(value) -> Optional[str]:
     """Why `value` is no attention path of transformers' (None: the model's own), else None."""
     if value is None or value in ATTN_IMPLEMENTATIONS:
         return None
-    return f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {value!r}"
+    return one_of(*ATTN_IMPLEMENTATIONS)(value)
