@@ -260,3 +260,36 @@ def test_an_exclude_entrys_targets_match_in_any_order():
     ls = parse_scenario(scenario(matrix={"lora_rank": 4, "lora_targets": [["q", "v"], ["q"]]},
                                  exclude=[{"lora_targets": ["v", "q"]}]), "x")
     assert [c.lora_targets for c in expand(ls)] == [("q",)]
+
+
+MOE = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 16, "vocab_size": 64, "seq_len": 8, "n_experts": 4,
+       "experts_per_token": 2}
+
+
+@pytest.mark.parametrize("model,matrix,exclude,key", [
+    # an adapter that reads W0 on a quantized base
+    (None, {"lora_rank": 2, "adapter": ["lora", "dora"], "base_dtype": ["bf16", "nf4"]},
+     {"adapter": "dora", "base_dtype": "nf4"}, "matrix.adapter[1]"),
+    # a mixture of experts on a quantized base, only adapter cells
+    (MOE, {"lora_rank": [0, 2], "base_dtype": ["bf16", "nf4"]}, {"base_dtype": "nf4"}, "matrix.base_dtype[1]"),
+    # PiSSA's rank above min(d_in, d_out) at one rank only
+    ({"d_model": 8, "n_layers": 1, "n_heads": 2, "d_ff": 8, "vocab_size": 64, "seq_len": 8},
+     {"lora_rank": [2, 16], "adapter": ["lora", "pissa"]}, {"adapter": "pissa", "lora_rank": 16}, "matrix.lora_rank[1]"),
+    # an adapter that cannot run on several ranks, only under ddp
+    (None, {"lora_rank": 2, "adapter": ["lora", "adalora"], "strategy": ["none", "ddp"]},
+     {"adapter": "adalora", "strategy": "ddp"}, "matrix.adapter[1]"),
+])
+def test_a_combination_the_matrix_excludes_is_not_refused(model, matrix, exclude, key, tmp_path):
+    """A combination no cell can run is refused in one line naming its axis, unless `exclude` drops
+    every cell that holds it: then the matrix runs the rest (and the combination never appears)."""
+    from click.testing import CliRunner
+    from lorabench.cli import main
+    from test_reliability import assert_one_line_error
+    data = scenario(matrix=matrix) if model is None else scenario(matrix=matrix, model=model)
+    assert_one_line_error(CliRunner().invoke(main, ["run", write(tmp_path, data), "--list"]), key)
+    data["exclude"] = [exclude]
+    r = CliRunner().invoke(main, ["run", write(tmp_path, data), "--list"])
+    assert r.exit_code == 0, r.output
+    cells = expand(parse_scenario(data, "x.yaml"))
+    assert cells and not any(all(getattr(c, k) == v for k, v in exclude.items()) for c in cells)
+    assert [c.id for c in cells] == r.output.split()

@@ -164,15 +164,22 @@ def test_adalora_through_peft_trains_as_the_builtin_one_and_prunes_to_the_budget
         torch.testing.assert_close(a.lora_E, p.lora_E["default"].view(-1), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision,base,tolerance", [("fp32", "fp32", 0), ("bf16", "bf16", 0.02)])
-def test_an_adalora_peft_cell_runs_and_traces(precision, base, tolerance):
+@pytest.mark.parametrize("precision,base", [("fp32", "fp32"), ("bf16", "bf16")])
+def test_an_adalora_peft_cell_runs_and_traces(precision, base):
     """The trace runs PEFT's AdaLoRA (its importance state after each step; the masking, which reads
-    values, left out on fake tensors): the CPU peak to the byte in FP32; under bf16 autocast 49 KB
-    (1.6 %) below it at this size, a difference not yet explained (noted)."""
-    ls, cells = loaded(precision=precision, base_dtype=base, adapter="adalora", adapter_backend="peft", lora_rank=4)
+    values, left out on fake tensors): the CPU peak to the byte. On a 16-bit base PEFT trains each
+    layer's `ranknum` (its move of the adapter to the base's dtype makes it a new, trainable
+    Parameter): one more trainable parameter per layer, in the run, the trace and the analytic
+    estimate (adalora.peft_ranknum_trains), and its `/ ranknum` keeps an N x d_out numerator."""
+    ls, cells = loaded(precision=precision, base_dtype=base, adapter="adalora", adapter_backend=["builtin", "peft"],
+                       lora_rank=4)
     job = ls.job(cells["peft"], "cpu")
     row = run_cell(job)
     assert row["status"] == "ok" and row["cell"] == f"{precision}-adalora-peft-r4" + "-bf16base" * (base == "bf16"), \
         (row.get("error"), row["cell"])
     traced, _ = trace(job)
-    assert abs(traced.est_peak_bytes - row["peak_allocated_bytes"]) <= tolerance * row["peak_allocated_bytes"]
+    assert traced.est_peak_bytes == row["peak_allocated_bytes"]
+    builtin = run_cell(ls.job(cells["builtin"], "cpu"))
+    n_adapted = len(cells["peft"].lora_targets) * ls.model.n_layers
+    assert row["trainable_params"] == builtin["trainable_params"] + n_adapted * (base == "bf16")
+    assert row["est_grad_bytes"] == row["grad_bytes"]  # the analytic estimate counts the ranknums too

@@ -114,3 +114,21 @@ def test_simulate_is_cached_per_architecture_and_technique():
     assert simulate(cfg, cell, "cuda") is not first
     again = replay(cfg, cell, "cpu")  # uncached, same result
     assert again is not first and again == first
+
+
+@pytest.mark.parametrize("a,b", [
+    (dict(adapter="adalora", adapter_backend="builtin"), dict(adapter="adalora", adapter_backend="peft")),
+    (dict(adapter="merged-qkv", merged_qkv_enable=["q", "v"]), dict(adapter="merged-qkv", merged_qkv_enable=["q", "k", "v"])),
+])
+def test_the_replay_cache_tells_apart_cells_whose_replays_differ(a, b):
+    """simulate caches one replay per key, every Cell field but those replay.NOT_REPLAYED names:
+    two cells that differ in a replayed field (PEFT's AdaLoRA on a 16-bit base trains `ranknum`,
+    the builtin one has none; merged-qkv's adapted slices) get their own replays, in either order."""
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, vocab_size=64, seq_len=8, fused_qkv=True)
+    common = dict(precision="fp32", lora_rank=4, base_dtype="bf16", lora_targets=("qkv", "head"))
+    cells = [Cell(**common, **a), Cell(**common, **b)]
+    fresh = [replay(cfg, c, "cpu").lines for c in cells]
+    assert fresh[0] != fresh[1]
+    for order in (cells, cells[::-1]):
+        for c in order:
+            assert simulate(cfg, c).lines == fresh[cells.index(c)]

@@ -46,22 +46,25 @@ def check(ls) -> None:
     initial rank, reported at matrix.adalora_target_rank[i]."""
     from ..spec.schema import FieldError
     m = ls.matrix
-    multi = [s for s in m.strategy if s != "none"]
+    adapted = lambda **v: any(not ls.excluded(lora_rank=r, **v) for r in m.lora_rank if r)  # noqa: E731
     for i, name in enumerate(m.adapter):
         get(name, ls.source, f"matrix.adapter[{i}]")
-        if "peft" in m.adapter_backend and peft_problem(name) and any(m.lora_rank):
+        if "peft" in m.adapter_backend and peft_problem(name) and adapted(adapter=name, adapter_backend="peft"):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", peft_problem(name))
-        if multi and not get(name).multi_rank and any(m.lora_rank):
+        multi = [s for s in m.strategy if s != "none" and adapted(adapter=name, strategy=s)]
+        if multi and not get(name).multi_rank:
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name}'s hooks read or rewrite whole "
                               f"tensors between steps: it does not run on several ranks (strategy {multi[0]}) here")
-        quantized = [b for b in m.base_dtype if b in QUANT_DTYPES]
-        if quantized and get(name).needs_dense_base and any(m.lora_rank):
+        quantized = [b for b in m.base_dtype if b in QUANT_DTYPES and adapted(adapter=name, base_dtype=b)]
+        if quantized and get(name).needs_dense_base:
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name} reads the base weight itself: "
                               f"it cannot run on a {quantized[0]} base (matrix.base_dtype)")
     for name, (j, rank), alpha, targets, ratio, base, (k, budget) in itertools.product(
             m.adapter, enumerate(m.lora_rank), m.lora_alpha, m.lora_targets, m.lora_plus_ratio, m.base_dtype,
             enumerate(m.adalora_target_rank)):
-        archs = [a for a in (ls.models or [None]) if not ls.excluded(arch=a, adapter=name, lora_targets=targets)]
+        archs = [a for a in (ls.models or [None]) if not ls.excluded(
+            arch=a, adapter=name, lora_targets=targets, lora_rank=rank, lora_alpha=alpha, lora_plus_ratio=ratio,
+            base_dtype=base, adalora_target_rank=budget)]
         if rank > 0 and archs:  # a combination the scenario excludes for every model is not judged
             try:
                 cell = Cell(precision="fp32", lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets),

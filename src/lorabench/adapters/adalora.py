@@ -55,6 +55,16 @@ ORTH_REG_WEIGHT = 0.5  # PEFT AdaLoraConfig.orth_reg_weight
 STATE = ("lora_A", "lora_E", "lora_B")
 
 
+def peft_ranknum_trains(cell, quantized: bool) -> bool:
+    """Whether PEFT's AdaLoRA layer trains its `ranknum` (the r of s = alpha / (ranknum + 1e-5)),
+    which it creates frozen in FP32: PEFT moves each adapter ParameterDict entry to its base layer's
+    dtype (`_move_adapter_to_device_of_base_layer`, peft 0.17-0.21), and ParameterDict wraps the
+    cast copy as a new, trainable Parameter. So it trains where that dtype is a float other than
+    FP32: a 16-bit base, or an nf4 one (Linear4bit's compute_dtype); an int8 base's weight is an
+    integer (no cast). Then `/ ranknum` saves its N x d_out numerator for ranknum's gradient."""
+    return cell.adapter_backend == "peft" and cell.base_float_dtype != "fp32" and not (quantized and cell.base_dtype == "int8")
+
+
 class AdaLoRA(LoRA):
     name = "adalora"
     multi_rank = False  # its hooks read or rewrite whole tensors between steps
@@ -62,11 +72,12 @@ class AdaLoRA(LoRA):
     def scaling(self, cell):
         return cell.lora_alpha / (cell.lora_rank + 1e-5)
 
-    def params(self, d_in, d_out, cell, splits=None):
+    def params(self, d_in, d_out, cell, splits=None, quantized=False):
         r = cell.lora_rank
         shapes = {"lora_A": (r, d_in), "lora_E": (r,), "lora_B": (d_out, r)}
         return [AdapterParam(n, shapes[n]) for n in STATE] + \
-            [AdapterParam(f"{n}_{kind}", shapes[n], trainable=False) for n in STATE for kind in ("ipt", "unc")]
+            [AdapterParam(f"{n}_{kind}", shapes[n], trainable=False) for n in STATE for kind in ("ipt", "unc")] + \
+            [AdapterParam("ranknum", (1,))] * peft_ranknum_trains(cell, quantized)
 
     def init(self, layer):
         import torch.nn as nn
@@ -103,7 +114,12 @@ class AdaLoRA(LoRA):
         sim.drop(ae)
         scaled = elementwise(sim, ba, unary_backward, save_input=False)
         sim.drop(ba)
-        return scaled
+        if "ranknum" not in params:
+            return scaled
+        R = params["ranknum"].tensor  # PEFT's `/ ranknum`, a trainable one: saves its numerator
+        out = mul_broadcast(sim, scaled, R, scaled.numel, promote(scaled.dtype, R.dtype))
+        sim.drop(scaled)
+        return out
 
     # ---- the training flow
     def prepare(self, layers, backward, cell, total_steps):

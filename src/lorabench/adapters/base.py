@@ -71,10 +71,12 @@ class Adapter(ABC):
         return cell.lora_alpha / cell.lora_rank
 
     @abstractmethod
-    def params(self, d_in: int, d_out: int, cell: Cell, splits: tuple[int, ...] | None = None) -> list[AdapterParam]:
+    def params(self, d_in: int, d_out: int, cell: Cell, splits: tuple[int, ...] | None = None,
+               quantized: bool = False) -> list[AdapterParam]:
         """The parameters it adds to one d_in → d_out layer, in registration order; the first
         one multiplies the layer's input, the last one produces its output. `splits`: the widths
-        of a fused projection's output slices (qkv: q, k, v), None for any other layer."""
+        of a fused projection's output slices (qkv: q, k, v), None for any other layer;
+        `quantized`: the layer's base is bitsandbytes' (the cell's nf4 or int8), not a float one."""
 
     @abstractmethod
     def init(self, layer) -> None:

@@ -34,7 +34,7 @@ class DoRA(LoRA):
     name = "dora"
     needs_dense_base = True
 
-    def params(self, d_in, d_out, cell, splits=None):
+    def params(self, d_in, d_out, cell, splits=None, quantized=False):
         return super().params(d_in, d_out, cell) + [AdapterParam("lora_magnitude", (d_out,))]
 
     def init(self, layer):

@@ -19,7 +19,7 @@ from .base import Adapter, AdapterParam
 class LoRA(Adapter):
     name = "lora"
 
-    def params(self, d_in, d_out, cell, splits=None):
+    def params(self, d_in, d_out, cell, splits=None, quantized=False):
         return [AdapterParam("lora_A", (cell.lora_rank, d_in)), AdapterParam("lora_B", (d_out, cell.lora_rank))]
 
     def init(self, layer):

@@ -36,7 +36,7 @@ from .lora import LoRA
 class MergedQKV(LoRA):
     name = "merged-qkv"
 
-    def params(self, d_in, d_out, cell, splits=None):
+    def params(self, d_in, d_out, cell, splits=None, quantized=False):
         if not splits:  # a projection without slices: plain LoRA
             return super().params(d_in, d_out, cell)
         enabled = _enabled(cell, splits)

@@ -52,29 +52,30 @@ def problem(adapter: str) -> str | None:
 
 @contextlib.contextmanager
 def _in_place_on_fake(model):
-    """On fake tensors (the trace) PEFT's moves of each new adapter to its base layer's device and
-    dtype (`Module.to`, which fake tensors refuse: "Couldn't swap") are skipped: the device is the
-    base's already (CPU), and apply_peft sets the dtype itself afterwards."""
+    """On fake tensors (the trace) PEFT's `Module.to` of each new adapter module (to its base
+    layer's device and dtype), which fake tensors refuse ("Couldn't swap"), leaves the module as
+    it is: the device is the base's already (CPU), and apply_peft sets the dtype itself
+    afterwards. PEFT's casts of its ParameterDict entries (`item.to(dtype)`, a tensor op) run as
+    they do on real tensors: the new tensor ParameterDict wraps is a trainable Parameter, so on a
+    16-bit base AdaLoRA's frozen `ranknum` trains (PEFT's own behaviour, measured)."""
     from torch._subclasses.fake_tensor import is_fake
-    from peft.tuners.tuners_utils import BaseTunerLayer
     if not any(is_fake(p) for p in model.parameters()):
         yield
         return
     import torch
-    move, to = BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.nn.Module.to
+    to = torch.nn.Module.to
 
-    def to_where_it_is(self, *args, **kwargs):  # PEFT's module.to(weight.device) of each new layer
+    def to_where_it_is(self, *args, **kwargs):  # PEFT's module.to(weight.device[, dtype]) of each new layer
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
         tensors = list(self.parameters()) + list(self.buffers())
-        if dtype is None and device is not None and all(t.device == device for t in tensors):
+        if all(t.device == device for t in tensors) and (dtype is None or all(is_fake(t) for t in tensors)):
             return self
         return to(self, *args, **kwargs)
-    BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda self, *a, **k: None
     torch.nn.Module.to = to_where_it_is
     try:
         yield
     finally:
-        BaseTunerLayer._move_adapter_to_device_of_base_layer, torch.nn.Module.to = move, to
+        torch.nn.Module.to = to
 
 
 def apply_peft(model, cell, names: list) -> None:

@@ -81,6 +81,16 @@ def replay(cfg: ModelConfig, cell: Cell, device: str, micro_batch: int = K_SYMBO
     return SimResult(sim.lines(K_SYMBOLIC), saved, sim.graph_held_bytes, ITEM_BYTES[loss.dtype])
 
 
+NOT_REPLAYED = frozenset({"id", "arch", "accumulation", "lora_alpha", "lora_dropout", "lora_plus_ratio", "optimizer",
+                          "adalora_target_rank", "strategy", "world_size", "reshard_after_forward", "fsdp_param_dtype",
+                          "fsdp_reduce_dtype", "cpu_offload"})
+"""The Cell fields one micro-batch's replay does not read, so its cache key leaves them out: the
+name, the model (the key has its shape), the accumulation and the optimizer (applied to the
+replay's result), alpha and LoRA+'s ratio (values), the dropout rate (only whether there is
+one), AdaLoRA's budget (between steps), and the ranks' layout but for FSDP2's (which the replay
+shards). Every other field is in the key, a new one too."""
+
+
 def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     """Replay one micro-batch's forward and backward (the stack's ops on sim); cached.
 
@@ -88,12 +98,10 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
     already allocated and AccumulateGrad adding in place, so one replay gives both
     readings; the micro-batch size is symbolic, so one replay serves every batch
     size and accumulation count."""
-    # what the replay reads of the cell: not its id, accumulation, alpha or dropout rate (only dropout > 0)
-    key = (_shape(cfg), cell.precision, cell.lora_rank, cell.adapter, cell.lora_targets, cell.dropout > 0,
-           cell.checkpointing, cell.base_dtype, cell.double_quant, cell.loss, cell.loss_chunks, cell.keep_logits,
-           cell.upcast_logits, cell.attn_implementation, device,
-           cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward, cell.fsdp_param_dtype,
-                                         cell.fsdp_reduce_dtype, cell.cpu_offload))
+    sharded = cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward, cell.fsdp_param_dtype,
+                                            cell.fsdp_reduce_dtype, cell.cpu_offload)
+    key = (_shape(cfg), device, cell.dropout > 0, sharded,
+           *(getattr(cell, f.name) for f in dataclasses.fields(cell) if f.name not in NOT_REPLAYED))
     res = _CACHE.get(key)
     if res is None:
         if len(_CACHE) > 4096:

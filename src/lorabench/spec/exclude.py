@@ -1,9 +1,12 @@
 """A scenario's `exclude` entries: each names matrix axes and one value of each, and drops every
 combination that has all of them. An entry is checked once against the matrix it filters (a key
 that is not an axis, a list where one value goes, a value the axis does not have: each would
-exclude nothing, silently); `excluded_by` then matches combinations."""
+exclude nothing, silently); `excluded_by` then matches combinations, and `dropped_by` tells
+whether any combination with some axis values is left."""
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 from .schema import ConfigError, short
@@ -42,3 +45,18 @@ def _same(key: str, a: Any, b: Any) -> bool:
 def excluded_by(entries: list[dict], values: dict) -> bool:
     """Whether an `exclude` entry names only keys of `values` (a combination not yet a Cell), all equal."""
     return any(e and all(k in values and _same(k, values[k], v) for k, v in e.items()) for e in entries)
+
+
+MAX_COMBINATIONS = 100_000
+
+
+def dropped_by(entries: list[dict], matrix, values: dict) -> bool:
+    """Whether `entries` drop every combination of `matrix` that has these axis values: each axis
+    an entry names besides them is tried at each of its matrix values, so that a check of a pair
+    (adapter dora with base_dtype nf4) judges it only where some cell holds it. Past
+    MAX_COMBINATIONS only entries within `values` count (excluded_by)."""
+    others = sorted({k for e in entries for k in e} - set(values))
+    axes = [getattr(matrix, k, None) or [None] for k in others]
+    if math.prod(len(a) for a in axes) > MAX_COMBINATIONS:
+        return excluded_by(entries, values)
+    return all(excluded_by(entries, {**values, **dict(zip(others, combo))}) for combo in itertools.product(*axes))

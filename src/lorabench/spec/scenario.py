@@ -22,7 +22,7 @@ from typing import Any, Literal
 from ..optimizers import get as get_optimizer, names as optimizer_names
 from .config import (AXES, AXIS_CHECKS, DEFAULT_TARGETS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
                      allowed_targets, check_parallel)
-from .exclude import LIST_VALUED, check_exclude, excluded_by, hashable
+from .exclude import LIST_VALUED, check_exclude, dropped_by, excluded_by, hashable
 from .hf_config import fixed_fields, hf_model_fields
 from .job import CellJob
 from .presets import preset_data
@@ -76,8 +76,8 @@ class LoadedScenario:
         return self.scenario.name
 
     def excluded(self, **values) -> bool:
-        """Whether an `exclude` entry drops every cell with these axis values (excluded_by)."""
-        return excluded_by(self.scenario.exclude, values)
+        """Whether `exclude` drops every cell with these axis values (dropped_by)."""
+        return dropped_by(self.scenario.exclude, self.matrix, values)
 
     def job(self, cell: Cell, device: str) -> CellJob:
         """What a worker needs to run `cell` on `device` (resolved: cpu or cuda)."""
@@ -149,7 +149,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
         for i, v in enumerate(getattr(matrix, axis)):
             run_checks(v, checks, f"matrix.{axis}[{i}]", source)
     for arch, m in (models or {None: model}).items():
-        model_checks(m, matrix, source, lambda **v: excluded_by(sc.exclude, dict(v, arch=arch)))
+        model_checks(m, matrix, source, lambda **v: dropped_by(sc.exclude, matrix, dict(v, arch=arch)))
     if model.hf and not models:  # the model's own path where the axis leaves it open: every cell says which
         # it ran (with several models, expand fills in each cell's model's)
         matrix.attn_implementation = [a or model.attn_implementation for a in matrix.attn_implementation]
@@ -186,7 +186,8 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
         if attn == "sdpa" and model.attn_softcap:
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
                               f"(attn_softcap, Gemma 2): transformers runs {model.name} eagerly (eager)")
-    if not model.fused_qkv and any(matrix.lora_rank) and "merged-qkv" in matrix.adapter and not excluded(adapter="merged-qkv"):
+    adapted = lambda **v: any(not excluded(lora_rank=r, **v) for r in matrix.lora_rank if r)  # noqa: E731
+    if not model.fused_qkv and "merged-qkv" in matrix.adapter and adapted(adapter="merged-qkv"):
         raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
                           f"fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v")
     for i, targets in enumerate(matrix.lora_targets):
@@ -201,13 +202,13 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
         if not targets:
             raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
     for (i, b), p in itertools.product(enumerate(matrix.base_dtype), matrix.precision):
-        if model.style == "gpt2" and {p, b} == {"bf16", "fp16"} and any(matrix.lora_rank) and \
-                not excluded(precision=p, base_dtype=b):  # torch's layer_norm: no fp16 weight for a bf16 input
+        if model.style == "gpt2" and {p, b} == {"bf16", "fp16"} and \
+                adapted(precision=p, base_dtype=b):  # torch's layer_norm: no fp16 weight for a bf16 input
             raise ConfigError(source, f"matrix.base_dtype[{i}]", f"a gpt2 model's LayerNorm under {p} autocast takes "
                               f"its weights in {p} or fp32, not {b} (torch refuses the mix): use base_dtype {p}")
     if model.n_experts:
         for i, b in enumerate(matrix.base_dtype):
-            if b in QUANT_DTYPES and any(matrix.lora_rank):
+            if b in QUANT_DTYPES and adapted(base_dtype=b):
                 raise ConfigError(source, f"matrix.base_dtype[{i}]", f"{b}: bitsandbytes quantizes linear layers, and "
                                   "a mixture of experts keeps its experts as 3-D weights: use a float base_dtype")
     if model.hf and model.approximates:

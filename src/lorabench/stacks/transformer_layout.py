@@ -59,7 +59,7 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
         if name in ("gate", "router") or (name == "up" and cfg.style == "gpt2"):
             out += norm("norm2")
         if name in targets:  # the adapter's own parameters come before its `base` submodule's
-            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell, cfg.out_splits(name))]
+            out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell, cfg.out_splits(name), cell.is_quantized)]
         if cell.is_quantized:  # bitsandbytes quantizes every block projection; its bias stays a float
             out.append(ParamSpec(f"blocks.{i}.{name}", i, d_in * d_out, cell.base_dtype, False, (d_out, d_in),
                                  quant.storages(cell.base_dtype, d_out, d_in, cell.double_quant)))
