@@ -109,6 +109,12 @@ def test_claims_on_real_rows(tmp_path):
     assert r.exit_code == 0 and "C13" in r.output and "holds" in r.output
     r = cli("claims", path, "--format", "markdown")
     assert r.output.startswith("| # | claim |") and r.output.count("\n| C") == 20
+    import csv
+    import io
+    r = cli("claims", path, "--format", "csv")
+    assert r.exit_code == 0, r.output
+    assert [(c["id"], c["verdict"]) for c in csv.DictReader(io.StringIO(r.output))] == \
+        [(v["id"], v["verdict"]) for v in verdicts.values()]
 
 
 def test_claims_bad_input(tmp_path):

@@ -106,8 +106,13 @@ def test_calibration_from_rows():
              "lora_rank": 0, "checkpointing": False, "accumulation": 1, "hfu": h} for h in (0.2, 0.3, 0.4)]
     rows.append({"status": "ok", "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "precision": "bf16",
                  "lora_rank": 0, "checkpointing": False, "accumulation": 1, "hfu": 0.9})
+    rows.append({**rows[0], "hfu": 50.0})  # above the dense peak: no measurement, left out
     cal = calibrate(rows, lookup("RTX 4090"))
     assert cal.get("bf16")[0] == pytest.approx(0.3) and "RTX 4090" in cal.get("bf16")[1]
+    assert "3 measured bf16" in cal.get("bf16")[1]
+    none = calibrate([{**rows[0], "hfu": 50.0}, {**rows[0], "device": "cpu"}], lookup("RTX 4090"))
+    assert none.get("bf16") == (DEFAULT_EFFICIENCY, f"default {DEFAULT_EFFICIENCY:.2f}: none of the 2 rows given is "
+                                "an ok CUDA row with a measured hfu or mfu in (0, 1] (1 ok CUDA rows)")
     assert cal.get("fp32")[0] == pytest.approx(0.3)  # uncalibrated dtype: median of the calibrated ones
     assert Calibration().get("bf16")[0] == DEFAULT_EFFICIENCY
     cfg, gpu = fit_model("gpt2"), lookup("RTX 4090")

@@ -223,7 +223,10 @@ def test_optimizer_takes_kinds_and_the_old_implementations_still_work():
     (["--precision", "int4"], "--precision"),
     (["--lora-rank", "0"], "--lora-rank"),
     (["--lora-rank", "x"], "--lora-rank"),
+    (["--lora-rank", "8,,16"], "--lora-rank"),
     (["--loss", "focal"], "--loss"),
+    (["--loss", "chunked", "--keep-logits"], "--keep-logits"),  # as estimate: no whole logits to keep
+    (["--loss", "chunked", "--upcast-logits"], "--upcast-logits"),
     (["--loss-chunks", "0"], "--loss-chunks"),
     (["--lora-dropout", "1.5"], "--lora-dropout"),
     (["--optimizer", "lion"], "--optimizer"),

@@ -18,6 +18,7 @@ def test_a_gpu_count_is_read_from_the_name_or_the_option():
     assert split_gpu_count("8xH100 SXM") == (8, "H100 SXM")
     assert split_gpu_count("2 × RTX 4090") == (2, "RTX 4090")
     assert split_gpu_count("RTX 4090") == (None, "RTX 4090")
+    assert split_gpu_count("\u0663xH100 SXM") == (None, "\u0663xH100 SXM")  # a count is ASCII digits
     assert resolve_count("4x A100 80GB", None) == ("A100 80GB", 4)
     assert resolve_count("A100 80GB", 4) == ("A100 80GB", 4) and resolve_count(None, None) == (None, 1)
     for gpu, n in (("4xH100 SXM", 8), ("H100 SXM", 0), ("H100 SXM", 2048), ("0xH100 SXM", None)):

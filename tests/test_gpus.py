@@ -74,7 +74,10 @@ def test_resolve_gpu_by_memory_has_no_peak_rates():
 
 @pytest.mark.parametrize("spec, message", [("Foo 9000", "unknown GPU 'Foo 9000'"), ("0GiB", "must be > 0"),
                                            ("-8GiB", "must be > 0"), ("", "must not be empty"),
-                                           ("   ", "must not be empty")])
+                                           ("   ", "must not be empty"),
+                                           # a lone letter is no GPU's leading part: a model number is needed
+                                           ("B", "unknown GPU 'B'"), ("T", "unknown GPU 'T'"),
+                                           ("24G", "a memory size takes GiB"), ("24KiB", "a memory size takes GiB")])
 def test_resolve_gpu_bad_input_names_the_option(spec, message):
     with pytest.raises(ConfigError) as e:
         resolve_gpu(spec)

@@ -23,6 +23,14 @@ GPT2 = {"activation_function": "gelu_new", "model_type": "gpt2", "n_embd": 768, 
         "n_positions": 1024, "layer_norm_epsilon": 1e-05, "vocab_size": 50257}
 
 
+def _has_transformers() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("transformers") is not None
+
+
+needs_transformers = pytest.mark.skipif(not _has_transformers(), reason="transformers reads these keys")
+
+
 def write(tmp_path, data, name="config.json", folder="model"):
     d = tmp_path / folder
     d.mkdir(exist_ok=True)
@@ -57,6 +65,9 @@ def test_mistral_and_defaults(tmp_path):
     (dict(LLAMA2_7B, head_dim=63), "head_dim"),  # odd: RoPE rotates pairs (another even width is taken)
     (dict(LLAMA2_7B, attention_bias=True), "attention_bias"),
     (dict(GPT2, n_head=7), "n_head"),
+    # keys lorabench does not read, which transformers refuses while building the model
+    pytest.param(dict(LLAMA2_7B, rope_scaling="x"), "", marks=needs_transformers),
+    pytest.param(dict(LLAMA2_7B, torch_dtype="float99"), "", marks=needs_transformers),
 ])
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path, data, key):
     path = write(tmp_path, data)

@@ -53,6 +53,10 @@ def test_phi3_is_read_through_transformers_as_the_llama_block_of_its_widths(tmp_
     ({"model_type": "starcoder2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}, "model_type", "not a family"),
     ({**PHI3, "model_type": 7}, "model_type", "must name"),
+    # transformers knows the family but builds no causal LM of it, or refuses a value while building
+    ({**PHI3, "model_type": "t5"}, "model_type", "cannot build a causal LM"),
+    ({k: v for k, v in PHI3.items() if k != "pad_token_id"} | {"vocab_size": 16, "pad_token_id": 32000},
+     "model_type", "cannot build a causal LM"),
 ])
 def test_a_family_lorabench_cannot_read_is_one_line(tmp_path, data, key, why):
     with pytest.raises(ConfigError) as e:

@@ -218,6 +218,44 @@ def test_long_numbers_and_long_paths_in_result_files_and_configs(tmp_path):
     one_line_error(["report", long], "File name too long")
 
 
+@pytest.mark.parametrize("edit, needle", [
+    ({"status": "bogus"}, "field 'status' must be one of ok, oom"),
+    ({"cell": ""}, "field 'cell' must be a cell id"),
+    ({"cell": "\x1b[2J\x1b[31mred"}, "field 'cell' holds a control character"),
+    ({"cell": "a\nb"}, "field 'cell' holds a control character"),
+    ({"scenario": "\x1b]0;title\x07"}, "field 'scenario' holds a control character"),
+    ({"error": "one\x1b[0m"}, "field 'error' holds a control character"),
+    ({"accumulation": 0}, "field 'accumulation' must be at least 1"),
+    ({"world_size": 2}, "field 'world_size' is 2 with strategy"),
+    ({"micro_batch_size": 1000}, "field 'micro_batch_size' (1000) is above 'batch_size'"),
+    ({"trainable_params": 10**12}, "field 'trainable_params'"),
+    ({"trainable_pct": 200.0}, "field 'trainable_pct' must be at most 100"),
+    ({"step_time_ms_p10": 100.0, "step_time_ms_p90": 1.0}, "must not decrease"),
+    ({"underflow_frac_unscaled": 1.5}, "must lie in [0, 1]"),
+    ({"peak_phase": "lunch"}, "field 'peak_phase' must be one of forward"),
+    ({"phase_peak_bytes": "big"}, "field 'phase_peak_bytes' must map"),
+    ({"phase_peak_bytes": {"forward": -5}}, "field 'phase_peak_bytes' must map"),
+])
+def test_a_row_no_run_writes_is_refused_by_every_reader(tmp_path, edit, needle):
+    """Values and relations every row a run writes holds (row/sanity.py): an edited or foreign row is
+    one line naming the file, its line and the field, in each command that reads rows."""
+    rows = quick_rows()
+    f = write_rows(tmp_path / "r.jsonl", rows[:1] + [dict(rows[1], **edit)] + rows[2:])
+    for command in (["report", f], ["validate", f], ["claims", f], ["compare", f, f]):
+        one_line_error(command, str(f), "line 2", needle)
+
+
+def test_a_run_writes_no_control_character(tmp_path):
+    """The writer scrubs what the readers refuse: an error text with an escape sequence is kept,
+    its control characters replaced (U+FFFD), and the file reads back."""
+    from lorabench.row.results import ResultWriter, load_rows
+    row = dict(quick_rows()[0], status="error", error="RuntimeError: \x1b[31mred\x1b[0m\nsecond line\tend")
+    with ResultWriter(tmp_path / "w.jsonl") as w:
+        w.append(row)
+    (back,) = load_rows(str(tmp_path / "w.jsonl"))
+    assert back["error"] == "RuntimeError: \ufffd[31mred\ufffd[0m\nsecond line\tend"
+
+
 def test_claims_reads_a_multi_seed_folder_and_degenerate_rows(tmp_path):
     """Two seeds of one matrix (equal peaks tie in C7's largest reduction), rows whose peaks are
     0 or missing, and an adapter row whose target is no projection: verdicts, never a crash; a

@@ -219,6 +219,8 @@ def bad_cases(tmp: Path):
         ((QUICK, "-o", str(tmp / "out.svg"), "--chart", "fit"), "--model"),
         (("-o", str(tmp / "out.svg"), "--chart", "memory"), "RESULTS"),
         (("-o", str(tmp / "out.svg"), "--chart", "fit", "--model", "gpt2", "--gpu", "RTX 9999"), "--gpu"),
+        (("-o", str(tmp / "out.svg"), "--chart", "fit", "--model", "gpt2", "--gpu", "8xH100-SXM"), "one GPU's"),
+        ((QUICK, "-o", str(tmp / "out.svg"), "--chart", "memory", "--model", "nope"), "fit chart only"),
     ]
 
 

@@ -317,6 +317,9 @@ def test_estimate_takes_the_pure_precisions_and_lora_dropout_from_the_command_li
     assert row["precision"] == "bf16-pure" and row["lora_dropout"] == 0.05 and row["base_dtype"] == "bf16"
     bad = CliRunner().invoke(main, ["estimate", "--model", "cpu-tiny", "--lora-rank", "4", "--lora-dropout", "1"])
     assert bad.exit_code == 2 and "--lora-dropout" in bad.output
+    for opt, value in (("--lora-dropout", "0.5"), ("--adapter", "dora"), ("--lora-targets", "q,k")):
+        moot = CliRunner().invoke(main, ["estimate", "--model", "cpu-tiny", opt, value])  # rank 0: no adapter
+        assert moot.exit_code == 2 and opt in moot.stderr and "rank 0" in moot.stderr, moot.output
 
 
 def test_estimate_and_fit_take_the_logits_options_from_the_command_line():

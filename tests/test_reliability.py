@@ -152,10 +152,35 @@ def test_a_full_disk_is_refused_before_any_cell(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_stops_the_run_with_one_line(tmp_path, monkeypatch):
+    import errno
+    import lorabench.row.results as results
+
+    def full(fd):  # the disk fills between the check before the run and the first row
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(results.os, "fsync", full)
+    (tmp_path / "s.yaml").write_text(GOOD)
+    r = cli("run", "s.yaml", "--out", "r.jsonl", "--cells", "fp32-full")
+    assert_one_line_error(r, "r.jsonl", "cannot write a row", "No space left")
+
+
+@pytest.mark.parametrize("out, csv, needles", [
+    ("/dev/null", None, ["/dev/null", "--out", "not a regular file"]),
+    ("r.jsonl", "a user's table", ["r.csv", "--out", "not this file's"]),
+    ("r.jsonl", "dir", ["r.csv", "--out", "not this file's"]),
+])
+def test_an_output_that_would_lose_rows_or_a_file_is_refused_first(out, csv, needles, tmp_path, monkeypatch):
+    """A device as --out would swallow the rows; a file (or folder) where the CSV goes beside a
+    new --out is not the run's to overwrite. Both are refused before any cell, nothing touched."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text(GOOD)
-    r = cli("run", "s.yaml", "--out", "/dev/full", "--cells", "fp32-full")
-    assert_one_line_error(r, "/dev/full", "cannot write a row", "No space left")
+    if csv == "dir":
+        (tmp_path / "r.csv").mkdir()
+    elif csv:
+        (tmp_path / "r.csv").write_text(csv)
+    before = files_under(tmp_path)
+    assert_one_line_error(cli("run", "s.yaml", "--out", out, "--cells", "fp32-full"), *needles)
+    assert files_under(tmp_path) == before and not (tmp_path / "r.jsonl").exists()
 
 
 # ---- result files given to the other commands ---------------------------------------------
@@ -213,6 +238,10 @@ def test_resume_refuses_rows_of_another_configuration(tmp_path, monkeypatch):
     before = out.read_bytes()
     (tmp_path / "s.yaml").write_text(GOOD.replace("d_model: 16", "d_model: 32"))
     r = cli("run", "s.yaml", "--out", out, "--resume")
+    assert_one_line_error(r, "r.jsonl", "cell fp32-full", "another configuration")
+    assert out.read_bytes() == before
+    # a cell the file does not hold yet, of the other model: the file's rows are judged too
+    r = cli("run", "s.yaml", "--out", out, "--resume", "--cells", "bf16-full")
     assert_one_line_error(r, "r.jsonl", "cell fp32-full", "another configuration")
     assert out.read_bytes() == before
     (tmp_path / "s.yaml").write_text(GOOD)  # the same scenario resumes

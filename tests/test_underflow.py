@@ -291,6 +291,24 @@ def test_cli_json_matches_the_cell_row(scenario):
         assert row[k] == d[k], k
 
 
+def test_cli_csv_is_the_json_flattened(scenario):
+    """--format csv: one row per counted gradient at the cell's scale, one per swept scale, the same
+    fractions as the json report."""
+    import csv
+    import io
+    args = (scenario, "--cell", "fp16-full", "--steps", "1", "--loss-scale", "1", "--loss-scale", "16777216")
+    as_json, as_csv = (cli(*args, "--format", f) for f in ("json", "csv"))
+    assert as_json.exit_code == 0 and as_csv.exit_code == 0, as_csv.output
+    rows = list(csv.DictReader(io.StringIO(as_csv.output)))
+    d = json.loads(as_json.output)["detail"]
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("parameter") == len(d["params"]) and kinds.count("activation") == len(d["activations"])
+    assert [float(r["loss_scale"]) for r in rows if r["kind"] == "sweep"] == [1.0, 2.0**24]
+    total = next(r for r in rows if r["kind"] == "parameters")
+    assert float(total["underflow_frac_unscaled"]) == pytest.approx(d["underflow_frac_unscaled"])
+    assert total["would_skip"] == str(d["would_skip"])
+
+
 def test_cli_table(scenario):
     r = cli(scenario, "--cell", "bf16-full", "--steps", "1")
     assert r.exit_code == 0, r.output

@@ -91,7 +91,7 @@ def run_cmd(scenario, out, device, cells, seed, resume, list_only, max_cells, fo
     from ..launch.run import run_device, run_scenario
     from rich.markup import escape
     from ..present.progress import progress
-    dev = run_device(device or ls.scenario.device, scenario)
+    dev = run_device(device, "options", "--device") if device else run_device(ls.scenario.device, scenario)
     if out is not None and not out.strip():
         raise ConfigError("options", "--out", "must name a file (omit it for results/<name>-<time>.jsonl)")
     path = Path(out) if out else default_out(ls.name)
@@ -105,7 +105,8 @@ def run_cmd(scenario, out, device, cells, seed, resume, list_only, max_cells, fo
     names = ", ".join(ls.models) or ls.model.name
     show(res.rows, fmt, title=f"{ls.name}: {names} on {res.rows[0]['device'] if res.rows else dev}")
     n_ok = sum(r.get("status") == "ok" for r in res.rows)
-    click.echo(f"{len(res.rows)} rows ({n_ok} ok) in {path}" + (f" and {res.csv_path}" if res.csv_path else ""), err=True)
+    click.echo(f"{len(res.rows)} rows ({n_ok} ok) in {path}" + (f" and {res.csv_path}" if res.csv_path else "")
+               if res.rows else f"no row written ({path} not kept)", err=True)
     if res.rows and fmt == "table":
         click.echo(f"more: lorabench report {path} | lorabench claims {path} | lorabench validate {path}", err=True)
     if res.interrupted:
@@ -131,7 +132,7 @@ def show(rows, fmt, title=""):
               help="loss scales to sweep (repeatable); default 1, 2^8, 2^16, 2^24")
 @click.option("--steps", type=int, default=None, help="optimizer steps before the probe (default: warm-up + timed)")
 @click.option("--quiet", is_flag=True, help="no progress display (it is shown on a terminal only)")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 def underflow_cmd(scenario, cell_id, loss_scales, steps, quiet, fmt):
     """Where FP16/BF16 gradients underflow in one cell, per layer, and what loss scaling buys back."""
     from ..present.underflow import underflow_text

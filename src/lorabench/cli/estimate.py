@@ -89,6 +89,12 @@ def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_
         if given:
             raise ConfigError("options", given[0].opts[-1], "shapes the one cell of --model; a scenario's cells "
                               "come from its matrix (edit it, or give --model instead of the scenario)")
+    elif not lora_rank:  # full fine-tuning has no adapter: an adapter's option would change nothing
+        given = [p for p in ctx.command.params if p.name in ("adapter", "lora_targets", "lora_dropout")
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise ConfigError("options", given[0].opts[-1], "shapes the adapters of a --lora-rank > 0 cell; at rank 0 "
+                              "(full fine-tuning) it would change nothing")
     if optimizer in IMPLS:  # the old meaning: AdamW's implementation
         if optimizer_impl not in (None, optimizer):
             from ..spec.schema import ConfigError

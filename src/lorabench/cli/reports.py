@@ -62,7 +62,8 @@ def compare_cmd(a, b, fmt, strict):
 
 @click.command("claims")
 @click.argument("results")
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True)
 def claims_cmd(results, fmt):
     """Each claim C1–C20 of claims.md with the number that tests it, the cells it compares and how many, and a
     verdict: holds, does not hold, not enough data, within noise (a timed difference inside the p10–p90 spread)."""

@@ -81,14 +81,16 @@ def _atoms(name: str) -> list[str]:
 def matches(spec: str) -> list[GPU]:
     """The GPUs a typed name can mean: the strict `lookup`, else every GPU one of whose
     names equals `spec` once case, spacing, punctuation and vendor words are dropped,
-    else those of which it is a leading part ending where a word or number ends
-    ('h100' -> H100 SXM/PCIe/NVL; 'a10' is A10, never A100)."""
+    else those of which it is a leading part ending where a word or number ends and holding
+    its model number ('h100' -> H100 SXM/PCIe/NVL; 'a10' is A10, never A100; 'b' or 't' alone is
+    no GPU)."""
     exact = lookup(spec)
     if exact is not None:
         return [exact]
     q = "".join(_atoms(spec))
     if not q:
         return []
+    prefix_ok = any(c.isdigit() for c in q)
     same, prefix = [], []
     for g in _load():
         for name in (g.name, *g.aliases):
@@ -97,7 +99,7 @@ def matches(spec: str) -> list[GPU]:
             ends = {sum(len(a) for a in atoms[:i + 1]) for i in range(len(atoms))}
             if key == q and g not in same:
                 same.append(g)
-            elif key.startswith(q) and len(q) in ends and g not in prefix:
+            elif prefix_ok and key.startswith(q) and len(q) in ends and g not in prefix:
                 prefix.append(g)
     return same or prefix
 
@@ -175,6 +177,9 @@ def resolve_gpu(spec: str, source: str = "--gpu") -> GPU:
         raise ConfigError(source, "", f"ambiguous GPU {spec!r}: it could be {names}; name one, e.g. "
                           f"--gpu '{found[0].name}'")
     if not found:
+        if re.fullmatch(r"[0-9.]+\s*[a-z]{1,3}", spec, re.IGNORECASE):  # 24G, 24KiB: a size's unit
+            raise ConfigError(source, "", f"unknown GPU or size {spec!r}: a memory size takes GiB, GB, MiB, MB, TiB "
+                              "or TB, e.g. 24GiB")
         known = ", ".join(g.name for g in _load())
         raise ConfigError(source, "", f"unknown GPU {spec!r} (known: {known}; or give its memory, e.g. 24GiB)")
     return found[0]

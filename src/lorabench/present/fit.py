@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .bars import SEGMENTS, estimate_segments
 from .fit_grid import (DEFAULT_TARGETS, PRECISION_PREFERENCE, RANKS, Axes, Combo, grid, hidden_cost,  # noqa: F401
@@ -95,10 +96,12 @@ def fit_model(spec: str, seq: int | None = None) -> ModelConfig:
 
 @dataclass
 class Calibration:
-    """Efficiency (achieved / dense peak FLOP/s) per matmul dtype, and where each came from."""
+    """Efficiency (achieved / dense peak FLOP/s) per matmul dtype, and where each came from;
+    `unused`: why rows given to calibrate from gave none (None: none were given)."""
     efficiency: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     rows: int = 0
+    unused: Optional[str] = None
 
     def get(self, dtype: str) -> tuple[float, str]:
         if dtype in self.efficiency:
@@ -106,14 +109,20 @@ class Calibration:
         if self.efficiency:
             v = statistics.median(self.efficiency.values())
             return v, f"median of the calibrated dtypes ({', '.join(sorted(self.efficiency))})"
-        return DEFAULT_EFFICIENCY, f"default {DEFAULT_EFFICIENCY:.2f}"
+        return DEFAULT_EFFICIENCY, f"default {DEFAULT_EFFICIENCY:.2f}" + (f": {self.unused}" if self.unused else "")
+
+
+def efficiency_of(row: dict) -> Optional[float]:
+    """A row's measured hfu (mfu when hfu is missing) when it is one a GPU can reach, in (0, 1]."""
+    v = row.get("hfu") or row.get("mfu")
+    return float(v) if isinstance(v, (int, float)) and 0 < v <= 1 else None
 
 
 def calibrate(rows: list[dict], gpu: GPU | None) -> Calibration:
     """Median measured hfu (mfu when hfu is missing) per matmul dtype over ok CUDA rows,
-    of `gpu` when any row ran on it, else of every GPU."""
-    usable = [r for r in rows if r.get("status") == "ok" and r.get("device") == "cuda"
-              and (r.get("hfu") or r.get("mfu"))]
+    of `gpu` when any row ran on it, else of every GPU; a rate above 1 (the dense peak) is no
+    measurement and is left out."""
+    usable = [r for r in rows if r.get("status") == "ok" and r.get("device") == "cuda" and efficiency_of(r)]
     same = [r for r in usable if gpu is not None and (lookup(r.get("device_name")) or GPU("", (), 0, {})).name == gpu.name]
     chosen, where = (same, f"on {gpu.name}") if same else (usable, "on any GPU")
     by_dtype: dict[str, list[float]] = {}
@@ -122,8 +131,11 @@ def calibrate(rows: list[dict], gpu: GPU | None) -> Calibration:
             d = decode_cell(r).matmul_dtype(r.get("tf32"))
         except (KeyError, TypeError):
             continue
-        by_dtype.setdefault(d, []).append(float(r.get("hfu") or r.get("mfu")))
-    cal = Calibration(rows=len(chosen))
+        by_dtype.setdefault(d, []).append(efficiency_of(r))
+    cuda = sum(r.get("device") == "cuda" and r.get("status") == "ok" for r in rows)
+    cal = Calibration(rows=len(chosen), unused=None if chosen else (
+        f"none of the {len(rows)} rows given is an ok CUDA row with a measured hfu or mfu in (0, 1] "
+        f"({cuda} ok CUDA rows)"))
     for d, vals in by_dtype.items():
         cal.efficiency[d] = statistics.median(vals)
         cal.source[d] = f"median hfu of {len(vals)} measured {d} rows {where}"

@@ -33,7 +33,7 @@ from .fit_grid import grid, is_quant
 
 GPU_COUNTS = tuple(2 ** i for i in range(1, MAX_WORLD_SIZE.bit_length()) if 2 ** i <= MAX_WORLD_SIZE)
 FAMILIES = ("full fine-tuning", "full fine-tuning, ckpt", "LoRA", "LoRA, ckpt", "QLoRA", "QLoRA, ckpt")
-COUNT = re.compile(r"\s*(\d+)\s*[x×]\s*(\S.*)", re.IGNORECASE)
+COUNT = re.compile(r"\s*([0-9]+)\s*[x×]\s*(\S.*)", re.IGNORECASE)
 
 
 def split_gpu_count(spec: str | None) -> tuple[int | None, str | None]:

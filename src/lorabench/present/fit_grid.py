@@ -316,7 +316,7 @@ def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, opt
     ranks = RANKS
     if lora_rank is not None:
         try:
-            ranks = tuple(sorted({int(r) for r in _items(lora_rank)}))
+            ranks = tuple(sorted({int(r) for r in str(lora_rank).split(",")}))  # an empty item is no rank
         except ValueError:
             raise ConfigError("--lora-rank", "", f"must be a comma list of integers > 0, got {lora_rank!r}") from None
         if not ranks or ranks[0] < 1 or ranks[-1] >= 2**63:
@@ -331,6 +331,9 @@ def parse_axes(precision: str | None = "auto", lora_rank: str | None = None, opt
     for flag, value in (("--keep-logits", keep_logits), ("--upcast-logits", upcast_logits)):
         if not isinstance(value, bool):
             raise ConfigError(flag, "", f"must be true or false, got {value!r}")
+        if value and losses == ("chunked",):
+            raise ConfigError(flag, "", "the chunked loss makes no whole logits to keep or cast: add the standard or "
+                              "native loss to --loss")
     kinds, impl = parse_optimizers(optimizer, optimizer_impl)
     named = any(t not in IMPLEMENTATIONS and t != "all" for t in _items(optimizer or ""))
     from ..adapters import get as get_adapter

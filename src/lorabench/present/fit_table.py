@@ -261,7 +261,7 @@ def assumptions(rep) -> str:
     for d in sorted({c.matmul_dtype for c in rep.combos}, key=["bf16", "fp16", "tf32", "fp32"].index):
         by_eff.setdefault(rep.calibration.get(d), []).append(d)
     eff = "; ".join(("" if len(by_eff) == 1 else f"{'/'.join(ds)} ") + f"{v:.2f} " +
-                    ("(default; --calibrate measures it)" if src.startswith("default") else f"({src})")
+                    ("(default; --calibrate measures it)" if src == f"default {v:.2f}" else f"({src})")
                     for (v, src), ds in by_eff.items())
     r = rep.rates_from
     rates = (f"; peaks: {r.name}'s (bf16 {r.tflops['bf16']:g}, fp32 {r.tflops['fp32']:g} TFLOP/s), for want of "

@@ -110,7 +110,13 @@ def fit_report(model: str, gpu: str = "auto", seq: int | None = None, batch: int
     from .plot_charts import FIT_RANK
     axes = Axes(precisions=("fp32", "fp16", "bf16"), ranks=(FIT_RANK,), optimizers=("adamw",), losses=("standard",),
                 quant_dtypes=())
-    return fit(fit_model(model, seq), resolve_gpu(gpu), batch, axes=axes)
+    from .fit_gpus import split_gpu_count
+    from ..spec.schema import ConfigError
+    n, name = split_gpu_count(gpu)
+    if n not in (None, 1):
+        raise ConfigError("--gpu", "", f"the fit chart is one GPU's, got {gpu!r}: `lorabench fit --gpu {gpu}` "
+                          "answers for several")
+    return fit(fit_model(model, seq), resolve_gpu(name), batch, axes=axes)
 
 
 def chart_size(name: str, data) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from ..adapters import check as check_adapters
 from ..spec.scenario import expand, load_scenario
 from ..spec.schema import ConfigError
-from ..measure.underflow import FORMATS, Counts, UnderflowProbe, batch_loss_fn, probe_sweep
+from ..measure.underflow import FORMATS, FRACS, Counts, UnderflowProbe, batch_loss_fn, probe_sweep
 
 DEFAULT_SCALES = (1.0, 2.0**8, 2.0**16, 2.0**24)
 
@@ -153,10 +153,24 @@ def underflow_text(path: str, cell_id: str, loss_scales: Sequence[float] = (), s
 
 
 def render(report: UnderflowReport, fmt: str = "table", width: int | None = None) -> str:
-    """json: the report; table: `underflow_tables` at least 120 columns wide (width None: the terminal's)."""
+    """json: the report; csv: `records`; table: `underflow_tables` at least 120 columns wide (width
+    None: the terminal's)."""
     from .writer import write
-    return write([], fmt, payload=report.to_dict(), indent=2, table=lambda _: underflow_tables(report),
+    return write(records(report), fmt, payload=report.to_dict(), indent=2, table=lambda _: underflow_tables(report),
                  width=width, min_width=120)  # the tables need ~120 columns
+
+
+def records(report: UnderflowReport) -> list[dict]:
+    """One flat row per counted gradient (kind: parameter, block, parameters, activation, activations)
+    at the cell's loss scale, then one per swept loss scale (kind: sweep, all parameters): the CSV."""
+    def rec(kind: str, c: Counts, scale: float, skip=None) -> dict:
+        return {"cell": report.cell, "kind": kind, "name": c.name, "grad_dtype": c.dtype or None, "loss_scale": scale,
+                "elements": c.numel, **{k: getattr(c, k) for k in FRACS}, "would_skip": skip}
+    p = report.detail
+    out = [rec("parameter", c, p.loss_scale) for c in p.params] + [rec("block", c, p.loss_scale) for c in p.blocks]
+    out += [rec("parameters", p.total, p.loss_scale, p.would_skip)]
+    out += [rec("activation", c, p.loss_scale) for c in p.activations] + [rec("activations", p.act_total, p.loss_scale)]
+    return out + [rec("sweep", q.total, q.loss_scale, q.would_skip) for q in report.sweep]
 
 
 def underflow_tables(report: UnderflowReport) -> list:

@@ -31,6 +31,7 @@ from ..spec.config import Cell, ModelConfig, TrainConfig
 from ..spec.job import CellJob
 from ..spec.presets import preset_data, preset_names
 from ..spec.schema import build, one_of, row_fields, short, type_name
+from .sanity import row_sanity
 
 def signed():
     """A numeric row field that can be negative (a cosine, an error); every other number is a count,
@@ -197,7 +198,7 @@ def row_problem(row: dict) -> Optional[str]:
             msg = next((m for m in (check(row[key]) for check in checks) if m), None)
             if msg:
                 return f"field {key!r} {msg}"
-    return None
+    return row_sanity(row)
 
 
 def _row_checks() -> dict:

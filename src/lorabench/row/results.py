@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..spec.schema import ConfigError, DuplicateKey, missing_file, unique_keys
 from .codec import is_int_field, is_text_field, row_problem
+from .sanity import scrub
 
 
 def jsonable(v):
@@ -69,6 +70,7 @@ class ResultWriter:
             raise ConfigError(str(path), key, f"its disk is full ({free} bytes free): no row could be kept")
 
     def append(self, row: dict) -> None:
+        row = scrub(row)  # no control character reaches a file (the readers refuse one)
         data = (json.dumps(jsonable(row), separators=(",", ":")) + "\n").encode("utf-8")
         try:
             view = memoryview(data)

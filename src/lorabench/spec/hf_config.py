@@ -120,6 +120,9 @@ def hf_config_fields(path: str) -> dict:
         fields = generic_fields(data, path, mtype, ", ".join(LLAMA_TYPES + GEMMA_TYPES + ("gpt2",)))
     else:
         raise ConfigError(path, "model_type", f"must name the model's family, got {mtype!r}")
+    if mtype in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",):
+        from .hf_generic import transformers_reads
+        transformers_reads(data, path, mtype)  # the keys lorabench does not read, as transformers builds the model
     fields["seq_len"] = min(DEFAULT_SEQ_LEN, fields["max_seq_len"])
     fields.update(_quantization(data.get("quantization_config"), path))
     return {"name": _name(path), **fields, "source": str(path)}
@@ -244,7 +247,7 @@ HF_KEYS = {
 
 def is_config(name: str) -> bool:
     """Whether --model / a preset name `name` is a config.json path or a folder holding one (else a preset)."""
-    return name.endswith(".json") or Path(name).is_dir()
+    return bool(name.strip()) and (name.endswith(".json") or Path(name).is_dir())  # "" is no folder
 
 
 def config_path(path: str) -> str:

@@ -12,6 +12,8 @@ which lorabench does not model yet.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from .schema import ConfigError
 
 # ModelConfig field -> the standard config attribute it is read from (transformers' PretrainedConfig names)
@@ -30,7 +32,8 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
                           "has)") from None
     from transformers import AutoConfig
     try:
-        config = AutoConfig.for_model(mtype, **{k: v for k, v in data.items() if k != "model_type"})
+        with _quiet():  # its warnings about the file's values are not lorabench's line
+            config = AutoConfig.for_model(mtype, **{k: v for k, v in data.items() if k != "model_type"})
     except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
         raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {known}, and the "
                           f"families transformers knows: {' '.join(str(e).split())[:120]})") from None
@@ -51,25 +54,52 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
                   tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)), bias=False, qkv_bias=False,
                   rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)) or 10000.0),
                   approximates=mtype)
-    theirs, ours = _transformers_count(config), llama_param_count(fields)
+    try:
+        theirs = _transformers_count(config)
+    except Exception as e:  # noqa: BLE001 - transformers refuses the config (no causal LM, a bad value)
+        raise ConfigError(path, "model_type", f"transformers cannot build a causal LM of this {mtype} config: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+    ours = llama_param_count(fields)
     if theirs != ours:
         raise ConfigError(path, "model_type", f"{mtype} is not a family lorabench models: transformers counts "
                           f"{theirs:,} parameters, a Llama-style block of its widths {ours:,}")
     return fields
 
 
+def transformers_reads(data: dict, path: str, mtype: str) -> None:
+    """A config.json of a family lorabench reads itself, read by transformers too when installed (the
+    Hugging Face stack builds its model from it): a value transformers refuses (a `rope_scaling`
+    that is no dict, an unknown `torch_dtype`) is one ConfigError line now, not a failed cell later."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return
+    try:
+        with _quiet():
+            AutoConfig.for_model(mtype, **{k: v for k, v in data.items() if k != "model_type"})
+    except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
+        raise ConfigError(path, "", f"transformers cannot read this {mtype} config: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]}") from None
+
+
+@contextmanager
+def _quiet():
+    """transformers' logging at errors only: a probe's advice (BERT's "add is_decoder=True") is not the user's."""
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _transformers_count(config) -> int:
     """Parameters of transformers' causal LM of `config`, built on the meta device (tied tensors once)."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a probe: its advice (BERT's "add is_decoder=True") is not the user's
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with _quiet(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 

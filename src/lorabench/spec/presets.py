@@ -44,6 +44,11 @@ def preset_name(name: str, source: str = "preset", path: str = "model.preset") -
     names = preset_names()
     if name in names:
         return name
+    if not name.strip():
+        raise ConfigError(source, path, "must name a preset or a config.json, got an empty value")
+    if Path(name).is_file():  # a file that is no config.json: a scenario, most likely
+        raise ConfigError(source, path, f"{name!r} is a file, not a preset or a config.json"
+                          + (" (a scenario goes as the command's argument)" if name.endswith((".yaml", ".yml")) else ""))
     hits = [n for n in names if _key(n) == _key(name)] or _hub_ids().get(_key(name), [])
     if len(hits) != 1:
         hub = "" if name.count("/") != 1 else (": a hub id no preset lists (lorabench reads no hub: download the "

@@ -99,7 +99,8 @@ def type_name(tp: Any) -> str:
         return f"a list of {type_name(typing.get_args(tp)[0])}"
     if origin is dict or tp is dict:
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+            tuple: "a list of strings"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _yaml_hint(value: Any, tp: Any) -> str:
