@@ -109,6 +109,11 @@ def test_randomized_cells_exact_state_and_peak_within_bound():
     (ModelConfig(d_model=16, n_layers=9, n_heads=2, d_ff=32, vocab_size=64, seq_len=16), full("fp16", acc=2), 4),
     (ModelConfig(style="gpt2", d_model=16, n_layers=8, n_heads=2, d_ff=32, vocab_size=64, seq_len=16),
      lora("bf16", 4, ("v", "up"), ckpt=True, base="bf16"), 3),
+    # GPT-2's gelu_new written out op by op (transformers' NewGELUActivation): four saved tensors of d_ff
+    (ModelConfig(style="gpt2", d_model=16, n_layers=2, n_heads=2, d_ff=48, vocab_size=64, seq_len=16,
+                 activation="gelu_new"), full(), 2),
+    (ModelConfig(style="gpt2", d_model=16, n_layers=2, n_heads=2, d_ff=48, vocab_size=64, seq_len=16,
+                 activation="gelu_new", fused_qkv=True), lora("bf16", 4, ("qkv", "up"), ckpt=True), 2),
 ])
 def test_edge_cells(cfg, cell, batch):
     check(cfg, cell, batch)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,9 @@ QWEN25_05B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "interm
               "vocab_size": 151936}
 GPT2 = {"activation_function": "gelu_new", "model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_inner": None, "n_layer": 12,
         "n_positions": 1024, "layer_norm_epsilon": 1e-05, "vocab_size": 50257}
+
+
+SCENARIOS_HF = Path(__file__).resolve().parents[1] / "scenarios" / "hf"
 
 
 def _has_transformers() -> bool:
@@ -80,3 +84,24 @@ def test_bad_config_is_one_line_naming_file_and_key(tmp_path, data, key):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_preset(str(tmp_path / "nope" / "config.json"))
+
+
+@needs_transformers
+def test_the_families_without_sdpa_are_transformers_own(tmp_path):
+    """hf_config.NO_SDPA (the estimator never imports transformers) against the installed transformers:
+    among the families lorabench reads, exactly those whose causal LM's `_supports_sdpa` is False. A
+    Gemma 2 model then runs eagerly, also without an attention soft-cap (sdpa crashed its build)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as NAMES
+    from lorabench.spec.hf_config import GEMMA_TYPES, LLAMA_TYPES, NO_SDPA
+    without = {t: NAMES[t] for t in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",)
+               if not getattr(getattr(transformers, NAMES[t]), "_supports_sdpa", True)}
+    assert without == NO_SDPA
+    shipped = json.loads((SCENARIOS_HF / "tiny-gemma2" / "config.json").read_text())
+    from lorabench.spec.scenario import parse_scenario
+    for data in (shipped, {**shipped, "attn_logit_softcapping": None}):
+        ls = parse_scenario({"name": "g", "model": {"hf": write(tmp_path, data), "seq_len": 8}, "device": "cpu"}, "g.yaml")
+        assert ls.model.attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="Gemma2ForCausalLM has no SDPA path"):
+        parse_scenario({"name": "g", "model": {"hf": write(tmp_path, data), "seq_len": 8}, "device": "cpu",
+                        "matrix": {"attn_implementation": ["sdpa"]}}, "g.yaml")

@@ -152,3 +152,36 @@ def test_the_builtin_stack_replays_qwen3s_head_norms_to_the_byte():
         ModelConfig(style="gpt2", qk_norm=True)
     with pytest.raises(FieldError, match="even"):
         ModelConfig(head_dim=15)
+
+
+GPT2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 64, "vocab_size": 97,
+        "n_positions": 64, "tie_word_embeddings": False}  # GPT-2's defaults: gelu_new, dropout 0.1
+
+
+@pytest.mark.parametrize("config, matrix", [
+    # transformers' RoPE keeps inv_freq, not T_max-long tables: the estimate must not grow with the positions
+    ({**LLAMA, "max_position_embeddings": 4096}, "lora_rank: 0\n  precision: bf16-pure"),
+    # full fine-tuning: LlamaRMSNorm saves its 16-bit ŷ, SDPA's out needs no copy after transformers' RoPE
+    (LLAMA, "lora_rank: 0\n  precision: [fp32, bf16, bf16-pure]"),
+    # GPT-2: one c_attn (AdamW's per-tensor step), gelu_new op by op (four saved tensors), its dropout off
+    (GPT2, "lora_rank: 0\n  precision: [fp32, bf16-pure]\n  optimizer: [adamw, adafactor]"),
+])
+def test_the_analytic_estimate_of_transformers_models_is_exact_here(tmp_path, config, matrix):
+    """The analytic estimate replays transformers' own RoPE (tables per forward, type-promoted
+    products), LlamaRMSNorm (w · ŷ.to(x.dtype)), SDPA's output layout after it, and GPT-2's c_attn and
+    gelu_new (stacks/hf_replay.py): at these shapes peak and state bytes equal the measured run's."""
+    ls = load_scenario(scenario(tmp_path, matrix=matrix, config=config))
+    for cell in expand(ls):
+        row, _ = measured_and_traced(ls.job(cell, "cpu"))
+        assert (row["est_peak_bytes"], row["est_param_bytes"], row["est_optimizer_state_bytes"]) == \
+            (row["peak_allocated_bytes"], row["param_bytes"], row["optimizer_state_bytes"]), cell.id
+
+
+def test_gpt2_configs_read_their_activation_and_fused_attention(tmp_path):
+    cfg = load_scenario(scenario(tmp_path, matrix="lora_rank: 0", config=GPT2)).model
+    assert (cfg.fused_qkv, cfg.activation) == (True, "gelu_new")
+    cfg = load_scenario(scenario(tmp_path, matrix="lora_rank: 0",
+                                 config={**GPT2, "activation_function": "gelu_pytorch_tanh"})).model
+    assert cfg.activation == "gelu_tanh"
+    with pytest.raises(ConfigError, match="activation_function"):
+        load_scenario(scenario(tmp_path, matrix="lora_rank: 0", config={**GPT2, "activation_function": "relu"}))

@@ -71,13 +71,43 @@ def test_a_peft_cell_trains_and_its_trace_follows_peft():
     assert "PEFT" in rows["peft"]["est_basis"]
 
 
-def test_peft_on_a_quantized_base():
+@pytest.mark.parametrize("base", ["nf4", "int8"])
+def test_peft_on_a_quantized_base(base):
+    """The quantized model is flagged as transformers' bitsandbytes loader flags one
+    (is_loaded_in_4bit / 8bit), so PEFT wraps the projections in its bitsandbytes layers, as for a
+    QLoRA model loaded so; the quantization state is counted once though PEFT's wrapper answers
+    `.weight` with its base's: parameter bytes exact against the analytic estimate, and the trace."""
     pytest.importorskip("bitsandbytes")
-    ls, cells = loaded(precision="bf16", base_dtype="nf4", adapter_backend="peft")
-    row = run_cell(ls.job(cells["peft"], "cpu"))
+    ls, cells = loaded(precision="bf16", base_dtype=base, adapter_backend="peft")
+    job = ls.job(cells["peft"], "cpu")
+    row = run_cell(job)
     assert row["status"] == "ok", row.get("error")
     # tiny-llama: hidden 128, 2 of 4 heads for k and v (width 64); r 8 on q, k, v, o of 2 layers
     assert row["trainable_params"] == 2 * 8 * ((128 + 128) + 2 * (128 + 64) + (128 + 128))
+    assert (row["param_bytes"], row["grad_bytes"]) == (row["est_param_bytes"], row["est_grad_bytes"])
+    assert trace(job)[0].est_param_bytes == row["param_bytes"]
+    model = build_model(ls.model, cells["peft"], "cpu", 0)
+    wrappers = {type(m).__module__ for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    assert wrappers == {"peft.tuners.lora.bnb"}, wrappers
+
+
+def test_peft_adalora_on_an_nf4_base_with_biased_projections():
+    """PEFT's AdaLoRA layer for a generic Linear adds its branch in place (`result += ...`), which
+    autograd refuses on bitsandbytes' MatMul4Bit output; its SVDLinear4bit clones first. Qwen2's
+    biased q, k, v in two layers: the cell trains (it failed before the model was flagged)."""
+    pytest.importorskip("bitsandbytes")
+    data = {"name": "p", "model": {"hf": HF.replace("tiny-llama", "tiny-qwen2"), "seq_len": 8, "n_layers": 2},
+            "device": "cpu", "train": {"batch_size": 2, "steps": 1, "warmup_steps": 1, "underflow_probe": False,
+                                       "alignment_probe": False},
+            "matrix": {"precision": "fp32", "lora_rank": 4, "lora_targets": [["q", "v"]], "adapter": "adalora",
+                       "adapter_backend": "peft", "base_dtype": "nf4", "adalora_target_rank": 2}}
+    ls = parse_scenario(data, "p.yaml")
+    (cell,) = expand(ls)
+    job = ls.job(cell, "cpu")
+    row = run_cell(job)
+    assert row["status"] == "ok", row.get("error")
+    assert row["grad_bytes"] == row["est_grad_bytes"]
+    assert trace(job)[0].est_peak_bytes == row["peak_allocated_bytes"]
 
 
 def test_variants_peft_cannot_run_are_one_line(tmp_path):

@@ -32,7 +32,10 @@ import contextlib
 
 def quantize_projections(model, names, cell) -> int:
     """Replace every nn.Linear of `model` named in `names` by its quantized module (module
-    docstring), on the same device; returns how many were replaced."""
+    docstring), on the same device; returns how many were replaced. The model is flagged as
+    transformers' bitsandbytes quantizer flags a model it loads (`is_loaded_in_4bit`,
+    `is_loaded_in_8bit`): PEFT reads the flag to wrap the quantized layers in its bitsandbytes
+    layers (lora.bnb.Linear4bit, adalora's SVDLinear4bit, ...), as for a QLoRA model loaded so."""
     import torch.nn as nn
     count = 0
     for parent in list(model.modules()):
@@ -40,6 +43,8 @@ def quantize_projections(model, names, cell) -> int:
             if name in names and type(child) is nn.Linear:
                 setattr(parent, name, _quantized(child, cell))
                 count += 1
+    if count:
+        setattr(model, "is_loaded_in_4bit" if cell.base_dtype == "nf4" else "is_loaded_in_8bit", True)
     return count
 
 
@@ -64,7 +69,8 @@ def _quantized(lin, cell):
             with _fake_tables(w):
                 packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=cell.double_quant,
                                                              quant_type="nf4")
-            weight = _fake_param(packed, quant_state=state)
+            weight = _fake_param(packed, quant_state=state, compress_statistics=cell.double_quant, quant_type="nf4",
+                                 blocksize=64)  # Params4bit's attributes (PEFT's layers read them)
         else:
             weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=cell.double_quant,
                                        quant_type="nf4", module=q)
@@ -82,7 +88,7 @@ def _quantized(lin, cell):
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False, threshold=0.0, **kw)
         if fake:  # Int8Params._quantize's op, on a plain (fake) parameter
             codes, scb, _ = bnb.functional.int8_vectorwise_quant(w.contiguous().to(torch.float16))
-            q.weight = _fake_param(codes, CB=codes, SCB=scb)
+            q.weight = _fake_param(codes, CB=codes, SCB=scb, has_fp16_weights=False)
         else:
             q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)._quantize(device)
     if lin.bias is not None:
@@ -149,8 +155,11 @@ def quant_tensors(module) -> list:
 
 
 def quant_state_bytes(model) -> int:
-    """The bytes of every quantized module's state (quant_tensors), beside the parameters'."""
-    return sum(t.numel() * t.element_size() for m in model.modules() for t in quant_tensors(m))
+    """The bytes of every quantized module's state (quant_tensors), beside the parameters', each
+    tensor once: a module wrapping a quantized one (PEFT's layers) answers `.weight` with its
+    base's, quant_state and all."""
+    unique = {id(t): t for m in model.modules() for t in quant_tensors(m)}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def logical_numel(p) -> int:

@@ -18,7 +18,8 @@ persistent terms are closed forms (stacks/transformer_layout.py):
                     SGD Σ numel·a; Adafactor factored rows and columns; 8-bit AdamW uint8
                     moments + fp32 absmax per 256 + 2 maps. What `build` allocates (8-bit
                     AdamW's maps on CPU) is held from the start, the rest from the first step
-  buffers           llama: RoPE cos, sin = 2·T_max·(D/2)·a   (a of the base dtype in LoRA cells)
+  buffers           llama: RoPE cos, sin = 2·T_max·(D/2)·a   (a of the base dtype in LoRA cells; a
+                    Hugging Face model: inv_freq and its copy, 2·(D/2)·a, the tables per forward)
   batches           2·B·s·8 per step: x and y int64 of the whole optimizer-step batch (see
                     batch_pair_bytes for B = 1). The CPU
                     tracker counts a batch once an op touches it, so a peak in warm-up step k
@@ -93,7 +94,7 @@ OPT_SCALARS_FP16_UNSCALE = 16
 
 TERMS = {
     "params": "Σ numel·a over parameters (frozen base in base_dtype, trainable fp32; nf4/int8 as bitsandbytes stores them)",
-    "buffers": "RoPE cos/sin tables, 2·T_max·(D/2)·a (llama)",
+    "buffers": "RoPE cos/sin tables, 2·T_max·(D/2)·a (llama; transformers': inv_freq, 2·(D/2)·a)",
     "batches": "(x, y) int64 batches resident: n·2·B·s·8",
     "grad_scaler": "GradScaler scale + growth tracker, 8 B (fp16)",
     "optimizer_state": "the optimizer's state, e.g. AdamW exp_avg + exp_avg_sq (2·a B per trainable param) + 4 B step per tensor",
@@ -182,8 +183,7 @@ def cuda_overheads(cfg: ModelConfig, cell: Cell, batch_size: int, n_batches: int
     trainable = [p for g in optimizer_groups(cfg, cell) for p in g]
     opt = get_optimizer(cell.optimizer)
     state = opt.resident_bytes(trainable, impl, "cuda", round_to=512) - opt.resident_bytes(trainable, impl, "cuda")
-    buffers = 2 * _round512(cfg.max_seq_len * (cfg.head_dim // 2) * ISZ[cell.base_float_dtype]) \
-        if cfg.style == "llama" else 0
+    buffers = sum(_round512(n * ISZ[cell.base_float_dtype]) for n in stack_for(cfg).buffer_numels(cfg))
     if cell.cpu_offload:  # the shards, their gradients and the optimizer's state are host memory
         params = grads = state = 0
     batches = n_batches * 2 * _round512(batch_size * cfg.seq_len * 8)
@@ -211,7 +211,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     micro_b = cell.micro_batch(batch_size)
     sb = state_bytes(model_cfg, cell)
     buf_isz = ISZ[cell.base_float_dtype]
-    buffers = 2 * model_cfg.max_seq_len * (model_cfg.head_dim // 2) * buf_isz if model_cfg.style == "llama" else 0
+    buffers = sum(stack_for(model_cfg).buffer_numels(model_cfg)) * buf_isz
     n_batches = window_steps if n_batches is None else n_batches
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
     groups = sharded_groups(sb.groups, cell)  # what this rank steps (fsdp2: its shards)

@@ -129,8 +129,9 @@ def split(sim: Sim, t: SymTensor, numels: list[int]) -> list[SymTensor]:
     return views
 
 
-def mul_const(sim: Sim, x: SymTensor, c: SymTensor) -> SymTensor:
-    """x·c where c needs no grad (RoPE tables, dropout mask): saves c."""
+def mul_const(sim: Sim, x: SymTensor, c: SymTensor, dtype: str | None = None) -> SymTensor:
+    """x·c where c needs no grad (RoPE tables, dropout mask): saves c; the product in x's dtype, or
+    `dtype` (type promotion: a 16-bit x times FP32 tables)."""
     node = sim.node([x], unary_backward)
     sim.save(node, c)
-    return sim.out(sim.new(x.numel, x.dtype), node)
+    return sim.out(sim.new(x.numel, dtype or x.dtype), node)

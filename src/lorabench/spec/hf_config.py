@@ -37,6 +37,7 @@ count is one's. Any problem is one ConfigError naming the file and the key.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -225,12 +226,20 @@ def _gpt2(data: dict, path: str) -> dict:
     if C % H:
         raise ConfigError(path, "n_head", f"must divide n_embd={C}, got {H}")
     n_inner = data.get("n_inner")
+    act = data.get("activation_function", "gelu_new")  # GPT2Config's default
+    if act not in GPT2_ACTIVATIONS:
+        raise ConfigError(path, "activation_function", f"{act!r} is not supported ({', '.join(GPT2_ACTIVATIONS)} are)")
     return {
         "style": "gpt2", "d_model": C, "n_layers": _int(data, "n_layer", path), "n_heads": H, "n_kv_heads": H,
         "d_ff": 4 * C if n_inner is None else _int(data, "n_inner", path), "vocab_size": _int(data, "vocab_size", path),
         "max_seq_len": _int(data, "n_positions", path), "norm_eps": _float(data, "layer_norm_epsilon", path, 1e-5),
         "tie_embeddings": _bool(data, "tie_word_embeddings", path, True), "bias": True, "qkv_bias": True,
+        "fused_qkv": True, "activation": GPT2_ACTIVATIONS[act],  # c_attn: q, k, v in one Conv1D
     }
+
+
+# transformers' GPT-2 activation_function -> ModelConfig.activation (NewGELUActivation op by op, or torch's GELU)
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 # ModelConfig field -> the config.json key that holds it, per family (the readers above, inverted)
@@ -296,6 +305,8 @@ def hf_config_dict(cfg) -> dict:
     return data
 
 
+# a config.json's dropout probabilities (GPT-2's attn_pdrop, resid_pdrop, embd_pdrop; attention_dropout, ...)
+DROPOUT_KEYS = ("_pdrop", "_dropout", "dropout_prob")
 # ModelConfig field -> a Mixtral config.json's key, written back as the other keys are
 MOE_KEYS = {"n_experts": "num_local_experts", "experts_per_token": "num_experts_per_tok"}
 # ModelConfig field -> a Gemma config.json's key, written back as the other keys are
@@ -322,3 +333,19 @@ def fixed_fields(fields: dict) -> dict:
     writable = set(HF_KEYS[family]) | set(GEMMA_KEYS) | set(MOE_KEYS) | {"seq_len", "name", "source", "quantized",
                                                             "quantized_double_quant", "head_dim"}
     return {k: v for k, v in fields.items() if k not in writable}
+
+
+# the families whose transformers causal LM runs no SDPA: its class's `_supports_sdpa` is False (transformers
+# 5; tests/test_hf_config.py holds the table to the installed transformers, which the estimator never imports)
+NO_SDPA = {"gemma2": "Gemma2ForCausalLM"}
+
+
+@functools.lru_cache(maxsize=64)
+def sdpa_problem(path: str) -> str | None:
+    """Why transformers' causal LM of the config.json at `path` runs no SDPA (NO_SDPA); None if it does
+    (or the file cannot be read: reading it for the model says why)."""
+    try:
+        cls = NO_SDPA.get(_read(path).get("model_type"))
+    except ConfigError:
+        return None
+    return None if cls is None else f"transformers' {cls} has no SDPA path (sdpa): it runs eagerly (eager)"

@@ -37,9 +37,11 @@ class ModelConfig:
                                  "its output split in three: GPT-2's c_attn, Qwen-1, Phi-3, litgpt; LoRA targets qkv "
                                  "(the whole matrix) or, with adapter merged-qkv, a subset of its slices", row=True)
     qk_norm: bool = fld(False, "RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3); llama style", row=True)
-    activation: Optional[Literal["silu", "gelu_tanh"]] = fld(
-        None, "the MLP's activation: silu (llama's SwiGLU) | gelu_tanh (GELU's tanh form: Gemma's GeGLU, gpt2's "
-        "MLP); default silu for llama style, gelu_tanh for gpt2", row=True)
+    activation: Optional[Literal["silu", "gelu_tanh", "gelu_new"]] = fld(
+        None, "the MLP's activation: silu (llama's SwiGLU) | gelu_tanh (GELU's tanh form, one op: Gemma's GeGLU, "
+        "gpt2's MLP) | gelu_new (the same formula op by op, as transformers' GPT-2 runs it: 0.5·x·(1 + tanh(√(2/π)·"
+        "(x + 0.044715·x³))), which saves four tensors of the MLP's width, not one); default silu for llama "
+        "style, gelu_tanh for gpt2", row=True)
     norm_offset: bool = fld(False, "Gemma: RMSNorm scales by 1 + w, w initialised to 0 (instead of w, from 1); "
                                    "llama style", row=True)
     sandwich_norm: bool = fld(False, "Gemma 2 and 3: the attention's and the MLP's outputs are RMS-normed too, before "
@@ -75,6 +77,13 @@ class ModelConfig:
     quantized: Optional[str] = fld(None, "the checkpoint is quantized (a config.json's bitsandbytes quantization_config): "
                                    "nf4 | int8; its cells train adapters on that base_dtype (QLoRA)")
     quantized_double_quant: Optional[bool] = fld(None, "quantized nf4: its scales are double-quantized too")
+
+    @property
+    def sdpa_problem(self) -> Optional[str]:
+        """Why transformers' model of this config.json has no SDPA path (Gemma 2's, in transformers 5);
+        None if it has one, or for lorabench's own stack."""
+        from .hf_config import sdpa_problem
+        return sdpa_problem(self.hf) if self.hf is not None else None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -115,8 +124,8 @@ class ModelConfig:
             for name in ("qk_norm", "norm_offset", "sandwich_norm", "embed_scale", "attn_softcap"):
                 if getattr(self, name):
                     raise FieldError(name, "is a llama-style (Qwen3, Gemma) option: a gpt2 model has none")
-            if self.activation != "gelu_tanh":
-                raise FieldError("activation", f"a gpt2 model's MLP is gelu_tanh, got {self.activation!r}")
+            if self.activation not in ("gelu_tanh", "gelu_new"):
+                raise FieldError("activation", f"a gpt2 model's MLP is gelu_tanh or gelu_new, got {self.activation!r}")
         if self.max_seq_len is None:
             self.max_seq_len = self.seq_len
         if self.seq_len > self.max_seq_len:
@@ -126,11 +135,13 @@ class ModelConfig:
         if self.hf is None and self.attn_implementation is not None:
             raise FieldError("attn_implementation", "applies to Hugging Face models (model.hf) only")
         if self.hf is not None and self.attn_implementation is None:
-            self.attn_implementation = "eager" if self.attn_softcap else "sdpa"
+            self.attn_implementation = "eager" if self.attn_softcap or self.sdpa_problem else "sdpa"
         if self.attn_softcap and self.attn_implementation == "sdpa":
             raise FieldError("attn_implementation", "sdpa cannot soft-cap attention scores (attn_softcap, Gemma 2): "
                                                     "transformers runs such a model eagerly (eager)")
-        if self.fused_qkv and self.hf is not None:
+        if self.attn_implementation == "sdpa" and self.sdpa_problem:
+            raise FieldError("attn_implementation", self.sdpa_problem)
+        if self.hf is not None and self.fused_qkv != gpt2:  # transformers' GPT-2 has one c_attn, the others q, k, v
             raise FieldError("fused_qkv", "applies to lorabench's own stack: a Hugging Face model's projections are "
                                           "those of its config.json")
         if self.quantized is not None and self.quantized not in QUANT_DTYPES:

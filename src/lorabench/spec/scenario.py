@@ -186,10 +186,23 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
         if attn == "sdpa" and model.attn_softcap:
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
                               f"(attn_softcap, Gemma 2): transformers runs {model.name} eagerly (eager)")
+        if attn == "sdpa" and model.sdpa_problem:
+            raise ConfigError(source, f"matrix.attn_implementation[{i}]", model.sdpa_problem)
     adapted = lambda **v: any(not excluded(lora_rank=r, **v) for r in matrix.lora_rank if r)  # noqa: E731
     if not model.fused_qkv and "merged-qkv" in matrix.adapter and adapted(adapter="merged-qkv"):
         raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
                           f"fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v")
+    if model.hf and model.approximates:
+        for i, r in enumerate(matrix.lora_rank):
+            if r:
+                raise ConfigError(source, f"matrix.lora_rank[{i}]", f"transformers' {model.approximates} has projections "
+                                  "of its own names (lorabench's adapters wrap q_proj ... down_proj): use lora_rank 0, "
+                                  "or estimate its adapters with `estimate --model` (a Llama-style reading)")
+    if model.hf and model.style == "gpt2":
+        for i, r in enumerate(matrix.lora_rank):
+            if r:
+                raise ConfigError(source, f"matrix.lora_rank[{i}]", "a Hugging Face gpt2 has fused Conv1D "
+                                  "projections, which take no per-projection adapter: use lora_rank 0")
     for i, targets in enumerate(matrix.lora_targets):
         if excluded(lora_targets=targets) or (not any(matrix.lora_rank) and targets == list(DEFAULT_TARGETS)):
             continue  # the default targets, which full fine-tuning never wraps (a fused model has no q, v)
@@ -211,17 +224,6 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
             if b in QUANT_DTYPES and adapted(base_dtype=b):
                 raise ConfigError(source, f"matrix.base_dtype[{i}]", f"{b}: bitsandbytes quantizes linear layers, and "
                                   "a mixture of experts keeps its experts as 3-D weights: use a float base_dtype")
-    if model.hf and model.approximates:
-        for i, r in enumerate(matrix.lora_rank):
-            if r:
-                raise ConfigError(source, f"matrix.lora_rank[{i}]", f"transformers' {model.approximates} has projections "
-                                  "of its own names (lorabench's adapters wrap q_proj ... down_proj): use lora_rank 0, "
-                                  "or estimate its adapters with `estimate --model` (a Llama-style reading)")
-    if model.hf and model.style == "gpt2":
-        for i, r in enumerate(matrix.lora_rank):
-            if r:
-                raise ConfigError(source, f"matrix.lora_rank[{i}]", "a Hugging Face gpt2 has fused Conv1D "
-                                  "projections, which take no per-projection adapter: use lora_rank 0")
 
 
 def parallel_checks(m: MatrixSpec, source: str) -> None:

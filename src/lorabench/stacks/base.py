@@ -107,6 +107,10 @@ class Stack(ABC):
     def projections(self, cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
         """(name, d_in, d_out, has_bias) of one block's linear layers, in registration order."""
 
+    def buffer_numels(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """The elements of each buffer the model keeps (RoPE's), in the base's float dtype."""
+        return ()
+
     @abstractmethod
     def replay_forward(self, sim, cfg: ModelConfig, cell: Cell, device: str, micro_batch: int, n_blocks: int,
                        buffers_dtype: str | None = None):

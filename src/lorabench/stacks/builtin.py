@@ -54,7 +54,11 @@ class BuiltinStack(Stack):
     def projections(self, cfg):
         return layout.projections(cfg)
 
-    def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None):
+    def buffer_numels(self, cfg):
+        """RoPE's cos and sin tables, T_max·D/2 each (llama style; gpt2 learns its positions)."""
+        return (cfg.max_seq_len * (cfg.head_dim // 2),) * 2 if cfg.style == "llama" else ()
+
+    def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None, hf_ops=False):
         dims = Dims(b=micro_batch, s=cfg.seq_len, C=cfg.d_model, H=cfg.n_heads, G=cfg.n_kv_heads, D=cfg.head_dim,
                     F=cfg.d_ff, V=cfg.vocab_size, style=cfg.style,
                     adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
@@ -66,9 +70,10 @@ class BuiltinStack(Stack):
                     sandwich=cfg.sandwich_norm, embed_scale=cfg.embed_scale,
                     eager=eager_attention_of(cfg, cell.attn_implementation), attn_softcap=bool(cfg.attn_softcap),
                     logit_softcap=bool(cfg.logit_softcap), n_experts=cfg.n_experts,
-                    top_k=cfg.experts_per_token or 0, grouped_experts=cfg.experts_implementation != "eager")
+                    top_k=cfg.experts_per_token or 0, grouped_experts=cfg.experts_implementation != "eager",
+                    hf=hf_ops, gelu_new=cfg.activation == "gelu_new")
         half = cfg.seq_len * (cfg.head_dim // 2)
-        tables = (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # RoPE cos, sin
+        tables = None if hf_ops else (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)
 
 

@@ -60,8 +60,14 @@ def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, ma
 
 def bmm(sim: Sim, a: SymTensor, b: SymTensor, numel: int) -> SymTensor:
     """torch.matmul of two 4-D tensors (a batched bmm): saves each operand the other's gradient
-    needs (views of live tensors); its gradients are one of each operand's size."""
-    return product(sim, a, b, numel, a.dtype, bmm_backward)
+    needs (views of live tensors, or under autocast their half casts, when they are not half
+    already: transformers' RoPE leaves q and k FP32 over FP32 hidden states); its gradients are
+    one of each operand's size."""
+    a2, b2 = (sim.to(t, sim.autocast) if sim.autocast else sim.hold(t) for t in (a, b))
+    out = product(sim, a2, b2, numel, a2.dtype, bmm_backward)
+    sim.drop(a2)
+    sim.drop(b2)
+    return out
 
 
 def _repeat_kv(sim: Sim, t: SymTensor, rep: int, contiguous: bool) -> SymTensor:

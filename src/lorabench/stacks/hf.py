@@ -47,10 +47,13 @@ class HFStack(Stack):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
         from ..adapters.layer import apply_cell
-        from ..spec.hf_config import hf_config_dict
+        from ..spec.hf_config import DROPOUT_KEYS, hf_config_dict
         data = hf_config_dict(cfg)
         config = AutoConfig.for_model(data.pop("model_type"), **data)
         config.use_cache = False
+        for key, value in list(vars(config).items()):  # the model's own dropout is off, as in the built-in stack
+            if key.endswith(DROPOUT_KEYS) and isinstance(value, float):  # (GPT-2's 0.1s); lora_dropout is the cell's
+                setattr(config, key, 0.0)
         torch.manual_seed(seed)
         experts = {"experts_implementation": cfg.experts_implementation} if cfg.n_experts else {}
         with torch.device(device):
@@ -142,8 +145,13 @@ class HFStack(Stack):
     def projections(self, cfg):
         return self._builtin.projections(cfg)
 
+    def buffer_numels(self, cfg):
+        """RoPE's inv_freq and original_inv_freq, D/2 each (transformers' RotaryEmbedding; its cos and
+        sin are made per forward: hf_replay.py)."""
+        return (cfg.head_dim // 2,) * 2 if cfg.style == "llama" else ()
+
     def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None):
-        return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype)
+        return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype, hf_ops=True)
 
 
 def _hidden_states(model, x):

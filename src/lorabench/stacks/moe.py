@@ -19,6 +19,7 @@ the analytic replay of this module (moe_replay.py) also stands for transformers'
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from functools import partial
 
@@ -30,8 +31,16 @@ from ..spec.config import ModelConfig
 
 
 def activation(cfg: ModelConfig):
-    """The MLP's activation (transformer.MLP's and each expert's): silu, or GELU's tanh form."""
+    """The MLP's activation (transformer.MLP's and each expert's): silu, or GELU's tanh form as one
+    op (gelu_tanh) or op by op (gelu_new, transformers' NewGELUActivation)."""
+    if cfg.activation == "gelu_new":
+        return gelu_new
     return F.silu if cfg.activation == "silu" else partial(F.gelu, approximate="tanh")
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) written out, as transformers' GPT-2 computes it."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 class Experts(nn.Module):

@@ -36,15 +36,16 @@ from typing import Optional
 from ..adapters.base import Adapter
 from ..sim import quant
 from ..sim.engine import Sim
+from . import hf_replay
+from .hf_replay import gelu_new
+from .norm_replay import rmsnorm
 from .eager_replay import causal_mask, eager_attention
 from .loss_replay import replay_loss
 from .moe_replay import moe
-from ..sim.ops import (binary, cuda_sdpa_kernel, elementwise, halves, linear, mul_broadcast, mul_const, scalar_op,
-                       split)
+from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, halves, linear, mul_const, scalar_op, split
 from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, math_attention_backward,
-                         pass_and_new_backward, pass_backward, pow2_backward, rsqrt_backward, sdpa_backward,
-                         unary_backward)
-from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote
+                         pass_and_new_backward, pass_backward, sdpa_backward, unary_backward)
+from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote, untracked
 
 
 @dataclass
@@ -79,40 +80,11 @@ class Dims:
     n_experts: int = 0          # Mixtral: the MLP is a mixture of E experts (moe_replay.py)
     top_k: int = 0              # its experts per token
     grouped_experts: bool = True  # experts_implementation grouped_mm (else the eager loop)
+    hf: bool = False            # transformers' RoPE and RMSNorm (hf_replay.py), where they differ from the above
+    gelu_new: bool = False      # the MLP's GELU op by op (ModelConfig.activation gelu_new: hf_replay.gelu_new)
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
-def rmsnorm(sim: Sim, x: SymTensor, weight: Param, C: int, offset: bool = False) -> SymTensor:
-    """RMSNorm in fp32, cast back: xf = x.float(); y = xf·rsqrt(mean(xf²)+eps); (y·w.float()).to(x.dtype);
-    with `offset` (Gemma) y·(1 + w.float()), the sum a C-sized FP32 tensor that the product saves."""
-    N = x.numel // C
-    xf = sim.to(x, F32)
-    node = sim.node([xf], pow2_backward)
-    sim.save(node, xf)
-    sq = sim.out(sim.new(N * C, F32), node)
-    mean = sim.out(sim.new(N, F32), sim.node([sq], unary_backward))  # mean backward: expand(g)/C
-    sim.drop(sq)
-    eps = sim.out(sim.new(N, F32), sim.node([mean], pass_backward))
-    sim.drop(mean)
-    node = sim.node([eps], rsqrt_backward)
-    r = sim.out(sim.new(N, F32), node)
-    sim.save(node, r)
-    sim.drop(eps)
-    y = mul_broadcast(sim, xf, r, N * C, F32)
-    sim.drop(r)
-    wf = sim.to(weight.tensor, F32)
-    if offset:  # 1.0 + w.float(): a new tensor (its gradient passes through)
-        w1 = sim.out(sim.new(C, F32), sim.node([wf], pass_backward))
-        sim.drop(wf)
-        wf = w1
-    z = mul_broadcast(sim, y, wf, N * C, F32)
-    sim.drop(wf)
-    out = sim.to(z, x.dtype)
-    for t in (z, y, xf):  # locals xf, y live until return
-        sim.drop(t)
-    return out
-
-
 def layernorm(sim: Sim, x: SymTensor, weight: Param, bias: Param, dims: Dims) -> SymTensor:
     """native_layer_norm: out, mean, rstd; saves x, mean, rstd (and w, b). CUDA autocast runs it in fp32."""
     C = dims.C
@@ -266,13 +238,16 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
         v2 = reshape_heads(sim, v, G > 1 and dims.s > 1)
         sim.drop(v)
         v = v2
-    # a transpose(1, 2) of (b, heads, s, D) is still contiguous when heads or s is 1
-    qh = reshape_heads(sim, q, llama and H > 1 and dims.s > 1)
-    kh = reshape_heads(sim, k, llama and G > 1 and dims.s > 1)
+    # a transpose(1, 2) of (b, heads, s, D) is still contiguous when heads or s is 1; transformers' RoPE keeps
+    # q and k laid out (b, s, heads, D), and SDPA its out and their gradients (hf_replay.py): no copies
+    fresh = llama and dims.s > 1 and (not dims.hf or dims.eager)
+    qh = reshape_heads(sim, q, fresh and H > 1)
+    kh = reshape_heads(sim, k, fresh and G > 1)
     sim.drop(q)
     sim.drop(k)
     if llama:  # q, k = apply_rope(q), apply_rope(k): the old q, k are released after both
-        q2, k2 = rope(sim, qh, tables), rope(sim, kh, tables)
+        rotate = hf_replay.rope if dims.hf else rope
+        q2, k2 = rotate(sim, qh, tables), rotate(sim, kh, tables)
         sim.drop(qh)
         sim.drop(kh)
     else:
@@ -281,7 +256,7 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
     # out is laid out like q, (B,H,T,D)-contiguous after RoPE, so transpose(1,2).reshape copies;
     # CUDA's memory-efficient kernel lays its out as (B,T,H,D): the reshape is a view
     efficient = not dims.eager and sdpa_kernel(dims, sim.autocast or q2.dtype) == "efficient"
-    if llama and H > 1 and dims.s > 1 and not efficient:
+    if fresh and H > 1 and not efficient:
         y2 = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         sim.drop(y)
         y = y2
@@ -296,7 +271,7 @@ def head_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims: Dims) -> 
     D; the projection's output is released when the norm returns (unless the norm saved it)."""
     if not dims.qk_norm:
         return t
-    out = rmsnorm(sim, t, params[name], dims.D, dims.norm_offset)
+    out = rmsnorm(sim, t, params[name], dims.D, dims.norm_offset, dims.hf)
     sim.drop(t)
     return out
 
@@ -306,7 +281,8 @@ def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
         return moe(sim, x, params, dims.b, dims.s, dims.C, dims.F, dims.n_experts, dims.top_k, dims.grouped_experts)
     if dims.style == "llama":
         gate = project(sim, x, "gate", params, dims, dims.F)
-        silu = elementwise(sim, gate, unary_backward)  # silu or gelu_tanh: both save their input
+        silu = gelu_new(sim, gate) if dims.gelu_new else elementwise(sim, gate, unary_backward)  # silu, gelu_tanh:
+        # both save their input
         sim.drop(gate)
         up = project(sim, x, "up", params, dims, dims.F)
         h = binary(sim, silu, up, "mul")
@@ -314,7 +290,7 @@ def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
         sim.drop(up)
     else:
         up = project(sim, x, "up", params, dims, dims.F)
-        h = elementwise(sim, up, unary_backward)
+        h = gelu_new(sim, up) if dims.gelu_new else elementwise(sim, up, unary_backward)
         sim.drop(up)
     out = project(sim, h, "down", params, dims, dims.C)
     sim.drop(h)
@@ -323,7 +299,7 @@ def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
 
 def norm(sim: Sim, x: SymTensor, params: dict, name: str, dims: Dims) -> SymTensor:
     if dims.style == "llama":
-        return rmsnorm(sim, x, params[name], dims.C, dims.norm_offset)
+        return rmsnorm(sim, x, params[name], dims.C, dims.norm_offset, dims.hf)
     return layernorm(sim, x, params[name], params[name + ".bias"], dims)
 
 
@@ -360,7 +336,7 @@ def checkpointed_block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables,
     (x, and eager attention's mask) to its backward."""
     sim.begin_checkpoint()
     out = block(sim, x, params, dims, tables, mask)
-    sim.end_checkpoint(lambda: block(sim, x, params, dims, tables, mask), x, mask)
+    sim.end_checkpoint(lambda: block(sim, x, params, dims, tables, mask), x, mask, *(tables if dims.hf else ()))
     return out
 
 
@@ -391,6 +367,8 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
     """compute_loss(model, x, y) / accumulation: embeddings, blocks, final norm, head, CE."""
     sim.set_block(None)
     x = embed(sim, params, dims)
+    if tables is None:  # transformers' RoPE: the tables of this forward's positions, in the hidden states' dtype
+        tables = hf_replay.rope_tables(sim, dims.s, dims.D, x.dtype) if dims.style == "llama" else ()
     mask = causal_mask(sim, dims.s, x.dtype) if dims.eager else None  # Transformer.blocks_out's local
     for i in range(n_blocks):
         sim.set_block(i)
@@ -401,6 +379,10 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
     sim.set_block(None)
     sim.drop(mask)
     h = norm(sim, x, params, "norm_f", dims)
+    if dims.hf:  # the base model's forward rebinds hidden_states to the norm's output and returns it: the last
+        for t in (x, *tables):  # block's output and the position embeddings go (the head runs in its caller)
+            sim.drop(t)
+        x = untracked(0, x.dtype)
 
     def head(sim_: Sim, t: SymTensor) -> SymTensor:  # the head, adapted or not (target head)
         return project(sim_, t, "head", params, dims, dims.V)
