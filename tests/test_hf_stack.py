@@ -185,3 +185,18 @@ def test_gpt2_configs_read_their_activation_and_fused_attention(tmp_path):
     assert cfg.activation == "gelu_tanh"
     with pytest.raises(ConfigError, match="activation_function"):
         load_scenario(scenario(tmp_path, matrix="lora_rank: 0", config={**GPT2, "activation_function": "relu"}))
+
+
+def test_checkpointed_lora_keeps_the_embeddings_output_and_its_gradient(tmp_path):
+    """transformers' gradient_checkpointing_enable makes the frozen embeddings' output a leaf that
+    requires grad: the graph keeps it and its gradient from backward's end into the optimizer step
+    (HFStack.input_grad_held). Three layers: every phase's peak to the byte."""
+    from lorabench.estimator.analytic import estimate
+    ls = load_scenario(scenario(tmp_path, matrix="lora_rank: 4\n  precision: bf16\n  base_dtype: bf16\n"
+                                                 "  checkpointing: true"))
+    (cell,) = expand(ls)
+    job = ls.job(cell, "cpu")
+    row, _ = measured_and_traced(job)
+    est = estimate(job.model, cell, job.train.batch_size, "cpu", window_steps=job.train.warmup_steps)
+    assert est.phase_peak_bytes == row["phase_peak_bytes"]
+    assert stack_for(job.model).input_grad_held(job.model, cell, 2) == 2 * 2 * 16 * 32 * 2

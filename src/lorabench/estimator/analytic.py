@@ -233,6 +233,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         const["ddp_buckets"] = ddp_bucket_bytes(sb.grad_bytes)
     phases: dict[str, tuple[int, dict]] = {}
     held = res.graph_held_at(micro_b)  # the previous loss's graph: until the next loss replaces it
+    held += stack_for(model_cfg).input_grad_held(model_cfg, cell, micro_b)  # and what it keeps beside (HF)
     for ph in ("forward", "backward"):
         v, cats = res.peak(0, ph, micro_b)
         cats["scalars"] = 0

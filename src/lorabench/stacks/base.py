@@ -107,6 +107,11 @@ class Stack(ABC):
     def projections(self, cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
         """(name, d_in, d_out, has_bias) of one block's linear layers, in registration order."""
 
+    def input_grad_held(self, cfg: ModelConfig, cell: Cell, micro_batch: int) -> int:
+        """Bytes the loss's graph keeps from backward's end until the next loss beside what the replay
+        holds (an input that requires grad, and its gradient); 0 here."""
+        return 0
+
     def buffer_numels(self, cfg: ModelConfig) -> tuple[int, ...]:
         """The elements of each buffer the model keeps (RoPE's), in the base's float dtype."""
         return ()

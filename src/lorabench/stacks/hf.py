@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import types
 
-from .base import Stack, numbered_block
+from .base import ITEM_BYTES, Stack, numbered_block
 from .builtin import BuiltinStack
 
 TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -144,6 +144,14 @@ class HFStack(Stack):
 
     def projections(self, cfg):
         return self._builtin.projections(cfg)
+
+    def input_grad_held(self, cfg, cell, micro_batch):
+        """transformers' gradient_checkpointing_enable calls enable_input_require_grads: with frozen
+        embeddings their output becomes a leaf that requires grad, whose gradient backward accumulates
+        (b·s·C in its dtype) and which the graph keeps, with it, until the next loss replaces the graph."""
+        if not (cell.checkpointing and cell.is_lora):
+            return 0
+        return 2 * micro_batch * cfg.seq_len * cfg.d_model * ITEM_BYTES[cell.base_float_dtype]
 
     def buffer_numels(self, cfg):
         """RoPE's inv_freq and original_inv_freq, D/2 each (transformers' RotaryEmbedding; its cos and
