@@ -213,3 +213,16 @@ def test_an_adalora_peft_cell_runs_and_traces(precision, base):
     n_adapted = len(cells["peft"].lora_targets) * ls.model.n_layers
     assert row["trainable_params"] == builtin["trainable_params"] + n_adapted * (base == "bf16")
     assert row["est_grad_bytes"] == row["grad_bytes"]  # the analytic estimate counts the ranknums too
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-pure"])
+def test_peft_adalora_on_int8_without_autocast_is_refused_in_one_line(precision):
+    """PEFT's SVDLinear8bitLt adds its branch to bitsandbytes' output unconverted: without autocast
+    the next op meets two dtypes and the cell failed inside its step; refused before any run."""
+    from lorabench.adapters import check
+    from lorabench.spec.schema import ConfigError
+    ls, _ = loaded(precision=precision, base_dtype="int8", adapter="adalora", adapter_backend="peft", lora_rank=4)
+    with pytest.raises(ConfigError, match="int8 base in " + precision):
+        check(ls)
+    ok, _ = loaded(precision="bf16", base_dtype="int8", adapter="adalora", adapter_backend="peft", lora_rank=4)
+    check(ok)  # under autocast it runs

@@ -51,6 +51,12 @@ def check(ls) -> None:
         get(name, ls.source, f"matrix.adapter[{i}]")
         if "peft" in m.adapter_backend and peft_problem(name) and adapted(adapter=name, adapter_backend="peft"):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", peft_problem(name))
+        unscaled = [p for p in m.precision if p in ("fp32", "bf16-pure", "fp16-pure") and adapted(
+            adapter=name, adapter_backend="peft", base_dtype="int8", precision=p)]  # no autocast
+        if name == "adalora" and "peft" in m.adapter_backend and "int8" in m.base_dtype and unscaled:
+            raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"PEFT's AdaLoRA on an int8 base in {unscaled[0]} "
+                              "adds its branch to bitsandbytes' output unconverted, and the next op meets two dtypes: "
+                              "use autocast (fp16, bf16), an nf4 base or the builtin backend")
         multi = [s for s in m.strategy if s != "none" and adapted(adapter=name, strategy=s)]
         if multi and not get(name).multi_rank:
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name}'s hooks read or rewrite whole "
