@@ -52,8 +52,9 @@ def check(ls) -> None:
         if "peft" in m.adapter_backend and peft_problem(name) and adapted(adapter=name, adapter_backend="peft"):
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", peft_problem(name))
         unscaled = [p for p in m.precision if p in ("fp32", "bf16-pure", "fp16-pure") and adapted(
-            adapter=name, adapter_backend="peft", base_dtype="int8", precision=p)]  # no autocast
-        if name == "adalora" and "peft" in m.adapter_backend and "int8" in m.base_dtype and unscaled:
+            adapter=name, adapter_backend="peft", base_dtype="int8", precision=p)] \
+            if name == "adalora" and "peft" in m.adapter_backend and "int8" in m.base_dtype else []  # no autocast
+        if unscaled:
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"PEFT's AdaLoRA on an int8 base in {unscaled[0]} "
                               "adds its branch to bitsandbytes' output unconverted, and the next op meets two dtypes: "
                               "use autocast (fp16, bf16), an nf4 base or the builtin backend")

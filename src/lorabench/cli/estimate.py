@@ -11,7 +11,7 @@ import click
 
 from ..optimizers import names as optimizer_names
 from ..spec.config import BASE_DTYPES, LOSSES, PRECISIONS
-from .reports import echo, logits_options
+from .reports import echo, logits_options, refuse_given
 
 PRECISION = click.Choice(list(PRECISIONS))
 
@@ -84,17 +84,11 @@ def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_
     from ..present.estimates import estimate_text
     from ..spec.schema import ConfigError
     if scenario:  # a scenario's cells come from its matrix: an option that shapes a cell would be ignored
-        given = [p for p in ctx.command.params if p.name not in SCENARIO_OPTIONS
-                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise ConfigError("options", given[0].opts[-1], "shapes the one cell of --model; a scenario's cells "
-                              "come from its matrix (edit it, or give --model instead of the scenario)")
+        refuse_given(ctx, lambda n: n not in SCENARIO_OPTIONS, "shapes the one cell of --model; a scenario's cells "
+                     "come from its matrix (edit it, or give --model instead of the scenario)")
     elif not lora_rank:  # full fine-tuning has no adapter: an adapter's option would change nothing
-        given = [p for p in ctx.command.params if p.name in ("adapter", "lora_targets", "lora_dropout")
-                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise ConfigError("options", given[0].opts[-1], "shapes the adapters of a --lora-rank > 0 cell; at rank 0 "
-                              "(full fine-tuning) it would change nothing")
+        refuse_given(ctx, ("adapter", "lora_targets", "lora_dropout"), "shapes the adapters of a --lora-rank > 0 "
+                     "cell; at rank 0 (full fine-tuning) it would change nothing")
     if optimizer in IMPLS:  # the old meaning: AdamW's implementation
         if optimizer_impl not in (None, optimizer):
             from ..spec.schema import ConfigError

@@ -26,12 +26,9 @@ def plot_cmd(results, out, chart, model, gpu, seq, batch, quiet):
     Needs matplotlib: pip install 'lorabench[plot]'.
     """
     from ..present.plot import plot_file
-    from ..spec.schema import ConfigError
+    from .reports import refuse_given
     if chart in ("memory", "time"):  # the fit chart's options would be read by no chart
-        ctx = click.get_current_context()
-        given = [p for p in ctx.command.params if p.name in ("model", "gpu", "seq", "batch")
-                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise ConfigError("options", given[0].opts[-1], f"is read by the fit chart only, not by --chart {chart}")
+        refuse_given(click.get_current_context(), ("model", "gpu", "seq", "batch"),
+                     f"is read by the fit chart only, not by --chart {chart}")
     names = plot_file(results, out, chart, model, gpu, seq, batch, quiet)
     click.echo(f"{out}: {', '.join(names)} chart{'s' if len(names) > 1 else ''}")

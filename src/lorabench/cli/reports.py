@@ -16,6 +16,17 @@ def echo(text: str) -> None:
     click.echo(text, nl=False, color=True)
 
 
+def refuse_given(ctx, names, why: str) -> None:
+    """One ConfigError line naming the first option of `names` (parameter names; a callable: the
+    names it accepts) given on the command line, when it would change nothing: `why`."""
+    from ..spec.schema import ConfigError
+    wanted = names if callable(names) else (lambda n: n in names)
+    given = [p for p in ctx.command.params if wanted(p.name)
+             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise ConfigError("options", given[0].opts[-1], why)
+
+
 def logits_options(whose: str):
     """--keep-logits and --upcast-logits (Cell.keep_logits, upcast_logits): what `whose` ("the" for
     estimate's one cell, "your" for fit's) training loop and model do with the logits."""

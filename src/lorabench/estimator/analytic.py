@@ -211,7 +211,8 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     micro_b = cell.micro_batch(batch_size)
     sb = state_bytes(model_cfg, cell)
     buf_isz = ISZ[cell.base_float_dtype]
-    buffers = sum(stack_for(model_cfg).buffer_numels(model_cfg)) * buf_isz
+    stack = stack_for(model_cfg)
+    buffers = sum(stack.buffer_numels(model_cfg)) * buf_isz
     n_batches = window_steps if n_batches is None else n_batches
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
     groups = sharded_groups(sb.groups, cell)  # what this rank steps (fsdp2: its shards)
@@ -233,7 +234,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         const["ddp_buckets"] = ddp_bucket_bytes(sb.grad_bytes)
     phases: dict[str, tuple[int, dict]] = {}
     held = res.graph_held_at(micro_b)  # the previous loss's graph: until the next loss replaces it
-    held += stack_for(model_cfg).input_grad_held(model_cfg, cell, micro_b)  # and what it keeps beside (HF)
+    held += stack.input_grad_held(model_cfg, cell, micro_b)  # and what it keeps beside (HF)
     for ph in ("forward", "backward"):
         v, cats = res.peak(0, ph, micro_b)
         cats["scalars"] = 0
@@ -283,7 +284,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,
         cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device,
-        est_basis=stack_for(model_cfg).analytic_basis + ("; PEFT's adapter layers replayed as lorabench's "
+        est_basis=stack.analytic_basis + ("; PEFT's adapter layers replayed as lorabench's "
                                                          "(--method trace runs PEFT's)"
                                                          if cell.adapter_backend == "peft" else "")
         + (f"; transformers' {model_cfg.approximates} read as the Llama-style block of its widths (its parameter "

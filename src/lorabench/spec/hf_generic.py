@@ -30,10 +30,8 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
         raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {known}; with transformers, "
                           "pip install 'lorabench[hf]', any family it knows whose parameters a Llama-style block "
                           "has)") from None
-    from transformers import AutoConfig
     try:
-        with _quiet():  # its warnings about the file's values are not lorabench's line
-            config = AutoConfig.for_model(mtype, **{k: v for k, v in data.items() if k != "model_type"})
+        config = _for_model(data, mtype)
     except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
         raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {known}, and the "
                           f"families transformers knows: {' '.join(str(e).split())[:120]})") from None
@@ -71,15 +69,22 @@ def transformers_reads(data: dict, path: str, mtype: str) -> None:
     Hugging Face stack builds its model from it): a value transformers refuses (a `rope_scaling`
     that is no dict, an unknown `torch_dtype`) is one ConfigError line now, not a failed cell later."""
     try:
-        from transformers import AutoConfig
+        import transformers  # noqa: F401
     except ImportError:
         return
     try:
-        with _quiet():
-            AutoConfig.for_model(mtype, **{k: v for k, v in data.items() if k != "model_type"})
+        _for_model(data, mtype)
     except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
         raise ConfigError(path, "", f"transformers cannot read this {mtype} config: {type(e).__name__}: "
                           f"{' '.join(str(e).split())[:160]}") from None
+
+
+def _for_model(data: dict, mtype: str):
+    """transformers' config of family `mtype` from a config.json's keys, its warnings about the file's
+    values silenced (they are not lorabench's line)."""
+    from transformers import AutoConfig
+    with _quiet():
+        return AutoConfig.for_model(mtype, **{k: v for k, v in data.items() if k != "model_type"})
 
 
 @contextmanager
