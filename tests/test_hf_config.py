@@ -105,3 +105,39 @@ def test_the_families_without_sdpa_are_transformers_own(tmp_path):
     with pytest.raises(ConfigError, match="Gemma2ForCausalLM has no SDPA path"):
         parse_scenario({"name": "g", "model": {"hf": write(tmp_path, data), "seq_len": 8}, "device": "cpu",
                         "matrix": {"attn_implementation": ["sdpa"]}}, "g.yaml")
+
+
+@needs_transformers
+def test_the_sliding_window_layers_are_transformers_own(tmp_path):
+    """hf_config.sliding_attention (read from the JSON; the estimator never imports transformers) against
+    the installed transformers' config objects: the window and the layers of type sliding_attention, for
+    each family's shipped config and its variants (key absent: the class default; Qwen's
+    use_sliding_window and max_window_layers; Gemma 3's pattern; layer_types given)."""
+    import transformers
+    from lorabench.spec.hf_config import sliding_attention
+    cases = []
+    for family in sorted(p.name for p in SCENARIOS_HF.iterdir()):
+        shipped = json.loads((SCENARIOS_HF / family / "config.json").read_text())
+        shipped["num_hidden_layers"] = 7
+        cases += [shipped, {k: v for k, v in shipped.items() if k != "sliding_window"}, {**shipped, "sliding_window": 5},
+                  {**shipped, "sliding_window": None}]
+        if shipped["model_type"] in ("qwen2", "qwen3"):
+            cases += [{**shipped, "use_sliding_window": True, "sliding_window": 6, "max_window_layers": m} for m in (0, 3)]
+        if shipped["model_type"] == "gemma3_text":
+            cases += [{**shipped, "sliding_window_pattern": 3}, {**shipped, "use_bidirectional_attention": True},
+                      {**shipped, "layer_types": ["full_attention", "sliding_attention"] * 3 + ["full_attention"]}]
+    import importlib
+    import inspect
+    from lorabench.spec.hf_config import GEMMA_TYPES, LLAMA_TYPES, WINDOWED
+    windowed = {t for t in LLAMA_TYPES + GEMMA_TYPES + ("gpt2", "phi3") if "create_sliding_window_causal_mask" in
+                inspect.getsource(importlib.import_module(f"transformers.models.{t.split('_')[0]}.modeling_{t.split('_')[0]}"))}
+    assert windowed == set(WINDOWED)
+    cases.append({"model_type": "phi3", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 7,
+                  "num_attention_heads": 4, "vocab_size": 96, "sliding_window": 5})
+    for data in cases:
+        theirs = transformers.AutoConfig.for_model(**data)
+        window = getattr(theirs, "sliding_window", None) if data["model_type"] in WINDOWED else None
+        types = getattr(theirs, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * 7
+        ours = sliding_attention(write(tmp_path, data))
+        assert (ours.window, ours.layers) == (window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")), data
+        assert ours.rope_sets == (len(set(types)) if data["model_type"] == "gemma3_text" else 1), data

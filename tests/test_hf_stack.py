@@ -154,6 +154,9 @@ def test_the_builtin_stack_replays_qwen3s_head_norms_to_the_byte():
         ModelConfig(head_dim=15)
 
 
+GEMMA3 = {"model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 96,
+          "max_position_embeddings": 64, "sliding_window": 8, "sliding_window_pattern": 2}  # layers 0, 2 local
 GPT2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 64, "vocab_size": 97,
         "n_positions": 64, "tie_word_embeddings": False}  # GPT-2's defaults: gelu_new, dropout 0.1
 
@@ -165,6 +168,13 @@ GPT2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner"
     (LLAMA, "lora_rank: 0\n  precision: [fp32, bf16, bf16-pure]"),
     # GPT-2: one c_attn (AdamW's per-tensor step), gelu_new op by op (four saved tensors), its dropout off
     (GPT2, "lora_rank: 0\n  precision: [fp32, bf16-pure]\n  optimizer: [adamw, adafactor]"),
+    # a sliding window the sequence reaches, under SDPA: the bool mask, each layer's additive copy and, with
+    # GQA, k and v repeated to every head (the window the same as the sequence too: transformers masks then)
+    ({**LLAMA, "model_type": "mistral", "sliding_window": 8}, "lora_rank: [0, 4]\n  precision: [fp32, bf16]\n"
+                                                              "  checkpointing: [false, true]"),
+    ({**LLAMA, "model_type": "mistral", "sliding_window": 16}, "lora_rank: 4\n  precision: bf16-pure"),
+    # Gemma 3: RoPE tables and inv_freq per layer type (local and global), its local layers masked
+    (GEMMA3, "lora_rank: [0, 4]\n  precision: [bf16, bf16-pure]"),
 ])
 def test_the_analytic_estimate_of_transformers_models_is_exact_here(tmp_path, config, matrix):
     """The analytic estimate replays transformers' own RoPE (tables per forward, type-promoted

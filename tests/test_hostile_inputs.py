@@ -225,7 +225,12 @@ def test_long_numbers_and_long_paths_in_result_files_and_configs(tmp_path):
     ({"cell": "a\nb"}, "field 'cell' holds a control character"),
     ({"scenario": "\x1b]0;title\x07"}, "field 'scenario' holds a control character"),
     ({"error": "one\x1b[0m"}, "field 'error' holds a control character"),
-    ({"accumulation": 0}, "field 'accumulation' must be at least 1"),
+    ({"accumulation": 0}, "field 'accumulation' must be > 0"),
+    ({"lora_dropout": 1.5}, "field 'lora_dropout' must be < 1"),           # the matrix's own checks (AXIS_CHECKS)
+    ({"loss_chunks": 0}, "field 'loss_chunks' must be > 0"),
+    ({"traceback": "File x\n  line\x1b[2J"}, "field 'traceback' holds a control character"),
+    ({"device_name": "cpu\tx"}, "field 'device_name' holds a control character"),   # a label: one line, no tab
+    ({"infer_ms_merged_p10": 9.0, "infer_ms_merged": 1.0}, "infer_ms_merged_p10, median, p90 must not decrease"),
     ({"world_size": 2}, "field 'world_size' is 2 with strategy"),
     ({"micro_batch_size": 1000}, "field 'micro_batch_size' (1000) is above 'batch_size'"),
     ({"trainable_params": 10**12}, "field 'trainable_params'"),
@@ -322,3 +327,21 @@ def test_an_axis_value_is_checked_where_it_does_not_apply_too(tmp_path, axis, va
     path.write_text(TINY.replace("matrix: {precision: [fp16, fp16-pure]}",
                                  f"matrix: {{precision: [fp32], lora_rank: [4], {axis}: [{value}]}}"))
     one_line_error(["estimate", path], f"matrix.{axis}[0]", needle)
+
+
+def test_every_status_a_writer_names_is_one_sanity_reads():
+    """The writers name their statuses from row/status (no literal of their own), and report styles
+    each: a status added there is refused nowhere and shown everywhere."""
+    import ast
+    from lorabench.present.report import STATUS_STYLE
+    from lorabench.row.status import STATUSES
+    assert set(STATUS_STYLE) == set(STATUSES)
+    src = ROOT / "src" / "lorabench"
+    for path in [src / "measure" / "worker.py", *(src / "launch").glob("*.py"), src / "row" / "codec.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "status":
+                assert not isinstance(node.value, ast.Constant), (path.name, node.lineno)
+            if isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values):
+                    if isinstance(k, ast.Constant) and k.value == "status":
+                        assert not isinstance(v, ast.Constant), (path.name, node.lineno)

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional
 
 from ..base.env import memory_capacity_bytes
 from ..row.codec import encode, estimate_fields
+from ..row.status import SKIPPED
 from ..spec.job import CellJob
 
 OnStart = Callable[[CellJob], None]
@@ -59,6 +60,6 @@ def would_not_fit(job: CellJob) -> dict | None:
     if peak is None or peak <= capacity[0]:
         return None
     gib = 2**30
-    row.update(status="skipped", error=f"would not fit (estimate {peak / gib:.1f} GiB > {capacity[0] / gib:.1f} GiB "
+    row.update(status=SKIPPED, error=f"would not fit (estimate {peak / gib:.1f} GiB > {capacity[0] / gib:.1f} GiB "
                                        f"{capacity[1]}); --force runs it anyway")
     return row

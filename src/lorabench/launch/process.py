@@ -22,6 +22,7 @@ from ..adapters import plugin_modules
 from ..base.env import device_name, oom_kills
 from ..measure.worker import run_cell
 from ..row.codec import encode, estimate_fields
+from ..row.status import ERROR, OOM, TIMEOUT
 from ..spec.job import CellJob
 from .base import Launcher
 
@@ -129,7 +130,7 @@ def failed_row(job: CellJob, exitcode: int | None, timeout_s: float, oom_killed:
     row = encode(job)
     row["device_name"] = device_name(job.device)
     if exitcode is None:  # run_in_process killed it for running past timeout_s
-        row.update(status="timeout", error=f"no result within {timeout_s:g} s; process killed")
+        row.update(status=TIMEOUT, error=f"no result within {timeout_s:g} s; process killed")
     else:
         sig = f" ({signal.Signals(-exitcode).name})" if exitcode < 0 else ""
         why = ""
@@ -137,7 +138,7 @@ def failed_row(job: CellJob, exitcode: int | None, timeout_s: float, oom_killed:
             why = {True: " (killed by the kernel's OOM killer: host out of memory)",
                    False: " (killed, not by the OOM killer: its count did not change)",
                    None: " (killed; the OOM killer's count is not readable here: possibly host out of memory)"}[oom_killed]
-        row.update(status="oom" if oom_killed and exitcode == -signal.SIGKILL else "error",
+        row.update(status=OOM if oom_killed and exitcode == -signal.SIGKILL else ERROR,
                    error=f"process died with exit code {exitcode}{sig}{why}")
     row.update(estimate_fields(row, job))
     return row

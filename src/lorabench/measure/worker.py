@@ -25,6 +25,7 @@ from ..spec.job import CellJob
 from ..base.env import environment, resolve_device
 from . import lora_checks
 from ..row.codec import encode, estimate_fields
+from ..row.status import ERROR, OK, OOM, SKIPPED
 from ..stacks.transformer import count_params
 from ..adapters import quant
 from ..optimizers import get as get_optimizer
@@ -49,20 +50,20 @@ def run_cell(job: CellJob | dict) -> dict:
     try:
         row.update(environment(device))
         if device == "cuda" and cell.precision == "bf16" and not torch.cuda.is_bf16_supported():
-            row.update(status="skipped", error="bf16 is not supported on this GPU")
+            row.update(status=SKIPPED, error="bf16 is not supported on this GPU")
             return row
         with pretrained(job):  # the cell's base: a pretrained one (train.pretrain_steps) for every model built
             measure(row, job)
     except torch.OutOfMemoryError as e:
-        row.update(status="oom", error=one_line(e))
+        row.update(status=OOM, error=one_line(e))
     except RuntimeError as e:
         oom = "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower()
-        row.update(status="oom" if oom else "error", error=one_line(e))
+        row.update(status=OOM if oom else ERROR, error=one_line(e))
         if not oom:
             row["traceback"] = traceback.format_exc(limit=8)
     except Exception as e:
-        row.update(status="error", error=one_line(e), traceback=traceback.format_exc(limit=8))
-    if row["status"] != "ok" and "est_peak_bytes" not in row:  # what the estimator expected of a failed cell
+        row.update(status=ERROR, error=one_line(e), traceback=traceback.format_exc(limit=8))
+    if row["status"] != OK and "est_peak_bytes" not in row:  # what the estimator expected of a failed cell
         row.update(estimate_fields(row, job))
     row["cell_wall_s"] = round(time.time() - t_enter, 3)
     return row

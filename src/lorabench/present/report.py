@@ -19,8 +19,10 @@ import re as _re
 from dataclasses import dataclass, fields
 from typing import Iterable, Optional
 
+from ..row.status import ERROR, OK, OOM, SKIPPED, TIMEOUT
+
 MIB = 2**20
-STATUS_STYLE = {"ok": "green", "oom": "red", "error": "red", "timeout": "yellow", "skipped": "dim"}
+STATUS_STYLE = {OK: "green", OOM: "red", ERROR: "red", TIMEOUT: "yellow", SKIPPED: "dim"}
 
 
 def baseline(rows: list[dict]) -> Optional[dict]:

@@ -32,6 +32,7 @@ from ..spec.job import CellJob
 from ..spec.presets import preset_data, preset_names
 from ..spec.schema import build, one_of, row_fields, short, type_name
 from .sanity import row_sanity
+from .status import OK
 
 def signed():
     """A numeric row field that can be negative (a cosine, an error); every other number is a count,
@@ -275,7 +276,7 @@ def is_text_field(key: str) -> bool:
 def encode(job: CellJob) -> dict:
     """The row every cell has whatever its status: spec keys filled, measured keys None."""
     model, train, cell = job.model, job.train, job.cell
-    row = {"scenario": job.scenario, **cell.to_dict(), "config_hash": config_hash(job), "status": "ok", "error": None,
+    row = {"scenario": job.scenario, **cell.to_dict(), "config_hash": config_hash(job), "status": OK, "error": None,
            "device": job.device, "seed": job.seed,
            "model": model.name, **{k: getattr(model, k) for k in MODEL_KEYS[1:]},
            **{k: getattr(train, k) for k in TRAIN_KEYS[:-1]}, "micro_batch_size": cell.micro_batch(train.batch_size)}

@@ -2,31 +2,38 @@
 row a run writes has (row/codec.row_problem asks after the type checks). A file that breaks one
 was not written by a run, or was edited (every rule holds by construction for what a run writes:
 a rate such as mfu is not bounded so, and is judged where it is used); each reader (report, compare, claims, validate, plot,
-fit --calibrate) refuses it in one line rather than print or compute from it.
+fit --calibrate) refuses it in one line rather than print or compute from it. Each rule is read off
+the definition it checks, none kept here by hand:
 
-  status           one of STATUSES
-  cell             a non-empty id; its counts (COUNTS) at least 1, world_size 1 exactly without a strategy
-                   (the cell's other rules are not held: a row of an older or newer lorabench stays readable)
-  text             no control character anywhere (a terminal would act on it); labels (LABELS) on
-                   one line, free text (an error) may hold tabs and newlines
+  status           one of row/status.STATUSES
+  cell             a non-empty id; every numeric cell field passes the matrix's own checks for it
+                   (spec/config.AXIS_CHECKS: accumulation, world_size, loss_chunks ... at least 1),
+                   world_size 1 exactly without a strategy (the cell's other rules are not held: a row
+                   of an older or newer lorabench stays readable)
+  text             no control character anywhere (a terminal would act on it); an error report
+                   (`traceback`, `error` and every `*_error`) may hold tabs and newlines, every other
+                   string is a label on one line
   counts           micro_batch_size ≤ batch_size, trainable_params ≤ total_params, trainable_pct ≤ 100
-  spreads          p10 ≤ median ≤ p90 of every timed quantity (a cell of several ranks: its step's
-                   median is the slowest rank's, the spread rank 0's, and is not held to it)
+  spreads          p10 ≤ median ≤ p90 of every quantity the row gives a `*_p10` of (its median: the
+                   quantity itself or `*_median`; a cell of several ranks: its step's median is the
+                   slowest rank's, the spread rank 0's, and is not held to it)
   fractions        every *_frac* field (a share of counted elements) in [0, 1]
-  phases           peak_phase and est_peak_phase name a phase; phase_peak_bytes maps phases to bytes
+  phases           peak_phase and est_peak_phase name one of the estimator's PHASES; phase_peak_bytes
+                   maps those phases to bytes
 """
 from __future__ import annotations
 
 from typing import Iterator, Optional
 
+from ..estimator.analytic import PHASES
+from ..spec.config import AXIS_CHECKS
 from ..spec.schema import one_of, short
+from .status import STATUSES
 
-STATUSES = ("ok", "oom", "error", "timeout", "skipped")   # measure/worker.py, launch/process.py
-PHASES = ("forward", "backward", "optimizer")
-LABELS = ("cell", "scenario", "status", "device", "device_name", "model", "config_hash", "peak_phase",
-          "est_peak_phase")
-SPREADS = ("step_time_ms", "infer_ms_unmerged", "infer_ms_merged")    # *_p10 ≤ * (the median) ≤ *_p90
-COUNTS = ("accumulation", "world_size", "loss_chunks", "adalora_target_rank")  # the cell's counts: at least 1
+
+def free_text(key: str) -> bool:
+    """An error report (may span lines), not a label."""
+    return key == "traceback" or key.endswith("error")
 
 
 def row_sanity(row: dict) -> Optional[str]:
@@ -36,11 +43,12 @@ def row_sanity(row: dict) -> Optional[str]:
     if not isinstance(row["cell"], str) or not row["cell"].strip():
         return f"field 'cell' must be a cell id, got {short(row['cell'])}"
     for key, text in _texts(row):
-        if any(_control(c, key in LABELS) for c in text):
+        if any(_control(c, not free_text(key)) for c in text):
             return f"field {key!r} holds a control character, got {ascii(text)[:60]}"
-    for key in COUNTS:
-        if _num(row.get(key)) and row[key] < 1:
-            return f"field {key!r} must be at least 1, got {short(row[key])}"
+    for key, checks in AXIS_CHECKS.items():
+        problem = next((p for p in (check(row.get(key)) for check in checks) if p), None) if _num(row.get(key)) else None
+        if problem:
+            return f"field {key!r} {problem}"
     several = row.get("strategy") not in (None, "none")
     if _num(row.get("world_size")) and (row["world_size"] >= 2) != several:
         return f"field 'world_size' is {row['world_size']} with strategy {row.get('strategy')!r} (none runs on 1 rank, " \
@@ -55,8 +63,11 @@ def _relations(row: dict) -> Optional[str]:
             return f"field {small!r} ({g(small)}) is above {big!r} ({g(big)})"
     if _num(g("trainable_pct")) and g("trainable_pct") > 100:
         return f"field 'trainable_pct' must be at most 100, got {short(g('trainable_pct'))}"
-    for name in SPREADS[1:] if g("ranks") else SPREADS:  # several ranks: the slowest's median, rank 0's spread
-        seq = [g(f"{name}_p10"), g(name if name != "step_time_ms" else "step_time_ms_median"), g(f"{name}_p90")]
+    for name in (k[:-len("_p10")] for k in row if k.endswith("_p10")):
+        median = name if name in row else f"{name}_median"
+        if median == "step_time_ms_median" and g("ranks"):  # several ranks: the slowest's median, rank 0's spread
+            continue
+        seq = [g(f"{name}_p10"), g(median), g(f"{name}_p90")]
         seq = [v for v in seq if _num(v)]
         if seq != sorted(seq):
             return f"fields {name}_p10, median, p90 must not decrease, got {', '.join(map(str, seq))}"
@@ -78,7 +89,7 @@ def scrub(row: dict) -> dict:
     name) replaced by U+FFFD, by the rules `row_sanity` reads with: what a run writes, it reads back."""
     def clean(key: str, v):
         if isinstance(v, str):
-            return "".join("\ufffd" if _control(c, key in LABELS) else c for c in v)
+            return "".join("\ufffd" if _control(c, not free_text(key)) else c for c in v)
         if isinstance(v, list):
             return [clean(key, x) for x in v]
         if isinstance(v, dict):

@@ -7,7 +7,7 @@ from ..sim.ops import DTYPES
 from ..sim.tensors import Param, untracked
 from ..spec.config import Cell, ModelConfig
 from ..spec.model import eager_attention_of
-from . import transformer_layout as layout
+from . import hf_replay, transformer_layout as layout
 from .base import Stack
 from .transformer_replay import Dims, forward_loss
 
@@ -71,7 +71,10 @@ class BuiltinStack(Stack):
                     eager=eager_attention_of(cfg, cell.attn_implementation), attn_softcap=bool(cfg.attn_softcap),
                     logit_softcap=bool(cfg.logit_softcap), n_experts=cfg.n_experts,
                     top_k=cfg.experts_per_token or 0, grouped_experts=cfg.experts_implementation != "eager",
-                    hf=hf_ops, gelu_new=cfg.activation == "gelu_new")
+                    hf=hf_ops, gelu_new=cfg.activation == "gelu_new",
+                    sliding=hf_replay.sliding_blocks(cfg, n_blocks) if hf_ops else frozenset(),
+                    window_masks=hf_ops and hf_replay.window_masks(cfg, eager_attention_of(cfg, cell.attn_implementation)),
+                    rope_sets=hf_replay.rope_sets(cfg) if hf_ops else 1)
         half = cfg.seq_len * (cfg.head_dim // 2)
         tables = None if hf_ops else (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)

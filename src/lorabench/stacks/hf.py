@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import types
 
+from . import hf_replay
 from .base import ITEM_BYTES, Stack, numbered_block
 from .builtin import BuiltinStack
 
@@ -155,8 +156,10 @@ class HFStack(Stack):
 
     def buffer_numels(self, cfg):
         """RoPE's inv_freq and original_inv_freq, D/2 each (transformers' RotaryEmbedding; its cos and
-        sin are made per forward: hf_replay.py)."""
-        return (cfg.head_dim // 2,) * 2 if cfg.style == "llama" else ()
+        sin are made per forward: hf_replay.py), a pair per layer type in Gemma 3 (hf_replay.rope_sets); and
+        Gemma's embed_scale, a 0-d buffer (its ScaledWordEmbedding's √C)."""
+        rope = (cfg.head_dim // 2,) * 2 * hf_replay.rope_sets(cfg) if cfg.style == "llama" else ()
+        return rope + ((1,) if cfg.embed_scale else ())
 
     def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None):
         return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype, hf_ops=True)

@@ -23,18 +23,40 @@ LlamaRMSNorm (and Qwen's, Mistral's, Mixtral's; Gemma's computes as the built-in
 the input's dtype, `weight · y.to(x.dtype)`: a 16-bit copy of the FP32 ŷ that the product saves
 when the weight trains, where the built-in `(y · w.float()).to(x.dtype)` saves the FP32 ŷ and a
 C-sized FP32 copy of the weight.
+
+A sliding window (Mistral, Mixtral, Phi-3, Qwen2/3 with use_sliding_window, Gemma 3's local layers)
+costs memory only under SDPA, and only once the sequence reaches it (s >= window: below, transformers
+passes no mask and SDPA runs causal): the model's forward makes one bool mask, (1, 1, s, s) expanded
+over the batch (s² bytes), alive until it returns and kept by each checkpointed block; every sliding
+layer passes it to SDPA, which converts it to an additive mask in q's dtype (b·s²·a; CUDA's
+memory-efficient kernel, the one that takes a mask, pads its rows to 16 elements) and saves that for
+backward; and with a mask transformers cannot ask SDPA for GQA: repeat_kv copies k and v to H heads
+(b·H·s·D·a each) before the call, and SDPA saves the copies (sliding_blocks, masked_kv, sdpa_mask).
 """
 from __future__ import annotations
 
 from ..sim.engine import Sim
 from ..sim.ops import binary, elementwise, halves, mul_broadcast, mul_const, scalar_op
 from ..sim.rules import cat_backward, pass_backward, unary_backward
-from ..sim.tensors import F32, I64, Param, SymTensor, promote
+from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote
+from ..spec.hf_config import sliding_attention
 
 
-def rope_tables(sim: Sim, s: int, D: int, dtype: str) -> tuple[SymTensor, SymTensor, SymTensor]:
-    """cos, sin (s·D of `dtype`, the hidden states') and the cache_position they were made of."""
-    positions = sim.new(s, I64)
+def rope_table_sets(sim: Sim, dims, dtype: str) -> list[tuple]:
+    """The RoPE tables of a forward, one set per layer type where the model keeps a base per type
+    (Gemma 3, Dims.rope_sets; the sliding layers take the last), sharing the positions; () for gpt2."""
+    if dims.style != "llama":
+        return [()]
+    sets = [rope_tables(sim, dims.s, dims.D, dtype)]
+    for _ in range(dims.rope_sets - 1):
+        sets.append(rope_tables(sim, dims.s, dims.D, dtype, sim.hold(sets[0][2])))
+    return sets
+
+
+def rope_tables(sim: Sim, s: int, D: int, dtype: str, positions: SymTensor | None = None) -> tuple:
+    """cos, sin (s·D of `dtype`, the hidden states') and the cache_position they were made of (given: a
+    second set's, made of the first's)."""
+    positions = sim.new(s, I64) if positions is None else positions
     pos_f = sim.new(s, F32)
     freqs = sim.new(s * D // 2, F32)
     sim.drop(pos_f)
@@ -103,3 +125,48 @@ def gelu_new(sim: Sim, x: SymTensor) -> SymTensor:
     sim.drop(half)
     sim.drop(one_plus)
     return out
+
+
+def sliding_blocks(cfg, n_blocks: int) -> frozenset:
+    """The simulated blocks (estimator/replay: block 0, block 1 standing for layers 1 .. L-2, and the
+    last) of the sliding-window type. Block 1 takes the kind most of the layers it stands for have
+    (Gemma 3: 5 of 6 sliding, its few global middle layers counted as sliding too)."""
+    layers = set(sliding_attention(cfg.hf).layers) if cfg.hf else set()
+    L = cfg.n_layers
+    if not layers or L <= n_blocks:
+        return frozenset(i for i in range(n_blocks) if i in layers)
+    middle = sum(1 for i in range(1, L - 1) if i in layers)
+    real = {0: 0 in layers, 1: 2 * middle >= L - 2, n_blocks - 1: L - 1 in layers}
+    return frozenset(j for j, on in real.items() if on)
+
+
+def window_masks(cfg, eager: bool) -> bool:
+    """Whether the sliding layers' SDPA gets transformers' mask (module docstring): under SDPA, once the
+    sequence reaches the window (eager attention has its own mask)."""
+    window = sliding_attention(cfg.hf).window if cfg.hf else None
+    return not eager and window is not None and cfg.seq_len >= window
+
+
+def rope_sets(cfg) -> int:
+    """RoPE table sets transformers' model makes per forward (Gemma 3: one per layer type)."""
+    return sliding_attention(cfg.hf).rope_sets if cfg.hf else 1
+
+
+def sliding_mask(sim: Sim, dims) -> SymTensor | None:
+    """The model's bool sliding-window mask (s² bytes, expanded over the batch), if a block uses it."""
+    return sim.new(dims.s * dims.s, U8) if dims.sliding and dims.window_masks else None
+
+
+def masked_kv(sim: Sim, k: SymTensor, v: SymTensor, dims) -> tuple[SymTensor, SymTensor]:
+    """repeat_kv(k), repeat_kv(v) ahead of a masked SDPA call (H/G copies, gradients summed back): new
+    tensors of H heads when G < H, else k and v themselves (held)."""
+    rep = dims.H // dims.G
+    if rep == 1:
+        return sim.hold(k), sim.hold(v)
+    return tuple(sim.out(sim.new(t.numel * rep, t.dtype), sim.node([t], unary_backward)) for t in (k, v))
+
+
+def sdpa_mask(sim: Sim, dims, dtype: str) -> SymTensor:
+    """SDPA's additive copy of the bool mask, b·s² in q's dtype (rows padded to 16 elements on CUDA)."""
+    cols = -(-dims.s // 16) * 16 if dims.device == "cuda" else dims.s
+    return sim.new(dims.b * dims.s * cols, dtype)

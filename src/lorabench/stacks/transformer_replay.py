@@ -82,6 +82,9 @@ class Dims:
     grouped_experts: bool = True  # experts_implementation grouped_mm (else the eager loop)
     hf: bool = False            # transformers' RoPE and RMSNorm (hf_replay.py), where they differ from the above
     gelu_new: bool = False      # the MLP's GELU op by op (ModelConfig.activation gelu_new: hf_replay.gelu_new)
+    sliding: frozenset = frozenset()  # blocks of transformers' sliding-window layer type (hf_replay.py)
+    window_masks: bool = False  # ... whose SDPA gets its mask (the sequence reaches the window)
+    rope_sets: int = 1          # transformers' RoPE tables made per forward (Gemma 3: one per layer type)
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
@@ -120,20 +123,23 @@ def rope(sim: Sim, x: SymTensor, tables: tuple[SymTensor, SymTensor]) -> SymTens
     return out
 
 
-def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymTensor:
+def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims, mask=None) -> SymTensor:
     """F.scaled_dot_product_attention(is_causal=True): the kernel decides what is saved.
 
     CPU: _scaled_dot_product_flash_attention_for_cpu (any dtype, GQA native) saves
     q, k, v, out and lse (b·H·s·4). CUDA (untested on hardware here): flash for
     fp16/bf16 with D <= 256 (lse b·H·s·4, GQA native), else memory-efficient
     (lse padded to a multiple of 32 positions), and where that cannot run (GQA)
-    the math fallback, which repeats k, v to H heads and keeps the b·H·s² softmax.
+    the math fallback, which repeats k, v to H heads and keeps the b·H·s² softmax. With transformers'
+    sliding-window `mask`: k, v repeated first, the mask's additive copy saved too (hf_replay.py).
     """
+    if mask is not None:
+        k, v = hf_replay.masked_kv(sim, k, v, dims)
     if sim.autocast:
         q2, k2, v2 = sim.to(q, sim.autocast), sim.to(k, sim.autocast), sim.to(v, sim.autocast)
     else:
         q2, k2, v2 = sim.hold(q), sim.hold(k), sim.hold(v)
-    kernel = sdpa_kernel(dims, q2.dtype)
+    kernel = sdpa_kernel(dims, q2.dtype, mask is not None)
     flash = kernel in ("cpu", "flash")
     if kernel == "math":  # memory-efficient attention has no GQA: math fallback
         out = _math_attention(sim, q2, k2, v2, dims)
@@ -142,19 +148,21 @@ def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymT
         out = sim.out(sim.new(q2.numel, q2.dtype), node)
         s_pad = dims.s if flash else -(-dims.s // 32) * 32  # memory-efficient pads lse to 32 positions
         lse = sim.new(dims.b * dims.H * s_pad, F32)
-        sim.save(node, q2, k2, v2, out, lse)
+        extra = hf_replay.sdpa_mask(sim, dims, q2.dtype) if mask is not None else None
+        sim.save(node, q2, k2, v2, out, lse, *([extra] if extra is not None else []))
         sim.drop(lse)
-    for t in (q2, k2, v2):
+        sim.drop(extra)
+    for t in (q2, k2, v2) + ((k, v) if mask is not None else ()):
         sim.drop(t)
     return out
 
 
-def sdpa_kernel(dims: Dims, dtype) -> str:
+def sdpa_kernel(dims: Dims, dtype, masked: bool = False) -> str:
     """cpu | flash | efficient | math: the kernel F.scaled_dot_product_attention runs on
-    dims.device for inputs of `dtype` (sim.ops.cuda_sdpa_kernel on CUDA)."""
+    dims.device for inputs of `dtype` (sim.ops.cuda_sdpa_kernel on CUDA; with a mask, memory-efficient)."""
     if dims.device != "cuda":
         return "cpu"
-    return cuda_sdpa_kernel(dtype != F32, dims.D, dims.G != dims.H)
+    return "efficient" if masked else cuda_sdpa_kernel(dtype != F32, dims.D, dims.G != dims.H)
 
 
 def _math_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims) -> SymTensor:
@@ -252,10 +260,10 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
         sim.drop(kh)
     else:
         q2, k2 = qh, kh
-    y = eager_attention(sim, q2, k2, v, dims, mask, dims.attn_softcap) if dims.eager else sdpa(sim, q2, k2, v, dims)
+    y = eager_attention(sim, q2, k2, v, dims, mask, dims.attn_softcap) if dims.eager else sdpa(sim, q2, k2, v, dims, mask)
     # out is laid out like q, (B,H,T,D)-contiguous after RoPE, so transpose(1,2).reshape copies;
     # CUDA's memory-efficient kernel lays its out as (B,T,H,D): the reshape is a view
-    efficient = not dims.eager and sdpa_kernel(dims, sim.autocast or q2.dtype) == "efficient"
+    efficient = not dims.eager and sdpa_kernel(dims, sim.autocast or q2.dtype, mask is not None) == "efficient"
     if fresh and H > 1 and not efficient:
         y2 = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         sim.drop(y)
@@ -367,20 +375,23 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
     """compute_loss(model, x, y) / accumulation: embeddings, blocks, final norm, head, CE."""
     sim.set_block(None)
     x = embed(sim, params, dims)
-    if tables is None:  # transformers' RoPE: the tables of this forward's positions, in the hidden states' dtype
-        tables = hf_replay.rope_tables(sim, dims.s, dims.D, x.dtype) if dims.style == "llama" else ()
-    mask = causal_mask(sim, dims.s, x.dtype) if dims.eager else None  # Transformer.blocks_out's local
+    # transformers' RoPE: the tables of this forward's positions, in the hidden states' dtype (a set per layer type)
+    sets = [tables] if tables is not None else hf_replay.rope_table_sets(sim, dims, x.dtype)
+    # Transformer.blocks_out's local (eager), or transformers' sliding-window mask (SDPA)
+    mask = causal_mask(sim, dims.s, x.dtype) if dims.eager else hf_replay.sliding_mask(sim, dims)
     for i in range(n_blocks):
         sim.set_block(i)
         run = checkpointed_block if dims.checkpointing else block
-        xn = run(sim, x, params["blocks"][i], dims, tables, mask)
+        xn = run(sim, x, params["blocks"][i], dims, sets[-1] if i in dims.sliding else sets[0],
+                 mask if dims.eager or i in dims.sliding else None)
         sim.drop(x)
         x = xn
     sim.set_block(None)
     sim.drop(mask)
     h = norm(sim, x, params, "norm_f", dims)
     if dims.hf:  # the base model's forward rebinds hidden_states to the norm's output and returns it: the last
-        for t in (x, *tables):  # block's output and the position embeddings go (the head runs in its caller)
+        for t in (x, *(t for tables in sets for t in tables)):  # block's output and the position embeddings
+            # go (the head runs in its caller)
             sim.drop(t)
         x = untracked(0, x.dtype)
 
