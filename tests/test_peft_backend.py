@@ -71,6 +71,39 @@ def test_a_peft_cell_trains_and_its_trace_follows_peft():
     assert "PEFT" in rows["peft"]["est_basis"]
 
 
+@pytest.mark.parametrize("matrix", [
+    dict(precision="bf16", base_dtype="bf16", lora_targets=[["q", "k", "v", "o", "gate", "up", "down"]]),
+    dict(precision="bf16", base_dtype="bf16", lora_dropout=0.1, checkpointing=[False, True]),
+    dict(precision="fp16", base_dtype="fp16"),
+    dict(precision="bf16", base_dtype="nf4", adapter=["lora", "dora"]),
+])
+def test_the_analytic_estimate_replays_peft_casting_each_adapters_input(matrix):
+    """PEFT's layer casts its input to the adapter's dtype (FP32) before dropout, under autocast too,
+    which casts it back for lora_A: each adapted projection saves its own 16-bit copy of the input where
+    lorabench's layers share the input itself (Dims.peft). The peak equals the measured one but for
+    PEFT's per-process constant (144 B at most), with every target (q, k, v share one input: +2 copies,
+    o's input is SDPA's saved output: +1, gate and up: +1, down's input is its own: 0)."""
+    ls, cells = loaded(adapter_backend="peft", **matrix)
+    assert cells
+    for cell in expand(ls):
+        row = run_cell(ls.job(cell, "cpu"))
+        assert row["status"] == "ok", row.get("error")
+        assert 0 <= row["peak_allocated_bytes"] - row["est_peak_bytes"] <= 144, cell.id
+
+
+@pytest.mark.parametrize("precision, base", [("fp32", "bf16"), ("bf16", "bf16")])
+def test_peft_lora_ga_adapters_train_in_the_cells_dtype_on_a_16_bit_base(precision, base):
+    """PEFT's lora_ga_init leaves A and B in the base's dtype; get_peft_model upcasts them after it
+    (autocast_adapter_dtype), and so does lorabench: FP32 adapters, their state bytes exact."""
+    ls, cells = loaded(adapter="lora-ga", adapter_backend="peft", lora_rank=4, precision=precision, base_dtype=base)
+    row = run_cell(ls.job(cells["peft"], "cpu"))
+    assert row["status"] == "ok", row.get("error")
+    assert (row["param_bytes"], row["grad_bytes"], row["optimizer_state_bytes"]) == \
+        (row["est_param_bytes"], row["est_grad_bytes"], row["est_optimizer_state_bytes"])
+    assert row["grad_bytes"] == 4 * row["trainable_params"]  # FP32 gradients: FP32 adapters
+    assert 0 <= row["peak_allocated_bytes"] - row["est_peak_bytes"] <= 144
+
+
 @pytest.mark.parametrize("base", ["nf4", "int8"])
 def test_peft_on_a_quantized_base(base):
     """The quantized model is flagged as transformers' bitsandbytes loader flags one

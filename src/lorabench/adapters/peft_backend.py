@@ -149,7 +149,10 @@ def adalora_regulariser(model, config, grad_scale) -> None:
 def loraga_prepare(model, backward) -> None:
     """PEFT's LoRA-GA on its injected layers: one backward with only the targets' W0 requiring grad
     (B = 0, so the model is the base), each gradient handed to the layer's `lora_ga_init` (A, B from
-    its SVD, W0 offset so that the output is unchanged), as after PEFT's `preprocess_loraga`."""
+    its SVD, W0 offset so that the output is unchanged), as after PEFT's `preprocess_loraga`. That
+    leaves A and B in the base's dtype; get_peft_model inits before it upcasts a 16-bit base's adapters
+    (autocast_adapter_dtype), so they are put back in the dtype they had (the cell's param_dtype), in
+    place (`.data`, as PEFT casts them: the optimizer, already built, keeps its parameters)."""
     from peft import LoraGAConfig
     from peft.tuners.lora import LoraLayer
     from .lora_ga import each_w0_gradient
@@ -161,7 +164,11 @@ def loraga_prepare(model, backward) -> None:
         layer.get_base_layer()._peft_loraga_grad = grad  # what preprocess_loraga leaves; lora_ga_init deletes it
         for name in layer.lora_A:
             layer.lora_ga_init(name, config)
+    trained = [(p, p.dtype) for p in model.parameters() if p.requires_grad]  # in the cell's param_dtype
     each_w0_gradient([m.get_base_layer().weight for m in layers.values()], list(model.parameters()), backward, init)
+    for p, dtype in trained:
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def loraplus_groups(model, lr: float, ratio: float) -> list[dict]:

@@ -285,7 +285,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,
         cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device,
         est_basis=stack.analytic_basis + ("; PEFT's adapter layers replayed as lorabench's "
-                                                         "(--method trace runs PEFT's)"
+                                                         "with PEFT's input cast (--method trace runs PEFT's)"
                                                          if cell.adapter_backend == "peft" else "")
         + (f"; transformers' {model_cfg.approximates} read as the Llama-style block of its widths (its parameter "
            "count)" if model_cfg.approximates else ""))

@@ -82,6 +82,7 @@ class Dims:
     grouped_experts: bool = True  # experts_implementation grouped_mm (else the eager loop)
     hf: bool = False            # transformers' RoPE and RMSNorm (hf_replay.py), where they differ from the above
     gelu_new: bool = False      # the MLP's GELU op by op (ModelConfig.activation gelu_new: hf_replay.gelu_new)
+    peft: bool = False          # PEFT's adapter layers (adapter_backend peft): their input cast (adapter_branch)
     sliding: frozenset = frozenset()  # blocks of transformers' sliding-window layer type (hf_replay.py)
     window_masks: bool = False  # ... whose SDPA gets its mask (the sequence reaches the window)
     rope_sets: int = 1          # transformers' RoPE tables made per forward (Gemma 3: one per layer type)
@@ -204,22 +205,27 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
     sum replaces it), leaves x to the caller. Saves the adapter's input (or the dropout
     output and mask); what the branch itself saves is the adapter's replay."""
     h = sim.hold(x)
-    if dims.dropout > 0:  # CPU: a mask in x's dtype, then x·mask; CUDA: native_dropout's bool mask
-        mask = sim.new(x.numel, U8 if dims.device == "cuda" else x.dtype)
-        h2 = mul_const(sim, x, mask)
+    dtype = next(iter(adapter_params.values())).tensor.dtype  # the adapter's: FP32, or 16 bits in a pure precision
+    if dims.peft:  # PEFT's _cast_input_dtype: x in the adapter's dtype first, under autocast too (which casts it back)
+        h = _rebind(sim, h, sim.to(h, dtype))
+    if dims.dropout > 0:  # CPU: a mask in h's dtype, then h·mask; CUDA: native_dropout's bool mask
+        mask = sim.new(h.numel, U8 if dims.device == "cuda" else h.dtype)
+        h = _rebind(sim, h, mul_const(sim, h, mask))
         sim.drop(mask)
-        sim.drop(h)
-        h = h2
-    if not sim.autocast:  # h.to(the adapter's dtype): FP32, or 16 bits in a pure precision
-        h2 = sim.to(h, next(iter(adapter_params.values())).tensor.dtype)
-        sim.drop(h)
-        h = h2
+    if not sim.autocast:  # h.to(the adapter's dtype)
+        h = _rebind(sim, h, sim.to(h, dtype))
     # the adapter's combine (LoRA: y + branch(h).to(y.dtype)); weight, bias: the base's
     out = dims.adapter.replay_combine(sim, h, y, adapter_params, d_out, weight=weight, bias=bias,
                                       dropout=dims.dropout > 0)
     for t in (y, h):  # locals out (y), h, the branch live until return
         sim.drop(t)
     return out
+
+
+def _rebind(sim: Sim, old: SymTensor, new: SymTensor) -> SymTensor:
+    """`h = f(h)`: the old value released once the new one exists."""
+    sim.drop(old)
+    return new
 
 
 def reshape_heads(sim: Sim, t: SymTensor, clone_grad: bool) -> SymTensor:
