@@ -13,6 +13,7 @@ from lorabench.measure.worker import run_cell
 from lorabench.spec.scenario import expand, load_scenario, parse_scenario
 from lorabench.spec.schema import ConfigError
 from lorabench.stacks import stack_for, stack_of
+from lorabench.stacks.base import ITEM_BYTES as ITEM
 
 pytest.importorskip("transformers")
 
@@ -173,6 +174,9 @@ GPT2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner"
     ({**LLAMA, "model_type": "mistral", "sliding_window": 8}, "lora_rank: [0, 4]\n  precision: [fp32, bf16]\n"
                                                               "  checkpointing: [false, true]"),
     ({**LLAMA, "model_type": "mistral", "sliding_window": 16}, "lora_rank: 4\n  precision: bf16-pure"),
+    # one key/value head: repeat_kv's reshape of the expanded k, v is a view (no copies)
+    ({**LLAMA, "model_type": "mistral", "sliding_window": 8, "num_key_value_heads": 1}, "lora_rank: 0\n"
+                                                                                        "  precision: bf16-pure"),
     # Gemma 3: RoPE tables and inv_freq per layer type (local and global), its local layers masked
     (GEMMA3, "lora_rank: [0, 4]\n  precision: [bf16, bf16-pure]"),
 ])
@@ -197,16 +201,25 @@ def test_gpt2_configs_read_their_activation_and_fused_attention(tmp_path):
         load_scenario(scenario(tmp_path, matrix="lora_rank: 0", config={**GPT2, "activation_function": "relu"}))
 
 
-def test_checkpointed_lora_keeps_the_embeddings_output_and_its_gradient(tmp_path):
+@pytest.mark.parametrize("layers, matrix", [
+    (3, "lora_rank: 4\n  precision: bf16\n  base_dtype: bf16"),
+    # one layer: block 0's backward is the peak, and the recompute's frozen q, k, v (before the gate adapter)
+    # save their autocast copies for the input's gradient
+    (1, "lora_rank: 4\n  lora_targets: [gate]\n  precision: bf16\n  base_dtype: fp32"),
+    # only the head adapted: no block trains, yet every block's backward runs to the input
+    (2, "lora_rank: 4\n  lora_targets: [head]\n  precision: bf16-pure\n  optimizer: sgd"),
+])
+def test_checkpointed_lora_runs_the_backward_to_the_embeddings_output(tmp_path, layers, matrix):
     """transformers' gradient_checkpointing_enable makes the frozen embeddings' output a leaf that
-    requires grad: the graph keeps it and its gradient from backward's end into the optimizer step
-    (HFStack.input_grad_held). Three layers: every phase's peak to the byte."""
+    requires grad: backward runs through every block to it (block 0's input gradient, its frozen
+    projections' saved weights), and the graph keeps the leaf and its gradient from backward's end into
+    the optimizer step (the replay's require_grad, HFStack.input_grad_held). Every phase to the byte."""
     from lorabench.estimator.analytic import estimate
-    ls = load_scenario(scenario(tmp_path, matrix="lora_rank: 4\n  precision: bf16\n  base_dtype: bf16\n"
-                                                 "  checkpointing: true"))
+    ls = load_scenario(scenario(tmp_path, matrix=matrix + "\n  checkpointing: true",
+                                config={**LLAMA, "num_hidden_layers": layers}))
     (cell,) = expand(ls)
     job = ls.job(cell, "cpu")
     row, _ = measured_and_traced(job)
     est = estimate(job.model, cell, job.train.batch_size, "cpu", window_steps=job.train.warmup_steps)
     assert est.phase_peak_bytes == row["phase_peak_bytes"]
-    assert stack_for(job.model).input_grad_held(job.model, cell, 2) == 2 * 2 * 16 * 32 * 2
+    assert stack_for(job.model).input_grad_held(job.model, cell, 2) == 2 * 16 * 32 * ITEM[cell.base_float_dtype]

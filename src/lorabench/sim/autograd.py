@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .live_bytes import LiveBytes
 from .rules import cast_backward
-from .tensors import Checkpoint, Edge, Node, SymTensor
+from .tensors import INF, Checkpoint, Edge, InputLeaf, Node, SymTensor
 
 
 class Graph(LiveBytes):
@@ -70,6 +70,15 @@ class Graph(LiveBytes):
                     self.saves_to_refill -= 1
                     if self.saves_to_refill == 0:
                         self.counting = False  # early stop: the rest of the block is not recomputed
+
+    def require_grad(self, t: SymTensor) -> None:
+        """t.requires_grad_(True) on a tensor no op recorded: a leaf whose gradient AccumulateGrad
+        makes its .grad (kept to the end, as the graph keeps the leaf and the leaf its .grad), and
+        whose AccumulateGrad keeps t itself with the graph (keep_with_graph)."""
+        acc = Node(INF, [], None, self.block)
+        acc.param = InputLeaf(t.numel, t.dtype, False, self.block)
+        t.requires_grad, t.grad_fn, t.output_nr = True, acc, 0
+        self.keep_with_graph(t)
 
     def keep_with_graph(self, t: SymTensor) -> None:
         """A tensor an autograd.Function keeps as a ctx attribute rather than saving it

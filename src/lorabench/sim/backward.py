@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 
 from .autograd import Graph
-from .tensors import BACKWARD_BUFFERS, GRADS, INF, RECOMPUTE, Checkpoint, Edge, Node, SymTensor
+from .tensors import BACKWARD_BUFFERS, GRADS, INF, RECOMPUTE, Checkpoint, Edge, InputLeaf, Node, SymTensor
 
 
 class Backward(Graph):
@@ -125,7 +125,7 @@ class Backward(Graph):
         node.pending = 0
         if grad is None:
             return
-        if self.fsdp_accumulate(param, grad):
+        if not isinstance(param, InputLeaf) and self.fsdp_accumulate(param, grad):
             return
         if param.grad is None:
             self.recategorize(grad, GRADS)

@@ -98,6 +98,13 @@ class Param:
             self.tensor.grad_fn = self.grad_acc
 
 
+class InputLeaf(Param):
+    """A tensor no op made that `requires_grad_(True)` turned into a leaf (transformers'
+    enable_input_require_grads on the frozen embeddings' output): its AccumulateGrad keeps only
+    its .grad, never a parameter's (no FSDP2 reduction)."""
+    __slots__ = ()
+
+
 class Checkpoint:
     """A recorded checkpointed block: its nodes (creation order) and how to re-run its forward."""
     __slots__ = ("nodes", "rerun", "done")

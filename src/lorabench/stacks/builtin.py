@@ -72,6 +72,7 @@ class BuiltinStack(Stack):
                     logit_softcap=bool(cfg.logit_softcap), n_experts=cfg.n_experts,
                     top_k=cfg.experts_per_token or 0, grouped_experts=cfg.experts_implementation != "eager",
                     hf=hf_ops, gelu_new=cfg.activation == "gelu_new", peft=cell.adapter_backend == "peft",
+                    input_requires_grad=hf_ops and hf_replay.input_leaf(cell),
                     sliding=hf_replay.sliding_blocks(cfg, n_blocks) if hf_ops else frozenset(),
                     window_masks=hf_ops and hf_replay.window_masks(cfg, eager_attention_of(cfg, cell.attn_implementation)),
                     rope_sets=hf_replay.rope_sets(cfg) if hf_ops else 1)

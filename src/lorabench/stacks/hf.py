@@ -148,11 +148,12 @@ class HFStack(Stack):
 
     def input_grad_held(self, cfg, cell, micro_batch):
         """transformers' gradient_checkpointing_enable calls enable_input_require_grads: with frozen
-        embeddings their output becomes a leaf that requires grad, whose gradient backward accumulates
-        (b·s·C in its dtype) and which the graph keeps, with it, until the next loss replaces the graph."""
-        if not (cell.checkpointing and cell.is_lora):
+        embeddings their output becomes a leaf that requires grad (hf_replay.input_leaf: the replay runs
+        the backward into it, and keeps the leaf with the graph), whose gradient backward accumulates
+        (b·s·C in its dtype): the leaf keeps it, and the graph the leaf, until the next loss replaces it."""
+        if not hf_replay.input_leaf(cell):
             return 0
-        return 2 * micro_batch * cfg.seq_len * cfg.d_model * ITEM_BYTES[cell.base_float_dtype]
+        return micro_batch * cfg.seq_len * cfg.d_model * ITEM_BYTES[cell.base_float_dtype]
 
     def buffer_numels(self, cfg):
         """RoPE's inv_freq and original_inv_freq, D/2 each (transformers' RotaryEmbedding; its cos and

@@ -31,7 +31,7 @@ over the batch (s² bytes), alive until it returns and kept by each checkpointed
 layer passes it to SDPA, which converts it to an additive mask in q's dtype (b·s²·a; CUDA's
 memory-efficient kernel, the one that takes a mask, pads its rows to 16 elements) and saves that for
 backward; and with a mask transformers cannot ask SDPA for GQA: repeat_kv copies k and v to H heads
-(b·H·s·D·a each) before the call, and SDPA saves the copies (sliding_blocks, masked_kv, sdpa_mask).
+(b·H·s·D·a each; a view with one key/value head) before the call, and SDPA saves the copies (sliding_blocks, masked_kv, sdpa_mask).
 """
 from __future__ import annotations
 
@@ -127,6 +127,13 @@ def gelu_new(sim: Sim, x: SymTensor) -> SymTensor:
     return out
 
 
+def input_leaf(cell) -> bool:
+    """Whether the embeddings' output is a leaf that requires grad: transformers' gradient_checkpointing_enable
+    calls enable_input_require_grads, and with frozen embeddings (an adapter cell) that makes their output one
+    (the replay runs the backward into it: block 0's input gradient; HFStack.input_grad_held keeps its .grad)."""
+    return cell.checkpointing and cell.is_lora
+
+
 def sliding_blocks(cfg, n_blocks: int) -> frozenset:
     """The simulated blocks (estimator/replay: block 0, block 1 standing for layers 1 .. L-2, and the
     last) of the sliding-window type. Block 1 takes the kind most of the layers it stands for have
@@ -159,9 +166,10 @@ def sliding_mask(sim: Sim, dims) -> SymTensor | None:
 
 def masked_kv(sim: Sim, k: SymTensor, v: SymTensor, dims) -> tuple[SymTensor, SymTensor]:
     """repeat_kv(k), repeat_kv(v) ahead of a masked SDPA call (H/G copies, gradients summed back): new
-    tensors of H heads when G < H, else k and v themselves (held)."""
+    tensors of H heads when 1 < G < H; else k and v themselves (held): with one key/value head the
+    expand's reshape is a view."""
     rep = dims.H // dims.G
-    if rep == 1:
+    if rep == 1 or dims.G == 1:
         return sim.hold(k), sim.hold(v)
     return tuple(sim.out(sim.new(t.numel * rep, t.dtype), sim.node([t], unary_backward)) for t in (k, v))
 

@@ -83,6 +83,7 @@ class Dims:
     hf: bool = False            # transformers' RoPE and RMSNorm (hf_replay.py), where they differ from the above
     gelu_new: bool = False      # the MLP's GELU op by op (ModelConfig.activation gelu_new: hf_replay.gelu_new)
     peft: bool = False          # PEFT's adapter layers (adapter_backend peft): their input cast (adapter_branch)
+    input_requires_grad: bool = False  # the embeddings' output made a leaf that requires grad (HFStack)
     sliding: frozenset = frozenset()  # blocks of transformers' sliding-window layer type (hf_replay.py)
     window_masks: bool = False  # ... whose SDPA gets its mask (the sequence reaches the window)
     rope_sets: int = 1          # transformers' RoPE tables made per forward (Gemma 3: one per layer type)
@@ -381,6 +382,8 @@ def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> S
     """compute_loss(model, x, y) / accumulation: embeddings, blocks, final norm, head, CE."""
     sim.set_block(None)
     x = embed(sim, params, dims)
+    if dims.input_requires_grad:  # transformers' enable_input_require_grads (HF, checkpointing, frozen embeddings)
+        sim.require_grad(x)
     # transformers' RoPE: the tables of this forward's positions, in the hidden states' dtype (a set per layer type)
     sets = [tables] if tables is not None else hf_replay.rope_table_sets(sim, dims, x.dtype)
     # Transformer.blocks_out's local (eager), or transformers' sliding-window mask (SDPA)
