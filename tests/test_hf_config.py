@@ -141,3 +141,18 @@ def test_the_sliding_window_layers_are_transformers_own(tmp_path):
         ours = sliding_attention(write(tmp_path, data))
         assert (ours.window, ours.layers) == (window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")), data
         assert ours.rope_sets == (len(set(types)) if data["model_type"] == "gemma3_text" else 1), data
+
+
+@pytest.mark.parametrize("family, extra, key", [
+    ("tiny-gemma3", {"sliding_window": 8, "sliding_window_pattern": 0}, "sliding_window_pattern"),
+    ("tiny-gemma3", {"sliding_window": 8, "sliding_window_pattern": "6"}, "sliding_window_pattern"),
+    ("tiny-qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": "x"}, "max_window_layers"),
+    ("tiny-qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": -1}, "max_window_layers"),
+])
+def test_a_bad_sliding_window_key_is_one_line_naming_it(tmp_path, family, extra, key):
+    """The window's layers are read without transformers (the estimator never imports it): a value it
+    cannot use is a ConfigError naming the file and the key, not a ZeroDivisionError or TypeError."""
+    from lorabench.spec.hf_config import sliding_attention
+    data = {**json.loads((SCENARIOS_HF / family / "config.json").read_text()), **extra}
+    with pytest.raises(ConfigError, match=key):
+        sliding_attention(write(tmp_path, data))

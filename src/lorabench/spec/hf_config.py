@@ -395,9 +395,11 @@ def sliding_attention(path: str) -> Sliding:
     if not isinstance(types, list) or len(types) != L:
         if mtype in ("qwen2", "qwen3"):
             first = data.get("max_window_layers", 28)
+            if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+                raise ConfigError(path, "max_window_layers", f"must be an integer >= 0, got {short(first)}")
             types = ["sliding_attention" if window is not None and i >= first else "full" for i in range(L)]
         elif mtype in ("gemma2", "gemma3_text"):
-            pattern = data.get("sliding_window_pattern", 6) if mtype == "gemma3_text" else 2
+            pattern = _int(data, "sliding_window_pattern", path, 6) if mtype == "gemma3_text" else 2
             types = ["sliding_attention" if (i + 1) % pattern else "full" for i in range(L)]
         else:
             types = ["sliding_attention" if window is not None else "full"] * L

@@ -59,6 +59,7 @@ class BuiltinStack(Stack):
         return (cfg.max_seq_len * (cfg.head_dim // 2),) * 2 if cfg.style == "llama" else ()
 
     def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None, hf_ops=False):
+        eager = eager_attention_of(cfg, cell.attn_implementation)
         dims = Dims(b=micro_batch, s=cfg.seq_len, C=cfg.d_model, H=cfg.n_heads, G=cfg.n_kv_heads, D=cfg.head_dim,
                     F=cfg.d_ff, V=cfg.vocab_size, style=cfg.style,
                     adapter=get_adapter(cell.adapter) if cell.is_lora else None, dropout=cell.dropout,
@@ -68,14 +69,11 @@ class BuiltinStack(Stack):
                     double_quant=bool(cell.double_quant), qk_norm=cfg.qk_norm,
                     norm_offset=cfg.norm_offset,
                     sandwich=cfg.sandwich_norm, embed_scale=cfg.embed_scale,
-                    eager=eager_attention_of(cfg, cell.attn_implementation), attn_softcap=bool(cfg.attn_softcap),
+                    eager=eager, attn_softcap=bool(cfg.attn_softcap),
                     logit_softcap=bool(cfg.logit_softcap), n_experts=cfg.n_experts,
                     top_k=cfg.experts_per_token or 0, grouped_experts=cfg.experts_implementation != "eager",
-                    hf=hf_ops, gelu_new=cfg.activation == "gelu_new", peft=cell.adapter_backend == "peft",
-                    input_requires_grad=hf_ops and hf_replay.input_leaf(cell),
-                    sliding=hf_replay.sliding_blocks(cfg, n_blocks) if hf_ops else frozenset(),
-                    window_masks=hf_ops and hf_replay.window_masks(cfg, eager_attention_of(cfg, cell.attn_implementation)),
-                    rope_sets=hf_replay.rope_sets(cfg) if hf_ops else 1)
+                    gelu_new=cfg.activation == "gelu_new", peft=cell.adapter_backend == "peft",
+                    **(hf_replay.dims_fields(cfg, cell, eager, n_blocks) if hf_ops else {}))
         half = cfg.seq_len * (cfg.head_dim // 2)
         tables = None if hf_ops else (untracked(half, dims.table_dtype), untracked(half, dims.table_dtype))  # cos, sin
         return forward_loss(sim, sim_params(cfg, cell, n_blocks), dims, n_blocks, tables)

@@ -31,7 +31,7 @@ over the batch (s² bytes), alive until it returns and kept by each checkpointed
 layer passes it to SDPA, which converts it to an additive mask in q's dtype (b·s²·a; CUDA's
 memory-efficient kernel, the one that takes a mask, pads its rows to 16 elements) and saves that for
 backward; and with a mask transformers cannot ask SDPA for GQA: repeat_kv copies k and v to H heads
-(b·H·s·D·a each; a view with one key/value head) before the call, and SDPA saves the copies (sliding_blocks, masked_kv, sdpa_mask).
+(b·H·s·D·a each; a view with one key/value head) before the call, and SDPA saves the copies (dims_fields, masked_kv, sdpa_mask).
 """
 from __future__ import annotations
 
@@ -134,29 +134,28 @@ def input_leaf(cell) -> bool:
     return cell.checkpointing and cell.is_lora
 
 
-def sliding_blocks(cfg, n_blocks: int) -> frozenset:
-    """The simulated blocks (estimator/replay: block 0, block 1 standing for layers 1 .. L-2, and the
-    last) of the sliding-window type. Block 1 takes the kind most of the layers it stands for have
-    (Gemma 3: 5 of 6 sliding, its few global middle layers counted as sliding too)."""
-    layers = set(sliding_attention(cfg.hf).layers) if cfg.hf else set()
-    L = cfg.n_layers
-    if not layers or L <= n_blocks:
-        return frozenset(i for i in range(n_blocks) if i in layers)
-    middle = sum(1 for i in range(1, L - 1) if i in layers)
-    real = {0: 0 in layers, 1: 2 * middle >= L - 2, n_blocks - 1: L - 1 in layers}
-    return frozenset(j for j, on in real.items() if on)
-
-
-def window_masks(cfg, eager: bool) -> bool:
-    """Whether the sliding layers' SDPA gets transformers' mask (module docstring): under SDPA, once the
-    sequence reaches the window (eager attention has its own mask)."""
-    window = sliding_attention(cfg.hf).window if cfg.hf else None
-    return not eager and window is not None and cfg.seq_len >= window
+def dims_fields(cfg, cell, eager: bool, n_blocks: int) -> dict:
+    """The Dims fields of transformers' model where it differs from lorabench's own stack, its config.json
+    read once: the input leaf (input_leaf), the simulated blocks of the sliding-window type (estimator/
+    replay: block 0, block 1 standing for layers 1 .. L-2, and the last; block 1 takes the kind most of
+    the layers it stands for have: Gemma 3's few global middle layers are counted as sliding), whether
+    their SDPA gets transformers' mask (module docstring: under SDPA, once the sequence reaches the
+    window; eager attention has its own mask) and the RoPE table sets (Gemma 3: one per layer type)."""
+    window, layers, sets = sliding_attention(cfg.hf)
+    L, layers = cfg.n_layers, set(layers)
+    if L <= n_blocks:
+        sliding = frozenset(i for i in range(n_blocks) if i in layers)
+    else:
+        middle = sum(1 for i in range(1, L - 1) if i in layers)
+        real = {0: 0 in layers, 1: 2 * middle >= L - 2, n_blocks - 1: L - 1 in layers}
+        sliding = frozenset(j for j, on in real.items() if on)
+    return {"hf": True, "input_requires_grad": input_leaf(cell), "sliding": sliding,
+            "window_masks": not eager and window is not None and cfg.seq_len >= window, "rope_sets": sets}
 
 
 def rope_sets(cfg) -> int:
     """RoPE table sets transformers' model makes per forward (Gemma 3: one per layer type)."""
-    return sliding_attention(cfg.hf).rope_sets if cfg.hf else 1
+    return sliding_attention(cfg.hf).rope_sets
 
 
 def sliding_mask(sim: Sim, dims) -> SymTensor | None:
