@@ -130,6 +130,14 @@ def test_gemma_configs_are_read_with_their_familys_defaults(tmp_path):
     g1 = hf_config_fields(_write(tmp_path, {**BASE, "model_type": "gemma", "hidden_act": "gelu",
                                             "hidden_activation": None}))
     assert not g1["sandwich_norm"] and g1["query_pre_attn_scalar"] is None and g1["norm_offset"]
+    # transformers' Gemma 3 attention passes no soft-cap to its attention functions (it stays SDPA-able), its
+    # logits' cap it applies; Gemma 1 has neither
+    g3 = hf_config_fields(_write(tmp_path, {**BASE, "model_type": "gemma3_text", "attn_logit_softcapping": 50.0,
+                                            "final_logit_softcapping": 30.0}))
+    assert (g3["attn_softcap"], g3["logit_softcap"]) == (None, 30.0)
+    g1 = hf_config_fields(_write(tmp_path, {**BASE, "model_type": "gemma", "attn_logit_softcapping": 50.0,
+                                            "final_logit_softcapping": 30.0}))
+    assert (g1["attn_softcap"], g1["logit_softcap"]) == (None, None)
 
 
 @pytest.mark.parametrize("data,key", [

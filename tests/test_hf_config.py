@@ -114,7 +114,7 @@ def test_the_sliding_window_layers_are_transformers_own(tmp_path):
     each family's shipped config and its variants (key absent: the class default; Qwen's
     use_sliding_window and max_window_layers; Gemma 3's pattern; layer_types given)."""
     import transformers
-    from lorabench.spec.hf_config import sliding_attention
+    from lorabench.spec.hf_attention import sliding_attention
     cases = []
     for family in sorted(p.name for p in SCENARIOS_HF.iterdir()):
         shipped = json.loads((SCENARIOS_HF / family / "config.json").read_text())
@@ -128,7 +128,8 @@ def test_the_sliding_window_layers_are_transformers_own(tmp_path):
                       {**shipped, "layer_types": ["full_attention", "sliding_attention"] * 3 + ["full_attention"]}]
     import importlib
     import inspect
-    from lorabench.spec.hf_config import GEMMA_TYPES, LLAMA_TYPES, WINDOWED
+    from lorabench.spec.hf_attention import WINDOWED
+    from lorabench.spec.hf_config import GEMMA_TYPES, LLAMA_TYPES
     windowed = {t for t in LLAMA_TYPES + GEMMA_TYPES + ("gpt2", "phi3") if "create_sliding_window_causal_mask" in
                 inspect.getsource(importlib.import_module(f"transformers.models.{t.split('_')[0]}.modeling_{t.split('_')[0]}"))}
     assert windowed == set(WINDOWED)
@@ -152,7 +153,7 @@ def test_the_sliding_window_layers_are_transformers_own(tmp_path):
 def test_a_bad_sliding_window_key_is_one_line_naming_it(tmp_path, family, extra, key):
     """The window's layers are read without transformers (the estimator never imports it): a value it
     cannot use is a ConfigError naming the file and the key, not a ZeroDivisionError or TypeError."""
-    from lorabench.spec.hf_config import sliding_attention
+    from lorabench.spec.hf_attention import sliding_attention
     data = {**json.loads((SCENARIOS_HF / family / "config.json").read_text()), **extra}
     with pytest.raises(ConfigError, match=key):
         sliding_attention(write(tmp_path, data))

@@ -209,9 +209,9 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     opt = get_optimizer(cell.optimizer)
     impl = opt.implementation(resolve_optimizer_impl(optimizer_impl, device), device)
     micro_b = cell.micro_batch(batch_size)
-    sb = state_bytes(model_cfg, cell)
-    buf_isz = ISZ[cell.base_float_dtype]
     stack = stack_for(model_cfg)
+    sb = state_bytes(model_cfg, cell, stack.parameters)  # the optimizer's order: the stack's model's
+    buf_isz = ISZ[cell.base_float_dtype]
     buffers = sum(stack.buffer_numels(model_cfg)) * buf_isz
     n_batches = window_steps if n_batches is None else n_batches
     batches = n_batches * batch_pair_bytes(batch_size, model_cfg.seq_len, device)
@@ -227,7 +227,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     stepped = first_update_step <= window_steps
     scaler = 8 if cell.uses_loss_scaler else 0  # GradScaler's _scale (fp32) and _growth_tracker (int32)
 
-    res = simulate(model_cfg, cell, device)
+    res = simulate(model_cfg, cell, device, micro_b)
     const = {"params": param_bytes * on_device, "buffers": buffers, "batches": batches, "grad_scaler": scaler}
     dev_grads = grad_bytes * on_device
     if cell.strategy == "ddp":  # the Reducer's buckets, from the wrap on

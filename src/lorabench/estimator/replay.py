@@ -18,6 +18,7 @@ from ..sim.peaks import at_batch
 from ..sim.rules import unary_backward
 from ..sim.tensors import CATEGORIES, F32, ITEM_BYTES
 from ..spec.config import Cell, ModelConfig
+from ..spec.model import eager_attention_of
 from ..stacks import stack_for
 from .parallel import compute_cell, fsdp_plan
 
@@ -91,20 +92,25 @@ one), AdaLoRA's budget (between steps), and the ranks' layout but for FSDP2's (w
 shards). Every other field is in the key, a new one too."""
 
 
-def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu") -> SimResult:
+def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu", micro_batch: int | None = None) -> SimResult:
     """Replay one micro-batch's forward and backward (the stack's ops on sim); cached.
 
     A later micro-batch of an accumulated step runs the same ops with every .grad
     already allocated and AccumulateGrad adding in place, so one replay gives both
     readings; the micro-batch size is symbolic, so one replay serves every batch
-    size and accumulation count."""
+    size and accumulation count -- but a micro-batch of one, where matmul folds a strided
+    (b, heads, ...) operand without copying it (eager_replay), has a replay of its own
+    (micro_batch 1; None: any size)."""
     sharded = cell.strategy == "fsdp2" and (cell.world_size, cell.reshard_after_forward, cell.fsdp_param_dtype,
                                             cell.fsdp_reduce_dtype, cell.cpu_offload)
-    key = (_shape(cfg), device, cell.dropout > 0, sharded,
+    unit = micro_batch == 1 and eager_attention_of(cfg, cell.attn_implementation)  # only eager attention's
+    # layouts depend on it
+    key = (_shape(cfg), device, cell.dropout > 0, sharded, unit,
            *(getattr(cell, f.name) for f in dataclasses.fields(cell) if f.name not in NOT_REPLAYED))
     res = _CACHE.get(key)
     if res is None:
         if len(_CACHE) > 4096:
             _CACHE.clear()
-        res = _CACHE[key] = replay(cfg, cell, device)
+        res = _CACHE[key] = replay(cfg, cell, device, **({"micro_batch": 1} if unit else {}))
     return res
+

@@ -15,7 +15,9 @@ Supported `model_type`s and the keys read:
                           sandwich norms, query_pre_attn_scalar (default 256); gemma2:
                           attn_logit_softcapping (default 50) and final_logit_softcapping
                           (default 30), so its attention is eager; gemma3_text: q_norm and
-                          k_norm (qk_norm), its soft-caps default to none
+                          k_norm (qk_norm), final_logit_softcapping (default none; its
+                          attn_logit_softcapping is not applied by transformers' Gemma 3,
+                          so not read); gemma: no soft-cap
   mixtral                 as llama, and num_local_experts, num_experts_per_tok (default 2):
                           a mixture of experts (ModelConfig.n_experts); router_jitter_noise
                           must be 0; the router's auxiliary loss is transformers' only with
@@ -30,7 +32,7 @@ model cannot express is refused rather than approximated: llama's attention_bias
 one `bias` on o, gate, up, down). A sliding window (Mistral's, Qwen's use_sliding_window, Gemma's
 local layers) is not a ModelConfig field: lorabench's own stack attends causally over the whole
 sequence (the window changes the scores' values, not their memory), and the analytic estimate of
-transformers' model reads it from the file (`sliding_attention`: under SDPA, transformers
+transformers' model reads it from the file (`hf_attention.sliding_attention`: under SDPA, transformers
 materialises a mask for it once the sequence reaches it), as it does Gemma 3's RoPE tables per layer
 type (rope_local_base_freq). A Gemma 3 multimodal config (model_type
 gemma3, the text model under text_config) is refused in one line. Any other model_type is
@@ -42,7 +44,6 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 from .schema import ConfigError, DuplicateKey, missing_file, short, unique_keys
 
@@ -214,8 +215,10 @@ def _gemma(data: dict, path: str, mtype: str) -> dict:
     fields.update(activation="gelu_tanh", norm_offset=True, embed_scale=True, sandwich_norm=later,
                   qk_norm=mtype == "gemma3_text",
                   query_pre_attn_scalar=_float(data, "query_pre_attn_scalar", path, 0) if later else None,
-                  attn_softcap=_softcap(data, "attn_logit_softcapping", path),
-                  logit_softcap=_softcap(data, "final_logit_softcapping", path))
+                  # transformers' Gemma 3 attention stores attn_logit_softcapping but passes no soft-cap to its
+                  # attention functions; Gemma 1 has neither soft-cap
+                  attn_softcap=_softcap(data, "attn_logit_softcapping", path) if mtype == "gemma2" else None,
+                  logit_softcap=_softcap(data, "final_logit_softcapping", path) if later else None)
     return fields
 
 
@@ -352,57 +355,3 @@ def sdpa_problem(path: str) -> str | None:
     except ConfigError:
         return None
     return None if cls is None else f"transformers' {cls} has no SDPA path (sdpa): it runs eagerly (eager)"
-
-
-# the window transformers' config class gives a family when config.json has no `sliding_window` key (transformers 5:
-# MistralConfig and the others below default to 4096, the rest to None); tests/test_hf_config.py holds the rule
-# below to the installed transformers' own config objects
-SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096}
-# the families (of those lorabench reads, and phi3) whose transformers model attends within a window: the others
-# ignore a `sliding_window` key (tests/test_hf_config.py: those whose modeling module makes a sliding mask)
-WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
-
-
-class Sliding(NamedTuple):
-    window: int | None      # the sliding layers' attention window (None: none)
-    layers: tuple           # the layers of type "sliding_attention"
-    rope_sets: int          # RoPE tables made per forward: one per layer type where the model keeps a RoPE
-    #                         base per type (Gemma 3: rope_local_base_freq), else one
-
-
-PER_TYPE_ROPE = ("gemma3_text",)  # Gemma3RotaryEmbedding: inv_freq buffers and cos/sin per layer type
-
-
-def sliding_attention(path: str) -> Sliding:
-    """The attention window of transformers' model of the config.json at `path` (None: no window), the
-    layers of its "sliding_attention" type and its RoPE table sets (Sliding). As transformers 5 reads the file: `layer_types`
-    where the config gives them, else as its class makes them -- Qwen2 and Qwen3 the layers from
-    max_window_layers on when use_sliding_window (none without), Gemma 2 every other layer, Gemma 3 all but
-    every sliding_window_pattern-th --, and where the class has none every layer attends within the window
-    if there is one (Mistral, Mixtral, Phi-3)."""
-    data = _read(path)
-    mtype, L = data.get("model_type"), data.get("num_hidden_layers")
-    if mtype not in WINDOWED or not isinstance(L, int) or isinstance(L, bool) or L <= 0:
-        return Sliding(None, (), 1)
-    window = data.get("sliding_window", SLIDING_DEFAULTS.get(mtype))
-    if mtype in ("qwen2", "qwen3") and not data.get("use_sliding_window", False):
-        window = None
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        window = None
-    elif mtype == "gemma3_text" and data.get("use_bidirectional_attention"):
-        window = window // 2 + 1  # Gemma3TextConfig's own adjustment
-    types = data.get("layer_types")
-    if not isinstance(types, list) or len(types) != L:
-        if mtype in ("qwen2", "qwen3"):
-            first = data.get("max_window_layers", 28)
-            if not isinstance(first, int) or isinstance(first, bool) or first < 0:
-                raise ConfigError(path, "max_window_layers", f"must be an integer >= 0, got {short(first)}")
-            types = ["sliding_attention" if window is not None and i >= first else "full" for i in range(L)]
-        elif mtype in ("gemma2", "gemma3_text"):
-            pattern = _int(data, "sliding_window_pattern", path, 6) if mtype == "gemma3_text" else 2
-            types = ["sliding_attention" if (i + 1) % pattern else "full" for i in range(L)]
-        else:
-            types = ["sliding_attention" if window is not None else "full"] * L
-    kinds = set(types)
-    return Sliding(window, tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
-                   len(kinds) if mtype in PER_TYPE_ROPE else 1)

@@ -8,6 +8,13 @@ S = b·H·s² scores; a = bytes per element of q's dtype.
 forward   repeat_kv (rep > 1): k and v copied to H heads (b·H·s·D·a each, no saves); without
           repeats, matmul copies v (a transposed view) for its bmm, which saves the copy;
           scores = q·kᵀ (bmm, S·a; saves q and k, views), · scale (S·a, the bmm's freed);
+          transformers' (`hf`): its RoPE leaves q and k laid out (b, s, heads, D): matmul's
+          reshape to (b·H, s, D) copies q, and k where no repeat made it contiguous, and the
+          bmm saves the copies (b·H·s·D·a, b·G·s·D·a); a micro-batch of one (or one head, or
+          one position) folds without a copy: the replay runs b = 1 concretely for it. And
+          eager_attention_forward makes the output's (b, s, H, D) copy while its locals (the
+          repeated k and v) live, and returns the probabilities to the attention module, which
+          keeps them until it returns (after o_proj: S·4 under autocast over FP32 states);
           soft-cap (Gemma 2): /cap, tanh (saves its output, S·a), ·cap; + mask (the (s, s)
           mask in the model's dtype: the sum is promoted to it); softmax in FP32 (a cast
           first when the sum is not FP32; saves its output, S·4); .to(q's dtype) (S·a when it
@@ -25,14 +32,17 @@ from ..sim.tensors import F32, SymTensor
 
 
 def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, mask: SymTensor,
-                    softcap: bool) -> SymTensor:
+                    softcap: bool, hf: bool = False) -> tuple[SymTensor, SymTensor | None]:
     """softmax(softcap(q·kᵀ·scale) + mask, FP32).to(q's dtype)·v; q (b·H·s·D), k and v (b·G·s·D)
-    are the caller's; returns the output (b·H·s·D, laid out (b, H, s, D))."""
+    are the caller's (`hf`: transformers', module docstring); returns the output (b·H·s·D, laid out
+    (b, H, s, D); `hf`: (b, s, H, D), eager_attention_forward's transposed copy) and, `hf`, the
+    probabilities the caller keeps (None otherwise)."""
     rep = dims.H // dims.G
     k2 = _repeat_kv(sim, k, rep, True)
     v2 = _repeat_kv(sim, v, rep, True) if rep > 1 else None
     S = dims.b * dims.H * dims.s * dims.s
-    scores = bmm(sim, q, k2, S)
+    folds = dims.b == 1 or dims.s == 1  # (b, heads) merge into one batch dimension without a copy
+    scores = bmm(sim, q, k2, S, copies=(hf and dims.H > 1 and not folds, hf and rep == 1 and not folds))
     w = scalar_op(sim, scores)  # · scale
     if softcap:
         w = soft_cap(sim, w)
@@ -47,27 +57,39 @@ def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, ma
     sim.drop(p)
     sim.drop(masked)  # `w = softmax(w, ...).to(...)`: the sum is released when the statement ends
     if v2 is None:  # v, a transposed view of its projection, is copied by this matmul's reshape
-        v2 = _repeat_kv(sim, v, 1, dims.G == 1 or dims.s == 1)
+        v2 = _repeat_kv(sim, v, 1, dims.G == 1 or folds)
     out = bmm(sim, p2, v2, dims.b * dims.H * dims.s * dims.D)
     # the caller's transpose(1, 2).reshape meets a (b, H, s, D) gradient laid out (b, s, H, D):
     # bmm's output view reshapes it, a copy
     out_view = sim.out(sim.view(out), sim.node([out], unary_backward))
     sim.drop(out)
-    for t in (p2, k2, v2):
+    if hf and dims.H > 1 and dims.s > 1:  # attn_output.transpose(1, 2).contiguous(), before its locals go
+        y = sim.out(sim.new(out_view.numel, out_view.dtype), sim.node([out_view], pass_backward))
+        sim.drop(out_view)
+        out_view = y
+    for t in (k2, v2) if hf else (p2, k2, v2):
         sim.drop(t)
-    return out_view
+    return out_view, p2 if hf else None
 
 
-def bmm(sim: Sim, a: SymTensor, b: SymTensor, numel: int) -> SymTensor:
+def bmm(sim: Sim, a: SymTensor, b: SymTensor, numel: int, copies: tuple = (False, False)) -> SymTensor:
     """torch.matmul of two 4-D tensors (a batched bmm): saves each operand the other's gradient
     needs (views of live tensors, or under autocast their half casts, when they are not half
-    already: transformers' RoPE leaves q and k FP32 over FP32 hidden states); its gradients are
-    one of each operand's size."""
-    a2, b2 = (sim.to(t, sim.autocast) if sim.autocast else sim.hold(t) for t in (a, b))
+    already: transformers' RoPE leaves q and k FP32 over FP32 hidden states; `copies`: the
+    operands its reshape to three dimensions copies); its gradients are one of each operand's size."""
+    a1, b1 = (sim.to(t, sim.autocast) if sim.autocast else sim.hold(t) for t in (a, b))
+    a2, b2 = (_copy(sim, t) if copy else sim.hold(t) for t, copy in zip((a1, b1), copies))
     out = product(sim, a2, b2, numel, a2.dtype, bmm_backward)
+    sim.drop(a1)  # matmul's arguments (autocast's casts) live until it returns
+    sim.drop(b1)
     sim.drop(a2)
     sim.drop(b2)
     return out
+
+
+def _copy(sim: Sim, t: SymTensor) -> SymTensor:
+    """t.reshape(...) of a tensor whose layout does not fold: a copy (its gradient passes back)."""
+    return sim.out(sim.new(t.numel, t.dtype), sim.node([t], pass_backward))
 
 
 def _repeat_kv(sim: Sim, t: SymTensor, rep: int, contiguous: bool) -> SymTensor:

@@ -27,6 +27,7 @@ attention op for op (stacks/eager_replay.py) wherever a cell runs it.
 """
 from __future__ import annotations
 
+import itertools
 import types
 
 from . import hf_replay
@@ -141,7 +142,7 @@ class HFStack(Stack):
         return numbered_block(param_name)
 
     def parameters(self, cfg, cell, blocks=None):
-        return self._builtin.parameters(cfg, cell, blocks)
+        return hf_order(self._builtin.parameters(cfg, cell, blocks), cfg, cell.adapter_backend == "peft")
 
     def projections(self, cfg):
         return self._builtin.projections(cfg)
@@ -164,6 +165,40 @@ class HFStack(Stack):
 
     def replay_forward(self, sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype=None):
         return self._builtin.replay_forward(sim, cfg, cell, device, micro_batch, n_blocks, buffers_dtype, hf_ops=True)
+
+
+# the built-in block's norms as transformers' decoder layer registers them, after self_attn and mlp:
+# input_layernorm, post_attention_layernorm (Gemma 2, 3: input_, post_attention_, pre_feedforward_,
+# post_feedforward_layernorm)
+LAYER_NORMS = ("norm1", "attn_out_norm", "norm2", "mlp_out_norm")
+
+
+def hf_order(specs: list, cfg, peft: bool) -> list:
+    """The built-in stack's parameters (transformer_layout) in transformers' model.parameters() order:
+    a Llama-style layer's norms after its attention and MLP (LAYER_NORMS; GPT-2's ln_1, attn, ln_2, mlp
+    are the built-in order), and under PEFT each adapted layer's base_layer (weight, bias) before its
+    adapter's parameters, which lorabench's AdaptedLinear registers first. The order is what the
+    for-loop optimizers' temporaries follow (optimizers/)."""
+    out, norms = [], []
+
+    def flush():
+        out.extend(sorted(norms, key=lambda n: LAYER_NORMS.index(n.name.split(".")[2])))
+        norms.clear()
+    for p in specs:
+        if norms and p.block != norms[0].block:
+            flush()
+        if cfg.style == "llama" and p.block is not None and p.name.split(".")[2] in LAYER_NORMS:
+            norms.append(p)
+        else:
+            out.append(p)
+    flush()
+    if not peft:
+        return out
+
+    def layer(p):  # blocks.3.q.lora_A -> blocks.3.q; head.lora_A -> head
+        return ".".join(p.name.split(".")[:3 if p.block is not None else 1])
+    return [p for _, group in itertools.groupby(out, key=layer)
+            for p in sorted(group, key=lambda p: p.name not in (layer(p), layer(p) + ".bias"))]
 
 
 def _hidden_states(model, x):

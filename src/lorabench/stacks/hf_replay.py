@@ -39,7 +39,7 @@ from ..sim.engine import Sim
 from ..sim.ops import binary, elementwise, halves, mul_broadcast, mul_const, scalar_op
 from ..sim.rules import cat_backward, pass_backward, unary_backward
 from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote
-from ..spec.hf_config import sliding_attention
+from ..spec.hf_attention import qk_norm_each, sliding_attention
 
 
 def rope_table_sets(sim: Sim, dims, dtype: str) -> list[tuple]:
@@ -94,12 +94,12 @@ def rope(sim: Sim, x: SymTensor, tables: tuple) -> SymTensor:
     return out
 
 
-def rmsnorm_scale(sim: Sim, y: SymTensor, xf: SymTensor, weight: Param, dtype: str) -> SymTensor:
-    """LlamaRMSNorm's last line, `self.weight * y.to(input_dtype)` (module docstring): y and xf (its
-    locals) released as it returns."""
+def rmsnorm_scale(sim: Sim, y: SymTensor, variance: SymTensor, weight: Param, dtype: str) -> SymTensor:
+    """LlamaRMSNorm's last line, `self.weight * y.to(input_dtype)` (module docstring): y and variance
+    (its locals) released as it returns."""
     yc = sim.to(y, dtype)
     out = mul_broadcast(sim, yc, weight.tensor, y.numel, promote(weight.tensor.dtype, yc.dtype))
-    for t in (yc, y, xf):
+    for t in (yc, y, variance):
         sim.drop(t)
     return out
 
@@ -141,7 +141,7 @@ def dims_fields(cfg, cell, eager: bool, n_blocks: int) -> dict:
     the layers it stands for have: Gemma 3's few global middle layers are counted as sliding), whether
     their SDPA gets transformers' mask (module docstring: under SDPA, once the sequence reaches the
     window; eager attention has its own mask) and the RoPE table sets (Gemma 3: one per layer type)."""
-    window, layers, sets = sliding_attention(cfg.hf)
+    window, layers, sets, masks = sliding_attention(cfg.hf)
     L, layers = cfg.n_layers, set(layers)
     if L <= n_blocks:
         sliding = frozenset(i for i in range(n_blocks) if i in layers)
@@ -149,13 +149,26 @@ def dims_fields(cfg, cell, eager: bool, n_blocks: int) -> dict:
         middle = sum(1 for i in range(1, L - 1) if i in layers)
         real = {0: 0 in layers, 1: 2 * middle >= L - 2, n_blocks - 1: L - 1 in layers}
         sliding = frozenset(j for j, on in real.items() if on)
-    return {"hf": True, "input_requires_grad": input_leaf(cell), "sliding": sliding,
-            "window_masks": not eager and window is not None and cfg.seq_len >= window, "rope_sets": sets}
+    return {"hf": True, "input_requires_grad": input_leaf(cell), "sliding": sliding, "qk_norm_each": qk_norm_each(cfg.hf),
+            "window_masks": not eager and window is not None and cfg.seq_len >= window, "rope_sets": sets,
+            "eager_masks": masks if eager else 0}
 
 
 def rope_sets(cfg) -> int:
     """RoPE table sets transformers' model makes per forward (Gemma 3: one per layer type)."""
     return sliding_attention(cfg.hf).rope_sets
+
+
+def eager_masks(sim: Sim, dims, dtype: str) -> list[SymTensor]:
+    """The eager path's masks (eager_mask): per mask type the forward makes (Dims.eager_masks), sdpa_mask's
+    bool (s², a view expanded over the batch) through torch.where into a (b, 1, s, s) additive mask in the
+    hidden states' dtype, materialised per sequence; [full, sliding] where it makes both."""
+    out = []
+    for _ in range(dims.eager_masks):
+        bool_mask = sim.new(dims.s * dims.s, U8)
+        out.append(sim.new(dims.b * dims.s * dims.s, dtype))
+        sim.drop(bool_mask)
+    return out
 
 
 def sliding_mask(sim: Sim, dims) -> SymTensor | None:

@@ -123,14 +123,17 @@ class StateBytes:
     groups: list[list[ParamSpec]] = field(default_factory=list)  # every trainable tensor, per optimizer group
 
 
-def optimizer_groups(cfg: ModelConfig, cell: Cell) -> list[list[ParamSpec]]:
+def optimizer_groups(cfg: ModelConfig, cell: Cell, listing=None) -> list[list[ParamSpec]]:
     """The trainable tensors as the optimizer steps them: one group per learning rate
     (adapters.layer.param_groups asks the adapter's `lr_scale`), in order of first appearance,
-    each group in model.parameters() order, every block (block 0's specs stand for each)."""
-    outer = model_params(cfg, cell, blocks=range(0))
-    n_emb = 2 if cfg.style == "gpt2" else 1
-    emb, tail = [p for p in outer[:n_emb] if p.trainable], [p for p in outer[n_emb:] if p.trainable]
-    in_order = emb + [p for p in block_params(cfg, cell, 0) if p.trainable] * cfg.n_layers + tail
+    each group in model.parameters() order, every block (block 0's specs stand for each).
+    listing(cfg, cell, blocks): the stack's parameters in its model's order (Stack.parameters;
+    default: the built-in stack's, model_params)."""
+    listed = (listing or model_params)(cfg, cell, blocks=range(1))
+    first = next((i for i, p in enumerate(listed) if p.block is not None), len(listed))
+    emb = [p for p in listed[:first] if p.trainable]
+    tail = [p for p in listed[first:] if p.block is None and p.trainable]
+    in_order = emb + [p for p in listed if p.block is not None and p.trainable] * cfg.n_layers + tail
     scale = get_adapter(cell.adapter).lr_scale if cell.is_lora else None
     groups: dict[float, list[ParamSpec]] = {}
     for p in in_order:
@@ -138,9 +141,10 @@ def optimizer_groups(cfg: ModelConfig, cell: Cell) -> list[list[ParamSpec]]:
     return list(groups.values()) or [[]]
 
 
-def state_bytes(cfg: ModelConfig, cell: Cell) -> StateBytes:
+def state_bytes(cfg: ModelConfig, cell: Cell, listing=None) -> StateBytes:
     """Per-layer sums times n_layers (identical blocks), so a 80-layer model costs one block;
-    the optimizer's state from its own formula (optimizers/) over the trainable tensors."""
+    the optimizer's state from its own formula (optimizers/) over the trainable tensors, in the
+    order of `listing` (optimizer_groups)."""
     one = block_params(cfg, cell, 0)
     outer = model_params(cfg, cell, blocks=range(0))
     L = cfg.n_layers
@@ -149,7 +153,7 @@ def state_bytes(cfg: ModelConfig, cell: Cell) -> StateBytes:
     pbytes = sum(p.nbytes for p in outer) + L * sum(p.nbytes for p in one)
     n_t = sum(p.trainable for p in outer) + L * sum(p.trainable for p in one)
     gbytes = sum(p.nbytes for p in outer if p.trainable) + L * sum(p.nbytes for p in one if p.trainable)
-    groups = optimizer_groups(cfg, cell)
+    groups = optimizer_groups(cfg, cell, listing)
     order = [p.numel for g in groups for p in _two_blocks(g, L)]
     state = get_optimizer(cell.optimizer).state_bytes([p for g in groups for p in g])
     return StateBytes(total, trainable, pbytes, gbytes, state, n_t, order, groups)

@@ -38,7 +38,7 @@ from ..sim import quant
 from ..sim.engine import Sim
 from . import hf_replay
 from .hf_replay import gelu_new
-from .norm_replay import rmsnorm
+from .norm_replay import head_normed, rmsnorm
 from .eager_replay import causal_mask, eager_attention
 from .loss_replay import replay_loss
 from .moe_replay import moe
@@ -69,7 +69,8 @@ class Dims:
     loss: str = "standard"  # Cell.loss
     upcast_logits: bool = False  # the logits cast to FP32 as the model returns them (loss_replay.py)
     keep_logits: bool = False  # the loop keeps the logits (Cell.keep_logits; loss_replay.py)
-    qk_norm: bool = False  # Qwen3: q and k RMS-normed per head (over D) right after their projection
+    qk_norm: bool = False  # Qwen3, Gemma 3: q and k RMS-normed per head (over D) after the projections
+    qk_norm_each: bool = False  # ... each as it is projected, before the next projection (transformers' Qwen3)
     double_quant: bool = False  # an nf4 base's scales quantized too (sim/quant.py)
     norm_offset: bool = False   # Gemma: RMSNorm scales by 1 + w (one more C-sized FP32 tensor, saved)
     sandwich: bool = False      # Gemma 2, 3: the attention's and MLP's outputs RMS-normed before the residual
@@ -87,6 +88,7 @@ class Dims:
     sliding: frozenset = frozenset()  # blocks of transformers' sliding-window layer type (hf_replay.py)
     window_masks: bool = False  # ... whose SDPA gets its mask (the sequence reaches the window)
     rope_sets: int = 1          # transformers' RoPE tables made per forward (Gemma 3: one per layer type)
+    eager_masks: int = 0        # ... its eager masks (b, 1, s, s): 2 where it makes a full and a sliding one
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
@@ -245,10 +247,15 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
         qkv = project(sim, x, "qkv", params, dims, (H + 2 * G) * D)
         q, k, v = split(sim, qkv, [qkv.numel // (H + 2 * G) * n for n in (H, G, G)])
         sim.drop(qkv)
+    elif dims.qk_norm_each:  # q_norm(q_proj(x)), k_norm(k_proj(x)), v_proj(x): one raw projection alive at a time
+        q = head_normed(sim, project(sim, x, "q", params, dims, H * D), params, "q_norm", dims)
+        k = head_normed(sim, project(sim, x, "k", params, dims, G * D), params, "k_norm", dims)
+        v = project(sim, x, "v", params, dims, G * D)
     else:
         q, k, v = (project(sim, x, n, params, dims, w) for n, w in (("q", H * D), ("k", G * D), ("v", G * D)))
-    q = head_normed(sim, q, params, "q_norm", dims)
-    k = head_normed(sim, k, params, "k_norm", dims)
+    if "qkv" in params or not dims.qk_norm_each:
+        q = head_normed(sim, q, params, "q_norm", dims)
+        k = head_normed(sim, k, params, "k_norm", dims)
     if dims.eager:  # the bmm's gradient of v is (b, G, s, D)-contiguous: its view as (b, s, G·D) copies
         v2 = reshape_heads(sim, v, G > 1 and dims.s > 1)
         sim.drop(v)
@@ -267,28 +274,19 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
         sim.drop(kh)
     else:
         q2, k2 = qh, kh
-    y = eager_attention(sim, q2, k2, v, dims, mask, dims.attn_softcap) if dims.eager else sdpa(sim, q2, k2, v, dims, mask)
+    y, weights = eager_attention(sim, q2, k2, v, dims, mask, dims.attn_softcap, dims.hf) if dims.eager else \
+        (sdpa(sim, q2, k2, v, dims, mask), None)
     # out is laid out like q, (B,H,T,D)-contiguous after RoPE, so transpose(1,2).reshape copies;
     # CUDA's memory-efficient kernel lays its out as (B,T,H,D): the reshape is a view
     efficient = not dims.eager and sdpa_kernel(dims, sim.autocast or q2.dtype, mask is not None) == "efficient"
-    if fresh and H > 1 and not efficient:
+    if fresh and H > 1 and not efficient and not (dims.eager and dims.hf):  # (transformers' eager copies it itself)
         y2 = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         sim.drop(y)
         y = y2
     o = project(sim, y, "o", params, dims, dims.C)
-    for t in (y, q2, k2, v):  # Attention.forward's locals q, k, v, y live until it returns
+    for t in (y, q2, k2, v, weights):  # Attention.forward's locals q, k, v, y (HF eager: weights) live until it returns
         sim.drop(t)
     return o
-
-
-def head_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims: Dims) -> SymTensor:
-    """Qwen3's q_norm / k_norm of a projection's output viewed as (b, s, heads, D): an RMSNorm over
-    D; the projection's output is released when the norm returns (unless the norm saved it)."""
-    if not dims.qk_norm:
-        return t
-    out = rmsnorm(sim, t, params[name], dims.D, dims.norm_offset, dims.hf)
-    sim.drop(t)
-    return out
 
 
 def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
@@ -356,14 +354,18 @@ def checkpointed_block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables,
 
 
 # ---------------------------------------------------------------- the model and its loss
-def embed(sim: Sim, params: dict, dims: Dims) -> SymTensor:
-    """tok_emb(idx) (N·C), plus pos_emb(arange(s)) broadcast over the batch (gpt2)."""
+def embed(sim: Sim, params: dict, dims: Dims, kept: list) -> SymTensor:
+    """tok_emb(idx) (N·C), plus pos_emb(arange(s)) broadcast over the batch (gpt2). transformers' base
+    model keeps `inputs_embeds` (and GPT-2's `position_embeds`) as locals until it returns: appended
+    to `kept` (HF) rather than released."""
     N = dims.b * dims.s
     tok = params["tok_emb"].tensor
     x = sim.out(sim.new(N * dims.C, tok.dtype), sim.node([tok], embedding_backward))
     if dims.embed_scale:  # x · sqrt(C): a copy, nothing saved
         x = scalar_op(sim, x)
     if dims.style != "gpt2":
+        if dims.hf:
+            kept.append(sim.hold(x))
         return x
     pos_w = params["pos_emb"].tensor
     positions = sim.new(dims.s, I64)
@@ -373,34 +375,37 @@ def embed(sim: Sim, params: dict, dims: Dims) -> SymTensor:
     sim.drop(positions)
     node = sim.node([x, pe], pass_and_new_backward)
     x2 = sim.out(sim.new(N * dims.C, promote(x.dtype, pe.dtype)), node)
-    sim.drop(x)
-    sim.drop(pe)
+    for t in (x, pe):
+        kept.append(t) if dims.hf else sim.drop(t)
     return x2
 
 
 def forward_loss(sim: Sim, params: dict, dims: Dims, n_blocks: int, tables) -> SymTensor:
     """compute_loss(model, x, y) / accumulation: embeddings, blocks, final norm, head, CE."""
     sim.set_block(None)
-    x = embed(sim, params, dims)
+    kept: list = []
+    x = embed(sim, params, dims, kept)
     if dims.input_requires_grad:  # transformers' enable_input_require_grads (HF, checkpointing, frozen embeddings)
         sim.require_grad(x)
     # transformers' RoPE: the tables of this forward's positions, in the hidden states' dtype (a set per layer type)
     sets = [tables] if tables is not None else hf_replay.rope_table_sets(sim, dims, x.dtype)
-    # Transformer.blocks_out's local (eager), or transformers' sliding-window mask (SDPA)
-    mask = causal_mask(sim, dims.s, x.dtype) if dims.eager else hf_replay.sliding_mask(sim, dims)
+    # Transformer.blocks_out's local (eager), or transformers' (eager: [full(, sliding)]; SDPA: a sliding-window one)
+    masks = ((hf_replay.eager_masks(sim, dims, x.dtype) if dims.hf else [causal_mask(sim, dims.s, x.dtype)])
+             if dims.eager else [hf_replay.sliding_mask(sim, dims)])
     for i in range(n_blocks):
         sim.set_block(i)
         run = checkpointed_block if dims.checkpointing else block
         xn = run(sim, x, params["blocks"][i], dims, sets[-1] if i in dims.sliding else sets[0],
-                 mask if dims.eager or i in dims.sliding else None)
+                 masks[-1] if i in dims.sliding else masks[0] if dims.eager else None)
         sim.drop(x)
         x = xn
     sim.set_block(None)
-    sim.drop(mask)
+    for m in masks:  # the base model's mask mapping lives until it returns (HF)
+        kept.append(m) if dims.hf else sim.drop(m)
     h = norm(sim, x, params, "norm_f", dims)
     if dims.hf:  # the base model's forward rebinds hidden_states to the norm's output and returns it: the last
-        for t in (x, *(t for tables in sets for t in tables)):  # block's output and the position embeddings
-            # go (the head runs in its caller)
+        for t in (x, *kept, *(t for tables in sets for t in tables)):  # block's output, inputs_embeds and the
+            # position embeddings go (the head runs in its caller)
             sim.drop(t)
         x = untracked(0, x.dtype)
 

@@ -1,0 +1,79 @@
+"""What transformers' attention does per family, read from a config.json without transformers (the
+analytic estimate of an HF cell asks, stacks/hf_replay.dims_fields): the sliding window and the layers
+it applies to, the masks the model's forward makes, its RoPE table sets, and where its q/k head norms
+run. tests/test_hf_config.py holds these rules to the installed transformers."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .hf_config import _int, _read
+from .schema import ConfigError, short
+
+# the window transformers' config class gives a family when config.json has no `sliding_window` key (transformers 5:
+# MistralConfig and the others below default to 4096, the rest to None); tests/test_hf_config.py holds the rule
+# below to the installed transformers' own config objects
+SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096}
+# the families (of those lorabench reads, and phi3) whose transformers model attends within a window: the others
+# ignore a `sliding_window` key (tests/test_hf_config.py: those whose modeling module makes a sliding mask)
+WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
+class Sliding(NamedTuple):
+    window: int | None      # the sliding layers' attention window (None: none)
+    layers: tuple           # the layers of type "sliding_attention"
+    rope_sets: int          # RoPE tables made per forward: one per layer type where the model keeps a RoPE
+    #                         base per type (Gemma 3: rope_local_base_freq), else one
+    masks: int = 1          # attention masks its forward makes: a full and a sliding one where it builds both
+    #                         (Gemma 2, 3 always; Qwen2, 3 with a sliding layer), else one (of its layers' type)
+
+
+BOTH_MASKS = ("gemma2", "gemma3_text")  # their forward's causal_mask_mapping has both, whatever the layers
+
+
+PER_TYPE_ROPE = ("gemma3_text",)  # Gemma3RotaryEmbedding: inv_freq buffers and cos/sin per layer type
+
+
+def sliding_attention(path: str) -> Sliding:
+    """The attention window of transformers' model of the config.json at `path` (None: no window), the
+    layers of its "sliding_attention" type and its RoPE table sets (Sliding). As transformers 5 reads the file: `layer_types`
+    where the config gives them, else as its class makes them -- Qwen2 and Qwen3 the layers from
+    max_window_layers on when use_sliding_window (none without), Gemma 2 every other layer, Gemma 3 all but
+    every sliding_window_pattern-th --, and where the class has none every layer attends within the window
+    if there is one (Mistral, Mixtral, Phi-3)."""
+    data = _read(path)
+    mtype, L = data.get("model_type"), data.get("num_hidden_layers")
+    if mtype not in WINDOWED or not isinstance(L, int) or isinstance(L, bool) or L <= 0:
+        return Sliding(None, (), 1)
+    window = data.get("sliding_window", SLIDING_DEFAULTS.get(mtype))
+    if mtype in ("qwen2", "qwen3") and not data.get("use_sliding_window", False):
+        window = None
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        window = None
+    elif mtype == "gemma3_text" and data.get("use_bidirectional_attention"):
+        window = window // 2 + 1  # Gemma3TextConfig's own adjustment
+    types = data.get("layer_types")
+    if not isinstance(types, list) or len(types) != L:
+        if mtype in ("qwen2", "qwen3"):
+            first = data.get("max_window_layers", 28)
+            if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+                raise ConfigError(path, "max_window_layers", f"must be an integer >= 0, got {short(first)}")
+            types = ["sliding_attention" if window is not None and i >= first else "full" for i in range(L)]
+        elif mtype in ("gemma2", "gemma3_text"):
+            pattern = _int(data, "sliding_window_pattern", path, 6) if mtype == "gemma3_text" else 2
+            types = ["sliding_attention" if (i + 1) % pattern else "full" for i in range(L)]
+        else:
+            types = ["sliding_attention" if window is not None else "full"] * L
+    kinds = set(types)
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return Sliding(window, sliding, len(kinds) if mtype in PER_TYPE_ROPE else 1,
+                   2 if mtype in BOTH_MASKS or (mtype in ("qwen2", "qwen3") and sliding) else 1)
+
+
+NORM_EACH_PROJECTION = ("qwen3",)  # Qwen3Attention: q_norm(q_proj(x).view(...)) before k_proj runs
+
+
+def qk_norm_each(path: str) -> bool:
+    """Whether transformers' attention RMS-norms q and k as each is projected (Qwen3: q_proj, q_norm, k_proj,
+    k_norm, v_proj, so one raw projection is alive at a time) rather than after all three (Gemma 3,
+    lorabench's own stack)."""
+    return _read(path).get("model_type") in NORM_EACH_PROJECTION
