@@ -218,10 +218,12 @@ def test_the_analytic_estimate_of_transformers_models_is_exact_here(tmp_path, co
         assert est.phase_peak_bytes == row["phase_peak_bytes"], cell.id
 
 
-@pytest.mark.parametrize("config", [{**LLAMA, **WIDE}, {**GEMMA3, **WIDE, "model_type": "gemma2"}])
+@pytest.mark.parametrize("config", [{**LLAMA, **WIDE}, {**GEMMA3, **WIDE, "model_type": "gemma2"},
+                                    {**LLAMA, "num_key_value_heads": 1}])
 def test_a_micro_batch_of_one_folds_eager_attentions_layouts_without_copies(tmp_path, config):
-    """At b = 1 matmul's reshape of the strided q, k (and v) is a view: the estimate replays a micro-batch of
-    one on its own (estimator/replay.simulate), exact there as at b = 2."""
+    """At b = 1 matmul's reshape of the strided q, k (and v) is a view, and so is one key/value head repeated
+    (stride 0; autocast's cast of it is H heads' size): the estimate replays a micro-batch of one on its own
+    (estimator/replay.simulate), exact there as at b = 2."""
     test_the_analytic_estimate_of_transformers_models_is_exact_here(
         tmp_path, config, "lora_rank: 2\n  precision: [bf16-pure, bf16]\n  attn_implementation: eager", batch=1)
 
@@ -276,7 +278,8 @@ def test_the_layout_is_transformers_and_pefts_parameter_order(family):
     stack = stack_for(cfg)
     cells = [Cell(precision="fp32"), Cell(precision="fp32", lora_rank=2, lora_targets=("q", "o", "down", "head"))]
     cells += [Cell(precision="bf16", lora_rank=2, lora_targets=targets, adapter_backend="peft", adapter=adapter,
-                   base_dtype="bf16") for adapter, targets in (("lora", ("q", "v", "head")), ("dora", ("k", "o")))]
+                   base_dtype="bf16") for adapter, targets in (("lora", ("q", "v", "head")), ("dora", ("k", "o")),
+                                                               ("adalora", ("q", "v")))]
     for cell in cells:
         if cfg.n_experts and "down" in (cell.lora_targets or ()):
             continue

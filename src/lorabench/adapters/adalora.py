@@ -29,8 +29,10 @@ T = the run's optimizer steps (warm-up + timed), over every adapted matrix at on
 the triplets outside the top b(t) scores get Λ_i = 0 (PEFT: mask_to_budget; ties broken by
 topk, so exactly b(t) stay, where PEFT's `score <= k-th value` can drop more). At t = T the
 kept rank, summed over the adapted matrices, is the budget r_T·n (tested). Ī and Ū are state
-of every element of Q, Λ and P: non-trainable adapter parameters here (PEFT keeps them in
-the RankAllocator), so the estimators count them as parameters, and the step allocates none.
+of every element of Q, Λ and P: non-trainable adapter parameters here, so the estimators count
+them as parameters, and the step allocates none. PEFT's layer (adapter_backend peft) has none:
+its RankAllocator keeps I, Ī and Ū of A, B and E from the first step's update on
+(`after_step_bytes`), and its branch is replayed as PEFT computes it (`peft_replay`).
 
 Memory against LoRA (per target): Λ (r) and twice Q, Λ, P of state; the forward computes
 (Q·x)·Λ, which saves Q·x (N × r) for Λ's gradient (PEFT's x·(Q⊙Λ)ᵀ saves the r × d_in
@@ -44,8 +46,8 @@ few hundred bytes, the step's peak is not).
 """
 from __future__ import annotations
 
-from ..sim.ops import elementwise, linear, mul_broadcast
-from ..sim.rules import unary_backward
+from ..sim.ops import elementwise, linear, mul_broadcast, product
+from ..sim.rules import bmm_backward, div_broadcast_backward, mul_broadcast_backward, pass_backward, unary_backward
 from ..sim.tensors import promote
 from .base import AdapterParam
 from .lora import LoRA
@@ -73,11 +75,26 @@ class AdaLoRA(LoRA):
         return cell.lora_alpha / (cell.lora_rank + 1e-5)
 
     def params(self, d_in, d_out, cell, splits=None, quantized=False):
+        """lorabench's layer: Q, Λ, P and their Ī, Ū (frozen). PEFT's (SVDLinear): lora_A, lora_B, lora_E
+        (r × 1) and ranknum (frozen FP32, or trained: peft_ranknum_trains); its importance state is the
+        RankAllocator's (after_step_bytes)."""
         r = cell.lora_rank
+        if cell.adapter_backend == "peft":
+            return [AdapterParam("lora_A", (r, d_in)), AdapterParam("lora_B", (d_out, r)), AdapterParam("lora_E", (r, 1)),
+                    AdapterParam("ranknum", (1,), trainable=peft_ranknum_trains(cell, quantized))]
         shapes = {"lora_A": (r, d_in), "lora_E": (r,), "lora_B": (d_out, r)}
         return [AdapterParam(n, shapes[n]) for n in STATE] + \
-            [AdapterParam(f"{n}_{kind}", shapes[n], trainable=False) for n in STATE for kind in ("ipt", "unc")] + \
-            [AdapterParam("ranknum", (1,))] * peft_ranknum_trains(cell, quantized)
+            [AdapterParam(f"{n}_{kind}", shapes[n], trainable=False) for n in STATE for kind in ("ipt", "unc")]
+
+    def after_step_bytes(self, params, cell):
+        """PEFT's RankAllocator.update_ipt keeps ipt, exp_avg_ipt and exp_avg_unc of every lora_A, lora_B
+        and lora_E (their dtype), made at the first step's update; each update's arithmetic (β·Ī + (1 − β)·I,
+        and Ū's) holds three of one tensor's size above them. lorabench's own layer keeps Ī, Ū as
+        parameters and updates in place in the spent gradients (only r-sized scores)."""
+        if cell.adapter_backend != "peft":
+            return 0, 0
+        sizes = [p.nbytes for p in params if p.name.rsplit(".", 1)[-1] in STATE]
+        return 3 * sum(sizes), 3 * max(sizes, default=0)
 
     def init(self, layer):
         import torch.nn as nn
@@ -104,7 +121,10 @@ class AdaLoRA(LoRA):
         return super().delta_abs_max(layer)
 
     def replay(self, sim, h, params, d_out):
-        """Q·h (N·r, saved for Λ's gradient), ·Λ (N·r, saved for P's), P·(N·d_out), ·s."""
+        """Q·h (N·r, saved for Λ's gradient), ·Λ (N·r, saved for P's), P·(N·d_out), ·s. PEFT's layer (it
+        has a ranknum): `peft_replay`."""
+        if "ranknum" in params:
+            return peft_replay(sim, h, params, d_out)
         A, E, B = params["lora_A"], params["lora_E"], params["lora_B"]
         rank = E.tensor.numel
         a = linear(sim, h, A, None, rank)
@@ -114,11 +134,16 @@ class AdaLoRA(LoRA):
         sim.drop(ae)
         scaled = elementwise(sim, ba, unary_backward, save_input=False)
         sim.drop(ba)
+        return scaled
+
+    def replay_combine(self, sim, h, y, params, d_out, *, weight=None, bias=None, dropout=False):
+        """PEFT's SVDLinear adds its branch in place, `result += branch` (no sum, no cast: the branch's dtype
+        may be wider); lorabench's layer as LoRA's."""
         if "ranknum" not in params:
-            return scaled
-        R = params["ranknum"].tensor  # PEFT's `/ ranknum`, a trainable one: saves its numerator
-        out = mul_broadcast(sim, scaled, R, scaled.numel, promote(scaled.dtype, R.dtype))
-        sim.drop(scaled)
+            return super().replay_combine(sim, h, y, params, d_out, weight=weight, bias=bias, dropout=dropout)
+        branch = self.replay(sim, h, params, d_out)
+        out = sim.out(sim.view(y), sim.node([y, branch], pass_backward))
+        sim.drop(branch)
         return out
 
     # ---- the training flow
@@ -170,6 +195,30 @@ class AdaLoRA(LoRA):
 
     def check_projection(self, name, d_in, d_out, cell, splits=None):
         return None
+
+
+def peft_replay(sim, h, params, d_out):
+    """PEFT's SVDLinear branch, (x @ (A ⊙ E)ᵀ @ Bᵀ) · s / (ranknum + 1e-5): A ⊙ E (r × d_in, in the
+    adapters' dtype: autocast leaves mul alone) saved, cast, by x @ (·)ᵀ for x's gradient (x saved for
+    theirs); its N × r output saved by @ Bᵀ; · s; and / ranknum, a (1,)-shaped tensor: a 16-bit
+    numerator over an FP32 ranknum (a frozen one, autocast over FP32) is promoted to FP32 (N × d_out × 4),
+    and a trained ranknum saves the numerator."""
+    A, E, B, R = (params[n] for n in ("lora_A", "lora_E", "lora_B", "ranknum"))
+    rank = E.tensor.numel
+    r1 = elementwise(sim, R.tensor, pass_backward, save_input=False)  # ranknum + 1e-5
+    ae = product(sim, A.tensor, E.tensor, A.tensor.numel, promote(A.tensor.dtype, E.tensor.dtype), mul_broadcast_backward)
+    xc, wc = (sim.to(t, sim.autocast) if sim.autocast else sim.hold(t) for t in (h, ae))
+    xa = product(sim, xc, wc, h.numel // (A.tensor.numel // rank) * rank, xc.dtype, bmm_backward)
+    for t in (xc, wc, ae):
+        sim.drop(t)
+    ba = linear(sim, xa, B, None, d_out)
+    sim.drop(xa)
+    scaled = elementwise(sim, ba, unary_backward, save_input=False)
+    sim.drop(ba)
+    out = product(sim, scaled, r1, scaled.numel, promote(scaled.dtype, r1.dtype), div_broadcast_backward)
+    for t in (scaled, r1):
+        sim.drop(t)
+    return out
 
 
 def budget_at(t: int, T: int, init: int, target: int) -> int:

@@ -156,3 +156,9 @@ class Adapter(ABC):
     def after_step(self, layers) -> None:
         """After the optimizer step, before the next zero_grad (the gradients are still set).
         Default: nothing."""
+
+    def after_step_bytes(self, params: list, cell: Cell) -> tuple[int, int]:
+        """What `after_step` allocates, for the estimator's optimizer phase, given every trainable
+        ParamSpec: (bytes it keeps from the first step's on, the most it holds above those while it
+        runs). Default: (0, 0)."""
+        return 0, 0

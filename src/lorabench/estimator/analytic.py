@@ -69,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..adapters import get as get_adapter
 from ..optimizers import get as get_optimizer
 from ..spec.config import Cell, ModelConfig, resolve_optimizer_impl
 from ..stacks.base import ITEM_BYTES as ISZ
@@ -233,6 +234,9 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
     if cell.strategy == "ddp":  # the Reducer's buckets, from the wrap on
         const["ddp_buckets"] = ddp_bucket_bytes(sb.grad_bytes)
     phases: dict[str, tuple[int, dict]] = {}
+    # what the adapter's after_step keeps from step 1's on (PEFT AdaLoRA's importance state), and holds above it
+    kept, after_step_tmp = get_adapter(cell.adapter).after_step_bytes(trainable, cell) if cell.is_lora else (0, 0)
+    kept, after_step_tmp = kept * on_device, after_step_tmp * on_device
     held = res.graph_held_at(micro_b)  # the previous loss's graph: until the next loss replaces it
     held += stack.input_grad_held(model_cfg, cell, micro_b)  # and what it keeps beside (HF)
     for ph in ("forward", "backward"):
@@ -247,7 +251,7 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
                 cats, first = dict(cats2, grads=dev_grads, scalars=later), False
                 if prev:
                     cats["graph_held"] = prev
-        terms = dict(const, optimizer_state=state_fb, **cats)
+        terms = dict(const, optimizer_state=state_fb, **cats, adapter_state=kept if window_steps >= 2 else 0)
         if ph == "forward" and window_steps < 2 and first:
             terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's first backward
         phases[ph] = (sum(terms.values()), terms)
@@ -257,6 +261,10 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
                  scalars=2 * res.loss_itemsize + (OPT_SCALARS_FP16["fused" if opt.scaler_in_step(impl) else "other"]
                               if cell.uses_loss_scaler else 0))
     phases["optimizer"] = (sum(terms.values()), terms)
+    if kept and stepped:  # step() over the kept state of an earlier step, or the after_step that makes or updates it
+        during = dict(terms, adapter_state=kept if window_steps >= 2 else 0)
+        after = dict(terms, optimizer_temporaries=0, adapter_state=kept + after_step_tmp)
+        phases["optimizer"] = max(((sum(t.values()), t) for t in (during, after)), key=lambda vt: vt[0])
     if cell.uses_loss_scaler:  # GradScaler's unscale_ (fused: its inf check), before step(): state as in forward
         unscale = dict(const, optimizer_state=state_fb, grads=dev_grads, scalars=8 + OPT_SCALARS_FP16_UNSCALE)
         if sum(unscale.values()) > phases["optimizer"][0]:
@@ -284,8 +292,8 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         est_flops_per_step=fl.model, est_hw_flops_per_step=fl.hardware,
         phase_peak_bytes={p: int(phases[p][0]) for p in PHASES}, breakdown=breakdown,
         cuda_overheads=cuda, total_params=sb.total_params, trainable_params=sb.trainable_params, device=device,
-        est_basis=stack.analytic_basis + ("; PEFT's adapter layers replayed as lorabench's "
-                                                         "with PEFT's input cast (--method trace runs PEFT's)"
+        est_basis=stack.analytic_basis + ("; PEFT's adapter layers replayed as lorabench's (AdaLoRA: as PEFT's "
+                                                         "SVDLinear) with PEFT's input cast (--method trace runs PEFT's)"
                                                          if cell.adapter_backend == "peft" else "")
         + (f"; transformers' {model_cfg.approximates} read as the Llama-style block of its widths (its parameter "
            "count)" if model_cfg.approximates else ""))

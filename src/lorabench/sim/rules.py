@@ -73,6 +73,30 @@ def mul_broadcast_backward(sim, node, grads):
     return [grad_a, grad_b]
 
 
+def div_broadcast_backward(sim, node, grads):
+    """a / b with b broadcast (DivBackward0): grad_a = g / b; grad_b = Σ(−g·(a / b) / b), whose operands
+    are each g's size, four alive at once with grad_a (a / b, −g, their product, then / b); then, as for
+    mul_broadcast_backward, grad_a cast to a's dtype while the unreduced one is alive, and the reduction."""
+    grad = grads[0]
+    edge_a, edge_b = node.edges
+    grad_a = sim.new(edge_a.numel, grad.dtype) if edge_a else None
+    grad_b = None
+    if edge_b:
+        ratio, neg = sim.new(grad.numel, grad.dtype), sim.new(grad.numel, grad.dtype)
+        prod = sim.new(grad.numel, grad.dtype)
+        sim.drop(ratio)
+        sim.drop(neg)
+        unreduced = sim.new(grad.numel, grad.dtype)
+        sim.drop(prod)
+        if grad_a is not None and edge_a.dtype != grad.dtype:
+            cast = sim.new(edge_a.numel, edge_a.dtype)
+            sim.drop(grad_a)
+            grad_a = cast
+        grad_b = sim.new(edge_b.numel, grad.dtype)
+        sim.drop(unreduced)
+    return [grad_a, grad_b]
+
+
 def _three_temporaries(sim, numel: int):
     """pow, mul, mul in fp32: the first two freed, the third is the gradient."""
     t1, t2 = sim.new(numel, F32), sim.new(numel, F32)

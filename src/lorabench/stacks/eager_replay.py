@@ -38,10 +38,11 @@ def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, ma
     (b, H, s, D); `hf`: (b, s, H, D), eager_attention_forward's transposed copy) and, `hf`, the
     probabilities the caller keeps (None otherwise)."""
     rep = dims.H // dims.G
-    k2 = _repeat_kv(sim, k, rep, True)
-    v2 = _repeat_kv(sim, v, rep, True) if rep > 1 else None
-    S = dims.b * dims.H * dims.s * dims.s
     folds = dims.b == 1 or dims.s == 1  # (b, heads) merge into one batch dimension without a copy
+    mqa_view = dims.G == 1 and dims.b == 1  # one head expanded (stride 0) folds with b = 1 only: no copy anywhere
+    k2 = _repeat_kv(sim, k, rep, True, mqa_view)
+    v2 = _repeat_kv(sim, v, rep, True, mqa_view) if rep > 1 else None
+    S = dims.b * dims.H * dims.s * dims.s
     scores = bmm(sim, q, k2, S, copies=(hf and dims.H > 1 and not folds, hf and rep == 1 and not folds))
     w = scalar_op(sim, scores)  # · scale
     if softcap:
@@ -92,10 +93,14 @@ def _copy(sim: Sim, t: SymTensor) -> SymTensor:
     return sim.out(sim.new(t.numel, t.dtype), sim.node([t], pass_backward))
 
 
-def _repeat_kv(sim: Sim, t: SymTensor, rep: int, contiguous: bool) -> SymTensor:
+def _repeat_kv(sim: Sim, t: SymTensor, rep: int, contiguous: bool, view: bool = False) -> SymTensor:
     """t[:, :, None].expand(b, G, rep, s, D).reshape(b, H, s, D): a copy when rep > 1, whose
-    gradient is summed over the copies (a new b·G·s·D tensor). Without repeats, matmul's own
+    gradient is summed over the copies (a new b·G·s·D tensor) -- `view`: with one key/value head
+    the reshape is a view (stride 0 over the heads), which matmul folds without a copy at b = 1 (at
+    b > 1 its own copy, the same size, takes the repeat's place). Without repeats, matmul's own
     reshape copies a non-contiguous t (v, a transposed view) and its bmm saves the copy."""
+    if rep > 1 and view:  # H heads' elements over one head's storage (a cast of it makes all of them)
+        return sim.out(sim.view(t, t.numel * rep), sim.node([t], unary_backward))
     if rep > 1:
         return sim.out(sim.new(t.numel * rep, t.dtype), sim.node([t], unary_backward))
     if contiguous:
