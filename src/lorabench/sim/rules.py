@@ -58,36 +58,33 @@ def mul_broadcast_backward(sim, node, grads):
     """a·b with b broadcast (fewer elements): grad_a = g·b; grad_b = Σ(g·a) over the broadcast dims.
     The engine's validate_outputs reduces grad_b (and casts each gradient to its input's dtype) in
     input order, so a cast of grad_a is made while the unreduced g·a is alive."""
-    grad = grads[0]
-    edge_a, edge_b = node.edges
-    grad_a = sim.new(edge_a.numel, grad.dtype) if edge_a else None
-    grad_b = None
-    if edge_b:
-        product = sim.new(grad.numel, grad.dtype)  # g·a, then reduced
-        if grad_a is not None and edge_a.dtype != grad.dtype:
-            cast = sim.new(edge_a.numel, edge_a.dtype)
-            sim.drop(grad_a)
-            grad_a = cast
-        grad_b = sim.new(edge_b.numel, grad.dtype)
-        sim.drop(product)
-    return [grad_a, grad_b]
+    return _broadcast_backward(sim, node, grads, lambda g: sim.new(g.numel, g.dtype))
 
 
 def div_broadcast_backward(sim, node, grads):
     """a / b with b broadcast (DivBackward0): grad_a = g / b; grad_b = Σ(−g·(a / b) / b), whose operands
     are each g's size, four alive at once with grad_a (a / b, −g, their product, then / b); then, as for
     mul_broadcast_backward, grad_a cast to a's dtype while the unreduced one is alive, and the reduction."""
+    def unreduced(g):
+        ratio, neg = sim.new(g.numel, g.dtype), sim.new(g.numel, g.dtype)
+        prod = sim.new(g.numel, g.dtype)
+        sim.drop(ratio)
+        sim.drop(neg)
+        out = sim.new(g.numel, g.dtype)
+        sim.drop(prod)
+        return out
+    return _broadcast_backward(sim, node, grads, unreduced)
+
+
+def _broadcast_backward(sim, node, grads, unreduced_of):
+    """A broadcast product's or quotient's gradients: grad_a of a's size; grad_b from an unreduced
+    g-sized tensor (`unreduced_of(g)`), grad_a cast to a's dtype while that is alive, then reduced."""
     grad = grads[0]
     edge_a, edge_b = node.edges
     grad_a = sim.new(edge_a.numel, grad.dtype) if edge_a else None
     grad_b = None
     if edge_b:
-        ratio, neg = sim.new(grad.numel, grad.dtype), sim.new(grad.numel, grad.dtype)
-        prod = sim.new(grad.numel, grad.dtype)
-        sim.drop(ratio)
-        sim.drop(neg)
-        unreduced = sim.new(grad.numel, grad.dtype)
-        sim.drop(prod)
+        unreduced = unreduced_of(grad)
         if grad_a is not None and edge_a.dtype != grad.dtype:
             cast = sim.new(edge_a.numel, edge_a.dtype)
             sim.drop(grad_a)
