@@ -46,7 +46,8 @@ few hundred bytes, the step's peak is not).
 """
 from __future__ import annotations
 
-from ..sim.ops import elementwise, linear, mul_broadcast, product
+from ..sim.ops import binary, elementwise, linear, mul_broadcast, product
+from ..sim.quant import QUANT_KINDS
 from ..sim.rules import bmm_backward, div_broadcast_backward, mul_broadcast_backward, pass_backward, unary_backward
 from ..sim.tensors import promote
 from .base import AdapterParam
@@ -136,15 +137,32 @@ class AdaLoRA(LoRA):
         sim.drop(ba)
         return scaled
 
-    def replay_combine(self, sim, h, y, params, d_out, *, weight=None, bias=None, dropout=False):
+    def replay_combine(self, sim, h, y, params, d_out, *, weight=None, bias=None, dropout=False, device="cpu"):
         """PEFT's SVDLinear adds its branch in place, `result += branch` (no sum, no cast: the branch's dtype
-        may be wider); lorabench's layer as LoRA's."""
+        may be wider); on bitsandbytes' bases (peft/tuners/adalora/bnb.py) SVDLinear4bit clones the base's
+        output first, and SVDLinear8bitLt adds out of place (`result = result + output`, type-promoted).
+        lorabench's layer as LoRA's."""
         if "ranknum" not in params:
             return super().replay_combine(sim, h, y, params, d_out, weight=weight, bias=bias, dropout=dropout)
-        branch = self.replay(sim, h, params, d_out)
-        out = sim.out(sim.view(y), sim.node([y, branch], pass_backward))
+        quantized = weight.tensor.dtype if weight is not None and weight.tensor.dtype in QUANT_KINDS else None
+        if quantized == "nf4":  # result = result.clone()
+            y = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
+        # requires_conversion (CPU always, module docstring of peft_casts_input): output.to(result's dtype)
+        convert = y.dtype if quantized and self.peft_casts_input(quantized, sim.autocast, device) else None
+        branch = peft_replay(sim, h, params, d_out, convert)
+        if quantized == "int8":
+            out = binary(sim, y, branch, "add")
+        else:
+            out = sim.out(sim.view(y), sim.node([y, branch], pass_backward))
         sim.drop(branch)
+        if quantized == "nf4":
+            sim.drop(y)
         return out
+
+    def peft_casts_input(self, quantized, autocast, device):
+        """PEFT's AdaLoRA layers on bitsandbytes' bases cast the input only outside autocast -- as
+        `torch.is_autocast_enabled()` tells, which asks about CUDA's: on CPU always."""
+        return not (quantized and autocast and device == "cuda")
 
     # ---- the training flow
     def prepare(self, layers, backward, cell, total_steps):
@@ -197,27 +215,41 @@ class AdaLoRA(LoRA):
         return None
 
 
-def peft_replay(sim, h, params, d_out):
+def peft_replay(sim, h, params, d_out, convert: str | None = None):
     """PEFT's SVDLinear branch, (x @ (A ⊙ E)ᵀ @ Bᵀ) · s / (ranknum + 1e-5): A ⊙ E (r × d_in, in the
     adapters' dtype: autocast leaves mul alone) saved, cast, by x @ (·)ᵀ for x's gradient (x saved for
-    theirs); its N × r output saved by @ Bᵀ; · s; and / ranknum, a (1,)-shaped tensor: a 16-bit
-    numerator over an FP32 ranknum (a frozen one, autocast over FP32) is promoted to FP32 (N × d_out × 4),
-    and a trained ranknum saves the numerator."""
+    theirs); its N × r output saved by @ Bᵀ, and Bᵀ too, under autocast a cast of its own at every call
+    (a view is no leaf: autocast caches no cast of it; per chunk of a chunked head); on bitsandbytes'
+    bases cast to `convert` (the base output's dtype) where their layer converts; · s; and / ranknum, a
+    (1,)-shaped tensor: a 16-bit numerator over an FP32 ranknum (a frozen one, autocast over FP32) is
+    promoted to FP32 (N × d_out × 4), and a trained ranknum saves the numerator."""
     A, E, B, R = (params[n] for n in ("lora_A", "lora_E", "lora_B", "ranknum"))
     rank = E.tensor.numel
     r1 = elementwise(sim, R.tensor, pass_backward, save_input=False)  # ranknum + 1e-5
     ae = product(sim, A.tensor, E.tensor, A.tensor.numel, promote(A.tensor.dtype, E.tensor.dtype), mul_broadcast_backward)
-    xc, wc = (sim.to(t, sim.autocast) if sim.autocast else sim.hold(t) for t in (h, ae))
-    xa = product(sim, xc, wc, h.numel // (A.tensor.numel // rank) * rank, xc.dtype, bmm_backward)
-    for t in (xc, wc, ae):
-        sim.drop(t)
-    ba = linear(sim, xa, B, None, d_out)
+    xa = _matmul(sim, h, ae, h.numel // (A.tensor.numel // rank) * rank)
+    sim.drop(ae)
+    ba = _matmul(sim, xa, B.tensor, xa.numel // rank * d_out)  # Bᵀ, a view: autocast casts it anew each call
     sim.drop(xa)
+    if convert is not None:  # output = output.to(expected_dtype)
+        ba2 = sim.to(ba, convert)
+        sim.drop(ba)
+        ba = ba2
     scaled = elementwise(sim, ba, unary_backward, save_input=False)
     sim.drop(ba)
     out = product(sim, scaled, r1, scaled.numel, promote(scaled.dtype, r1.dtype), div_broadcast_backward)
     for t in (scaled, r1):
         sim.drop(t)
+    return out
+
+
+def _matmul(sim, x, w, numel):
+    """x @ wᵀ of a tensor w (not a leaf parameter's own: autocast's cache of casts leaves it out), each
+    operand saved for the other's gradient, cast first under autocast."""
+    xc, wc = (sim.to(t, sim.autocast) if sim.autocast else sim.hold(t) for t in (x, w))
+    out = product(sim, xc, wc, numel, xc.dtype, bmm_backward)
+    sim.drop(xc)
+    sim.drop(wc)
     return out
 
 

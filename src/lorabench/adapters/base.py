@@ -108,7 +108,7 @@ class Adapter(ABC):
         return out + self.branch(layer, h).to(out.dtype)
 
     def replay_combine(self, sim, h, y, params: dict, d_out: int, *, weight=None, bias=None,
-                       dropout: bool = False):
+                       dropout: bool = False, device: str = "cpu"):
         """`combine` on the simulator: h the adapter's input, y the base output (both left to the
         caller), `weight`/`bias` the base's simulated parameters, `dropout` whether the layer has
         a dropout module. Default: y + replay(h).to(y.dtype)."""
@@ -119,6 +119,12 @@ class Adapter(ABC):
         sim.drop(cast)
         sim.drop(scaled)
         return out
+
+    def peft_casts_input(self, quantized: str | None, autocast, device: str) -> bool:
+        """Whether PEFT's layer of this kind casts its input to the adapter's dtype before the branch
+        (`_cast_input_dtype`; the estimator's Dims.peft), on a base `quantized` (nf4, int8; None: a
+        float one) under `autocast` (its dtype, or None) on `device`. Default: always (PEFT's LoRA layers)."""
+        return True
 
     def merge(self, layer) -> None:
         """W0 ← W0 + ΔW in place (torch, under no_grad)."""

@@ -209,7 +209,9 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
     output and mask); what the branch itself saves is the adapter's replay."""
     h = sim.hold(x)
     dtype = next(iter(adapter_params.values())).tensor.dtype  # the adapter's: FP32, or 16 bits in a pure precision
-    if dims.peft:  # PEFT's _cast_input_dtype: x in the adapter's dtype first, under autocast too (which casts it back)
+    quantized = weight.tensor.dtype if weight is not None and weight.tensor.dtype in quant.QUANT_KINDS else None
+    if dims.peft and dims.adapter.peft_casts_input(quantized, sim.autocast, dims.device):  # PEFT's _cast_input_dtype: x in the
+        # adapter's dtype first, under autocast too (which casts it back)
         h = _rebind(sim, h, sim.to(h, dtype))
     if dims.dropout > 0:  # CPU: a mask in h's dtype, then h·mask; CUDA: native_dropout's bool mask
         mask = sim.new(h.numel, U8 if dims.device == "cuda" else h.dtype)
@@ -219,7 +221,7 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
         h = _rebind(sim, h, sim.to(h, dtype))
     # the adapter's combine (LoRA: y + branch(h).to(y.dtype)); weight, bias: the base's
     out = dims.adapter.replay_combine(sim, h, y, adapter_params, d_out, weight=weight, bias=bias,
-                                      dropout=dims.dropout > 0)
+                                      dropout=dims.dropout > 0, device=dims.device)
     for t in (y, h):  # locals out (y), h, the branch live until return
         sim.drop(t)
     return out
