@@ -210,19 +210,19 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
     h = sim.hold(x)
     dtype = next(iter(adapter_params.values())).tensor.dtype  # the adapter's: FP32, or 16 bits in a pure precision
     quantized = weight.tensor.dtype if weight is not None and weight.tensor.dtype in quant.QUANT_KINDS else None
-    if dims.peft and dims.adapter.peft_casts_input(quantized, sim.autocast, dims.device):  # PEFT's _cast_input_dtype: x in the
-        # adapter's dtype first, under autocast too (which casts it back)
-        h = _rebind(sim, h, sim.to(h, dtype))
+    peft_x = None  # PEFT's _cast_input_dtype: x in the adapter's dtype first, under autocast too (which casts it
+    if dims.peft and dims.adapter.peft_casts_input(quantized, sim.autocast, dims.device):  # back), `x = ...`: kept
+        h = _rebind(sim, h, sim.to(h, dtype))  # until the layer returns
+        peft_x = sim.hold(h)
     if dims.dropout > 0:  # CPU: a mask in h's dtype, then h·mask; CUDA: native_dropout's bool mask
         mask = sim.new(h.numel, U8 if dims.device == "cuda" else h.dtype)
         h = _rebind(sim, h, mul_const(sim, h, mask))
         sim.drop(mask)
     if not sim.autocast:  # h.to(the adapter's dtype)
         h = _rebind(sim, h, sim.to(h, dtype))
-    # the adapter's combine (LoRA: y + branch(h).to(y.dtype)); weight, bias: the base's
-    out = dims.adapter.replay_combine(sim, h, y, adapter_params, d_out, weight=weight, bias=bias,
-                                      dropout=dims.dropout > 0, device=dims.device)
-    for t in (y, h):  # locals out (y), h, the branch live until return
+    out = dims.adapter.replay_combine(  # the adapter's (LoRA: y + branch(h).to(y.dtype)); weight, bias: the base's
+        sim, h, y, adapter_params, d_out, weight=weight, bias=bias, dropout=dims.dropout > 0, device=dims.device)
+    for t in (y, h, peft_x):  # locals out (y), h (PEFT: x), the branch live until return
         sim.drop(t)
     return out
 
