@@ -121,11 +121,11 @@ class AdaLoRA(LoRA):
             return 0.0
         return super().delta_abs_max(layer)
 
-    def replay(self, sim, h, params, d_out):
+    def replay(self, sim, h, params, d_out, owned=False):
         """Q·h (N·r, saved for Λ's gradient), ·Λ (N·r, saved for P's), P·(N·d_out), ·s. PEFT's layer (it
         has a ranknum): `peft_replay`."""
         if "ranknum" in params:
-            return peft_replay(sim, h, params, d_out)
+            return peft_replay(sim, h, params, d_out, owned=owned)
         A, E, B = params["lora_A"], params["lora_E"], params["lora_B"]
         rank = E.tensor.numel
         a = linear(sim, h, A, None, rank)
@@ -137,19 +137,21 @@ class AdaLoRA(LoRA):
         sim.drop(ba)
         return scaled
 
-    def replay_combine(self, sim, h, y, params, d_out, *, weight=None, bias=None, dropout=False, device="cpu"):
+    def replay_combine(self, sim, h, y, params, d_out, *, weight=None, bias=None, dropout=False, device="cpu",
+                       owned=False):
         """PEFT's SVDLinear adds its branch in place, `result += branch` (no sum, no cast: the branch's dtype
         may be wider); on bitsandbytes' bases (peft/tuners/adalora/bnb.py) SVDLinear4bit clones the base's
         output first, and SVDLinear8bitLt adds out of place (`result = result + output`, type-promoted).
         lorabench's layer as LoRA's."""
         if "ranknum" not in params:
-            return super().replay_combine(sim, h, y, params, d_out, weight=weight, bias=bias, dropout=dropout)
+            return super().replay_combine(sim, h, y, params, d_out, weight=weight, bias=bias, dropout=dropout,
+                                          device=device, owned=owned)
         quantized = weight.tensor.dtype if weight is not None and weight.tensor.dtype in QUANT_KINDS else None
         if quantized == "nf4":  # result = result.clone()
             y = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         # requires_conversion (CPU always, module docstring of peft_casts_input): output.to(result's dtype)
         convert = y.dtype if quantized and self.peft_casts_input(quantized, sim.autocast, device) else None
-        branch = peft_replay(sim, h, params, d_out, convert)
+        branch = peft_replay(sim, h, params, d_out, convert, owned)
         if quantized == "int8":
             out = binary(sim, y, branch, "add")
         else:
@@ -215,7 +217,7 @@ class AdaLoRA(LoRA):
         return None
 
 
-def peft_replay(sim, h, params, d_out, convert: str | None = None):
+def peft_replay(sim, h, params, d_out, convert: str | None = None, owned: bool = False):
     """PEFT's SVDLinear branch, (x @ (A ⊙ E)ᵀ @ Bᵀ) · s / (ranknum + 1e-5): A ⊙ E (r × d_in, in the
     adapters' dtype: autocast leaves mul alone) saved, cast, by x @ (·)ᵀ for x's gradient (x saved for
     theirs); its N × r output saved by @ Bᵀ, and Bᵀ too, under autocast a cast of its own at every call
@@ -229,6 +231,8 @@ def peft_replay(sim, h, params, d_out, convert: str | None = None):
     ae = product(sim, A.tensor, E.tensor, A.tensor.numel, promote(A.tensor.dtype, E.tensor.dtype), mul_broadcast_backward)
     xa = _matmul(sim, h, ae, h.numel // (A.tensor.numel // rank) * rank)
     sim.drop(ae)
+    if owned:  # the dropout's output, a temporary of the expression
+        sim.drop(h)
     ba = _matmul(sim, xa, B.tensor, xa.numel // rank * d_out)  # Bᵀ, a view: autocast casts it anew each call
     sim.drop(xa)
     if convert is not None:  # output = output.to(expected_dtype)

@@ -94,11 +94,12 @@ class Adapter(ABC):
         """max |ΔW|, on the host (no device allocation before the measured window)."""
         return self.delta_weight(layer, on_host=True).abs().max().item()
 
-    def replay(self, sim, h, params: dict, d_out: int):
+    def replay(self, sim, h, params: dict, d_out: int, owned: bool = False):
         """The ops of `branch` on the estimator's simulator (sim/): `h` is the symbolic input,
         `params` maps each AdapterParam's name to its simulated parameter; returns the branch's
-        output before the cast to the base output's dtype. An adapter without it cannot be
-        estimated analytically: the estimate says so."""
+        output before the cast to the base output's dtype. `owned`: the replay releases h once its
+        first op returns (PEFT's dropout output, a temporary: peft_frees_dropped_input). An adapter
+        without it cannot be estimated analytically: the estimate says so."""
         raise NotImplementedError(f"adapter {self.name!r} has no replay for the analytic estimator")
 
     # ---- hooks with defaults: what plain LoRA does
@@ -108,17 +109,21 @@ class Adapter(ABC):
         return out + self.branch(layer, h).to(out.dtype)
 
     def replay_combine(self, sim, h, y, params: dict, d_out: int, *, weight=None, bias=None,
-                       dropout: bool = False, device: str = "cpu"):
+                       dropout: bool = False, device: str = "cpu", owned: bool = False):
         """`combine` on the simulator: h the adapter's input, y the base output (both left to the
-        caller), `weight`/`bias` the base's simulated parameters, `dropout` whether the layer has
-        a dropout module. Default: y + replay(h).to(y.dtype)."""
+        caller, but h when `owned`: replay's), `weight`/`bias` the base's simulated parameters, `dropout`
+        whether the layer has a dropout module. Default: y + replay(h).to(y.dtype)."""
         from ..sim.ops import binary
-        scaled = self.replay(sim, h, params, d_out)
+        scaled = self.replay(sim, h, params, d_out, owned)
         cast = sim.to(scaled, y.dtype)
         out = binary(sim, y, cast, "add")
         sim.drop(cast)
         sim.drop(scaled)
         return out
+
+    peft_frees_dropped_input: bool = True
+    """Whether PEFT's layer of this kind frees the dropout's output once the branch's first matmul returns
+    (`lora_B(lora_A(dropout(x)))`: a temporary argument); DoRA's variant keeps it (`x = dropout(x)`)."""
 
     def peft_casts_input(self, quantized: str | None, autocast, device: str) -> bool:
         """Whether PEFT's layer of this kind casts its input to the adapter's dtype before the branch

@@ -66,7 +66,10 @@ class DoRA(LoRA):
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * s
 
     # ---- the simulator (estimator)
-    def replay_combine(self, sim, h, y, params, d_out, *, weight=None, bias=None, dropout=False, device="cpu"):
+    peft_frees_dropped_input = False  # PEFT's DoraLinearVariant: `x = dropout(x)`, used to its end
+
+    def replay_combine(self, sim, h, y, params, d_out, *, weight=None, bias=None, dropout=False, device="cpu",
+                       owned=False):
         """`combine` op by op: y + the DoRA term, cast to y's dtype."""
         dora = self._replay_dora(sim, h, y, params, d_out, weight, bias, dropout)
         total = binary(sim, y, dora, "add")

@@ -37,11 +37,13 @@ class LoRA(Adapter):
             A, B = A.detach().float().cpu(), B.detach().float().cpu()
         return (B @ A) * layer.scaling
 
-    def replay(self, sim, h, params, d_out):
+    def replay(self, sim, h, params, d_out, owned=False):
         """(B·A·h)·alpha/r: A's output (N·r, saved when B trains), B's output (N·d_out), the scaled copy."""
         A, B = params["lora_A"], params["lora_B"]
         rank = B.tensor.numel // d_out
         a = linear(sim, h, A, None, rank)
+        if owned:
+            sim.drop(h)
         ba = linear(sim, a, B, None, d_out)
         sim.drop(a)
         scaled = elementwise(sim, ba, unary_backward, save_input=False)  # · alpha/r

@@ -94,7 +94,7 @@ class MergedQKV(LoRA):
             return 0.0
         return super().delta_abs_max(layer)
 
-    def replay(self, sim, h, params, d_out):
+    def replay(self, sim, h, params, d_out, owned=False):  # (no PEFT counterpart: never owned)
         """A's output (N·n·r, saved by each B_j's matmul through its slice view), each enabled slice's
         B_j output (N·w_j), a zero block per disabled slice, their cat (N·d_out), the scaled copy;
         LoRA's on a projection without slices (one lora_B)."""

@@ -220,16 +220,16 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
         sim.drop(mask)
     if not sim.autocast:  # h.to(the adapter's dtype)
         h = _rebind(sim, h, sim.to(h, dtype))
+    owned = peft_x is not None and dims.dropout > 0 and dims.adapter.peft_frees_dropped_input  # PEFT: h a temporary
     out = dims.adapter.replay_combine(  # the adapter's (LoRA: y + branch(h).to(y.dtype)); weight, bias: the base's
-        sim, h, y, adapter_params, d_out, weight=weight, bias=bias, dropout=dims.dropout > 0, device=dims.device)
-    for t in (y, h, peft_x):  # locals out (y), h (PEFT: x), the branch live until return
+        sim, h, y, adapter_params, d_out, weight=weight, bias=bias, dropout=dims.dropout > 0, device=dims.device, owned=owned)
+    for t in (y, None if owned else h, peft_x):  # locals out (y), h (PEFT: x), the branch live until return
         sim.drop(t)
     return out
 
 
 def _rebind(sim: Sim, old: SymTensor, new: SymTensor) -> SymTensor:
-    """`h = f(h)`: the old value released once the new one exists."""
-    sim.drop(old)
+    sim.drop(old)  # `h = f(h)`: the old value released once the new one exists
     return new
 
 
