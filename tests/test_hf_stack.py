@@ -228,6 +228,24 @@ def test_a_micro_batch_of_one_folds_eager_attentions_layouts_without_copies(tmp_
         tmp_path, config, "lora_rank: 2\n  precision: [bf16-pure, bf16]\n  attn_implementation: eager", batch=1)
 
 
+def test_mixtrals_grouped_experts_rebind_their_gate_up_output(tmp_path):
+    """transformers' grouped_mm experts rebind `proj_out = self._apply_gate(proj_out)`: in the checkpointed
+    forward (nothing saved) the gate_up output is gone before the down projection, where lorabench's own
+    experts keep `gate, up` to the end (the forward was that output too high). The peak to the byte; the forward
+    phase within 128 B (a routing-sized tensor, not found)."""
+    from lorabench.estimator.analytic import estimate
+    config = {**LLAMA, "model_type": "mixtral", "num_local_experts": 3, "num_experts_per_tok": 2, "hidden_size": 48,
+              "num_attention_heads": 6, "head_dim": 12}
+    ls = load_scenario(scenario(tmp_path, matrix="lora_rank: 0\n  precision: bf16-pure\n  checkpointing: true",
+                                config=config))
+    (cell,) = expand(ls)
+    row, _ = measured_and_traced(ls.job(cell, "cpu"))
+    w = ls.train.window_steps("cpu")
+    est = estimate(ls.model, cell, ls.train.batch_size, "cpu", n_batches=w, window_steps=w)
+    assert est.est_peak_bytes == row["peak_allocated_bytes"]
+    assert 0 <= est.phase_peak_bytes["forward"] - row["phase_peak_bytes"]["forward"] <= 128
+
+
 def test_gpt2_configs_read_their_activation_and_fused_attention(tmp_path):
     cfg = load_scenario(scenario(tmp_path, matrix="lora_rank: 0", config=GPT2)).model
     assert (cfg.fused_qkv, cfg.activation) == (True, "gelu_new")

@@ -55,7 +55,7 @@ def observed_routing(counts: list[list[int]]):
 
 
 def moe(sim: Sim, x: SymTensor, params: dict, b: int, s: int, C: int, F: int, E: int, k: int,
-        grouped: bool = True) -> SymTensor:
+        grouped: bool = True, hf: bool = False) -> SymTensor:
     """MoE.forward on x (N·C, the caller's): returns the block's MLP output (N·C). Each expert's
     tokens: the even split (routing) × b, or observed_routing's; an expert with none is skipped,
     as moe.py skips it."""
@@ -79,7 +79,7 @@ def moe(sim: Sim, x: SymTensor, params: dict, b: int, s: int, C: int, F: int, E:
     sim.drop(original)
     sim.drop(total)
     weights = sim.out(values, node)  # in place
-    out = _experts_grouped(sim, h, index, weights, params, N, C, F, E) if grouped else \
+    out = _experts_grouped(sim, h, index, weights, params, N, C, F, E, hf) if grouped else \
         _experts(sim, h, index, weights, counts, params, N, C, F, E)
     res = sim.out(sim.view(out), sim.node([out], pass_backward))  # .reshape(B, T, C)
     for t in (out, weights, index, probs, logits, h):  # MoE.forward's locals
@@ -88,8 +88,9 @@ def moe(sim: Sim, x: SymTensor, params: dict, b: int, s: int, C: int, F: int, E:
 
 
 def _experts_grouped(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTensor, params: dict,
-                     N: int, C: int, F: int, E: int) -> SymTensor:
-    """Experts.forward_grouped: every size is S = N·k rows, whatever the routing."""
+                     N: int, C: int, F: int, E: int, hf: bool = False) -> SymTensor:
+    """Experts.forward_grouped: every size is S = N·k rows, whatever the routing; `hf`: transformers'
+    grouped_mm_experts_forward, which rebinds the gate_up output once gated (moe.py keeps it)."""
     S = index.numel
     ids_sorted, perm = sim.new(S, I64), sim.new(S, I64)  # torch.sort
     rows = sim.new(S, I64)  # perm // k
@@ -105,6 +106,9 @@ def _experts_grouped(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTenso
     act = elementwise(sim, gate, unary_backward)
     hidden = binary(sim, act, up, "mul")
     sim.drop(act)
+    kept = (gate, up, gu)  # moe.py's locals gate, up; transformers' `proj_out = self._apply_gate(proj_out)` rebinds
+    for t in kept if hf else ():
+        sim.drop(t)
     out = _grouped_mm(sim, hidden, params["experts_down"], offsets, S, C)
     sim.drop(hidden)
     weighted = mul_broadcast(sim, out, wsel, S * C, promote(out.dtype, wsel.dtype))
@@ -115,7 +119,7 @@ def _experts_grouped(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTenso
     node = sim.node([unsorted], unary_backward)  # .view(N, k, C).sum(1): its gradient expands, and the
     total = sim.out(sim.new(N * C, unsorted.dtype), node)  # view's backward reshapes the expanded one: a copy
     res = sim.to(total, h.dtype)
-    for t in (total, unsorted, inv, offsets, hist, ids_sorted, perm, wsel, selected, gate, up, gu, out):
+    for t in (total, unsorted, inv, offsets, hist, ids_sorted, perm, wsel, selected, out, *(() if hf else kept)):
         sim.drop(t)
     return res
 

@@ -293,7 +293,7 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
 
 def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
     if dims.n_experts:
-        return moe(sim, x, params, dims.b, dims.s, dims.C, dims.F, dims.n_experts, dims.top_k, dims.grouped_experts)
+        return moe(sim, x, params, dims.b, dims.s, dims.C, dims.F, dims.n_experts, dims.top_k, dims.grouped_experts, dims.hf)
     if dims.style == "llama":
         gate = project(sim, x, "gate", params, dims, dims.F)
         silu = gelu_new(sim, gate) if dims.gelu_new else elementwise(sim, gate, unary_backward)  # silu, gelu_tanh:
