@@ -109,12 +109,12 @@ def test_the_families_without_sdpa_are_transformers_own(tmp_path):
 
 @needs_transformers
 def test_the_sliding_window_layers_are_transformers_own(tmp_path):
-    """hf_config.sliding_attention (read from the JSON; the estimator never imports transformers) against
+    """hf_attention.attention_of (read from the JSON; the estimator never imports transformers) against
     the installed transformers' config objects: the window and the layers of type sliding_attention, for
     each family's shipped config and its variants (key absent: the class default; Qwen's
     use_sliding_window and max_window_layers; Gemma 3's pattern; layer_types given)."""
     import transformers
-    from lorabench.spec.hf_attention import sliding_attention
+    from lorabench.spec.hf_attention import attention_of
     cases = []
     for family in sorted(p.name for p in SCENARIOS_HF.iterdir()):
         shipped = json.loads((SCENARIOS_HF / family / "config.json").read_text())
@@ -139,7 +139,7 @@ def test_the_sliding_window_layers_are_transformers_own(tmp_path):
         theirs = transformers.AutoConfig.for_model(**data)
         window = getattr(theirs, "sliding_window", None) if data["model_type"] in WINDOWED else None
         types = getattr(theirs, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * 7
-        ours = sliding_attention(write(tmp_path, data))
+        ours = attention_of(write(tmp_path, data))
         assert (ours.window, ours.layers) == (window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")), data
         assert ours.rope_sets == (len(set(types)) if data["model_type"] == "gemma3_text" else 1), data
 
@@ -153,7 +153,7 @@ def test_the_sliding_window_layers_are_transformers_own(tmp_path):
 def test_a_bad_sliding_window_key_is_one_line_naming_it(tmp_path, family, extra, key):
     """The window's layers are read without transformers (the estimator never imports it): a value it
     cannot use is a ConfigError naming the file and the key, not a ZeroDivisionError or TypeError."""
-    from lorabench.spec.hf_attention import sliding_attention
+    from lorabench.spec.hf_attention import attention_of
     data = {**json.loads((SCENARIOS_HF / family / "config.json").read_text()), **extra}
     with pytest.raises(ConfigError, match=key):
-        sliding_attention(write(tmp_path, data))
+        attention_of(write(tmp_path, data))

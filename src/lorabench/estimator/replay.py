@@ -113,4 +113,3 @@ def simulate(cfg: ModelConfig, cell: Cell, device: str = "cpu", micro_batch: int
             _CACHE.clear()
         res = _CACHE[key] = replay(cfg, cell, device, **({"micro_batch": 1} if unit else {}))
     return res
-

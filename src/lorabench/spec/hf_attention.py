@@ -18,32 +18,37 @@ SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 409
 WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 
-class Sliding(NamedTuple):
+class Attention(NamedTuple):
     window: int | None      # the sliding layers' attention window (None: none)
     layers: tuple           # the layers of type "sliding_attention"
     rope_sets: int          # RoPE tables made per forward: one per layer type where the model keeps a RoPE
     #                         base per type (Gemma 3: rope_local_base_freq), else one
     masks: int = 1          # attention masks its forward makes: a full and a sliding one where it builds both
     #                         (Gemma 2, 3 always; Qwen2, 3 with a sliding layer), else one (of its layers' type)
+    qk_norm_each: bool = False  # q and k RMS-normed as each is projected (Qwen3: q_proj, q_norm, k_proj, k_norm,
+    #                         v_proj, one raw projection alive at a time), not after all three (Gemma 3, lorabench's)
 
 
 BOTH_MASKS = ("gemma2", "gemma3_text")  # their forward's causal_mask_mapping has both, whatever the layers
 
 
 PER_TYPE_ROPE = ("gemma3_text",)  # Gemma3RotaryEmbedding: inv_freq buffers and cos/sin per layer type
+NORM_EACH_PROJECTION = ("qwen3",)  # Qwen3Attention: q_norm(q_proj(x).view(...)) before k_proj runs
 
 
-def sliding_attention(path: str) -> Sliding:
-    """The attention window of transformers' model of the config.json at `path` (None: no window), the
-    layers of its "sliding_attention" type and its RoPE table sets (Sliding). As transformers 5 reads the file: `layer_types`
+def attention_of(path: str) -> Attention:
+    """What transformers' attention does in the model of the config.json at `path` (Attention), the file
+    read once: its window (None: no window), the layers of its "sliding_attention" type, its RoPE table
+    sets, its masks and where its head norms run. As transformers 5 reads the file: `layer_types`
     where the config gives them, else as its class makes them -- Qwen2 and Qwen3 the layers from
     max_window_layers on when use_sliding_window (none without), Gemma 2 every other layer, Gemma 3 all but
     every sliding_window_pattern-th --, and where the class has none every layer attends within the window
     if there is one (Mistral, Mixtral, Phi-3)."""
     data = _read(path)
     mtype, L = data.get("model_type"), data.get("num_hidden_layers")
+    norm_each = mtype in NORM_EACH_PROJECTION
     if mtype not in WINDOWED or not isinstance(L, int) or isinstance(L, bool) or L <= 0:
-        return Sliding(None, (), 1)
+        return Attention(None, (), 1, 1, norm_each)
     window = data.get("sliding_window", SLIDING_DEFAULTS.get(mtype))
     if mtype in ("qwen2", "qwen3") and not data.get("use_sliding_window", False):
         window = None
@@ -65,15 +70,5 @@ def sliding_attention(path: str) -> Sliding:
             types = ["sliding_attention" if window is not None else "full"] * L
     kinds = set(types)
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    return Sliding(window, sliding, len(kinds) if mtype in PER_TYPE_ROPE else 1,
-                   2 if mtype in BOTH_MASKS or (mtype in ("qwen2", "qwen3") and sliding) else 1)
-
-
-NORM_EACH_PROJECTION = ("qwen3",)  # Qwen3Attention: q_norm(q_proj(x).view(...)) before k_proj runs
-
-
-def qk_norm_each(path: str) -> bool:
-    """Whether transformers' attention RMS-norms q and k as each is projected (Qwen3: q_proj, q_norm, k_proj,
-    k_norm, v_proj, so one raw projection is alive at a time) rather than after all three (Gemma 3,
-    lorabench's own stack)."""
-    return _read(path).get("model_type") in NORM_EACH_PROJECTION
+    return Attention(window, sliding, len(kinds) if mtype in PER_TYPE_ROPE else 1,
+                     2 if mtype in BOTH_MASKS or (mtype in ("qwen2", "qwen3") and sliding) else 1, norm_each)

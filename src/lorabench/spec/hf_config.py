@@ -32,7 +32,7 @@ model cannot express is refused rather than approximated: llama's attention_bias
 one `bias` on o, gate, up, down). A sliding window (Mistral's, Qwen's use_sliding_window, Gemma's
 local layers) is not a ModelConfig field: lorabench's own stack attends causally over the whole
 sequence (the window changes the scores' values, not their memory), and the analytic estimate of
-transformers' model reads it from the file (`hf_attention.sliding_attention`: under SDPA, transformers
+transformers' model reads it from the file (`hf_attention.attention_of`: under SDPA, transformers
 materialises a mask for it once the sequence reaches it), as it does Gemma 3's RoPE tables per layer
 type (rope_local_base_freq). A Gemma 3 multimodal config (model_type
 gemma3, the text model under text_config) is refused in one line. Any other model_type is

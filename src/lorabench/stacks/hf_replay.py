@@ -39,7 +39,7 @@ from ..sim.engine import Sim
 from ..sim.ops import binary, elementwise, halves, mul_broadcast, mul_const, scalar_op
 from ..sim.rules import cat_backward, pass_backward, unary_backward
 from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote
-from ..spec.hf_attention import qk_norm_each, sliding_attention
+from ..spec.hf_attention import attention_of
 
 
 def rope_table_sets(sim: Sim, dims, dtype: str) -> list[tuple]:
@@ -141,7 +141,7 @@ def dims_fields(cfg, cell, eager: bool, n_blocks: int) -> dict:
     the layers it stands for have: Gemma 3's few global middle layers are counted as sliding), whether
     their SDPA gets transformers' mask (module docstring: under SDPA, once the sequence reaches the
     window; eager attention has its own mask) and the RoPE table sets (Gemma 3: one per layer type)."""
-    window, layers, sets, masks = sliding_attention(cfg.hf)
+    window, layers, sets, masks, norm_each = attention_of(cfg.hf)
     L, layers = cfg.n_layers, set(layers)
     if L <= n_blocks:
         sliding = frozenset(i for i in range(n_blocks) if i in layers)
@@ -149,14 +149,14 @@ def dims_fields(cfg, cell, eager: bool, n_blocks: int) -> dict:
         middle = sum(1 for i in range(1, L - 1) if i in layers)
         real = {0: 0 in layers, 1: 2 * middle >= L - 2, n_blocks - 1: L - 1 in layers}
         sliding = frozenset(j for j, on in real.items() if on)
-    return {"hf": True, "input_requires_grad": input_leaf(cell), "sliding": sliding, "qk_norm_each": qk_norm_each(cfg.hf),
+    return {"hf": True, "input_requires_grad": input_leaf(cell), "sliding": sliding, "qk_norm_each": norm_each,
             "window_masks": not eager and window is not None and cfg.seq_len >= window, "rope_sets": sets,
             "eager_masks": masks if eager else 0}
 
 
 def rope_sets(cfg) -> int:
     """RoPE table sets transformers' model makes per forward (Gemma 3: one per layer type)."""
-    return sliding_attention(cfg.hf).rope_sets
+    return attention_of(cfg.hf).rope_sets
 
 
 def eager_masks(sim: Sim, dims, dtype: str) -> list[SymTensor]:
