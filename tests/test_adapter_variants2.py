@@ -259,7 +259,10 @@ CELLS = [(LLAMA, Cell(precision="fp32", lora_rank=4, lora_targets=("q", "v", "do
          (GPT2, Cell(precision="fp32", lora_rank=4, lora_targets=("q", "v", "o"), lora_dropout=0.1, adapter="adalora")),
          (LLAMA, Cell(precision="bf16", lora_rank=4, lora_targets=("q", "v", "down"), base_dtype="bf16",
                       checkpointing=True, adapter="lora-pro")),
-         (GPT2, Cell(precision="fp16", lora_rank=4, lora_targets=("q", "v"), adapter="lora-pro"))]
+         (GPT2, Cell(precision="fp16", lora_rank=4, lora_targets=("q", "v"), adapter="lora-pro")),
+         # a few tokens at a rank above the width: the adjustment's FP32 temporaries make the peak
+         (dataclasses.replace(LLAMA, d_model=8, n_heads=2, n_kv_heads=1, d_ff=4, vocab_size=32, seq_len=2),
+          Cell(precision="bf16-pure", lora_rank=16, lora_targets=("q", "v", "down"), adapter="lora-pro"))]
 
 
 @pytest.mark.parametrize("model,cell", CELLS, ids=[f"{m.style}-{c.adapter}-{c.precision}" for m, c in CELLS])
@@ -274,6 +277,8 @@ def test_a_cell_trains_and_the_estimates_equal_the_measured_cpu_peak(model, cell
     assert analytic.phase_peak_bytes == row["phase_peak_bytes"]
     assert (analytic.est_param_bytes, analytic.est_grad_bytes, analytic.est_optimizer_state_bytes) == \
         (row["param_bytes"], row["grad_bytes"], row["optimizer_state_bytes"])
+    if cell.adapter == "lora-pro":  # where the adjustment's temporaries are the peak, the estimate says so
+        assert ("adapter_adjust" in analytic.breakdown) == (model.seq_len == 2)
     if cell.adapter != "lora-pro":  # one trace per variant
         traced, _ = trace(job)
         assert traced.est_peak_bytes == row["peak_allocated_bytes"] and traced.phase_peak_bytes == row["phase_peak_bytes"]
@@ -309,3 +314,25 @@ def test_a_varying_adalora_budget_gets_its_own_cell_id(tmp_path):
     r = CliRunner().invoke(main, ["run", str(tmp_path / "b.yaml"), "--list"])
     assert r.exit_code == 0, r.stderr
     assert r.stdout.split() == ["fp32-adalora-r8-b2", "fp32-adalora-r8-b4"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r,d_in,d_out", [(4, 48, 24), (16, 8, 8), (8, 6, 40), (2, 3, 5)])
+def test_lora_pro_adjustment_bytes_are_what_the_tracker_counts(dtype, r, d_in, d_out):
+    """adjustment_bytes walks adjusted_gradients' allocations: the peak the CPU tracker counts above
+    its inputs, to the byte, for FP32 inputs (no copies) and 16-bit ones, rank above and below d."""
+    from lorabench.adapters.lora_pro import adjustment_bytes
+    from lorabench.measure.trackers.memory import _LiveStorages
+    peaks = []
+
+    class Peak(_LiveStorages):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            peaks.append(self.current_bytes)
+            return out
+    with Peak() as mode:
+        A, B, gA, gB = (torch.randn(*shape).to(dtype) for shape in ((r, d_in), (d_out, r), (r, d_in), (d_out, r)))
+        start, peaks[:] = mode.current_bytes, []
+        adjusted_gradients(A, B, gA, gB, 2.0)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    assert max(peaks) - start == adjustment_bytes((r, d_in), (d_out, r), name) > 0

@@ -254,7 +254,10 @@ def test_adalora_through_peft_trains_as_the_builtin_one_and_prunes_to_the_budget
     ("bf16", "bf16", ["head"], {"loss": "chunked-output", "loss_chunks": 4}),
     # bitsandbytes' bases: SVDLinear4bit clones the base's output, SVDLinear8bitLt adds out of place; on CPU
     # both convert (torch.is_autocast_enabled() asks about CUDA)
-    ("bf16", "nf4", ["q", "v"], {}), ("fp32", "nf4", ["q", "v"], {}), ("bf16", "int8", ["q", "v"], {})])
+    ("bf16", "nf4", ["q", "v"], {}), ("fp32", "nf4", ["q", "v"], {}), ("bf16", "int8", ["q", "v"], {}),
+    # on int8 the branch's FP32 sum makes the next quantized layer's input FP32: Linear8bitLt dequantizes
+    # in FP32 and autocast's F.linear copies both to bf16; its backward casts the gradient to FP32
+    ("bf16", "int8", ["gate"], {}), ("bf16", "int8", ["o"], {})])
 def test_an_adalora_peft_cell_runs_traces_and_is_estimated(precision, base, targets, extra):
     """The trace runs PEFT's AdaLoRA (its importance state after each step; the masking, which reads
     values, left out on fake tensors): the CPU peak to the byte. On a 16-bit base PEFT trains each

@@ -164,6 +164,11 @@ class Adapter(ABC):
         in place. `grad_scale`: the loss scale (a 0-d tensor) the gradients carry under fp16's
         GradScaler, else None. Default: nothing."""
 
+    def adjust_bytes(self, params: list, cell: Cell) -> int:
+        """What `adjust_gradients` holds above the training state while it runs, for the
+        estimator's backward phase, given every trainable ParamSpec. Default: 0."""
+        return 0
+
     def after_step(self, layers) -> None:
         """After the optimizer step, before the next zero_grad (the gradients are still set).
         Default: nothing."""

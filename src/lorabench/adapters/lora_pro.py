@@ -27,10 +27,10 @@ are kept for the d_out × d_in equivalent gradient itself (two bf16 matrices the
 target) and their update is projected back onto A and B. It is not built here.
 
 Forward, parameters, activations and FLOPs are LoRA's (`replay` is LoRA's). The adjustment
-runs in `adjust_gradients`, at the end of the backward phase, in FP32: per target r × r
-products and one gradient-sized temporary per matrix, freed before the next target; the
-analytic estimate does not replay them (they stay below the backward phase's peak, the
-logits' gradients and the activations; tests/test_adapter_variants2.py checks it on its cells).
+runs in `adjust_gradients`, at the end of the backward phase (every gradient set, the graph
+freed), in FP32, one target after the other: `adjust_bytes` walks its allocations (each op's
+output, as the CPU tracker counts them; pinv's and eigh's LAPACK workspaces, r-sized, are
+not among them) for the estimator. Above the backward's activations at a few tokens only.
 """
 from __future__ import annotations
 
@@ -53,6 +53,54 @@ class LoRAPro(LoRA):
                     layer.lora_A.grad.copy_(gA)
                     layer.lora_B.grad.copy_(gB)
                     del gA, gB
+
+    def adjust_bytes(self, params, cell):
+        """The most `adjust_gradients` holds above the training state: the largest target's
+        `adjustment_bytes` (each target's temporaries are freed before the next one's)."""
+        by_layer: dict[str, dict] = {}
+        for p in params:
+            layer, _, name = p.name.rpartition(".")
+            by_layer.setdefault(layer, {})[name] = p
+        return max((adjustment_bytes(t["lora_A"].shape, t["lora_B"].shape, t["lora_A"].dtype)
+                    for t in by_layer.values() if "lora_A" in t and "lora_B" in t), default=0)
+
+
+def adjustment_bytes(a_shape: tuple[int, int], b_shape: tuple[int, int], dtype: str) -> int:
+    """The peak of `adjusted_gradients`' allocations above its inputs, for A (r × d_in) and
+    B (d_out × r) of `dtype`: its ops' FP32 outputs, in its order, each temporary freed as soon as
+    Python drops it. tests/test_lora_pro.py holds it to the tracker's count of the function."""
+    (r, d_in), (d_out, _) = a_shape, b_shape
+    rr, ra, br = r * r, r * d_in, d_out * r
+    live = peak = 0
+
+    def new(*numels):
+        nonlocal live, peak
+        for n in numels:
+            live += 4 * n
+            peak = max(peak, live)
+
+    def free(*numels):
+        nonlocal live
+        live -= 4 * sum(numels)
+    if dtype != "fp32":
+        new(ra, br, ra, br)       # A, B, g_A, g_B as FP32 copies, held to the end
+    new(rr, rr, rr)               # eye, BᵀB, AAᵀ, held to the end
+    for _ in "PQ":                # pinv(M + δ·eye): δ·eye, the sum (δ·eye freed), pinv, the sum freed
+        new(rr, rr), free(rr), new(rr), free(rr)
+    new(ra, rr), free(ra)         # C = P⁺·g_A·Aᵀ
+    new(r + rr, r + rr)           # solve_sylvester: eigh(BᵀB), eigh(AAᵀ)
+    new(rr, rr), free(rr)         # Uᵀ·C·V
+    new(rr, rr), free(rr, rr)     # λ_i + μ_j, the quotient
+    new(rr), free(rr)             # U·(..)
+    new(rr), free(rr)             # X = (..)·Vᵀ
+    free(2 * (r + rr), rr)        # the eigendecompositions and C
+    new(ra, ra), free(ra)         # g_A' = P⁺·g_A (scaled) + X·A
+    new(rr, rr), free(rr)         # P⁺·(Bᵀ·g_B)
+    new(br), free(rr)             # B·(..)
+    new(br), free(br)             # g_B − B·(..)
+    new(br), free(br)             # (..)·Q⁺ (scaled)
+    new(br)                       # B·X, subtracted in place
+    return peak
 
 
 def adjusted_gradients(A, B, gA, gB, s: float):

@@ -110,6 +110,8 @@ TERMS = {
     "scalars": "scalar tensors of train_step (previous loss, running total, GradScaler's found_inf)",
     "graph_held": "what the previous loss's autograd graph still keeps (bitsandbytes int8: each projection's input) "
                   "until the next loss replaces it, and the last one through the optimizer step",
+    "adapter_state": "what the adapter's after_step keeps between steps (PEFT AdaLoRA's importance averages) and holds while it runs",
+    "adapter_adjust": "the adapter's gradient adjustment at the backward's end (LoRA-Pro: FP32 temporaries of its largest target)",
     "ddp_buckets": "ddp: the Reducer's gradient buckets, one copy of the trainable gradients (estimator/parallel.py)",
     "fsdp_gathered": "fsdp2: unsharded parameters and all-gather outputs live at the peak (sim/fsdp.py)",
     "fsdp_reduce": "fsdp2: unsharded gradients and the reduce-scatter input in flight at the peak (sim/fsdp.py)",
@@ -255,6 +257,11 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
         if ph == "forward" and window_steps < 2 and first:
             terms["grad_scaler"] = 0  # made by the first scaler.scale(), in step 1's first backward
         phases[ph] = (sum(terms.values()), terms)
+    adjust = get_adapter(cell.adapter).adjust_bytes(trainable, cell) * on_device if cell.is_lora else 0
+    if adjust:  # the adapter's adjust_gradients ends the backward phase: every gradient set, the graph freed
+        terms = dict(const, optimizer_state=state_fb, grads=dev_grads, graph_held=held, scalars=2 * res.loss_itemsize,
+                     adapter_state=kept if window_steps >= 2 else 0, adapter_adjust=adjust)
+        phases["backward"] = max(phases["backward"], (sum(terms.values()), terms), key=lambda vt: vt[0])
     opt_tmp = optimizer_temporaries(opt, groups, impl) * on_device if stepped else 0
     terms = dict(const, optimizer_state=state_dev if stepped else state_built, grads=dev_grads,
                  optimizer_temporaries=opt_tmp, graph_held=held,

@@ -29,11 +29,15 @@ The matmul (what each step allocates beyond the output y, N rows; a = the comput
   quantization) and W_dq (n·a) live while F.linear runs. Saves nothing (the weight is a parameter).
 - nf4 backward, MatMul4Bit: F.dequantize_4bit again: the absmax (4·⌈n/64⌉, double quantization),
   W_dq (n·a), then grad_x = g·W_dq (N·d_in·a).
-- int8 (CPU training: MatMul8bitFp; CUDA: MatMul8bitLt): CB = codes.to(a)·SCB/127 (n·a, and a
-  d_out·4 scale) in forward on CPU and in backward on both; `ctx.A = A` keeps the input (N·d_in·a)
-  alive with the autograd graph, i.e. until the loss is freed after backward -- it is a ctx
-  attribute, not a saved tensor, so checkpointing does not free it. CUDA forward quantizes the
-  input instead: A.to(fp16), its int8 codes and row scales, an int32 product (N·d_out·4).
+- nf4's Linear4bit casts its input to the compute dtype and its output back to the input's dtype.
+- int8 (CPU training: MatMul8bitFp; CUDA: MatMul8bitLt) takes its input A as it comes (a = A's
+  dtype, which an FP32-promoting adapter upstream makes FP32): CB = codes.to(a)·SCB/127 (n·a, and
+  a d_out·4 scale) in forward on CPU and in backward on both (there after g.to(a)); the CPU
+  forward's F.linear runs in autocast's dtype when A's differs (copies of CB and A); `ctx.A = A`
+  keeps the input (N·d_in·a) alive with the autograd graph, i.e. until the loss is freed after
+  backward -- it is a ctx attribute, not a saved tensor, so checkpointing does not free it. CUDA
+  forward quantizes the input instead: A.to(fp16), its int8 codes and row scales, an int32 product
+  (N·d_out·4); the output has A's dtype.
 """
 from __future__ import annotations
 
@@ -71,39 +75,57 @@ def stored_bytes(kind: str, d_out: int, d_in: int, double_quant: bool) -> int:
 
 def linear(sim, x: SymTensor, d_out: int, d_in: int, kind: str, double_quant: bool, compute: str,
            device: str) -> SymTensor:
-    """bitsandbytes' Linear4bit / Linear8bitLt forward on the simulator (module docstring): x is
-    cast to the compute dtype, the output has it; the node is recorded when x needs grad. The
-    frozen weight is a parameter (its bytes are the estimator's) and a frozen bias of the compute
-    dtype is added inside the op, so neither is an argument."""
+    """bitsandbytes' Linear4bit / Linear8bitLt forward on the simulator (module docstring). Linear4bit
+    casts x to its compute dtype and its output back to x's; Linear8bitLt takes x as it comes (its
+    output has x's dtype, or autocast's where F.linear runs under it: CPU). The node is recorded when
+    x needs grad. The frozen weight is a parameter (its bytes are the estimator's) and a frozen bias
+    is added inside the op, so neither is an argument."""
+    if kind == "int8":
+        return _int8_linear(sim, x, d_out, d_in, device)
     xc = sim.to(x, compute)
     rows, n = xc.numel // d_in, d_out * d_in
-    rule = _int8_backward if kind == "int8" else _nf4_backward
-    node = sim.node([xc], partial(rule, n=n, d_out=d_out, double_quant=double_quant))
+    node = sim.node([xc], partial(_nf4_backward, n=n, double_quant=double_quant))
     temps = []
-    if kind == "nf4" and device == "cuda":  # _dequant_linear_fallback (training-sized micro-batches)
+    if device == "cuda":  # _dequant_linear_fallback (training-sized micro-batches)
         if double_quant:
             temps.append(sim.new(n_blocks(n), F32))
             temps.append(sim.new(n_blocks(n), F32))
         temps.append(sim.new(n, compute))
-    elif kind == "int8" and device == "cuda":  # MatMul8bitLt: the input quantized row-wise
-        if compute != "fp16":
-            temps.append(sim.new(xc.numel, "fp16"))
-        temps += [sim.new(xc.numel, U8), sim.new(rows, F32), sim.new(rows * d_out, F32)]
-    elif kind == "int8":  # MatMul8bitFp: the dequantized codes
-        scale = sim.new(d_out, F32)
-        cb = sim.new(n, compute)
-        sim.drop(scale)
-        temps.append(cb)
     y = sim.out(sim.new(rows * d_out, compute), node)
-    if kind == "int8" and node is not None:
-        sim.keep_with_graph(xc)  # ctx.A
     for t in temps:
         sim.drop(t)
+    out = sim.to(y, x.dtype)  # `.to(inp_dtype)`, the cast input still held by the frame
+    sim.drop(y)
     sim.drop(xc)
+    return out
+
+
+def _int8_linear(sim, x: SymTensor, d_out: int, d_in: int, device: str) -> SymTensor:
+    """Linear8bitLt: MatMul8bitLt (CUDA) quantizes x row-wise; MatMul8bitFp (CPU training) makes
+    CB in x's dtype and runs F.linear, which autocast runs in its dtype (both copies). `ctx.A = x`."""
+    rows, n = x.numel // d_in, d_out * d_in
+    node = sim.node([x], partial(_int8_backward, n=n, d_out=d_out))
+    temps, out_dtype = [], x.dtype
+    if device == "cuda":  # the input quantized row-wise (from fp16), an int32 product
+        if x.dtype != "fp16":
+            temps.append(sim.new(x.numel, "fp16"))
+        temps += [sim.new(x.numel, U8), sim.new(rows, F32), sim.new(rows * d_out, F32)]
+    else:  # CB = codes.to(x's dtype)·SCB/127
+        scale = sim.new(d_out, F32)
+        temps.append(sim.new(n, x.dtype))
+        sim.drop(scale)
+        if sim.autocast and x.dtype != sim.autocast:  # autocast's F.linear: CB and x in its dtype
+            temps += [sim.new(n, sim.autocast), sim.new(x.numel, sim.autocast)]
+            out_dtype = sim.autocast
+    y = sim.out(sim.new(rows * d_out, out_dtype), node)
+    if node is not None:
+        sim.keep_with_graph(x)  # ctx.A
+    for t in temps:
+        sim.drop(t)
     return y
 
 
-def _nf4_backward(sim, node, grads, *, n: int, d_out: int, double_quant: bool):
+def _nf4_backward(sim, node, grads, *, n: int, double_quant: bool):
     """MatMul4Bit.backward: W_dq = dequantize_4bit(W) (its absmax dequantized first with double
     quantization), grad_x = g·W_dq."""
     grad = grads[0]
@@ -115,12 +137,14 @@ def _nf4_backward(sim, node, grads, *, n: int, d_out: int, double_quant: bool):
     return [grad_x]
 
 
-def _int8_backward(sim, node, grads, *, n: int, d_out: int, double_quant: bool):
-    """MatMul8bitFp/Lt.backward: CB = codes.to(a)·SCB/127, grad_x = g·CB."""
-    grad = grads[0]
-    w = sim.new(n, grad.dtype)
+def _int8_backward(sim, node, grads, *, n: int, d_out: int):
+    """MatMul8bitFp/Lt.backward: CB = codes.to(x's dtype)·SCB/127, grad_x = g.to(x's dtype)·CB."""
+    grad, dtype_a = grads[0], node.edges[0].dtype
+    w = sim.new(n, dtype_a)
     scale = sim.new(d_out, F32)
     sim.drop(scale)
-    grad_x = sim.new(node.edges[0].numel, grad.dtype)
+    g = sim.to(grad, dtype_a)
+    grad_x = sim.new(node.edges[0].numel, dtype_a)
+    sim.drop(g)
     sim.drop(w)
     return [grad_x]
