@@ -22,11 +22,12 @@ LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num
          "tie_word_embeddings": False}
 
 
-def scenario(tmp_path, model_extra: str = "", matrix: str = "lora_rank: [0, 4]", config=LLAMA, batch: int = 2) -> str:
+def scenario(tmp_path, model_extra: str = "", matrix: str = "lora_rank: [0, 4]", config=LLAMA, batch: int = 2,
+             seq: int = 16) -> str:
     (tmp_path / "m").mkdir(exist_ok=True)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     path = tmp_path / "s.yaml"
-    path.write_text(f"name: hf\nmodel: {{hf: m, seq_len: 16{model_extra}}}\ndevice: cpu\n"
+    path.write_text(f"name: hf\nmodel: {{hf: m, seq_len: {seq}{model_extra}}}\ndevice: cpu\n"
                     f"train: {{batch_size: {batch}, steps: 1, warmup_steps: 2}}\nmatrix:\n  {matrix}\n")
     return str(path)
 
@@ -228,22 +229,31 @@ def test_a_micro_batch_of_one_folds_eager_attentions_layouts_without_copies(tmp_
         tmp_path, config, "lora_rank: 2\n  precision: [bf16-pure, bf16]\n  attn_implementation: eager", batch=1)
 
 
-def test_mixtrals_grouped_experts_rebind_their_gate_up_output(tmp_path):
-    """transformers' grouped_mm experts rebind `proj_out = self._apply_gate(proj_out)`: in the checkpointed
-    forward (nothing saved) the gate_up output is gone before the down projection, where lorabench's own
-    experts keep `gate, up` to the end (the forward was that output too high). The peak to the byte; the forward
-    phase within 128 B (a routing-sized tensor, not found)."""
+@pytest.mark.parametrize("matrix", [
+    "lora_rank: 0\n  precision: bf16-pure",
+    # PEFT's LoRA (FP32 adapters) over an fp16 base: the routing weights' FP32 product in the experts
+    "lora_rank: 2\n  lora_targets: [[q, v]]\n  adapter_backend: peft\n  precision: fp32\n  base_dtype: fp16"])
+def test_transformers_checkpointed_mixtral_is_exact_in_every_phase(tmp_path, matrix):
+    """transformers' MoE as it runs under checkpointing, at 40 tokens (the replay was +1.7 to +3.4 % from
+    about 32 on): its grouped_mm experts rebind `proj_out = self._apply_gate(proj_out)`, so the gate_up
+    output is gone before the down projection (lorabench's own experts keep `gate, up`); its router's
+    `router_probs` goes as the router returns (lorabench's MoE keeps `probs`); `histc_input` stays bound
+    to the end; and in backward a checkpointed node's recomputed saved tensors go as its apply returns,
+    before validate_outputs casts the FP32 `proj_out * weights` gradient back to bf16 (Backward.
+    release_recomputed). Every phase to the byte (PEFT: within its 144 B)."""
     from lorabench.estimator.analytic import estimate
     config = {**LLAMA, "model_type": "mixtral", "num_local_experts": 3, "num_experts_per_tok": 2, "hidden_size": 48,
               "num_attention_heads": 6, "head_dim": 12}
-    ls = load_scenario(scenario(tmp_path, matrix="lora_rank: 0\n  precision: bf16-pure\n  checkpointing: true",
-                                config=config))
+    ls = load_scenario(scenario(tmp_path, matrix=matrix + "\n  checkpointing: true", config=config, seq=40))
     (cell,) = expand(ls)
-    row, _ = measured_and_traced(ls.job(cell, "cpu"))
+    job = ls.job(cell, "cpu")
+    row = run_cell(job)
+    assert row["status"] == "ok", row.get("error")
     w = ls.train.window_steps("cpu")
     est = estimate(ls.model, cell, ls.train.batch_size, "cpu", n_batches=w, window_steps=w)
-    assert est.est_peak_bytes == row["peak_allocated_bytes"]
-    assert 0 <= est.phase_peak_bytes["forward"] - row["phase_peak_bytes"]["forward"] <= 128
+    peft = 144 if cell.adapter_backend == "peft" else 0
+    for phase, measured in row["phase_peak_bytes"].items():
+        assert 0 <= measured - est.phase_peak_bytes[phase] <= peft, phase
 
 
 def test_gpt2_configs_read_their_activation_and_fused_attention(tmp_path):

@@ -47,7 +47,7 @@ few hundred bytes, the step's peak is not).
 from __future__ import annotations
 
 from ..sim.ops import binary, elementwise, linear, mul_broadcast, product
-from ..sim.quant import QUANT_KINDS
+from ..sim.quant import kind_of
 from ..sim.rules import bmm_backward, div_broadcast_backward, mul_broadcast_backward, pass_backward, unary_backward
 from ..sim.tensors import promote
 from .base import AdapterParam
@@ -146,7 +146,7 @@ class AdaLoRA(LoRA):
         if "ranknum" not in params:
             return super().replay_combine(sim, h, y, params, d_out, weight=weight, bias=bias, dropout=dropout,
                                           device=device, owned=owned)
-        quantized = weight.tensor.dtype if weight is not None and weight.tensor.dtype in QUANT_KINDS else None
+        quantized = kind_of(weight)
         if quantized == "nf4":  # result = result.clone()
             y = sim.out(sim.new(y.numel, y.dtype), sim.node([y], pass_backward))
         # requires_conversion (CPU always, module docstring of peft_casts_input): output.to(result's dtype)

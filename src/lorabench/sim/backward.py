@@ -2,7 +2,8 @@
 
 - `run_backward` follows the engine: the ready node with the highest sequence
   number runs first, AccumulateGrad nodes before all others; a node's input
-  gradients are freed when it returns, then its saved tensors, then its outputs
+  gradients are freed when it returns, then its saved tensors (a checkpointed
+  node's recomputed ones before anything else: release_recomputed), then its outputs
   are summed into the next nodes' input buffers (out of place: a sum of two
   buffers briefly holds three); a gradient whose dtype differs from the input's
   metadata is cast (validate_outputs); AccumulateGrad steals the first gradient
@@ -76,6 +77,7 @@ class Backward(Graph):
             self._recompute(node.checkpoint)
         grads = node.input_grads
         outs = node.backward(self, node, grads)
+        self.release_recomputed(node)
         for g in grads:
             self.drop(g)
         node.input_grads = None
@@ -94,6 +96,15 @@ class Backward(Graph):
             if nxt.pending == 0:
                 ready.append(nxt)
         return ready
+
+    def release_recomputed(self, node: Node) -> None:
+        """A checkpointed node's saved tensors are the recompute's, handed over by its unpack (torch.
+        utils.checkpoint keeps no reference): they go as the node's apply returns, before validate_outputs
+        casts or reduces its gradients. Another node's stay until the engine releases its variables."""
+        if node.checkpoint is not None:
+            for t in node.saved:
+                self.drop(t)
+            node.saved = []
 
     def _validate(self, edge: Edge | None, grad: SymTensor | None) -> SymTensor | None:
         """validate_outputs: no gradient for an input that needs none; a cast to the input's dtype."""

@@ -51,6 +51,11 @@ CUDA_FUSED_MAX_ROWS = 1536  # gemm_4bit on CUDA: the fused kernel up to this man
 QUANT_KINDS = ("nf4", "int8")
 
 
+def kind_of(weight) -> str | None:
+    """The quantization of a simulated base weight (a Param): "nf4" or "int8", None for a float one or none."""
+    return weight.tensor.dtype if weight is not None and weight.tensor.dtype in QUANT_KINDS else None
+
+
 def n_blocks(n: int) -> int:
     """The fp32 absmax scales of an n-element NF4 weight: one per block of 64."""
     return -(-n // NF4_BLOCK)

@@ -78,13 +78,15 @@ def div_broadcast_backward(sim, node, grads):
 
 def _broadcast_backward(sim, node, grads, unreduced_of):
     """A broadcast product's or quotient's gradients: grad_a of a's size; grad_b from an unreduced
-    g-sized tensor (`unreduced_of(g)`), grad_a cast to a's dtype while that is alive, then reduced."""
+    g-sized tensor (`unreduced_of(g)`), grad_a cast to a's dtype while that is alive (a checkpointed
+    node's recomputed saved tensors gone by then), then reduced."""
     grad = grads[0]
     edge_a, edge_b = node.edges
     grad_a = sim.new(edge_a.numel, grad.dtype) if edge_a else None
     grad_b = None
     if edge_b:
         unreduced = unreduced_of(grad)
+        sim.release_recomputed(node)  # apply returns: validate_outputs casts and reduces
         if grad_a is not None and edge_a.dtype != grad.dtype:
             cast = sim.new(edge_a.numel, edge_a.dtype)
             sim.drop(grad_a)

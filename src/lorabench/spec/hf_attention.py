@@ -4,6 +4,8 @@ it applies to, the masks the model's forward makes, its RoPE table sets, and whe
 run. tests/test_hf_config.py holds these rules to the installed transformers."""
 from __future__ import annotations
 
+import os
+from functools import lru_cache
 from typing import NamedTuple
 
 from .hf_config import _int, _read
@@ -37,6 +39,21 @@ NORM_EACH_PROJECTION = ("qwen3",)  # Qwen3Attention: q_norm(q_proj(x).view(...))
 
 
 def attention_of(path: str) -> Attention:
+    """`_attention_of(path)`, read once per version of the file (its modification time and size): every
+    estimate asks it twice (the replay's dims, the stack's RoPE buffers), and `fit` estimates many."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _attention_of(path)  # its line names the missing file
+    return _cached(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=64)
+def _cached(path: str, mtime_ns: int, size: int) -> Attention:
+    return _attention_of(path)
+
+
+def _attention_of(path: str) -> Attention:
     """What transformers' attention does in the model of the config.json at `path` (Attention), the file
     read once: its window (None: no window), the layers of its "sliding_attention" type, its RoPE table
     sets, its masks and where its head norms run. As transformers 5 reads the file: `layer_types`

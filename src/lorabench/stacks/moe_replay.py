@@ -79,6 +79,9 @@ def moe(sim: Sim, x: SymTensor, params: dict, b: int, s: int, C: int, F: int, E:
     sim.drop(original)
     sim.drop(total)
     weights = sim.out(values, node)  # in place
+    if hf:  # transformers' router returns: its local router_probs goes (kept only if softmax saved it)
+        sim.drop(probs)
+        probs = None
     out = _experts_grouped(sim, h, index, weights, params, N, C, F, E, hf) if grouped else \
         _experts(sim, h, index, weights, counts, params, N, C, F, E)
     res = sim.out(sim.view(out), sim.node([out], pass_backward))  # .reshape(B, T, C)
@@ -97,9 +100,10 @@ def _experts_grouped(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTenso
     selected = _index(sim, h, rows, S * C)
     sim.drop(rows)  # (saved by the gather)
     wsel = _index(sim, weights, perm, S)  # sample_weights[perm]
-    idf = sim.new(S, F32)  # expert_ids_g.float() for histc
+    idf = sim.new(S, F32)  # expert_ids_g.float() for histc (CUDA: .int()); transformers binds it, `histc_input`
     hist = sim.new(E, F32)
-    sim.drop(idf)
+    if not hf:
+        sim.drop(idf)
     offsets = sim.new(E, F32)  # cumsum, int32 (hist, tokens_per_expert, stays bound to the return)
     gu = _grouped_mm(sim, selected, params["experts_gate_up"], offsets, S, 2 * F)
     gate, up = halves(sim, gu)
@@ -119,7 +123,7 @@ def _experts_grouped(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTenso
     node = sim.node([unsorted], unary_backward)  # .view(N, k, C).sum(1): its gradient expands, and the
     total = sim.out(sim.new(N * C, unsorted.dtype), node)  # view's backward reshapes the expanded one: a copy
     res = sim.to(total, h.dtype)
-    for t in (total, unsorted, inv, offsets, hist, ids_sorted, perm, wsel, selected, out, *(() if hf else kept)):
+    for t in (total, unsorted, inv, offsets, hist, ids_sorted, perm, wsel, selected, out, *((idf,) if hf else kept)):
         sim.drop(t)
     return res
 

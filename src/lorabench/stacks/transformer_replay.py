@@ -189,7 +189,7 @@ def project(sim: Sim, x: SymTensor, name: str, params: dict, dims: Dims, d_out: 
     """A projection: nn.Linear (or bitsandbytes' quantized one), or an AdaptedLinear = base(x) +
     adapter_branch (its parameters are in `params` as "<name>.<parameter>", e.g. "q.lora_A")."""
     weight, bias = params[name], params.get(name + ".bias")
-    if weight.tensor.dtype in quant.QUANT_KINDS:  # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)
+    if quant.kind_of(weight):  # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)
         y = quant.linear(sim, x, d_out, weight.tensor.numel // d_out, weight.tensor.dtype, dims.double_quant,
                          dims.table_dtype, dims.device)
     else:
@@ -209,7 +209,7 @@ def adapter_branch(sim: Sim, x: SymTensor, y: SymTensor, adapter_params: dict, d
     output and mask); what the branch itself saves is the adapter's replay."""
     h = sim.hold(x)
     dtype = next(iter(adapter_params.values())).tensor.dtype  # the adapter's: FP32, or 16 bits in a pure precision
-    quantized = weight.tensor.dtype if weight is not None and weight.tensor.dtype in quant.QUANT_KINDS else None
+    quantized = quant.kind_of(weight)
     peft_x = None  # PEFT's _cast_input_dtype: x in the adapter's dtype first, under autocast too (which casts it
     if dims.peft and dims.adapter.peft_casts_input(quantized, sim.autocast, dims.device):  # back), `x = ...`: kept
         h = _rebind(sim, h, sim.to(h, dtype))  # until the layer returns
