@@ -49,7 +49,7 @@ from __future__ import annotations
 from ..sim.ops import binary, elementwise, linear, mul_broadcast, product
 from ..sim.quant import kind_of
 from ..sim.rules import bmm_backward, div_broadcast_backward, mul_broadcast_backward, pass_backward, unary_backward
-from ..sim.tensors import promote
+from ..sim.tensors import ITEM_BYTES, promote
 from .base import AdapterParam
 from .lora import LoRA
 
@@ -86,6 +86,15 @@ class AdaLoRA(LoRA):
         shapes = {"lora_A": (r, d_in), "lora_E": (r,), "lora_B": (d_out, r)}
         return [AdapterParam(n, shapes[n]) for n in STATE] + \
             [AdapterParam(f"{n}_{kind}", shapes[n], trainable=False) for n in STATE for kind in ("ipt", "unc")]
+
+    def adjust_bytes(self, params, cell):
+        """PEFT's regulariser (peft_backend.adalora_regulariser) builds a graph over every lora_A and lora_B
+        and runs it backward: `regulariser_bytes`. lorabench's own adds in place, a layer at a time: 0."""
+        if cell.adapter_backend != "peft":
+            return 0
+        mats = [(p.shape[1] if p.name.endswith(".lora_A") else p.shape[0], ITEM_BYTES[p.dtype])
+                for p in params if p.name.endswith((".lora_A", ".lora_B"))]
+        return regulariser_bytes(mats, cell.lora_rank, cell.uses_loss_scaler)
 
     def after_step_bytes(self, params, cell):
         """PEFT's RankAllocator.update_ipt keeps ipt, exp_avg_ipt and exp_avg_unc of every lora_A, lora_B
@@ -291,3 +300,37 @@ def _triplet_scores(layer):
     return total
 
 
+def regulariser_bytes(mats: list[tuple[int, int]], r: int, scaled: bool) -> int:
+    """The peak of PEFT's orthogonality regulariser above the training state, as the CPU tracker counts
+    it (tests/test_peft_backend.py holds it there): `mats` the (d, itemsize a) of each lora_A (r × d) and
+    lora_B (d × r) in the model's order. Forward, per matrix: its r × r covariance and eye (the
+    previous ones freed as the loop rebinds them), cov − I and its norm (saved), the running sum (all
+    of a bytes per element); then w·regu / n and the backward's seed (under a loss scale: loss·scale,
+    its seed and the loss's gradient, FP32). Backward, the last matrix first: the norm's gradient (a
+    quotient, a bool, their product: the saved pair then freed), the two products' gradients of the
+    matrix's size, their sum into the buffer, added to .grad in place."""
+    live = peak = 0
+
+    def new(*nbytes):
+        nonlocal live, peak
+        for n in nbytes:
+            live += n
+            peak = max(peak, live)
+
+    def free(*nbytes):
+        nonlocal live
+        live -= sum(nbytes)
+    for j, (_, a) in enumerate(mats):
+        rr = r * r * a
+        new(rr), free(rr if j else 0)   # cov; the previous one goes as `cov` rebinds
+        new(rr), free(rr if j else 0)   # eye (empty_like, filled); likewise
+        new(rr, a, a), free(a if j else 0)  # cov − eye and its norm (both saved), the sum rebinds
+    a = mats[0][1] if mats else 4
+    new(a, a), free(a)                  # w·regu, / n
+    new(4, 4, 4) if scaled else new(a)  # (loss·scale, its seed, the loss's gradient) or the seed
+    new(a, a), free(a)                  # DivBackward, MulBackward
+    for d, a in reversed(mats):
+        rr, rd = r * r * a, r * d * a
+        new(rr, 1, rr), free(rr, 1, rr, a)  # the norm's backward, its saved pair released
+        new(rd, rd), free(rr), new(rd), free(rd, rd), free(rd)  # mm's two gradients, their sum
+    return peak
