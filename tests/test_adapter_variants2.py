@@ -24,6 +24,7 @@ from lorabench.adapters.lora_pro import adjusted_gradients, solve_sylvester
 from lorabench.cli import main
 from lorabench.estimator.analytic import estimate
 from lorabench.measure.trace import trace
+from lorabench.measure.trackers.memory import _LiveStorages
 from lorabench.measure.worker import run_cell
 from lorabench.spec.config import Cell, ModelConfig, TrainConfig
 from lorabench.spec.job import CellJob
@@ -38,6 +39,25 @@ NEW = ("lora-ga", "adalora", "lora-pro")
 
 
 from test_adapter_variants import One, frozen_linear  # noqa: E402 - the same tiny PEFT-wrappable model
+
+
+class PeakOps(_LiveStorages):
+    """The CPU tracker's count after every op; `mark()` starts the window `peak_above_mark()` reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.start, self.counts = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.counts.append(self.current_bytes)
+        return out
+
+    def mark(self) -> None:
+        self.start, self.counts = self.current_bytes, []
+
+    def peak_above_mark(self) -> int:
+        return max(self.counts) - self.start
 
 
 def copy_of(lin: nn.Linear) -> nn.Linear:
@@ -322,17 +342,9 @@ def test_lora_pro_adjustment_bytes_are_what_the_tracker_counts(dtype, r, d_in, d
     """adjustment_bytes walks adjusted_gradients' allocations: the peak the CPU tracker counts above
     its inputs, to the byte, for FP32 inputs (no copies) and 16-bit ones, rank above and below d."""
     from lorabench.adapters.lora_pro import adjustment_bytes
-    from lorabench.measure.trackers.memory import _LiveStorages
-    peaks = []
-
-    class Peak(_LiveStorages):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = super().__torch_dispatch__(func, types, args, kwargs)
-            peaks.append(self.current_bytes)
-            return out
-    with Peak() as mode:
+    with PeakOps() as mode:
         A, B, gA, gB = (torch.randn(*shape).to(dtype) for shape in ((r, d_in), (d_out, r), (r, d_in), (d_out, r)))
-        start, peaks[:] = mode.current_bytes, []
+        mode.mark()
         adjusted_gradients(A, B, gA, gB, 2.0)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    assert max(peaks) - start == adjustment_bytes((r, d_in), (d_out, r), name) > 0
+    assert mode.peak_above_mark() == adjustment_bytes((r, d_in), (d_out, r), name) > 0

@@ -307,15 +307,8 @@ def test_peft_adalora_regulariser_bytes_are_what_the_tracker_counts(dtype, scale
 
     from lorabench.adapters.adalora import regulariser_bytes
     from lorabench.adapters.peft_backend import adalora_regulariser
-    from lorabench.measure.trackers.memory import _LiveStorages
-    peaks = []
-
-    class Peak(_LiveStorages):
-        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
-            out = super().__torch_dispatch__(func, types_, args, kwargs)
-            peaks.append(self.current_bytes)
-            return out
-    with Peak() as mode:
+    from test_adapter_variants2 import PeakOps
+    with PeakOps() as mode:
         root = torch.nn.Module()
         for i, (d_in, d_out) in enumerate(shapes):
             layer = torch.nn.Module()
@@ -324,11 +317,11 @@ def test_peft_adalora_regulariser_bytes_are_what_the_tracker_counts(dtype, scale
             setattr(root, f"l{i}", layer)
         for p in root.parameters():
             p.grad = torch.zeros_like(p)
-        start, peaks[:] = mode.current_bytes, []
+        mode.mark()
         adalora_regulariser(root, types.SimpleNamespace(orth_reg_weight=0.1), torch.tensor(2.0 ** 16) if scaled else None)
     a = torch.finfo(dtype).bits // 8
     mats = [(d, a) for d_in, d_out in shapes for d in (d_in, d_out)]
-    assert max(peaks) - start == regulariser_bytes(mats, r, scaled)
+    assert mode.peak_above_mark() == regulariser_bytes(mats, r, scaled)
 
 
 def test_a_few_token_adalora_peft_cell_peaks_in_its_regulariser():
