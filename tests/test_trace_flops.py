@@ -51,6 +51,7 @@ CASES = [  # (model, cell, device: on CUDA, the SDPA kernel it picks)
     (LLAMA, Cell(precision="fp32"), "cpu"),
     (LLAMA, lora("bf16", ALL, base_dtype="bf16", checkpointing=True, accumulation=2), "cpu"),
     (LLAMA, lora("fp32", ("gate", "up", "down")), "cpu"),  # block 0: nothing before gate needs a gradient
+    (dataclasses.replace(LLAMA, fused_qkv=True), lora("fp32", ("qkv", "down")), "cpu"),  # block 0: nor a fused qkv
     (GPT2, lora("fp32", accumulation=2), "cpu"),
     (GPT2, Cell(precision="fp16", checkpointing=True), "cpu"),  # the GradScaler steps, no matmul
     (LLAMA, Cell(precision="bf16"), "cuda:flash"),  # GQA native

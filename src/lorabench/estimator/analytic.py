@@ -303,4 +303,5 @@ def estimate(model_cfg: ModelConfig, cell: Cell, batch_size: int, device: str = 
                                                          "SVDLinear) with PEFT's input cast (--method trace runs PEFT's)"
                                                          if cell.adapter_backend == "peft" else "")
         + (f"; transformers' {model_cfg.approximates} read as the Llama-style block of its widths (its parameter "
-           "count)" if model_cfg.approximates else ""))
+           "count)" + (", its projections fused as transformers' layer fuses them" if model_cfg.layer_order else "")
+           if model_cfg.approximates else ""))

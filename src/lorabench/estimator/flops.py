@@ -123,14 +123,14 @@ def flops_per_step(cfg: ModelConfig, cell: Cell, batch_size: int) -> Flops:
 def _no_grad_inputs(names: set[str], adapted: set[str]) -> set[str]:
     """Block 0's projections whose input needs no gradient in an adapter cell: the embedding
     is frozen, so in block 0 a tensor needs one only downstream of an adapter."""
-    cold = {"q", "k", "v"}                    # the block's input
-    grad = bool(adapted & {"q", "k", "v"})    # attention's output, o's input
+    cold = {"q", "k", "v", "qkv"}                    # the block's input (qkv: fused)
+    grad = bool(adapted & {"q", "k", "v", "qkv"})    # attention's output, o's input
     if not grad:
         cold.add("o")
     grad = grad or "o" in adapted             # the residual after attention: gate's and up's input
     if not grad:
-        cold |= {"gate", "up"}
-    grad = grad or bool(adapted & {"gate", "up"})  # the MLP's hidden: down's input
+        cold |= {"gate", "up", "gate_up"}
+    grad = grad or bool(adapted & {"gate", "up", "gate_up"})  # the MLP's hidden: down's input
     if not grad:
         cold.add("down")
     return cold & names

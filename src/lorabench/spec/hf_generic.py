@@ -5,8 +5,11 @@ missing keys), builds the model on the meta device (no memory, no weights) and c
 parameters. lorabench then estimates the Llama-style block of the same widths -- RMSNorm,
 RoPE, separate q, k, v, o, a SwiGLU MLP, no biases -- when, and only when, that block has
 exactly transformers' parameter count (phi3's fused qkv_proj and gate_up_proj hold the same
-weights as q, k, v and gate, up). The model's `approximates` names the family, and every
-estimate says that it reads the family so. Anything else is one ConfigError line: a family
+weights as q, k, v and gate, up). Which projections transformers' layer fuses, and its order, are
+read from the built layer's parameter shapes (`fused_reading`: Phi-3's o, qkv, gate_up, down), so
+that a model.hf estimate replays the fused outputs and steps the fused tensors (lorabench's own
+stack, `estimate --model DIR`, keeps the unfused block). The model's `approximates` names the
+family, and every estimate says that it reads the family so. Anything else is one ConfigError line: a family
 transformers does not know, or one whose count differs (biases, other norms, another MLP),
 which lorabench does not model yet.
 """
@@ -53,7 +56,7 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
                   rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)) or 10000.0),
                   approximates=mtype)
     try:
-        theirs = _transformers_count(config)
+        theirs, layer_shapes = _transformers_count(config)
     except Exception as e:  # noqa: BLE001 - transformers refuses the config (no causal LM, a bad value)
         raise ConfigError(path, "model_type", f"transformers cannot build a causal LM of this {mtype} config: "
                           f"{type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
@@ -61,7 +64,33 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
     if theirs != ours:
         raise ConfigError(path, "model_type", f"{mtype} is not a family lorabench models: transformers counts "
                           f"{theirs:,} parameters, a Llama-style block of its widths {ours:,}")
+    fused_qkv, fused_gate_up, order = fused_reading(fields, layer_shapes)
+    if order is not None:
+        fields.update(fused_qkv=fused_qkv, fused_gate_up=fused_gate_up, layer_order=order)
     return fields
+
+
+def fused_reading(f: dict, shapes: list[tuple[int, ...]]) -> tuple[bool, bool, list[str] | None]:
+    """Which projections transformers' layer fuses, from its parameters' shapes in registration order:
+    (fused_qkv, fused_gate_up, the layer's order in lorabench's names) for the one reading of q, k, v
+    (or qkv), o, gate, up (or gate_up), down and two norms whose shapes are the layer's (Phi-3: o, qkv,
+    gate_up, down, norm1, norm2); (False, False, None) where nothing is fused or the shapes allow more
+    than one reading (the Llama-style block and its order)."""
+    C, F, HD, GD = f["d_model"], f["d_ff"], f["n_heads"] * f["head_dim"], f["n_kv_heads"] * f["head_dim"]
+
+    def block(fq: bool, fg: bool) -> list[tuple[str, tuple[int, ...]]]:
+        qkv = [("qkv", (HD + 2 * GD, C))] if fq else [("q", (HD, C)), ("k", (GD, C)), ("v", (GD, C))]
+        gate_up = [("gate_up", (2 * F, C))] if fg else [("gate", (F, C)), ("up", (F, C))]
+        return qkv + [("o", (C, HD))] + gate_up + [("down", (C, F)), ("norm1", (C,)), ("norm2", (C,))]
+    readings = [(fq, fg) for fq in (False, True) for fg in (False, True)
+                if sorted(s for _, s in block(fq, fg)) == sorted(shapes)]
+    if len(readings) != 1 or readings[0] == (False, False):
+        return False, False, None
+    fq, fg = readings[0]
+    pool, order = block(fq, fg), []
+    for shape in shapes:  # each takes the first name of its shape not yet taken: k before v, norm1 before norm2
+        order.append(pool.pop(next(i for i, (_, s) in enumerate(pool) if s == shape))[0])
+    return fq, fg, order
 
 
 def transformers_reads(data: dict, path: str, mtype: str) -> None:
@@ -99,13 +128,16 @@ def _quiet():
         hf_logging.set_verbosity(verbosity)
 
 
-def _transformers_count(config) -> int:
-    """Parameters of transformers' causal LM of `config`, built on the meta device (tied tensors once)."""
+def _transformers_count(config) -> tuple[int, list[tuple[int, ...]]]:
+    """Parameters of transformers' causal LM of `config`, built on the meta device (tied tensors once),
+    and the shapes of its first decoder layer's parameters in registration order (fused_reading)."""
     import torch
     from transformers import AutoModelForCausalLM
     with _quiet(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)), [])
+    shapes = [tuple(p.shape) for p in layers[0].parameters()] if len(layers) else []
+    return sum(p.numel() for p in model.parameters()), shapes
 
 
 def llama_param_count(f: dict) -> int:

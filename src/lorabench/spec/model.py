@@ -36,6 +36,11 @@ class ModelConfig:
     fused_qkv: bool = fld(False, "q, k and v as one projection `qkv` (d_model -> (n_heads + 2·n_kv_heads)·head_dim), "
                                  "its output split in three: GPT-2's c_attn, Qwen-1, Phi-3, litgpt; LoRA targets qkv "
                                  "(the whole matrix) or, with adapter merged-qkv, a subset of its slices", row=True)
+    fused_gate_up: bool = fld(False, "gate and up as one projection `gate_up` (d_model -> 2·d_ff), its output chunked "
+                                     "in two: transformers' Phi-3, read from its config.json (spec/hf_generic.py)", row=True)
+    layer_order: Optional[tuple[str, ...]] = fld(None, "a family read through transformers' count whose layer fuses projections: "
+                                                 "its parameters' order in lorabench's names (Phi-3: o, qkv, gate_up, down, "
+                                                 "norm1, norm2); None: the Llama-style order")
     qk_norm: bool = fld(False, "RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3); llama style", row=True)
     activation: Optional[Literal["silu", "gelu_tanh", "gelu_new"]] = fld(
         None, "the MLP's activation: silu (llama's SwiGLU) | gelu_tanh (GELU's tanh form, one op: Gemma's GeGLU, "
@@ -141,9 +146,14 @@ class ModelConfig:
                                                     "transformers runs such a model eagerly (eager)")
         if self.attn_implementation == "sdpa" and self.sdpa_problem:
             raise FieldError("attn_implementation", self.sdpa_problem)
-        if self.hf is not None and self.fused_qkv != gpt2:  # transformers' GPT-2 has one c_attn, the others q, k, v
+        if self.hf is not None and self.fused_qkv != gpt2 and not self.approximates:  # GPT-2's one c_attn
             raise FieldError("fused_qkv", "applies to lorabench's own stack: a Hugging Face model's projections are "
                                           "those of its config.json")
+        if self.layer_order is not None:
+            self.layer_order = tuple(self.layer_order)  # a list across the process boundary; hashed with the config
+        if (self.fused_gate_up or self.layer_order) and not (self.hf and self.approximates):
+            raise FieldError("fused_gate_up" if self.fused_gate_up else "layer_order", "is read from the config.json of a "
+                             "family transformers builds (Phi-3): lorabench's own stack keeps gate and up apart")
         if self.quantized is not None and self.quantized not in QUANT_DTYPES:
             raise FieldError("quantized", one_of(*QUANT_DTYPES)(self.quantized))
 

@@ -20,8 +20,12 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 def preset_data(name: str, source: str = "preset", path: str = "model.preset") -> dict:
     """The raw fields of preset `presets/NAME.yaml`, or of a Hugging Face config.json path."""
     from .hf_config import config_path, hf_config_fields, is_config
-    if is_config(name):  # a folder: its config.json, as a scenario's model.hf
-        return hf_config_fields(config_path(name))
+    if is_config(name):  # a folder: its config.json, as a scenario's model.hf, for lorabench's own stack: a family
+        fields = hf_config_fields(config_path(name))  # read through transformers' count as the Llama-style block
+        if fields.get("approximates"):  # (its fused projections are transformers' model's: model.hf)
+            for key in ("fused_qkv", "fused_gate_up", "layer_order"):
+                fields.pop(key, None)
+        return fields
     name = preset_name(name, source, path)
     data = read_yaml(str(PRESET_DIR / f"{name}.yaml"))
     data.pop("hub", None)  # the hub ids it answers to (preset_name), not a model field

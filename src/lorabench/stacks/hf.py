@@ -177,8 +177,13 @@ def hf_order(specs: list, cfg, peft: bool) -> list:
     """The built-in stack's parameters (transformer_layout) in transformers' model.parameters() order:
     a Llama-style layer's norms after its attention and MLP (LAYER_NORMS; GPT-2's ln_1, attn, ln_2, mlp
     are the built-in order), and under PEFT each adapted layer's base_layer (weight, bias) before its
-    adapter's parameters, which lorabench's AdaptedLinear registers first. The order is what the
-    for-loop optimizers' temporaries follow (optimizers/)."""
+    adapter's parameters, which lorabench's AdaptedLinear registers first; a family with a `layer_order`
+    (read from transformers' own layer: Phi-3) in that order. The order is what the for-loop optimizers'
+    temporaries follow (optimizers/)."""
+    if cfg.layer_order:  # a family read through transformers' count: its layer's own order (Phi-3: o before qkv)
+        rank = {name: i for i, name in enumerate(cfg.layer_order)}
+        return [p for _, group in itertools.groupby(specs, key=lambda p: p.block) for p in
+                sorted(group, key=lambda p: rank.get(p.name.split(".")[2], -1) if p.block is not None else 0)]
     out, norms = [], []
 
     def flush():

@@ -1,11 +1,11 @@
-"""RMSNorm, replayed on `sim.Sim` (transformer_replay's blocks and Qwen3's head norms): what it
-allocates and what autograd saves (transformer_replay's module docstring has the conventions)."""
+"""RMSNorm and LayerNorm, replayed on `sim.Sim` (transformer_replay's blocks and Qwen3's head norms): what they
+allocate and what autograd saves (transformer_replay's module docstring has the conventions)."""
 from __future__ import annotations
 
 from . import hf_replay
 from ..sim.engine import Sim
 from ..sim.ops import mul_broadcast
-from ..sim.rules import pass_backward, pow2_backward, rsqrt_backward, unary_backward
+from ..sim.rules import layernorm_backward, pass_backward, pow2_backward, rsqrt_backward, unary_backward
 from ..sim.tensors import F32, Param, SymTensor
 
 
@@ -65,4 +65,19 @@ def head_normed(sim: Sim, t: SymTensor, params: dict, name: str, dims) -> SymTen
         return t
     out = rmsnorm(sim, t, params[name], dims.D, dims.norm_offset, dims.hf)
     sim.drop(t)
+    return out
+
+
+def layernorm(sim: Sim, x: SymTensor, weight: Param, bias: Param, C: int, device: str) -> SymTensor:
+    """native_layer_norm (GPT-2): out, mean, rstd; saves x, mean, rstd (and w, b). CUDA autocast runs it in fp32."""
+    N = x.numel // C
+    xin = sim.to(x, F32) if (sim.autocast and device == "cuda") else sim.hold(x)
+    stat_dtype = F32 if weight.tensor.dtype == F32 else xin.dtype
+    node = sim.node([xin, weight.tensor, bias.tensor], layernorm_backward)
+    out = sim.out(sim.new(N * C, xin.dtype), node)
+    mean, rstd = sim.new(N, stat_dtype), sim.new(N, stat_dtype)
+    sim.save(node, xin, mean, rstd)
+    sim.drop(mean)
+    sim.drop(rstd)
+    sim.drop(xin)
     return out

@@ -35,6 +35,8 @@ def projections(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
     out.append(("o", HD, C, cfg.bias))
     if cfg.n_experts:  # the router is the MLP's one linear layer; the experts are 3-D weights (expert_params)
         return out + [("router", C, cfg.n_experts, False)]
+    if cfg.fused_gate_up:  # transformers' Phi-3: one gate_up, its output chunked
+        return out + [("gate_up", C, 2 * F, cfg.bias), ("down", F, C, cfg.bias)]
     if cfg.style == "llama":
         out.append(("gate", C, F, cfg.bias))
     out += [("up", C, F, cfg.bias), ("down", F, C, cfg.bias)]
@@ -56,7 +58,7 @@ def block_params(cfg: ModelConfig, cell: Cell, i: int) -> list[ParamSpec]:
 
     out = norm("norm1")
     for name, d_in, d_out, has_bias in projections(cfg):
-        if name in ("gate", "router") or (name == "up" and cfg.style == "gpt2"):
+        if name in ("gate", "gate_up", "router") or (name == "up" and cfg.style == "gpt2"):
             out += norm("norm2")
         if name in targets:  # the adapter's own parameters come before its `base` submodule's
             out += [ParamSpec(f"blocks.{i}.{name}.{a.name}", i, a.numel, cell.param_dtype, a.trainable, a.shape) for a in adapter.params(d_in, d_out, cell, cfg.out_splits(name), cell.is_quantized)]

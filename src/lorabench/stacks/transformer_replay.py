@@ -38,12 +38,12 @@ from ..sim import quant
 from ..sim.engine import Sim
 from . import hf_replay
 from .hf_replay import gelu_new
-from .norm_replay import head_normed, rmsnorm
+from .norm_replay import head_normed, layernorm, rmsnorm
 from .eager_replay import causal_mask, eager_attention
 from .loss_replay import replay_loss
 from .moe_replay import moe
 from ..sim.ops import binary, cuda_sdpa_kernel, elementwise, halves, linear, mul_const, scalar_op, split
-from ..sim.rules import (cat_backward, embedding_backward, layernorm_backward, math_attention_backward,
+from ..sim.rules import (cat_backward, embedding_backward, math_attention_backward,
                          pass_and_new_backward, pass_backward, sdpa_backward, unary_backward)
 from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote, untracked
 
@@ -92,22 +92,6 @@ class Dims:
 
 
 # ---------------------------------------------------------------- norms, RoPE, attention
-def layernorm(sim: Sim, x: SymTensor, weight: Param, bias: Param, dims: Dims) -> SymTensor:
-    """native_layer_norm: out, mean, rstd; saves x, mean, rstd (and w, b). CUDA autocast runs it in fp32."""
-    C = dims.C
-    N = x.numel // C
-    xin = sim.to(x, F32) if (sim.autocast and dims.device == "cuda") else sim.hold(x)
-    stat_dtype = F32 if weight.tensor.dtype == F32 else xin.dtype
-    node = sim.node([xin, weight.tensor, bias.tensor], layernorm_backward)
-    out = sim.out(sim.new(N * C, xin.dtype), node)
-    mean, rstd = sim.new(N, stat_dtype), sim.new(N, stat_dtype)
-    sim.save(node, xin, mean, rstd)
-    sim.drop(mean)
-    sim.drop(rstd)
-    sim.drop(xin)
-    return out
-
-
 def rope(sim: Sim, x: SymTensor, tables: tuple[SymTensor, SymTensor]) -> SymTensor:
     """apply_rope: casts cos/sin to x's dtype, x1·cos - x2·sin, x1·sin + x2·cos, cat (half-size temporaries)."""
     cos, sin = (sim.to(t, x.dtype) for t in tables)
@@ -263,8 +247,9 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
         sim.drop(v)
         v = v2
     # a transpose(1, 2) of (b, heads, s, D) is still contiguous when heads or s is 1; transformers' RoPE keeps
-    # q and k laid out (b, s, heads, D), and SDPA its out and their gradients (hf_replay.py): no copies
-    fresh = llama and dims.s > 1 and (not dims.hf or dims.eager)
+    # q and k laid out (b, s, heads, D), and SDPA its out and their gradients (hf_replay.py): no copies, but
+    # for views of a fused qkv (Phi-3), whose rows are wider than q's: their out is copied as the built-in one
+    fresh = llama and dims.s > 1 and (not dims.hf or dims.eager or "qkv" in params)
     qh = reshape_heads(sim, q, fresh and H > 1)
     kh = reshape_heads(sim, k, fresh and G > 1)
     sim.drop(q)
@@ -294,7 +279,15 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
 def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
     if dims.n_experts:
         return moe(sim, x, params, dims.b, dims.s, dims.C, dims.F, dims.n_experts, dims.top_k, dims.grouped_experts, dims.hf)
-    if dims.style == "llama":
+    if "gate_up" in params:  # transformers' Phi3MLP: gate, up_states = gate_up(x).chunk(2); up_states * act(gate):
+        gate_up = project(sim, x, "gate_up", params, dims, 2 * dims.F)
+        gate, up = halves(sim, gate_up)  # views: the storage lives while one does (act saves gate)
+        sim.drop(gate_up)
+        act = elementwise(sim, gate, unary_backward)
+        h = binary(sim, up, act, "mul")
+        for t in (act, up, gate):  # act a temporary, up_states rebound, gate a local until the MLP returns
+            sim.drop(t)
+    elif dims.style == "llama":
         gate = project(sim, x, "gate", params, dims, dims.F)
         silu = gelu_new(sim, gate) if dims.gelu_new else elementwise(sim, gate, unary_backward)  # silu, gelu_tanh:
         # both save their input
@@ -315,7 +308,7 @@ def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
 def norm(sim: Sim, x: SymTensor, params: dict, name: str, dims: Dims) -> SymTensor:
     if dims.style == "llama":
         return rmsnorm(sim, x, params[name], dims.C, dims.norm_offset, dims.hf)
-    return layernorm(sim, x, params[name], params[name + ".bias"], dims)
+    return layernorm(sim, x, params[name], params[name + ".bias"], dims.C, dims.device)
 
 
 def block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -> SymTensor:
