@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lorabench.spec.config import Cell, ModelConfig
 from lorabench.spec.hf_config import hf_config_fields
@@ -68,7 +69,7 @@ def test_a_family_lorabench_cannot_read_is_one_line(tmp_path, data, key, why):
     assert key in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
 
 
-def test_transformers_phi3_trains_in_full_its_trace_is_exact_and_adapters_are_refused(tmp_path):
+def test_transformers_phi3_trains_in_full_and_its_estimate_is_exact(tmp_path):
     """Phi-3's fused projections as transformers runs them: v a view of the qkv output (which SDPA's saved v keeps
     whole), the attention output copied back from a layout wider than q's, gate and up views of one output; and
     its optimizer state over qkv_proj and gate_up_proj, in its own order (layer_order: for-loop AdamW's
@@ -99,6 +100,54 @@ def test_transformers_phi3_trains_in_full_its_trace_is_exact_and_adapters_are_re
             (row["param_bytes"], row["grad_bytes"], row["optimizer_state_bytes"]), cell.id
         model = stack.build(ls.model, cell, "cpu", 0)
         assert [p.numel for p in stack.parameters(ls.model, cell)] == [p.numel() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("matrix", [
+    {"lora_targets": [["qkv", "o", "gate_up", "down"]], "precision": "bf16", "base_dtype": "bf16"},
+    {"lora_targets": [["qkv", "down", "head"]], "adapter_backend": "peft", "precision": "bf16", "base_dtype": "bf16"},
+    {"lora_targets": [["qkv", "gate_up"]], "adapter_backend": "peft", "precision": "bf16-pure", "checkpointing": True},
+    {"lora_targets": [["qkv", "gate_up"]], "precision": "bf16", "base_dtype": "nf4"}])
+def test_adapters_wrap_phi3s_fused_projections_and_are_estimated(tmp_path, matrix):
+    """Phi-3's layer has the module names lorabench's adapters wrap (o_proj, qkv_proj, gate_up_proj, down_proj:
+    `adaptable`), so LoRA (lorabench's or PEFT's, QLoRA too) targets qkv and gate_up whole: measured, traced and
+    estimated to the byte (PEFT: within its 144 B), the state bytes exact."""
+    from lorabench.estimator.analytic import estimate
+    from lorabench.measure.trace import trace
+    from lorabench.measure.worker import run_cell
+    from lorabench.spec.scenario import expand, parse_scenario
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(PHI3))
+    data = {"name": "p", "device": "cpu", "model": {"hf": str(tmp_path / "m"), "seq_len": 16},
+            "train": {"batch_size": 2, "steps": 1, "warmup_steps": 2, "alignment_probe": False},
+            "matrix": {"lora_rank": 4, **matrix}}
+    ls = parse_scenario(data, "p.yaml")
+    (cell,) = expand(ls)
+    job = ls.job(cell, "cpu")
+    row = run_cell(job)
+    assert row["status"] == "ok", row.get("error")
+    peft = 144 if cell.adapter_backend == "peft" else 0
+    assert 0 <= row["peak_allocated_bytes"] - trace(job)[0].est_peak_bytes <= peft
+    a = estimate(ls.model, cell, 2, "cpu", n_batches=2, window_steps=2)
+    assert all(0 <= row["phase_peak_bytes"][p] - a.phase_peak_bytes[p] <= peft for p in a.phase_peak_bytes), cell.id
+    assert (a.est_param_bytes, a.est_optimizer_state_bytes) == (row["param_bytes"], row["optimizer_state_bytes"])
+    from lorabench.stacks import stack_for
+    stack = stack_for(ls.model)  # the parameters in the built model's order (PEFT: base_layer before its adapter;
+    listed = [(p.numel, p.trainable) for p in stack.parameters(ls.model, cell)]  # a 4-bit weight stores n/2 codes)
+    built = [(p.numel() * (2 if p.dtype == torch.uint8 else 1), p.requires_grad)
+             for p in stack.build(ls.model, cell, "cpu", 0).parameters()]
+    assert listed == built
+
+
+def test_a_family_whose_modules_lorabench_cannot_name_trains_in_full_only(tmp_path, monkeypatch):
+    """Where transformers' layer names its projections otherwise (here Phi-3's qkv_proj as if it were
+    another name), the family is not `adaptable`: full fine-tuning runs, an adapter is one line."""
+    from lorabench.spec import hf_generic
+    from lorabench.spec.scenario import parse_scenario
+    monkeypatch.setitem(hf_generic.PROJECTION_NAMES, "qkv", "Wqkv")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(PHI3))
+    data = {"name": "p", "device": "cpu", "model": {"hf": str(tmp_path / "m"), "seq_len": 16}}
+    assert parse_scenario({**data, "matrix": {"lora_rank": 0}}, "p.yaml").model.adaptable is False
     with pytest.raises(ConfigError, match=r"matrix.lora_rank\[0\]"):
         parse_scenario({**data, "matrix": {"lora_rank": 4}}, "p.yaml")
 

@@ -7,9 +7,10 @@ from typing import Literal, Optional
 
 from .schema import FieldError, one_of
 
-BLOCK_TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+BLOCK_TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 """a block's projections an adapter can wrap; qkv is the one fused q, k, v projection of a model
-with fused_qkv. bitsandbytes quantizes these (QLoRA), never the head"""
+with fused_qkv, gate_up the fused gate, up of one with fused_gate_up (Phi-3). bitsandbytes quantizes these
+(QLoRA), never the head"""
 LORA_TARGETS = BLOCK_TARGETS + ("head",)
 """what adapters can wrap: the block projections and the output head (the LM head, V x C; litgpt's
 lora_head, PEFT's "lm_head" target). On a tied head the adapter's branch is the head's alone: the

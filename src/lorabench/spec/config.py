@@ -106,7 +106,7 @@ class MatrixSpec:
     lora_rank: list[int] = fld([0], "0 = full fine-tuning; > 0 trains only LoRA adapters", (nonempty,))
     lora_alpha: list[float] = fld([16.0], "LoRA scaling numerator: output scaled by alpha / rank", (nonempty,))
     lora_targets: list[list[str]] = fld([list(DEFAULT_TARGETS)], "projections that get adapters: q, k, v (or a fused model's "
-                                        "qkv), o, gate, up, down, head (the output head)", (nonempty,))
+                                        "qkv), o, gate, up (or Phi-3's gate_up), down, head (the output head)", (nonempty,))
     lora_dropout: list[float] = fld([0.0], "dropout on the LoRA input (adds a saved mask per target)", (nonempty,))
     checkpointing: list[bool] = fld([False], "recompute each block in backward: True reduces activation memory, costs a forward", (nonempty,))
     accumulation: list[int] = fld([1], "micro-batches per optimizer step: micro-batch = batch_size / accumulation", (nonempty,))
@@ -355,12 +355,15 @@ def matmul_dtype_of(cell: Cell, tf32: Optional[bool] = False) -> str:
 
 
 def allowed_targets(model: ModelConfig) -> list[str]:
-    """The projections LoRA can wrap in `model`: q, k, v, or their fused qkv (fused_qkv); gpt2's MLP
+    """The projections LoRA can wrap in `model`: q, k, v, or their fused qkv (fused_qkv), gate and up or
+    their fused gate_up (fused_gate_up); gpt2's MLP
     has no gate, and a mixture of experts' MLP is 3-D expert weights behind a router (no linear layer
     to wrap): attention only; and the output head."""
     attention = ["qkv", "o"] if model.fused_qkv else ["q", "k", "v", "o"]
     if model.n_experts:
         return attention + ["head"]
+    if model.fused_gate_up:  # transformers' Phi-3: one gate_up
+        return attention + ["gate_up", "down", "head"]
     return attention + ["gate"] * (model.style == "llama") + ["up", "down", "head"]
 
 

@@ -64,10 +64,19 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
     if theirs != ours:
         raise ConfigError(path, "model_type", f"{mtype} is not a family lorabench models: transformers counts "
                           f"{theirs:,} parameters, a Llama-style block of its widths {ours:,}")
-    fused_qkv, fused_gate_up, order = fused_reading(fields, layer_shapes)
+    fused_qkv, fused_gate_up, order = fused_reading(fields, [shape for _, shape in layer_shapes])
     if order is not None:
         fields.update(fused_qkv=fused_qkv, fused_gate_up=fused_gate_up, layer_order=order)
+    names = [name.rsplit(".", 2)[-2] for name, shape in layer_shapes if len(shape) == 2]  # the Linear modules
+    wrapped = [n for n in (order or LLAMA_ORDER) if not n.startswith("norm")]
+    fields["adaptable"] = names == [PROJECTION_NAMES[n] for n in wrapped]
     return fields
+
+
+LLAMA_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "norm1", "norm2")
+PROJECTION_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "qkv": "qkv_proj", "gate": "gate_proj",
+                    "up": "up_proj", "gate_up": "gate_up_proj", "down": "down_proj"}
+"""transformers' module names of lorabench's projections (stacks/hf.TARGET_NAMES adds the head's)"""
 
 
 def fused_reading(f: dict, shapes: list[tuple[int, ...]]) -> tuple[bool, bool, list[str] | None]:
@@ -128,15 +137,15 @@ def _quiet():
         hf_logging.set_verbosity(verbosity)
 
 
-def _transformers_count(config) -> tuple[int, list[tuple[int, ...]]]:
+def _transformers_count(config) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
     """Parameters of transformers' causal LM of `config`, built on the meta device (tied tensors once),
-    and the shapes of its first decoder layer's parameters in registration order (fused_reading)."""
+    and its first decoder layer's parameters (name, shape) in registration order (fused_reading)."""
     import torch
     from transformers import AutoModelForCausalLM
     with _quiet(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)), [])
-    shapes = [tuple(p.shape) for p in layers[0].parameters()] if len(layers) else []
+    shapes = [(n, tuple(p.shape)) for n, p in layers[0].named_parameters()] if len(layers) else []
     return sum(p.numel() for p in model.parameters()), shapes
 
 

@@ -41,6 +41,8 @@ class ModelConfig:
     layer_order: Optional[tuple[str, ...]] = fld(None, "a family read through transformers' count whose layer fuses projections: "
                                                  "its parameters' order in lorabench's names (Phi-3: o, qkv, gate_up, down, "
                                                  "norm1, norm2); None: the Llama-style order")
+    adaptable: bool = fld(False, "a family read through transformers' count whose layer's linear modules have the names "
+                                 "lorabench's adapters wrap (q_proj ... down_proj; Phi-3's qkv_proj, gate_up_proj)")
     qk_norm: bool = fld(False, "RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3); llama style", row=True)
     activation: Optional[Literal["silu", "gelu_tanh", "gelu_new"]] = fld(
         None, "the MLP's activation: silu (llama's SwiGLU) | gelu_tanh (GELU's tanh form, one op: Gemma's GeGLU, "

@@ -23,7 +23,7 @@ def preset_data(name: str, source: str = "preset", path: str = "model.preset") -
     if is_config(name):  # a folder: its config.json, as a scenario's model.hf, for lorabench's own stack: a family
         fields = hf_config_fields(config_path(name))  # read through transformers' count as the Llama-style block
         if fields.get("approximates"):  # (its fused projections are transformers' model's: model.hf)
-            for key in ("fused_qkv", "fused_gate_up", "layer_order"):
+            for key in ("fused_qkv", "fused_gate_up", "layer_order", "adaptable"):
                 fields.pop(key, None)
         return fields
     name = preset_name(name, source, path)

@@ -192,7 +192,7 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
     if not model.fused_qkv and "merged-qkv" in matrix.adapter and adapted(adapter="merged-qkv"):
         raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
                           f"fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v")
-    if model.hf and model.approximates:
+    if model.hf and model.approximates and not model.adaptable:
         for i, r in enumerate(matrix.lora_rank):
             if r:
                 raise ConfigError(source, f"matrix.lora_rank[{i}]", f"transformers' {model.approximates} has projections "

@@ -33,9 +33,9 @@ import types
 from . import hf_replay
 from .base import ITEM_BYTES, Stack, numbered_block
 from .builtin import BuiltinStack
+from ..spec.hf_generic import PROJECTION_NAMES
 
-TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "head": "lm_head"}
+TARGET_NAMES = {**PROJECTION_NAMES, "head": "lm_head"}  # lorabench's projection -> transformers' module
 
 
 class HFStack(Stack):
@@ -180,10 +180,6 @@ def hf_order(specs: list, cfg, peft: bool) -> list:
     adapter's parameters, which lorabench's AdaptedLinear registers first; a family with a `layer_order`
     (read from transformers' own layer: Phi-3) in that order. The order is what the for-loop optimizers'
     temporaries follow (optimizers/)."""
-    if cfg.layer_order:  # a family read through transformers' count: its layer's own order (Phi-3: o before qkv)
-        rank = {name: i for i, name in enumerate(cfg.layer_order)}
-        return [p for _, group in itertools.groupby(specs, key=lambda p: p.block) for p in
-                sorted(group, key=lambda p: rank.get(p.name.split(".")[2], -1) if p.block is not None else 0)]
     out, norms = [], []
 
     def flush():
@@ -197,6 +193,10 @@ def hf_order(specs: list, cfg, peft: bool) -> list:
         else:
             out.append(p)
     flush()
+    if cfg.layer_order:  # a family read through transformers' count: its layer's own order (Phi-3: o before qkv)
+        rank = {name: i for i, name in enumerate(cfg.layer_order)}
+        out = [p for _, group in itertools.groupby(out, key=lambda p: p.block) for p in
+               sorted(group, key=lambda p: rank.get(p.name.split(".")[2], -1) if p.block is not None else 0)]
     if not peft:
         return out
 
