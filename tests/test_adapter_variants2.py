@@ -348,3 +348,26 @@ def test_lora_pro_adjustment_bytes_are_what_the_tracker_counts(dtype, r, d_in, d
         adjusted_gradients(A, B, gA, gB, 2.0)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     assert mode.peak_above_mark() == adjustment_bytes((r, d_in), (d_out, r), name) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("r,shapes", [(4, [(8, 6), (5, 7)]), (16, [(8, 8)]), (8, [(4, 500)])])
+def test_adalora_regulariser_bytes_are_what_the_tracker_counts(dtype, scaled, r, shapes):
+    """own_regulariser_bytes: what lorabench's AdaLoRA adjust_gradients holds above the state, a matrix at a
+    time (its covariance, the scale, cov·p), to the byte, with and without fp16's loss scale (GradScaler's,
+    made before), the rank above and below d (a wide head's B makes the step the largest)."""
+    from lorabench.adapters.adalora import own_regulariser_bytes
+    with PeakOps() as mode:
+        layers = [AdaptedLinear(frozen_linear(d_in, d_out), "adalora", r, 8.0) for d_in, d_out in shapes]
+        for layer in layers:
+            for name in ("lora_A", "lora_B", "lora_E"):
+                p = getattr(layer, name)
+                p.data = p.data.to(dtype)
+                p.grad = torch.zeros_like(p)
+        scale = torch.tensor(2.0 ** 16) if scaled else None
+        mode.mark()
+        layers[0].adapter.adjust_gradients(layers, scale)
+    a = torch.finfo(dtype).bits // 8
+    assert mode.peak_above_mark() == own_regulariser_bytes([(d, a) for d_in, d_out in shapes for d in (d_in, d_out)],
+                                                           r, scaled)

@@ -317,8 +317,9 @@ def test_peft_adalora_regulariser_bytes_are_what_the_tracker_counts(dtype, scale
             setattr(root, f"l{i}", layer)
         for p in root.parameters():
             p.grad = torch.zeros_like(p)
+        scale = torch.tensor(2.0 ** 16) if scaled else None  # GradScaler's, made before
         mode.mark()
-        adalora_regulariser(root, types.SimpleNamespace(orth_reg_weight=0.1), torch.tensor(2.0 ** 16) if scaled else None)
+        adalora_regulariser(root, types.SimpleNamespace(orth_reg_weight=0.1), scale)
     a = torch.finfo(dtype).bits // 8
     mats = [(d, a) for d_in, d_out in shapes for d in (d_in, d_out)]
     assert mode.peak_above_mark() == regulariser_bytes(mats, r, scaled)

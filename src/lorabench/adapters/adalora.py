@@ -37,12 +37,13 @@ its RankAllocator keeps I, Ī and Ū of A, B and E from the first step's update 
 Memory against LoRA (per target): Λ (r) and twice Q, Λ, P of state; the forward computes
 (Q·x)·Λ, which saves Q·x (N × r) for Λ's gradient (PEFT's x·(Q⊙Λ)ᵀ saves the r × d_in
 product instead; the outputs and gradients are equal). `replay` replays it (exact against
-the measured CPU peak). The hooks are not replayed: `adjust_gradients` runs at the end of
-backward (r × r products and one gradient-sized tensor per matrix: below the backward phase's
-peak), and `after_step` works in place in the spent gradients, allocating only the
-r-sized scores, the top-k and the mask -- inside AdamW's and Adafactor's temporaries, but
-above an optimizer without any (SGD: the optimizer phase is then under-estimated by those
-few hundred bytes, the step's peak is not).
+the measured CPU peak). `adjust_gradients` runs at the end of backward, every gradient set
+(an r × r product and one gradient-sized step per matrix, freed before the next:
+`own_regulariser_bytes`, the backward phase's peak where a wide head's P makes the step large: it
+was −5 to −6 % at tiny widths); `after_step` works in place in the spent gradients, allocating
+only the r-sized scores, the top-k and the mask, which are not replayed -- inside AdamW's and
+Adafactor's temporaries, but above an optimizer without any (SGD: the optimizer phase is then
+under-estimated by those few hundred bytes, the step's peak is not).
 """
 from __future__ import annotations
 
@@ -89,11 +90,12 @@ class AdaLoRA(LoRA):
 
     def adjust_bytes(self, params, cell):
         """PEFT's regulariser (peft_backend.adalora_regulariser) builds a graph over every lora_A and lora_B
-        and runs it backward: `regulariser_bytes`. lorabench's own adds in place, a layer at a time: 0."""
-        if cell.adapter_backend != "peft":
-            return 0
+        and runs it backward: `regulariser_bytes`; lorabench's own adds its gradient in place, a matrix at a
+        time: `own_regulariser_bytes`."""
         mats = [(p.shape[1] if p.name.endswith(".lora_A") else p.shape[0], ITEM_BYTES[p.dtype])
                 for p in params if p.name.endswith((".lora_A", ".lora_B"))]
+        if cell.adapter_backend != "peft":
+            return own_regulariser_bytes(mats, cell.lora_rank, cell.uses_loss_scaler)
         return regulariser_bytes(mats, cell.lora_rank, cell.uses_loss_scaler)
 
     def after_step_bytes(self, params, cell):
@@ -300,13 +302,28 @@ def _triplet_scores(layer):
     return total
 
 
+def own_regulariser_bytes(mats: list[tuple[int, int]], r: int, scaled: bool) -> int:
+    """The peak of lorabench's `adjust_gradients` above the training state (the tracker's count of it,
+    tests/test_adapter_variants2.py): per matrix (d, itemsize a) of `mats`, its r × r covariance (I
+    subtracted in place), the norm and the scale (a 0-d each; under a loss scale their product, FP32),
+    then cov·p or p·cov, of the matrix's size, added to .grad in place; all freed before the next."""
+    peak = 0
+    for d, a in mats:
+        rr, rd = r * r * a, r * d * a
+        held = rr + a + a  # cov, its norm, (2·coef) / norm
+        if scaled:
+            held = max(held, rr + a + 4)  # the norm gone: scale · grad_scale (FP32) beside the scale
+        peak = max(peak, held, rr + (4 if scaled else a) + rd)  # the step beside cov and the scale
+    return peak
+
+
 def regulariser_bytes(mats: list[tuple[int, int]], r: int, scaled: bool) -> int:
     """The peak of PEFT's orthogonality regulariser above the training state, as the CPU tracker counts
     it (tests/test_peft_backend.py holds it there): `mats` the (d, itemsize a) of each lora_A (r × d) and
     lora_B (d × r) in the model's order. Forward, per matrix: its r × r covariance and eye (the
     previous ones freed as the loop rebinds them), cov − I and its norm (saved), the running sum (all
-    of a bytes per element); then w·regu / n and the backward's seed (under a loss scale: loss·scale,
-    its seed and the loss's gradient, FP32). Backward, the last matrix first: the norm's gradient (a
+    of a bytes per element); then w·regu / n and the backward's seed (under a loss scale: loss·scale
+    and its seed, FP32). Backward, the last matrix first: the norm's gradient (a
     quotient, a bool, their product: the saved pair then freed), the two products' gradients of the
     matrix's size, their sum into the buffer, added to .grad in place."""
     live = peak = 0
@@ -327,7 +344,7 @@ def regulariser_bytes(mats: list[tuple[int, int]], r: int, scaled: bool) -> int:
         new(rr, a, a), free(a if j else 0)  # cov − eye and its norm (both saved), the sum rebinds
     a = mats[0][1] if mats else 4
     new(a, a), free(a)                  # w·regu, / n
-    new(4, 4, 4) if scaled else new(a)  # (loss·scale, its seed, the loss's gradient) or the seed
+    new(4, 4) if scaled else new(a)     # (loss·scale and its seed, FP32) or the seed
     new(a, a), free(a)                  # DivBackward, MulBackward
     for d, a in reversed(mats):
         rr, rd = r * r * a, r * d * a
