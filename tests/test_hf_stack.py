@@ -314,3 +314,15 @@ def test_the_layout_is_transformers_and_pefts_parameter_order(family):
         model = stack.build(cfg, cell, "cpu", 0)
         assert [(p.numel, p.trainable) for p in stack.parameters(cfg, cell)] == \
             [(p.numel(), p.requires_grad) for p in model.parameters()], (family, cell.id)
+
+
+def test_validate_outputs_casts_while_the_nodes_input_gradient_lives(tmp_path):
+    """PyTorch's engine casts a node's FP32 gradient to its input's dtype (validate_outputs) while the node's
+    input gradient is still held by the call: with wide heads under bf16 autocast and checkpointing, RoPE's
+    `q · cos` (bf16 q, FP32 cos) is the backward's peak there (it was one bf16 q low, −1.5 %), and SGD
+    leaves no optimizer temporaries to hide it. Every phase to the byte."""
+    config = {**LLAMA, "hidden_size": 32, "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 16,
+              "intermediate_size": 32, "vocab_size": 97}
+    test_the_analytic_estimate_of_transformers_models_is_exact_here(
+        tmp_path, config, "lora_rank: 0\n  precision: bf16\n  checkpointing: true\n  optimizer: sgd\n  loss: native",
+        batch=1)

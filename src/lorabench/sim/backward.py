@@ -1,13 +1,14 @@
 """PyTorch's backward engine over the recorded graph, and checkpoint recompute.
 
 - `run_backward` follows the engine: the ready node with the highest sequence
-  number runs first, AccumulateGrad nodes before all others; a node's input
-  gradients are freed when it returns, then its saved tensors (a checkpointed
-  node's recomputed ones before anything else: release_recomputed), then its outputs
-  are summed into the next nodes' input buffers (out of place: a sum of two
-  buffers briefly holds three); a gradient whose dtype differs from the input's
-  metadata is cast (validate_outputs); AccumulateGrad steals the first gradient
-  of a parameter (no copy) and adds later ones in place.
+  number runs first, AccumulateGrad nodes before all others; as a node returns,
+  a checkpointed node's recomputed saved tensors go (release_recomputed), then a
+  gradient whose dtype differs from the input's metadata is cast (validate_outputs,
+  the node's input gradients still held by the engine's call), then the input
+  gradients are freed, then the other saved tensors, then its outputs are summed
+  into the next nodes' input buffers (out of place: a sum of two buffers briefly
+  holds three); AccumulateGrad steals the first gradient of a parameter (no copy)
+  and adds later ones in place.
 - A checkpointed block's first unpack in backward recomputes the block, holding
   the recomputed saved tensors, and stops early once the last one is produced
   (torch.utils.checkpoint's non-reentrant early stop).
@@ -78,10 +79,10 @@ class Backward(Graph):
         grads = node.input_grads
         outs = node.backward(self, node, grads)
         self.release_recomputed(node)
+        outs = [self._validate(edge, g) for edge, g in zip(node.edges, outs)]
         for g in grads:
             self.drop(g)
         node.input_grads = None
-        outs = [self._validate(edge, g) for edge, g in zip(node.edges, outs)]
         for t in node.saved:
             self.drop(t)
         node.saved = []
