@@ -144,7 +144,8 @@ def _transformers_count(config) -> tuple[int, list[tuple[str, tuple[int, ...]]]]
     from transformers import AutoModelForCausalLM
     with _quiet(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)), [])
+    L = getattr(config, "num_hidden_layers", None)  # the decoder layers: the first list of that many modules
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == L), [])
     shapes = [(n, tuple(p.shape)) for n, p in layers[0].named_parameters()] if len(layers) else []
     return sum(p.numel() for p in model.parameters()), shapes
 
