@@ -111,7 +111,8 @@ TERMS = {
     "graph_held": "what the previous loss's autograd graph still keeps (bitsandbytes int8: each projection's input) "
                   "until the next loss replaces it, and the last one through the optimizer step",
     "adapter_state": "what the adapter's after_step keeps between steps (PEFT AdaLoRA's importance averages) and holds while it runs",
-    "adapter_adjust": "the adapter's gradient adjustment at the backward's end (LoRA-Pro: FP32 temporaries of its largest target)",
+    "adapter_adjust": "the adapter's gradient adjustment at the backward's end (LoRA-Pro's FP32 projection, AdaLoRA's "
+                      "orthogonality regulariser: Adapter.adjust_bytes)",
     "ddp_buckets": "ddp: the Reducer's gradient buckets, one copy of the trainable gradients (estimator/parallel.py)",
     "fsdp_gathered": "fsdp2: unsharded parameters and all-gather outputs live at the peak (sim/fsdp.py)",
     "fsdp_reduce": "fsdp2: unsharded gradients and the reduce-scatter input in flight at the peak (sim/fsdp.py)",
