@@ -51,7 +51,7 @@ from ..sim.ops import binary, elementwise, linear, mul_broadcast, product
 from ..sim.quant import kind_of
 from ..sim.rules import bmm_backward, div_broadcast_backward, mul_broadcast_backward, pass_backward, unary_backward
 from ..sim.tensors import ITEM_BYTES, promote
-from .base import AdapterParam
+from .base import AdapterParam, AllocationWalk
 from .lora import LoRA
 
 BETA1 = BETA2 = 0.85   # PEFT AdaLoraConfig defaults
@@ -326,17 +326,8 @@ def regulariser_bytes(mats: list[tuple[int, int]], r: int, scaled: bool) -> int:
     and its seed, FP32). Backward, the last matrix first: the norm's gradient (a
     quotient, a bool, their product: the saved pair then freed), the two products' gradients of the
     matrix's size, their sum into the buffer, added to .grad in place."""
-    live = peak = 0
-
-    def new(*nbytes):
-        nonlocal live, peak
-        for n in nbytes:
-            live += n
-            peak = max(peak, live)
-
-    def free(*nbytes):
-        nonlocal live
-        live -= sum(nbytes)
+    walk = AllocationWalk()
+    new, free = walk.new, walk.free
     for j, (_, a) in enumerate(mats):
         rr = r * r * a
         new(rr), free(rr if j else 0)   # cov; the previous one goes as `cov` rebinds
@@ -350,4 +341,4 @@ def regulariser_bytes(mats: list[tuple[int, int]], r: int, scaled: bool) -> int:
         rr, rd = r * r * a, r * d * a
         new(rr, 1, rr), free(rr, 1, rr, a)  # the norm's backward, its saved pair released
         new(rd, rd), free(rr), new(rd), free(rd, rd), free(rd)  # mm's two gradients, their sum
-    return peak
+    return walk.peak

@@ -52,6 +52,23 @@ class AdapterParam:
         return n
 
 
+class AllocationWalk:
+    """Allocations and frees in a hook's order, and the peak they reach: how an adapter's `*_bytes`
+    answers what its hook holds above the training state (each walk is held to the CPU tracker's
+    count of the hook). `unit`: bytes per counted element."""
+
+    def __init__(self, unit: int = 1):
+        self.unit, self.live, self.peak = unit, 0, 0
+
+    def new(self, *counts: int) -> None:
+        for n in counts:
+            self.live += self.unit * n
+            self.peak = max(self.peak, self.live)
+
+    def free(self, *counts: int) -> None:
+        self.live -= self.unit * sum(counts)
+
+
 class Adapter(ABC):
     """One kind of adapter; a cell's lora_rank, lora_alpha and lora_dropout configure it."""
 

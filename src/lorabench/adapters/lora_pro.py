@@ -34,6 +34,7 @@ not among them) for the estimator. Above the backward's activations at a few tok
 """
 from __future__ import annotations
 
+from .base import AllocationWalk
 from .lora import LoRA
 
 DELTA = 1e-8  # the authors' regularisation of BᵀB and AAᵀ before the pseudo-inverse
@@ -68,20 +69,11 @@ class LoRAPro(LoRA):
 def adjustment_bytes(a_shape: tuple[int, int], b_shape: tuple[int, int], dtype: str) -> int:
     """The peak of `adjusted_gradients`' allocations above its inputs, for A (r × d_in) and
     B (d_out × r) of `dtype`: its ops' FP32 outputs, in its order, each temporary freed as soon as
-    Python drops it. tests/test_lora_pro.py holds it to the tracker's count of the function."""
+    Python drops it. tests/test_adapter_variants2.py holds it to the tracker's count of the function."""
     (r, d_in), (d_out, _) = a_shape, b_shape
     rr, ra, br = r * r, r * d_in, d_out * r
-    live = peak = 0
-
-    def new(*numels):
-        nonlocal live, peak
-        for n in numels:
-            live += 4 * n
-            peak = max(peak, live)
-
-    def free(*numels):
-        nonlocal live
-        live -= 4 * sum(numels)
+    walk = AllocationWalk(unit=4)  # FP32 elements
+    new, free = walk.new, walk.free
     if dtype != "fp32":
         new(ra, br, ra, br)       # A, B, g_A, g_B as FP32 copies, held to the end
     new(rr, rr, rr)               # eye, BᵀB, AAᵀ, held to the end
@@ -100,7 +92,7 @@ def adjustment_bytes(a_shape: tuple[int, int], b_shape: tuple[int, int], dtype: 
     new(br), free(br)             # g_B − B·(..)
     new(br), free(br)             # (..)·Q⁺ (scaled)
     new(br)                       # B·X, subtracted in place
-    return peak
+    return walk.peak
 
 
 def adjusted_gradients(A, B, gA, gB, s: float):
