@@ -207,7 +207,8 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
         if excluded(lora_targets=targets) or (not any(matrix.lora_rank) and targets == list(DEFAULT_TARGETS)):
             continue  # the default targets, which full fine-tuning never wraps (a fused model has no q, v)
         allowed = allowed_targets(model)
-        kind = ("mixture-of-experts" if model.n_experts else model.style) + " fused-qkv" * model.fused_qkv
+        kind = ("mixture-of-experts" if model.n_experts else model.style) + " fused-qkv" * model.fused_qkv + \
+            " fused-gate-up" * model.fused_gate_up
         for j, t in enumerate(targets):
             if t not in allowed:
                 raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]",
