@@ -12,6 +12,8 @@ pytest.importorskip("transformers")
 from lorabench.cli import main  # noqa: E402
 from lorabench.measure.trace import trace  # noqa: E402
 from lorabench.measure.worker import run_cell  # noqa: E402
+from lorabench.row.codec import decode_job  # noqa: E402
+from lorabench.spec.model import eager_attention_of  # noqa: E402
 from lorabench.spec.scenario import expand, parse_scenario  # noqa: E402
 from test_reliability import assert_one_line_error  # noqa: E402
 
@@ -28,6 +30,13 @@ def test_eager_and_sdpa_cells_are_built_measured_and_traced_each_their_way():
     assert [c.id for c in cells] == ["fp32-r8-sdpa", "fp32-r8-eager"]
     rows = {c.attn_implementation: run_cell(ls.job(c, "cpu")) for c in cells}
     assert all(r["status"] == "ok" for r in rows.values())
+    # each row names its cell's path (the model's default, sdpa, must not write over the eager cell's), and
+    # the row decodes back to that cell and a model on that path: what validate re-estimates
+    for attn, row in rows.items():
+        assert row["attn_implementation"] == attn
+        job = decode_job(row)
+        assert job.cell.attn_implementation == attn
+        assert eager_attention_of(job.model, job.cell.attn_implementation) == (attn == "eager")
     for c in cells:
         assert trace(ls.job(c, "cpu"))[0].est_peak_bytes == rows[c.attn_implementation]["peak_allocated_bytes"]
     # eager materialises the (B, H, T, T) scores, softmax and its mask in transformers' own ops

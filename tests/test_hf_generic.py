@@ -19,6 +19,8 @@ pytest.importorskip("transformers")
 PHI3 = {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64,
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+LLAMA_TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "vocab_size": 64, "max_position_embeddings": 64}
 
 
 def _write(tmp_path, data) -> str:
@@ -67,6 +69,26 @@ def test_a_family_lorabench_cannot_read_is_one_line(tmp_path, data, key, why):
     with pytest.raises(ConfigError) as e:
         hf_config_fields(_write(tmp_path, data))
     assert key in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_value_transformers_will_not_give_is_one_line(tmp_path, monkeypatch):
+    """A family whose layers differ (Gemma 4's per-layer head_dim): transformers' config raises when asked
+    for one value of the key; that is one line naming the key, not its traceback."""
+    from lorabench.spec import hf_generic
+    real = hf_generic._for_model
+
+    class PerLayer:
+        def __init__(self, config):
+            self._config = config
+
+        def __getattr__(self, key):
+            if key == "head_dim":
+                raise RuntimeError("'head_dim' is a per-layer attribute and may vary across layers")
+            return getattr(self._config, key)
+    monkeypatch.setattr(hf_generic, "_for_model", lambda data, mtype: PerLayer(real(data, mtype)))
+    with pytest.raises(ConfigError) as e:
+        hf_config_fields(_write(tmp_path, PHI3))
+    assert "head_dim" in str(e.value) and "per-layer" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_transformers_phi3_trains_in_full_and_its_estimate_is_exact(tmp_path):
@@ -161,3 +183,83 @@ def test_a_hub_id_says_how_to_pass_a_local_config_json():
     with pytest.raises(ConfigError) as e:
         load_preset("someorg/Some-7B")
     assert "reads no hub" in str(e.value) and "\n" not in str(e.value)
+
+
+# families read through transformers whose model attends within a window, each as transformers' config takes it:
+# sliding layers by layer_types (Ministral: both masks always; SmolLM3: the sliding mask only with a sliding
+# layer; CWM), or every layer once there is a window (Ministral 3, Phi-3); (family, extra keys)
+ROPE = {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "head_dim": 16}  # as Ministral's files give them
+WINDOWED_GENERIC = [
+    ("ministral", {**ROPE, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}),
+    ("ministral", {**ROPE, "sliding_window": 8, "layer_types": ["full_attention", "full_attention"]}),
+    ("ministral3", {"sliding_window": 8}),
+    ("cwm", {"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}),
+    ("smollm3", {"use_sliding_window": True, "sliding_window": 8, "no_rope_layers": [1, 0],
+                 "layer_types": ["full_attention", "sliding_attention"]}),
+    ("smollm3", {"use_sliding_window": False, "sliding_window": 8, "layer_types": ["full_attention"] * 2}),
+    ("phi3", {"sliding_window": 8}),
+]
+
+
+@pytest.mark.parametrize("family,extra", WINDOWED_GENERIC)
+def test_a_generic_familys_window_is_transformers_own(tmp_path, family, extra):
+    """The window, its layers and the masks of a family read through transformers are transformers' own
+    (hf_generic.generic_attention, asked of its config and its modeling module), so that the analytic
+    estimate equals the trace (transformers' own step on fake tensors, the measured peak on CPU), phase by
+    phase, under SDPA and eager (were 2-7 % low: the window's mask and repeat_kv's copies left out)."""
+    import transformers
+    from lorabench.estimator.analytic import estimate
+    from lorabench.measure.trace import trace
+    from lorabench.spec.scenario import expand, parse_scenario
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if family not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**PHI3, "model_type": family, **extra}))
+    data = {"name": "w", "device": "cpu", "model": {"hf": str(tmp_path / "m"), "seq_len": 16},
+            "train": {"batch_size": 2, "steps": 1, "warmup_steps": 2, "alignment_probe": False},
+            "matrix": {"precision": ["fp32", "bf16"], "attn_implementation": ["sdpa", "eager"]}}
+    ls = parse_scenario(data, "w.yaml")
+    # Ministral 3 scales q by a per-position factor (llama_4_scaling_beta), which a Llama-style block has not:
+    # the (1, 1, T, 1) FP32 factor its product saves, per layer, is all the replay leaves out
+    slack = 4 * 16 * 2 if family == "ministral3" else 0
+    for cell in expand(ls):
+        a = estimate(ls.model, cell, 2, "cpu", n_batches=2, window_steps=2).phase_peak_bytes
+        t = trace(ls.job(cell, "cpu"))[0].phase_peak_bytes
+        assert a.keys() == t.keys() and all(0 <= t[k] - a[k] <= slack for k in a), (cell.id, a, t)
+
+
+def test_a_generic_family_without_sdpa_runs_eagerly_and_sdpa_is_one_line(tmp_path):
+    """A family read through transformers whose causal LM has no SDPA path (`_supports_sdpa` False: VaultGemma)
+    runs eagerly by default, and an sdpa cell is refused in one line before any step, as Gemma 2's is (its
+    trace failed inside transformers' build)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from lorabench.spec.scenario import parse_scenario
+    if "vaultgemma" not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        pytest.skip("this transformers has no vaultgemma")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**PHI3, "model_type": "vaultgemma", "head_dim": 16,
+                                                            "tie_word_embeddings": True}))
+    data = {"name": "v", "device": "cpu", "model": {"hf": str(tmp_path / "m"), "seq_len": 16}}
+    assert parse_scenario(data, "v.yaml").model.attn_implementation == "eager"
+    with pytest.raises(ConfigError, match=r"matrix.attn_implementation\[0\]: transformers' vaultgemma model has no "
+                                          "SDPA path"):
+        parse_scenario({**data, "matrix": {"attn_implementation": ["sdpa"]}}, "v.yaml")
+
+
+@pytest.mark.parametrize("extra", [{"hidden_act": "bogus"}, {"rope_scaling": {"type": "linear", "factor": "x"}}])
+def test_a_config_transformers_takes_but_cannot_build_is_one_line_before_a_run(tmp_path, extra):
+    """A value transformers' config takes but its model cannot be built with (an unknown activation, a rope factor
+    that is no number): `run` says so in one line naming the file before any cell, writing nothing (each cell
+    was an error row naming neither the file nor the key)."""
+    from click.testing import CliRunner
+    from lorabench.cli import main
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**LLAMA_TINY, **extra}))
+    (tmp_path / "s.yaml").write_text(f"name: s\ndevice: cpu\nmodel: {{hf: {tmp_path / 'm'}, seq_len: 8}}\n"
+                                     "train: {batch_size: 2, steps: 1, warmup_steps: 1}\nmatrix: {precision: fp32}\n")
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    line = res.output.strip()
+    assert "\n" not in line and str(tmp_path / "m" / "config.json") in line and "cannot build" in line, line
+    assert not (tmp_path / "o.jsonl").exists()

@@ -214,6 +214,20 @@ def test_long_numbers_and_long_paths_in_result_files_and_configs(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text('{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}")
     one_line_error(["estimate", "--model", cfg], str(cfg), "a number too long to read")
+    # the same in a CSV (its numbers are JSON text), and a CSV whose header names a column twice (csv's
+    # DictReader kept the last: every row's cell silently the other column's)
+    import csv
+    import io
+    header, *records = list(csv.reader(open(ROOT / "results" / "cpu-quick-2026-11-29.csv")))
+    for name, table, needle in (
+            ("big.csv", [header, [("9" * 5000 if k == "lora_rank" else v) for k, v in zip(header, records[0])]],
+             "line 2: a number too long to read"),
+            ("twice.csv", [header + ["cell"]] + [r + ["dup"] for r in records], "line 1: column 'cell' given twice")):
+        out = io.StringIO()
+        csv.writer(out).writerows(table)
+        (tmp_path / name).write_text(out.getvalue())
+        for command in ("report", "validate", "claims"):
+            one_line_error([command, tmp_path / name], name, needle)
     long = tmp_path / ("r" * 300 + ".jsonl")  # one path part past the file system's 255 bytes
     one_line_error(["report", long], "File name too long")
 
@@ -237,6 +251,8 @@ def test_long_numbers_and_long_paths_in_result_files_and_configs(tmp_path):
     ({"trainable_pct": 200.0}, "field 'trainable_pct' must be at most 100"),
     ({"step_time_ms_p10": 100.0, "step_time_ms_p90": 1.0}, "must not decrease"),
     ({"underflow_frac_unscaled": 1.5}, "must lie in [0, 1]"),
+    ({"step_time_ms_median": 0.0, "step_time_ms_p10": 0.0, "step_time_ms_p90": 0.0}, "field 'step_time_ms_"),
+    ({"infer_ms_merged": 0.0, "infer_ms_merged_p10": 0.0, "infer_ms_merged_p90": 0.0}, "must be > 0"),
     ({"peak_phase": "lunch"}, "field 'peak_phase' must be one of forward"),
     ({"phase_peak_bytes": "big"}, "field 'phase_peak_bytes' must map"),
     ({"phase_peak_bytes": {"forward": -5}}, "field 'phase_peak_bytes' must map"),
@@ -320,7 +336,9 @@ def test_every_command_refuses_the_same_nonsense_in_a_result_row(tmp_path, edit,
 
 @pytest.mark.parametrize("axis,value,needle", [("adalora_target_rank", -1, "must be >= 1"),
                                                ("fsdp_param_dtype", "fp64", "must be one of bf16, fp16"),
-                                               ("fsdp_reduce_dtype", "fp8", "must be one of fp32, bf16")])
+                                               ("fsdp_reduce_dtype", "fp8", "must be one of fp32, bf16"),
+                                               ("merged_qkv_enable", "[x]", "distinct slices of q, k, v"),
+                                               ("merged_qkv_enable", "[]", "non-empty list")])
 def test_an_axis_value_is_checked_where_it_does_not_apply_too(tmp_path, axis, value, needle):
     """Plain LoRA on one rank drops these axes, but a bad value is still bad input."""
     path = tmp_path / "s.yaml"
@@ -345,3 +363,30 @@ def test_every_status_a_writer_names_is_one_sanity_reads():
                 for k, v in zip(node.keys, node.values):
                     if isinstance(k, ast.Constant) and k.value == "status":
                         assert not isinstance(v, ast.Constant), (path.name, node.lineno)
+
+
+def test_an_error_line_shows_no_escape_sequence_and_keeps_its_reason(tmp_path):
+    """A key, a file name or an option value holding a terminal's escape sequence is quoted as its escapes,
+    never written raw to the terminal; a path too long for the line gives way in its middle, so the key and
+    the reason stay on it."""
+    bad = tmp_path / "k.yaml"
+    bad.write_text('name: fz\nmodel:\n  d_model: 32\n  n_heads: 4\n  "\\e]0;PWNED\\a\\e[2J\\rX": 1\n')
+    out = one_line_error(["estimate", bad], "model.\\x1b]0;PWNED\\x07", "unknown key")
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in out)
+    out = one_line_error(["report", ROOT / "results" / "cpu-quick-2026-11-29.jsonl", "--where", "cell=\x1b]0;X\x07"],
+                         "--where", "cell=\\x1b]0;X\\x07")
+    deep = tmp_path / ("b" * 200) / ("b" * 200) / "x.yaml"
+    out = one_line_error(["estimate", deep], "no such file", "x.yaml")
+    assert "…" in out and len(out) < 450
+
+
+def test_an_axis_of_lists_may_hold_its_default(tmp_path):
+    """merged_qkv_enable [null, [q]]: the default slices and q alone, two values of one axis (it was read as one
+    value and refused with 'must be a list of a string')."""
+    path = tmp_path / "m.yaml"
+    path.write_text("name: m\ndevice: cpu\nmodel: {d_model: 32, n_layers: 1, n_heads: 4, d_ff: 64, vocab_size: 64, "
+                    "seq_len: 8, fused_qkv: true}\nmatrix:\n  precision: fp32\n  lora_rank: 4\n  lora_targets: [[qkv]]\n"
+                    "  adapter: [lora, merged-qkv]\n  merged_qkv_enable: [null, [q]]\n")
+    res = CliRunner().invoke(main, ["run", str(path), "--list"])
+    assert res.exit_code == 0, res.output
+    assert res.output.split() == ["fp32-r4", "fp32-merged-qkv-r4-eqv", "fp32-merged-qkv-r4-eq"]

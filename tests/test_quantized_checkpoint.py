@@ -40,6 +40,11 @@ def test_a_bitsandbytes_config_is_the_models_quantized_base(tmp_path):
     ({"quant_method": "awq"}, "quantization_config.quant_method", "'awq'"),
     ({**NF4, "bnb_4bit_quant_type": "fp4"}, "quantization_config.bnb_4bit_quant_type", "'fp4' is not supported"),
     ({"quant_method": "bitsandbytes"}, "quantization_config", "neither load_in_4bit nor load_in_8bit"),
+    # each problem under its own key: the quant type absent (bitsandbytes' default fp4), a double-quant flag that
+    # is no boolean, both widths at once
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantization_config.bnb_4bit_quant_type", "not given"),
+    ({**NF4, "bnb_4bit_use_double_quant": "x"}, "quantization_config.bnb_4bit_use_double_quant", "true or false"),
+    ({**NF4, "load_in_8bit": True}, "quantization_config.load_in_8bit", "both set"),
 ])
 def test_other_quantizations_are_refused(tmp_path, quant, key, words):
     with pytest.raises(ConfigError) as e:

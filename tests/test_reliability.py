@@ -65,6 +65,8 @@ BAD_SCENARIOS = {
     "duplicate_key": (GOOD + "device: cuda\n", ["duplicate key"]),
     "lr_inf": (GOOD.replace("underflow_probe: false", "underflow_probe: false, lr: .inf"), ["train.lr", "finite"]),
     "seed_2_70": (GOOD + f"seed: {2**70}\n", ["seed", "2^63"]),
+    # an optional field gives its own type's words too, not the union's "must be an integer, got <an integer>"
+    "kv_heads_2_70": (GOOD.replace("n_heads: 2,", f"n_heads: 2, n_kv_heads: {2**70},"), ["model.n_kv_heads", "2^63"]),
     "timeout_inf": (GOOD.replace("underflow_probe: false", "underflow_probe: false, timeout_s: .inf"),
                     ["train.timeout_s", "finite"]),
     "exclude_empty": (GOOD + "exclude: [{}]\n", ["exclude[0]", "every cell"]),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from ..spec.schema import ConfigError
+from ..spec.schema import ConfigError, one_line
 
 FORMATS = click.Choice(["table", "json", "csv"])
 
@@ -37,14 +37,14 @@ class Group(click.Group):
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
             where = ctx.command_path if ctx is not None and ctx.command_path else "lorabench"
-            click.echo(f"{where}: error: {e.format_message()}", err=True)
+            click.echo(one_line(f"{where}: error: {e.format_message()}"), err=True)
             sys.exit(e.exit_code)
         except click.Abort:
             click.echo("lorabench: interrupted", err=True)
             sys.exit(130)
         except OSError as e:  # a path the system refuses (too long, a permission, a full disk): one line
             where = e.filename if e.filename is not None else "lorabench"
-            click.echo(f"lorabench: error: {where}: {e.strerror or e}", err=True)
+            click.echo(one_line(f"lorabench: error: {where}: {e.strerror or e}"), err=True)
             sys.exit(2)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -81,6 +81,10 @@ def run_cmd(scenario, out, device, cells, seed, resume, list_only, max_cells, fo
         ls = dataclasses.replace(ls, scenario=dataclasses.replace(ls.scenario, seed=seed))
     check(ls)
     todo = select_cells(expand(ls, max_cells or MAX_CELLS), cells, scenario)
+    if not list_only:
+        from ..spec.hf_config import check_builds
+        for model in {id(m): m for m in [*ls.models.values(), ls.model] if m.hf}.values():
+            check_builds(model)  # a config.json transformers takes but cannot build: one line, not a row per cell
     if list_only:  # the cell ids (table), or each cell's id and spec (json, csv)
         if fmt == "table":
             click.echo("\n".join(c.id for c in todo))

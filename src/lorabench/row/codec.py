@@ -280,6 +280,9 @@ def encode(job: CellJob) -> dict:
            "device": job.device, "seed": job.seed,
            "model": model.name, **{k: getattr(model, k) for k in MODEL_KEYS[1:]},
            **{k: getattr(train, k) for k in TRAIN_KEYS[:-1]}, "micro_batch_size": cell.micro_batch(train.batch_size)}
+    # the one key a cell and its model share: the cell's attention path where its matrix sets one (the model's
+    # is the scenario's default, which the model keys above would otherwise write over it)
+    row["attn_implementation"] = cell.attn_implementation or model.attn_implementation
     row.update(dict.fromkeys(MEASURED_KEYS))
     return row
 

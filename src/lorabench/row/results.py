@@ -162,12 +162,19 @@ def csv_rows(text: str, path: str) -> list[dict]:
     short_row = object()  # DictReader's filler for a row with fewer values than the header
     reader = csv.DictReader(io.StringIO(text), restval=short_row)
     try:
+        twice = next((k for i, k in enumerate(reader.fieldnames or ()) if k in (reader.fieldnames or ())[:i]), None)
+        if twice is not None:  # DictReader would keep the last column of the name: every row's value silently other
+            raise ConfigError(path, "line 1", f"column {twice!r} given twice")
         for line, record in enumerate(reader, 2):
             if None in record:
                 raise ConfigError(path, f"line {line}", "more values than the header has columns")
             if any(v is short_row for v in record.values()):
                 raise ConfigError(path, f"line {line}", "fewer values than the header has columns (a cut row)")
-            row = {k: csv_value(k, v) for k, v in record.items()}
+            try:
+                row = {k: csv_value(k, v) for k, v in record.items()}
+            except ValueError:  # json's int() of a literal past sys.get_int_max_str_digits()
+                raise ConfigError(path, f"line {line}", "a number too long to read (Python reads integers of at most "
+                                  "4300 digits)") from None
             problem = row_problem(row)
             if problem:
                 raise ConfigError(path, f"line {line}", problem)

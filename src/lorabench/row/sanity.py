@@ -18,6 +18,7 @@ the definition it checks, none kept here by hand:
                    quantity itself or `*_median`; a cell of several ranks: its step's median is the
                    slowest rank's, the spread rank 0's, and is not held to it)
   fractions        every *_frac* field (a share of counted elements) in [0, 1]
+  durations        every *_ms* field (a step or a forward pass, timed) above 0
   phases           peak_phase and est_peak_phase name one of the estimator's PHASES; phase_peak_bytes
                    maps those phases to bytes
 """
@@ -74,6 +75,8 @@ def _relations(row: dict) -> Optional[str]:
     for key, v in row.items():
         if "_frac" in key and _num(v) and not 0 <= v <= 1:
             return f"field {key!r} is a fraction and must lie in [0, 1], got {short(v)}"
+        if "_ms" in key and _num(v) and not v > 0:
+            return f"field {key!r} is a duration a run timed and must be > 0, got {short(v)}"
     for key in ("peak_phase", "est_peak_phase"):
         if g(key) is not None and g(key) not in PHASES:
             return f"field {key!r} {one_of(*PHASES)(g(key))}"

@@ -86,9 +86,19 @@ def merged_qkv_enable(rank: int, adapter: Optional[str], enable, targets: Option
         raise FieldError("lora_targets", "adapter merged-qkv adapts one fused qkv projection (loralib's MergedLinear): "
                                          f"lora_targets must include qkv, got {list(targets or ())}")
     enable = ("q", "v") if enable is None else tuple(enable) if isinstance(enable, list) else enable
-    if isinstance(enable, str) or not enable or any(e not in QKV_SLICES for e in enable) or len(set(enable)) < len(enable):
-        raise FieldError("merged_qkv_enable", f"must be a non-empty list of distinct slices of q, k, v, got {enable!r}"[:160])
+    problem = "must be a non-empty list of distinct slices of q, k, v" if isinstance(enable, str) else enable_problem(enable)
+    if problem:
+        raise FieldError("merged_qkv_enable", problem)
     return tuple(sorted(enable, key=QKV_SLICES.index))
+
+
+def enable_problem(enable) -> Optional[str]:
+    """Why `enable` is no merged_qkv_enable value (a non-empty list of distinct slices of q, k, v; None: the
+    default), else None: checked on every axis value, whether or not a merged-qkv cell takes it."""
+    if enable is None or (isinstance(enable, (list, tuple)) and enable and all(e in QKV_SLICES for e in enable)
+                          and len(set(enable)) == len(enable)):
+        return None
+    return f"must be a non-empty list of distinct slices of q, k, v, got {enable!r}"[:160]
 
 
 def check_logits_flag(key: str, on, loss: str) -> bool:

@@ -15,7 +15,7 @@ from .schema import ConfigError, FieldError, build, fld, ge, gt, le, lt, nonempt
 from ..optimizers import DEFAULT as DEFAULT_OPTIMIZER, problem as optimizer_problem, unknown as unknown_optimizer
 from .model import ATTN_IMPLEMENTATIONS, ModelConfig, attn_problem  # noqa: F401 (the spec's names)
 from .cell_rules import (ADAPTER_BACKENDS, BASE_DTYPES, BLOCK_TARGETS, DEFAULT_TARGETS, DTYPE_NAMES, LORA_TARGETS, PRECISIONS, QUANT_DTYPES,  # noqa: F401
-                         DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget, merged_qkv_enable,
+                         DType, Precision, canonical_targets, check_base, int_at_least, adalora_budget, merged_qkv_enable, enable_problem,
                          backend_problem, quant_problem, STRATEGIES, MAX_WORLD_SIZE, check_parallel, adapter_fields,
                          check_head_only, check_logits_flag)
 
@@ -174,7 +174,8 @@ AXIS_CHECKS = {"loss_chunks": (gt(0),), "lora_rank": (ge(0),), "lora_alpha": (gt
                "adapter_backend": (backend_problem,), "attn_implementation": (attn_problem,),
                "strategy": (one_of(*STRATEGIES),), "world_size": (ge(1),),
                # checked whatever the other axes say (a cell they do not apply to drops them)
-               "adalora_target_rank": (ge(1),), "fsdp_param_dtype": (one_of("bf16", "fp16"),),
+               "adalora_target_rank": (ge(1),), "merged_qkv_enable": (enable_problem,),
+               "fsdp_param_dtype": (one_of("bf16", "fp16"),),
                "fsdp_reduce_dtype": (one_of("fp32", "bf16"),)}
 AXES = [f.name for f in dataclasses.fields(MatrixSpec)]
 

@@ -8,16 +8,17 @@ import os
 from functools import lru_cache
 from typing import NamedTuple
 
-from .hf_config import _int, _read
+from .hf_config import GEMMA_TYPES, LLAMA_TYPES, _int, _read, family_source
 from .schema import ConfigError, short
 
 # the window transformers' config class gives a family when config.json has no `sliding_window` key (transformers 5:
 # MistralConfig and the others below default to 4096, the rest to None); tests/test_hf_config.py holds the rule
 # below to the installed transformers' own config objects
 SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096}
-# the families (of those lorabench reads, and phi3) whose transformers model attends within a window: the others
-# ignore a `sliding_window` key (tests/test_hf_config.py: those whose modeling module makes a sliding mask)
-WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# the families (of those lorabench reads) whose transformers model attends within a window: the others ignore a
+# `sliding_window` key (tests/test_hf_config.py: those whose modeling module makes a sliding mask); a family read
+# through transformers (hf_generic) is asked of transformers itself (hf_generic.generic_attention)
+WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 
 class Attention(NamedTuple):
@@ -64,6 +65,9 @@ def _attention_of(path: str) -> Attention:
     data = _read(path)
     mtype, L = data.get("model_type"), data.get("num_hidden_layers")
     norm_each = mtype in NORM_EACH_PROJECTION
+    if isinstance(mtype, str) and mtype not in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",):
+        window, sliding, masks = _generic(data, mtype, L)
+        return Attention(window, sliding, 1, masks, norm_each)
     if mtype not in WINDOWED or not isinstance(L, int) or isinstance(L, bool) or L <= 0:
         return Attention(None, (), 1, 1, norm_each)
     window = data.get("sliding_window", SLIDING_DEFAULTS.get(mtype))
@@ -89,3 +93,26 @@ def _attention_of(path: str) -> Attention:
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return Attention(window, sliding, len(kinds) if mtype in PER_TYPE_ROPE else 1,
                      2 if mtype in BOTH_MASKS or (mtype in ("qwen2", "qwen3") and sliding) else 1, norm_each)
+
+
+def _generic(data: dict, mtype: str, L) -> tuple:
+    """(window, sliding layers, masks) of a family read through transformers (hf_generic), from its
+    config.json and its modeling module's text (family_source): it attends within a window where that
+    module makes create_sliding_window_causal_mask's mask (the rule tests/test_hf_config.py holds the
+    families above to) and the file gives a window (not switched off by `use_sliding_window: false`:
+    SmolLM3); the sliding layers are its `layer_types` of that type where the file gives them (Ministral,
+    CWM, SmolLM3), else every layer (Ministral 3, Phi-3); its forward makes both masks where a layer is
+    sliding, or whatever its layers where the module makes both unconditionally (no `has_sliding_layers`
+    test: Ministral, CWM). A window or layer types the file leaves to the family's class defaults are
+    not read (the files transformers writes give both)."""
+    source = family_source(mtype)
+    window = data.get("sliding_window")
+    if data.get("use_sliding_window") is False or "create_sliding_window_causal_mask" not in source:
+        window = None
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0 or not isinstance(L, int) or L <= 0:
+        return None, (), 1
+    types = data.get("layer_types")
+    if not isinstance(types, list) or len(types) != L:
+        return window, tuple(range(L)), 1
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return window, sliding, 2 if sliding or "has_sliding_layers" not in source else 1

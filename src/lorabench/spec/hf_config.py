@@ -146,11 +146,19 @@ def _quantization(q, path: str) -> dict:
     if method != "bitsandbytes":
         raise ConfigError(path, f"{key}.quant_method", f"{method!r} quantization is not supported "
                           "(bitsandbytes' nf4 and int8 are: base_dtype nf4 | int8)")
+    if q.get("load_in_4bit") and q.get("load_in_8bit"):
+        raise ConfigError(path, f"{key}.load_in_8bit", "load_in_4bit and load_in_8bit are both set (one of them is)")
     if q.get("load_in_4bit"):
-        qtype = q.get("bnb_4bit_quant_type", "fp4")
+        double = q.get("bnb_4bit_use_double_quant", False)
+        if not isinstance(double, bool):
+            raise ConfigError(path, f"{key}.bnb_4bit_use_double_quant", f"must be true or false, got {short(double)}")
+        if "bnb_4bit_quant_type" not in q:
+            raise ConfigError(path, f"{key}.bnb_4bit_quant_type", "not given, so bitsandbytes quantizes to its default, "
+                              "fp4, which is not supported (\"nf4\" is)")
+        qtype = q["bnb_4bit_quant_type"]
         if qtype != "nf4":
-            raise ConfigError(path, f"{key}.bnb_4bit_quant_type", f"{qtype!r} is not supported (nf4 is)")
-        return {"quantized": "nf4", "quantized_double_quant": _bool(q, "bnb_4bit_use_double_quant", path, False)}
+            raise ConfigError(path, f"{key}.bnb_4bit_quant_type", f"{short(qtype)} is not supported (nf4 is)")
+        return {"quantized": "nf4", "quantized_double_quant": double}
     if q.get("load_in_8bit"):
         return {"quantized": "int8"}
     raise ConfigError(path, key, "neither load_in_4bit nor load_in_8bit is set")
@@ -311,6 +319,20 @@ def hf_config_dict(cfg) -> dict:
     return data
 
 
+def check_builds(cfg) -> None:
+    """Before a run: transformers builds the model of `cfg` (its config.json with the scenario's fields written
+    over it, hf_config_dict) on the meta device, so that a value its config takes but its model cannot be built
+    with (an unknown `hidden_act`, a rope factor that is no number) is one ConfigError line naming the file,
+    not an error row per cell."""
+    from .hf_generic import _for_model, _transformers_count
+    data = hf_config_dict(cfg)
+    try:
+        _transformers_count(_for_model(data, data.get("model_type")))
+    except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
+        raise ConfigError(cfg.hf, "", f"transformers cannot build a model of this config.json: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]}") from None
+
+
 # a config.json's dropout probabilities (GPT-2's attn_pdrop, resid_pdrop, embd_pdrop; attention_dropout, ...)
 DROPOUT_KEYS = ("_pdrop", "_dropout", "dropout_prob")
 # ModelConfig field -> a Mixtral config.json's key, written back as the other keys are
@@ -351,7 +373,33 @@ def sdpa_problem(path: str) -> str | None:
     """Why transformers' causal LM of the config.json at `path` runs no SDPA (NO_SDPA); None if it does
     (or the file cannot be read: reading it for the model says why)."""
     try:
-        cls = NO_SDPA.get(_read(path).get("model_type"))
+        data = _read(path)
     except ConfigError:
         return None
+    mtype = data.get("model_type")
+    if isinstance(mtype, str) and mtype not in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",):
+        # a family read through transformers: its modeling module says so (`_supports_sdpa = False`: VaultGemma)
+        cls = f"{mtype} model" if "_supports_sdpa = False" in family_source(mtype) else None
+    else:
+        cls = NO_SDPA.get(mtype)
     return None if cls is None else f"transformers' {cls} has no SDPA path (sdpa): it runs eagerly (eager)"
+
+
+@functools.lru_cache(maxsize=32)
+def family_source(mtype: str) -> str:
+    """The text of transformers' modeling module of family `mtype` (transformers/models/<family>/
+    modeling_<family>.py), read as a file: what a family read through transformers does that its config
+    object does not say (its masks, its SDPA path) is read there without importing transformers (whose
+    config classes import torch, which the estimator never does); '' where either is not installed."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.origin:
+        return ""
+    name = mtype.replace("-", "_")
+    try:
+        return (Path(spec.origin).parent / "models" / name / f"modeling_{name}.py").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return ""

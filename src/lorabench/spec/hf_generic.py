@@ -38,22 +38,32 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
     except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
         raise ConfigError(path, "model_type", f"unsupported model_type {mtype!r} (supported: {known}, and the "
                           f"families transformers knows: {' '.join(str(e).split())[:120]})") from None
+
+    def attr(key: str, default=None):
+        """config.<key>, or one ConfigError line where transformers will not give one value of it (a family
+        whose layers differ: Gemma 4's per-layer head_dim)."""
+        try:
+            return getattr(config, key, default)
+        except Exception as e:  # noqa: BLE001 - transformers' own words, in one line
+            raise ConfigError(path, key, f"transformers' {mtype} config has no one value of {key} (lorabench reads a "
+                              f"model whose layers share their widths): {' '.join(str(e).split())[:120]}") from None
+
     fields = {}
     for name, key in KEYS.items():
-        v = getattr(config, key, None)
+        v = attr(key)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(path, key, f"transformers' {mtype} config has no positive integer {key} (got {v!r}): "
                               "lorabench reads a family through these keys")
         fields[name] = v
     H = fields["n_heads"]
-    G = getattr(config, "num_key_value_heads", None) or H
-    D = getattr(config, "head_dim", None) or fields["d_model"] // H
-    eps = next((v for v in (getattr(config, k, None) for k in ("rms_norm_eps", "layer_norm_eps", "norm_eps"))
+    G = attr("num_key_value_heads") or H
+    D = attr("head_dim") or fields["d_model"] // H
+    eps = next((v for v in (attr(k) for k in ("rms_norm_eps", "layer_norm_eps", "norm_eps"))
                 if isinstance(v, (int, float)) and v > 0), 1e-6)
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = attr("rope_parameters") or {}
     fields.update(style="llama", n_kv_heads=G, head_dim=D, norm_eps=float(eps),
-                  tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)), bias=False, qkv_bias=False,
-                  rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)) or 10000.0),
+                  tie_embeddings=bool(attr("tie_word_embeddings", False)), bias=False, qkv_bias=False,
+                  rope_theta=float(rope.get("rope_theta", attr("rope_theta", 10000.0)) or 10000.0),
                   approximates=mtype)
     try:
         theirs, layer_shapes = _transformers_count(config)

@@ -288,11 +288,13 @@ def count_cells(ls: LoadedScenario) -> int:
 
 
 def normalize_axes(matrix: dict, source: str) -> dict:
-    """Scalars become one-value axes; lora_targets [q, v] is one value, [[q, v], [q]] an axis."""
+    """Scalars become one-value axes; lora_targets [q, v] is one value, [[q, v], [q]] an axis (null among
+    them: the axis's default, as merged_qkv_enable's [null, [q]])."""
     out = {}
     for key, value in (matrix or {}).items():
         if key in LIST_VALUED:  # each value itself a list
-            if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            if isinstance(value, list) and value and all(isinstance(v, list) or v is None for v in value) \
+                    and any(isinstance(v, list) for v in value):  # [null, [q]]: an axis, the default among its values
                 out[key] = value
             else:
                 out[key] = [value] if isinstance(value, list) else [[value]] if isinstance(value, str) else value
@@ -308,7 +310,8 @@ def expand(ls: LoadedScenario, max_cells: int = MAX_CELLS) -> list[Cell]:
     n = count_cells(ls)
     if n > max_cells:
         raise ConfigError(ls.source, "matrix", f"{n} combinations exceed the limit of {max_cells} cells "
-                          "(run fewer axis values, or raise it with --max-cells)")
+                          "(fewer axis values, or an `exclude`; `lorabench run --max-cells N` "
+                          "raises the limit for a run)")
     m = ls.matrix
     varying = {a for a in AXES if len({hashable(v) for v in getattr(m, a)}) > 1}
     cells: list[Cell] = []

@@ -28,10 +28,21 @@ class ConfigError(Exception):
     MAX_MESSAGE_CHARS, whatever value it quotes)."""
 
     def __init__(self, source: str, path: str, message: str):
-        text = f"{source}: {path}: {message}" if path else f"{source}: {message}"
-        text = " ".join(text.split())  # one line
+        def line(src: str) -> str:
+            return one_line(f"{src}: {path}: {message}" if path else f"{src}: {message}")
+        text = line(source)
+        over = len(text) - MAX_MESSAGE_CHARS
+        if over > 0 and len(str(source)) > 120:  # a very long file path gives way first (its middle), so that the
+            keep = max(len(str(source)) - over - 1, 120)  # key and the reason stay on the line
+            text = line(f"{str(source)[:keep // 2]}…{str(source)[len(str(source)) - (keep - keep // 2):]}")
         super().__init__(text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…")
         self.source, self.path, self.message = source, path, message
+
+
+def one_line(text: str) -> str:
+    """`text` as one line a terminal shows as it is: whitespace runs one space, and any other control
+    character (an escape sequence in a key, a file name or an option's value) written as its escape."""
+    return "".join(ascii(c)[1:-1] if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 else c for c in " ".join(str(text).split()))
 
 
 class FieldError(ValueError):
@@ -124,14 +135,15 @@ def coerce(value: Any, tp: Any, path: str, source: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return coerce(value, a, path, source)
-            except ConfigError:
-                pass
-        raise bad
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else bad  # Optional[X]: X's own words (an integer past 2^63 says so)
     if origin is Literal:
         if any(value == c and type(value) is type(c) for c in typing.get_args(tp)):
             return value
