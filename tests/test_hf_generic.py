@@ -229,22 +229,26 @@ def test_a_generic_familys_window_is_transformers_own(tmp_path, family, extra):
         assert a.keys() == t.keys() and all(0 <= t[k] - a[k] <= slack for k in a), (cell.id, a, t)
 
 
-def test_a_generic_family_without_sdpa_runs_eagerly_and_sdpa_is_one_line(tmp_path):
-    """A family read through transformers whose causal LM has no SDPA path (`_supports_sdpa` False: VaultGemma)
-    runs eagerly by default, and an sdpa cell is refused in one line before any step, as Gemma 2's is (its
-    trace failed inside transformers' build)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def test_a_generic_family_without_sdpa_runs_eagerly_and_sdpa_is_one_line(tmp_path, monkeypatch):
+    """A family read through transformers whose modeling module has no SDPA path (`_supports_sdpa = False`, read
+    from the module's file: the estimator imports no transformers) runs eagerly by default, and an sdpa cell is
+    refused in one line before any step, as Gemma 2's is (VaultGemma's trace failed inside transformers' build
+    when it was read so). Here Phi-3's module, as if it said so."""
+    from lorabench.spec import hf_config
     from lorabench.spec.scenario import parse_scenario
-    if "vaultgemma" not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        pytest.skip("this transformers has no vaultgemma")
+    real = hf_config.family_source
+    assert "_supports_sdpa = False" not in real("phi3") and "_supports_sdpa = False" in real("gemma2")
+    hf_config.sdpa_problem.cache_clear()
+    monkeypatch.setattr(hf_config, "family_source", lambda mtype: real(mtype) + "\n    _supports_sdpa = False\n")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**PHI3, "model_type": "vaultgemma", "head_dim": 16,
-                                                            "tie_word_embeddings": True}))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(PHI3))
     data = {"name": "v", "device": "cpu", "model": {"hf": str(tmp_path / "m"), "seq_len": 16}}
-    assert parse_scenario(data, "v.yaml").model.attn_implementation == "eager"
-    with pytest.raises(ConfigError, match=r"matrix.attn_implementation\[0\]: transformers' vaultgemma model has no "
-                                          "SDPA path"):
-        parse_scenario({**data, "matrix": {"attn_implementation": ["sdpa"]}}, "v.yaml")
+    try:
+        assert parse_scenario(data, "v.yaml").model.attn_implementation == "eager"
+        with pytest.raises(ConfigError, match=r"matrix.attn_implementation\[0\]: transformers' phi3 model has no SDPA"):
+            parse_scenario({**data, "matrix": {"attn_implementation": ["sdpa"]}}, "v.yaml")
+    finally:
+        hf_config.sdpa_problem.cache_clear()
 
 
 @pytest.mark.parametrize("extra", [{"hidden_act": "bogus"}, {"rope_scaling": {"type": "linear", "factor": "x"}}])

@@ -290,7 +290,8 @@ def test_checkpointed_lora_runs_the_backward_to_the_embeddings_output(tmp_path, 
     assert stack_for(job.model).input_grad_held(job.model, cell, 2) == 2 * 16 * 32 * ITEM[cell.base_float_dtype]
 
 
-FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-mixtral", "tiny-gemma2", "tiny-gemma3"]
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-mixtral", "tiny-gemma2", "tiny-gemma3",
+            "tiny-vaultgemma"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -390,3 +390,11 @@ def test_an_axis_of_lists_may_hold_its_default(tmp_path):
     res = CliRunner().invoke(main, ["run", str(path), "--list"])
     assert res.exit_code == 0, res.output
     assert res.output.split() == ["fp32-r4", "fp32-merged-qkv-r4-eqv", "fp32-merged-qkv-r4-eq"]
+
+
+def test_an_out_path_under_a_file_says_which_part_is_no_folder(tmp_path):
+    """`--out` below a regular file: the line names that file (the system's own words were 'File exists')."""
+    (tmp_path / "r.jsonl").write_text("")
+    one_line_error(["run", ROOT / "scenarios" / "quick.yaml", "--out", tmp_path / "r.jsonl" / "x.jsonl"],
+                   "--out", f"{tmp_path / 'r.jsonl'} is a file, not a folder")
+    assert (tmp_path / "r.jsonl").read_text() == ""

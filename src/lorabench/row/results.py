@@ -58,7 +58,9 @@ class ResultWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing behind
         except OSError as e:
-            raise ConfigError(str(path), key, f"cannot write here: {e.strerror or e}") from None
+            above = next((p for p in self.path.parents if p.exists()), None)  # the first folder on the way that is there
+            why = f"{above} is a file, not a folder" if above is not None and not above.is_dir() else e.strerror or e
+            raise ConfigError(str(path), key, f"cannot write here: {why}") from None
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

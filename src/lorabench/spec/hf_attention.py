@@ -14,11 +14,11 @@ from .schema import ConfigError, short
 # the window transformers' config class gives a family when config.json has no `sliding_window` key (transformers 5:
 # MistralConfig and the others below default to 4096, the rest to None); tests/test_hf_config.py holds the rule
 # below to the installed transformers' own config objects
-SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096}
+SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096, "vaultgemma": 4096}
 # the families (of those lorabench reads) whose transformers model attends within a window: the others ignore a
 # `sliding_window` key (tests/test_hf_config.py: those whose modeling module makes a sliding mask); a family read
 # through transformers (hf_generic) is asked of transformers itself (hf_generic.generic_attention)
-WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "vaultgemma")
 
 
 class Attention(NamedTuple):
@@ -32,7 +32,7 @@ class Attention(NamedTuple):
     #                         v_proj, one raw projection alive at a time), not after all three (Gemma 3, lorabench's)
 
 
-BOTH_MASKS = ("gemma2", "gemma3_text")  # their forward's causal_mask_mapping has both, whatever the layers
+BOTH_MASKS = ("gemma2", "gemma3_text", "vaultgemma")  # their forward's causal_mask_mapping has both, whatever the layers
 
 
 PER_TYPE_ROPE = ("gemma3_text",)  # Gemma3RotaryEmbedding: inv_freq buffers and cos/sin per layer type
@@ -84,7 +84,7 @@ def _attention_of(path: str) -> Attention:
             if not isinstance(first, int) or isinstance(first, bool) or first < 0:
                 raise ConfigError(path, "max_window_layers", f"must be an integer >= 0, got {short(first)}")
             types = ["sliding_attention" if window is not None and i >= first else "full" for i in range(L)]
-        elif mtype in ("gemma2", "gemma3_text"):
+        elif mtype in ("gemma2", "gemma3_text", "vaultgemma"):
             pattern = _int(data, "sliding_window_pattern", path, 6) if mtype == "gemma3_text" else 2
             types = ["sliding_attention" if (i + 1) % pattern else "full" for i in range(L)]
         else:

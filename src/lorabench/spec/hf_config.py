@@ -10,14 +10,15 @@ Supported `model_type`s and the keys read:
                           mlp_bias; qwen2: biases on q, k, v always (o has none);
                           qwen3: q_norm and k_norm per head (qk_norm), no bias
   gemma, gemma2,          as llama, with Gemma's defaults (head_dim 256, tied embeddings,
-  gemma3_text             rms_norm_eps 1e-6) and block: RMSNorm by 1 + w, embeddings × √C,
-                          GeGLU (hidden_activation gelu_pytorch_tanh); gemma2 and gemma3_text:
+  gemma3_text,            rms_norm_eps 1e-6) and block: RMSNorm by 1 + w, embeddings × √C,
+  vaultgemma              GeGLU (hidden_activation gelu_pytorch_tanh); gemma2 and gemma3_text:
                           sandwich norms, query_pre_attn_scalar (default 256); gemma2:
                           attn_logit_softcapping (default 50) and final_logit_softcapping
                           (default 30), so its attention is eager; gemma3_text: q_norm and
                           k_norm (qk_norm), final_logit_softcapping (default none; its
                           attn_logit_softcapping is not applied by transformers' Gemma 3,
-                          so not read); gemma: no soft-cap
+                          so not read); gemma: no soft-cap; vaultgemma: Gemma 2's model
+                          without the sandwich norms (its soft-caps, query scalar, window)
   mixtral                 as llama, and num_local_experts, num_experts_per_tok (default 2):
                           a mixture of experts (ModelConfig.n_experts); router_jitter_noise
                           must be 0; the router's auxiliary loss is transformers' only with
@@ -48,11 +49,13 @@ from pathlib import Path
 from .schema import ConfigError, DuplicateKey, missing_file, short, unique_keys
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")
 # the soft-caps and the query scalar transformers' Gemma configs default to when a key is absent
 GEMMA_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                              "query_pre_attn_scalar": 256},
-                  "gemma3_text": {"query_pre_attn_scalar": 256}}
+                  "gemma3_text": {"query_pre_attn_scalar": 256},
+                  "vaultgemma": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                                 "query_pre_attn_scalar": 256}}
 DEFAULT_SEQ_LEN = 2048
 
 
@@ -220,12 +223,13 @@ def _gemma(data: dict, path: str, mtype: str) -> dict:
             **{k: v for k, v in data.items() if v is not None or k.endswith("softcapping")}}
     fields = _llama(data, path, "llama")
     later = mtype != "gemma"
-    fields.update(activation="gelu_tanh", norm_offset=True, embed_scale=True, sandwich_norm=later,
+    fields.update(activation="gelu_tanh", norm_offset=True, embed_scale=True,
+                  sandwich_norm=mtype in ("gemma2", "gemma3_text"),  # VaultGemma: Gemma 2's block without them
                   qk_norm=mtype == "gemma3_text",
                   query_pre_attn_scalar=_float(data, "query_pre_attn_scalar", path, 0) if later else None,
                   # transformers' Gemma 3 attention stores attn_logit_softcapping but passes no soft-cap to its
                   # attention functions; Gemma 1 has neither soft-cap
-                  attn_softcap=_softcap(data, "attn_logit_softcapping", path) if mtype == "gemma2" else None,
+                  attn_softcap=_softcap(data, "attn_logit_softcapping", path) if mtype in ("gemma2", "vaultgemma") else None,
                   logit_softcap=_softcap(data, "final_logit_softcapping", path) if later else None)
     return fields
 
@@ -365,7 +369,7 @@ def fixed_fields(fields: dict) -> dict:
 
 # the families whose transformers causal LM runs no SDPA: its class's `_supports_sdpa` is False (transformers
 # 5; tests/test_hf_config.py holds the table to the installed transformers, which the estimator never imports)
-NO_SDPA = {"gemma2": "Gemma2ForCausalLM"}
+NO_SDPA = {"gemma2": "Gemma2ForCausalLM", "vaultgemma": "VaultGemmaForCausalLM"}
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,8 +19,8 @@ the analytic estimator replays the built-in stack of the same shape (the
 `analytic_basis` says in every estimate of an HF cell (est_basis).
 
 Families: llama, mistral, qwen2 and qwen3 (Llama-style blocks; Qwen3's head norms), gemma,
-gemma2 and gemma3_text (Gemma's norms by 1 + w, scaled embeddings, GeGLU, sandwich norms; Gemma 2's
-soft-caps, which transformers computes on its eager path only), mixtral (a mixture of experts, on the
+gemma2, gemma3_text and vaultgemma (Gemma's norms by 1 + w, scaled embeddings, GeGLU, sandwich norms
+but in VaultGemma; Gemma 2's and VaultGemma's soft-caps, which transformers computes on its eager path only), mixtral (a mixture of experts, on the
 cell's model's experts_implementation); gpt2 for full fine-tuning (its
 fused Conv1D qkv takes no per-projection adapter). The replay models transformers' eager
 attention op for op (stacks/eager_replay.py) wherever a cell runs it.
