@@ -77,7 +77,10 @@ def test_resolve_gpu_by_memory_has_no_peak_rates():
                                            ("   ", "must not be empty"),
                                            # a lone letter is no GPU's leading part: a model number is needed
                                            ("B", "unknown GPU 'B'"), ("T", "unknown GPU 'T'"),
-                                           ("24G", "a memory size takes GiB"), ("24KiB", "a memory size takes GiB")])
+                                           ("24G", "a memory size takes GiB"), ("24KiB", "a memory size takes GiB"),
+                                           # a size's unit after a number it does not take (it was an unknown GPU)
+                                           ("1e3GiB", "'1e3GiB' is no memory size"), ("NaNGiB", "is no memory size"),
+                                           ("infGiB", "is no memory size"), ("H100 GB", "unknown GPU 'H100 GB'")])
 def test_resolve_gpu_bad_input_names_the_option(spec, message):
     with pytest.raises(ConfigError) as e:
         resolve_gpu(spec)

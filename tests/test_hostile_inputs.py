@@ -398,3 +398,27 @@ def test_an_out_path_under_a_file_says_which_part_is_no_folder(tmp_path):
     one_line_error(["run", ROOT / "scenarios" / "quick.yaml", "--out", tmp_path / "r.jsonl" / "x.jsonl"],
                    "--out", f"{tmp_path / 'r.jsonl'} is a file, not a folder")
     assert (tmp_path / "r.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("options", [["--precision", "fp32"], ["--adapter", "pissa"]])
+def test_fit_options_that_leave_nothing_to_explore_are_one_line(tmp_path, options):
+    """fit on a QLoRA checkpoint with options none of whose combinations it can run: one line naming the options
+    and the quantized base (it printed '0 of 0 combinations fit', then 'every combination fits', and exited 0)."""
+    data = json.loads((ROOT / "scenarios" / "hf" / "tiny-llama" / "config.json").read_text())
+    data["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "config.json").write_text(json.dumps(data))
+    for fmt in ("table", "json"):
+        one_line_error(["fit", "--model", tmp_path / "q" / "config.json", "--gpu", "24GiB", *options, "--format", fmt],
+                       "leave no combination", "its base is nf4")
+
+
+def test_estimates_option_errors_name_options_not_scenario_keys():
+    """estimate --model builds a scenario of its options: an error about a key of it says the option that set it
+    (it said train.batch_size where the user gave --batch, matrix.base_dtype for --base-dtype)."""
+    out = one_line_error(["estimate", "--model", "cpu-tiny", "--lora-rank", "8", "--accumulation", "3"],
+                         "--accumulation", "must divide --batch=8")
+    assert "train." not in out
+    out = one_line_error(["estimate", "--model", "cpu-tiny", "--lora-rank", "8", "--adapter", "pissa", "--base-dtype",
+                          "nf4"], "--adapter", "quantized base, nf4", "(--base-dtype)")
+    assert "matrix." not in out

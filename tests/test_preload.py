@@ -51,5 +51,5 @@ def test_only_a_cpu_run_of_a_hugging_face_model_preloads_transformers():
     assert "lorabench.launch.preload_hf" in preload_modules(job)
     assert "lorabench.launch.preload_hf" not in preload_modules(dataclasses.replace(job, device="cuda"))
     builtin = dataclasses.replace(job, model=dataclasses.replace(job.model, hf=None, attn_implementation=None))
-    assert preload_modules(builtin) == preload_modules(None) == ["torch", "lorabench.measure.worker",
-                                                               "lorabench.launch.preload"]
+    assert preload_modules(builtin) == preload_modules(None) == ["lorabench.launch.server_signals", "torch",
+                                                               "lorabench.measure.worker", "lorabench.launch.preload"]

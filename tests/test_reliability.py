@@ -246,6 +246,11 @@ def test_resume_refuses_rows_of_another_configuration(tmp_path, monkeypatch):
     r = cli("run", "s.yaml", "--out", out, "--resume", "--cells", "bf16-full")
     assert_one_line_error(r, "r.jsonl", "cell fp32-full", "another configuration")
     assert out.read_bytes() == before
+    # a copy of the scenario under another name: the same cells and hashes, but another scenario's rows
+    (tmp_path / "s.yaml").write_text(GOOD.replace("name: tiny", "name: other"))
+    r = cli("run", "s.yaml", "--out", out, "--resume", "--cells", "bf16-full")
+    assert_one_line_error(r, "r.jsonl", "cell fp32-full", "belongs to scenario 'tiny'", "'other'")
+    assert out.read_bytes() == before
     (tmp_path / "s.yaml").write_text(GOOD)  # the same scenario resumes
     r = cli("run", "s.yaml", "--out", out, "--resume", "--cells", "fp32-full,fp32-r4")
     assert r.exit_code == 0, r.output
@@ -420,3 +425,55 @@ def test_a_cell_out_of_memory_is_recorded_and_the_matrix_goes_on(tmp_path):
         assert r["status"] == "oom" and "can't allocate memory" in r["error"] and "\n" not in r["error"]
         assert r["est_peak_bytes"] > 4 << 30 and r["peak_allocated_bytes"] is None
     assert "Traceback" not in proc.stderr
+
+
+def test_every_seed_the_options_take_gives_batches():
+    """A seed anywhere in [0, 2^63) (what --seed and `seed:` take) seeds the data: the step's seed derived from it
+    (seed · 1,000,003 + step) is wrapped into torch's range, where it overflowed every cell past 2^63 / 10^6;
+    below that the batches are the ones they always were."""
+    import torch
+    from lorabench.train.tokens import MarkovTokens
+    for seed in (2**62, 2**63 - 1):
+        x, y = MarkovTokens(64, 8, seed).batch(3, 2)
+        assert x.shape == y.shape == (2, 8)
+    data = MarkovTokens(64, 8, 7)
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 3)
+    assert torch.equal(data.batch(3, 2)[0][:, 0], torch.randint(0, 64, (2, 9), generator=g)[:, 0])
+
+
+def test_bitsandbytes_kernels_advice_stays_off_stderr():
+    """bitsandbytes' CPU backend logs advice to install `kernels` when it imports (on CPUs with AVX512-BF16) and
+    falls back to its own kernel: a successful command's stderr stays empty of it, and the logger's other
+    warnings still pass."""
+    import subprocess
+    import sys
+    code = ("import logging, lorabench\n"
+            "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+            "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...', 'x')\n"
+            "log.warning('another warning')\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('bitsandbytes'):\n"
+            "    import bitsandbytes\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kernels-community" not in out.stderr and "another warning" in out.stderr, out.stderr
+
+
+def test_ctrl_c_while_the_forkserver_imports_torch_prints_no_traceback(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) in the first seconds of a run, while the
+    forkserver imports torch: the run's own two lines, no KeyboardInterrupt traceback of the server's (it
+    ignored SIGINT only after its preloads)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    (tmp_path / "s.yaml").write_text(GOOD)
+    p = subprocess.Popen([sys.executable, "-m", "lorabench", "run", str(tmp_path / "s.yaml"), "--out",
+                          str(tmp_path / "r.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    time.sleep(2.0)  # the server is importing torch (about 2 s)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted" in err

@@ -10,7 +10,16 @@
 """
 from __future__ import annotations
 
+import logging
+
 __all__ = ["ConfigError", "estimate", "fit", "load", "run"]
+
+# bitsandbytes' CPU backend logs a warning at import when the optional `kernels` package is absent, then uses its
+# own 4-bit kernel: advice about a package lorabench does not use, on the stderr of a command that succeeds. That
+# one message is dropped (bitsandbytes' logger, by name, without importing it); its others pass.
+BNB_KERNELS_ADVICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith(BNB_KERNELS_ADVICE))
 
 
 def __getattr__(name: str):

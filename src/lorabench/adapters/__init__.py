@@ -65,7 +65,7 @@ def check(ls) -> None:
         quantized = [b for b in m.base_dtype if b in QUANT_DTYPES and adapted(adapter=name, base_dtype=b)]
         if quantized and get(name).needs_dense_base:
             raise ConfigError(ls.source, f"matrix.adapter[{i}]", f"adapter {name} reads the base weight itself: "
-                              f"it cannot run on a {quantized[0]} base (matrix.base_dtype)")
+                              f"it cannot run on a quantized base, {quantized[0]} (matrix.base_dtype)")
     for name, (j, rank), alpha, targets, ratio, base, (k, budget) in itertools.product(
             m.adapter, enumerate(m.lora_rank), m.lora_alpha, m.lora_targets, m.lora_plus_ratio, m.base_dtype,
             enumerate(m.adalora_target_rank)):
@@ -96,7 +96,7 @@ def projection_problem(cfg, cell: Cell) -> str | None:
     if cell.strategy != "none" and not adapter.multi_rank:
         return f"adapter {adapter.name} does not run on several ranks (strategy {cell.strategy}) here"
     if cell.is_quantized and adapter.needs_dense_base:
-        return f"adapter {adapter.name} reads the base weight itself: it cannot run on a {cell.base_dtype} base"
+        return f"adapter {adapter.name} reads the base weight itself: it cannot run on a quantized base, {cell.base_dtype}"
     if "head" in cell.lora_targets and cfg.tie_embeddings and adapter.rewrites_base:
         return (f"adapter {adapter.name} rewrites W0 when it initialises, and a tied head's W0 is the embedding too: "
                 "untie it (model.tie_embeddings: false) or leave head out of lora_targets")

@@ -180,6 +180,11 @@ def resolve_gpu(spec: str, source: str = "--gpu") -> GPU:
         if re.fullmatch(r"[0-9.]+\s*[a-z]{1,3}", spec, re.IGNORECASE):  # 24G, 24KiB: a size's unit
             raise ConfigError(source, "", f"unknown GPU or size {spec!r}: a memory size takes GiB, GB, MiB, MB, TiB "
                               "or TB, e.g. 24GiB")
+        if re.fullmatch(r"(?=[-+.e]*([0-9]|nan|inf))[-+0-9.e]*(nan|inf|infinity)?[-+0-9.e]*\s*(GiB|GB|MiB|MB|TiB|TB)",
+                        spec, re.IGNORECASE):
+            # 1e3GiB, NaNGiB, infGiB: a number parse_memory does not take, with a size's unit
+            raise ConfigError(source, "", f"{spec!r} is no memory size: a plain decimal number of GiB, GB, MiB, MB, "
+                              "TiB or TB, e.g. 24GiB or 0.5TiB")
         known = ", ".join(g.name for g in _load())
         raise ConfigError(source, "", f"unknown GPU {spec!r} (known: {known}; or give its memory, e.g. 24GiB)")
     return found[0]

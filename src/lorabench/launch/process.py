@@ -41,11 +41,12 @@ def context(job: CellJob | None = None):
 
 
 def preload_modules(job: CellJob | None) -> list[str]:
-    """torch and lorabench; transformers too when `job` is a Hugging Face model on CPU
-    (preload_hf.py; a GPU run keeps the server free of anything that might ask CUDA)."""
+    """Ctrl-C ignored first (server_signals.py), then torch and lorabench; transformers too when `job` is a
+    Hugging Face model on CPU (preload_hf.py; a GPU run keeps the server free of anything that might ask CUDA)."""
     hf = job is not None and job.model.hf is not None and job.device != "cuda" \
         and importlib.util.find_spec("transformers") is not None
-    return ["torch", "lorabench.measure.worker", "lorabench.launch.preload"] + ["lorabench.launch.preload_hf"] * hf
+    return ["lorabench.launch.server_signals", "torch", "lorabench.measure.worker", "lorabench.launch.preload"] + \
+        ["lorabench.launch.preload_hf"] * hf
 
 
 def watch_parent(lifeline) -> None:

@@ -43,6 +43,12 @@ def open_results(path: Path, jobs: list[CellJob], resume: bool,
                               "not this file's: move it or choose another --out")
         by_id = {r["cell"]: r for r in done}
         now = {job.cell.id: job for job in jobs}
+        names = {job.scenario for job in jobs}
+        other = next((r for r in done if names and r.get("scenario") not in names), None)
+        if other is not None:  # the name is no part of a cell's config_hash: a renamed copy would mix two scenarios
+            raise ConfigError(str(path), f"cell {other['cell']}", f"belongs to scenario {other.get('scenario')!r}, this "
+                              f"run is {sorted(names)[0]!r}: --resume only continues a file of the same scenario; "
+                              "choose another --out")
         for cell_id, row in by_id.items():
             digest = config_hash(now[cell_id]) if cell_id in now else _digest_here(row, job_of)
             if row.get("config_hash") != digest:

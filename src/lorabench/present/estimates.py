@@ -175,7 +175,10 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
             named = config_key(model, e.path.removeprefix("model."))
             if named:
                 raise ConfigError(*named, e.message) from None
-        raise ConfigError(e.source, flag or e.path, e.message) from None
+        message = e.message
+        for key, option in OPTION_KEYS.items():  # the scenario keys the message names, as the options that set them
+            message = message.replace(key, option)
+        raise ConfigError(e.source, flag or e.path, message) from None
 
 
 def _size(n: int | None) -> str:

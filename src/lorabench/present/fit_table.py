@@ -77,8 +77,14 @@ def fit_text(model: str, gpu: str | None = None, seq: int | None = None, batch: 
     check = oom_contradictions(rows, margin) if rows is not None else None
 
     def run(g):
-        return fit(cfg, g, batch, margin, targets, calibration=calibrate(rows, g) if rows is not None else None,
-                   rates_from=lookup(DEFAULT_RATES_GPU), axes=axes, sort=sort, gpus=count)
+        rep = fit(cfg, g, batch, margin, targets, calibration=calibrate(rows, g) if rows is not None else None,
+                  rates_from=lookup(DEFAULT_RATES_GPU), axes=axes, sort=sort, gpus=count)
+        if not rep.combos:  # every combination of the options is one the model cannot run: say so, not "0 of 0"
+            base = f" (its base is {cfg.quantized}: adapter cells only, in a 16-bit precision, with an adapter that " \
+                   "takes a quantized base)" if cfg.quantized else ""
+            raise ConfigError("options", "", f"--precision, --lora-rank, --adapter and --optimizer leave no combination "
+                              f"{cfg.name} can run{base}")
+        return rep
     if gpu is None:
         try:
             g = local_gpu()
