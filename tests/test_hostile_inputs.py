@@ -422,3 +422,21 @@ def test_estimates_option_errors_name_options_not_scenario_keys():
     out = one_line_error(["estimate", "--model", "cpu-tiny", "--lora-rank", "8", "--adapter", "pissa", "--base-dtype",
                           "nf4"], "--adapter", "quantized base, nf4", "(--base-dtype)")
     assert "matrix." not in out
+
+
+def test_a_folder_holding_a_copy_of_a_run_counts_its_cells_once(tmp_path):
+    """A result file copied beside its original (or one resumed from a copy): the folder's readers take a row
+    identical in every field once (claims counted 14 fp16 cells of 7, report listed every cell twice); a run
+    made again is no copy (its timings differ), and stays."""
+    src = ROOT / "results" / "cpu-quick-2026-11-29.jsonl"
+    (tmp_path / "a.jsonl").write_bytes(src.read_bytes())
+    (tmp_path / "b.jsonl").write_bytes(src.read_bytes())
+    assert load_rows(str(tmp_path)) == load_rows(str(src))
+    again = [dict(r, cell_wall_s=r["cell_wall_s"] + 0.5) if r.get("cell_wall_s") else r for r in load_rows(str(src))]
+    write_rows(tmp_path / "b.jsonl", again)
+    assert len(load_rows(str(tmp_path))) > len(load_rows(str(src)))
+    for command in ("claims", "report"):
+        one = CliRunner().invoke(main, [command, str(src), "--format", "json"])
+        (tmp_path / "b.jsonl").write_bytes(src.read_bytes())
+        both = CliRunner().invoke(main, [command, str(tmp_path), "--format", "json"])
+        assert one.exit_code == both.exit_code == 0 and json.loads(one.output) == json.loads(both.output)

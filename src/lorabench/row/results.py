@@ -118,13 +118,22 @@ def to_frame(rows: list[dict], dtype=None):
 
 def load_rows(path: str) -> list[dict]:
     """Rows of a .jsonl file, of the .csv `run` writes beside it, or of every .jsonl file in a
-    folder (sorted by name)."""
+    folder (sorted by name), a row identical in every field to one of an earlier file once: a copy
+    (a file copied beside its original, one resumed from a copy) would count its cells twice, and a
+    measurement made again differs at least in its timings."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.jsonl"))
         if not files:
             raise ConfigError(path, "", "no .jsonl result files in this folder")
-        return [r for f in files for r in load_rows(str(f))]
+        rows, seen = [], set()
+        for f in files:
+            for r in load_rows(str(f)):
+                key = json.dumps(r, sort_keys=True, default=str)
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(r)
+        return rows
     if not p.is_file():
         raise ConfigError(path, "", missing_file(p))
     try:
