@@ -14,10 +14,11 @@ from .schema import ConfigError, short
 # the window transformers' config class gives a family when config.json has no `sliding_window` key (transformers 5:
 # MistralConfig and the others below default to 4096, the rest to None); tests/test_hf_config.py holds the rule
 # below to the installed transformers' own config objects
-SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096, "vaultgemma": 4096}
+SLIDING_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "gemma2": 4096, "gemma3_text": 4096,
+                    "vaultgemma": 4096}
 # the families (of those lorabench reads) whose transformers model attends within a window: the others ignore a
 # `sliding_window` key (tests/test_hf_config.py: those whose modeling module makes a sliding mask); a family read
-# through transformers (hf_generic) is asked of transformers itself (hf_generic.generic_attention)
+# through transformers (hf_generic) is read by the same rule from its modeling module's text (_generic)
 WINDOWED = ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "vaultgemma")
 
 
