@@ -93,8 +93,8 @@ def test_the_families_without_sdpa_are_transformers_own(tmp_path):
     Gemma 2 model then runs eagerly, also without an attention soft-cap (sdpa crashed its build)."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as NAMES
-    from lorabench.spec.hf_config import GEMMA_TYPES, LLAMA_TYPES, NO_SDPA
-    without = {t: NAMES[t] for t in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",)
+    from lorabench.spec.hf_config import NO_SDPA, OWN_TYPES
+    without = {t: NAMES[t] for t in OWN_TYPES
                if not getattr(getattr(transformers, NAMES[t]), "_supports_sdpa", True)}
     assert without == NO_SDPA
     shipped = json.loads((SCENARIOS_HF / "tiny-gemma2" / "config.json").read_text())
@@ -129,8 +129,8 @@ def test_the_sliding_window_layers_are_transformers_own(tmp_path):
     import importlib
     import inspect
     from lorabench.spec.hf_attention import WINDOWED
-    from lorabench.spec.hf_config import GEMMA_TYPES, LLAMA_TYPES
-    windowed = {t for t in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",) if "create_sliding_window_causal_mask" in
+    from lorabench.spec.hf_config import OWN_TYPES
+    windowed = {t for t in OWN_TYPES if "create_sliding_window_causal_mask" in
                 inspect.getsource(importlib.import_module(f"transformers.models.{t.split('_')[0]}.modeling_{t.split('_')[0]}"))}
     assert windowed == set(WINDOWED)
     cases.append({"model_type": "phi3", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 7,

@@ -8,7 +8,7 @@ import os
 from functools import lru_cache
 from typing import NamedTuple
 
-from .hf_config import GEMMA_TYPES, LLAMA_TYPES, _int, _read, family_source
+from .hf_config import OWN_TYPES, _int, _read, family_source
 from .schema import ConfigError, short
 
 # the window transformers' config class gives a family when config.json has no `sliding_window` key (transformers 5:
@@ -66,7 +66,7 @@ def _attention_of(path: str) -> Attention:
     data = _read(path)
     mtype, L = data.get("model_type"), data.get("num_hidden_layers")
     norm_each = mtype in NORM_EACH_PROJECTION
-    if isinstance(mtype, str) and mtype not in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",):
+    if isinstance(mtype, str) and mtype not in OWN_TYPES:
         window, sliding, masks = _generic(data, mtype, L)
         return Attention(window, sliding, 1, masks, norm_each)
     if mtype not in WINDOWED or not isinstance(L, int) or isinstance(L, bool) or L <= 0:

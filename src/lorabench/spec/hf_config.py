@@ -50,6 +50,8 @@ from .schema import ConfigError, DuplicateKey, missing_file, short, unique_keys
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma")
+OWN_TYPES = LLAMA_TYPES + GEMMA_TYPES + ("gpt2",)
+"""the families lorabench reads itself; any other model_type is transformers' to read (hf_generic.py)"""
 # the soft-caps and the query scalar transformers' Gemma configs default to when a key is absent
 GEMMA_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                              "query_pre_attn_scalar": 256},
@@ -125,10 +127,10 @@ def hf_config_fields(path: str) -> dict:
                           "pass its text model's config, text_config with model_type gemma3_text")
     elif isinstance(mtype, str) and mtype:  # transformers reads it; estimated Llama-style if the count agrees
         from .hf_generic import generic_fields
-        fields = generic_fields(data, path, mtype, ", ".join(LLAMA_TYPES + GEMMA_TYPES + ("gpt2",)))
+        fields = generic_fields(data, path, mtype, ", ".join(OWN_TYPES))
     else:
         raise ConfigError(path, "model_type", f"must name the model's family, got {mtype!r}")
-    if mtype in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",):
+    if mtype in OWN_TYPES:
         from .hf_generic import transformers_reads
         transformers_reads(data, path, mtype)  # the keys lorabench does not read, as transformers builds the model
     fields["seq_len"] = min(DEFAULT_SEQ_LEN, fields["max_seq_len"])
@@ -381,7 +383,7 @@ def sdpa_problem(path: str) -> str | None:
     except ConfigError:
         return None
     mtype = data.get("model_type")
-    if isinstance(mtype, str) and mtype not in LLAMA_TYPES + GEMMA_TYPES + ("gpt2",):
+    if isinstance(mtype, str) and mtype not in OWN_TYPES:
         # a family read through transformers: its modeling module says so (`_supports_sdpa = False`: VaultGemma)
         cls = f"{mtype} model" if "_supports_sdpa = False" in family_source(mtype) else None
     else:
