@@ -198,6 +198,12 @@ WINDOWED_GENERIC = [
                  "layer_types": ["full_attention", "sliding_attention"]}),
     ("smollm3", {"use_sliding_window": False, "sliding_window": 8, "layer_types": ["full_attention"] * 2}),
     ("phi3", {"sliding_window": 8}),
+    # files silent on the layer types, which the config's class derives: none sliding (SmolLM3 by default has
+    # no sliding window), the second (CWM), every layer (Ministral); were read as every layer sliding
+    ("smollm3", {"sliding_window": 8}),
+    ("smollm3", {"use_sliding_window": True, "sliding_window": 8, "no_rope_layers": [1, 0]}),
+    ("cwm", {"sliding_window": 8}),
+    ("ministral", {**ROPE, "sliding_window": 8}),
 ]
 
 

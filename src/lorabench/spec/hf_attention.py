@@ -104,9 +104,10 @@ def _generic(data: dict, mtype: str, L) -> tuple:
     SmolLM3); the sliding layers are its `layer_types` of that type where the file gives them (Ministral,
     CWM, SmolLM3), else every layer (Ministral 3, Phi-3); its forward makes both masks where a layer is
     sliding, or whatever its layers where the module makes both unconditionally (no `has_sliding_layers`
-    test: Ministral, CWM). A window or layer types the file leaves to the family's class defaults are
-    not read (the files transformers writes give both)."""
+    test: Ministral, CWM). What the file leaves out is the family's class default, as transformers' config
+    fills it (a hand-written SmolLM3 file without `use_sliding_window` or `layer_types` has no sliding layer)."""
     source = family_source(mtype)
+    data = {**data, **_class_defaults(data, mtype)}
     window = data.get("sliding_window")
     if data.get("use_sliding_window") is False or "create_sliding_window_causal_mask" not in source:
         window = None
@@ -117,3 +118,23 @@ def _generic(data: dict, mtype: str, L) -> tuple:
         return window, tuple(range(L)), 1
     sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return window, sliding, 2 if sliding or "has_sliding_layers" not in source else 1
+
+
+WINDOW_KEYS = ("sliding_window", "use_sliding_window", "layer_types")
+
+
+def _class_defaults(data: dict, mtype: str) -> dict:
+    """The window keys as transformers' config of `mtype` holds them for a file (the file's values, its
+    class defaults where the file is silent, the layer types its __init__ derives) where the file is silent
+    on `use_sliding_window` or `layer_types` and its config class has them (its module's text says so; the
+    files transformers writes give them, so that validate, fit and estimate on those import no torch); {}
+    where transformers will not read the file (generic_fields has said why in one line)."""
+    source = family_source(mtype, "configuration")
+    if all(k in data or k not in source for k in WINDOW_KEYS[1:]):  # nothing derived: the file's window stands
+        return {}
+    try:
+        from .hf_generic import _for_model
+        config = _for_model(data, mtype)
+    except Exception:  # noqa: BLE001 - no transformers, or a file it refuses: the file's own keys stand
+        return {}
+    return {k: getattr(config, k) for k in WINDOW_KEYS if hasattr(config, k)}

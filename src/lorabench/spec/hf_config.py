@@ -392,11 +392,12 @@ def sdpa_problem(path: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-def family_source(mtype: str) -> str:
+def family_source(mtype: str, module: str = "modeling") -> str:
     """The text of transformers' modeling module of family `mtype` (transformers/models/<family>/
-    modeling_<family>.py), read as a file: what a family read through transformers does that its config
-    object does not say (its masks, its SDPA path) is read there without importing transformers (whose
-    config classes import torch, which the estimator never does); '' where either is not installed."""
+    modeling_<family>.py; `module="configuration"`: its config class's), read as a file: what a family read
+    through transformers does that its config object does not say (its masks, its SDPA path) is read there
+    without importing transformers (whose config classes import torch, which the estimator never does); ''
+    where either is not installed."""
     import importlib.util
     try:
         spec = importlib.util.find_spec("transformers")
@@ -406,6 +407,6 @@ def family_source(mtype: str) -> str:
         return ""
     name = mtype.replace("-", "_")
     try:
-        return (Path(spec.origin).parent / "models" / name / f"modeling_{name}.py").read_text(encoding="utf-8")
+        return (Path(spec.origin).parent / "models" / name / f"{module}_{name}.py").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, ValueError):
         return ""
