@@ -63,6 +63,24 @@ def test_duplicate_ids_join_on_scenario():
     assert [k for k, _, _ in res.pairs] == ["s2/x"] and [k for k, _ in res.only_a] == ["s1/x"]
 
 
+def test_rows_of_one_id_join_by_configuration_never_dropped():
+    """Folders of several seeds hold each cell once per seed: each of A's rows joins B's row of its seed,
+    named by it (the last row of an id won and the others were dropped without a word); a row of another
+    configuration under the same id (a relabelled row) is not joined but listed."""
+    def seeded(cell, peak, seed):
+        return {**row(cell, peak, 10), "seed": seed, "config_hash": f"h{cell}{seed}"}
+    a = [seeded("x", 1, 0), seeded("y", 1, 0), seeded("x", 2, 1), seeded("y", 2, 1)]
+    b = [seeded("x", 20, 1), seeded("x", 10, 0), seeded("y", 10, 0), seeded("y", 20, 1)]
+    res = compare(a, b)
+    assert [(k, ra["peak_allocated_bytes"], rb["peak_allocated_bytes"]) for k, ra, rb in res.pairs] == [
+        ("s/x seed 0", 1, 10), ("s/y seed 0", 1, 10), ("s/x seed 1", 2, 20), ("s/y seed 1", 2, 20)]
+    assert not res.only_a and not res.only_b and not res.unjoined
+    relabelled = {**seeded("x", 5, 0), "config_hash": "other"}
+    res = compare([seeded("x", 1, 0)], [seeded("x", 10, 0), relabelled])
+    assert [(k, rb["peak_allocated_bytes"]) for k, _, rb in res.pairs] == [("s/x seed 0", 10)]
+    assert [(k, r["peak_allocated_bytes"]) for k, r in res.only_b] == [("s/x #2", 5)] and not res.unjoined
+
+
 def test_cli_formats(tmp_path):
     a, b = write(tmp_path / "a.jsonl", A), write(tmp_path / "b.jsonl", B)
     r = cli("compare", a, b)

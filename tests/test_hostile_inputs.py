@@ -96,11 +96,15 @@ def test_bad_option_values(args, needles, monkeypatch):
     ("[{precision: fp64}]", ["exclude[0].precision", "'fp64' is not a value of matrix.precision"]),
     ("[{lora_rank: -5}]", ["exclude[0].lora_rank", "exclude nothing"]),
     ("[{precision: fp32}, {lora_targets: [q, k]}]", ["exclude[1].lora_targets"]),
+    ("[{1: fp32}]", ["exclude[0].1", "unknown matrix key"]),            # a traceback before (no attribute 1)
+    ("[{~: fp32}]", ["exclude[0].None", "unknown matrix key"]),
+    ("[{lora_rank: false}]", ["exclude[0].lora_rank", "False is not a value"]),  # False == 0 dropped full cells
+    ("[{checkpointing: 1}]", ["exclude[0].checkpointing", "1 is not a value"]),
 ])
 def test_an_exclude_value_the_matrix_does_not_have_is_refused(exclude, needles, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: s\ndevice: cpu\nmodel: {preset: cpu-tiny}\nmatrix: {precision: [fp32, bf16], "
-                    f"lora_rank: [0, 4], lora_targets: [[q, v]]}}\nexclude: {exclude}\n")
+                    f"lora_rank: [0, 4], lora_targets: [[q, v]], checkpointing: [true, false]}}\nexclude: {exclude}\n")
     one_line_error(["run", path, "--list"], str(path), *needles)
 
 
@@ -162,6 +166,27 @@ def test_a_config_json_value_is_named_by_its_own_key(tmp_path):
     gpt2.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100,
                                 "n_positions": 128, "layer_norm_epsilon": float("nan")}))
     one_line_error(["estimate", "--model", gpt2], f"{gpt2}: layer_norm_epsilon:", "finite")
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"model_type": "llama", "rope_parameters": [1, 2]}, "rope_parameters"),
+    ({"model_type": "llama", "rope_parameters": "abc"}, "rope_parameters"),
+    ({"model_type": "gpt2", "activation_function": ["gelu"]}, "activation_function"),
+    ({"model_type": "gpt2", "activation_function": {"a": 1}}, "activation_function"),
+    ({"model_type": "phi3", "rope_theta": "x"}, "rope_theta"),
+    ({"model_type": "phi3", "rope_theta": [1]}, "rope_theta"),
+])
+def test_a_config_json_value_of_the_wrong_type_is_one_line(data, key, tmp_path):
+    """A value of the wrong type where lorabench reads the file itself (a traceback each before): one
+    line naming the file's key, in estimate and fit alike."""
+    shapes = {"llama": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                        "vocab_size": 100, "max_position_embeddings": 128},
+              "gpt2": {"n_embd": 64, "n_layer": 1, "n_head": 2, "vocab_size": 128, "n_positions": 64}}
+    shapes["phi3"] = dict(shapes["llama"], num_key_value_heads=4)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**shapes[data["model_type"]], **data}))
+    one_line_error(["estimate", "--model", path], f"{path}: {key}:")
+    one_line_error(["fit", "--model", path, "--gpu", "24GiB"], f"{path}: {key}:")
 
 
 def test_a_byte_order_mark_is_read_past_as_in_yaml(tmp_path):
@@ -256,6 +281,10 @@ def test_long_numbers_and_long_paths_in_result_files_and_configs(tmp_path):
     ({"peak_phase": "lunch"}, "field 'peak_phase' must be one of forward"),
     ({"phase_peak_bytes": "big"}, "field 'phase_peak_bytes' must map"),
     ({"phase_peak_bytes": {"forward": -5}}, "field 'phase_peak_bytes' must map"),
+    ({"skipped_steps": "abc"}, "field 'skipped_steps' must be an integer"),   # claims' tracebacks before
+    ({"final_loss_scale": [5]}, "field 'final_loss_scale' must be a number"),
+    ({"loss_scale_trajectory": -1}, "field 'loss_scale_trajectory' must be a list of numbers"),
+    ({"loss_scale_trajectory": [1.0, "x"]}, "field 'loss_scale_trajectory' must be a list of numbers"),
 ])
 def test_a_row_no_run_writes_is_refused_by_every_reader(tmp_path, edit, needle):
     """Values and relations every row a run writes holds (row/sanity.py): an edited or foreign row is
@@ -288,12 +317,14 @@ def test_claims_reads_a_multi_seed_folder_and_degenerate_rows(tmp_path):
     res = CliRunner().invoke(main, ["claims", str(seeds)])
     assert res.exit_code == 0 and "C7" in res.output, res.output
     for edit in ({"peak_allocated_bytes": 0}, {"peak_allocated_bytes": None, "param_bytes": None},
-                 {"lora_targets": ["zz"]}, {"loss_scale_trajectory": ["a"]}):
+                 {"lora_targets": ["zz"]}):
         f = write_rows(tmp_path / "d.jsonl", [dict(r, **edit) for r in quick_rows()])
         res = CliRunner().invoke(main, ["claims", str(f)])
         assert res.exit_code == 0 and "Traceback" not in res.output, (edit, res.output)
     f = write_rows(tmp_path / "h.jsonl", [dict(r, n_heads=0) for r in quick_rows()])
     one_line_error(["claims", f], str(f), "n_heads")
+    f = write_rows(tmp_path / "t.jsonl", [dict(r, loss_scale_trajectory=["a"]) for r in quick_rows()])
+    one_line_error(["claims", f], str(f), "loss_scale_trajectory")  # the row schema types it now
 
 
 def test_report_validate_underflow_run_and_fit_refuse_in_one_line(tmp_path):
@@ -440,3 +471,43 @@ def test_a_folder_holding_a_copy_of_a_run_counts_its_cells_once(tmp_path):
         (tmp_path / "b.jsonl").write_bytes(src.read_bytes())
         both = CliRunner().invoke(main, [command, str(tmp_path), "--format", "json"])
         assert one.exit_code == both.exit_code == 0 and json.loads(one.output) == json.loads(both.output)
+
+
+def test_where_reads_double_equals_lists_and_refuses_nan(tmp_path):
+    """--where precision==fp32 was the value '=fp32' (no row), lora_targets=[q, v] never matched a list,
+    and peak_allocated_bytes>nan said only that no row matched."""
+    from lorabench.present.report import filter_rows
+    row = {"scenario": "s", "status": "ok", "precision": "fp32"}
+    rows = [dict(row, cell="a", lora_targets=["q", "v"]), dict(row, cell="b", precision="bf16", lora_targets=["q"])]
+    assert [r["cell"] for r in filter_rows(rows, ["precision==fp32"])] == ["a"]
+    for text in ("lora_targets=q,v", "lora_targets=[q, v]", 'lora_targets=["q", "v"]'):
+        assert [r["cell"] for r in filter_rows(rows, [text])] == ["a"], text
+    assert [r["cell"] for r in filter_rows(rows, ["lora_targets=q"])] == ["b"]
+    f = write_rows(tmp_path / "r.jsonl", quick_rows())
+    one_line_error(["report", f, "--where", "peak_allocated_bytes>nan"], "--where", "no finite number")
+
+
+@pytest.mark.parametrize("args, option", [(["--base-dtype", "bf16"], "--base-dtype"),
+                                          (["--upcast-logits"], "--upcast-logits")])
+def test_estimate_options_that_change_nothing_are_refused(args, option):
+    """At rank 0 a frozen base's storage, and with FP32 an FP32 cast of the logits, change nothing: refused
+    as --adapter is at rank 0 (the estimate silently ignored them)."""
+    one_line_error(["estimate", "--model", "cpu-tiny", *args], option)
+    res = CliRunner().invoke(main, ["estimate", "--model", "cpu-tiny", "--lora-rank", "4", "--precision", "bf16",
+                                    *args, "--format", "json"])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_config_json_that_is_a_folder_keeps_the_word_device(tmp_path):
+    """estimate's option names replace the scenario keys a message names, not the message's own words."""
+    (tmp_path / "m" / "config.json").mkdir(parents=True)
+    out = one_line_error(["estimate", "--model", tmp_path / "m"], "not a regular file")
+    assert "--device" not in out and "a device, a pipe" in out
+
+
+def test_a_folder_named_like_a_result_file_is_passed_over(tmp_path):
+    """A sub-folder named x.jsonl in a results folder holds no rows (it was read as a folder of its own and
+    refused: 'x.jsonl: no .jsonl result files in this folder')."""
+    (tmp_path / "x.jsonl").mkdir()
+    write_rows(tmp_path / "r.jsonl", quick_rows())
+    assert len(load_rows(str(tmp_path))) == len(quick_rows())

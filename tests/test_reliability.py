@@ -271,6 +271,39 @@ def test_a_cell_that_cannot_fit_is_skipped_without_running(tmp_path, monkeypatch
     assert row["est_peak_bytes"] > 100 * 2**30 and row["peak_allocated_bytes"] is None
 
 
+@pytest.mark.parametrize("key, value", [("vocab_size", 9 * 10**18), ("batch", 10**17)])
+def test_a_cell_past_2_63_bytes_is_skipped_in_a_row_every_reader_takes(key, value, tmp_path, monkeypatch):
+    """A model or batch whose estimate is past 2^63 bytes (no row field holds it: the readers refuse it) is a
+    skipped row with its estimate fields empty, which report and --resume read back (the row held the
+    number, and report, and the resume of its own file, refused it)."""
+    monkeypatch.chdir(tmp_path)
+    text = GOOD.replace("vocab_size: 64", f"vocab_size: {value}") if key == "vocab_size" else \
+        GOOD.replace("batch_size: 4", f"batch_size: {value}")
+    assert text != GOOD
+    (tmp_path / "s.yaml").write_text(text)
+    r = cli("run", "s.yaml", "--out", "r.jsonl", "--cells", "fp32-full", "--format", "json")
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)
+    assert row["status"] == "skipped" and "past 2^63 bytes" in row["error"] and row["est_peak_bytes"] is None
+    assert cli("report", "r.jsonl", "--format", "json").exit_code == 0
+    r = cli("run", "s.yaml", "--out", "r.jsonl", "--cells", "fp32-full", "--resume")
+    assert r.exit_code == 0, r.output
+
+
+def test_resume_onto_a_file_whose_last_row_lacks_its_newline(tmp_path):
+    """A resumed file whose last line has no newline (cut by hand, copied) gets one before the next row
+    (the next row was written on the same line: two rows the readers refused, the file lost)."""
+    from lorabench.row.results import ResultWriter, load_rows
+    path = tmp_path / "r.jsonl"
+    first = {"scenario": "s", "cell": "a", "status": "error", "precision": "fp32", "error": "x"}
+    path.write_text(json.dumps(first))
+    with ResultWriter(path) as w:
+        w.append({**first, "cell": "b"})
+        w.append({**first, "cell": "c"})
+    assert path.read_text().count("\n") == 3
+    assert [r["cell"] for r in load_rows(str(path))] == ["a", "b", "c"]
+
+
 def session_processes(sid: int) -> list[int]:
     """Processes of session `sid` (the run was started with start_new_session=True)."""
     out = []

@@ -1,6 +1,8 @@
 """row/validate.py and `lorabench validate`: measured rows against the estimator, per component and at the peak."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 
@@ -173,7 +175,15 @@ def test_validate_exit_codes(tmp_path, measured, rows):
     worst = max(abs(c.peak_error_pct) for c in validate_rows(rows).checks)
     assert worst >= 99
     r = cli("validate", str(off), "--max-p95-pct", str(worst / 4))
-    assert r.exit_code == 1 and r.output.splitlines()[-1].startswith("FAIL: p95 |peak error|")
+    assert r.exit_code == 1 and r.stderr.splitlines()[-1].startswith("FAIL: p95 |peak error|")
+    for fmt in ("json", "csv"):  # the FAIL lines on stderr: stdout stays parseable (they ended the JSON's text)
+        r = cli("validate", str(off), "--max-p95-pct", str(worst / 4), "--format", fmt)
+        assert r.exit_code == 1 and "FAIL" not in r.stdout and r.stderr.startswith("FAIL: p95")
+        checked = sum(row.get("peak_allocated_bytes") is not None for row in rows)
+        if fmt == "json":
+            assert json.loads(r.stdout)["summary"]["cells"] == checked
+        else:
+            assert len(list(csv.DictReader(io.StringIO(r.stdout)))) == checked
     assert cli("validate", str(off), "--max-p95-pct", str(worst + 1)).exit_code == 0
     (tmp_path / "empty").mkdir()
     for args in ([str(tmp_path / "missing.jsonl")], [str(tmp_path / "empty")], [measured, "--max-p95-pct", "x"]):

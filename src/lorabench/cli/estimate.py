@@ -89,6 +89,12 @@ def estimate_cmd(ctx, scenario, model, precision, lora_rank, lora_targets, lora_
     elif not lora_rank:  # full fine-tuning has no adapter: an adapter's option would change nothing
         refuse_given(ctx, ("adapter", "lora_targets", "lora_dropout"), "shapes the adapters of a --lora-rank > 0 "
                      "cell; at rank 0 (full fine-tuning) it would change nothing")
+        if base_dtype in ("bf16", "fp16"):  # nf4 and int8 are refused with full fine-tuning by the cell's own rule
+            refuse_given(ctx, ("base_dtype",), "stores the frozen base of a --lora-rank > 0 cell; full fine-tuning "
+                         "trains every weight, stored as --precision says (bf16-pure: 16 bits)")
+    if not scenario and precision == "fp32" and upcast_logits:
+        refuse_given(ctx, ("upcast_logits",), "casts 16-bit logits to FP32; with --precision fp32 they are FP32 "
+                     "already and it would change nothing")
     if optimizer in IMPLS:  # the old meaning: AdamW's implementation
         if optimizer_impl not in (None, optimizer):
             from ..spec.schema import ConfigError
@@ -111,5 +117,7 @@ def validate_cmd(results, max_median_pct, max_p95_pct, fmt):
     from ..present.estimates import validate_text
     text, failed = validate_text(results, fmt, max_median_pct, max_p95_pct)
     echo(text)
+    for line in failed:  # on stderr: json and csv on stdout stay parseable
+        click.echo(line, err=True)
     if failed:
         raise SystemExit(1)

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, Iterable, Optional
 
 from ..base.env import memory_capacity_bytes
-from ..row.codec import encode, estimate_fields
+from ..row.codec import PAST_2_63, encode, estimate_fields
 from ..row.status import SKIPPED
 from ..spec.job import CellJob
 
@@ -57,9 +57,13 @@ def would_not_fit(job: CellJob) -> dict | None:
     peak = row.get("est_peak_bytes")
     if peak is not None and job.device != "cuda":  # on CPU every rank's memory is the host's
         peak *= job.cell.world_size
-    if peak is None or peak <= capacity[0]:
-        return None
     gib = 2**30
-    row.update(status=SKIPPED, error=f"would not fit (estimate {peak / gib:.1f} GiB > {capacity[0] / gib:.1f} GiB "
+    if str(row.get("est_error")).startswith(PAST_2_63):
+        need = "past 2^63 bytes"
+    elif peak is None or peak <= capacity[0]:
+        return None
+    else:
+        need = f"{peak / gib:.1f} GiB"
+    row.update(status=SKIPPED, error=f"would not fit (estimate {need} > {capacity[0] / gib:.1f} GiB "
                                        f"{capacity[1]}); --force runs it anyway")
     return row

@@ -4,8 +4,10 @@
     res.pairs, res.only_a, res.only_b
 
 Join key: the cell id; when a file holds the same id twice (several scenarios in
-a folder) the key is (scenario, cell) on both sides. Cells present on one side
-only are listed (`only_a`, `only_b`), never dropped. Cells of one id but another
+a folder) the key is (scenario, cell) on both sides, and rows of one key (several
+seeds, a repeated run) join a row of their own configuration, named by their seed
+or their place. Cells present on one side only are listed (`only_a`, `only_b`),
+never dropped. Cells of one id but another
 configuration are never joined (`unjoined`): their rows' config_hash differ when
 both have one (row/codec.py: model, train set-up, cell, seed, device), else a
 stored configuration key differs (CONFIG_KEYS). Two files without a joined cell
@@ -79,21 +81,52 @@ def config_difference(a: dict, b: dict) -> Optional[str]:
 
 
 def compare(a: list[dict], b: list[dict]) -> CompareResult:
-    """Join two lists of rows on the cell id and configuration (module docstring), in A's order then B's."""
+    """Join two lists of rows on the cell id and configuration (module docstring), in A's order then B's.
+    Where a side holds one id more than once (a folder of several seeds, a run repeated), each of A's rows
+    joins a row of B of its configuration (its seed), the first such in B's order; its key then names the
+    seed, or the row's place among its id's rows where the seeds are one."""
     key = _key_fn(a, b)
-    ib = {key(r): r for r in b}
-    ia = {key(r): r for r in a}
+    ga, gb = _groups(a, key), _groups(b, key)
     res = CompareResult()
-    for k, r in ia.items():
-        why = config_difference(r, ib[k]) if k in ib else None
-        if k not in ib:
-            res.only_a.append((k, r))
-        elif why:
-            res.unjoined.append((k, r, ib[k], why))
+    left = {k: list(rows) for k, rows in gb.items()}
+    for k, i, r in _placed(a, key):
+        name = _label(k, r, i, ga[k]) if len(ga[k]) > 1 or len(gb.get(k, ())) > 1 else k
+        rest = left.get(k, [])
+        match = next((x for x in rest if config_difference(r, x) is None), None)
+        if match is not None:
+            rest.remove(match)
+            res.pairs.append((name, r, match))
+        elif rest:
+            other = rest.pop(0)
+            res.unjoined.append((name, r, other, config_difference(r, other)))
         else:
-            res.pairs.append((k, r, ib[k]))
-    res.only_b = [(k, r) for k, r in ib.items() if k not in ia]
+            res.only_a.append((name, r))
+    for k, i, r in _placed(b, key):
+        if any(x is r for x in left[k]):
+            res.only_b.append((_label(k, r, i, gb[k]) if len(gb[k]) > 1 or len(ga.get(k, ())) > 1 else k, r))
     return res
+
+
+def _groups(rows: list[dict], key) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def _placed(rows: list[dict], key):
+    """(key, place among its key's rows, row) in the rows' order."""
+    seen: dict = {}
+    for r in rows:
+        k = key(r)
+        seen[k] = seen.get(k, -1) + 1
+        yield k, seen[k], r
+
+
+def _label(k: str, row: dict, i: int, rows: list[dict]) -> str:
+    """A row's name among its id's rows: its seed where theirs differ, else its place (1-based)."""
+    seeds = [r.get("seed") for r in rows]
+    return f"{k} seed {row.get('seed')}" if len(set(map(str, seeds))) == len(seeds) else f"{k} #{i + 1}"
 
 
 def _values(rows, key) -> str:

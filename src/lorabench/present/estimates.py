@@ -177,7 +177,8 @@ def option_estimates(model: str, precision: str = "fp32", lora_rank: int = 0, lo
                 raise ConfigError(*named, e.message) from None
         message = e.message
         for key, option in OPTION_KEYS.items():  # the scenario keys the message names, as the options that set them
-            message = message.replace(key, option)
+            if "." in key:  # a dotted key; a plain word (device) is the message's own word ("a device, a pipe")
+                message = message.replace(key, option)
         raise ConfigError(e.source, flag or e.path, message) from None
 
 
@@ -379,8 +380,9 @@ def render_validation(report, fmt: str = "table") -> str:
 
 
 def validate_text(path: str, fmt: str, max_median_pct: float | None = None,
-                  max_p95_pct: float | None = None) -> tuple[str, bool]:
-    """`lorabench validate`: the rendered check and a FAIL line per failed bound; True when one failed."""
+                  max_p95_pct: float | None = None) -> tuple[str, list[str]]:
+    """`lorabench validate`: the rendered check, and a FAIL line per failed bound (for stderr, so that
+    json and csv on stdout stay parseable)."""
     report = validate_file(path)
     failures = report.failures(max_median_pct, max_p95_pct)
-    return render_validation(report, fmt) + "".join(f"FAIL: {f}\n" for f in failures), bool(failures)
+    return render_validation(report, fmt), [f"FAIL: {f}" for f in failures]

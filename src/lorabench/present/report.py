@@ -14,6 +14,7 @@ All text goes through writer.write: `render_run` (the run's rows) and
 """
 from __future__ import annotations
 
+import math as _math
 import operator as _op
 import re as _re
 from dataclasses import dataclass, fields
@@ -106,7 +107,7 @@ def render_run(rows: list[dict], fmt: str, title: str = "", width: int | None = 
 # table), the peak and its ratio to the scenario's full-FP32 cell, step time median
 # (p10–p90), tokens/s and the speed-up t_baseline / t_cell (both medians of the same
 # run), FP16/BF16 underflow and the estimator's peak error.
-WHERE = _re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(!=|>=|<=|=|>|<)\s*(.*?)\s*$")
+WHERE = _re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(!=|>=|<=|==|=|>|<)\s*(.*?)\s*$")  # == is =
 OPS = {"=": _op.eq, "!=": _op.ne, ">": _op.gt, "<": _op.lt, ">=": _op.ge, "<=": _op.le}
 
 
@@ -167,10 +168,12 @@ def parse_where(exprs, source: str = "--where") -> list[tuple]:
         m = WHERE.match(e)
         if not m:
             raise ConfigError(source, "", f"{e!r} is not KEY=VALUE (or !=, >, <, >=, <=)")
-        value = _value(m.group(3))
-        if m.group(2) in (">", "<", ">=", "<=") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ConfigError(source, "", f"{e!r}: {m.group(2)} compares numbers, and {m.group(3)!r} is not one")
-        out.append((m.group(1), m.group(2), value, e))
+        value, op = _value(m.group(3)), m.group(2).replace("==", "=")
+        if isinstance(value, float) and not _math.isfinite(value):
+            raise ConfigError(source, "", f"{e!r}: {m.group(3)!r} is no finite number (no row holds one)")
+        if op in (">", "<", ">=", "<=") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ConfigError(source, "", f"{e!r}: {op} compares numbers, and {m.group(3)!r} is not one")
+        out.append((m.group(1), op, value, e))
     return out
 
 
@@ -187,8 +190,9 @@ def filter_rows(rows: list[dict], where, source: str = "--where") -> list[dict]:
     def ok(r):
         for key, op, value, _ in conds:
             v = r.get(key)
-            if isinstance(v, list):
+            if isinstance(v, list):  # lora_targets: q,v, [q, v] or ["q", "v"]
                 v = ",".join(map(str, v))
+                value = ",".join(p.strip(" '\"") for p in str(value).strip("[] ").split(",")) if value is not None else value
             try:
                 if not OPS[op](v, value):
                     return False

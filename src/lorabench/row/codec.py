@@ -66,6 +66,9 @@ class Measured:
     tokens_per_s: Optional[float] = None
     loss_first: Optional[float] = None
     loss_last: Optional[float] = None
+    skipped_steps: Optional[int] = None           # fp16 with a GradScaler: steps skipped (inf/NaN gradients); else None
+    final_loss_scale: Optional[float] = None      # the scaler's scale after the last step
+    loss_scale_trajectory: Optional[list[float]] = None  # its scale after each step
     init_s: Optional[float] = None                # the adapter's data-dependent initialisation (LoRA-GA), before
     init_peak_bytes: Optional[int] = None         # the window: its wall time and the most bytes live during it
 
@@ -232,6 +235,8 @@ def _is(value, tp) -> bool:
         return value is None
     if tp is tuple:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if typing.get_origin(tp) is list:  # list[float]: a list of those
+        return isinstance(value, list) and all(_is(v, typing.get_args(tp)[0]) for v in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -337,6 +342,10 @@ def first_update_step(row: dict) -> int:
     return len(traj) + 1
 
 
+PAST_2_63 = "the estimate is past 2^63 bytes"
+"""est_error's words for a cell too large for any row or device (a vocabulary of 10^18)"""
+
+
 def estimate_fields(row: dict, job: Optional[CellJob] = None) -> dict:
     """The EstimateFields of a result row.
 
@@ -355,7 +364,12 @@ def estimate_fields(row: dict, job: Optional[CellJob] = None) -> dict:
         est = estimate(job.model, job.cell, job.train.batch_size, device=device,
                        optimizer_impl=row.get("optimizer_impl") or job.train.optimizer, n_batches=window,
                        window_steps=window, first_update_step=first_update_step(row), gpu_name=row.get("device_name"))
-        out.update(est.fields())
+        fields = est.fields()
+        past = next((k for k, v in fields.items() if isinstance(v, (int, float)) and abs(v) >= 2**63), None)
+        if past is not None:  # no row holds it (the readers refuse it), and no device has it
+            out["est_error"] = f"{PAST_2_63}: {past} {fields[past]:.3g}"
+            return out
+        out.update(fields)
         measured = row.get("peak_allocated_bytes")
         if measured:
             out["peak_error_pct"] = round(100.0 * (est.est_peak_bytes - measured) / measured, 4)

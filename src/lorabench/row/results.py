@@ -70,10 +70,15 @@ class ResultWriter:
         if free is not None and free < MIN_FREE_BYTES:
             self.close()
             raise ConfigError(str(path), key, f"its disk is full ({free} bytes free): no row could be kept")
+        self._ended = _ends_a_line(self.path)  # a resumed file whose last row lacks its newline gets one first
+
+    def _line(self, row: dict) -> bytes:
+        line = (json.dumps(jsonable(row), separators=(",", ":")) + "\n").encode("utf-8")
+        return line if self._ended else b"\n" + line
 
     def append(self, row: dict) -> None:
         row = scrub(row)  # no control character reaches a file (the readers refuse one)
-        data = (json.dumps(jsonable(row), separators=(",", ":")) + "\n").encode("utf-8")
+        data = self._line(row)
         try:
             view = memoryview(data)
             while view:
@@ -82,6 +87,7 @@ class ResultWriter:
         except OSError as e:
             raise WriteError(str(self.path), "", f"cannot write a row: {e.strerror or e}; "
                              f"the {len(self.rows)} rows written before are kept") from None
+        self._ended = True
         self.rows.append(row)
 
     def close(self) -> None:
@@ -110,6 +116,18 @@ class ResultWriter:
         return csv_path
 
 
+def _ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or its last byte ends a line."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:
+        return True
+
+
 def to_frame(rows: list[dict], dtype=None):
     import pandas as pd
     flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]
@@ -123,7 +141,7 @@ def load_rows(path: str) -> list[dict]:
     measurement made again differs at least in its timings."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(p.glob("*.jsonl"))
+        files = sorted(f for f in p.glob("*.jsonl") if not f.is_dir())  # a folder named x.jsonl holds no rows
         if not files:
             raise ConfigError(path, "", "no .jsonl result files in this folder")
         rows, seen = [], set()

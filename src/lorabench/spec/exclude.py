@@ -15,14 +15,22 @@ LIST_VALUED = ("lora_targets", "merged_qkv_enable")
 """axes whose one value is itself a list"""
 
 
-def check_exclude(entries: list[dict], matrix, axes: tuple, source: str) -> None:
-    """ConfigError naming `exclude[i].key` for an entry that could exclude nothing."""
+def check_exclude_keys(entries: list[dict], axes: tuple, source: str) -> None:
+    """ConfigError naming `exclude[i]` for an empty entry, or `exclude[i].key` for a key that is no axis
+    (before anything reads an entry: a key 1 or null is no attribute of the matrix)."""
     for i, entry in enumerate(entries):
         if not entry:
             raise ConfigError(source, f"exclude[{i}]", "an empty entry would exclude every cell")
-        for key, value in entry.items():
+        for key in entry:
             if key not in axes:
                 raise ConfigError(source, f"exclude[{i}].{key}", f"unknown matrix key (allowed: {', '.join(axes)})")
+
+
+def check_exclude(entries: list[dict], matrix, axes: tuple, source: str) -> None:
+    """ConfigError naming `exclude[i].key` for an entry that could exclude nothing."""
+    check_exclude_keys(entries, axes, source)
+    for i, entry in enumerate(entries):
+        for key, value in entry.items():
             if isinstance(value, (list, dict)) and key not in LIST_VALUED:
                 raise ConfigError(source, f"exclude[{i}].{key}", f"must be one value, got {short(value)} "
                                   "(write one exclude entry per value)")
@@ -37,8 +45,11 @@ def hashable(v: Any) -> Any:
 
 
 def _same(key: str, a: Any, b: Any) -> bool:
-    """An axis value against an `exclude` entry's; lora_targets as sets ([v, q] is [q, v])."""
+    """An axis value against an `exclude` entry's; lora_targets as sets ([v, q] is [q, v]); a boolean is
+    only a boolean (Python's True == 1 is no match)."""
     both = key == "lora_targets" and isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
+    if isinstance(a, bool) != isinstance(b, bool):  # true is no accumulation of 1, 0 no checkpointing: false
+        return False
     return set(a) == set(b) if both else hashable(a) == hashable(b)
 
 

@@ -96,14 +96,21 @@ def _int(data: dict, key: str, path: str, default=None) -> int:
 def _float(data: dict, key: str, path: str, default: float) -> float:
     v = data.get(key, default)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(path, key, f"must be a positive number, got {v!r}")
+        raise ConfigError(path, key, f"must be a positive number, got {short(v)}")
     return float(v)
+
+
+def _rope(data: dict, path: str) -> dict:
+    """Where the file keeps rope_theta: its `rope_parameters` (transformers 5), else the file itself."""
+    if not isinstance(rope := data.get("rope_parameters"), (dict, type(None))):
+        raise ConfigError(path, "rope_parameters", f"must be a mapping (rope_theta, rope_type, ...), got {short(rope)}")
+    return rope or data
 
 
 def _bool(data: dict, key: str, path: str, default: bool) -> bool:
     v = data.get(key, default)
     if not isinstance(v, bool):
-        raise ConfigError(path, key, f"must be true or false, got {v!r}")
+        raise ConfigError(path, key, f"must be true or false, got {short(v)}")
     return v
 
 
@@ -206,7 +213,7 @@ def _llama(data: dict, path: str, mtype: str) -> dict:
         "style": "llama", "d_model": C, "n_layers": _int(data, "num_hidden_layers", path), "n_heads": H,
         "n_kv_heads": G, "d_ff": _int(data, "intermediate_size", path), "vocab_size": _int(data, "vocab_size", path),
         "max_seq_len": _int(data, "max_position_embeddings", path), "norm_eps": _float(data, "rms_norm_eps", path, 1e-6),
-        "rope_theta": _float(data.get("rope_parameters") or data, "rope_theta", path, 10000.0),
+        "rope_theta": _float(_rope(data, path), "rope_theta", path, 10000.0),
         "tie_embeddings": _bool(data, "tie_word_embeddings", path, False), "bias": bias, "qkv_bias": qkv_bias,
         "qk_norm": mtype == "qwen3", "head_dim": head_dim,
     }
@@ -247,8 +254,8 @@ def _gpt2(data: dict, path: str) -> dict:
         raise ConfigError(path, "n_head", f"must divide n_embd={C}, got {H}")
     n_inner = data.get("n_inner")
     act = data.get("activation_function", "gelu_new")  # GPT2Config's default
-    if act not in GPT2_ACTIVATIONS:
-        raise ConfigError(path, "activation_function", f"{act!r} is not supported ({', '.join(GPT2_ACTIVATIONS)} are)")
+    if not isinstance(act, str) or act not in GPT2_ACTIVATIONS:
+        raise ConfigError(path, "activation_function", f"{short(act)} is not supported ({', '.join(GPT2_ACTIVATIONS)} are)")
     return {
         "style": "gpt2", "d_model": C, "n_layers": _int(data, "n_layer", path), "n_heads": H, "n_kv_heads": H,
         "d_ff": 4 * C if n_inner is None else _int(data, "n_inner", path), "vocab_size": _int(data, "vocab_size", path),
@@ -293,7 +300,8 @@ def hf_model_fields(path: str, source: str, base_dir: str | None = None, key: st
         p = Path(base_dir) / p
     file = config_path(str(p))
     if not Path(file).is_file():
-        hub = path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith(".json")
+        hub = path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith(".json") \
+            and not (p.parent.exists())  # org/name; a folder that is here makes it a local path
         raise ConfigError(source, key, f"no config.json at {path!r}" + (
             " (lorabench reads no hub: download the repository's config.json, e.g. `huggingface-cli download "
             f"{path} config.json --local-dir DIR`, and give DIR)" if hub else ""))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .schema import ConfigError
+from .schema import ConfigError, short
 
 # ModelConfig field -> the standard config attribute it is read from (transformers' PretrainedConfig names)
 KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -60,11 +60,13 @@ def generic_fields(data: dict, path: str, mtype: str, known: str) -> dict:
     D = attr("head_dim") or fields["d_model"] // H
     eps = next((v for v in (attr(k) for k in ("rms_norm_eps", "layer_norm_eps", "norm_eps"))
                 if isinstance(v, (int, float)) and v > 0), 1e-6)
-    rope = attr("rope_parameters") or {}
+    rope = attr("rope_parameters")
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or attr("rope_theta", 10000.0) or 10000.0
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < float("inf"):
+        raise ConfigError(path, "rope_theta", f"must be a positive number, got {short(theta)}")
     fields.update(style="llama", n_kv_heads=G, head_dim=D, norm_eps=float(eps),
                   tie_embeddings=bool(attr("tie_word_embeddings", False)), bias=False, qkv_bias=False,
-                  rope_theta=float(rope.get("rope_theta", attr("rope_theta", 10000.0)) or 10000.0),
-                  approximates=mtype)
+                  rope_theta=float(theta), approximates=mtype)
     try:
         theirs, layer_shapes = _transformers_count(config)
     except Exception as e:  # noqa: BLE001 - transformers refuses the config (no causal LM, a bad value)

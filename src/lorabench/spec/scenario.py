@@ -22,7 +22,7 @@ from typing import Any, Literal
 from ..optimizers import get as get_optimizer, names as optimizer_names
 from .config import (AXES, AXIS_CHECKS, DEFAULT_TARGETS, LORA_TARGETS, QUANT_DTYPES, Cell, MatrixSpec, ModelConfig, TrainConfig,
                      allowed_targets, check_parallel)
-from .exclude import LIST_VALUED, check_exclude, dropped_by, excluded_by, hashable
+from .exclude import LIST_VALUED, check_exclude, check_exclude_keys, dropped_by, excluded_by, hashable
 from .hf_config import fixed_fields, hf_model_fields
 from .job import CellJob
 from .presets import preset_data
@@ -145,6 +145,7 @@ def parse_scenario(data: Any, source: str) -> LoadedScenario:
     train = build(TrainConfig, sc.train, "train", source)
     matrix = build(MatrixSpec, quantized_axes(model, normalize_axes(sc.matrix, source), source), "matrix", source)
     arch_axis(matrix, models, source)
+    check_exclude_keys(sc.exclude, AXES, source)  # model_checks reads the entries; check_exclude below their values
     for axis, checks in AXIS_CHECKS.items():
         for i, v in enumerate(getattr(matrix, axis)):
             run_checks(v, checks, f"matrix.{axis}[{i}]", source)

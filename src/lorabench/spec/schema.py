@@ -99,6 +99,9 @@ def fld(default: Any = dataclasses.MISSING, doc: str = "", checks: tuple = (), r
     return dataclasses.field(default=default, metadata=meta)
 
 
+PLURALS = {"an integer": "integers", "a number": "numbers", "a string": "strings", "true or false": "true or false values"}
+
+
 def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -107,7 +110,9 @@ def type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(type_name(a) for a in args)
     if origin in (list, tuple):
-        return f"a list of {type_name(typing.get_args(tp)[0])}"
+        one = type_name(typing.get_args(tp)[0])
+        return "a list of " + PLURALS.get(one, one.replace("a list of", "lists of", 1) if one.startswith("a list of")
+                                          else f"items each {one}")
     if origin is dict or tp is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
