@@ -5,7 +5,8 @@ model whose attention scores are soft-capped: Gemma 2).
 Shapes: b micro-batch, s sequence, H query and G key/value heads (rep = H/G), D head dim,
 S = b·H·s² scores; a = bytes per element of q's dtype.
 
-forward   repeat_kv (rep > 1): k and v copied to H heads (b·H·s·D·a each, no saves); without
+forward   repeat_kv (rep > 1): k and v copied to H heads (b·H·s·D·a each, no saves; with one
+          key/value head a view, which matmul's reshape copies at b > 1 and its bmm saves); without
           repeats, matmul copies v (a transposed view) for its bmm, which saves the copy;
           scores = q·kᵀ (bmm, S·a; saves q and k, views), · scale (S·a, the bmm's freed);
           transformers' (`hf`): its RoPE leaves q and k laid out (b, s, heads, D): matmul's
@@ -39,11 +40,12 @@ def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, ma
     probabilities the caller keeps (None otherwise)."""
     rep = dims.H // dims.G
     folds = dims.b == 1 or dims.s == 1  # (b, heads) merge into one batch dimension without a copy
-    mqa_view = dims.G == 1 and dims.b == 1  # one head expanded (stride 0) folds with b = 1 only: no copy anywhere
+    mqa_view = dims.G == 1 and rep > 1  # one head expanded: the repeat is a view (stride 0 over the heads)
+    spread = UNCAST if mqa_view and dims.b > 1 else False  # which matmul's reshape copies, unless a cast did
     k2 = _repeat_kv(sim, k, rep, True, mqa_view)
     v2 = _repeat_kv(sim, v, rep, True, mqa_view) if rep > 1 else None
     S = dims.b * dims.H * dims.s * dims.s
-    scores = bmm(sim, q, k2, S, copies=(hf and dims.H > 1 and not folds, hf and rep == 1 and not folds))
+    scores = bmm(sim, q, k2, S, copies=(hf and dims.H > 1 and not folds, (hf and rep == 1 and not folds) or spread))
     w = scalar_op(sim, scores)  # · scale
     if softcap:
         w = soft_cap(sim, w)
@@ -59,7 +61,7 @@ def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, ma
     sim.drop(masked)  # `w = softmax(w, ...).to(...)`: the sum is released when the statement ends
     if v2 is None:  # v, a transposed view of its projection, is copied by this matmul's reshape
         v2 = _repeat_kv(sim, v, 1, dims.G == 1 or folds)
-    out = bmm(sim, p2, v2, dims.b * dims.H * dims.s * dims.D)
+    out = bmm(sim, p2, v2, dims.b * dims.H * dims.s * dims.D, copies=(False, spread))
     # the caller's transpose(1, 2).reshape meets a (b, H, s, D) gradient laid out (b, s, H, D):
     # bmm's output view reshapes it, a copy
     out_view = sim.out(sim.view(out), sim.node([out], unary_backward))
@@ -73,13 +75,20 @@ def eager_attention(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims, ma
     return out_view, p2 if hf else None
 
 
+UNCAST = "uncast"
+"""bmm's `copies` for an operand its reshape copies unless autocast's cast made it contiguous (one
+key/value head expanded over the heads, b > 1)"""
+
+
 def bmm(sim: Sim, a: SymTensor, b: SymTensor, numel: int, copies: tuple = (False, False)) -> SymTensor:
     """torch.matmul of two 4-D tensors (a batched bmm): saves each operand the other's gradient
     needs (views of live tensors, or under autocast their half casts, when they are not half
     already: transformers' RoPE leaves q and k FP32 over FP32 hidden states; `copies`: the
-    operands its reshape to three dimensions copies); its gradients are one of each operand's size."""
+    operands its reshape to three dimensions copies, True or UNCAST); its gradients are one of each
+    operand's size."""
     a1, b1 = (sim.to(t, sim.autocast) if sim.autocast else sim.hold(t) for t in (a, b))
-    a2, b2 = (_copy(sim, t) if copy else sim.hold(t) for t, copy in zip((a1, b1), copies))
+    a2, b2 = (_copy(sim, t1) if copy is True or (copy is UNCAST and t1.dtype == t.dtype) else sim.hold(t1)
+              for t, t1, copy in zip((a, b), (a1, b1), copies))
     out = product(sim, a2, b2, numel, a2.dtype, bmm_backward)
     sim.drop(a1)  # matmul's arguments (autocast's casts) live until it returns
     sim.drop(b1)
@@ -97,7 +106,7 @@ def _repeat_kv(sim: Sim, t: SymTensor, rep: int, contiguous: bool, view: bool = 
     """t[:, :, None].expand(b, G, rep, s, D).reshape(b, H, s, D): a copy when rep > 1, whose
     gradient is summed over the copies (a new b·G·s·D tensor) -- `view`: with one key/value head
     the reshape is a view (stride 0 over the heads), which matmul folds without a copy at b = 1 (at
-    b > 1 its own copy, the same size, takes the repeat's place). Without repeats, matmul's own
+    b > 1 matmul's reshape copies it, bmm's UNCAST, a temporary its bmm saves). Without repeats, matmul's own
     reshape copies a non-contiguous t (v, a transposed view) and its bmm saves the copy."""
     if rep > 1 and view:  # H heads' elements over one head's storage (a cast of it makes all of them)
         return sim.out(sim.view(t, t.numel * rep), sim.node([t], unary_backward))

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from ..sim.engine import Sim
 from ..sim.ops import binary, elementwise, halves, mul_broadcast, mul_const, scalar_op
-from ..sim.rules import cat_backward, pass_backward, unary_backward
+from ..sim.rules import cast_backward, cat_backward, pass_backward, unary_backward
 from ..sim.tensors import F32, I64, U8, Param, SymTensor, promote
 from ..spec.hf_attention import attention_of
 
@@ -184,6 +184,14 @@ def masked_kv(sim: Sim, k: SymTensor, v: SymTensor, dims) -> tuple[SymTensor, Sy
     if rep == 1 or dims.G == 1:
         return sim.hold(k), sim.hold(v)
     return tuple(sim.out(sim.new(t.numel * rep, t.dtype), sim.node([t], unary_backward)) for t in (k, v))
+
+
+def masked_cast(sim: Sim, t: SymTensor, dtype: str, dims) -> SymTensor:
+    """Autocast's cast of masked_kv's k or v to `dtype`: with one key/value head the repeated tensor is an
+    expanded view, and its cast a whole tensor of H heads (Tensor.to makes an overlapping view contiguous)."""
+    if t.dtype == dtype or dims.G != 1 or dims.H == 1:
+        return sim.to(t, dtype)
+    return sim.out(sim.new(t.numel * dims.H, dtype), sim.node([t], cast_backward))
 
 
 def sdpa_mask(sim: Sim, dims, dtype: str) -> SymTensor:

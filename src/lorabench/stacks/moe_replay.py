@@ -120,8 +120,10 @@ def _experts_grouped(sim: Sim, h: SymTensor, index: SymTensor, weights: SymTenso
     sim.drop(sim.new(S, I64))
     unsorted = _index(sim, weighted, inv, S * C)
     sim.drop(weighted)
-    node = sim.node([unsorted], unary_backward)  # .view(N, k, C).sum(1): its gradient expands, and the
-    total = sim.out(sim.new(N * C, unsorted.dtype), node)  # view's backward reshapes the expanded one: a copy
+    # .view(N, k, C).sum(1): its gradient expands, and the view's backward reshapes the expanded one: a copy,
+    # but for k = 1 (the expand adds no stride-0 dimension, and the reshape is a view)
+    node = sim.node([unsorted], unary_backward if S > N else pass_backward)
+    total = sim.out(sim.new(N * C, unsorted.dtype), node)
     res = sim.to(total, h.dtype)
     for t in (total, unsorted, inv, offsets, hist, ids_sorted, perm, wsel, selected, out, *((idf,) if hf else kept)):
         sim.drop(t)

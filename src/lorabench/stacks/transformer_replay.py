@@ -123,8 +123,10 @@ def sdpa(sim: Sim, q: SymTensor, k: SymTensor, v: SymTensor, dims: Dims, mask=No
     """
     if mask is not None:
         k, v = hf_replay.masked_kv(sim, k, v, dims)
-    if sim.autocast:
-        q2, k2, v2 = sim.to(q, sim.autocast), sim.to(k, sim.autocast), sim.to(v, sim.autocast)
+    if sim.autocast:  # with a mask, k and v as repeated for it (hf_replay.masked_cast)
+        cast = (lambda t: hf_replay.masked_cast(sim, t, sim.autocast, dims)) if mask is not None else \
+            (lambda t: sim.to(t, sim.autocast))
+        q2, k2, v2 = sim.to(q, sim.autocast), cast(k), cast(v)
     else:
         q2, k2, v2 = sim.hold(q), sim.hold(k), sim.hold(v)
     kernel = sdpa_kernel(dims, q2.dtype, mask is not None)
@@ -226,7 +228,7 @@ def reshape_heads(sim: Sim, t: SymTensor, clone_grad: bool) -> SymTensor:
     return sim.out(sim.view(t), node)
 
 
-def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -> SymTensor:
+def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -> tuple:
     H, G, D = dims.H, dims.G, dims.D
     llama = dims.style == "llama"
     if "qkv" in params:  # fused: three views of one output (qkv.split), whose storage lives while one does
@@ -271,9 +273,9 @@ def attention(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=Non
         sim.drop(y)
         y = y2
     o = project(sim, y, "o", params, dims, dims.C)
-    for t in (y, q2, k2, v, weights):  # Attention.forward's locals q, k, v, y (HF eager: weights) live until it returns
+    for t in (y, q2, k2, v):  # Attention.forward's locals q, k, v, y live until it returns
         sim.drop(t)
-    return o
+    return o, weights  # HF eager's probabilities: the decoder layer's `hidden_states, _ = self.self_attn(...)`
 
 
 def mlp(sim: Sim, x: SymTensor, params: dict, dims: Dims) -> SymTensor:
@@ -315,7 +317,7 @@ def block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -
     """x + attn(norm1(x)), then x + mlp(norm2(x)), with sandwich norms x + norm(attn(norm1(x))), ...;
     a sum of two dtypes is fp32."""
     h = norm(sim, x, params, "norm1", dims)
-    a = attention(sim, h, params, dims, tables, mask)
+    a, weights = attention(sim, h, params, dims, tables, mask)
     sim.drop(h)
     a = _out_normed(sim, a, params, "attn_out_norm", dims)
     x2 = binary(sim, x, a, "add")
@@ -327,6 +329,7 @@ def block(sim: Sim, x: SymTensor, params: dict, dims: Dims, tables, mask=None) -
     x3 = binary(sim, x2, m, "add")
     sim.drop(m)
     sim.drop(x2)
+    sim.drop(weights)  # `_` keeps them (saved by their bmm, but in a checkpointed forward) until the layer returns
     return x3
 
 
