@@ -202,3 +202,20 @@ def test_every_measured_verdict_names_its_cells_and_their_number():
     for v in decided:
         assert re.search(r"\b\d+ ([\w/]+ )?(pairs|cells|rows)\b|\ball \d+\b", v.measured), (v.id, v.measured)
         assert any(r["cell"] in v.measured for r in rows), (v.id, v.measured)
+
+
+def test_c6_holds_on_the_head_and_leaves_adapters_with_parameters_of_their_own_out():
+    """C6's formula counts an adapted head once, r·(C + V); DoRA's magnitude and AdaLoRA's Λ are no part of
+    LoRA's count, so their rows are not judged by it (the committed head-adapter and variants results read
+    'does not hold' on valid rows)."""
+    from lorabench.present.claims import c6
+    root = Path(__file__).resolve().parents[1] / "results"
+    for name in ("head-adapter-2026-12-02.jsonl", "variants-2026-12-02.jsonl"):
+        rows = [json.loads(line) for line in (root / name).read_text().splitlines() if line.strip()]
+        verdict, text, _ = c6(rows)
+        assert verdict == HOLDS, (name, text)
+        assert "dora" not in text and "adalora" not in text, text
+    rows = [json.loads(line) for line in (root / "head-adapter-2026-12-02.jsonl").read_text().splitlines()]
+    head = next(r for r in rows if r.get("lora_targets") == ["head"] and r["status"] == "ok")
+    verdict, _, _ = c6([dict(head, trainable_params=head["trainable_params"] + 1)])  # one parameter off: fails
+    assert verdict != HOLDS

@@ -511,3 +511,55 @@ def test_a_folder_named_like_a_result_file_is_passed_over(tmp_path):
     (tmp_path / "x.jsonl").mkdir()
     write_rows(tmp_path / "r.jsonl", quick_rows())
     assert len(load_rows(str(tmp_path))) == len(quick_rows())
+
+
+@pytest.mark.parametrize("edit", ["lr: 1.0e+30", "lora_alpha: [1.0e+20]"])
+def test_a_number_no_row_holds_is_refused_before_any_cell(edit, tmp_path):
+    """A learning rate or alpha of 2^63 or more ran, and wrote rows that every reader (and --resume) refused."""
+    text = TINY.replace("train: {batch_size: 2,", f"train: {{{edit}, batch_size: 2," if edit.startswith("lr")
+                        else "train: {batch_size: 2,")
+    if edit.startswith("lora_alpha"):
+        text = text.replace("matrix: {precision: [fp16, fp16-pure]}", f"matrix: {{precision: [fp16], lora_rank: [4], {edit}}}")
+    assert text != TINY
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    one_line_error(["run", path, "--list"], str(path), "below 2^63")
+
+
+def test_the_csv_writes_a_list_holding_nan_as_json():
+    """A list field holding NaN (a cosine of a diverged step) was written NaN in the CSV, which is no JSON."""
+    from lorabench.row.results import to_frame
+    assert json.loads(to_frame([{"update_cosine_steps": [0.5, float("nan")]}]).iloc[0, 0]) == [0.5, None]
+
+
+def test_an_exclude_drops_sdpa_for_the_model_that_cannot_take_it(tmp_path):
+    """sdpa for a soft-capped model (Gemma 2) was refused even where `exclude` dropped those cells."""
+    hf = ROOT / "scenarios" / "hf"
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\ndevice: cpu\nmodel: {{seq_len: 8}}\nmodels: {{llama: {{hf: {hf / 'tiny-llama'}}}, "
+                    f"gemma2: {{hf: {hf / 'tiny-gemma2'}}}}}\nmatrix: {{attn_implementation: [sdpa, eager]}}\n"
+                    "exclude: [{arch: gemma2, attn_implementation: sdpa}]\n")
+    res = CliRunner().invoke(main, ["run", str(path), "--list"])
+    assert res.exit_code == 0, res.output
+    assert sorted(res.output.split()) == ["gemma2-fp32-full-eager", "llama-fp32-full-eager", "llama-fp32-full-sdpa"]
+
+
+def test_a_cell_that_diverged_or_never_stepped_says_so_under_the_table():
+    """A row ok whose loss became NaN (lr 1e30, DoRA on a zero head row) or whose every step the GradScaler
+    skipped read as any other ok row; a yellow line under the table now says which."""
+    from lorabench.present.report import doubts
+    ok = dict(quick_rows()[0], status="ok")
+    assert doubts([ok]) == []
+    assert "non-finite" in doubts([dict(ok, loss_last=None)])[0]
+    assert "skipped every step" in doubts([dict(ok, skipped_steps=3, loss_scale_trajectory=[1.0, 0.5, 0.25])])[0]
+    assert doubts([dict(ok, skipped_steps=1, loss_scale_trajectory=[1.0, 0.5, 0.5])]) == []
+
+
+def test_the_default_targets_on_a_fused_model_name_the_model_and_the_default(tmp_path):
+    """phi3 among `models` with no lora_targets written: the line named 'a llama fused-qkv model' and
+    a key the user never wrote; it names the model and says q, v are the default."""
+    hf = ROOT / "scenarios" / "hf"
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\ndevice: cpu\nmodel: {{seq_len: 8}}\nmodels: {{phi3: {{hf: {hf / 'tiny-phi3'}}}, "
+                    f"llama: {{hf: {hf / 'tiny-llama'}}}}}\nmatrix: {{lora_rank: [4]}}\n")
+    one_line_error(["run", path, "--list"], "for phi3, a", "the default; set matrix.lora_targets", "allowed: qkv")

@@ -120,6 +120,10 @@ def test_rank_rows_merge_to_the_largest_and_keep_each():
     assert (row["peak_allocated_bytes"], row["peak_allocated_bytes_min"]) == (120, 100)
     assert (row["step_time_ms_median"], row["step_time_ms_median_min"], row["tokens_per_s"]) == (2.0, 1.5, 50.0)
     assert [r["peak_allocated_bytes"] for r in row["ranks"]] == [100, 120] and "rank" not in row
+    # the spread is the slowest rank's, so that it holds the cell's median (rank 0's lay below it)
+    slow = merge_rank_rows([dict(a, step_time_ms_p10=1.9, step_time_ms_p90=2.2),
+                            dict(b, step_time_ms_median=5.0, step_time_ms_p10=4.0, step_time_ms_p90=6.0)])
+    assert (slow["step_time_ms_p10"], slow["step_time_ms_median"], slow["step_time_ms_p90"]) == (4.0, 5.0, 6.0)
     failed = merge_rank_rows([a, dict(b, status="oom", error="OutOfMemoryError: x")])
     assert failed["status"] == "oom" and failed["error"].startswith("OutOfMemoryError")
 

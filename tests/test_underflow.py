@@ -354,3 +354,13 @@ def test_a_diverged_model_is_not_probed():
     x = torch.randint(0, 64, (2, 8))
     row = cell_fields(model, (x, x), cell, make_scaler("fp16-pure", "cpu"))
     assert row["underflow_frac_unscaled"] is None and "not finite" in row["underflow_error"]
+
+
+def test_a_huge_loss_scale_counts_no_zero_as_subnormal():
+    """At a loss scale of 1e38 the thresholds divided by it round to 0 in FP32, and the zeros of the
+    gradient were counted subnormal (20 % beside 100 % overflow)."""
+    import torch
+    from lorabench.measure.underflow import FORMATS, tally
+    ref = torch.tensor([0.0, 0.0, 1e-3, 2.0])
+    t = tally(ref, None, 1e38, FORMATS["fp16"])
+    assert t.subnormal == 0 and t.overflow == 2

@@ -37,6 +37,7 @@ estimate replays the built-in adapters' ops, which the row says (est_basis).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 PEFT_OPTIONS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
                 "pissa": {"init_lora_weights": "pissa"}, "lora-plus": {}, "lora-ga": {}, "adalora": {}}
@@ -87,12 +88,14 @@ def apply_peft(model, cell, names: list) -> None:
     why = problem(cell.adapter)
     if why:
         raise ValueError(why)
-    if cell.adapter == "adalora":
-        return apply_adalora(model, cell, names)
-    config = LoraConfig(r=cell.lora_rank, lora_alpha=cell.lora_alpha, lora_dropout=cell.dropout,
-                        target_modules=list(names), bias="none", **PEFT_OPTIONS[cell.adapter])
-    with _in_place_on_fake(model):
-        inject_adapter_in_model(config, model)
+    with warnings.catch_warnings():  # PEFT's advice on saving a tied head's adapter (lorabench saves none)
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+        if cell.adapter == "adalora":
+            return apply_adalora(model, cell, names)
+        config = LoraConfig(r=cell.lora_rank, lora_alpha=cell.lora_alpha, lora_dropout=cell.dropout,
+                            target_modules=list(names), bias="none", **PEFT_OPTIONS[cell.adapter])
+        with _in_place_on_fake(model):
+            inject_adapter_in_model(config, model)
     if cell.adapter == "lora-plus":  # adapters.layer.param_groups asks the model for PEFT's groups
         model.lorabench_param_groups = lambda lr: loraplus_groups(model, lr, cell.lora_plus_ratio)
     if cell.adapter == "lora-ga":  # train.techniques.prepare_adapters runs it on the first batch

@@ -198,7 +198,7 @@ def tally(ref: torch.Tensor, half: Optional[torch.Tensor], scale: float, fmt: Ha
     lost = int(nz.sum()) if half is None else int((nz & (half == 0)).sum())
     nonfinite = 0 if half is None else int((~torch.isfinite(half)).sum())
     tiny, mn = fmt.tiny / scale, fmt.min_normal / scale
-    sub = int(((a >= tiny) & (a < mn)).sum()) if fmt.min_normal > fmt.tiny else None
+    sub = int((nz & (a >= tiny) & (a < mn)).sum()) if fmt.min_normal > fmt.tiny else None  # nz: tiny may round to 0
     return Tally(lost, nonfinite, int((nz & (a < tiny)).sum()), sub, int((a > fmt.max / scale).sum()))
 
 

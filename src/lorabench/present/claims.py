@@ -167,14 +167,16 @@ def c6(rows):
     from ..stacks.transformer_layout import projections
     from ..row.codec import decode_model
     lora = [r for r in rows if r.get("status") == "ok" and r.get("lora_rank") and r.get("trainable_params")
-            and r.get("total_params") and r.get("d_model")]
+            and r.get("total_params") and r.get("d_model") and _plain_lora(r)]
     if not lora:
-        return NOT_MEASURED, "no LoRA row with parameter counts", "measured"
+        return NOT_MEASURED, "no LoRA row with parameter counts (DoRA, AdaLoRA, ... add parameters of their own)", \
+            "measured"
     exact, parts = True, []
     for r in lora:
         cfg = decode_model(r)
         t = set(r.get("lora_targets") or ())
         want = cfg.n_layers * sum(r["lora_rank"] * (di + do) for n, di, do, _ in projections(cfg) if n in t)
+        want += r["lora_rank"] * (cfg.d_model + cfg.vocab_size) if "head" in t else 0  # the head: once
         exact &= want == r["trainable_params"]
         per = [r["lora_rank"] * (di + do) / (di * do) for n, di, do, _ in projections(cfg) if n in t]
         parts.append((r, per))
@@ -186,6 +188,19 @@ def c6(rows):
             f"{_label(r)}: {100 * r['trainable_params'] / r['total_params']:.3g} % of {r['total_params']:,} parameters train; per target matrix "
             f"(d + k)·r/(d·k) = {100 * max(per):.3g} %; formula exact in {'all' if exact else 'NOT all'} "
             f"{len(lora)} LoRA rows ({_cells(lora)})", "measured")
+
+
+def _plain_lora(row: dict) -> bool:
+    """Whether the row's adapter trains r·(d_in + d_out) parameters per target, LoRA's A and B (as its own
+    `params` says for a fused 24-wide layer: not DoRA's magnitude, AdaLoRA's Λ, merged-qkv's subset)."""
+    from ..adapters import get
+    from ..row.codec import decode_cell
+    try:
+        cell = decode_cell(row)
+        params = get(cell.adapter or "lora").params(16, 24, cell, splits=(8, 8, 8))
+    except Exception:  # noqa: BLE001 - an adapter this lorabench does not know: not judged here
+        return False
+    return sum(p.numel for p in params if p.trainable) == cell.lora_rank * (16 + 24)
 
 
 def _full_lora_pairs(rows):

@@ -90,10 +90,29 @@ def errors(rows: Iterable[dict]) -> list[str]:
     return [f"{r.get('cell')}: {r.get('status')}: {r.get('error')}" for r in rows if r.get("status") != "ok"]
 
 
+def doubts(rows: Iterable[dict]) -> list[str]:
+    """One line per cell that finished ok but did not train as meant: its loss became non-finite (a
+    row's NaN is written null), or fp16's GradScaler skipped every step (no update, no optimizer state);
+    its memory and time are measured all the same."""
+    out = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        if r.get("step_time_ms_median") is not None and (r.get("loss_first") is None or r.get("loss_last") is None):
+            out.append(f"{r.get('cell')}: its loss became non-finite (NaN or inf): the training diverged; memory "
+                       "and time are measured")
+        trajectory = r.get("loss_scale_trajectory")
+        if trajectory and r.get("skipped_steps") == len(trajectory):
+            out.append(f"{r.get('cell')}: the GradScaler skipped every step (inf or NaN gradients): no update ran "
+                       "and no optimizer state was made")
+    return out
+
+
 def error_lines(rows: Iterable[dict]) -> list:
-    """`errors` as red writer Lines."""
+    """`errors` as red writer Lines, then `doubts` in yellow."""
     from .writer import Line
-    return [Line(e, "red") for e in errors(rows)]
+    rows = list(rows)
+    return [Line(e, "red") for e in errors(rows)] + [Line(d, "yellow") for d in doubts(rows)]
 
 
 def render_run(rows: list[dict], fmt: str, title: str = "", width: int | None = None) -> str:

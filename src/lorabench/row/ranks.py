@@ -4,7 +4,8 @@ The cell's `peak_allocated_bytes`, `peak_reserved_bytes`, state bytes and step t
 largest over its ranks (the rank that runs out of memory first, the step that ends last:
 every rank waits for it at the next collective), `tokens_per_s` the least; the least peak and
 step time over the ranks are `peak_allocated_bytes_min` and `step_time_ms_median_min`, and
-`ranks` keeps each rank's own figures. Everything else is rank 0's.
+`ranks` keeps each rank's own figures. The step time's p10 and p90 are the slowest rank's (its
+median is the cell's: rank 0's spread could lie below it). Everything else is rank 0's.
 """
 from __future__ import annotations
 
@@ -33,4 +34,8 @@ def merge_rank_rows(rows: list[dict]) -> dict:
             out[f"{key}_min"] = min(values) if values else None
     speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") is not None]
     out["tokens_per_s"] = min(speeds) if speeds else None
+    timed = [r for r in rows if r.get("step_time_ms_median") is not None]
+    if timed:  # the step's spread is the slowest rank's, around the median the cell reports
+        slowest = max(timed, key=lambda r: r["step_time_ms_median"])
+        out.update({k: slowest.get(k) for k in ("step_time_ms_p10", "step_time_ms_p90")})
     return out

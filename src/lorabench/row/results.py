@@ -130,7 +130,8 @@ def _ends_a_line(path: Path) -> bool:
 
 def to_frame(rows: list[dict], dtype=None):
     import pandas as pd
-    flat = [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]
+    flat = [{k: json.dumps(jsonable(v)) if isinstance(v, (list, dict)) else v for k, v in r.items()}  # NaN: null,
+            for r in rows]  # as in the JSONL (json.dumps writes NaN, no JSON)
     return pd.DataFrame(flat, dtype=dtype)
 
 

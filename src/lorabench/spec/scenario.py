@@ -177,18 +177,16 @@ def arch_axis(matrix: MatrixSpec, models: dict, source: str) -> None:
 
 
 def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=lambda **v: False) -> None:
-    """The matrix's values that `model` cannot take: an attention path of a built-in model, SDPA for
-    soft-capped scores, a target the model lacks, merged-qkv on separate q, k, v, adapters on a
-    Hugging Face gpt2's fused Conv1D. `excluded(**axis values)`: whether the scenario's `exclude`
-    drops every cell of this model with those values (they are not judged)."""
+    """The matrix's values that `model` cannot take: an attention path of a built-in model, SDPA for soft-capped
+    scores, a target the model lacks, merged-qkv on separate q, k, v, adapters on a Hugging Face gpt2's fused Conv1D.
+    `excluded(**axis values)`: whether `exclude` drops every cell of this model with those values (not judged)."""
     for i, attn in enumerate(matrix.attn_implementation):
         if attn is not None and not model.hf:
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", "applies to Hugging Face models (model.hf) only")
-        if attn == "sdpa" and model.attn_softcap:
-            raise ConfigError(source, f"matrix.attn_implementation[{i}]", "sdpa cannot soft-cap attention scores "
-                              f"(attn_softcap, Gemma 2): transformers runs {model.name} eagerly (eager)")
-        if attn == "sdpa" and model.sdpa_problem:
-            raise ConfigError(source, f"matrix.attn_implementation[{i}]", model.sdpa_problem)
+        why = f"sdpa cannot soft-cap attention scores (attn_softcap, Gemma 2): transformers runs {model.name} " \
+            "eagerly (eager)" if model.attn_softcap else model.sdpa_problem
+        if attn == "sdpa" and why and not excluded(attn_implementation=attn):
+            raise ConfigError(source, f"matrix.attn_implementation[{i}]", why)
     adapted = lambda **v: any(not excluded(lora_rank=r, **v) for r in matrix.lora_rank if r)  # noqa: E731
     if not model.fused_qkv and "merged-qkv" in matrix.adapter and adapted(adapter="merged-qkv"):
         raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
@@ -209,11 +207,13 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
             continue  # the default targets, which full fine-tuning never wraps (a fused model has no q, v)
         allowed = allowed_targets(model)
         kind = ("mixture-of-experts" if model.n_experts else model.style) + " fused-qkv" * model.fused_qkv + \
-            " fused-gate-up" * model.fused_gate_up
+            " fused-gate-up" * model.fused_gate_up + " model"
+        name = f"{model.name}, a {kind}" if model.name not in ("", "custom") else f"a {kind}"
+        default = f" ({', '.join(targets)}: the default; set matrix.lora_targets)" * (targets == list(DEFAULT_TARGETS))
         for j, t in enumerate(targets):
             if t not in allowed:
-                raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]",
-                                  f"unknown target {short(t)} for a {kind} model (allowed: {', '.join(allowed)})")
+                raise ConfigError(source, f"matrix.lora_targets[{i}][{j}]", f"unknown target {short(t)}{default} for "
+                                  f"{name} (allowed: {', '.join(allowed)})")
         if not targets:
             raise ConfigError(source, f"matrix.lora_targets[{i}]", "must not be empty")
     for (i, b), p in itertools.product(enumerate(matrix.base_dtype), matrix.precision):
