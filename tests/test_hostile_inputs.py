@@ -563,3 +563,12 @@ def test_the_default_targets_on_a_fused_model_name_the_model_and_the_default(tmp
     path.write_text(f"name: s\ndevice: cpu\nmodel: {{seq_len: 8}}\nmodels: {{phi3: {{hf: {hf / 'tiny-phi3'}}}, "
                     f"llama: {{hf: {hf / 'tiny-llama'}}}}}\nmatrix: {{lora_rank: [4]}}\n")
     one_line_error(["run", path, "--list"], "for phi3, a", "the default; set matrix.lora_targets", "allowed: qkv")
+
+
+def test_merged_qkv_on_a_transformers_fused_qkv_is_refused(tmp_path):
+    """transformers' Phi-3 qkv_proj names no slices: merged-qkv ran as plain LoRA over the whole qkv while the
+    estimate (and the merged_qkv_enable axis) priced loralib's MergedLinear."""
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\ndevice: cpu\nmodel: {{hf: {ROOT / 'scenarios' / 'hf' / 'tiny-phi3'}, seq_len: 8}}\n"
+                    "matrix: {lora_rank: [4], lora_targets: [[qkv, o]], adapter: [merged-qkv]}\n")
+    one_line_error(["run", path, "--list"], "matrix.adapter[0]", "merged-qkv", "phi3")

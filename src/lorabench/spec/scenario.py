@@ -1,9 +1,7 @@
 """Scenario files: a model, a training set-up and a matrix of techniques.
 
-`load_scenario` validates a file strictly (see `schema.py`) and `expand` turns
-the matrix into cells: the cartesian product of the axes, minus `exclude`
-entries, with full fine-tuning cells (rank 0) yielded once rather than once
-per LoRA-only axis value.
+`load_scenario` validates a file strictly (see `schema.py`) and `expand` turns the matrix into cells: the cartesian
+product of the axes, minus `exclude` entries, full fine-tuning cells (rank 0) once rather than once per LoRA-only value.
 """
 from __future__ import annotations
 
@@ -188,9 +186,11 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
         if attn == "sdpa" and why and not excluded(attn_implementation=attn):
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", why)
     adapted = lambda **v: any(not excluded(lora_rank=r, **v) for r in matrix.lora_rank if r)  # noqa: E731
-    if not model.fused_qkv and "merged-qkv" in matrix.adapter and adapted(adapter="merged-qkv"):
-        raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of a "
-                          f"fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v")
+    if (not model.fused_qkv or model.hf) and "merged-qkv" in matrix.adapter and adapted(adapter="merged-qkv"):
+        raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of "
+                          + (f"lorabench's fused qkv, and transformers' {model.name} names none (its qkv takes lora)" if
+                             model.hf else f"a fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: "
+                             "true, or use lora on q, v"))
     if model.hf and model.approximates and not model.adaptable:
         for i, r in enumerate(matrix.lora_rank):
             if r:
