@@ -89,21 +89,23 @@ def compare(a: list[dict], b: list[dict]) -> CompareResult:
     ga, gb = _groups(a, key), _groups(b, key)
     res = CompareResult()
     left = {k: list(rows) for k, rows in gb.items()}
+
+    def name(k: str, i: int, r: dict, rows: list[dict]) -> str:  # the id itself where each side holds it once
+        return _label(k, r, i, rows) if len(ga.get(k, ())) > 1 or len(gb.get(k, ())) > 1 else k
     for k, i, r in _placed(a, key):
-        name = _label(k, r, i, ga[k]) if len(ga[k]) > 1 or len(gb.get(k, ())) > 1 else k
         rest = left.get(k, [])
         match = next((x for x in rest if config_difference(r, x) is None), None)
         if match is not None:
             rest.remove(match)
-            res.pairs.append((name, r, match))
+            res.pairs.append((name(k, i, r, ga[k]), r, match))
         elif rest:
             other = rest.pop(0)
-            res.unjoined.append((name, r, other, config_difference(r, other)))
+            res.unjoined.append((name(k, i, r, ga[k]), r, other, config_difference(r, other)))
         else:
-            res.only_a.append((name, r))
+            res.only_a.append((name(k, i, r, ga[k]), r))
     for k, i, r in _placed(b, key):
         if any(x is r for x in left[k]):
-            res.only_b.append((_label(k, r, i, gb[k]) if len(gb[k]) > 1 or len(ga.get(k, ())) > 1 else k, r))
+            res.only_b.append((name(k, i, r, gb[k]), r))
     return res
 
 

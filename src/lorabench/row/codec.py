@@ -30,7 +30,7 @@ from ..estimator.analytic import Estimate
 from ..spec.config import Cell, ModelConfig, TrainConfig
 from ..spec.job import CellJob
 from ..spec.presets import preset_data, preset_names
-from ..spec.schema import build, one_of, row_fields, short, type_name
+from ..spec.schema import INT_LIMIT, build, one_of, row_fields, short, type_name
 from .sanity import row_sanity
 from .status import OK
 
@@ -193,7 +193,7 @@ def row_problem(row: dict) -> Optional[str]:
         if not _is(value, tp):
             return f"field {key!r} must be {type_name(tp)}, got {short(value)}"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value) or abs(value) >= 2**63:
+            if not math.isfinite(value) or abs(value) >= INT_LIMIT:
                 return f"field {key!r} must be a finite number below 2^63, got {short(value)}"
             if value < 0 and key not in _SIGNED:
                 return f"field {key!r} must be >= 0, got {short(value)}"
@@ -365,7 +365,7 @@ def estimate_fields(row: dict, job: Optional[CellJob] = None) -> dict:
                        optimizer_impl=row.get("optimizer_impl") or job.train.optimizer, n_batches=window,
                        window_steps=window, first_update_step=first_update_step(row), gpu_name=row.get("device_name"))
         fields = est.fields()
-        past = next((k for k, v in fields.items() if isinstance(v, (int, float)) and abs(v) >= 2**63), None)
+        past = next((k for k, v in fields.items() if isinstance(v, (int, float)) and abs(v) >= INT_LIMIT), None)
         if past is not None:  # no row holds it (the readers refuse it), and no device has it
             out["est_error"] = f"{PAST_2_63}: {past} {fields[past]:.3g}"
             return out

@@ -16,7 +16,8 @@ the definition it checks, none kept here by hand:
   counts           micro_batch_size ≤ batch_size, trainable_params ≤ total_params, trainable_pct ≤ 100
   spreads          p10 ≤ median ≤ p90 of every quantity the row gives a `*_p10` of (its median: the
                    quantity itself or `*_median`; a cell of several ranks: its step's median is the
-                   slowest rank's, the spread rank 0's, and is not held to it)
+                   slowest rank's, its spread the same rank's -- rank 0's in rows written before --, and
+                   is not held to it)
   fractions        every *_frac* field (a share of counted elements) in [0, 1]
   durations        every *_ms* field (a step or a forward pass, timed) above 0
   phases           peak_phase and est_peak_phase name one of the estimator's PHASES; phase_peak_bytes

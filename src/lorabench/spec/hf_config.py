@@ -301,7 +301,7 @@ def hf_model_fields(path: str, source: str, base_dir: str | None = None, key: st
     file = config_path(str(p))
     if not Path(file).is_file():
         hub = path.count("/") == 1 and not path.startswith((".", "/")) and not path.endswith(".json") \
-            and not (p.parent.exists())  # org/name; a folder that is here makes it a local path
+            and not p.parent.exists()  # org/name; a folder that is here makes it a local path
         raise ConfigError(source, key, f"no config.json at {path!r}" + (
             " (lorabench reads no hub: download the repository's config.json, e.g. `huggingface-cli download "
             f"{path} config.json --local-dir DIR`, and give DIR)" if hub else ""))

@@ -187,10 +187,10 @@ def model_checks(model: ModelConfig, matrix: MatrixSpec, source: str, excluded=l
             raise ConfigError(source, f"matrix.attn_implementation[{i}]", why)
     adapted = lambda **v: any(not excluded(lora_rank=r, **v) for r in matrix.lora_rank if r)  # noqa: E731
     if (not model.fused_qkv or model.hf) and "merged-qkv" in matrix.adapter and adapted(adapter="merged-qkv"):
-        raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]", f"merged-qkv adapts slices of "
-                          + (f"lorabench's fused qkv, and transformers' {model.name} names none (its qkv takes lora)" if
-                             model.hf else f"a fused qkv, and {model.name} has separate q, k, v: set model.fused_qkv: "
-                             "true, or use lora on q, v"))
+        why = f"transformers' {model.name} names no slices of its qkv (lora adapts it)" if model.hf else \
+            f"{model.name} has separate q, k, v: set model.fused_qkv: true, or use lora on q, v"
+        raise ConfigError(source, f"matrix.adapter[{matrix.adapter.index('merged-qkv')}]",
+                          f"merged-qkv adapts slices of a fused qkv, and {why}")
     if model.hf and model.approximates and not model.adaptable:
         for i, r in enumerate(matrix.lora_rank):
             if r:

@@ -174,8 +174,7 @@ def coerce(value: Any, tp: Any, path: str, source: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT or not math.isfinite(float(value)) \
-                    or abs(value) >= INT_LIMIT:  # a result row holds numbers below 2^63 (its readers refuse more)
+            if abs(value) >= INT_LIMIT or not math.isfinite(value):  # a result row holds numbers below 2^63
                 raise ConfigError(source, path, f"must be a finite number below 2^63, got {short(value)}")
             return float(value)
         raise bad
